@@ -1,0 +1,29 @@
+"""Exceptions whose messages tell the user what to do.
+
+Every error the library raises on purpose derives from :class:`FastSAM3DError`; its message is written for
+the person at the keyboard (a Slicer user or a script author), not for a developer reading a traceback.
+"""
+
+
+class FastSAM3DError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class InputImageError(FastSAM3DError):
+    """The image cannot be segmented as given (wrong dimension, NaN voxels, constant, empty...)."""
+
+
+class PromptError(FastSAM3DError):
+    """A click is unusable (outside the volume, no include point, wrong shape...)."""
+
+
+class CheckpointError(FastSAM3DError):
+    """A checkpoint file is missing, damaged, unsafe or made for another model."""
+
+
+class WeightsUnavailableError(CheckpointError):
+    """No weights for the requested model are available on this machine."""
+
+
+class DownloadError(FastSAM3DError):
+    """Downloading a model file failed; nothing partial was left behind."""

@@ -1,0 +1,142 @@
+"""Model registry: every supported model is a :class:`ModelConfig`, built by one code path.
+
+Like ``segment_anything``'s ``sam_model_registry``: ``build_model(name)`` returns a module with
+``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` whose state-dict keys and shapes are exactly the
+official ones, so official checkpoints and SAM-style research code work unchanged.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import WeightsUnavailableError
+from .image_encoder import EncoderConfig, ImageEncoder3D
+from .mask_decoder import MaskDecoder3D
+from .prompt_encoder import PromptEncoder3D
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines one registered model."""
+
+    name: str
+    description: str
+    encoder: EncoderConfig
+    prompt_embed_dim: int = 384
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_head_hidden_dim: int = 256
+    num_multimask_outputs: int = 3
+    weights: Optional[str] = None  # manifest entry holding the official weights, if any
+    spacing_mm: float = 1.5  # isotropic voxel size the model was trained on
+    aliases: tuple = field(default=())
+
+    @property
+    def image_size(self) -> int:
+        """Side of the cubic model input in voxels."""
+        return self.encoder.img_size
+
+
+class Sam3D(nn.Module):
+    """Container with the official attribute names ``image_encoder``, ``prompt_encoder``, ``mask_decoder``."""
+
+    mask_threshold: float = 0.0
+
+    def __init__(self, config: ModelConfig, attention_backend: str = "torch") -> None:
+        super().__init__()
+        self.config = config
+        enc = config.encoder
+        self.image_encoder = ImageEncoder3D(enc, backend=attention_backend)
+        self.prompt_encoder = PromptEncoder3D(config.prompt_embed_dim, enc.grid, (enc.img_size,) * 3,
+                                              config.mask_in_chans)
+        self.mask_decoder = MaskDecoder3D(config.prompt_embed_dim, config.num_multimask_outputs, 3,
+                                          config.iou_head_hidden_dim, config.decoder_depth, config.decoder_heads,
+                                          config.decoder_mlp_dim)
+
+
+_SAM_MED3D_ENCODER = EncoderConfig(embed_dim=768, depth=12, num_heads=12, window_size=14,
+                                   global_attn_indexes=(2, 5, 8, 11), block_form="pre_norm")
+
+_MODELS: Dict[str, ModelConfig] = {cfg.name: cfg for cfg in [
+    ModelConfig(
+        name="fastsam3d",
+        description="FastSAM3D (Shen et al., MICCAI 2024): 6-block encoder distilled from SAM-Med3D-turbo",
+        encoder=EncoderConfig(embed_dim=768, depth=6, num_heads=6, mlp_only_blocks=2, window_size=0,
+                              block_form="fastsam3d"),
+        weights="fastsam3d",
+    ),
+    ModelConfig(
+        name="sam-med3d-turbo",
+        description="SAM-Med3D-turbo (Wang et al. 2023): the 12-block teacher, fine-tuned on 44 datasets",
+        encoder=_SAM_MED3D_ENCODER,
+        weights="sam-med3d-turbo",
+    ),
+    ModelConfig(
+        name="sam-med3d",
+        description="SAM-Med3D architecture (same network as SAM-Med3D-turbo; bring your own checkpoint)",
+        encoder=_SAM_MED3D_ENCODER,
+    ),
+    ModelConfig(
+        name="tiny-test",
+        description="Random-weight miniature of the FastSAM3D code path for tests (seconds on a CPU)",
+        encoder=EncoderConfig(embed_dim=48, depth=3, num_heads=2, mlp_only_blocks=1, mlp_ratio=2.0,
+                              out_chans=48, block_form="fastsam3d"),
+        prompt_embed_dim=48, mask_in_chans=8, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+    ),
+]}
+
+
+def list_models() -> List[str]:
+    """Names of all registered models."""
+    return list(_MODELS)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` registered under ``name``."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}") from None
+
+
+def build_model(name: str, checkpoint=None, device=None, attention_backend: Optional[str] = None,
+                seed: Optional[int] = None) -> Sam3D:
+    """Build model ``name`` in eval mode.
+
+    ``checkpoint``: ``None`` for freshly initialised weights (``seed`` makes them reproducible), a path to
+    an official-format checkpoint (``{"model_state_dict": ...}`` or a plain state dict, loaded safely with
+    strict key checking), or ``"cached"`` for the verified download in the model cache.
+    ``attention_backend``: see :mod:`FastSAM3DLib.attention` (default: the best one for the device).
+    """
+    from . import attention, weights
+
+    config = get_model_config(name)
+    backend = attention.resolve_backend(attention_backend)
+    if seed is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = Sam3D(config, backend)
+    else:
+        model = Sam3D(config, backend)
+    if isinstance(checkpoint, str) and checkpoint == "cached":
+        checkpoint = _cached_checkpoint(config)
+    if checkpoint is not None:
+        weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
+    return model.to(device or "cpu").eval()
+
+
+def _cached_checkpoint(config: ModelConfig):
+    """Path of the verified cached weights for ``config`` or a WeightsUnavailableError saying what to do."""
+    from . import weights
+
+    resolve = getattr(weights, "resolve_checkpoint", None)
+    path = resolve(config.weights) if (resolve and config.weights) else None
+    if path is None:
+        hint = (f"run 'python -m FastSAM3DLib download {config.weights}' or import a copied file with "
+                f"'python -m FastSAM3DLib import {config.weights} FILE'") if config.weights else \
+            "this model has no published weights; pass checkpoint=PATH"
+        raise WeightsUnavailableError(f"No weights for model '{config.name}' on this machine: {hint}.")
+    return path
