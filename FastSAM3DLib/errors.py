@@ -27,3 +27,7 @@ class WeightsUnavailableError(CheckpointError):
 
 class DownloadError(FastSAM3DError):
     """Downloading a model file failed; nothing partial was left behind."""
+
+
+class OutOfMemoryError(FastSAM3DError):
+    """The device ran out of memory; nothing was changed."""

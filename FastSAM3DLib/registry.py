@@ -32,6 +32,7 @@ class ModelConfig:
     num_multimask_outputs: int = 3
     weights: Optional[str] = None  # manifest entry holding the official weights, if any
     spacing_mm: float = 1.5  # isotropic voxel size the model was trained on
+    default_prompt_mode: str = "all"  # see session.py: "newest" (FastSAM3D's protocol) or "all"
     aliases: tuple = field(default=())
 
     @property
@@ -67,6 +68,7 @@ _MODELS: Dict[str, ModelConfig] = {cfg.name: cfg for cfg in [
         encoder=EncoderConfig(embed_dim=768, depth=6, num_heads=6, mlp_only_blocks=2, window_size=0,
                               block_form="fastsam3d"),
         weights="fastsam3d",
+        default_prompt_mode="newest",
     ),
     ModelConfig(
         name="sam-med3d-turbo",

@@ -1,0 +1,81 @@
+"""``make demo``: segment the right kidney of the bundled sample CT from one click and write a PNG preview."""
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .errors import WeightsUnavailableError
+from .geometry import Volume
+from .resources import resources_dir, sample_path
+
+SAMPLE_IMAGE = "totalseg_example_ct_sm.nii.gz"
+SAMPLE_LABEL = "totalseg_example_ct_sm_seg.nii.gz"
+DEMO_STRUCTURE = (2, "right kidney")  # label value and name in the sample's reference labels
+DEMO_WEIGHTS = "Models/fastsam3d-demo.pth"
+
+
+def interior_point(volume: Volume, structure_mask: np.ndarray) -> np.ndarray:
+    """RAS point of the structure voxel farthest from its boundary (a click a user would make)."""
+    import SimpleITK as sitk
+
+    distance = sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray(structure_mask.astype(np.uint8)),
+                                            insideIsPositive=True, squaredDistance=False, useImageSpacing=False)
+    k, j, i = np.unravel_index(np.argmax(sitk.GetArrayFromImage(distance)), structure_mask.shape)
+    return (volume.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+
+
+def choose_weights() -> Optional[Tuple[str, object, str]]:
+    """(model name, checkpoint, description) of the best weights available offline, or None."""
+    from .registry import _cached_checkpoint, get_model_config
+
+    try:
+        return "fastsam3d", _cached_checkpoint(get_model_config("fastsam3d")), "official FastSAM3D weights (cache)"
+    except WeightsUnavailableError:
+        pass
+    bundled = resources_dir() / DEMO_WEIGHTS
+    if bundled.is_file():
+        return "fastsam3d-demo", bundled, f"bundled demo weights ({bundled})"
+    return None
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (NaN if both are empty)."""
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
+
+
+def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, str]] = None) -> int:
+    """Run the demo; returns the exit status (0 also when no weights exist, after saying so plainly).
+
+    ``weights`` = (model name, checkpoint, description) overrides the automatic choice (for tests).
+    """
+    from .cli import write_label_atomically
+    from .preview import render_preview
+    from .registry import build_model
+    from .session import InteractiveSession
+
+    image, reference = Volume.from_file(sample_path(SAMPLE_IMAGE)), Volume.from_file(sample_path(SAMPLE_LABEL))
+    value, name = DEMO_STRUCTURE
+    truth = reference.array == value
+    point = interior_point(image, truth)
+    weights = weights or choose_weights()
+    if weights is None:
+        log("No model weights are available offline, so the demo cannot segment anything meaningful.\n"
+            "  - official FastSAM3D weights: python -m FastSAM3DLib download fastsam3d  (needs internet), or\n"
+            "    python -m FastSAM3DLib import fastsam3d FastSAM3D.pth  (a copy you downloaded elsewhere)\n"
+            "  - the bundled demo weights (Resources/Models/fastsam3d-demo.pth) are not part of this build yet.")
+        return 0
+    model_name, checkpoint, description = weights
+    log(f"model: {model_name}, {description}")
+    session = InteractiveSession(build_model(model_name, checkpoint=checkpoint), image)
+    result = session.add_click(point, include=True)
+    mask = session.full_mask(result)
+    output_dir = Path(output_dir)
+    label_path, png_path = output_dir / "demo_label.nii.gz", output_dir / "demo_preview.png"
+    write_label_atomically(image, mask, label_path)
+    render_preview(image, mask, point, png_path)
+    timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
+    log(f"clicked the {name} at RAS {np.round(point, 1).tolist()}: {result.voxels} voxels ({timing}); "
+        f"Dice against the sample's reference label {dice(mask, truth):.3f}")
+    log(f"label:   {label_path.resolve()}\npreview: {png_path.resolve()}")
+    return 0

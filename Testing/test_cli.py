@@ -1,0 +1,144 @@
+"""The command line: segment writes a label with the input's geometry; bad input gives a clear error and no file."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import build_model
+from FastSAM3DLib.cli import main, parse_point
+from FastSAM3DLib.demo import run_demo
+from FastSAM3DLib.errors import PromptError
+from FastSAM3DLib.geometry import Volume
+from FastSAM3DLib.resources import sample_path
+from FastSAM3DLib.session import InteractiveSession
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny-test weights saved in the official training format."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save({"model_state_dict": build_model("tiny-test", seed=0).state_dict(), "epoch": 3}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return sample_path("totalseg_example_ct_sm.nii.gz")
+
+
+def kidney_point(sample):
+    volume = Volume.from_file(sample)
+    k, j, i = np.argwhere(Volume.from_file(sample_path("totalseg_example_ct_sm_seg.nii.gz")).array == 2).mean(0)
+    return (volume.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "FastSAM3DLib", *map(str, args)], capture_output=True, text=True)
+
+
+def test_parse_point():
+    xyz, include = parse_point("1.5,-2,3")
+    assert include and xyz.tolist() == [1.5, -2.0, 3.0]
+    xyz, include = parse_point("-1,2,-3-")
+    assert not include and xyz.tolist() == [-1.0, 2.0, -3.0]
+    for bad in ("1,2", "a,b,c", "1,2,nan", ""):
+        with pytest.raises(PromptError):
+            parse_point(bad)
+
+
+def test_segment_writes_label_with_input_geometry(tmp_path, sample, tiny_checkpoint):
+    point = kidney_point(sample)
+    out = tmp_path / "label.nrrd"
+    proc = run_cli("segment", sample, f"--point={point[0]},{point[1]},{point[2]}", "--model", "tiny-test",
+                   "--checkpoint", tiny_checkpoint, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    written, source = sitk.ReadImage(str(out)), sitk.ReadImage(str(sample))
+    assert written.GetSize() == source.GetSize()
+    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(written.GetDirection(), source.GetDirection(), atol=1e-6)
+    # the same as the library's own session
+    volume = Volume.from_file(sample)
+    session = InteractiveSession(build_model("tiny-test", checkpoint=tiny_checkpoint), volume)
+    expected = session.full_mask(session.add_click(point))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written) > 0, expected)
+    assert "voxels" in proc.stdout and str(out) in proc.stdout
+
+
+def test_dicom_folder_input(tmp_path, shared_data, tiny_checkpoint):
+    folder = shared_data / "totalseg" / "example_ct_dicom"
+    volume = Volume.from_file(folder)
+    centre = (volume.ijk_to_ras @ np.array([*(np.array(volume.shape[::-1]) / 2), 1.0]))[:3]
+    out = tmp_path / "dicom_label.nii.gz"
+    code = main(["segment", str(folder), f"--point={centre[0]},{centre[1]},{centre[2]}", "--model", "tiny-test",
+                 "--checkpoint", str(tiny_checkpoint), "-o", str(out)])
+    assert code == 0 and sitk.ReadImage(str(out)).GetSize() == (512, 512, 20)
+
+
+def bad_images(tmp_path, shared_data):
+    """(name, path) of images the CLI must refuse."""
+    flat = tmp_path / "flat2d.nii.gz"
+    sitk.WriteImage(sitk.Image(40, 40, sitk.sitkFloat32), str(flat))
+    constant = tmp_path / "constant.nii.gz"
+    sitk.WriteImage(sitk.Image(40, 40, 40, sitk.sitkFloat32) + 7.0, str(constant))
+    bad = shared_data / "bad_inputs"
+    return [("2D", flat), ("constant", constant), ("4D", bad / "img4d_11f.nii.gz"),
+            ("multi-component", bad / "tensor_t1.nii.gz"), ("NaN", bad / "nan.mha")]
+
+
+def test_bad_images_give_an_error_and_no_file(tmp_path, shared_data, tiny_checkpoint, capsys):
+    for name, path in bad_images(tmp_path, shared_data):
+        out = tmp_path / f"out_{name}.nii.gz"
+        code = main(["segment", str(path), "--point=0,0,0", "--model", "tiny-test", "--checkpoint",
+                     str(tiny_checkpoint), "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert err.startswith("error: ") and "Traceback" not in err, name
+        assert not out.exists(), name
+    assert not list(tmp_path.glob(".fastsam3d-*"))
+
+
+def test_bad_points_and_checkpoints_give_an_error_and_no_file(tmp_path, sample, tiny_checkpoint):
+    point = kidney_point(sample)
+    good = f"--point={point[0]},{point[1]},{point[2]}"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    wrong = tmp_path / "sammed3d_like.pth"
+    torch.save({"model_state_dict": build_model("fastsam3d").state_dict()}, wrong)
+    cases = {
+        "outside": ["--point=5000,0,0", "--checkpoint", tiny_checkpoint],
+        "no point": ["--checkpoint", tiny_checkpoint],
+        "truncated": [good, "--checkpoint", truncated],
+        "wrong model": [good, "--checkpoint", wrong],
+        "missing file": [good, "--checkpoint", tmp_path / "nope.pth"],
+    }
+    for name, extra in cases.items():
+        out = tmp_path / f"{name}.nii.gz"
+        proc = run_cli("segment", sample, "--model", "tiny-test", *extra, "-o", out)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert "error:" in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert not out.exists(), name
+    assert "tiny-test" in run_cli("segment", sample, "--model", "tiny-test", good, "--checkpoint", wrong,
+                                  "-o", tmp_path / "x.nii.gz").stderr
+
+
+def test_demo_without_weights_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "empty-cache"))
+    lines = []
+    assert run_demo(tmp_path / "demo", log=lines.append) == 0
+    assert "No model weights are available offline" in "\n".join(lines)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_writes_label_and_preview(tmp_path, tiny_checkpoint):
+    lines = []
+    assert run_demo(tmp_path / "demo", log=lines.append, weights=("tiny-test", tiny_checkpoint, "test")) == 0
+    label = sitk.ReadImage(str(tmp_path / "demo" / "demo_label.nii.gz"))
+    assert label.GetSize() == (122, 101, 30)
+    png = sitk.ReadImage(str(tmp_path / "demo" / "demo_preview.png"))
+    assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] > 200
+    text = "\n".join(lines)
+    assert "Dice" in text and "preview:" in text
