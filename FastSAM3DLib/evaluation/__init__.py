@@ -1,0 +1,1 @@
+"""Evaluation: the official click-simulation protocols and Dice/IoU bookkeeping."""

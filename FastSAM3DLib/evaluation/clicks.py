@@ -1,0 +1,72 @@
+"""Simulated clicks, as the official FastSAM3D and SAM-Med3D evaluations (and training) generate them.
+
+All arrays are boolean volumes in the model's (x, y, z) voxel order; a click is ``(point (3,), label)`` with
+``label`` 1 (include, placed in a false negative) or 0 (exclude, placed in a false positive). Every function
+takes a ``numpy.random.Generator`` so runs are seeded and reproducible.
+
+* :func:`interior_click` ("ritm", FastSAM3D's clicks 1 and 2): the error region (FN or FP) whose deepest voxel is
+  farthest from its border wins; the click is uniform among its voxels deeper than half that depth. On the first
+  click (empty prediction) this is a voxel near the centre of the object.
+* :func:`random_error_click` (FastSAM3D from click 3 on, SAM-Med3D always, training): uniform over FN ∪ FP.
+* :func:`random_object_click` (SAM-Med3D's first click): uniform over the object.
+"""
+from typing import Optional, Tuple
+
+import numpy as np
+
+Click = Tuple[np.ndarray, int]
+
+
+def _distance_inside(region: np.ndarray) -> np.ndarray:
+    """Euclidean distance (voxels) of each region voxel to the nearest non-region voxel, outside counted as such."""
+    try:
+        import edt
+    except ImportError as exc:  # pragma: no cover - edt is in the evaluation/training requirements
+        raise ImportError("simulated 'interior' clicks need the 'edt' package: pip install edt") from exc
+    return edt.edt(np.ascontiguousarray(region, dtype=np.uint8), black_border=True)
+
+
+def _errors(truth: np.ndarray, prediction: np.ndarray):
+    truth, prediction = truth.astype(bool), prediction.astype(bool)
+    return truth & ~prediction, ~truth & prediction
+
+
+def interior_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
+    """The official "ritm" click; ``None`` when the prediction is perfect."""
+    false_neg, false_pos = _errors(truth, prediction)
+    if not false_neg.any() and not false_pos.any():
+        return None
+    dist_fn, dist_fp = _distance_inside(false_neg), _distance_inside(false_pos)
+    use_fn = dist_fn.max() >= dist_fp.max() if false_neg.any() else False
+    dist = dist_fn if use_fn else dist_fp
+    candidates = np.argwhere(dist > dist.max() / 2.0)
+    point = candidates[rng.integers(len(candidates))]
+    return point.astype(np.float64), int(use_fn)
+
+
+def random_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
+    """A uniformly random voxel of FN ∪ FP, labelled include if it is a false negative; ``None`` if no error."""
+    false_neg, false_pos = _errors(truth, prediction)
+    candidates = np.argwhere(false_neg | false_pos)
+    if len(candidates) == 0:
+        return None
+    point = candidates[rng.integers(len(candidates))]
+    return point.astype(np.float64), int(false_neg[tuple(point)])
+
+
+def random_object_click(truth: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
+    """A uniformly random voxel of the object (include); ``None`` for an empty object."""
+    candidates = np.argwhere(truth.astype(bool))
+    if len(candidates) == 0:
+        return None
+    return candidates[rng.integers(len(candidates))].astype(np.float64), 1
+
+
+def protocol_click(protocol: str, index: int, truth: np.ndarray, prediction: np.ndarray,
+                   rng: np.random.Generator) -> Optional[Click]:
+    """Click number ``index`` (0-based) of an official protocol: ``"fastsam3d"`` or ``"sam-med3d"``."""
+    if protocol == "fastsam3d":
+        return (interior_click if index < 2 else random_error_click)(truth, prediction, rng)
+    if protocol == "sam-med3d":
+        return random_object_click(truth, rng) if index == 0 else random_error_click(truth, prediction, rng)
+    raise ValueError(f"unknown click protocol {protocol!r}; use 'fastsam3d' or 'sam-med3d'")
