@@ -1,0 +1,403 @@
+"""FastSAM3D for 3D Slicer: the module, its logic for scripts, and the self-test.
+
+The interactive tool is the Segment Editor effect "FastSAM3D" (``SegmentEditorFastSAM3DLib/``), registered
+when Slicer starts. Every decision lives in the bundled library ``FastSAM3DLib``; this file only connects it
+to Slicer (dependencies, weights, the batch call, the self-test). Nothing is installed or downloaded at
+import time or without the user's consent.
+
+Run the self-test without the main window (from the repository root)::
+
+    Slicer --no-main-window --additional-module-paths FastSAM3D --python-script FastSAM3D/FastSAM3D.py
+"""
+import importlib.util
+import logging
+import os
+import sys
+
+import qt
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                          ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+
+EFFECT_NAME = "FastSAM3D"
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _libraryOnPath():
+    """Installed, FastSAM3DLib sits beside this file (on sys.path); in the source tree, one folder up."""
+    for folder in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(folder, "FastSAM3DLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            return
+
+
+_libraryOnPath()
+
+
+def resourcePath(*parts):
+    """A file of the extension's Resources folder (installed beside this file, or the repository's)."""
+    for folder in (os.path.join(MODULE_DIR, "Resources"), os.path.join(os.path.dirname(MODULE_DIR), "Resources")):
+        if os.path.isdir(folder):
+            return os.path.join(folder, *parts)
+    return os.path.join(MODULE_DIR, "Resources", *parts)
+
+
+class FastSAM3D(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("FastSAM3D")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["FastSAM3D for Slicer team"]
+        self.parent.helpText = _(
+            "Interactive 3D segmentation with FastSAM3D and SAM-Med3D: click inside an object in a slice view and "
+            "the selected segment gets the 3D result. Use it as the <b>FastSAM3D</b> effect of the Segment "
+            "Editor; from the Python console, <code>FastSAM3DLogic().segment(volumeNode, pointsRas)</code> "
+            "segments volumes in a loop.")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _(
+            "FastSAM3D (Shen et al., MICCAI 2024) and SAM-Med3D (Wang et al., 2023): code and weights Apache-2.0 "
+            "per their repositories. Not for clinical use.")
+        iconPath = resourcePath("Icons", "FastSAM3D.png")
+        if os.path.isfile(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+def registerEditorEffect():
+    """Register the Segment Editor effect once (at start-up, or later when the module is opened)."""
+    factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+    if any(effect.name == EFFECT_NAME for effect in factory.registeredEffects()):
+        return
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    path = os.path.join(MODULE_DIR, "SegmentEditorFastSAM3DLib", "SegmentEditorEffect.py")
+    instance.setPythonSource(path.replace("\\", "/"))
+    instance.self().register()
+
+
+class FastSAM3DWidget(ScriptedLoadableModuleWidget):
+    """A short panel: where the tool is, dependency state, and the batch call."""
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        registerEditorEffect()
+        self.logic = FastSAM3DLogic()
+        form = qt.QFormLayout()
+        self.layout.addLayout(form)
+        info = qt.QLabel(_("FastSAM3D is an effect of the Segment Editor: select a segment, choose the FastSAM3D "
+                           "effect, then left-click inside the object (Shift+click: exclude)."))
+        info.wordWrap = True
+        form.addRow(info)
+        openButton = qt.QPushButton(_("Open the Segment Editor with FastSAM3D"))
+        openButton.connect("clicked()", self.onOpenSegmentEditor)
+        form.addRow(openButton)
+        self.dependencyLabel = qt.QLabel()
+        self.dependencyLabel.wordWrap = True
+        form.addRow(_("Python packages:"), self.dependencyLabel)
+        self.installButton = qt.QPushButton(_("Install PyTorch and the other packages..."))
+        self.installButton.connect("clicked()", self.onInstall)
+        form.addRow(self.installButton)
+        example = qt.QLabel("<code>FastSAM3DLogic().segment(volumeNode, [[r, a, s]], segmentName='lesion')</code>")
+        example.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)
+        form.addRow(_("Batch (Python console):"), example)
+        self.layout.addStretch(1)
+        self.updateStatus()
+
+    def updateStatus(self):
+        missing = self.logic.missingDependencies()
+        self.dependencyLabel.text = _("all installed") if not missing else _("missing: {packages}").format(
+            packages=", ".join(missing))
+        self.installButton.visible = bool(missing)
+
+    def onOpenSegmentEditor(self):
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setActiveEffectByName(EFFECT_NAME)
+
+    def onInstall(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            self.logic.installDependencies(askConfirmation=True)
+        self.updateStatus()
+
+
+class FastSAM3DLogic(ScriptedLoadableModuleLogic):
+    """FastSAM3D for scripts, the effect and the tests: dependencies, weights, models, the batch call."""
+
+    TORCH_REQUIREMENT = ">=2.1"
+    #: Packages installed with pip besides torch (numpy and SimpleITK come with Slicer).
+    PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
+
+    # --- dependencies
+    def missingDependencies(self):
+        """Import names of the Python packages that are not installed yet (checked without importing them)."""
+        names = ["torch"] + list(self.PIP_REQUIREMENTS)
+        return [name for name in names if importlib.util.find_spec(name) is None]
+
+    def installDependencies(self, askConfirmation=True):
+        """Install what is missing: torch through the PyTorch extension, the rest with pip. True when done."""
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        if askConfirmation and slicer.app.testingEnabled():
+            logging.info("FastSAM3D: not installing %s in testing mode", ", ".join(missing))
+            return False  # confirmOkCancelDisplay would answer OK by itself: never install GBs unasked
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                _("FastSAM3D needs these Python packages: {packages}. PyTorch is installed by the PyTorch "
+                  "extension (a download of up to a few GB, for your GPU if one is found); this can take several "
+                  "minutes and Slicer does not respond meanwhile. Install now?").format(packages=", ".join(missing)),
+                windowTitle=_("FastSAM3D: install packages")):
+            return False
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("The PyTorch extension is missing. Install 'PyTorch' from the Extensions "
+                                     "Manager, restart Slicer, then try again.")) from None
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                            torchVersionRequirement=self.TORCH_REQUIREMENT) is None:
+                return False
+        for name, requirement in self.PIP_REQUIREMENTS.items():
+            if name in missing:
+                slicer.util.pip_install(requirement)
+        importlib.invalidate_caches()
+        return not self.missingDependencies()
+
+    # --- models and weights
+    def modelNames(self):
+        """Models with published weights (the ones the effect offers), best first."""
+        from FastSAM3DLib.weights import load_manifest
+
+        return load_manifest().names()
+
+    def weightsStatus(self, model):
+        """(ready, text) for the model's cached weights; cheap (no hashing)."""
+        from FastSAM3DLib.weights import weights_status
+
+        status = weights_status(model)
+        licence = status.entry.licence
+        if status.verified:
+            return True, _("ready ({licence} weights, in {folder})").format(licence=licence,
+                                                                             folder=status.files.path.parent)
+        if status.cached:
+            return False, _("file present but not verified: Download or Import it again")
+        return False, _("not on this computer ({licence} weights): Download, or Import a copied file").format(
+            licence=licence)
+
+    def downloadWeights(self, model, progress=None):
+        """Download and verify the weights (may take minutes); ``progress(done, total)`` returning False cancels."""
+        from FastSAM3DLib.weights import download_weights
+
+        return download_weights(model, progress=progress)
+
+    def importWeights(self, model, path, progress=None):
+        """Check and copy a weights file obtained by hand into the cache."""
+        from FastSAM3DLib.weights import import_weights
+
+        return import_weights(model, path, progress=progress)
+
+    def createSession(self, model, device, promptMode, volume):
+        """An InteractiveSession on ``volume`` (loads the model once; runs on the effect's worker thread)."""
+        from FastSAM3DLib import scene
+        from FastSAM3DLib.session import InteractiveSession
+
+        return InteractiveSession(scene.load_model(model, scene.resolve_device(device)), volume,
+                                  prompt_mode=promptMode or None)
+
+    # --- batch
+    def segment(self, volumeNode, pointsRas, labels=None, segmentationNode=None, segmentName="FastSAM3D",
+                model="fastsam3d", device="auto", editorSettings=None, predictor=None):
+        """Segment one object from world-RAS clicks and write it into a segment; returns (segmentationNode, segmentId).
+
+        ``labels``: 1 = include, 0 = exclude per point (default all include). The segmentation is created when
+        not given; the segment ``segmentName`` is reused or added. ``editorSettings``: a
+        ``FastSAM3DLib.scene.EditorSettings`` (editable area, overwrite mode, intensity range). Example::
+
+            logic = slicer.util.getModuleLogic("FastSAM3D")
+            for volumeNode in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                segmentation, segmentId = logic.segment(volumeNode, [[-5.0, 20.0, 35.0]], segmentName="tumour")
+        """
+        from FastSAM3DLib import scene
+
+        if predictor is None:
+            missing = self.missingDependencies()
+            if missing:
+                raise RuntimeError(_("Missing Python packages: {packages}. Run installDependencies() first.").format(
+                    packages=", ".join(missing)))
+        return scene.segment_volume_node(volumeNode, pointsRas, labels, segmentationNode, segmentName, model,
+                                         predictor, editorSettings, device)
+
+
+def spherePredictor(radiusMm=8.0):
+    """A deterministic stand-in for the model (tests): a ball around the first include point, minus balls of
+    the same radius around the exclude points, on the source voxel grid."""
+    import numpy as np
+
+    def predict(volume, pointsRas, labels):
+        points, labels = np.asarray(pointsRas, float).reshape(-1, 3), np.asarray(labels).ravel()
+        if not labels.any():
+            raise ValueError("no include point")
+        world = np.stack(np.meshgrid(*[np.arange(n) for n in volume.array.shape[::-1]], indexing="ij"), -1)
+        world = (world.reshape(-1, 3) @ volume.ijk_to_ras[:3, :3].T + volume.ijk_to_ras[:3, 3])
+        world = world.reshape(volume.array.shape[::-1] + (3,)).transpose(2, 1, 0, 3)  # (k, j, i, 3)
+        inside = np.linalg.norm(world - points[np.flatnonzero(labels)[0]], axis=-1) <= radiusMm
+        for point in points[labels == 0]:
+            inside &= np.linalg.norm(world - point, axis=-1) > radiusMm
+        return (slice(None), slice(None), slice(None)), inside
+
+    return predict
+
+
+class FastSAM3DTest(ScriptedLoadableModuleTest):
+    """Loads the bundled sample CT, activates the effect, clicks, and checks the segment (stand-in model;
+    the real model too when PyTorch and its weights are installed)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+        registerEditorEffect()
+
+    def runTest(self):
+        self.setUp()
+        self.test_EffectClicks()
+        self.setUp()
+        self.test_BatchLogic()
+        self.setUp()
+        self.test_RealModel()
+
+    # --- helpers
+    def _sampleVolume(self):
+        from FastSAM3DLib.resources import sample_path
+
+        return slicer.util.loadVolume(str(sample_path("totalseg_example_ct_sm.nii.gz")))
+
+    def _segmentArray(self, segmentationNode, segmentId, volumeNode):
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
+
+    def _centreRas(self, volumeNode):
+        bounds = [0.0] * 6
+        volumeNode.GetRASBounds(bounds)
+        return [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+
+    def _editor(self, volumeNode, segmentationNode):
+        editorWidget = slicer.qMRMLSegmentEditorWidget()
+        editorWidget.show()
+        editorWidget.setMRMLScene(slicer.mrmlScene)
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editorWidget.setMRMLSegmentEditorNode(editorNode)
+        editorWidget.setSegmentationNode(segmentationNode)
+        editorWidget.setSourceVolumeNode(volumeNode)
+        return editorWidget, editorNode
+
+    def _click(self, effect, ras, include):
+        """A real click in the Red view when there is one; the effect's click entry point otherwise."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:  # --no-main-window
+            return effect.addClick(ras, include)
+        sliceWidget = layoutManager.sliceWidget("Red")
+        sliceWidget.sliceLogic().GetSliceNode().JumpSliceByCentering(*ras)
+        slicer.app.processEvents()
+        xy = effect.rasToXy(ras, sliceWidget)
+        slicer.util.clickAndDrag(sliceWidget.sliceView(), start=xy, end=xy, steps=1,
+                                 modifiers=[] if include else ["Shift"])
+        sliceWidget.sliceView().interactorStyle().GetInteractor().SetShiftKey(0)  # clickAndDrag leaves it pressed
+        return True
+
+    def _wait(self, effect, timeout=300.0):
+        import time
+
+        start = time.time()
+        while effect.busy() and time.time() - start < timeout:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        slicer.app.processEvents()
+        self.assertFalse(effect.busy(), "FastSAM3D did not finish in time")
+
+    # --- tests
+    def test_EffectClicks(self):
+        import numpy as np
+        from FastSAM3DLib import scene
+
+        self.delayDisplay("Load the sample CT and open the Segment Editor")
+        volumeNode = self._sampleVolume()
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "organ")
+        editorWidget, editorNode = self._editor(volumeNode, segmentationNode)
+        editorNode.SetSelectedSegmentID(segmentId)
+        editorWidget.setActiveEffectByName(EFFECT_NAME)
+        effect = editorWidget.activeEffect()
+        self.assertIsNotNone(effect, "the FastSAM3D effect is not registered")
+        effect = effect.self()
+        effect.predictorForTesting = spherePredictor(8.0)
+
+        self.delayDisplay("Include click")
+        centre = self._centreRas(volumeNode)
+        self.assertTrue(self._click(effect, centre, include=True))
+        self._wait(effect)
+        volume = scene.volume_from_node(volumeNode)
+        points, labels = scene.ras_points_from_markups(scene.prompt_points_node(segmentationNode, segmentId))
+        self.assertEqual(labels.tolist(), [1])
+        expected = spherePredictor(8.0)(volume, points, labels)[1]
+        first = self._segmentArray(segmentationNode, segmentId, volumeNode)
+        self.assertTrue(np.array_equal(first, expected), "segment differs from the predicted ball")
+        self.assertGreater(int(first.sum()), 50)
+
+        self.delayDisplay("Exclude click (Shift)")
+        offset = [centre[0] + 6.0, centre[1], centre[2]]
+        self.assertTrue(self._click(effect, offset, include=False))
+        self._wait(effect)
+        points, labels = scene.ras_points_from_markups(scene.prompt_points_node(segmentationNode, segmentId))
+        self.assertEqual(labels.tolist(), [1, 0])
+        second = self._segmentArray(segmentationNode, segmentId, volumeNode)
+        self.assertTrue(np.array_equal(second, spherePredictor(8.0)(volume, points, labels)[1]))
+        self.assertLess(int(second.sum()), int(first.sum()))
+
+        self.delayDisplay("Undo point, then the Segment Editor's undo")
+        effect.onUndoPoint()
+        self._wait(effect)
+        self.assertTrue(np.array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), first))
+        editorWidget.undo()
+        self.assertTrue(np.array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), second))
+        effect.onClearPoints()
+        self._wait(effect)
+        self.assertEqual(scene.prompt_points_node(segmentationNode, segmentId).GetNumberOfControlPoints(), 0)
+        editorWidget.setActiveEffectByName("")
+        self.delayDisplay("test_EffectClicks passed")
+
+    def test_BatchLogic(self):
+        import numpy as np
+
+        volumeNode = self._sampleVolume()
+        segmentationNode, segmentId = FastSAM3DLogic().segment(volumeNode, [self._centreRas(volumeNode)],
+                                                               segmentName="ball", predictor=spherePredictor(5.0))
+        self.assertEqual(segmentationNode.GetSegmentation().GetSegment(segmentId).GetName(), "ball")
+        self.assertGreater(int(np.count_nonzero(self._segmentArray(segmentationNode, segmentId, volumeNode))), 10)
+        self.delayDisplay("test_BatchLogic passed")
+
+    def test_RealModel(self):
+        logic = FastSAM3DLogic()
+        if logic.missingDependencies() or not logic.weightsStatus("fastsam3d")[0]:
+            self.delayDisplay("test_RealModel skipped: PyTorch or the FastSAM3D weights are not installed")
+            return
+        import numpy as np
+
+        volumeNode = self._sampleVolume()
+        segmentationNode, segmentId = logic.segment(volumeNode, [self._centreRas(volumeNode)])
+        self.assertGreater(int(np.count_nonzero(self._segmentArray(segmentationNode, segmentId, volumeNode))), 0)
+        self.delayDisplay("test_RealModel passed")
+
+
+if __name__ == "__main__":  # Slicer --no-main-window --additional-module-paths FastSAM3D --python-script FastSAM3D.py
+    try:
+        FastSAM3DTest().runTest()
+        logging.info("FastSAM3D self-test passed")
+        slicer.util.exit(0)
+    except Exception:
+        logging.exception("FastSAM3D self-test failed")
+        slicer.util.exit(1)

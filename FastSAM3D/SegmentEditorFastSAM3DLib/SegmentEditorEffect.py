@@ -1,0 +1,535 @@
+"""The FastSAM3D Segment Editor effect: click in a slice view, the selected segment gets the 3D result.
+
+Thin by design: the clicks are kept in a point list per segment (FastSAM3DLib.scene), the model runs in an
+InteractiveSession (FastSAM3DLib.session) on one persistent worker thread that never touches Qt or MRML, and
+each result is written on the main thread (a QTimer polls the worker) through the Segment Editor's own logic
+(FastSAM3DLib.scene.write_region with an EffectEditor), so masking, overwrite and undo behave as for Paint.
+"""
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+DEVICES = [("auto", _("Automatic (CUDA, then Apple MPS, then CPU)")), ("cuda", "CUDA"), ("cpu", "CPU"),
+           ("mps", "Apple MPS")]
+PROMPT_MODES = [("", _("Model default")), ("newest", _("Newest click only")), ("all", _("All clicks"))]
+
+
+class Worker:
+    """One daemon thread runs every job (model loading, clicks, downloads) in order, off the GUI thread.
+
+    Jobs are plain callables that must not touch Qt or MRML; their results (or exceptions) are collected with
+    :meth:`results` on the main thread. Keeping one thread keeps per-thread GPU state (cuDNN plans) warm.
+    """
+
+    def __init__(self):
+        self._jobs = queue.Queue()
+        self._results = queue.Queue()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._run, name="FastSAM3D worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, tag, job):
+        self._pending += 1
+        self._jobs.put((tag, job))
+
+    def busy(self):
+        return self._pending > 0
+
+    def results(self):
+        """(tag, value, error, seconds) of the jobs finished since the last call (main thread)."""
+        done = []
+        while True:
+            try:
+                done.append(self._results.get_nowait())
+            except queue.Empty:
+                break
+        self._pending -= len(done)
+        return done
+
+    def stop(self):
+        self._jobs.put((None, None))
+
+    def _run(self):
+        while True:
+            tag, job = self._jobs.get()
+            if job is None:
+                return
+            start = time.perf_counter()
+            try:
+                value, error = job(), None
+            except BaseException as exc:  # noqa: BLE001 - reported to the user on the main thread
+                value, error = None, exc
+                error.details = traceback.format_exc()
+            self._results.put((tag, value, error, time.perf_counter() - start))
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Left click: include point; Shift+left click: exclude point; x / Backspace: undo point; Shift+x: clear."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "FastSAM3D"
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        # tests: predictor(volume, points, labels) -> (region, mask) replaces the model
+        self.predictorForTesting = None
+        self._worker = None
+        self._sessions = {}  # (segmentation ID, segment ID) -> InteractiveSession; only the worker touches them
+        self._volume = (None, None)  # (cache key, Volume)
+        self._downloadCancelled = False
+        self._progress = None  # (done, total) of a running download, written by the worker
+        self._timer = qt.QTimer()
+        self._timer.setInterval(50)
+        self._timer.connect("timeout()", self._poll)
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        here = os.path.dirname(__file__)
+        for folder in (os.path.join(here, "..", "Resources"), os.path.join(here, "..", "..", "Resources")):
+            path = os.path.join(folder, "Icons", "SegmentEditorFastSAM3D.png")
+            if os.path.exists(path):
+                return qt.QIcon(path)
+        return qt.QIcon()
+
+    def helpText(self):
+        return "<html>" + _(
+            "Segment the selected segment in 3D by clicking on the object in a slice view "
+            "(FastSAM3D or SAM-Med3D).<p>"
+            "<b>Left click</b>: include point (inside the object). "
+            "<b>Shift + left click</b>: exclude point (outside it). "
+            "<b>x</b> or <b>Backspace</b>: undo the last point. <b>Shift + x</b>: clear the points "
+            "(the segment stays). <b>Ctrl + z</b> / <b>Ctrl + y</b>: undo / redo the segment change.<p>"
+            "Each click changes the segment only around the clicks, within the editable area and intensity "
+            "range of the Masking section; 'Modify other segments' applies as for Paint. The first use asks to "
+            "install PyTorch; the weights (FastSAM3D, SAM-Med3D: Apache-2.0) are downloaded only when you press "
+            "Download.") + "</html>"
+
+    # ------------------------------------------------------------------ options panel
+    def setupOptionsFrame(self):
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.statusLabel.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Status:"), self.statusLabel)
+
+        pointsRow = qt.QHBoxLayout()
+        self.pointsLabel = qt.QLabel()
+        undoButton = qt.QPushButton(_("Undo point"))
+        undoButton.setToolTip(_("Remove the last point and show the result without it (x or Backspace)"))
+        undoButton.connect("clicked()", self.onUndoPoint)
+        clearButton = qt.QPushButton(_("Clear points"))
+        clearButton.setToolTip(_("Forget the points of this segment; the segment stays as it is (Shift+x)"))
+        clearButton.connect("clicked()", self.onClearPoints)
+        pointsRow.addWidget(self.pointsLabel)
+        pointsRow.addWidget(undoButton)
+        pointsRow.addWidget(clearButton)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Points:"), pointsRow)
+
+        self.installButton = qt.QPushButton(_("Install PyTorch and the other packages..."))
+        self.installButton.connect("clicked()", self.onInstall)
+        self.scriptedEffect.addOptionsWidget(self.installButton)
+
+        options = ctk.ctkCollapsibleButton()
+        options.text = _("Model options")
+        options.collapsed = True
+        form = qt.QFormLayout(options)
+        self.modelCombo = qt.QComboBox()
+        self.deviceCombo = qt.QComboBox()
+        for value, text in DEVICES:
+            self.deviceCombo.addItem(text, value)
+        self.promptCombo = qt.QComboBox()
+        self.promptCombo.setToolTip(_("Newest click only: FastSAM3D's evaluation protocol. All clicks: SAM-Med3D's."))
+        for value, text in PROMPT_MODES:
+            self.promptCombo.addItem(text, value)
+        self.deviceWarning = qt.QLabel()
+        self.deviceWarning.wordWrap = True
+        self.weightsLabel = qt.QLabel()
+        self.weightsLabel.wordWrap = True
+        weightsRow = qt.QHBoxLayout()
+        self.downloadButton = qt.QPushButton(_("Download"))
+        self.downloadButton.setToolTip(_("Download the weights from their publisher and verify them"))
+        self.downloadButton.connect("clicked()", self.onDownload)
+        importButton = qt.QPushButton(_("Import..."))
+        importButton.setToolTip(_("Use a weights file copied by hand (checked like a download)"))
+        importButton.connect("clicked()", self.onImport)
+        weightsRow.addWidget(self.downloadButton)
+        weightsRow.addWidget(importButton)
+        form.addRow(_("Model:"), self.modelCombo)
+        form.addRow(_("Device:"), self.deviceCombo)
+        form.addRow(self.deviceWarning)
+        form.addRow(_("Prompting:"), self.promptCombo)
+        form.addRow(_("Weights:"), self.weightsLabel)
+        form.addRow(weightsRow)
+        self.scriptedEffect.addOptionsWidget(options)
+        for combo in (self.modelCombo, self.deviceCombo, self.promptCombo):
+            combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("FastSAM3D.Model", "fastsam3d")
+        self.scriptedEffect.setParameterDefault("FastSAM3D.Device", "auto")
+        self.scriptedEffect.setParameterDefault("FastSAM3D.PromptMode", "")
+
+    def _options(self):
+        return (self.scriptedEffect.parameter("FastSAM3D.Model"), self.scriptedEffect.parameter("FastSAM3D.Device"),
+                self.scriptedEffect.parameter("FastSAM3D.PromptMode"))
+
+    def updateGUIFromMRML(self):
+        model, device, promptMode = self._options()
+        if self.modelCombo.count == 0:
+            try:
+                for name in self._logic().modelNames():
+                    self.modelCombo.addItem(name, name)
+            except Exception as exc:  # noqa: BLE001 - a broken manifest must not break the panel
+                self._status(_("Cannot list the models: {error}").format(error=exc), error=True)
+        for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode)):
+            wasBlocked = combo.blockSignals(True)
+            combo.setCurrentIndex(max(combo.findData(value), 0))
+            combo.blockSignals(wasBlocked)
+        missing = self._logic().missingDependencies()
+        self.installButton.visible = bool(missing)
+        self.deviceWarning.text = self._deviceWarning(device) if not missing else ""
+        try:
+            ready, text = self._logic().weightsStatus(model)
+        except Exception as exc:  # noqa: BLE001
+            ready, text = False, str(exc)
+        if self._progress is None:
+            self.weightsLabel.text = text
+            self.downloadButton.text = _("Download")
+        self.downloadButton.enabled = not ready or self._progress is not None
+        node = self._pointsNode(create=False)
+        count = node.GetNumberOfControlPoints() if node else 0
+        self.pointsLabel.text = _("{count} point(s)").format(count=count)
+        if not self.statusLabel.text:
+            self._status(_("Missing packages: {names}. Click in a view to install them.").format(
+                names=", ".join(missing)) if missing else _("Ready: left click inside the object."))
+
+    def updateMRMLFromGUI(self):
+        previous = self._options()
+        self.scriptedEffect.setParameter("FastSAM3D.Model", self.modelCombo.currentData or "fastsam3d")
+        self.scriptedEffect.setParameter("FastSAM3D.Device", self.deviceCombo.currentData or "auto")
+        self.scriptedEffect.setParameter("FastSAM3D.PromptMode", self.promptCombo.currentData or "")
+        if self._options() != previous and self._worker is not None:
+            self._worker.submit(("forget",), self._sessions.clear)  # new model/device: new sessions (on the worker)
+
+    def _deviceWarning(self, device):
+        if "torch" not in sys.modules:  # known after the first click; importing torch here would stall the panel
+            return ""
+        try:
+            from FastSAM3DLib.scene import resolve_device
+
+            resolved = resolve_device(device)
+        except Exception as exc:  # noqa: BLE001
+            return str(exc)
+        if resolved == "cpu":
+            return _("Running on the CPU: the first click of an area takes seconds, the next ones less than a second. "
+                     "A CUDA GPU (or Apple MPS) is much faster.")
+        return ""
+
+    # ------------------------------------------------------------------ activation
+    def activate(self):
+        self._showPoints(True)
+        self.updateGUIFromMRML()
+
+    def deactivate(self):
+        self._showPoints(False)
+
+    def sourceVolumeNodeChanged(self):
+        self._volume = (None, None)
+
+    def cleanup(self):
+        self._timer.stop()
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def _showPoints(self, visible):
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterNode.GetSegmentationNode() if parameterNode else None
+        if segmentationNode is None:
+            return
+        from FastSAM3DLib import scene
+
+        for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
+            key = node.GetAttribute(scene.PROMPTS_ATTRIBUTE) or ""
+            if key.startswith(segmentationNode.GetID() + "/") and node.GetDisplayNode():
+                node.GetDisplayNode().SetVisibility(visible)
+
+    # ------------------------------------------------------------------ interaction
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        if eventId == vtk.vtkCommand.KeyPressEvent:
+            key = callerInteractor.GetKeySym()
+            if key in ("x", "BackSpace"):
+                self.onUndoPoint()
+                return True
+            if key == "X":
+                self.onClearPoints()
+                return True
+            return False
+        if eventId != vtk.vtkCommand.LeftButtonPressEvent or callerInteractor.GetControlKey() \
+                or callerInteractor.GetAltKey():
+            return False
+        confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
+        if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
+            return True  # the dialog consumed the button release: do not start an action
+        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+        self.addClick(ras, include=not callerInteractor.GetShiftKey())
+        return True
+
+    def addClick(self, ras, include=True):
+        """Add an include/exclude point at world RAS ``ras`` for the selected segment and start the model."""
+        from FastSAM3DLib import scene
+
+        if self.busy():
+            self._status(_("Still working on the previous request; click again when it is done."))
+            return False
+        context = self._context()
+        if context is None or not self._ready():
+            return False
+        scene.add_prompt_point(self._pointsNode(), ras, include)
+        self._predict(context, "click")
+        return True
+
+    def onUndoPoint(self):
+        from FastSAM3DLib import scene
+
+        node = self._pointsNode(create=False)
+        if self.busy() or node is None or self._context() is None:
+            return
+        if scene.remove_last_prompt_point(node):
+            self._predict(self._context(), "undo")
+
+    def onClearPoints(self):
+        node = self._pointsNode(create=False)
+        if self.busy() or node is None:
+            return
+        node.RemoveAllControlPoints()
+        key = self._sessionKey()
+        self._ensureWorker().submit(("clear",), lambda: self._sessions.pop(key, None))
+        self._timer.start()
+        self._status(_("Points cleared; the segment is unchanged."))
+
+    def busy(self):
+        return self._worker is not None and self._worker.busy()
+
+    # ------------------------------------------------------------------ model calls
+    def _predict(self, context, action):
+        from FastSAM3DLib import scene
+
+        segmentationNode, segmentId, sourceVolumeNode = context
+        try:
+            volume = self._sourceVolume(sourceVolumeNode)
+        except Exception as exc:  # noqa: BLE001 - a FastSAM3DError says what to do
+            self._failed((action,), exc)
+            return
+        points, labels = scene.ras_points_from_markups(self._pointsNode())
+        key, options, logic, predictor = self._sessionKey(), self._options(), self._logic(), self.predictorForTesting
+
+        def job():  # runs on the worker thread: no Qt, no MRML
+            if predictor is not None:
+                return predictor(volume, points, labels) if labels.any() else None
+            session = self._sessions.get(key)
+            if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
+                session = logic.createSession(options[0], options[1], options[2], volume)
+                session.fastsam3dOptions = options
+                self._sessions[key] = session
+            return scene.replay_clicks(session, points, labels)
+
+        tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(), len(points))
+        self._ensureWorker().submit(tag, job)
+        self._timer.start()
+        self._status(_("Working... (the first click loads the model and may take a while)")
+                     if not self._sessions else _("Working..."))
+
+    def _poll(self):
+        if self._progress is not None and self._progress[1]:
+            self.weightsLabel.text = _("downloading: {percent:.0f} %").format(
+                percent=100.0 * self._progress[0] / self._progress[1])
+        for tag, value, error, seconds in self._worker.results():
+            if error is not None:
+                self._failed(tag, error)
+            elif tag[0] in ("click", "undo") and value is not None:
+                self._apply(tag, value, seconds)
+            elif tag[0] in ("download", "import"):
+                self._progress = None
+                self._status(_("Weights ready."))
+        if not self.busy():
+            self._timer.stop()
+            self._progress = None
+            self.updateGUIFromMRML()
+
+    def _apply(self, tag, result, seconds):
+        from FastSAM3DLib import scene
+
+        action, segmentationNodeId, segmentId, sourceVolumeNodeId, count = tag
+        region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
+        segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationNodeId)
+        sourceVolumeNode = slicer.mrmlScene.GetNodeByID(sourceVolumeNodeId)
+        try:
+            start = time.perf_counter()
+            with slicer.util.RenderBlocker():
+                scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
+                                   editor=scene.EffectEditor(self.scriptedEffect))
+            written = time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001
+            self._failed(("write",), exc)
+            return
+        iou = getattr(result, "iou", None)
+        self._status(_("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}").format(
+            count=count, model=seconds, write=written,
+            iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else ""))
+
+    def _failed(self, tag, error):
+        from FastSAM3DLib import scene
+        from FastSAM3DLib.errors import FastSAM3DError
+
+        if tag[0] == "click" and len(tag) == 5:  # the session refused the click and kept its state: drop the point
+            segmentationNode = slicer.mrmlScene.GetNodeByID(tag[1])
+            node = scene.prompt_points_node(segmentationNode, tag[2], create=False) if segmentationNode else None
+            if node is not None and node.GetNumberOfControlPoints() == tag[4]:
+                scene.remove_last_prompt_point(node)
+        if isinstance(error, FastSAM3DError):
+            message = str(error)
+        else:
+            message = _("Unexpected error ({kind}: {error}); details are in the Python console.").format(
+                kind=type(error).__name__, error=error)
+            logging.error("FastSAM3D: %s", getattr(error, "details", error))
+        self._status(message, error=True)
+        self._progress = None
+
+    # ------------------------------------------------------------------ dependencies and weights
+    def _ready(self):
+        """Installed packages (asks first) and cached weights; says what to do when something is missing."""
+        if self.predictorForTesting is not None:
+            return True
+        logic = self._logic()
+        if logic.missingDependencies():
+            try:
+                with slicer.util.WaitCursor():
+                    installed = logic.installDependencies(askConfirmation=True)
+            except Exception as exc:  # noqa: BLE001
+                self._status(str(exc), error=True)
+                return False
+            self.updateGUIFromMRML()
+            if not installed:
+                self._status(_("FastSAM3D needs PyTorch: press 'Install PyTorch...' when you are ready."), error=True)
+                return False
+        try:
+            ready, text = logic.weightsStatus(self._options()[0])
+        except Exception as exc:  # noqa: BLE001 - e.g. a model without published weights
+            ready, text = False, str(exc)
+        if not ready:
+            self._status(_("No weights for this model yet ({text}). Open 'Model options' and press Download "
+                           "or Import.").format(text=text), error=True)
+            return False
+        return True
+
+    def onInstall(self):
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            self._logic().installDependencies(askConfirmation=True)
+        self.updateGUIFromMRML()
+
+    def onDownload(self):
+        if self._progress is not None:  # the button reads "Cancel" during a download
+            self._downloadCancelled = True
+            return
+        model = self._options()[0]
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Download the weights of '{model}' from their publisher (hundreds of MB)?").format(model=model)):
+            return
+        self._downloadCancelled = False
+        self._progress = (0, 0)
+        self.downloadButton.text = _("Cancel download")
+        logic = self._logic()
+
+        def progress(done, total):
+            self._progress = (done, total or 0)
+            return not self._downloadCancelled
+
+        self._ensureWorker().submit(("download",), lambda: logic.downloadWeights(model, progress))
+        self._timer.start()
+        self._status(_("Downloading the weights..."))
+
+    def onImport(self):
+        path = qt.QFileDialog.getOpenFileName(None, _("Import model weights"), "",
+                                              _("Checkpoints (*.pth *.pt *.ckpt *.safetensors);;All files (*)"))
+        if not path:
+            return
+        model, logic = self._options()[0], self._logic()
+        self._progress = (0, 0)
+        self._ensureWorker().submit(("import",), lambda: logic.importWeights(model, path))
+        self._timer.start()
+        self._status(_("Checking and importing {path}...").format(path=path))
+
+    # ------------------------------------------------------------------ helpers
+    def _logic(self):
+        if getattr(self, "_logicInstance", None) is None:
+            import FastSAM3D
+
+            self._logicInstance = FastSAM3D.FastSAM3DLogic()
+        return self._logicInstance
+
+    def _ensureWorker(self):
+        if self._worker is None:
+            self._worker = Worker()
+        return self._worker
+
+    def _status(self, text, error=False):
+        self.statusLabel.text = text
+        self.statusLabel.setStyleSheet("color: #c62828" if error else "")
+
+    def _context(self):
+        """(segmentation node, selected segment ID, source volume node), or None after saying what is missing."""
+        node = self.scriptedEffect.parameterSetNode()
+        segmentationNode = node.GetSegmentationNode() if node else None
+        segmentId = node.GetSelectedSegmentID() if node else None
+        sourceVolumeNode = node.GetSourceVolumeNode() if node else None
+        if segmentationNode is None or not segmentId or sourceVolumeNode is None:
+            self._status(_("Select a segmentation, a segment and a source volume first."), error=True)
+            return None
+        return segmentationNode, segmentId, sourceVolumeNode
+
+    def _sessionKey(self):
+        node = self.scriptedEffect.parameterSetNode()
+        segmentationNode = node.GetSegmentationNode() if node else None
+        return (segmentationNode.GetID() if segmentationNode else None, node.GetSelectedSegmentID() if node else None)
+
+    def _pointsNode(self, create=True):
+        from FastSAM3DLib import scene
+
+        node = self.scriptedEffect.parameterSetNode()
+        segmentationNode = node.GetSegmentationNode() if node else None
+        segmentId = node.GetSelectedSegmentID() if node else None
+        if segmentationNode is None or not segmentId:
+            return None
+        return scene.prompt_points_node(segmentationNode, segmentId, create=create)
+
+    def _sourceVolume(self, volumeNode):
+        """The source volume as a Volume copy, rebuilt only when the node, its voxels or its transform change."""
+        from FastSAM3DLib import scene
+
+        transform = volumeNode.GetParentTransformNode()
+        key = (volumeNode.GetID(), volumeNode.GetMTime(), volumeNode.GetImageData().GetMTime(),
+               transform.GetID() if transform else None, transform.GetTransformToWorldMTime() if transform else 0)
+        if self._volume[0] != key:
+            self._volume = (key, scene.volume_from_node(volumeNode))
+        return self._volume[1]

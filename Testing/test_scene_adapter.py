@@ -1,0 +1,766 @@
+"""The scene adapter against real MRML (slicer-core): geometry, clicks, Segment Editor writes, undo, failures.
+
+No MRML object is mocked: scenes, volumes, segmentations, point lists and ``vtkSlicerSegmentEditorLogic`` are
+Slicer's own C++ classes from the ``slicer-core`` wheel. The expected results of the masking and overwrite
+modes are computed by that same logic applying Paint- and Erase-like modifiers to the whole volume.
+"""
+import hashlib
+import itertools
+import math
+import time
+import types
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
+vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
+
+from FastSAM3DLib import scene as sc  # noqa: E402
+from FastSAM3DLib.errors import FastSAM3DError, PromptError  # noqa: E402
+
+Logic = slicer.vtkSlicerSegmentEditorLogic
+SHAPE = (14, 22, 26)  # (K, J, I)
+
+
+# ------------------------------------------------------------------------------------------------------
+# a headless "Slicer application": scene + the module logics segmentations and markups need
+
+
+@pytest.fixture
+def app():
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    logics = []
+    for name, logic in [("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic()),
+                        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic()),
+                        ("Markups", slicer.vtkSlicerMarkupsLogic())]:
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        logics.append(logic)
+    # keep the logics alive as long as the scene: they observe it (a collected logic crashes the next event)
+    yield types.SimpleNamespace(scene=scene, app_logic=app_logic, logics=logics)
+    scene.Clear(True)
+
+
+def rotation(axis, degrees):
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    a, b = [(1, 2), (2, 0), (0, 1)][axis]
+    m = np.eye(4)
+    m[a, a], m[a, b], m[b, a], m[b, b] = c, -s, s, c
+    return m
+
+
+def translated(matrix, offset):
+    out = np.array(matrix, dtype=float)
+    out[:3, 3] += offset
+    return out
+
+
+def oblique_ijk_to_ras():
+    """Anisotropic, flipped and rotated about two axes, off-centre origin."""
+    m = rotation(2, 17) @ rotation(0, -11) @ np.diag([-0.8, -0.9, 2.5, 1.0])
+    m[:3, 3] = (12.5, -31.0, 44.0)
+    return m
+
+
+def make_volume(scene, ijk_to_ras=None, array=None, name="CT"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    if array is None:
+        kk, jj, ii = np.indices(SHAPE)
+        array = (ii * 10 + jj - kk).astype(np.int16)  # a ramp along i: distinct intensities
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetIJKToRASMatrix(sc._vtk_matrix(np.eye(4) if ijk_to_ras is None else ijk_to_ras))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def linear_transform(scene, matrix, parent=None, name="T"):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(sc._vtk_matrix(matrix))
+    if parent is not None:
+        node.SetAndObserveTransformNodeID(parent.GetID())
+    return node
+
+
+def make_segmentation(scene, volume, name="Seg"):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return node
+
+
+def set_segment(segmentation_node, volume, name, mask_kji):
+    """Add segment ``name`` holding ``mask_kji`` (on the volume's grid, no transforms); returns its ID."""
+    segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
+    ijk = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk)
+    image = sc._oriented_image(mask_kji.astype(np.uint8), sc._array_from_vtk_matrix(ijk),
+                               [0, mask_kji.shape[2] - 1, 0, mask_kji.shape[1] - 1, 0, mask_kji.shape[0] - 1])
+    L = slicer.vtkSlicerSegmentationsModuleLogic
+    assert L.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, L.MODE_REPLACE, image.GetExtent())
+    return segment_id
+
+
+def segment_array(segmentation_node, segment_id, volume):
+    """The segment on the volume's voxel grid (K, J, I) as bool, through both nodes' transforms."""
+    image = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, image, False)  # in the segmentation node's own coordinates
+    ijk = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk)
+    dims = volume.GetImageData().GetDimensions()
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    reference = sc._oriented_image(None, sc._array_from_vtk_matrix(ijk), extent)
+    seg_to_volume = np.linalg.inv(sc.node_to_world(volume)) @ sc.node_to_world(segmentation_node)
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(sc._vtk_matrix(seg_to_volume))
+    out = slicer.vtkOrientedImageData()
+    if image.GetPointData().GetScalars() is None:
+        return np.zeros(dims[::-1], bool)
+    assert slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        image, reference, out, False, False, transform)
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return raw_values(out, extent) == label  # the image is the segment's whole layer: pick its label
+
+
+def raw_values(image, extent):
+    """(K, J, I) voxel values of ``image`` over ``extent`` (zero where it does not reach)."""
+    out = np.zeros((extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1), np.int64)
+    e = image.GetExtent()
+    lo = [max(extent[2 * a], e[2 * a]) for a in range(3)]
+    hi = [min(extent[2 * a + 1], e[2 * a + 1]) for a in range(3)]
+    if image.GetPointData().GetScalars() is None or any(a > b for a, b in zip(lo, hi)):
+        return out
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    out[tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a] + 1) for a in (2, 1, 0))] = \
+        values[tuple(slice(lo[a] - e[2 * a], hi[a] - e[2 * a] + 1) for a in (2, 1, 0))]
+    return out
+
+
+def all_segments(segmentation_node, volume):
+    segmentation = segmentation_node.GetSegmentation()
+    return {segmentation.GetNthSegmentID(i): segment_array(segmentation_node, segmentation.GetNthSegmentID(i), volume)
+            for i in range(segmentation.GetNumberOfSegments())}
+
+
+def fingerprint(segmentation_node):
+    """Everything a segmentation node stores about its segments: metadata, layers, voxels (hashed)."""
+    segmentation = segmentation_node.GetSegmentation()
+    segments = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(i)
+        s = segmentation.GetSegment(sid)
+        tags = {}
+        for key in ("Segmentation.Status", sc.MODEL_TAG, s.GetTerminologyEntryTagName()):
+            value = vtk.reference("")
+            if s.GetTag(key, value):
+                tags[key] = str(value)
+        segments.append((sid, s.GetName(), tuple(np.round(s.GetColor(), 6)), s.GetLabelValue(),
+                         segmentation.GetLayerIndex(sid), s.GetNameAutoGenerated(), s.GetColorAutoGenerated(),
+                         tuple(sorted(tags.items()))))
+    layers = []
+    for i in range(segmentation.GetNumberOfLayers()):
+        image = segmentation.GetLayerDataObject(i)
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        scalars = image.GetPointData().GetScalars()
+        data = numpy_support.vtk_to_numpy(scalars).tobytes() if scalars is not None else b""
+        layers.append((tuple(image.GetExtent()), tuple(np.round(sc._array_from_vtk_matrix(matrix), 9).ravel()),
+                       image.GetScalarType(), hashlib.sha256(data).hexdigest()))
+    return {"segments": segments, "layers": layers,
+            "parameters": segmentation.SerializeAllConversionParameters(),
+            "source": segmentation.GetSourceRepresentationName(),
+            "reference": segmentation_node.GetNodeReferenceID(
+                slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())}
+
+
+def placed(region, mask, shape=SHAPE):
+    full = np.zeros(shape, bool)
+    full[region] = mask
+    return full
+
+
+def ball(shape, centre_kji, radius):
+    kk, jj, ii = np.indices(shape)
+    return (kk - centre_kji[0]) ** 2 + (jj - centre_kji[1]) ** 2 + (ii - centre_kji[2]) ** 2 <= radius ** 2
+
+
+# A three-segment scene: A and C are other structures (C hidden), B receives the model result.
+REGION = (slice(3, 12), slice(4, 18), slice(5, 21))
+
+
+def three_segments(app, ijk_to_ras=None):
+    volume = make_volume(app.scene, ijk_to_ras)
+    segmentation = make_segmentation(app.scene, volume)
+    kk, jj, ii = np.indices(SHAPE)
+    masks = {
+        "A": (ii < 12) & (jj < 12),                          # overlaps the region's left part
+        "C": (ii >= 16) & (kk >= 6),                          # overlaps the region's right part (hidden)
+        "B": ((ii >= 9) & (ii < 14) & (jj >= 8) & (jj < 14) & (kk >= 5) & (kk < 9))  # old result inside region
+        | ((ii >= 1) & (ii < 4) & (jj >= 18) & (kk < 2)),   # and a part outside the region, away from A and C
+    }
+    ids = {name: set_segment(segmentation, volume, name, mask) for name, mask in masks.items()}
+    segmentation.GetDisplayNode().SetSegmentVisibility(ids["C"], False)
+    rng = np.random.default_rng(7)
+    shape = tuple(s.stop - s.start for s in REGION)
+    new = ball(shape, (4, 7, 8), 5.5) & (rng.random(shape) > 0.15)  # a ragged blob: sets and clears voxels
+    return volume, segmentation, ids, masks, new
+
+
+# ------------------------------------------------------------------------------------------------------
+# geometry: volumes and clicks
+
+
+def test_volume_from_node_folds_nested_linear_transforms(app):
+    local = oblique_ijk_to_ras()
+    volume_node = make_volume(app.scene, local)
+    outer = linear_transform(app.scene, translated(rotation(1, 23), (7.0, -3.0, 11.0)), name="outer")
+    inner = linear_transform(app.scene, rotation(2, -9), parent=outer, name="inner")
+    volume_node.SetAndObserveTransformNodeID(inner.GetID())
+
+    volume = sc.volume_from_node(volume_node)
+    expected = sc._array_from_vtk_matrix(outer.GetMatrixTransformToParent()) @ rotation(2, -9) @ local
+    np.testing.assert_allclose(volume.ijk_to_ras, expected, atol=1e-9)
+    assert volume.array.shape == SHAPE
+    np.testing.assert_array_equal(volume.array, slicer.util.arrayFromVolume(volume_node))
+    volume.array[0, 0, 0] += 1  # a copy: the scene's voxels are untouched
+    assert slicer.util.arrayFromVolume(volume_node)[0, 0, 0] == volume.array[0, 0, 0] - 1
+    assert np.shares_memory(sc.volume_from_node(volume_node, copy=False).array,
+                            slicer.util.arrayFromVolume(volume_node))
+
+
+def test_clicks_in_world_ras_land_on_the_clicked_voxels(app):
+    volume_node = make_volume(app.scene, oblique_ijk_to_ras())
+    t_volume = linear_transform(app.scene, translated(rotation(0, 31), (4.0, 9.0, -6.0)))
+    volume_node.SetAndObserveTransformNodeID(t_volume.GetID())
+    volume = sc.volume_from_node(volume_node)
+
+    # the point list lives under a different transform: its world positions are what counts
+    points_node = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    t_points = linear_transform(app.scene, rotation(1, -40), name="points transform")
+    points_node.SetAndObserveTransformNodeID(t_points.GetID())
+    targets = np.array([[5, 4, 3], [20, 15, 9], [0, 0, 0], [25, 21, 13], [12, 10, 7]])  # (i, j, k)
+    polarity = [True, False, True, False, True]
+    rng = np.random.default_rng(3)
+    jitter = rng.uniform(-0.3, 0.3, targets.shape)  # clicks are never on voxel centres
+    world = (np.c_[targets + jitter, np.ones(len(targets))] @ volume.ijk_to_ras.T)[:, :3]
+    for ras, include in zip(world, polarity):
+        sc.add_prompt_point(points_node, ras, include)
+    points_node.AddControlPoint(vtk.vtkVector3d(0, 0, 0), "being placed")
+    points_node.UnsetNthControlPointPosition(points_node.GetNumberOfControlPoints() - 1)
+
+    points, labels = sc.ras_points_from_markups(points_node)
+    np.testing.assert_allclose(points, world, atol=1e-6)
+    np.testing.assert_array_equal(labels, [1, 0, 1, 0, 1])
+    ijk = (np.c_[points, np.ones(len(points))] @ np.linalg.inv(volume.ijk_to_ras).T)[:, :3]
+    np.testing.assert_array_equal(np.floor(ijk + 0.5).astype(int), targets)
+
+
+def test_nonlinear_transform_is_refused_with_instructions(app):
+    volume_node = make_volume(app.scene)
+    spline = vtk.vtkThinPlateSplineTransform()
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in [(0, 0, 0), (30, 0, 0), (0, 30, 0), (0, 0, 30), (30, 30, 30)]:
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(p[0] + 2 * (p[1] > 0), p[1], p[2])
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    spline.SetBasisToR()
+    warp = app.scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    warp.SetAndObserveTransformToParent(spline)
+    volume_node.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(FastSAM3DError, match="[Hh]arden"):
+        sc.volume_from_node(volume_node)
+    segmentation = make_segmentation(app.scene, make_volume(app.scene, name="other"))
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    before = fingerprint(segmentation)
+    with pytest.raises(FastSAM3DError, match="[Hh]arden"):
+        sc.write_region(segmentation, sid, volume_node, REGION, np.ones((9, 14, 16), bool))
+    assert fingerprint(segmentation) == before
+
+
+def test_prompt_points_are_kept_per_segment_with_polarity_colours(app):
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    a = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    b = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+    assert sc.prompt_points_node(segmentation, a, create=False) is None
+    node_a = sc.prompt_points_node(segmentation, a)
+    assert sc.prompt_points_node(segmentation, a) is node_a
+    node_b = sc.prompt_points_node(segmentation, b)
+    assert node_b is not node_a and "tumour" in node_b.GetName()
+    sc.add_prompt_point(node_a, (1.0, 2.0, 3.0), include=True)
+    sc.add_prompt_point(node_a, (4.0, 5.0, 6.0), include=False)
+    display = node_a.GetDisplayNode()
+    assert np.allclose(display.GetSelectedColor(), sc.INCLUDE_COLOR)
+    assert np.allclose(display.GetColor(), sc.EXCLUDE_COLOR)
+    points, labels = sc.ras_points_from_markups(node_a)
+    np.testing.assert_allclose(points, [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(labels, [1, 0])
+    assert sc.remove_last_prompt_point(node_a)
+    assert sc.ras_points_from_markups(node_a)[1].tolist() == [1]
+    assert sc.ras_points_from_markups(node_b)[0].shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# writing
+
+
+def test_write_is_voxel_exact_on_an_oblique_transformed_volume(app):
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    transform = linear_transform(app.scene, translated(rotation(1, 13), (-5.0, 2.0, 8.0)))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation = make_segmentation(app.scene, volume)  # geometry includes the volume's transform
+    old = ball(SHAPE, (6, 9, 10), 4) | ball(SHAPE, (1, 20, 2), 1.5)
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, sid, volume, (slice(None),) * 3, old, editor=editor)
+        assert np.array_equal(segment_array(segmentation, sid, volume), old)
+        rng = np.random.default_rng(0)
+        mask = rng.random((9, 14, 16)) > 0.5
+        sc.write_region(segmentation, sid, volume, REGION, mask, editor=editor)
+    expected = old.copy()
+    expected[REGION] = mask
+    assert np.array_equal(segment_array(segmentation, sid, volume), expected)
+
+
+def test_segmentation_on_another_transform_and_grid_shift(app):
+    """The segmentation under its own transform, with a grid shifted by whole voxels: still a copy."""
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    t_seg = linear_transform(app.scene, translated(rotation(2, 25), (3.0, 1.0, -2.0)))
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(t_seg.GetID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    geometry = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(
+        segmentation.GetSegmentation().GetConversionParameter(name), geometry, False)
+    matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(matrix)
+    shifted = sc._array_from_vtk_matrix(matrix)
+    shifted[:3, 3] = shifted[:3, :3] @ [-3.0, 2.0, -1.0] + shifted[:3, 3]
+    geometry.SetGeometryFromImageToWorldMatrix(sc._vtk_matrix(shifted))
+    geometry.SetExtent(0, 40, 0, 30, 0, 20)
+    segmentation.GetSegmentation().SetConversionParameter(
+        name, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    mask = ball((9, 14, 16), (4, 7, 8), 5)
+    sc.write_region(segmentation, sid, volume, REGION, mask)
+    assert np.array_equal(segment_array(segmentation, sid, volume), placed(REGION, mask))
+
+
+def test_oversampled_segmentation_is_resampled_nearest_neighbour(app):
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    ijk = sc.volume_from_node_matrix(volume)
+    fine = ijk @ np.diag([0.5, 0.5, 0.5, 1.0])
+    fine[:3, 3] = ijk[:3, :3] @ [-0.25, -0.25, -0.25] + ijk[:3, 3]  # same bounds, twice the voxels per axis
+    geometry = sc._oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
+    segmentation.GetSegmentation().SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    old = ball(SHAPE, (7, 11, 13), 6)
+    sc.write_region(segmentation, sid, volume, (slice(None),) * 3, old)
+    rng = np.random.default_rng(5)
+    mask = rng.random((9, 14, 16)) > 0.4
+    sc.write_region(segmentation, sid, volume, REGION, mask)
+    expected = old.copy()
+    expected[REGION] = mask
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation, sid, image, False)
+    fine_voxels = raw_values(image, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
+    label = segmentation.GetSegmentation().GetSegment(sid).GetLabelValue()
+    # every fine voxel carries the value of the coarse voxel it lies in
+    assert np.array_equal(fine_voxels == label, expected.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+MASK_MODES = ["everywhere", "inside_all_segments", "inside_visible_segments", "outside_all_segments",
+              "outside_visible_segments", "inside_segment"]
+
+
+@pytest.mark.parametrize("mask_mode,overwrite", list(itertools.product(MASK_MODES, ["all", "visible", "none"])))
+def test_masking_and_overwrite_match_the_segment_editor(app, mask_mode, overwrite):
+    """write_region == Paint(mask) + Erase(rest of region) applied by vtkSlicerSegmentEditorLogic itself."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    intensity = (60.0, 175.0) if mask_mode in ("everywhere", "inside_segment") else None  # i in 6..17
+    settings = sc.EditorSettings(mask_mode, ids["A"] if mask_mode == "inside_segment" else None, overwrite, intensity)
+    before = fingerprint(segmentation)
+    before_arrays = all_segments(segmentation, volume)
+
+    with sc.LogicEditor(app.scene, settings) as editor:
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+        ours = all_segments(segmentation, volume)
+        editor.undo()  # one undo step restores every segment exactly
+        assert fingerprint(segmentation) == before
+
+        # the reference: the same logic and settings, whole-volume Paint-like (Add) and Erase-like (Remove)
+        logic = editor.logic
+        logic.SaveStateForUndo()
+        for mode, values in ((Logic.ModificationModeRemove, placed(REGION, ~new) & placed(REGION, np.ones_like(new))),
+                             (Logic.ModificationModeAdd, placed(REGION, new))):
+            assert logic.ResetModifierLabelmapToDefault()
+            modifier = logic.GetModifierLabelmap()
+            assert tuple(modifier.GetDimensions()) == SHAPE[::-1]
+            numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars())[:] = values.astype(np.uint8).ravel()
+            modifier.Modified()
+            logic.ModifySegmentByLabelmap(segmentation, ids["B"], modifier, mode, True, False)
+        reference = all_segments(segmentation, volume)
+    for sid in ids.values():
+        assert np.array_equal(ours[sid], reference[sid]), sid
+    outside = ~placed(REGION, np.ones_like(new))
+    assert np.array_equal(ours[ids["B"]] & outside, before_arrays[ids["B"]] & outside)  # nothing changes outside
+    if mask_mode == "everywhere" and intensity is None:
+        assert np.array_equal(ours[ids["B"]][REGION], new)
+
+
+def test_everywhere_semantics_against_numpy(app):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    placed_new = placed(REGION, new)
+    for overwrite, lose_a, lose_c in [("all", True, True), ("visible", True, False), ("none", False, False)]:
+        with sc.LogicEditor(app.scene, sc.EditorSettings(overwrite=overwrite)) as editor:
+            sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+            got = all_segments(segmentation, volume)
+            expected_b = masks["B"].copy()
+            expected_b[REGION] = new
+            assert np.array_equal(got[ids["B"]], expected_b)
+            assert np.array_equal(got[ids["A"]], masks["A"] & ~placed_new if lose_a else masks["A"]), overwrite
+            assert np.array_equal(got[ids["C"]], masks["C"] & ~placed_new if lose_c else masks["C"]), overwrite
+            editor.undo()
+
+
+def test_intensity_range_and_inside_segment_semantics(app):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    intensity = slicer.util.arrayFromVolume(volume)
+    in_range = (intensity >= 60) & (intensity <= 175)
+    region = placed(REGION, np.ones_like(new))
+    with sc.LogicEditor(app.scene, sc.EditorSettings(overwrite="none", intensity_range=(60, 175))) as editor:
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+        got = segment_array(segmentation, ids["B"], volume)
+        # set where in range; out of range voxels keep their old state
+        assert np.array_equal(got, np.where(region & in_range, placed(REGION, new), masks["B"]))
+    with sc.LogicEditor(app.scene, sc.EditorSettings("inside_segment", ids["A"], "none")) as editor:
+        b_before = segment_array(segmentation, ids["B"], volume)
+        a_before = segment_array(segmentation, ids["A"], volume)
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+        got = segment_array(segmentation, ids["B"], volume)
+        added = placed(REGION, new) & masks["A"]
+        assert np.array_equal(got & ~b_before, added & ~b_before)  # only painted inside A
+        cleared = b_before & ~got
+        assert not (cleared & ~region).any()
+        # as with Erase inside a segment, the cleared voxels go back to the masking segment
+        assert np.array_equal(segment_array(segmentation, ids["A"], volume), a_before | cleared)
+
+
+def test_undo_and_redo_cover_other_segments(app):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    before = fingerprint(segmentation)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+        after = fingerprint(segmentation)
+        got_a = segment_array(segmentation, ids["A"], volume)
+        assert not np.array_equal(got_a, masks["A"])  # overwrite took voxels from A
+        assert editor.can_undo()
+        editor.undo()
+        assert fingerprint(segmentation) == before
+        assert np.array_equal(segment_array(segmentation, ids["A"], volume), masks["A"])
+        editor.redo()
+        assert np.array_equal(segment_array(segmentation, ids["A"], volume), got_a)
+        assert fingerprint(segmentation)["segments"] == after["segments"]
+
+
+class _FailingEditor(sc.LogicEditor):
+    """A real Segment Editor logic whose second modification raises, as an interrupted write would."""
+
+    calls = 0
+
+    def modify(self, *args):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt("interrupted between the Erase and the Paint step")
+        super().modify(*args)
+
+
+def test_failures_leave_the_segmentation_bit_identical(app):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    before = fingerprint(segmentation)
+    with pytest.raises(ValueError, match="shape"):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new[:-1])
+    with pytest.raises(ValueError, match="outside the volume"):
+        sc.write_region(segmentation, ids["B"], volume, (slice(0, 99), REGION[1], REGION[2]), new)
+    with pytest.raises(ValueError, match="boolean"):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new.astype(np.float32) * 0.7)
+    with pytest.raises(FastSAM3DError, match="does not exist"):
+        sc.write_region(segmentation, "no such segment", volume, REGION, new)
+    with pytest.raises(FastSAM3DError, match="inside segment"):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, sc.EditorSettings("inside_segment", "gone"))
+    assert fingerprint(segmentation) == before
+    # an exception in the middle of the edit (after the Erase step modified the segment)
+    editor = _FailingEditor(app.scene)
+    with pytest.raises(KeyboardInterrupt):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+    editor.close()
+    assert fingerprint(segmentation) == before
+    for sid, mask in masks.items():
+        assert np.array_equal(segment_array(segmentation, ids[sid], volume), mask)
+
+
+def test_failure_on_a_segmentation_without_geometry_leaves_it_without(app):
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    before = fingerprint(segmentation)
+    editor = _FailingEditor(app.scene)
+    editor.calls = 1  # fail at the first modification
+    with pytest.raises(KeyboardInterrupt):
+        sc.write_region(segmentation, sid, volume, REGION, np.ones((9, 14, 16), bool), editor=editor)
+    editor.close()
+    assert fingerprint(segmentation) == before
+    sc.write_region(segmentation, sid, volume, REGION, np.ones((9, 14, 16), bool))  # takes the volume's geometry
+    assert np.array_equal(segment_array(segmentation, sid, volume), placed(REGION, np.ones((9, 14, 16), bool)))
+
+
+class _ScriptedEffectStandIn:
+    """The few ``qSlicerSegmentEditorScriptedEffect`` calls EffectEditor makes, served by a real logic."""
+
+    def __init__(self, scene):
+        self.logic = Logic()
+        self.logic.SetMRMLScene(scene)
+        self.node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.logic.SetSegmentEditorNode(self.node)
+
+    def parameterSetNode(self):
+        return self.node
+
+    def referenceGeometryImage(self):
+        return self.logic.GetReferenceGeometryImage() if self.logic.UpdateReferenceGeometryImage() else None
+
+    def saveStateForUndo(self):
+        self.logic.SaveStateForUndo()
+
+    def modifySegmentByLabelmap(self, segmentation_node, segment_id, labelmap, mode):
+        self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode, True, False)
+
+
+def test_effect_editor_writes_through_the_effects_logic(app):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    effect = _ScriptedEffectStandIn(app.scene)
+    effect.logic.SetSegmentationNode(segmentation)
+    effect.logic.SetSourceVolumeNode(volume)
+    effect.logic.SetCurrentSegmentID(ids["A"])
+    with pytest.raises(FastSAM3DError, match="selected segment changed"):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=sc.EffectEditor(effect))
+    effect.logic.SetCurrentSegmentID(ids["B"])
+    sc.EditorSettings(overwrite="visible").apply_to(effect.node)
+    sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=sc.EffectEditor(effect))
+    got = all_segments(segmentation, volume)
+    assert np.array_equal(got[ids["B"]][REGION], new)
+    assert np.array_equal(got[ids["C"]], masks["C"])  # hidden: kept
+    assert np.array_equal(got[ids["A"]], masks["A"] & ~placed(REGION, new))
+    effect.logic.Undo()  # the edit is on the effect's (the Segment Editor's) undo stack
+    assert np.array_equal(segment_array(segmentation, ids["A"], volume), masks["A"])
+
+
+def test_editor_settings_round_trip_through_the_parameter_node(app):
+    node = app.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    assert sc.EditorSettings.from_node(node) == sc.EditorSettings()  # Slicer's defaults are ours
+    settings = sc.EditorSettings("inside_segment", "S1", "visible", (-100, 300))
+    settings.apply_to(node)
+    assert sc.EditorSettings.from_node(node) == settings
+    with pytest.raises(ValueError):
+        sc.EditorSettings(mask_mode="inside")
+
+
+def test_seg_nrrd_save_and_reload(app, tmp_path):
+    volume, segmentation, ids, masks, new = three_segments(app, oblique_ijk_to_ras())
+    sc.write_region(segmentation, ids["B"], volume, REGION, new)
+    expected = all_segments(segmentation, volume)
+    path = str(tmp_path / "result.seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    app.scene.AddNode(storage)
+    storage.SetFileName(path)
+    assert storage.WriteData(segmentation)
+    reloaded = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    app.scene.AddNode(reader)
+    reader.SetFileName(path)
+    assert reader.ReadData(reloaded)
+    got = all_segments(reloaded, volume)
+    assert set(got) == set(expected)
+    for sid in expected:
+        assert np.array_equal(got[sid], expected[sid]), sid
+        name = segmentation.GetSegmentation().GetSegment(sid).GetName()
+        assert reloaded.GetSegmentation().GetSegment(sid).GetName() == name
+
+
+def test_write_timing_on_a_large_volume(app, capsys):
+    """Write a 128^3 region into a 512x512x300 volume's segment; prints the times (never asserted)."""
+    shape = (300, 512, 512)
+    volume = make_volume(app.scene, np.diag([0.7, 0.7, 1.25, 1.0]), np.zeros(shape, np.int16))
+    segmentation = make_segmentation(app.scene, volume)
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    region = (slice(100, 228), slice(200, 328), slice(180, 308))
+    mask = ball((128, 128, 128), (64, 64, 64), 50)
+    timings = {}
+    with sc.LogicEditor(app.scene) as editor:
+        for label in ("first write (empty segment)", "second write (same region)"):
+            start = time.perf_counter()
+            sc.write_region(segmentation, sid, volume, region, mask if "first" in label else ~mask, editor=editor)
+            timings[label] = time.perf_counter() - start
+        # a full-size layer (as after loading a .seg.nrrd): the failure snapshot copies it
+        other = np.zeros(shape, bool)
+        other[:, :, :10] = True
+        set_segment(segmentation, volume, "full-extent neighbour", other)
+        start = time.perf_counter()
+        sc.write_region(segmentation, sid, volume, region, mask, editor=editor)
+        timings["with a full-size 512x512x300 layer present"] = time.perf_counter() - start
+    got = segment_array(segmentation, sid, volume)
+    assert np.array_equal(got[region], mask) and got.sum() == mask.sum()
+    with capsys.disabled():
+        print("\nwrite_region, 128^3 region of a 512x512x300 volume (2-core CPU):")
+        for label, seconds in timings.items():
+            print(f"  {label}: {seconds * 1000:.0f} ms")
+
+
+# ------------------------------------------------------------------------------------------------------
+# batch call
+
+
+def sphere_predictor(radius_mm=6.0):
+    """A deterministic stand-in for the model: a ball of ``radius_mm`` around the first include point."""
+
+    def predict(volume, points_ras, labels):
+        centre = np.asarray(points_ras, float)[np.flatnonzero(labels)[0]]
+        shape = volume.array.shape
+        kk, jj, ii = np.indices(shape)
+        world = np.stack([ii, jj, kk, np.ones(shape)], -1) @ volume.ijk_to_ras.T
+        inside = np.linalg.norm(world[..., :3] - centre, axis=-1) <= radius_mm
+        present = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        region = tuple(slice(p[0], p[-1] + 1) for p in present)
+        return region, inside[region]
+
+    return predict
+
+
+def test_segment_volume_node_in_a_loop_over_volumes(app):
+    volumes = [make_volume(app.scene, oblique_ijk_to_ras(), name="oblique"),
+               make_volume(app.scene, np.diag([1.2, 1.1, 2.0, 1.0]), name="axial")]
+    transform = linear_transform(app.scene, rotation(2, 30))
+    volumes[0].SetAndObserveTransformNodeID(transform.GetID())
+    results = []
+    for volume_node in volumes:
+        volume = sc.volume_from_node(volume_node)
+        centre = (volume.ijk_to_ras @ [13, 11, 7, 1])[:3]
+        segmentation, segment_id = sc.segment_volume_node(volume_node, [centre], [1], predictor=sphere_predictor())
+        results.append((segmentation, segment_id))
+        region, expected = sphere_predictor()(volume, [centre], [1])
+        got = segment_array(segmentation, segment_id, volume_node)
+        assert np.array_equal(got, placed(region, expected))
+        assert expected.sum() > 20
+        segment = segmentation.GetSegmentation().GetSegment(segment_id)
+        assert segment.GetName() == "FastSAM3D" and volume_node.GetName() in segmentation.GetName()
+    assert results[0][0] is not results[1][0]
+
+    # again into the same segmentation and segment: the segment is reused, the new region set
+    segmentation, segment_id = results[1]
+    volume = sc.volume_from_node(volumes[1])
+    far = (volume.ijk_to_ras @ [4, 5, 3, 1])[:3]
+    old = segment_array(segmentation, segment_id, volumes[1])
+    again = sc.segment_volume_node(volumes[1], far, segmentation_node=segmentation, predictor=sphere_predictor(3.0))
+    assert again == (segmentation, segment_id)
+    region, ball3 = sphere_predictor(3.0)(volume, [far], [1])
+    expected = old.copy()
+    expected[region] = ball3
+    assert np.array_equal(segment_array(segmentation, segment_id, volumes[1]), expected)
+
+
+def test_segment_volume_node_failures_add_nothing_to_the_scene(app):
+    volume_node = make_volume(app.scene)
+    count = app.scene.GetNumberOfNodes()
+
+    def broken(volume, points, labels):
+        return (slice(0, 2), slice(0, 2), slice(0, 2)), np.ones((3, 3, 3), bool)  # wrong shape
+
+    with pytest.raises(ValueError, match="shape"):
+        sc.segment_volume_node(volume_node, [[1.0, 2.0, 3.0]], predictor=broken)
+    with pytest.raises(PromptError, match="include"):
+        sc.segment_volume_node(volume_node, [[1.0, 2.0, 3.0]], [0], predictor=sphere_predictor())
+    with pytest.raises(PromptError):
+        sc.segment_volume_node(volume_node, [[1.0, 2.0]], predictor=sphere_predictor())
+    centre = (sc.volume_from_node(volume_node).ijk_to_ras @ [13, 11, 7, 1])[:3]
+    with pytest.raises(FastSAM3DError, match="inside segment"):  # fails in the write, after the node was made
+        sc.segment_volume_node(volume_node, [centre], predictor=sphere_predictor(),
+                               editor_settings=sc.EditorSettings("inside_segment", "missing"))
+    assert app.scene.GetNumberOfNodes() == count
+    segmentation = make_segmentation(app.scene, volume_node)
+    before = fingerprint(segmentation)
+    with pytest.raises(FastSAM3DError, match="inside segment"):  # an existing segmentation gets no new segment
+        sc.segment_volume_node(volume_node, [centre], segmentation_node=segmentation, predictor=sphere_predictor(),
+                               editor_settings=sc.EditorSettings("inside_segment", "missing"))
+    assert fingerprint(segmentation) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# the session behind the clicks (the random-weight "tiny-test" model: real code path, seconds on a CPU)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    pytest.importorskip("torch")
+    from FastSAM3DLib.registry import build_model
+
+    return build_model("tiny-test", seed=0)
+
+
+def _phantom_volume():
+    from FastSAM3DLib.geometry import Volume
+
+    array = np.zeros((24, 32, 32), np.float32)
+    array[8:16, 8:24, 8:24] = 100.0
+    return Volume(array, np.diag([1.5, 1.5, 2.0, 1.0]))
+
+
+def _same_result(a, b):
+    return a.region == b.region and np.array_equal(a.mask, b.mask)
+
+
+def test_replay_clicks_follows_the_point_list(tiny_model):
+    from FastSAM3DLib.session import InteractiveSession
+
+    volume = _phantom_volume()
+    points = [[24.0, 24.0, 22.0], [12.0, 30.0, 20.0], [30.0, 14.0, 26.0]]
+    labels = [1, 0, 1]
+    ours, direct = InteractiveSession(tiny_model, volume), InteractiveSession(tiny_model, volume)
+    for n in range(1, 4):  # each new point is one click
+        assert _same_result(sc.replay_clicks(ours, points[:n], labels[:n]),
+                            direct.add_click(points[n - 1], include=bool(labels[n - 1])))
+    assert sc.replay_clicks(ours, points, labels) is None  # nothing changed
+    assert _same_result(sc.replay_clicks(ours, points[:2], labels[:2]), direct.undo())  # "Undo point"
+    edited = [[25.0, 23.0, 22.0], points[1]]  # a point moved elsewhere: start again from the list
+    fresh = InteractiveSession(tiny_model, volume)
+    expected = [fresh.add_click(p, include=bool(lab)) for p, lab in zip(edited, labels)][-1]
+    assert _same_result(sc.replay_clicks(ours, edited, labels[:2]), expected)
+    assert sc.replay_clicks(ours, [], []) is None and ours.clicks == []
+
+
+def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch, tiny_model):
+    monkeypatch.setattr(sc, "load_model", lambda model, device, checkpoint: tiny_model)
+    volume_node = make_volume(app.scene, np.diag([1.5, 1.5, 2.0, 1.0]), _phantom_volume().array)
+    segmentation, segment_id = sc.segment_volume_node(volume_node, [[24.0, 24.0, 22.0]], model="tiny-test",
+                                                      device="cpu")
+    from FastSAM3DLib.session import InteractiveSession
+
+    result = InteractiveSession(tiny_model, sc.volume_from_node(volume_node)).add_click([24.0, 24.0, 22.0])
+    assert np.array_equal(segment_array(segmentation, segment_id, volume_node), placed(result.region, result.mask,
+                                                                                      (24, 32, 32)))
+    tag = vtk.reference("")
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetTag(sc.MODEL_TAG, tag) and str(tag) == "tiny-test"
