@@ -26,7 +26,7 @@ class WeightsUnavailableError(CheckpointError):
 
 
 class DownloadError(FastSAM3DError):
-    """Downloading a model file failed; nothing partial was left behind."""
+    """Downloading a model file failed; only an interrupted transfer keeps its resumable ``.part`` file."""
 
 
 class OutOfMemoryError(FastSAM3DError):

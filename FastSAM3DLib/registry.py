@@ -105,12 +105,13 @@ def get_model_config(name: str) -> ModelConfig:
 
 
 def build_model(name: str, checkpoint=None, device=None, attention_backend: Optional[str] = None,
-                seed: Optional[int] = None) -> Sam3D:
+                seed: Optional[int] = None, cache_dir=None) -> Sam3D:
     """Build model ``name`` in eval mode.
 
     ``checkpoint``: ``None`` for freshly initialised weights (``seed`` makes them reproducible), a path to
     an official-format checkpoint (``{"model_state_dict": ...}`` or a plain state dict, loaded safely with
-    strict key checking), or ``"cached"`` for the verified download in the model cache.
+    strict key checking), or ``"cached"`` for the verified download in the model cache (``cache_dir``, default:
+    ``$FASTSAM3D_CACHE`` or the platform cache folder).
     ``attention_backend``: see :mod:`FastSAM3DLib.attention` (default: the best one for the device).
     """
     from . import attention, weights
@@ -124,18 +125,17 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
     else:
         model = Sam3D(config, backend)
     if isinstance(checkpoint, str) and checkpoint == "cached":
-        checkpoint = _cached_checkpoint(config)
+        checkpoint = _cached_checkpoint(config, cache_dir)
     if checkpoint is not None:
         weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
     return model.to(device or "cpu").eval()
 
 
-def _cached_checkpoint(config: ModelConfig):
+def _cached_checkpoint(config: ModelConfig, cache_dir=None):
     """Path of the verified cached weights for ``config`` or a WeightsUnavailableError saying what to do."""
-    from . import weights
+    from .weights import resolve_checkpoint
 
-    resolve = getattr(weights, "resolve_checkpoint", None)
-    path = resolve(config.weights) if (resolve and config.weights) else None
+    path = resolve_checkpoint(config.weights, cache_dir) if config.weights else None
     if path is None:
         hint = (f"run 'python -m FastSAM3DLib download {config.weights}' or import a copied file with "
                 f"'python -m FastSAM3DLib import {config.weights} FILE'") if config.weights else \

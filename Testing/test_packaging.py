@@ -345,6 +345,7 @@ def test_configure_build_install_layout(tmp_path):
     for script in files_under("FastSAM3DLib", ".py"):
         assert (modules / "FastSAM3DLib" / script).is_file(), script
     assert (modules / "Resources" / "Icons" / f"{NAME}.png").is_file()  # where ScriptedLoadableModule looks
+    assert (modules / "Resources" / "models.json").is_file()
     tests = (build / "registered_tests.txt").read_text().split()
     assert tests == [str(ROOT / NAME / f"{NAME}.py")]
     # the installed library finds the installed Resources folder

@@ -1,0 +1,197 @@
+"""The ``models``, ``download`` and ``import`` commands, and the functions behind them for Slicer.
+
+``add_subcommands(subparsers)`` registers the three commands on an argparse sub-parser set; each sets
+``func``, which takes the parsed arguments and returns the exit code. Failures raise FastSAM3DError
+subclasses whose messages say what to do; ``FastSAM3DLib.cli`` prints them. :func:`download_weights` and
+:func:`import_weights` are what the Slicer module calls (with its own progress dialog and cache folder).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+from ..errors import CheckpointError
+from .cache import PathLike, model_files, resolve_cache_dir
+from .download import DEFAULT_TIMEOUT, download_model, import_file
+from .manifest import ManifestLike, load_manifest
+from .store import resolve_checkpoint, weights_status
+from .verify import Progress, expected_sha256, read_record
+
+__all__ = ["add_subcommands", "cmd_models", "cmd_download", "cmd_import", "models_table", "download_weights",
+           "import_weights", "resolve_checkpoint", "TextProgress"]
+
+
+def download_weights(name: str, cache_dir: Optional[PathLike] = None, progress: Optional[Progress] = None, *,
+                     manifest: ManifestLike = None, timeout: float = DEFAULT_TIMEOUT) -> Path:
+    """Download and verify model ``name``, then prepare its fast weights; return the file to load."""
+    pinning = _will_pin(name, cache_dir, manifest)
+    download_model(name, cache_dir, progress, manifest=manifest, timeout=timeout)
+    return _prepare(name, cache_dir, manifest, pinning)
+
+
+def import_weights(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
+                   progress: Optional[Progress] = None, *, manifest: ManifestLike = None) -> Path:
+    """Import a file copied by hand as model ``name`` (verified like a download); return the file to load."""
+    pinning = _will_pin(name, cache_dir, manifest)
+    import_file(name, path, cache_dir, progress, manifest=manifest)
+    return _prepare(name, cache_dir, manifest, pinning)
+
+
+def models_table(cache_dir: Optional[PathLike] = None, *, manifest: ManifestLike = None) -> str:
+    """The text of ``python -m FastSAM3DLib models``: one row per model, then the cache folder and pins."""
+    loaded = load_manifest(manifest)
+    rows = [("NAME", "SHA256", "CACHED", "VERIFIED", "SIZE", "LICENCE")]
+    pins = []
+    for name in loaded.names():
+        status = weights_status(name, cache_dir, manifest=loaded)
+        entry = status.entry
+        sha = {"manifest": "published", "pinned": "pinned", "none": "not yet known"}[status.checksum]
+        cached = "no"
+        if status.cached:
+            cached = "yes (+fast copy)" if status.fast_copy and status.files.path.is_file() else \
+                "fast copy only" if status.fast_copy else "yes"
+        verified = "yes" if status.verified else ("NO: run download" if status.cached else "-")
+        size = status.files.path.stat().st_size if status.files.path.is_file() else entry.size
+        approx = "" if (entry.size_exact or status.files.path.is_file()) else "~"
+        rows.append((name, sha, cached, verified, f"{approx}{size / 1e6:.0f} MB", entry.licence))
+        record = read_record(status.files)
+        if status.checksum == "pinned" and record is not None:
+            pins.append(f"  {name}: sha256 {record.sha256}  {record.size} bytes  pinned {record.verified_at} "
+                        f"from {record.origin}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("")
+    lines.append(f"Cache folder: {resolve_cache_dir(cache_dir)} (set FASTSAM3D_CACHE to move it)")
+    if pins:
+        lines.append("Checksums pinned on this computer (the authors publish none; please report them, see the "
+                     "README, 'Model weights'):")
+        lines += pins
+    return "\n".join(lines)
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``models``, ``download NAME`` and ``import NAME FILE`` on an argparse subparsers object."""
+    def common(parser) -> None:
+        parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                            help="model cache folder (default: $FASTSAM3D_CACHE or the user cache folder)")
+        parser.add_argument("--manifest", metavar="FILE", default=None,
+                            help="model manifest (default: Resources/models.json of this installation)")
+
+    p = subparsers.add_parser("models", help="list the downloadable models and what is in the cache")
+    common(p)
+    p.set_defaults(func=cmd_models)
+
+    p = subparsers.add_parser("download", help="download a model's weights into the cache and verify them")
+    p.add_argument("name", help="model name, as listed by 'models'")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="network timeout in seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_download)
+
+    p = subparsers.add_parser("import", help="import a weights file you downloaded by hand (offline use)")
+    p.add_argument("name", help="model name, as listed by 'models'")
+    p.add_argument("file", help="the downloaded file, e.g. FastSAM3D.pth")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_models(args) -> int:
+    """``models``: print the table of models."""
+    print(models_table(args.cache_dir, manifest=args.manifest))
+    return 0
+
+
+def cmd_download(args) -> int:
+    """``download NAME``: download, verify and prepare a model, with a progress bar."""
+    bar = None if args.quiet else TextProgress(f"Downloading {args.name}")
+    try:
+        path = download_weights(args.name, args.cache_dir, bar, manifest=args.manifest, timeout=args.timeout)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{args.name}: verified, ready to use ({path})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """``import NAME FILE``: verify a hand-copied file and put it in the cache."""
+    bar = None if args.quiet else TextProgress(f"Checking {Path(args.file).name}")
+    try:
+        path = import_weights(args.name, args.file, args.cache_dir, bar, manifest=args.manifest)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{args.name}: imported and verified, ready to use ({path})")
+    return 0
+
+
+class TextProgress:
+    """A one-line text progress bar for ``(bytes_done, bytes_total)`` callbacks, written to stderr."""
+
+    def __init__(self, label: str, stream: Optional[TextIO] = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._step: Optional[int] = None
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if self._tty and not final and now - self._last < 0.2:
+            return
+        if not self._tty:  # logs and pipes: a line every 10 % (every 10 MB when the size is unknown)
+            step = int(10 * done / total) if total else done // 10_000_000
+            if step == self._step and not final:
+                return
+            self._step = step
+        self._last = now
+        rate = done / max(now - self._start, 1e-6) / 1e6
+        if total:
+            filled = int(self.width * min(done / total, 1.0))
+            text = (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {100 * done / total:3.0f}% "
+                    f"{done / 1e6:.1f}/{total / 1e6:.1f} MB {rate:.1f} MB/s")
+        else:
+            text = f"{self.label} {done / 1e6:.1f} MB {rate:.1f} MB/s"
+        self.stream.write(("\r" + text) if self._tty else (text + "\n"))
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self._shown and self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _will_pin(name: str, cache_dir, manifest) -> bool:
+    """Whether the next verified file for ``name`` will be pinned (no checksum published or pinned yet)."""
+    entry = load_manifest(manifest).get(name)
+    return expected_sha256(entry, model_files(entry, cache_dir))[0] is None
+
+
+def _prepare(name: str, cache_dir, manifest, pinned_now: bool) -> Path:
+    """Check the new file's architecture and write its fast copy; undo a pin made for a wrong file."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # the check and the fast copy happen at the first load instead
+        return model_files(load_manifest(manifest).get(name), cache_dir).path
+    try:
+        path = resolve_checkpoint(name, cache_dir, manifest=manifest)
+    except CheckpointError as exc:
+        if pinned_now:
+            files = model_files(load_manifest(manifest).get(name), cache_dir)
+            for stale in (files.path, files.record):
+                if stale.exists():
+                    stale.unlink()
+            raise CheckpointError(f"{exc} The file was removed from the cache and its checksum not kept.") from None
+        raise
+    if path is None:  # pragma: no cover - download/import just verified it
+        raise CheckpointError(f"The weights of '{name}' were verified but cannot be found in the cache.")
+    return path
