@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         weight_commands = None
     if weight_commands is not None and hasattr(weight_commands, "add_subcommands"):
         weight_commands.add_subcommands(sub)
+    from .evaluation.cli import add_subcommand as add_evaluate_command
+
+    add_evaluate_command(sub)
     return parser
 
 

@@ -89,6 +89,11 @@ class InteractiveSession:
         return self._state.roi
 
     @property
+    def low_res_logits(self) -> Optional[torch.Tensor]:
+        """The model's current low-res logits ``(1, 1, 32, 32, 32)`` on the ROI grid (None before a click)."""
+        return self._state.logits[-1] if self._state.logits else None
+
+    @property
     def device(self) -> torch.device:
         """Device of the model's weights."""
         return next(self.model.parameters()).device

@@ -70,3 +70,45 @@ def protocol_click(protocol: str, index: int, truth: np.ndarray, prediction: np.
     if protocol == "sam-med3d":
         return random_object_click(truth, rng) if index == 0 else random_error_click(truth, prediction, rng)
     raise ValueError(f"unknown click protocol {protocol!r}; use 'fastsam3d' or 'sam-med3d'")
+
+
+# How each protocol turns the model's output into the "prediction" its click generator sees, and which clicks
+# it feeds to the model. (Additions for the evaluation loop; the click functions above are unchanged.)
+
+CLICK_THRESHOLDS = {"fastsam3d": 0.5, "sam-med3d": 0.0}
+PROMPT_MODES = {"fastsam3d": "newest", "sam-med3d": "all"}
+PROTOCOLS = tuple(PROMPT_MODES)
+
+
+def prediction_for_clicks(protocol: str, upsampled_logits: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The mask the protocol's click generator treats as the current prediction.
+
+    ``upsampled_logits``: the model's logits on the 128^3 grid (trilinear upsampling of the 32^3 output), or
+    ``None`` before the first click (then the prediction is empty, as the official zeros mask input gives).
+
+    Quirk reproduced on purpose: FastSAM3D's official click generators (``utils/click_method.py``,
+    ``mask_threshold = 0.5``) compare the upsampled **logits** with 0.5, not with 0, so voxels with logits in
+    (0, 0.5] count as background for the next click although they belong to the reported prediction
+    (``sigmoid > 0.5``, i.e. logits > 0). SAM-Med3D's generator thresholds ``sigmoid(logits) > 0.5`` (logits
+    > 0), consistent with its reported prediction. See reference/PIPELINE.md §8.
+    """
+    try:
+        threshold = CLICK_THRESHOLDS[protocol]
+    except KeyError:
+        raise ValueError(f"unknown click protocol {protocol!r}; use 'fastsam3d' or 'sam-med3d'") from None
+    if upsampled_logits is None:
+        return None
+    return np.asarray(upsampled_logits) > threshold
+
+
+def next_protocol_click(protocol: str, index: int, truth: np.ndarray, upsampled_logits: Optional[np.ndarray],
+                        rng: np.random.Generator) -> Optional[Click]:
+    """Click number ``index`` (0-based) of ``protocol`` given the model's current upsampled logits (or None).
+
+    :func:`prediction_for_clicks` (with FastSAM3D's 0.5 threshold quirk) followed by :func:`protocol_click`;
+    ``None`` when the prediction the generator sees has no error.
+    """
+    prediction = prediction_for_clicks(protocol, upsampled_logits)
+    if prediction is None:
+        prediction = np.zeros(np.shape(truth), dtype=bool)
+    return protocol_click(protocol, index, truth, prediction, rng)

@@ -1,0 +1,434 @@
+"""Evaluation data: finding image/label pairs, their structure names, loading them, choosing structures.
+
+A :class:`Case` is one image with one label image. :func:`find_cases` accepts
+
+* a **folder**, searched recursively. Pairs come, in this order, from ``labels.json`` files (this project's
+  data format: ``{"<label file>": {"image": "<image file or DICOM folder>", "labels": {"1": {"name": ...}}}}``),
+  nnU-Net folders (``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, names from
+  ``dataset.json``), then, per folder, every remaining file whose name says it is a label (``seg``, ``label``,
+  ``mask``, ``gt``, ``truth``, ``annot``, ``multiclass``) paired with the image(s) of that folder sharing the
+  longest name prefix with it, preferring those on the same voxel grid;
+* a **manifest**: a ``.json`` list of ``{"image", "label", "structures"?, "names"?, "case"?}`` objects (or
+  ``{"cases": [...]}``), or a ``.csv`` with columns ``image,label[,structures][,case]`` (structures separated
+  by ``;``). Relative paths are relative to the manifest;
+* an **image** file together with ``label=``.
+
+Label names come from ``labels.json``, nnU-Net ``dataset.json``, an ITK-SNAP ``.label`` description or a
+Slicer colour table (``.ctbl`` / ``*ColorTable.txt``) beside the label file; unnamed values are called
+``label_<value>``.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, Path]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl", ".hdr", ".img.gz",
+                  ".img", ".mnc", ".vtk", ".tif", ".tiff")
+_LABEL_WORDS = re.compile(r"seg|label|mask|truth|annot|multiclass|(^|[^a-z])gt([^a-z]|$)", re.IGNORECASE)
+_NNUNET_IMAGE_DIRS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs", "imagesVal": "labelsVal"}
+
+
+@dataclass
+class Case:
+    """One image and its label image; optionally which structures to evaluate and the label names."""
+
+    name: str
+    image: Path
+    label: Path
+    structures: Optional[List[str]] = None  # label values or (glob) names; None = all
+    names: Dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.image, self.label = Path(self.image), Path(self.label)
+        self.names = {int(k): str(v) for k, v in (self.names or {}).items()}
+        if self.structures is not None:
+            self.structures = [str(s) for s in self.structures]
+
+    def structure_name(self, value: int) -> str:
+        """The name of label ``value`` (``label_<value>`` when unnamed)."""
+        return self.names.get(int(value)) or f"label_{int(value)}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# file names
+
+
+def image_stem(path: PathLike) -> str:
+    """File name without its image extension (``a.nii.gz`` -> ``a``); a folder keeps its name."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a file with an extension SimpleITK reads as an image (``.raw``/``.img`` data files excluded
+    when a header beside them names them)."""
+    name = path.name.lower()
+    if not path.is_file() or not any(name.endswith(s) for s in IMAGE_SUFFIXES):
+        return False
+    if name.endswith((".img", ".img.gz")) and path.with_name(image_stem(path) + ".hdr").exists():
+        return False
+    return True
+
+
+def looks_like_label(path: PathLike) -> bool:
+    """True when the file name says it holds labels (seg, label, mask, gt, truth, annot, multiclass)."""
+    return bool(_LABEL_WORDS.search(image_stem(path)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# label names
+
+
+def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, str]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    entry = data.get(label_file) if isinstance(data, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("labels"), dict):
+        return None
+    names = {}
+    for value, info in entry["labels"].items():
+        name = info.get("name") if isinstance(info, dict) else info
+        if str(value).lstrip("-").isdigit() and name:
+            names[int(value)] = str(name)
+    return names
+
+
+def _names_from_dataset_json(path: Path) -> Optional[Dict[int, str]]:
+    """nnU-Net v1 (``{"1": "liver"}``) or v2 (``{"liver": 1}``, regions as lists ignored) label names."""
+    try:
+        labels = json.loads(path.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(labels, dict):
+        return None
+    names = {}
+    for key, value in labels.items():
+        if str(key).isdigit():
+            names[int(key)] = str(value)
+        elif isinstance(value, int):
+            names[value] = str(key)
+    names.pop(0, None)
+    return names
+
+
+def _names_from_itksnap(path: Path) -> Dict[int, str]:
+    """ITK-SNAP label description: ``IDX R G B A VIS MSH "LABEL"`` per line, ``#`` comments."""
+    names = {}
+    for line in path.read_text(errors="replace").splitlines():
+        match = re.match(r'\s*(\d+)\s+.*"(.*)"\s*$', line)
+        if match and not line.lstrip().startswith("#") and int(match.group(1)) != 0:
+            names[int(match.group(1))] = match.group(2)
+    return names
+
+
+def _names_from_color_table(path: Path) -> Dict[int, str]:
+    """Slicer colour table: ``value name R G B A`` per line, ``#`` comments."""
+    names = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and not line.lstrip().startswith("#") and int(parts[0]) != 0:
+            names[int(parts[0])] = parts[1]
+    return names
+
+
+def label_names(label: PathLike) -> Dict[int, str]:
+    """Names of the values of ``label``, from the description files beside it ({} when there are none)."""
+    label = Path(label)
+    folder, stem = label.parent, image_stem(label)
+    for candidate in (folder / "labels.json",):
+        if candidate.is_file():
+            names = _names_from_labels_json(candidate, label.name)
+            if names:
+                return names
+    snap = [folder / f"{stem}.label"] + sorted(folder.glob("*.label"))
+    snap = [p for p in dict.fromkeys(snap) if p.is_file()]
+    if snap and (snap[0].stem == stem or len(snap) == 1):
+        return _names_from_itksnap(snap[0])
+    for candidate in (folder / f"{stem}.ctbl", folder / f"{stem}_ColorTable.txt", folder / f"{stem}.txt"):
+        if candidate.is_file():
+            names = _names_from_color_table(candidate)
+            if names:
+                return names
+    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
+        if candidate.is_file():
+            names = _names_from_dataset_json(candidate)
+            if names:
+                return names
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------------
+# finding cases
+
+
+def _grid_signature(path: Path):
+    """(size, origin, spacing, direction) of an image file from its header only; None if unreadable."""
+    import SimpleITK as sitk
+
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return (reader.GetSize(), np.array(reader.GetOrigin()), np.array(reader.GetSpacing()),
+                np.array(reader.GetDirection()))
+    except RuntimeError:
+        return None
+
+
+def _same_grid(a, b) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and all(
+        np.allclose(x, y, atol=1e-3) for x, y in zip(a[1:], b[1:]))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.lower(), b.lower()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _images_for_label(label: Path, images: Sequence[Path]) -> List[Path]:
+    """The images of a folder a label belongs to: longest common name prefix, same grid preferred."""
+    if len(images) <= 1:
+        return list(images)
+    stem = image_stem(label)
+    scores = [_common_prefix(stem, image_stem(i)) for i in images]
+    best = [i for i, s in zip(images, scores) if s == max(scores)]
+    if len(best) > 1:
+        grid = _grid_signature(label)
+        same = [i for i in best if _same_grid(grid, _grid_signature(i))]
+        best = same or best
+    return best
+
+
+def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
+    pairs, used = [], set()
+    for manifest in sorted(root.rglob("labels.json")):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        for label_file, entry in (data.items() if isinstance(data, dict) else []):
+            if not isinstance(entry, dict) or "image" not in entry:
+                continue
+            label, image = manifest.parent / label_file, manifest.parent / entry["image"]
+            if label.exists() and image.exists():
+                pairs.append((image, label, _names_from_labels_json(manifest, label_file) or {}))
+                used.update({label.resolve(), image.resolve()})
+    for images_dir in sorted(p for p in root.rglob("images*") if p.is_dir() and p.name in _NNUNET_IMAGE_DIRS):
+        labels_dir = images_dir.parent / _NNUNET_IMAGE_DIRS[images_dir.name]
+        if not labels_dir.is_dir():
+            continue
+        names = _names_from_dataset_json(images_dir.parent / "dataset.json") or {}
+        for image in sorted(p for p in images_dir.iterdir() if is_image_file(p)):
+            stem = image_stem(image)
+            if not re.search(r"_0000$", stem):
+                continue
+            matches = [p for p in labels_dir.iterdir() if is_image_file(p) and image_stem(p) == stem[:-5]]
+            if matches:
+                pairs.append((image, matches[0], names))
+                used.update({image.resolve(), matches[0].resolve()})
+        used.update(p.resolve() for p in images_dir.iterdir())
+        used.update(p.resolve() for p in labels_dir.iterdir())
+    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p) and p.resolve() not in used)
+        labels = [p for p in files if looks_like_label(p)]
+        images = [p for p in files if not looks_like_label(p)]
+        for label in labels:
+            for image in _images_for_label(label, images):
+                pairs.append((image, label, label_names(label)))
+    return pairs
+
+
+def _name_cases(pairs, root: Optional[Path]) -> List[Case]:
+    def rel(path: Path) -> str:
+        try:
+            text = str(path.resolve().relative_to(root.resolve())) if root else path.name
+        except ValueError:
+            text = str(path)
+        parent, _, _ = text.rpartition("/")
+        return f"{parent}/{image_stem(path)}" if parent else image_stem(path)
+
+    names = [rel(image) for image, _, _ in pairs]
+    cases = []
+    for (image, label, names_map), name in zip(pairs, names):
+        if names.count(name) > 1:
+            name = f"{name}~{image_stem(label)}"
+        cases.append(Case(name, image, label, None, names_map))
+    return cases
+
+
+def _read_manifest(path: Path) -> List[Case]:
+    base = path.parent
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        entries = data.get("cases") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a list of {{'image', 'label'}} objects or {{'cases': [...]}}")
+    else:
+        with open(path, newline="") as handle:
+            entries = list(csv.DictReader(handle))
+    cases = []
+    for number, entry in enumerate(entries, 1):
+        if not entry.get("image") or not entry.get("label"):
+            raise ValueError(f"{path}: entry {number} needs both 'image' and 'label'")
+        image, label = base / str(entry["image"]).strip(), base / str(entry["label"]).strip()
+        structures = entry.get("structures")
+        if isinstance(structures, str):
+            structures = [s.strip() for s in re.split(r"[;|]", structures) if s.strip()] or None
+        elif isinstance(structures, (int, float)):
+            structures = [str(int(structures))]
+        names = entry.get("names") or label_names(label)
+        cases.append((entry.get("case") or None, image, label, structures, names))
+    named = _name_cases([(c[1], c[2], c[4]) for c in cases], base)
+    return [Case(given or auto.name, image, label, structures, names)
+            for (given, image, label, structures, names), auto in zip(cases, named)]
+
+
+def find_cases(source: PathLike, label: Optional[PathLike] = None) -> List[Case]:
+    """The cases of a folder, a manifest (.json/.csv), or one image with ``label`` (see the module docstring)."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if label is not None:
+        label = Path(label)
+        return [Case(image_stem(source), source, label, None, label_names(label))]
+    if source.is_file() and source.suffix.lower() in (".json", ".csv"):
+        return _read_manifest(source)
+    if source.is_dir():
+        return _name_cases(_discover(source), source)
+    raise ValueError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with a label")
+
+
+def as_cases(pairs) -> List[Case]:
+    """Normalise what :func:`~FastSAM3DLib.evaluation.evaluate.evaluate_dataset` accepts into cases.
+
+    ``pairs``: a folder/manifest path, a :class:`Case`, ``(image, label)`` tuples, or a list mixing these.
+    """
+    if isinstance(pairs, (str, Path)):
+        return find_cases(pairs)
+    if isinstance(pairs, Case):
+        return [pairs]
+    cases = []
+    for item in pairs:
+        if isinstance(item, Case):
+            cases.append(item)
+        elif isinstance(item, (str, Path)):
+            cases.extend(find_cases(item))
+        else:
+            image, label = item[0], item[1]
+            cases.append(Case(image_stem(image), Path(image), Path(label), None, label_names(label)))
+    seen = set()
+    for case in cases:
+        if case.name in seen:
+            raise ValueError(f"two cases are named {case.name!r}; give them distinct names (Case(name=...))")
+        seen.add(case.name)
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------
+# loading and choosing structures
+
+
+def read_label_values(path: PathLike) -> Dict[int, int]:
+    """Nonzero values of a label file and their voxel counts on the label's own grid."""
+    from ..geometry import Volume
+
+    return _value_counts(_as_integer_labels(Volume.from_file(path).array))
+
+
+def _as_integer_labels(array: np.ndarray) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        return np.rint(array).astype(np.int32)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    return array
+
+
+def _value_counts(array: np.ndarray) -> Dict[int, int]:
+    if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize <= 2:
+        counts = np.bincount(array.ravel())
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(array, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+
+
+def load_case(case: Case):
+    """(image Volume, integer label array (K, J, I) on the image's grid, label_was_resampled).
+
+    A label on another grid is resampled nearest-neighbour onto the image grid (world coordinates).
+    """
+    import SimpleITK as sitk
+
+    from ..geometry import Volume
+
+    image = Volume.from_file(case.image)
+    label = Volume.from_file(case.label)
+    array = _as_integer_labels(label.array)
+    if label.shape == image.shape and np.allclose(label.ijk_to_ras, image.ijk_to_ras, atol=1e-3):
+        return image, array, False
+    reference = image.to_sitk(np.zeros(image.shape, dtype=np.uint8))
+    moving = Volume(array, label.ijk_to_ras).to_sitk()
+    resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                              moving.GetPixelID())
+    return image, sitk.GetArrayFromImage(resampled), True
+
+
+def select_structures(case: Case, present: Iterable[int],
+                      selectors: Optional[Sequence[str]] = None) -> Tuple[List[int], List[Tuple[str, str, str]]]:
+    """Which label values of ``case`` to evaluate.
+
+    ``present``: values found in the label image. ``selectors`` (the case's own list wins over this argument):
+    label values or names, names matched case-insensitively with shell wildcards (``kidney*``); None = all.
+    Returns ``(values, missing)`` where ``missing`` lists ``(selector, value or "", reason)`` for selectors
+    that match nothing present.
+    """
+    present = sorted(int(v) for v in present)
+    selectors = case.structures if case.structures is not None else selectors
+    if not selectors:
+        return present, []
+    chosen, missing = [], []
+    for selector in selectors:
+        selector = str(selector).strip()
+        if re.fullmatch(r"-?\d+", selector):
+            value = int(selector)
+            if value in present:
+                chosen.append(value)
+            else:
+                missing.append((case.structure_name(value), str(value),
+                                f"missing: label value {value} has no voxels in {case.label.name}"))
+            continue
+        pattern = selector.lower()
+        named = {v: n for v, n in case.names.items() if fnmatch.fnmatchcase(n.lower(), pattern)}
+        named.update({v: case.structure_name(v) for v in present
+                      if fnmatch.fnmatchcase(case.structure_name(v).lower(), pattern)})
+        hits = [v for v in sorted(named) if v in present]
+        chosen.extend(hits)
+        if not hits:
+            if named:
+                values = ", ".join(str(v) for v in sorted(named))
+                missing.append((selector, ";".join(str(v) for v in sorted(named)),
+                                f"missing: '{selector}' (value {values}) has no voxels in {case.label.name}"))
+            else:
+                source = "its label names" if case.names else "unnamed labels (no labels.json/.label file found)"
+                missing.append((selector, "", f"missing: no structure named '{selector}' in this case ({source})"))
+    return list(dict.fromkeys(chosen)), missing

@@ -1,0 +1,304 @@
+"""The results folder of an evaluation: per-click CSV, skips, run settings, and the JSON summary.
+
+Files (all in the output folder):
+
+* ``results.csv``: one row per (model, case, structure, placement, protocol, click) with the columns of
+  :data:`FIELDS`. A *unit* (one structure of one case, with one model, protocol and placement) is written as a
+  whole after its last click, so an interrupted run loses at most the unit in progress; on loading, a unit with
+  fewer rows than clicks (a torn write) is dropped and recomputed.
+* ``skipped.csv``: units not evaluated, with the reason (too small, missing, not on the model grid, ...).
+* ``run.json``: settings that must stay the same for the rows to be comparable (clicks, seed, minimum voxels,
+  the checkpoint of each model name) and the case files (for the overlay montage).
+* ``summary.json``: written by :func:`summarise` from all rows (see there).
+
+Rerunning with the same output folder skips every unit already in ``results.csv`` or ``skipped.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..errors import FastSAM3DError
+from .metrics import click_curve_summary, nan_mean
+
+FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
+          "click_s", "click_label", "dice_crop", "iou_crop", "dice_full", "iou_full", "pred_iou", "encoded",
+          "time_s"]
+SKIP_FIELDS = ["model", "case", "structure", "value", "placement", "protocol", "reason"]
+FLOAT_FIELDS = ("click_r", "click_a", "click_s", "dice_crop", "iou_crop", "dice_full", "iou_full", "pred_iou",
+                "time_s")
+INT_FIELDS = ("voxels", "click", "click_label", "encoded")
+METRICS = ("dice_crop", "iou_crop", "dice_full", "iou_full")
+PLACEMENT_TITLES = {"gt": "ground-truth-centred ROI", "click": "click-centred ROI (interactive session)"}
+
+
+class EvaluationStateError(FastSAM3DError):
+    """The output folder holds results made with other settings; mixing them would be wrong."""
+
+
+def unit_key(row: Dict) -> tuple:
+    """Identity of a unit: (model, protocol, placement, case, structure value)."""
+    return (str(row["model"]), str(row["protocol"]), str(row["placement"]), str(row["case"]), str(row["value"]))
+
+
+def _parse(row: Dict[str, str]) -> Dict:
+    out = dict(row)
+    for name in FLOAT_FIELDS:
+        text = row.get(name, "")
+        out[name] = float(text) if text not in ("", None) else float("nan")
+    for name in INT_FIELDS:
+        text = row.get(name, "")
+        out[name] = int(text) if text not in ("", None) else -1
+    return out
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _csv_text(fields, rows) -> str:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _format(row.get(k, "")) for k in fields})
+    return buffer.getvalue()
+
+
+def json_clean(value):
+    """``value`` with NaN/inf replaced by None (strict JSON) and numpy scalars made Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class ResultStore:
+    """Rows and skips of an evaluation, kept in memory and (with a folder) on disk, resumable."""
+
+    def __init__(self, folder: Optional[Path], clicks: int) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.clicks = int(clicks)
+        self.rows: List[Dict] = []
+        self.skipped: List[Dict] = []
+        self.settings: Dict = {}
+        self.dropped_units = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._load()
+        self._done = {unit_key(r) for r in self.rows}
+        self._skipped = {unit_key(r) for r in self.skipped}
+
+    # ----------------------------------------------------------------- files
+    @property
+    def results_csv(self) -> Optional[Path]:
+        """``results.csv``: the per-click rows (None without a folder)."""
+        return self.folder / "results.csv" if self.folder else None
+
+    @property
+    def skipped_csv(self) -> Optional[Path]:
+        """``skipped.csv``: skipped units and their reasons (None without a folder)."""
+        return self.folder / "skipped.csv" if self.folder else None
+
+    @property
+    def run_json(self) -> Optional[Path]:
+        """``run.json``: settings and case files (None without a folder)."""
+        return self.folder / "run.json" if self.folder else None
+
+    def _load(self) -> None:
+        if self.run_json.is_file():
+            self.settings = json.loads(self.run_json.read_text())
+        if self.results_csv.is_file():
+            with open(self.results_csv, newline="") as handle:
+                raw = list(csv.DictReader(handle))
+            units: Dict[tuple, List[Dict]] = OrderedDict()
+            for row in raw:
+                try:
+                    parsed = _parse(row)
+                    units.setdefault(unit_key(parsed), []).append(parsed)
+                except (TypeError, ValueError, KeyError):
+                    continue  # a torn last line: its unit is incomplete and dropped below
+            complete = [rows for rows in units.values()
+                        if sorted(r["click"] for r in rows) == list(range(1, self.clicks + 1))]
+            self.dropped_units = len(units) - len(complete)
+            self.rows = [r for rows in complete for r in rows]
+            if self.dropped_units or len(self.rows) != len(raw):
+                _atomic_write(self.results_csv, _csv_text(FIELDS, self.rows))
+        if self.skipped_csv.is_file():
+            with open(self.skipped_csv, newline="") as handle:
+                self.skipped = [r for r in csv.DictReader(handle) if r.get("reason")]
+
+    def check_settings(self, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
+        """Refuse to add rows made with other settings; record the settings and this model's checkpoint."""
+        old = self.settings
+        for key in ("clicks", "seed", "min_voxels"):
+            if key in old and old[key] != settings[key]:
+                raise EvaluationStateError(
+                    f"{self.folder} holds results made with {key}={old[key]}, not {settings[key]}. Use another "
+                    f"--output folder, or the same {key} to continue that run.")
+        known = old.get("models", {}).get(model_name)
+        if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
+            raise EvaluationStateError(
+                f"{self.folder} holds results of '{model_name}' with checkpoint {known}, not {checkpoint}. Use "
+                "another --output folder, or store these under another name (--name).")
+        merged = dict(old)
+        merged.update({k: settings[k] for k in ("clicks", "seed", "min_voxels")})
+        merged.setdefault("models", {})
+        if checkpoint or model_name not in merged["models"]:
+            merged["models"][model_name] = checkpoint or "unknown"
+        self.settings = merged
+        self._save_settings()
+
+    def record_cases(self, cases) -> None:
+        """Remember the image and label files of the cases (the montage reads them back)."""
+        known = self.settings.setdefault("cases", {})
+        for case in cases:
+            known[case.name] = {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve())}
+        self._save_settings()
+
+    def _save_settings(self) -> None:
+        if self.folder is not None:
+            _atomic_write(self.run_json, json.dumps(json_clean(self.settings), indent=1) + "\n")
+
+    # ----------------------------------------------------------------- units
+    def is_done(self, key: tuple) -> bool:
+        """True when the unit ``key`` (see :func:`unit_key`) is already evaluated or skipped."""
+        return key in self._done or key in self._skipped
+
+    def add_unit(self, rows: List[Dict]) -> None:
+        """Append the rows of one finished unit (all its clicks)."""
+        if len(rows) != self.clicks:
+            raise ValueError(f"a unit has {len(rows)} rows, expected {self.clicks}")
+        self.rows.extend(rows)
+        self._done.add(unit_key(rows[0]))
+        self._append(self.results_csv, FIELDS, rows)
+
+    def add_skip(self, record: Dict) -> None:
+        """Record a unit that was not evaluated, with its ``reason``."""
+        self.skipped.append(dict(record))
+        self._skipped.add(unit_key(record))
+        self._append(self.skipped_csv, SKIP_FIELDS, [record])
+
+    @staticmethod
+    def _append(path: Optional[Path], fields, rows) -> None:
+        if path is None:
+            return
+        new = not path.is_file() or path.stat().st_size == 0
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _format(row.get(k, "")) for k in fields})
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def unit_curves(rows: List[Dict]) -> Dict[tuple, Dict]:
+    """Group rows into units: key -> {"rows": [...] sorted by click, metric name -> per-click list}."""
+    units: Dict[tuple, Dict] = OrderedDict()
+    for row in rows:
+        units.setdefault(unit_key(row), {"rows": []})["rows"].append(row)
+    for unit in units.values():
+        unit["rows"].sort(key=lambda r: r["click"])
+        for metric in METRICS + ("time_s", "pred_iou"):
+            unit[metric] = [float(r[metric]) for r in unit["rows"]]
+    return units
+
+
+def _group_summary(units: List[Dict], clicks: int) -> Dict:
+    out = {"n": len(units)}
+    for metric in METRICS:
+        out[metric] = click_curve_summary([u[metric] for u in units], clicks)
+    out["time_s"] = {"first_click": nan_mean(u["time_s"][0] for u in units),
+                     "later_clicks": nan_mean(t for u in units for t in u["time_s"][1:])}
+    return out
+
+
+def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Optional[Dict] = None) -> Dict:
+    """The JSON summary of all rows.
+
+    ``results[model][protocol][placement]`` holds ``overall`` (means over all evaluated structures of all
+    cases) and ``structures[name]`` (means over the cases having that structure), each with, for each of
+    ``dice_crop``, ``iou_crop`` (128^3 model crop, as the paper) and ``dice_full``, ``iou_full`` (source grid):
+    ``after_1``, ``after_3``, ``after_5``, ``after_10`` (mean after that click), ``last`` (after the last
+    click) and ``max`` (mean of the maximum over clicks, the FastSAM3D paper's number); plus ``n`` and mean
+    seconds per click. ``skipped`` lists every skipped unit with its reason. NaN (both masks empty) is
+    ignored in means and written as null.
+    """
+    tree: Dict = defaultdict(lambda: defaultdict(dict))
+    groups: Dict[tuple, List[Dict]] = OrderedDict()
+    for key, unit in unit_curves(rows).items():
+        groups.setdefault(key[:3], []).append(unit)
+    for (model, protocol, placement), units in groups.items():
+        by_structure: Dict[str, List[Dict]] = OrderedDict()
+        for unit in units:
+            by_structure.setdefault(unit["rows"][0]["structure"], []).append(unit)
+        tree[model][protocol][placement] = {
+            "placement": PLACEMENT_TITLES.get(placement, placement),
+            "overall": _group_summary(units, clicks),
+            "structures": {name: _group_summary(us, clicks) for name, us in by_structure.items()},
+        }
+    summary = {
+        "clicks": clicks,
+        "metrics": {"dice_crop/iou_crop": "on the 128^3 model crop (1.5 mm), as the FastSAM3D paper",
+                    "dice_full/iou_full": "on the source volume's grid after paste-back",
+                    "after_k": "mean after click k", "last": "mean after the last click",
+                    "max": "mean over structures of the maximum over clicks (the paper's 'Dice')"},
+        "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
+        "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
+        "n_rows": len(rows),
+        "skipped": [dict(r) for r in skipped],
+    }
+    return json_clean(summary)
+
+
+def write_summary(folder: Path, summary: Dict) -> Path:
+    """Write ``summary.json`` atomically; returns its path."""
+    path = Path(folder) / "summary.json"
+    _atomic_write(path, json.dumps(json_clean(summary), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def safe_name(text: str) -> str:
+    """``text`` made safe as a file name (letters, digits, ``._+-``; anything else becomes ``_``)."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")
+    return cleaned or "_"
+
+
+def prediction_path(folder: Path, model: str, protocol: str, placement: str, case: str, value,
+                    structure: str) -> Path:
+    """Where the prediction after the last click of a unit is saved (a label image on the source grid)."""
+    parts = [safe_name(p) for p in str(case).split("/") if p]
+    return Path(folder, "predictions", safe_name(model), protocol, placement, *parts,
+                f"{value}_{safe_name(structure)}.nii.gz")

@@ -1,0 +1,334 @@
+"""The evaluate command: metrics, the click-threshold quirk, data discovery, and end-to-end runs (tiny-test)."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib import build_model, geometry
+from FastSAM3DLib.cli import main
+from FastSAM3DLib.evaluation import dataset as ds
+from FastSAM3DLib.evaluation.clicks import next_protocol_click, prediction_for_clicks
+from FastSAM3DLib.evaluation.evaluate import ModelRunner, evaluate_dataset, upsample_logits
+from FastSAM3DLib.evaluation.metrics import (click_curve_summary, dice, dice_iou, dice_iou_in_region, iou,
+                                             overlap_from_counts)
+from FastSAM3DLib.evaluation.results import prediction_path
+from FastSAM3DLib.geometry import Volume
+from FastSAM3DLib.session import InteractiveSession
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_dice_and_iou_values_and_nan_when_both_empty():
+    a = np.zeros((4, 4, 4), bool)
+    b = np.zeros((4, 4, 4), bool)
+    assert np.isnan(dice(a, b)) and np.isnan(iou(a, b))
+    a[0, 0, :2] = True
+    assert dice(a, b) == 0.0 and iou(a, b) == 0.0
+    b[0, 0, 1:3] = True  # |A|=2, |B|=2, |A∩B|=1
+    assert dice(a, b) == pytest.approx(0.5) and iou(a, b) == pytest.approx(1 / 3)
+    assert dice(a, a) == 1.0 and iou(a, a) == 1.0
+    assert overlap_from_counts(1, 2, 2) == dice_iou(a, b)
+    with pytest.raises(ValueError):
+        overlap_from_counts(3, 2, 2)
+    with pytest.raises(ValueError):
+        dice(a, np.zeros((4, 4, 3), bool))
+
+
+def test_dice_in_a_region_equals_dice_on_the_whole_volume():
+    rng = np.random.default_rng(0)
+    reference = rng.random((20, 21, 22)) > 0.7
+    region = (slice(3, 15), slice(0, 10), slice(5, 22))
+    mask = rng.random((12, 10, 17)) > 0.5
+    whole = np.zeros_like(reference)
+    whole[region] = mask
+    assert dice_iou_in_region(region, mask, reference) == pytest.approx(dice_iou(whole, reference))
+
+
+def test_click_curve_summary_last_max_and_nan():
+    curves = [[0.2, 0.5, 0.4], [0.6, float("nan"), 0.7], [float("nan")] * 3]
+    out = click_curve_summary(curves, 3)
+    assert out["after_1"] == pytest.approx(0.4) and out["after_3"] == pytest.approx(0.55)
+    assert out["last"] == out["after_3"] and out["max"] == pytest.approx(0.6)
+    assert "after_5" not in out and out["max"] >= out["last"]
+
+
+# ------------------------------------------------------------------------------------------------------ the quirk
+
+
+def ball(shape, centre, radius):
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    return np.linalg.norm(grid - np.asarray(centre), axis=-1) < radius
+
+
+def test_fastsam3d_click_generator_thresholds_logits_at_one_half():
+    truth = ball((24, 24, 24), (12, 12, 12), 6)
+    logits = np.where(truth, 0.3, -5.0).astype(np.float32)  # reported prediction (logits > 0) is perfect
+    assert dice(logits > 0, truth) == 1.0
+    assert not prediction_for_clicks("fastsam3d", logits).any()  # ... but FastSAM3D's generator sees nothing
+    assert np.array_equal(prediction_for_clicks("sam-med3d", logits), truth)
+    assert prediction_for_clicks("fastsam3d", None) is None
+    for index in (0, 1, 2):  # interior clicks and random error clicks alike land in the "missed" object
+        point, label = next_protocol_click("fastsam3d", index, truth, logits, np.random.default_rng(index))
+        assert label == 1 and truth[tuple(point.astype(int))]
+    assert next_protocol_click("sam-med3d", 1, truth, logits, np.random.default_rng(0)) is None
+    above = np.where(truth, 0.6, -5.0)
+    assert next_protocol_click("fastsam3d", 2, truth, above, np.random.default_rng(0)) is None
+    with pytest.raises(ValueError):
+        prediction_for_clicks("nnunet", logits)
+
+
+def test_official_model_loop_matches_the_interactive_session():
+    """The GT-placement loop and the session run the same computation for the same ROI and click."""
+    model = build_model("tiny-test", seed=0)
+    k, j, i = np.indices((30, 34, 38))
+    array = (100 + 300 * ((((k - 15) / 8) ** 2 + ((j - 17) / 9) ** 2 + ((i - 19) / 10) ** 2) < 1)).astype(np.int16)
+    volume = Volume(array, np.diag([1.8, 1.6, 2.5, 1.0]))
+    session = InteractiveSession(model, volume, prompt_mode="newest")
+    ras = (volume.ijk_to_ras @ [19, 17, 15, 1.0])[:3]
+    result = session.add_click(ras)
+    runner = ModelRunner(model)
+    embedding = runner.encode(geometry.extract_model_input(volume, session.roi))
+    low, pred_iou = runner.decode(embedding, session.roi.ras_to_model(ras[None]), [1])
+    region, mask = geometry.paste_back(volume, session.roi, upsample_logits(low, 128))
+    np.testing.assert_array_equal(session.full_mask(result)[region], mask)
+    assert pred_iou == pytest.approx(result.iou, abs=1e-6)
+
+
+def test_plots_say_how_to_get_matplotlib(monkeypatch):
+    from FastSAM3DLib.evaluation import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plots.plot_dice_curves([{"model": "m", "protocol": "fastsam3d", "placement": "gt", "case": "c", "value": "1",
+                                 "structure": "s", "click": 1, "dice_crop": 0.5, "dice_full": 0.5, "iou_crop": 0.3,
+                                 "iou_full": 0.3, "time_s": 0.1, "pred_iou": 0.2}], Path("."))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def write_image(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_find_cases_understands_labels_json_nnunet_itksnap_and_manifests(tmp_path):
+    small = np.zeros((4, 5, 6), np.uint8)
+    small[1, 1, 1], small[2, 2, 2] = 1, 2
+    write_image(tmp_path / "a" / "ct.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "a" / "other_ct.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "a" / "the_seg.nii.gz", small)
+    (tmp_path / "a" / "labels.json").write_text(json.dumps(
+        {"the_seg.nii.gz": {"image": "ct.nii.gz", "labels": {"1": {"name": "liver"}, "2": {"name": "kidney_l"}}}}))
+    write_image(tmp_path / "b" / "imagesTr" / "case1_0000.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "b" / "labelsTr" / "case1.nii.gz", small)
+    (tmp_path / "b" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1}}))
+    write_image(tmp_path / "c" / "brain.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "c" / "brain-seg.nii.gz", small)
+    (tmp_path / "c" / "brain-seg.label").write_text('# IDX R G B A VIS MSH "LABEL"\n 0 0 0 0 0 0 0 "Clear"\n'
+                                                    ' 2 255 0 0 1 1 1 "hippo-R"\n')
+    cases = {c.name: c for c in ds.find_cases(tmp_path)}
+    assert set(cases) == {"a/ct", "b/imagesTr/case1_0000", "c/brain"}
+    assert cases["a/ct"].label.name == "the_seg.nii.gz" and cases["a/ct"].names == {1: "liver", 2: "kidney_l"}
+    assert cases["b/imagesTr/case1_0000"].names == {1: "tumour"}
+    assert cases["c/brain"].names == {2: "hippo-R"} and cases["c/brain"].structure_name(1) == "label_1"
+
+    (tmp_path / "m.json").write_text(json.dumps([{"image": "c/brain.nii.gz", "label": "c/brain-seg.nii.gz",
+                                                  "structures": [2], "case": "brainy"}]))
+    (tmp_path / "m.csv").write_text("image,label,structures\na/ct.nii.gz,a/the_seg.nii.gz,liver;7\n")
+    (json_case,), (csv_case,) = ds.find_cases(tmp_path / "m.json"), ds.find_cases(tmp_path / "m.csv")
+    assert json_case.name == "brainy" and json_case.structures == ["2"] and json_case.names == {2: "hippo-R"}
+    assert csv_case.structures == ["liver", "7"] and csv_case.names[1] == "liver"
+    values, missing = ds.select_structures(csv_case, [1, 2], ["kidney*"])  # the case's own list wins
+    assert values == [1] and missing[0][1] == "7" and "no voxels" in missing[0][2]
+    values, missing = ds.select_structures(cases["a/ct"], [1, 2], ["KIDNEY*", "1", "spleen"])
+    assert values == [2, 1] and missing[0][0] == "spleen" and "no structure named" in missing[0][2]
+
+
+def test_a_label_on_another_grid_is_resampled_onto_the_image(tmp_path):
+    image = write_image(tmp_path / "img.nii.gz", np.arange(6 * 8 * 10, dtype=np.int16).reshape(6, 8, 10),
+                        spacing=(1.0, 1.0, 2.0))
+    fine = np.zeros((12, 8, 10), np.uint8)
+    fine[4:8, 2:5, 3:7] = 3  # same world box on a grid with twice the slices
+    label = write_image(tmp_path / "lab.nii.gz", fine, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, -0.5))
+    volume, labels, resampled = ds.load_case(ds.Case("x", image, label))
+    assert resampled and labels.shape == volume.shape
+    assert np.count_nonzero(labels == 3) == 2 * 3 * 4
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save({"model_state_dict": build_model("tiny-test", seed=0).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_folder(tmp_path_factory):
+    """An anisotropic, flipped CT-like volume with three labelled structures (one too small) and labels.json."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    shape = (24, 40, 44)  # k, j, i
+    k, j, i = np.indices(shape)
+    labels = np.zeros(shape, np.uint8)
+    labels[(((k - 12) / 6) ** 2 + ((j - 16) / 8) ** 2 + ((i - 14) / 8) ** 2) < 1] = 1
+    labels[8:16, 20:30, 26:36] = 2
+    labels[3, 3, 3:6] = 9  # three voxels: below the default minimum of 10
+    image = (rng.normal(40, 10, shape) + 200 * (labels == 1) + 120 * (labels == 2)).astype(np.int16)
+    spacing, direction = (1.6, 1.4, 3.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    write_image(folder / "ct.nii.gz", image, spacing, (10.0, -4.0, 7.0), direction)
+    write_image(folder / "ct_seg.nii.gz", labels, spacing, (10.0, -4.0, 7.0), direction)
+    (folder / "labels.json").write_text(json.dumps({"ct_seg.nii.gz": {"image": "ct.nii.gz", "labels": {
+        "1": {"name": "blob"}, "2": {"name": "box"}, "9": {"name": "speck"}, "4": {"name": "absent"}}}}))
+    return folder
+
+
+def read_rows(folder):
+    with open(Path(folder) / "results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def units_of(rows):
+    units = {}
+    for row in rows:
+        units.setdefault((row["model"], row["protocol"], row["placement"], row["case"], row["value"]), []).append(row)
+    return units
+
+
+def check_summary_matches_csv(folder, clicks):
+    """JSON means equal the CSV means; max over clicks >= last click; one row per click per unit."""
+    rows = read_rows(folder)
+    summary = json.loads((Path(folder) / "summary.json").read_text())
+    units = units_of(rows)
+    for key, unit in units.items():
+        assert sorted(int(r["click"]) for r in unit) == list(range(1, clicks + 1)), key
+    for model, protocols in summary["results"].items():
+        for protocol, placements in protocols.items():
+            for placement, block in placements.items():
+                group = [u for k, u in units.items() if k[:3] == (model, protocol, placement)]
+                assert block["overall"]["n"] == len(group)
+                for metric in ("dice_crop", "dice_full", "iou_crop", "iou_full"):
+                    curves = [[float(r[metric]) for r in sorted(u, key=lambda r: int(r["click"]))] for u in group]
+                    stats = block["overall"][metric]
+                    assert stats["after_1"] == pytest.approx(np.mean([c[0] for c in curves]), abs=1e-12)
+                    assert stats["last"] == pytest.approx(np.mean([c[-1] for c in curves]), abs=1e-12)
+                    assert stats["max"] == pytest.approx(np.mean([max(c) for c in curves]), abs=1e-12)
+                    assert stats["max"] >= stats["last"] - 1e-12
+                    for curve in curves:
+                        assert max(curve) >= curve[-1]
+                for name, stats in block["structures"].items():
+                    named = [u for u in group if u[0]["structure"] == name]
+                    assert stats["n"] == len(named)
+                    assert stats["dice_full"]["last"] == pytest.approx(
+                        np.mean([float(max(u, key=lambda r: int(r["click"]))["dice_full"]) for u in named]))
+    return rows, summary
+
+
+def test_evaluate_cli_end_to_end_with_resume(synthetic_folder, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", str(synthetic_folder), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint),
+            "--clicks", "3", "--placement", "both", "--seed", "7", "--quiet", "--output", str(out)]
+    assert main(args) == 0
+    assert "evaluated 4 structure(s)" in capsys.readouterr().out
+    rows, summary = check_summary_matches_csv(out, 3)
+    assert len(rows) == 2 * 3 * 2  # structures x clicks x placements
+    assert {r["structure"] for r in rows} == {"blob", "box"}
+    for row in rows:
+        assert 0 <= float(row["dice_full"]) <= 1 and float(row["time_s"]) >= 0 and row["pred_iou"] != ""
+        assert row["click_label"] in ("0", "1")
+        assert row["encoded"] == ("1" if row["click"] == "1" else row["encoded"])
+    assert all(r["click_label"] == "1" for r in rows if r["click"] == "1")
+    assert all(r["encoded"] == "0" for r in rows if r["placement"] == "gt" and r["click"] != "1")
+
+    # the skipped structures and their reasons
+    reasons = {(s["structure"], s["placement"]): s["reason"] for s in summary["skipped"]}
+    assert reasons[("speck", "gt")].startswith("too small: 3 voxel(s)")
+    assert reasons[("speck", "click")].startswith("too small")
+    assert ("absent", "gt") not in reasons  # without --structures only present values are evaluated
+
+    # Dice recomputed from the saved last prediction equals the CSV value
+    volume, labels, _ = ds.load_case(ds.find_cases(synthetic_folder)[0])
+    for row in [r for r in rows if r["click"] == "3"]:
+        saved = Volume.from_file(prediction_path(out, "tiny-test", "fastsam3d", row["placement"], row["case"],
+                                                 row["value"], row["structure"]))
+        assert saved.array.shape == volume.shape and np.allclose(saved.ijk_to_ras, volume.ijk_to_ras)
+        assert dice(saved.array, labels == int(row["value"])) == pytest.approx(float(row["dice_full"]), abs=1e-12)
+        assert iou(saved.array, labels == int(row["value"])) == pytest.approx(float(row["iou_full"]), abs=1e-12)
+
+    for name in ("dice_vs_clicks_fastsam3d.png", "montage_tiny-test_fastsam3d_gt.png",
+                 "montage_tiny-test_fastsam3d_click.png"):
+        assert (out / name).stat().st_size > 1000
+
+    # rerunning does nothing new; an interrupted unit (torn CSV) is redone identically, without duplicates
+    assert main(args) == 0
+    assert read_rows(out) == rows
+    text = (out / "results.csv").read_text().splitlines()
+    (out / "results.csv").write_text("\n".join(text[:-2]) + "\n" + text[-2][:20])  # lose 1.4 rows of the last unit
+    assert main(args) == 0
+    redone = read_rows(out)
+    assert len(redone) == len(rows)
+    key = lambda r: (r["placement"], r["value"], r["click"])  # noqa: E731
+    timeless = lambda rs: sorted(({k: v for k, v in r.items() if k != "time_s"} for r in rs), key=key)  # noqa: E731
+    assert timeless(redone) == timeless(rows)  # seeded: the same clicks and Dice
+    skipped = (out / "skipped.csv").read_text().splitlines()
+    assert len(skipped) == 1 + 2  # header + speck in two placements, not duplicated by the reruns
+
+    # other settings in the same folder are refused with a clear message
+    assert main([a if a != "3" else "2" for a in args]) == 2
+    assert "clicks=3" in capsys.readouterr().err
+
+
+def without_times(tree):
+    if isinstance(tree, dict):
+        return {k: without_times(v) for k, v in tree.items() if k != "time_s"}
+    return tree
+
+
+def test_evaluate_dataset_python_api_sam_med3d_protocol(synthetic_folder, monkeypatch):
+    model = build_model("tiny-test", seed=1)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # without tqdm: plain progress lines
+    lines = []
+    summary = evaluate_dataset(synthetic_folder, model, None, clicks=2, protocol="sam-med3d", placement="click",
+                               structures=["box", "absent", "nothing*"], seed=3, plots=False, log=lines.append)
+    assert lines == ["[1/1] ct box click: Dice %.3f" % summary["results"]["tiny-test"]["sam-med3d"]["click"][
+        "overall"]["dice_full"]["last"]]
+    block = summary["results"]["tiny-test"]["sam-med3d"]["click"]
+    assert block["overall"]["n"] == 1 and list(block["structures"]) == ["box"]
+    assert set(block["overall"]["dice_full"]) == {"after_1", "last", "max"}
+    reasons = {s["structure"]: s["reason"] for s in summary["skipped"]}
+    assert "has no voxels" in reasons["absent"] and "no structure named 'nothing*'" in reasons["nothing*"]
+    again = evaluate_dataset(synthetic_folder, model, None, clicks=2, protocol="sam-med3d", placement="click",
+                             structures=["box"], seed=3, plots=False, progress=False)
+    assert without_times(again["results"]) == without_times(summary["results"])  # reproducible
+
+
+def test_evaluate_on_the_shared_totalseg_ct(shared_data, tmp_path):
+    """Real CT (3 mm, flipped axes): a few organs with both placements, numbers consistent with the files."""
+    folder = shared_data / "totalseg"
+    cases = ds.find_cases(folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz")
+    assert cases[0].names[5] == "liver"
+    out = tmp_path / "ct"
+    summary = evaluate_dataset(cases, build_model("tiny-test", seed=0), out, clicks=2,
+                               structures=["kidney_left", "gallbladder", "13"], plots=False, progress=False)
+    rows, _ = check_summary_matches_csv(out, 2)
+    assert len(rows) == 2 * 2 * 2
+    skipped = {(s["structure"], s["placement"]): s["reason"] for s in summary["skipped"]}
+    assert skipped[("lung_middle_lobe_right", "click")].startswith("too small: 1 voxel")
+    volume = Volume.from_file(folder / "example_ct_sm.nii.gz")
+    for row in rows:  # every simulated click lies inside the volume
+        ijk = geometry.ras_to_ijk(volume, np.array([[float(row[c]) for c in ("click_r", "click_a", "click_s")]]))[0]
+        assert np.all(ijk >= -0.5) and np.all(ijk <= np.array(volume.shape[::-1]) - 0.5)
