@@ -47,10 +47,11 @@ class RelPosAttention(nn.Module):
 
     ``window`` > 0 reproduces SAM-Med3D's windowed blocks: the token grid is zero-padded at the end of each
     axis to ``window`` tokens per side (a single window for the official 8^3 grid).
+    ``backend``/``sparse``: see :mod:`FastSAM3DLib.attention` (``sparse`` applies to global attention only).
     """
 
     def __init__(self, dim: int, num_heads: int, grid: Tuple[int, int, int], window: int = 0,
-                 backend: str = "torch") -> None:
+                 backend: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -67,6 +68,7 @@ class RelPosAttention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * table[1] - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * table[2] - 1, self.head_dim))
         self.backend = backend
+        self.sparse = None  # None (dense, exact) or an attention.SparseLayout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over the ``(B, D, H, W, C)`` token grid and project back."""
@@ -81,7 +83,8 @@ class RelPosAttention(nn.Module):
             out = attention.padded_window_attention(q, k, v, pad_qkv, *tables, self.grid, self.window,
                                                     self.scale, backend=self.backend)
         else:
-            out = attention.rel_pos_attention(q, k, v, *tables, self.grid, self.scale, backend=self.backend)
+            out = attention.rel_pos_attention(q, k, v, *tables, self.grid, self.scale, backend=self.backend,
+                                              sparse=self.sparse)
         out = out.permute(0, 2, 1, 3).reshape(b, d, h, w, c)
         return self.proj(out)
 
@@ -127,7 +130,7 @@ class PatchEmbed3D(nn.Module):
 class ImageEncoder3D(nn.Module):
     """Volume ``(B, 1, 128, 128, 128)`` -> image embedding ``(B, 384, 8, 8, 8)``."""
 
-    def __init__(self, cfg: EncoderConfig, backend: str = "torch") -> None:
+    def __init__(self, cfg: EncoderConfig, backend: str = "auto") -> None:
         super().__init__()
         self.cfg = cfg
         self.img_size = cfg.img_size
@@ -141,11 +144,20 @@ class ImageEncoder3D(nn.Module):
             LayerNorm3d(cfg.out_chans),
         )
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Route every attention block through ``backend`` (see :mod:`FastSAM3DLib.attention`)."""
+    def set_attention_backend(self, backend: str, sparse=None) -> None:
+        """Route every attention block through ``backend`` (see :mod:`FastSAM3DLib.attention`).
+
+        ``sparse``: None for dense attention (exact, the default) or an ``attention.SparseLayout`` for the 3D
+        block-sparse mode in the global-attention blocks (SAM-Med3D's padded windows stay dense).
+        """
+        attention.resolve_backend(backend)  # validates the name; "auto" is decided per call
+        backend = backend or "auto"
+        if sparse is not None and not isinstance(sparse, attention.SparseLayout):
+            raise TypeError(f"sparse must be None or an attention.SparseLayout, got {type(sparse).__name__}")
         for block in self.blocks:
             if block.attn is not None:
                 block.attn.backend = backend
+                block.attn.sparse = sparse if block.attn.window is None else None
 
     def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
         """Encode a batch of volumes; optionally also return the tokens after every block (for distillation)."""

@@ -101,3 +101,13 @@ def padded_window_attention_eager(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid: G
     v_full = pad_window(v, grid, window, pad_qkv[2]).flatten(2, 4)
     bias = official_bias(q_grid, rel_d, rel_h, rel_w, grid).to(q.dtype)
     return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=bias, scale=scale)
+
+
+def rel_pos_attention_masked_eager(q, k, v, rel_d, rel_h, rel_w, grid: Grid, scale: float,
+                                   allowed: torch.Tensor) -> torch.Tensor:
+    """:func:`rel_pos_attention_eager` restricted to the query-key pairs where ``allowed (N, N)`` is True.
+
+    The reference of the 3D sparse mode: the official logits, with dropped pairs set to ``-inf``.
+    """
+    logits = (q * scale) @ k.transpose(-2, -1) + official_bias(grid_view(q, grid), rel_d, rel_h, rel_w, grid)
+    return logits.masked_fill(~allowed.to(q.device), float("-inf")).softmax(dim=-1) @ v
