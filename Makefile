@@ -24,7 +24,7 @@ test: $(DEV_STAMP)
 	$(PY) -m pytest Testing
 
 bench: $(DEV_STAMP)
-	$(PY) -m FastSAM3DLib.bench
+	$(PY) -m FastSAM3DLib.benchmarks
 
 lint: $(DEV_STAMP)
 	$(PY) -m compileall -q FastSAM3DLib FastSAM3D Testing

@@ -16,7 +16,7 @@ import torch
 from ..geometry import Volume
 from ..registry import build_model
 from ..session import InteractiveSession
-from .timing import measure, peak_memory, synchronize
+from .attention import measure
 
 
 def ct_sized_volume(shape=(300, 512, 512), spacing=(0.8, 0.8, 1.5)) -> Volume:
@@ -37,7 +37,7 @@ def bench_model(name: str, device="cpu", repeats: int = 5, volume: Optional[Volu
     size = model.config.image_size
     x = torch.randn(1, 1, size, size, size, device=device)
     with torch.no_grad():
-        encoder = measure(lambda: model.image_encoder(x), device, repeats)
+        encoder = measure(lambda: model.image_encoder(x), device, repeats, memory=False)
         embedding = model.image_encoder(x)
         coords = torch.tensor([[[64.0, 60.0, 70.0]]], device=device)
         labels = torch.tensor([[1]], device=device)
@@ -66,14 +66,22 @@ def bench_model(name: str, device="cpu", repeats: int = 5, volume: Optional[Volu
         result = session.add_click(centre + next(offsets), include=True)
         breakdown.append(result.timings)
 
-    later = measure(later_click, device, repeats * 2)
-    synchronize(device)
+    later = measure(later_click, device, repeats * 2, memory=False)
     return {
         "model": name, "encoder": encoder, "one_click_prompt_and_decoder": one_click,
         "first_click_source_grid": first, "later_click_source_grid": later,
-        "later_click_paste_median_s": float(np.median([b["paste"] for b in breakdown])),
-        "volume_shape_kji": list(volume.shape), **peak_memory(device),
+        "later_click_paste_median_ms": 1e3 * float(np.median([b["paste"] for b in breakdown])),
+        "volume_shape_kji": list(volume.shape), "process_peak_rss_mib": _peak_rss_mib(),
+        "gpu_peak_allocated_mib": (torch.cuda.max_memory_allocated(device) / 2 ** 20
+                                   if torch.device(device).type == "cuda" else None),
     }
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _import_sam2d_builder():
@@ -104,8 +112,6 @@ def bench_sam2d_slices(device="cpu", slices: int = 2, volume_slices: int = 128) 
                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                 multimask_output=False)
 
-    with torch.no_grad():
-        per_slice = measure(one_slice, device, repeats=slices, warmup=1)
+    per_slice = measure(one_slice, device, repeats=slices, warmup=1, memory=False)
     return {"model": "sam-vit-b-2d", "per_slice": per_slice, "slices_timed": slices,
-            "volume_slices": volume_slices, "volume_estimate_s": per_slice["median_s"] * volume_slices,
-            **peak_memory(device)}
+            "volume_slices": volume_slices, "volume_estimate_ms": per_slice["median_ms"] * volume_slices}
