@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_subcommand as add_evaluate_command
 
     add_evaluate_command(sub)
+    from .training.cli import add_subcommands as add_training_commands
+
+    add_training_commands(sub)
     return parser
 
 

@@ -88,6 +88,31 @@ _MODELS: Dict[str, ModelConfig] = {cfg.name: cfg for cfg in [
                               out_chans=48, block_form="fastsam3d"),
         prompt_embed_dim=48, mask_in_chans=8, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
     ),
+    # Models of this project's own training pipeline (FastSAM3DLib/training, Resources/Models/MODEL_CARD.md).
+    ModelConfig(
+        name="tiny-test-teacher",
+        description="Random-weight 6-block SAM-Med3D-style miniature: the teacher of tiny-test in training tests",
+        encoder=EncoderConfig(embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0, window_size=14,
+                              global_attn_indexes=(2, 5), out_chans=48, block_form="pre_norm"),
+        prompt_embed_dim=48, mask_in_chans=8, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+    ),
+    ModelConfig(
+        name="sam-med3d-demo-teacher",
+        description="Small SAM-Med3D-style model (12 blocks, width 192) trained by this project: the demo's teacher",
+        encoder=EncoderConfig(embed_dim=192, depth=12, num_heads=6, window_size=14, global_attn_indexes=(2, 5, 8, 11),
+                              out_chans=96, block_form="pre_norm"),
+        prompt_embed_dim=96, mask_in_chans=16, decoder_heads=4, decoder_mlp_dim=384, iou_head_hidden_dim=64,
+        default_prompt_mode="newest",
+    ),
+    ModelConfig(
+        name="fastsam3d-demo",
+        description="Small FastSAM3D-style model (6 blocks, width 192) distilled and fine-tuned by this project; "
+                    "bundled in Resources/Models for offline use",
+        encoder=EncoderConfig(embed_dim=192, depth=6, num_heads=3, mlp_only_blocks=2, window_size=0,
+                              out_chans=96, block_form="fastsam3d"),
+        prompt_embed_dim=96, mask_in_chans=16, decoder_heads=4, decoder_mlp_dim=384, iou_head_hidden_dim=64,
+        default_prompt_mode="newest",
+    ),
 ]}
 
 

@@ -1,0 +1,295 @@
+"""Layer-wise progressive distillation of a FastSAM3D-style image encoder from a SAM-Med3D-style teacher.
+
+The teacher (any registered model with its checkpoint) is frozen; the student (any registered model) learns
+to reproduce the teacher's intermediate features and its final image embedding, as in the FastSAM3D paper.
+
+**Layer pairing** (:func:`default_layer_pairs`). ``ImageEncoder3D.forward(x, return_block_outputs=True)``
+returns the tokens after every block, 0-based: ``outputs[i]`` is the output *of block i* (i.e. after i + 1
+blocks). With ``r = teacher_depth / student_depth`` the default pairs student output ``i`` with teacher
+output ``r (i + 1) - 1``: "after student block i+1 <-> after teacher block r (i+1)" in 1-based words. For a
+6-block student and a 12-block teacher: student 0..5 <-> teacher 1, 3, 5, 7, 9, 11 (after teacher blocks
+2, 4, ..., 12), the paper's "student layer i <-> teacher layer 2i". Any other pairing can be given
+explicitly (``pairs=[(0, 1), (1, 3), ...]``, CLI ``--pairs 0:1,1:3,...``). The final image embedding (the
+neck output) is always matched too, as the last "pair" (``"neck"``).
+
+**Progressive schedule** (:func:`active_pairs`). Training starts with the first pair; every ``stage_epochs``
+epochs the next pair is added, until all block pairs and finally the neck are matched (with 6 pairs:
+7 stages). ``neck_from_start=True`` matches the neck from the first epoch (what the official
+``distillation.py`` effectively trains, since its layer-wise term is commented out) and adds the block pairs
+progressively. The loss is the sum over active pairs of ``feature_loss(student, teacher)`` (MSE by default).
+
+**Widths.** When a student's width differs from the teacher's (block tokens or neck channels), a learnable
+linear projection per pair maps the student features to the teacher's width (``projections``); it is
+trained with the student but saved only in the resumable checkpoint's ``extra_state_dict``, never in the
+student's weights. ``require_equal_widths=True`` refuses such pairs instead.
+
+**Teacher features** are computed on the fly (no disk round trip); :class:`TeacherFeatureCache` optionally
+keeps them in memory (bounded) or on disk, keyed by the exact sample (crop, window, augmentation).
+
+**The student checkpoint** is a complete model of the student config: the distilled encoder plus (by default)
+the teacher's prompt encoder and mask decoder when their shapes fit (the FastSAM3D recipe assembles the
+distilled encoder with the teacher's decoder before fine-tuning), so ``build_model(student, checkpoint=...)``
+loads it strictly.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import AugmentConfig
+from .data import CropCache, CropSampler
+from .engine import LoopConfig, TrainingTask, run_training
+from .losses import feature_loss
+
+NECK = "neck"
+Pair = Tuple[int, int]
+
+
+def default_layer_pairs(student_depth: int, teacher_depth: int) -> List[Pair]:
+    """Student block output ``i`` <-> teacher block output ``r (i + 1) - 1`` with ``r = teacher/student depth``."""
+    if student_depth < 1 or teacher_depth < student_depth or teacher_depth % student_depth:
+        raise ValueError(f"no default pairing for a {student_depth}-block student and a {teacher_depth}-block "
+                         "teacher (the teacher depth must be a multiple of the student's); give pairs explicitly")
+    ratio = teacher_depth // student_depth
+    return [(i, ratio * (i + 1) - 1) for i in range(student_depth)]
+
+
+def parse_pairs(text: Optional[str]) -> Optional[List[Pair]]:
+    """``"0:1,1:3,2:5"`` -> ``[(0, 1), (1, 3), (2, 5)]`` (student output : teacher output, 0-based)."""
+    if not text:
+        return None
+    pairs = []
+    for part in text.split(","):
+        s, _, t = part.partition(":")
+        try:
+            pairs.append((int(s), int(t)))
+        except ValueError:
+            raise ValueError(f"pairs must look like '0:1,1:3' (student:teacher block outputs), got {text!r}") from None
+    return pairs
+
+
+def active_pairs(epoch: int, pairs: Sequence[Pair], stage_epochs: int,
+                 neck_from_start: bool = False) -> List[Union[Pair, str]]:
+    """The pairs matched during ``epoch`` (0-based): the schedule of the module docstring."""
+    if stage_epochs < 1:
+        raise ValueError("stage_epochs must be >= 1")
+    stages = list(pairs) + ([] if neck_from_start else [NECK])
+    count = min(1 + epoch // stage_epochs, len(stages))
+    active: List[Union[Pair, str]] = list(stages[:count])
+    if neck_from_start:
+        active.append(NECK)
+    return active
+
+
+def pair_name(pair: Union[Pair, str]) -> str:
+    """``"s0-t1"`` for a block pair, ``"neck"`` for the final embedding."""
+    return pair if isinstance(pair, str) else f"s{pair[0]}-t{pair[1]}"
+
+
+class TeacherFeatureCache:
+    """Teacher features per sample key: ``mode`` ``"none"``, ``"memory"`` (at most ``max_items``, LRU) or
+    ``"disk"`` (``folder``/<hash>.pt, float16)."""
+
+    MODES = ("none", "memory", "disk")
+
+    def __init__(self, mode: str = "none", folder=None, max_items: int = 256) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"teacher cache must be one of {', '.join(self.MODES)}, got {mode!r}")
+        if mode == "disk" and folder is None:
+            raise ValueError("a disk teacher cache needs a folder")
+        self.mode, self.max_items = mode, max_items
+        self.folder = Path(folder) if folder is not None else None
+        self.memory: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    def get(self, key: str) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached features of ``key`` (float16, CPU) or None."""
+        found = None
+        if self.mode == "memory" and key in self.memory:
+            self.memory.move_to_end(key)
+            found = self.memory[key]
+        elif self.mode == "disk" and self._path(key).is_file():
+            found = torch.load(self._path(key), map_location="cpu", weights_only=True)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key: str, features: Dict[str, torch.Tensor]) -> None:
+        """Store ``features`` of ``key`` (moved to the CPU as float16)."""
+        if self.mode == "none":
+            return
+        small = {k: v.detach().to("cpu", torch.float16) for k, v in features.items()}
+        if self.mode == "memory":
+            self.memory[key] = small
+            while len(self.memory) > self.max_items:
+                self.memory.popitem(last=False)
+        else:
+            from .checkpoints import atomic_save
+
+            atomic_save(small, self._path(key))
+
+
+@dataclass
+class DistillConfig:
+    """What to distil from what (model names are registry names)."""
+
+    teacher: str
+    student: str
+    data: str  # crop cache folder (see data.prepare_crops)
+    teacher_checkpoint: Optional[str] = None
+    student_checkpoint: Optional[str] = None  # start from these student weights (else seeded random init)
+    pairs: Optional[List[Pair]] = None  # default: default_layer_pairs
+    stage_epochs: int = 3  # the official layerepoch
+    neck_from_start: bool = False
+    loss: str = "mse"
+    require_equal_widths: bool = False
+    decoder_from_teacher: bool = True
+    lr: float = 8e-4  # official distillation.py
+    teacher_cache: str = "none"
+    teacher_cache_items: int = 256
+    group_weights: Optional[Dict[str, float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    attention: Optional[str] = None
+
+
+class DistillationTask(TrainingTask):
+    """The distillation loss (see the module docstring) as a :class:`~.engine.TrainingTask`."""
+
+    def __init__(self, config: DistillConfig, loop: LoopConfig, device: torch.device) -> None:
+        from ..registry import build_model, get_model_config
+
+        self.config = config
+        teacher_cfg, student_cfg = get_model_config(config.teacher), get_model_config(config.student)
+        if teacher_cfg.image_size != student_cfg.image_size:
+            raise ValueError("teacher and student must take the same input size")
+        self.teacher = build_model(config.teacher, checkpoint=config.teacher_checkpoint, device=device,
+                                   attention_backend=config.attention, seed=loop.seed)
+        self.teacher.eval().requires_grad_(False)
+        self.model = build_model(config.student, checkpoint=config.student_checkpoint, device=device,
+                                 attention_backend=config.attention, seed=loop.seed + 1)
+        if config.decoder_from_teacher and config.student_checkpoint is None:
+            self.copied_decoder = copy_prompt_and_decoder(self.teacher, self.model)
+        else:
+            self.copied_decoder = False
+        self.model.prompt_encoder.requires_grad_(False)
+        self.model.mask_decoder.requires_grad_(False)
+        s_enc, t_enc = student_cfg.encoder, teacher_cfg.encoder
+        self.pairs = list(config.pairs) if config.pairs else default_layer_pairs(s_enc.depth, t_enc.depth)
+        for s, t in self.pairs:
+            if not (0 <= s < s_enc.depth and 0 <= t < t_enc.depth):
+                raise ValueError(f"pair {s}:{t} is outside the student's {s_enc.depth} / teacher's {t_enc.depth} "
+                                 "block outputs")
+        widths = {pair_name(p): (s_enc.embed_dim, t_enc.embed_dim) for p in self.pairs}
+        widths[NECK] = (s_enc.out_chans, t_enc.out_chans)
+        self.extra = nn.ModuleDict()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(loop.seed + 2)  # seeded projections, independent of the global RNG
+            for name, (sw, tw) in widths.items():
+                if sw != tw:
+                    if config.require_equal_widths:
+                        raise ValueError(f"pair {name}: student width {sw} != teacher width {tw} "
+                                         "(require_equal_widths is set)")
+                    self.extra[name.replace("-", "_")] = nn.Linear(sw, tw)
+        self.extra.to(device)
+        self.loss_fn = feature_loss(config.loss)
+        self.cache = TeacherFeatureCache(config.teacher_cache, Path(loop.output) / "teacher_features",
+                                         config.teacher_cache_items)
+        self.sampler = CropSampler(CropCache.open(config.data), config.augment, config.group_weights)
+        self.batch_size, self.loop, self.device = loop.batch_size, loop, device
+        self.args = {"command": "distill", "teacher": config.teacher, "student": config.student,
+                     "model_name": config.student, "distill": config, "pairs": self.pairs,
+                     "projections": sorted(self.extra.keys()), "copied_teacher_decoder": self.copied_decoder}
+        self.fingerprint = {"teacher": config.teacher, "student": config.student, "pairs": self.pairs,
+                            "seed": loop.seed, "stage_epochs": config.stage_epochs, "loss": config.loss}
+
+    def param_groups(self):
+        params = [p for p in self.model.image_encoder.parameters() if p.requires_grad] + list(self.extra.parameters())
+        return [{"params": params, "lr": self.config.lr}]
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.extra.train()
+        self.teacher.eval()
+
+    def active(self, epoch: int):
+        """The pairs matched in ``epoch``."""
+        return active_pairs(epoch, self.pairs, self.config.stage_epochs, self.config.neck_from_start)
+
+    def status(self, step: int, epoch: int) -> Dict[str, Any]:
+        return {"pairs": [pair_name(p) for p in self.active(epoch)],
+                "teacher_cache_hits": self.cache.hits}
+
+    def teacher_features(self, images: torch.Tensor, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Teacher block outputs (the paired ones) and neck output, from the cache or computed now."""
+        needed = sorted({t for _, t in self.pairs})
+        cached = [self.cache.get(k) for k in keys] if self.cache.mode != "none" else [None] * len(keys)
+        if all(c is not None for c in cached):
+            return {k: torch.cat([c[k] for c in cached]).to(self.device, torch.float32) for k in cached[0]}
+        with torch.no_grad():
+            neck, blocks = self.teacher.image_encoder(images, return_block_outputs=True)
+        features = {f"t{t}": blocks[t].float() for t in needed}
+        features[NECK] = neck.float()
+        for i, key in enumerate(keys):
+            self.cache.put(key, {k: v[i:i + 1] for k, v in features.items()})
+        return features
+
+    def loss(self, step: int, epoch: int, rng: np.random.Generator):
+        images, _, keys = self.sampler.batch(rng, self.batch_size)
+        images = images.to(self.device)
+        target = self.teacher_features(images, keys)
+        neck, blocks = self.model.image_encoder(images, return_block_outputs=True)
+        total = neck.new_zeros((), dtype=torch.float32)
+        metrics: Dict[str, float] = {}
+        for pair in self.active(epoch):
+            name = pair_name(pair)
+            if pair == NECK:
+                student, teacher = neck.permute(0, 2, 3, 4, 1), target[NECK].permute(0, 2, 3, 4, 1)
+            else:
+                student, teacher = blocks[pair[0]], target[f"t{pair[1]}"]
+            projection = self.extra[name.replace("-", "_")] if name.replace("-", "_") in self.extra else None
+            if projection is not None:
+                student = projection(student)
+            value = self.loss_fn(student, teacher)
+            metrics[f"loss_{name}"] = float(value.detach())
+            total = total + value
+        return total, metrics
+
+
+def copy_prompt_and_decoder(source: nn.Module, target: nn.Module) -> bool:
+    """Copy ``source``'s prompt encoder and mask decoder into ``target`` when every shape fits; True if copied."""
+    src = {k: v for k, v in source.state_dict().items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    dst = {k: v for k, v in target.state_dict().items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+    if set(src) != set(dst) or any(src[k].shape != dst[k].shape for k in src):
+        return False
+    target.load_state_dict(src, strict=False)
+    return True
+
+
+def distill(config: DistillConfig, loop: LoopConfig, log=print) -> Dict[str, Any]:
+    """Run a distillation; returns the summary of :func:`~.engine.run_training`.
+
+    Writes ``<loop.output>/latest.pth`` (resumable) and ``<loop.output>/model.pth`` (the student's weights:
+    ``build_model(config.student, checkpoint=...)`` loads either).
+    """
+    from .engine import resolve_device
+
+    if loop.threads:
+        torch.set_num_threads(int(loop.threads))
+    device = resolve_device(loop.device)
+    task = DistillationTask(config, loop, device)
+    log(f"distilling {config.teacher} -> {config.student} on {device}: pairs "
+        f"{', '.join(pair_name(p) for p in task.pairs)} + neck, one more every {config.stage_epochs} epoch(s); "
+        f"projections: {', '.join(task.extra.keys()) or 'none'}; teacher decoder copied: {task.copied_decoder}")
+    return run_training(task, loop, log, desc="distill")

@@ -1,0 +1,283 @@
+"""The training loop shared by distillation and fine-tuning.
+
+A *task* (:class:`TrainingTask`) owns the models and computes a loss; :func:`run_training` does the rest,
+the same way on CPU and CUDA:
+
+* AdamW with per-group learning rates, linear warm-up then cosine decay (or constant), gradient clipping,
+  gradient accumulation; AMP (``torch.autocast`` float16 + ``GradScaler``) on CUDA only;
+* seeded: the randomness of optimiser step ``s`` (data, augmentation, clicks) comes from
+  ``numpy.random.default_rng([seed, s, micro_batch])`` and ``torch.manual_seed(seed + s)``, so a resumed run
+  draws exactly what an uninterrupted one would;
+* resumable: ``<output>/latest.pth`` (official checkpoint format plus step, AMP scaler and trainer-only
+  modules, see :mod:`.checkpoints`) is written atomically every ``checkpoint_every`` steps and at the end;
+  ``resume=True`` continues from it; the final weights without optimiser state go to ``<output>/model.pth``;
+* observable: a progress bar with the loss and the time left (tqdm when installed) and a JSON log,
+  ``<output>/log.jsonl``, one line per step and per epoch (a resumed run drops the lines after its checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import checkpoints
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the optimisation loop (model-independent)."""
+
+    output: str
+    steps: int = 1000
+    steps_per_epoch: int = 100
+    batch_size: int = 1
+    accumulate: int = 1
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    checkpoint_every: int = 50
+    seed: int = 2023
+    device: Optional[str] = None
+    amp: bool = True  # used on CUDA only
+    threads: Optional[int] = None
+    resume: bool = False
+    quiet: bool = False
+    max_seconds: Optional[float] = None  # stop (with a checkpoint) after this much wall-clock time
+    stop_after_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in this invocation
+
+
+class TrainingTask:
+    """What a training run trains: override :meth:`param_groups` and :meth:`loss`.
+
+    ``model``: the module saved as ``model_state_dict`` (a whole Sam3D); ``extra``: trainer-only trainable
+    modules saved only in the resumable checkpoint (e.g. distillation projections); ``args``: plain settings
+    stored in the checkpoint; ``fingerprint``: the settings a resumed run must share.
+    """
+
+    model: torch.nn.Module
+    extra: Optional[torch.nn.Module] = None
+    args: Dict[str, Any] = {}
+    fingerprint: Dict[str, Any] = {}
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """Optimiser parameter groups, each with ``params`` and ``lr``."""
+        raise NotImplementedError
+
+    def loss(self, step: int, epoch: int, rng: np.random.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of one micro-batch and numbers to log."""
+        raise NotImplementedError
+
+    def status(self, step: int, epoch: int) -> Dict[str, Any]:
+        """Extra fields for the log line of ``step`` (e.g. the active distillation pairs)."""
+        return {}
+
+    def train_mode(self) -> None:
+        """Put the trained modules in training mode (frozen ones stay in eval mode)."""
+        self.model.train()
+        if self.extra is not None:
+            self.extra.train()
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` or CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_factor(step: int, config: LoopConfig) -> float:
+    """Learning-rate multiplier of optimiser step ``step`` (0-based): warm-up, then cosine or constant."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_rng(seed: int, step: int, micro: int) -> np.random.Generator:
+    """The random generator of micro-batch ``micro`` of optimiser step ``step``."""
+    return np.random.default_rng([int(seed), int(step), int(micro)])
+
+
+class JsonLog:
+    """Append-only JSON-lines log; :meth:`truncate_after` drops lines of steps a resumed run will redo."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the lines whose ``step`` is at most ``step`` (lines without a step are kept)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        """Append one record."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+class _Progress:
+    """tqdm when available (loss and time left), otherwise a line every ~10 % of the run."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, desc: str) -> None:
+        self.total, self.count, self.quiet, self.start = total, initial, quiet, time.time()
+        self.bar = None
+        if not quiet:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+            except ImportError:
+                pass
+        self.first = initial
+
+    def update(self, values: Dict[str, float]) -> None:
+        self.count += 1
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, refresh=False)
+            self.bar.update(1)
+            return
+        if self.count == self.total or self.count % max(1, self.total // 10) == 0:
+            done = self.count - self.first
+            left = (time.time() - self.start) / max(done, 1) * (self.total - self.count)
+            text = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            print(f"step {self.count}/{self.total} {text} ~{left / 60:.1f} min left", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], None] = print,
+                 desc: str = "training") -> Dict[str, Any]:
+    """Train ``task`` as configured; returns a summary (steps done, last loss, checkpoint and weights paths)."""
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    latest, weights = output / checkpoints.CHECKPOINT_NAME, output / checkpoints.WEIGHTS_NAME
+    device = next(task.model.parameters()).device
+    use_amp = bool(config.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    groups = task.param_groups()
+    for group in groups:
+        group.setdefault("base_lr", group["lr"])
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    json_log = JsonLog(output / "log.jsonl")
+    start_step = 0
+    if latest.is_file():
+        if not config.resume:
+            from ..errors import FastSAM3DError
+
+            raise FastSAM3DError(f"{latest} exists: pass --resume to continue that run, or choose another --output.")
+        state = checkpoints.load_checkpoint(latest)
+        _check_fingerprint(state.get("args", {}).get("fingerprint", {}), task.fingerprint, latest)
+        task.model.load_state_dict(state["model_state_dict"], strict=True)
+        if task.extra is not None and "extra_state_dict" in state:
+            task.extra.load_state_dict(state["extra_state_dict"], strict=True)
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        if use_amp and "scaler_state_dict" in state:
+            scaler.load_state_dict(state["scaler_state_dict"])
+        start_step = int(state.get("step", 0))
+        json_log.truncate_after(start_step)
+        log(f"resuming {latest} at step {start_step}")
+        json_log.write({"event": "resume", "step": start_step, "time": time.time()})
+    else:
+        json_log.write({"event": "start", "step": 0, "time": time.time(), "args": checkpoints.plain(task.args)})
+    args = dict(task.args, fingerprint=task.fingerprint, loop=checkpoints.plain(config))
+
+    task.train_mode()
+    progress = _Progress(config.steps, start_step, config.quiet, desc)
+    started, epoch_losses = time.time(), []
+    last_loss = float("nan")
+    try:
+        for step in range(start_step, config.steps):
+            epoch = step // config.steps_per_epoch
+            factor = lr_factor(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            torch.manual_seed(config.seed + step)
+            optimizer.zero_grad(set_to_none=True)
+            tic = time.time()
+            totals: Dict[str, float] = {}
+            for micro in range(config.accumulate):
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    loss, metrics = task.loss(step, epoch, step_rng(config.seed, step, micro))
+                scaler.scale(loss / config.accumulate).backward()
+                for key, value in dict(metrics, loss=float(loss.detach())).items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / config.accumulate
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            last_loss = totals["loss"]
+            epoch_losses.append(last_loss)
+            json_log.write(dict({"event": "step", "step": step + 1, "epoch": epoch,
+                                 "lr": optimizer.param_groups[0]["lr"], "step_s": round(time.time() - tic, 3),
+                                 "elapsed_s": round(time.time() - started, 1)}, **totals,
+                                **task.status(step, epoch)))
+            progress.update({"loss": last_loss})
+            done = step + 1
+            end_of_epoch = done % config.steps_per_epoch == 0 or done == config.steps
+            if end_of_epoch:
+                json_log.write({"event": "epoch", "step": done, "epoch": epoch,
+                                "loss_mean": float(np.mean(epoch_losses)), "steps": len(epoch_losses)})
+                epoch_losses = []
+            out_of_time = (config.max_seconds is not None and time.time() - started > config.max_seconds) or \
+                (config.stop_after_steps is not None and done - start_step >= config.stop_after_steps)
+            if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
+                checkpoints.save_checkpoint(latest, task.model, optimizer, epoch, done, args, scaler, task.extra)
+            if out_of_time and done < config.steps:
+                log(f"stopping at step {done} of {config.steps} (continue with --resume)")
+                json_log.write({"event": "stop", "step": done, "time": time.time()})
+                return {"steps": done, "loss": last_loss, "checkpoint": str(latest), "finished": False}
+    finally:
+        progress.close()
+    done = max(start_step, config.steps)
+    if not latest.is_file():  # nothing to do and nothing saved yet (steps == 0)
+        checkpoints.save_checkpoint(latest, task.model, optimizer, 0, 0, args, scaler, task.extra)
+    checkpoints.export_weights(latest, weights)
+    json_log.write({"event": "end", "step": done, "time": time.time(), "loss": last_loss})
+    return {"steps": done, "loss": last_loss, "checkpoint": str(latest), "weights": str(weights), "finished": True}
+
+
+def _check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint made with different essential settings."""
+    current = checkpoints.plain(current)
+    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if different:
+        from ..errors import FastSAM3DError
+
+        detail = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in different.items())
+        raise FastSAM3DError(f"Cannot resume {path}: it was made with other settings ({detail}). "
+                             "Use the original settings or another --output.")

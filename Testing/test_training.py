@@ -1,0 +1,428 @@
+"""Training: layer pairing and schedule, losses falling, exact resumption, checkpoint format, data geometry.
+
+Everything runs on tiny configs (``tiny-test`` student, ``tiny-test-teacher``) in seconds on a CPU.
+"""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from FastSAM3DLib.geometry import Volume, extract_label, extract_model_input, roi_centred_on_mask
+from FastSAM3DLib.registry import build_model
+from FastSAM3DLib.training import checkpoints
+from FastSAM3DLib.training.augment import AugmentConfig, Augmentation, apply_augmentation, draw_augmentation
+from FastSAM3DLib.training.data import CropCache, CropSampler, SampleSpec, masked_z_normalise, prepare_crops
+from FastSAM3DLib.training.distill import (NECK, DistillationTask, DistillConfig, TeacherFeatureCache, active_pairs,
+                                           default_layer_pairs, distill, parse_pairs)
+from FastSAM3DLib.training.engine import LoopConfig, lr_factor
+from FastSAM3DLib.training.finetune import FinetuneConfig, finetune, set_trainable
+from FastSAM3DLib.training.interaction import mask_only_steps, next_clicks, simulate_clicks
+from FastSAM3DLib.training.losses import DiceCELoss, feature_loss
+from FastSAM3DLib.training.phantoms import make_phantom
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tests are tiny, and on a shared machine several threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(volume: Volume, path):
+    sitk.WriteImage(volume.to_sitk(), str(path))
+    return path
+
+
+def _synthetic_pair(tmp_path, seed=0):
+    """A small oblique, anisotropic CT-like volume with two labelled blobs, written as image/label files."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 70, 60)  # (K, J, I)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    label = np.zeros(shape, np.uint8)
+    label[((i - 25) / 12.0) ** 2 + ((j - 35) / 15.0) ** 2 + ((k - 20) / 8.0) ** 2 <= 1] = 1
+    label[((i - 45) / 7.0) ** 2 + ((j - 30) / 9.0) ** 2 + ((k - 18) / 6.0) ** 2 <= 1] = 2
+    image = (40 + 150 * (label == 1) - 60 * (label == 2) + rng.normal(0, 10, shape)).astype(np.int16)
+    image[:, :, :4] = -1000
+    matrix = np.eye(4)
+    angle = np.deg2rad(12)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    matrix[:3, :3] = rotation @ np.diag([-1.8, 1.6, 2.5])
+    matrix[:3, 3] = (10, -20, 30)
+    return (_write(Volume(image, matrix), tmp_path / "case_ct.nii.gz"),
+            _write(Volume(label, matrix), tmp_path / "case_seg.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def crop_cache(tmp_path_factory):
+    """A crop cache (margin 4, exact float32 storage) of the two structures of one synthetic pair."""
+    folder = tmp_path_factory.mktemp("pairs")
+    pair = _synthetic_pair(folder)
+    cache = prepare_crops(folder / "cache", [pair], margin=4, min_voxels=50, float16=False, log=lambda _: None)
+    assert len(cache) == 2
+    return cache
+
+
+def _loop(tmp_path, name, **kw):
+    settings = dict(output=str(tmp_path / name), steps=4, steps_per_epoch=1, checkpoint_every=1, seed=7,
+                    quiet=True, threads=1, warmup_steps=1)
+    settings.update(kw)
+    return LoopConfig(**settings)
+
+
+def _read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------- pairing
+
+
+def test_default_layer_pairs_follow_the_paper():
+    # student output i (after block i+1) <-> teacher output 2(i+1)-1 (after teacher block 2(i+1))
+    assert default_layer_pairs(6, 12) == [(0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11)]
+    assert default_layer_pairs(3, 6) == [(0, 1), (1, 3), (2, 5)]
+    assert default_layer_pairs(4, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    with pytest.raises(ValueError):
+        default_layer_pairs(5, 12)
+    assert parse_pairs("0:1,1:3, 2:5") == [(0, 1), (1, 3), (2, 5)]
+    with pytest.raises(ValueError):
+        parse_pairs("0-1")
+
+
+def test_progressive_schedule_adds_one_pair_every_stage():
+    pairs = [(0, 1), (1, 3), (2, 5)]
+    expected = {0: pairs[:1], 1: pairs[:1], 2: pairs[:2], 3: pairs[:2], 4: pairs, 5: pairs,
+                6: pairs + [NECK], 7: pairs + [NECK], 50: pairs + [NECK]}
+    for epoch, active in expected.items():
+        assert active_pairs(epoch, pairs, stage_epochs=2) == active
+    assert active_pairs(0, pairs, 2, neck_from_start=True) == [(0, 1), NECK]
+    assert active_pairs(9, pairs, 2, neck_from_start=True) == pairs + [NECK]
+
+
+def test_distillation_runs_the_configured_schedule(tmp_path, crop_cache):
+    """The pairs matched at each step are those of the config (projections for the unequal widths)."""
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=2)
+    loop = _loop(tmp_path, "distill", steps=8)
+    summary = distill(config, loop, log=lambda _: None)
+    steps = [r for r in _read_log(tmp_path / "distill") if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for record in steps:
+        wanted = active_pairs(record["epoch"], default_layer_pairs(3, 6), 2)
+        assert record["pairs"] == [p if p == NECK else f"s{p[0]}-t{p[1]}" for p in wanted]
+        assert {k[5:] for k in record if k.startswith("loss_")} == set(record["pairs"])
+    assert steps[-1]["pairs"] == ["s0-t1", "s1-t3", "s2-t5", "neck"]
+    saved = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    # tiny-test is 48 wide, tiny-test-teacher 64: one projection per block pair, kept out of the student
+    assert sorted(saved["extra_state_dict"]) == ["s0_t1.bias", "s0_t1.weight", "s1_t3.bias", "s1_t3.weight",
+                                                 "s2_t5.bias", "s2_t5.weight"]
+    assert not any("s0_t1" in k for k in saved["model_state_dict"])
+    assert saved["args"]["pairs"] == [[0, 1], [1, 3], [2, 5]]
+
+
+def test_equal_widths_can_be_required(tmp_path, crop_cache):
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           require_equal_widths=True)
+    with pytest.raises(ValueError, match="width"):
+        DistillationTask(config, _loop(tmp_path, "eq"), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------- losses fall
+
+
+def test_distillation_loss_falls_on_a_fixed_batch(tmp_path, crop_cache):
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=1, lr=2e-3)
+    task = DistillationTask(config, _loop(tmp_path, "fixed-d"), torch.device("cpu"))
+    batch = task.sampler.batch(np.random.default_rng(0), 1)
+    task.sampler.batch = lambda rng, n: batch  # always the same batch
+    optimizer = torch.optim.AdamW(task.param_groups()[0]["params"], lr=2e-3)
+    task.train_mode()
+    losses = []
+    for step in range(8):
+        optimizer.zero_grad()
+        loss, _ = task.loss(step, epoch=10, rng=np.random.default_rng(step))  # epoch 10: all pairs + neck
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_finetune_loss_falls_on_a_fixed_batch(crop_cache):
+    torch.manual_seed(0)
+    model = build_model("tiny-test", seed=0)
+    set_trainable(model)
+    sampler = CropSampler(crop_cache, AugmentConfig(enabled=False), shift=False)
+    images, labels, _ = sampler.batch(np.random.default_rng(0), 1)
+    with torch.no_grad():
+        embedding = model.image_encoder(images)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(10):
+        optimizer.zero_grad()
+        loss, info = simulate_clicks(model, embedding, labels, DiceCELoss(), np.random.default_rng(0), num_clicks=3,
+                                     loss_size=32)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------- resumption
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, crop_cache, kind):
+    def run(name, **kw):
+        loop = _loop(tmp_path, name, **kw)
+        if kind == "finetune":
+            config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=3, unfreeze_blocks=1,
+                                    loss_size=64)
+            return finetune(config, loop, log=lambda _: None)
+        config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                               stage_epochs=1)
+        return distill(config, loop, log=lambda _: None)
+
+    whole = run("whole")
+    first = run("parts", stop_after_steps=2)
+    assert first["finished"] is False and first["steps"] == 2
+    assert _state(tmp_path / "parts" / "latest.pth")["step"] == 2
+    second = run("parts", resume=True)
+    assert second["finished"] is True and second["steps"] == 4
+    a, b = _state(whole["checkpoint"]), _state(second["checkpoint"])
+    assert a["step"] == b["step"] == 4 and a["epoch"] == b["epoch"] == 3
+    for key, value in a["model_state_dict"].items():
+        torch.testing.assert_close(b["model_state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    for key, value in a.get("extra_state_dict", {}).items():
+        torch.testing.assert_close(b["extra_state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    steps = [r["step"] for r in _read_log(tmp_path / "parts") if r["event"] == "step"]
+    assert steps == [1, 2, 3, 4]  # each step logged once
+    losses_whole = [r["loss"] for r in _read_log(tmp_path / "whole") if r["event"] == "step"]
+    losses_parts = [r["loss"] for r in _read_log(tmp_path / "parts") if r["event"] == "step"]
+    np.testing.assert_allclose(losses_parts, losses_whole, rtol=0, atol=1e-5)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, crop_cache):
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=2, loss_size=32)
+    finetune(config, _loop(tmp_path, "run", steps=1), log=lambda _: None)
+    with pytest.raises(FastSAM3DError, match="--resume"):
+        finetune(config, _loop(tmp_path, "run", steps=2), log=lambda _: None)
+    with pytest.raises(FastSAM3DError, match="other settings"):
+        finetune(FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=3, loss_size=32),
+                 _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_official_format_and_load_strictly(tmp_path, crop_cache):
+    config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=2, train_encoder=True,
+                            loss_size=32)
+    summary = finetune(config, _loop(tmp_path, "fmt", steps=2), log=lambda _: None)
+    latest = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert {"model_state_dict", "optimizer_state_dict", "epoch", "args"} <= set(latest)
+    assert isinstance(latest["args"], dict) and latest["args"]["model_name"] == "tiny-test"
+    assert latest["optimizer_state_dict"]["state"]  # resumable: AdamW moments are there
+    weights = torch.load(summary["weights"], map_location="cpu", weights_only=True)
+    assert weights["optimizer_state_dict"] is None and weights["epoch"] == latest["epoch"]
+    for path in (summary["checkpoint"], summary["weights"]):
+        model = build_model("tiny-test", checkpoint=path)  # strict key and shape check
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, latest["model_state_dict"][key]), key
+    small = checkpoints.export_weights(summary["checkpoint"], tmp_path / "half.pth", torch.float16)
+    assert small.stat().st_size < (tmp_path / "fmt" / "latest.pth").stat().st_size
+    build_model("tiny-test", checkpoint=small)
+    assert not list((tmp_path / "fmt").glob(".*tmp"))  # atomic writes leave no temporary files
+
+
+def test_plain_args_have_no_objects():
+    import argparse
+
+    plain = checkpoints.plain({"ns": argparse.Namespace(a=1, b=(2, 3)), "cfg": AugmentConfig(), "p": tmp_path_like()})
+    assert plain == {"ns": {"a": 1, "b": [2, 3]}, "cfg": {"enabled": True, "flip_probability": 0.5,
+                                                           "scale": [0.9, 1.1], "shift": [-0.1, 0.1]},
+                     "p": "x/y"}
+
+
+def tmp_path_like():
+    from pathlib import Path
+
+    return Path("x/y")
+
+
+def test_finetune_freezes_what_it_should():
+    model = build_model("tiny-test", seed=0)
+    assert set_trainable(model) == []
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    assert all(p.requires_grad for p in model.mask_decoder.parameters())
+    assert set_trainable(model, unfreeze_blocks=1) == ["blocks.2", "neck"]
+    trainable = {n.split(".")[1] + "." + n.split(".")[2] if n.startswith("image_encoder.blocks") else n.split(".")[1]
+                 for n, p in model.named_parameters() if p.requires_grad and n.startswith("image_encoder")}
+    assert trainable == {"blocks.2", "neck"}
+    assert set_trainable(model, train_encoder=True) == ["all"]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def test_dice_ce_matches_the_monai_formula():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8, 8), (torch.rand(2, 1, 8, 8, 8) > 0.5).float()
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((2, 3, 4))
+    dice = 1 - (2 * inter + 1e-5) / ((p * p).sum((2, 3, 4)) + (target * target).sum((2, 3, 4)) + 1e-5)
+    expected = dice.mean() + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(DiceCELoss()(logits, target), expected)
+    perfect = DiceCELoss()(target * 40 - 20, target)
+    assert float(perfect) < 1e-6
+    assert float(feature_loss("mse")(torch.ones(3), torch.zeros(3))) == 1.0
+    with pytest.raises(ValueError):
+        feature_loss("nope")
+
+
+def test_official_click_loop_details():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        steps = mask_only_steps(rng, 11)
+        assert len(steps) == 2 and 2 <= steps[0] < 9 and steps[1] == 10
+    truth = np.zeros((1, 16, 16, 16), bool)
+    truth[0, 4:10, 4:10, 4:10] = True
+    points, labels = next_clicks(truth, None, rng)  # empty prediction: a click in the object, include
+    assert points.shape == (1, 1, 3) and labels.tolist() == [[1]] and truth[0][tuple(points[0, 0].astype(int))]
+    logits = np.where(truth, 5.0, 0.3).astype(np.float32)  # 0.3 < 0.5: background for the click generator
+    logits[0, 12:, 12:, 12:] = 2.0  # a false positive
+    points, labels = next_clicks(truth, logits, rng)
+    assert labels.tolist() == [[0]] and np.all(points[0, 0] >= 12)
+
+
+def test_simulated_clicks_sum_the_loss_of_every_step():
+    model = build_model("tiny-test", seed=0)
+    labels = torch.zeros(1, 1, 128, 128, 128)
+    labels[..., 50:70, 50:70, 50:70] = 1
+    with torch.no_grad():
+        embedding = model.image_encoder(torch.randn(1, 1, 128, 128, 128))
+    calls = []
+
+    def loss_fn(logits, target):
+        calls.append(tuple(logits.shape))
+        return logits.mean() * 0 + 1.0
+
+    total, info = simulate_clicks(model, embedding, labels, loss_fn, np.random.default_rng(0), num_clicks=5,
+                                  loss_size=32)
+    assert float(total.detach()) == 5.0 and calls == [(1, 1, 32, 32, 32)] * 5 and 0 <= info["dice_last"] <= 1
+
+
+def test_crops_equal_the_inference_geometry(tmp_path, crop_cache):
+    """Centred window, no augmentation: exactly extract_model_input / extract_label of the official box."""
+    entry = crop_cache.entries[0]
+    sampler = CropSampler(crop_cache, AugmentConfig(enabled=False), shift=False)
+    image, mask = sampler.build(SampleSpec(entry.index, (crop_cache.margin,) * 3, Augmentation()))
+    from FastSAM3DLib.evaluation.dataset import find_cases, load_case
+
+    case = [c for c in find_cases(crop_cache.root.parent) if c.name == entry.case][0]
+    volume, labels, _ = load_case(case)
+    roi = roi_centred_on_mask(volume, labels == entry.value)
+    np.testing.assert_array_equal(image, extract_model_input(volume, roi))
+    np.testing.assert_array_equal(mask, extract_label(Volume(labels, volume.ijk_to_ras), roi) == entry.value)
+    assert mask.sum() == entry.voxels
+    with pytest.raises(ValueError):
+        masked_z_normalise(np.zeros(10, np.float32))
+
+
+def test_sampler_shifts_and_augments_consistently(crop_cache):
+    sampler = CropSampler(crop_cache, AugmentConfig(flip_probability=1.0, scale=(2.0, 2.0), shift=(1.0, 1.0)))
+    spec = sampler.draw(np.random.default_rng(3))
+    assert spec.augmentation.flips == (True, True, True) and all(0 <= o <= 8 for o in spec.offset)
+    image, mask = sampler.build(spec)
+    plain = CropSampler(crop_cache, AugmentConfig(enabled=False))
+    ref_image, ref_mask = plain.build(SampleSpec(spec.entry, spec.offset, Augmentation()))
+    np.testing.assert_array_equal(mask, ref_mask[::-1, ::-1, ::-1])
+    np.testing.assert_allclose(image, ref_image[::-1, ::-1, ::-1] * 2 + 1, rtol=1e-6, atol=1e-5)
+    assert draw_augmentation(np.random.default_rng(0), AugmentConfig(enabled=False)) == Augmentation()
+    a, b = apply_augmentation(np.ones((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), Augmentation((True, False, False)))
+    assert a.dtype == np.float32 and a.flags.c_contiguous and b.flags.c_contiguous
+    with pytest.raises(ValueError, match="unknown group"):
+        CropSampler(crop_cache, group_weights={"nope": 1.0})
+
+
+def test_prepare_crops_skips_excluded_and_resumes(tmp_path):
+    pair = _synthetic_pair(tmp_path)
+    cache = prepare_crops(tmp_path / "c", [pair], margin=0, min_voxels=50, exclude=["2"], log=lambda _: None)
+    assert [e.value for e in cache.entries] == [1]
+    again = prepare_crops(tmp_path / "c", [pair], margin=0, min_voxels=50, log=lambda _: None)
+    assert [e.value for e in again.entries] == [1, 2]  # only the missing structure was added
+    held_out = prepare_crops(tmp_path / "d", [pair], margin=0, exclude_cases=["case*"], log=lambda _: None)
+    assert len(held_out) == 0
+    assert CropCache.open(tmp_path / "c").side == 128
+
+
+def test_phantoms_are_random_labelled_volumes():
+    a = make_phantom(np.random.default_rng(1), max_voxels=200_000)
+    b = make_phantom(np.random.default_rng(1), max_voxels=200_000)
+    np.testing.assert_array_equal(a.image.array, b.image.array)  # seeded
+    assert a.names and set(np.unique(a.label.array)) - {0} == set(a.names)
+    assert a.image.shape == a.label.shape and np.prod(a.image.shape) <= 200_000
+    spacings, directions = [], []
+    for seed in range(6):
+        p = make_phantom(np.random.default_rng(seed), max_voxels=100_000)
+        spacings.append(np.round(p.image.spacing, 3))
+        directions.append(np.round(p.image.ijk_to_ras[:3, :3] / p.image.spacing, 3))
+        assert p.image.array.dtype in (np.int16, np.float32)
+    assert len({tuple(s) for s in spacings}) > 1 and any(not np.allclose(np.abs(d), np.eye(3)) for d in directions)
+
+
+def test_teacher_feature_cache(tmp_path):
+    features = {"t1": torch.randn(1, 2, 2, 2, 4), NECK: torch.randn(1, 3, 2, 2, 2)}
+    for mode in ("memory", "disk"):
+        cache = TeacherFeatureCache(mode, tmp_path / mode, max_items=1)
+        assert cache.get("a") is None
+        cache.put("a", features)
+        got = cache.get("a")
+        torch.testing.assert_close(got["t1"].float(), features["t1"], atol=1e-2, rtol=1e-2)
+        assert cache.hits == 1 and cache.misses == 1
+    memory = TeacherFeatureCache("memory", max_items=1)
+    memory.put("a", features)
+    memory.put("b", features)
+    assert memory.get("a") is None  # bounded
+    with pytest.raises(ValueError):
+        TeacherFeatureCache("disk")
+
+
+def test_learning_rate_schedule():
+    config = LoopConfig(output="x", steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(10)]
+    assert factors[0] == 0.5 and factors[1] == 1.0 and factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:])) and factors[-1] > 0.1
+    assert lr_factor(5, LoopConfig(output="x", schedule="constant")) == 1.0
+
+
+def test_cli_commands_end_to_end(tmp_path):
+    from FastSAM3DLib.cli import main
+
+    image, label = _synthetic_pair(tmp_path)
+    cache = tmp_path / "cache"
+    assert main(["prepare-data", str(cache), "--source", str(tmp_path), "--min-voxels", "50", "--margin", "2"]) == 0
+    common = ["--steps", "2", "--steps-per-epoch", "1", "--quiet", "--threads", "1"]
+    assert main(["finetune", str(cache), "--model", "tiny-test-teacher", "--train-encoder", "--clicks", "2",
+                 "--loss-size", "32", "--output", str(tmp_path / "teacher"), *common]) == 0
+    assert main(["distill", str(cache), "--teacher", "tiny-test-teacher", "--teacher-checkpoint",
+                 str(tmp_path / "teacher" / "model.pth"), "--student", "tiny-test", "--stage-epochs", "1",
+                 "--output", str(tmp_path / "student"), *common]) == 0
+    assert main(["finetune", str(cache), "--model", "tiny-test", "--checkpoint", str(tmp_path / "student" / "model.pth"),
+                 "--clicks", "2", "--loss-size", "32", "--output", str(tmp_path / "final"), *common]) == 0
+    assert main(["export-weights", str(tmp_path / "final" / "latest.pth"), str(tmp_path / "w.pth")]) == 0
+    build_model("tiny-test", checkpoint=tmp_path / "w.pth")
+    # the student started from the teacher's prompt encoder and mask decoder (same shapes)
+    teacher = torch.load(tmp_path / "teacher" / "model.pth", weights_only=True)["model_state_dict"]
+    student = torch.load(tmp_path / "student" / "model.pth", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(student[k], v) for k, v in teacher.items() if k.startswith("mask_decoder."))
