@@ -98,17 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="segment a structure of the bundled sample and write a PNG preview")
     demo.add_argument("--output-dir", default="out/demo", help="where to write the label and the preview")
 
-    try:
-        from .weights import commands as weight_commands
-    except ImportError:
-        weight_commands = None
-    if weight_commands is not None and hasattr(weight_commands, "add_subcommands"):
-        weight_commands.add_subcommands(sub)
     from .evaluation.cli import add_subcommand as add_evaluate_command
-
-    add_evaluate_command(sub)
     from .training.cli import add_subcommands as add_training_commands
+    from .weights.commands import add_subcommands as add_weight_commands
 
+    add_weight_commands(sub)
+    add_evaluate_command(sub)
     add_training_commands(sub)
     return parser
 
