@@ -56,6 +56,7 @@ def atomic_save(obj: Any, path) -> Path:
     os.close(handle)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -119,6 +120,12 @@ def model_weights(path) -> Dict[str, torch.Tensor]:
     from ..weights import load_state_dict
 
     return load_state_dict(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _cpu(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
