@@ -63,7 +63,7 @@ def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, s
         log("No model weights are available offline, so the demo cannot segment anything meaningful.\n"
             "  - official FastSAM3D weights: python -m FastSAM3DLib download fastsam3d  (needs internet), or\n"
             "    python -m FastSAM3DLib import fastsam3d FastSAM3D.pth  (a copy you downloaded elsewhere)\n"
-            "  - the bundled demo weights (Resources/Models/fastsam3d-demo.pth) are not part of this build yet.")
+            f"  - the bundled demo weights ({resources_dir() / DEMO_WEIGHTS}) are missing from this installation.")
         return 0
     model_name, checkpoint, description = weights
     log(f"model: {model_name}, {description}")

@@ -127,6 +127,7 @@ def test_bad_points_and_checkpoints_give_an_error_and_no_file(tmp_path, sample, 
 
 def test_demo_without_weights_says_so_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("FastSAM3DLib.demo.DEMO_WEIGHTS", "Models/not-in-this-build.pth")
     lines = []
     assert run_demo(tmp_path / "demo", log=lines.append) == 0
     assert "No model weights are available offline" in "\n".join(lines)
