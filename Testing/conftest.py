@@ -42,3 +42,14 @@ def _deterministic_torch():
     state = torch.random.get_rng_state()
     yield
     torch.random.set_rng_state(state)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for tiny models: on a shared machine more threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

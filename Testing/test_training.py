@@ -23,13 +23,7 @@ from FastSAM3DLib.training.losses import DiceCELoss, feature_loss
 from FastSAM3DLib.training.phantoms import make_phantom
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tests are tiny, and on a shared machine several threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write(volume: Volume, path):

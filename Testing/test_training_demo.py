@@ -20,15 +20,8 @@ CARD = resources_dir() / "Models" / "MODEL_CARD.md"
 MARGIN = 0.03
 CARD_LINE = re.compile(r"demo click Dice[^:]*:\s*\**\s*([0-9.]+)", re.IGNORECASE)
 
-pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"bundled demo weights {WEIGHTS} are absent")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"bundled demo weights {WEIGHTS} are absent"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def card_figure() -> float:
