@@ -26,10 +26,10 @@ def interior_point(volume: Volume, structure_mask: np.ndarray) -> np.ndarray:
 
 def choose_weights() -> Optional[Tuple[str, object, str]]:
     """(model name, checkpoint, description) of the best weights available offline, or None."""
-    from .registry import _cached_checkpoint, get_model_config
+    from .registry import cached_checkpoint, get_model_config
 
     try:
-        return "fastsam3d", _cached_checkpoint(get_model_config("fastsam3d")), "official FastSAM3D weights (cache)"
+        return "fastsam3d", cached_checkpoint(get_model_config("fastsam3d")), "official FastSAM3D weights (cache)"
     except WeightsUnavailableError:
         pass
     bundled = resources_dir() / DEMO_WEIGHTS

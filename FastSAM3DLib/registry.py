@@ -5,6 +5,7 @@ Like ``segment_anything``'s ``sam_model_registry``: ``build_model(name)`` return
 official ones, so official checkpoints and SAM-style research code work unchanged.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -150,13 +151,13 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
     else:
         model = Sam3D(config, backend)
     if isinstance(checkpoint, str) and checkpoint == "cached":
-        checkpoint = _cached_checkpoint(config, cache_dir)
+        checkpoint = cached_checkpoint(config, cache_dir)
     if checkpoint is not None:
         weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
     return model.to(device or "cpu").eval()
 
 
-def _cached_checkpoint(config: ModelConfig, cache_dir=None):
+def cached_checkpoint(config: ModelConfig, cache_dir=None) -> Path:
     """Path of the verified cached weights for ``config`` or a WeightsUnavailableError saying what to do."""
     from .weights import resolve_checkpoint
 

@@ -11,6 +11,8 @@ It turns MRML nodes into library inputs and library results into Segment Editor 
   segment through the Segment Editor's own logic (``vtkSlicerSegmentEditorLogic``, Slicer 5.10+), so the
   editable area, the "modify other segments" (overwrite) mode and the editable intensity range apply exactly
   as they do for Paint and Erase, and the edit is one undo step.
+* :func:`segment_mask` / :class:`SegmentBaseline` - a segment's voxels on the source grid, kept before the
+  first point so that removing every point gives the segment back as it was.
 * :func:`segment_volume_node` - the batch call for the Slicer Python console.
 
 The write goes through an *editor*: :class:`LogicEditor` (a Segment Editor logic of its own, for scripts,
@@ -446,6 +448,72 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             rollback.close()
         if own_editor:
             editor.close()
+
+
+def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.ndarray:
+    """The segment's voxels on the source volume's grid, (K, J, I) bool, through both nodes' transforms.
+
+    Nearest-neighbour where the segmentation has another voxel lattice (exact on the same lattice).
+    """
+    _checked_segmentation(segmentation_node, segment_id)
+    dims = _checked_source(source_volume_node)
+    out = np.zeros(dims[::-1], dtype=bool)
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, image, False) or image.GetPointData().GetScalars() is None:
+        return out
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    reference = _oriented_image(None, _array_from_vtk_matrix(ijk_to_ras), extent)
+    segmentation_to_volume = np.linalg.inv(node_to_world(source_volume_node)) @ node_to_world(segmentation_node)
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(_vtk_matrix(segmentation_to_volume))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, resampled, False, False, transform):
+        raise FastSAM3DError("Could not map the segment onto the source volume's grid.")
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    e = resampled.GetExtent()
+    lo = [max(extent[2 * a], e[2 * a]) for a in range(3)]
+    hi = [min(extent[2 * a + 1], e[2 * a + 1]) for a in range(3)]
+    if resampled.GetPointData().GetScalars() is None or any(a > b for a, b in zip(lo, hi)):
+        return out
+    values = _image_array(resampled)[tuple(slice(lo[a] - e[2 * a], hi[a] - e[2 * a] + 1) for a in (2, 1, 0))]
+    out[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))] = values == label  # a shared layer: pick the label
+    return out
+
+
+class SegmentBaseline:
+    """The segment as it was before the first point of a series, so that removing every point restores it.
+
+    Each click makes the segment equal the prediction inside the click's region; when the user then removes
+    the last remaining point, the effect writes :meth:`mask_in` of the final region instead of an empty mask,
+    so the segment's own earlier voxels come back (other segments' voxels that the prediction overwrote are
+    restored by the Segment Editor's undo, Ctrl+Z). Only the bounding box of the segment's voxels is kept.
+    """
+
+    def __init__(self, segmentation_node, segment_id: str, source_volume_node) -> None:
+        full = segment_mask(segmentation_node, segment_id, source_volume_node)
+        self.region: Optional[Region] = None
+        self.mask: Optional[np.ndarray] = None
+        if full.any():
+            nonzero = [np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+            self.region = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
+            self.mask = full[self.region].copy()
+
+    def mask_in(self, region: Region) -> np.ndarray:
+        """The baseline segment inside ``region`` (bounded (k, j, i) slices of the source grid), bool."""
+        out = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+        if self.region is None:
+            return out
+        lo = [max(r.start, b.start) for r, b in zip(region, self.region)]
+        hi = [min(r.stop, b.stop) for r, b in zip(region, self.region)]
+        if any(l >= h for l, h in zip(lo, hi)):
+            return out
+        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
+            self.mask[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, self.region))]
+        return out
 
 
 def volume_from_node_matrix(volume_node) -> np.ndarray:

@@ -764,3 +764,50 @@ def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch
                                                                                       (24, 32, 32)))
     tag = vtk.reference("")
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetTag(sc.MODEL_TAG, tag) and str(tag) == "tiny-test"
+
+
+def test_segment_mask_matches_the_segment_through_transforms(app):
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    t_seg = linear_transform(app.scene, translated(rotation(2, 25), (3.0, 1.0, -2.0)))
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(t_seg.GetID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # its grid follows the volume
+    sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    assert not sc.segment_mask(segmentation, sid, volume).any()  # an empty segment
+    mask = ball((9, 14, 16), (4, 7, 8), 5)
+    sc.write_region(segmentation, sid, volume, REGION, mask)
+    assert np.array_equal(sc.segment_mask(segmentation, sid, volume), placed(REGION, mask))
+
+
+def test_removing_every_point_gives_the_segment_back(app, tiny_model):
+    """Click, click, undo point, undo point: the segment's own earlier voxels come back (no Ctrl+Z needed)."""
+    from FastSAM3DLib.session import InteractiveSession
+
+    phantom = _phantom_volume()
+    volume = make_volume(app.scene, phantom.ijk_to_ras, phantom.array)
+    segmentation = make_segmentation(app.scene, volume)
+    kk, jj, ii = np.indices(phantom.shape)
+    before = ((ii >= 10) & (ii < 20) & (jj >= 12) & (jj < 18) & (kk >= 9) & (kk < 14)) | \
+        ((ii < 3) & (jj < 3) & (kk < 3))  # a drawing under the clicks and a part far away
+    sid = set_segment(segmentation, volume, "B", before)
+    assert np.array_equal(sc.segment_mask(segmentation, sid, volume), before)
+    session = InteractiveSession(tiny_model, phantom)
+    points, labels = [[24.0, 24.0, 22.0], [12.0, 30.0, 20.0]], [1, 0]
+    baseline = None
+    with sc.LogicEditor(app.scene) as editor:
+        for n in (1, 2):
+            if n == 1:
+                baseline = sc.SegmentBaseline(segmentation, sid, volume)
+            result = sc.replay_clicks(session, points[:n], labels[:n])
+            sc.write_region(segmentation, sid, volume, result.region, result.mask, editor=editor)
+        changed = sc.segment_mask(segmentation, sid, volume)
+        assert not np.array_equal(changed, before)  # the prediction replaced the drawing in its region
+        result = sc.replay_clicks(session, points[:1], labels[:1])  # undo point: one left
+        sc.write_region(segmentation, sid, volume, result.region, result.mask, editor=editor)
+        result = sc.replay_clicks(session, [], [])  # undo point: none left
+        assert not result.mask.any()  # the session alone would clear its region...
+        sc.write_region(segmentation, sid, volume, result.region, baseline.mask_in(result.region), editor=editor)
+    assert np.array_equal(sc.segment_mask(segmentation, sid, volume), before)  # ...the baseline restores it
+    empty = sc.SegmentBaseline(segmentation, segmentation.GetSegmentation().AddEmptySegment("", "E"), volume)
+    assert empty.region is None and not empty.mask_in(result.region).any()

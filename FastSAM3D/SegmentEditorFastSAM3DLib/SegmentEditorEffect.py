@@ -88,6 +88,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.predictorForTesting = None
         self._worker = None
         self._sessions = {}  # (segmentation ID, segment ID) -> InteractiveSession; only the worker touches them
+        self._baselines = {}  # (segmentation ID, segment ID, volume ID) -> the segment before its first point
         self._volume = (None, None)  # (cache key, Volume)
         self._downloadCancelled = False
         self._progress = None  # (done, total) of a running download, written by the worker
@@ -324,6 +325,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         node.RemoveAllControlPoints()
         key = self._sessionKey()
+        self._baselines = {k: v for k, v in self._baselines.items() if k[:2] != tuple(key)[:2]}
         self._ensureWorker().submit(("clear",), lambda: self._sessions.pop(key, None))
         self._timer.start()
         self._status(_("Points cleared; the segment is unchanged."))
@@ -384,8 +386,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
         segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationNodeId)
         sourceVolumeNode = slicer.mrmlScene.GetNodeByID(sourceVolumeNodeId)
+        key = (segmentationNodeId, segmentId, sourceVolumeNodeId)
         try:
             start = time.perf_counter()
+            if action == "click" and count == 1:  # a new series of points: remember the segment as it is
+                self._baselines[key] = scene.SegmentBaseline(segmentationNode, segmentId, sourceVolumeNode)
+            elif count == 0 and key in self._baselines:  # every point removed: give the segment back
+                mask = self._baselines.pop(key).mask_in(region)
             with slicer.util.RenderBlocker():
                 scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
                                    editor=scene.EffectEditor(self.scriptedEffect))
