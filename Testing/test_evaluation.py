@@ -332,3 +332,21 @@ def test_evaluate_on_the_shared_totalseg_ct(shared_data, tmp_path):
     for row in rows:  # every simulated click lies inside the volume
         ijk = geometry.ras_to_ijk(volume, np.array([[float(row[c]) for c in ("click_r", "click_a", "click_s")]]))[0]
         assert np.all(ijk >= -0.5) and np.all(ijk <= np.array(volume.shape[::-1]) - 0.5)
+
+
+def test_demo_heldout_manifest_names_real_structures(shared_data):
+    """The model card's held-out set (Testing/Evaluation/demo-heldout.json): every case loads and every listed
+    structure is present, with the names of the data's own label tables."""
+    manifest = Path(__file__).parent / "Evaluation" / "demo-heldout.json"
+    cases = ds.find_cases(manifest)
+    assert [c.name for c in cases] == ["example_ct_sm", "example_ct", "MRIcrop"]
+    tables = json.loads((shared_data / "totalseg" / "labels.json").read_text())
+    for case in cases:
+        assert case.image.is_file() and case.label.is_file()
+        _, labels, _ = ds.load_case(case)
+        values, missing = ds.select_structures(case, [int(v) for v in np.unique(labels) if v])
+        assert not missing and len(values) == len(case.structures)
+        own = tables.get(case.label.name, {}).get("labels", {})
+        for value in values:
+            if own:
+                assert own[str(value)]["name"] == case.structure_name(value)
