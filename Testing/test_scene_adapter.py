@@ -196,6 +196,17 @@ def ball(shape, centre_kji, radius):
 REGION = (slice(3, 12), slice(4, 18), slice(5, 21))
 
 
+def oblique_volume_and_transformed_segmentation(app):
+    """An oblique volume and a segmentation under its own rotation, its grid following the volume's."""
+    volume = make_volume(app.scene, oblique_ijk_to_ras())
+    t_seg = linear_transform(app.scene, translated(rotation(2, 25), (3.0, 1.0, -2.0)))
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(t_seg.GetID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return volume, segmentation
+
+
 def three_segments(app, ijk_to_ras=None):
     volume = make_volume(app.scene, ijk_to_ras)
     segmentation = make_segmentation(app.scene, volume)
@@ -333,12 +344,7 @@ def test_write_is_voxel_exact_on_an_oblique_transformed_volume(app):
 
 def test_segmentation_on_another_transform_and_grid_shift(app):
     """The segmentation under its own transform, with a grid shifted by whole voxels: still a copy."""
-    volume = make_volume(app.scene, oblique_ijk_to_ras())
-    t_seg = linear_transform(app.scene, translated(rotation(2, 25), (3.0, 1.0, -2.0)))
-    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetAndObserveTransformNodeID(t_seg.GetID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    volume, segmentation = oblique_volume_and_transformed_segmentation(app)
     name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     geometry = slicer.vtkOrientedImageData()
     slicer.vtkSegmentationConverter.DeserializeImageGeometry(
@@ -767,12 +773,7 @@ def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch
 
 
 def test_segment_mask_matches_the_segment_through_transforms(app):
-    volume = make_volume(app.scene, oblique_ijk_to_ras())
-    t_seg = linear_transform(app.scene, translated(rotation(2, 25), (3.0, 1.0, -2.0)))
-    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetAndObserveTransformNodeID(t_seg.GetID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # its grid follows the volume
+    volume, segmentation = oblique_volume_and_transformed_segmentation(app)
     sid = segmentation.GetSegmentation().AddEmptySegment("", "B")
     assert not sc.segment_mask(segmentation, sid, volume).any()  # an empty segment
     mask = ball((9, 14, 16), (4, 7, 8), 5)
