@@ -457,11 +457,10 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
     """
     _checked_segmentation(segmentation_node, segment_id)
     dims = _checked_source(source_volume_node)
-    out = np.zeros(dims[::-1], dtype=bool)
     image = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
             segmentation_node, segment_id, image, False) or image.GetPointData().GetScalars() is None:
-        return out
+        return np.zeros(dims[::-1], dtype=bool)
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
     ijk_to_ras = vtk.vtkMatrix4x4()
     source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
@@ -474,14 +473,7 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
             image, reference, resampled, False, False, transform):
         raise FastSAM3DError("Could not map the segment onto the source volume's grid.")
     label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    e = resampled.GetExtent()
-    lo = [max(extent[2 * a], e[2 * a]) for a in range(3)]
-    hi = [min(extent[2 * a + 1], e[2 * a + 1]) for a in range(3)]
-    if resampled.GetPointData().GetScalars() is None or any(a > b for a, b in zip(lo, hi)):
-        return out
-    values = _image_array(resampled)[tuple(slice(lo[a] - e[2 * a], hi[a] - e[2 * a] + 1) for a in (2, 1, 0))]
-    out[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))] = values == label  # a shared layer: pick the label
-    return out
+    return _values_in_extent(resampled, extent) == label  # the segment's layer may be shared: pick its label
 
 
 class SegmentBaseline:
@@ -618,21 +610,27 @@ def _image_array(image) -> np.ndarray:
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
 
 
-def _array_in_extent(image, extent) -> np.ndarray:
-    """(K, J, I) copy of ``image``'s voxels over ``extent``; zero where the image does not reach."""
-    out = np.zeros((extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1), np.uint8)
+def _values_in_extent(image, extent) -> np.ndarray:
+    """(K, J, I) copy of ``image``'s voxel values over ``extent``; zero where the image does not reach."""
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if image is None or image.GetPointData().GetScalars() is None:
-        return out
+        return np.zeros(shape, np.uint8)
+    source = _image_array(image)
+    out = np.zeros(shape, source.dtype)
     e = image.GetExtent()
     lo = [max(extent[2 * a], e[2 * a]) for a in range(3)]
     hi = [min(extent[2 * a + 1], e[2 * a + 1]) for a in range(3)]
     if any(l > h for l, h in zip(lo, hi)):
         return out
-    source = _image_array(image)
     src = tuple(slice(lo[a] - e[2 * a], hi[a] - e[2 * a] + 1) for a in (2, 1, 0))
     dst = tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a] + 1) for a in (2, 1, 0))
-    out[dst] = source[src] != 0
+    out[dst] = source[src]
     return out
+
+
+def _array_in_extent(image, extent) -> np.ndarray:
+    """(K, J, I) uint8 mask of ``image``'s nonzero voxels over ``extent``; zero where the image does not reach."""
+    return (_values_in_extent(image, extent) != 0).astype(np.uint8)
 
 
 def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
