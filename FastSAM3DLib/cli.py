@@ -3,9 +3,7 @@
 Every command prints a one-line error (no traceback) and exits with status 2 for problems the user can fix.
 """
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -13,6 +11,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .errors import FastSAM3DError, PromptError
+from .files import atomic_output
 
 
 def parse_point(text: str) -> Tuple[np.ndarray, bool]:
@@ -34,16 +33,8 @@ def write_label_atomically(volume, mask: np.ndarray, output: Path) -> None:
     import SimpleITK as sitk
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(output.suffixes) or ".nii.gz"
-    handle, tmp = tempfile.mkstemp(suffix=suffix, dir=output.parent, prefix=".fastsam3d-")
-    os.close(handle)
-    try:
-        sitk.WriteImage(volume.to_sitk(mask.astype(np.uint8)), tmp, True)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(output, suffix="".join(output.suffixes) or ".nii.gz") as tmp:
+        sitk.WriteImage(volume.to_sitk(mask.astype(np.uint8)), str(tmp), True)
 
 
 def segment(image: str, points: List[Tuple[np.ndarray, bool]], model_name: str, checkpoint: Optional[str],

@@ -19,12 +19,12 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import FastSAM3DError
+from ..files import atomic_output
 from .metrics import click_curve_summary, nan_mean
 
 FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
@@ -67,14 +67,9 @@ def _format(value) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as stream:
             stream.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _csv_text(fields, rows) -> str:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+
+from ..files import atomic_output
 
 CHECKPOINT_NAME = "latest.pth"
 WEIGHTS_NAME = "model.pth"
@@ -49,19 +49,10 @@ def plain(value: Any) -> Any:
 
 
 def atomic_save(obj: Any, path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a partial file."""
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], epoch: int,
@@ -120,12 +111,6 @@ def model_weights(path) -> Dict[str, torch.Tensor]:
     from ..weights import load_state_dict
 
     return load_state_dict(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _cpu(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..files import atomic_output
 from .augment import AugmentConfig, Augmentation, apply_augmentation, draw_augmentation
 
 DEFAULT_SIZE = 128
@@ -121,21 +120,13 @@ class CropCache:
     def _write_index(self) -> None:
         text = json.dumps({"size": self.size, "margin": self.margin, "entries": [asdict(e) for e in self.entries]},
                           indent=1)
-        handle, tmp = tempfile.mkstemp(prefix=".index.", dir=self.root)
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.root / self.INDEX)
+        with atomic_output(self.root / self.INDEX) as tmp:
+            tmp.write_text(text)
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, suffix=".npy") as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..files import atomic_output
 from . import checkpoints
 
 SCHEDULES = ("cosine", "constant")
@@ -132,9 +132,8 @@ class JsonLog:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        with atomic_output(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept))
 
     def write(self, record: Dict[str, Any]) -> None:
         """Append one record."""
