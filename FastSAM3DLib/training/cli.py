@@ -168,6 +168,12 @@ def _teacher_checkpoint(name: str, given):
     return "cached" if get_model_config(name).weights else None
 
 
+def _report(summary) -> int:
+    """Print a training run's summary; the exit code."""
+    print(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; weights {summary.get('weights')}")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     """``prepare-data``."""
     from .data import prepare_crops
@@ -196,9 +202,7 @@ def cmd_distill(args) -> int:
                            teacher_cache=args.teacher_cache, teacher_cache_items=args.teacher_cache_items,
                            group_weights=parse_group_weights(args.group_weights), augment=_augment(args),
                            attention=args.attention)
-    summary = distill(config, _loop(args))
-    print(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; weights {summary.get('weights')}")
-    return 0
+    return _report(distill(config, _loop(args)))
 
 
 def cmd_finetune(args) -> int:
@@ -211,9 +215,7 @@ def cmd_finetune(args) -> int:
                             decoder_lr=args.decoder_lr, clicks=args.clicks, loss_size=args.loss_size,
                             group_weights=parse_group_weights(args.group_weights), augment=_augment(args),
                             attention=args.attention)
-    summary = finetune(config, _loop(args))
-    print(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; weights {summary.get('weights')}")
-    return 0
+    return _report(finetune(config, _loop(args)))
 
 
 def cmd_export(args) -> int:

@@ -285,8 +285,6 @@ def distill(config: DistillConfig, loop: LoopConfig, log=print) -> Dict[str, Any
     """
     from .engine import resolve_device
 
-    if loop.threads:
-        torch.set_num_threads(int(loop.threads))
     device = resolve_device(loop.device)
     task = DistillationTask(config, loop, device)
     log(f"distilling {config.teacher} -> {config.student} on {device}: pairs "

@@ -116,8 +116,6 @@ def finetune(config: FinetuneConfig, loop: LoopConfig, log=print) -> Dict[str, A
     Writes ``<loop.output>/latest.pth`` (resumable) and ``<loop.output>/model.pth`` (weights only); both load
     with ``build_model(config.model, checkpoint=...)``.
     """
-    if loop.threads:
-        torch.set_num_threads(int(loop.threads))
     device = resolve_device(loop.device)
     task = FinetuneTask(config, loop, device)
     what = "whole model" if config.train_encoder else (
