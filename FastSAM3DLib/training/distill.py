@@ -258,9 +258,9 @@ class DistillationTask(TrainingTask):
                 student, teacher = neck.permute(0, 2, 3, 4, 1), target[NECK].permute(0, 2, 3, 4, 1)
             else:
                 student, teacher = blocks[pair[0]], target[f"t{pair[1]}"]
-            projection = self.extra[name.replace("-", "_")] if name.replace("-", "_") in self.extra else None
-            if projection is not None:
-                student = projection(student)
+            key = name.replace("-", "_")  # ModuleDict keys cannot hold "-"
+            if key in self.extra:
+                student = self.extra[key](student)
             value = self.loss_fn(student, teacher)
             metrics[f"loss_{name}"] = float(value.detach())
             total = total + value
