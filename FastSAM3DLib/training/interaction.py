@@ -9,7 +9,8 @@ As ``interaction()`` of the official ``train.py`` (FastSAM3D and SAM-Med3D, refe
   threshold, :func:`~FastSAM3DLib.evaluation.clicks.prediction_for_clicks`);
 * only the newest click is fed (``--multi_click`` off), with the previous step's low-res logits;
 * at one random step in ``[2, 9)`` and at the last step the prompt is the mask alone (``points=None``);
-* the logits are upsampled trilinearly to the label's size and the segmentation loss of every step is summed.
+* the logits are upsampled trilinearly to the label's size (:func:`~FastSAM3DLib.upsample.trilinear_upsample`, the
+  same resize as ``F.interpolate`` computed as matrix products) and the segmentation loss of every step is summed.
   ``loss_size`` (an option, not the official recipe) computes the loss on a coarser grid instead (logits
   upsampled to ``loss_size``^3, the label area-averaged to it: soft targets): on a CPU the full-resolution
   loss of 11 clicks costs far more than the model itself. Clicks are always simulated at full resolution.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluation.clicks import prediction_for_clicks, random_error_click
+from ..upsample import trilinear_upsample
 
 DEFAULT_CLICKS = 11
 MASK_ONLY_RANGE = (2, 9)
@@ -85,11 +87,11 @@ def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, 
         sparse, dense = prompt_encoder(points=points, boxes=None, masks=low_res)
         low_res, _ = decoder(image_embeddings=image_embedding, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
                              dense_prompt_embeddings=dense, multimask_output=False)
-        upsampled = F.interpolate(low_res.float(), size=loss_grid, mode="trilinear", align_corners=False)
+        upsampled = trilinear_upsample(low_res.float(), loss_grid)
         total = total + loss_fn(upsampled, target)
         if loss_grid != tuple(size):
             with torch.no_grad():
-                upsampled = F.interpolate(low_res.float(), size=size, mode="trilinear", align_corners=False)
+                upsampled = trilinear_upsample(low_res.float(), size)
         upsampled_np = upsampled[:, 0].detach().cpu().numpy()
     prediction = upsampled_np > 0
     inter = np.logical_and(prediction, truth).sum(axis=(1, 2, 3))
