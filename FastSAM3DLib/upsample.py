@@ -8,15 +8,20 @@ resize, to float rounding, and backpropagates through matrix products instead of
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
+@functools.lru_cache(maxsize=32)
 def linear_weights(size_in: int, size_out: int, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``(size_in, size_out)`` weights of 1D linear resizing with ``align_corners=False`` (as torch's)."""
+    """The ``(size_in, size_out)`` weights of 1D linear resizing with ``align_corners=False`` (as torch's).
+
+    Cached: the training loop resizes the same shapes twice per click. Treat the result as read-only.
+    """
     identity = torch.eye(size_in, dtype=dtype, device=device)[None]
     return F.interpolate(identity, size=size_out, mode="linear", align_corners=False)[0]
 

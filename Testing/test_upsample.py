@@ -22,7 +22,7 @@ def test_equals_interpolate_values_and_gradients(size_in, size_out):
     torch.testing.assert_close(actual_grad, expected_grad, rtol=0, atol=1e-12)
 
 
-def test_linear_weights_rows_sum_to_one_and_are_local():
+def test_linear_weights_of_each_output_sum_to_one_and_are_local():
     weights = linear_weights(4, 16, dtype=torch.float64)
     torch.testing.assert_close(weights.sum(dim=0), torch.ones(16, dtype=torch.float64))
     assert weights[3, :4].abs().sum() == 0  # the last input voxel does not reach the first output voxels
