@@ -8,7 +8,7 @@ The two official encoders differ in ways baked into their weights (see the proje
   ``mlp_only_blocks`` have no attention at all; the rest are global.
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -159,15 +159,26 @@ class ImageEncoder3D(nn.Module):
                 block.attn.backend = backend
                 block.attn.sparse = sparse if block.attn.window is None else None
 
-    def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
-        """Encode a batch of volumes; optionally also return the tokens after every block (for distillation)."""
+    def block_outputs(self, x: torch.Tensor, depth: Optional[int] = None) -> List[torch.Tensor]:
+        """The tokens (B, D, H, W, C) after each of the first ``depth`` blocks (default: all), without the neck.
+
+        Distillation stages that match only early blocks use it to skip the blocks after them.
+        """
         expected = (self.cfg.in_chans,) + (self.img_size,) * 3
         if x.dim() != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"image encoder expects (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        depth = len(self.blocks) if depth is None else depth
+        if not 1 <= depth <= len(self.blocks):
+            raise ValueError(f"depth must be between 1 and {len(self.blocks)}, got {depth}")
         x = self.patch_embed(x) + self.pos_embed
         outputs: List[torch.Tensor] = []
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = block(x)
             outputs.append(x)
-        embedding = self.neck(x.permute(0, 4, 1, 2, 3))
+        return outputs
+
+    def forward(self, x: torch.Tensor, return_block_outputs: bool = False):
+        """Encode a batch of volumes; optionally also return the tokens after every block (for distillation)."""
+        outputs = self.block_outputs(x)
+        embedding = self.neck(outputs[-1].permute(0, 4, 1, 2, 3))
         return (embedding, outputs) if return_block_outputs else embedding

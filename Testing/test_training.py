@@ -117,6 +117,49 @@ def test_distillation_runs_the_configured_schedule(tmp_path, crop_cache):
     assert saved["args"]["pairs"] == [[0, 1], [1, 3], [2, 5]]
 
 
+def test_early_stages_run_only_the_blocks_their_pairs_need(tmp_path, crop_cache):
+    """Stage 1 (pair s0-t1) runs 1 student and 2 teacher blocks and no neck; its loss and gradients equal those
+    computed from the full encoders; once the neck is matched, everything runs."""
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=1)
+    task = DistillationTask(config, _loop(tmp_path, "depth"), torch.device("cpu"))
+    batch = task.sampler.batch(np.random.default_rng(0), 1)
+    task.sampler.batch = lambda rng, n: batch
+    calls = {"student": 0, "teacher": 0, "necks": 0}
+
+    def counter(name):
+        def hook(module, args, output):
+            calls[name] += 1
+        return hook
+
+    for name, model in (("student", task.model), ("teacher", task.teacher)):
+        for block in model.image_encoder.blocks:
+            block.register_forward_hook(counter(name))
+        model.image_encoder.neck.register_forward_hook(counter("necks"))
+    task.train_mode()
+    loss, metrics = task.loss(0, epoch=0, rng=np.random.default_rng(0))
+    assert calls == {"student": 1, "teacher": 2, "necks": 0}
+    assert list(metrics) == ["loss_s0-t1"]
+    loss.backward()
+    truncated = {n: p.grad.clone() for n, p in task.model.image_encoder.named_parameters() if p.grad is not None}
+    assert truncated and all(n.startswith(("patch_embed", "pos_embed", "blocks.0.")) for n in truncated)
+
+    task.model.zero_grad(set_to_none=True)
+    images = batch[0]
+    with torch.no_grad():
+        _, teacher_blocks = task.teacher.image_encoder(images, return_block_outputs=True)
+    _, student_blocks = task.model.image_encoder(images, return_block_outputs=True)
+    reference = task.loss_fn(task.extra["s0_t1"](student_blocks[0]), teacher_blocks[1])
+    reference.backward()
+    assert torch.equal(loss.detach(), reference.detach())
+    for name, grad in truncated.items():
+        assert torch.allclose(grad, dict(task.model.image_encoder.named_parameters())[name].grad, atol=1e-7), name
+
+    calls.update(student=0, teacher=0, necks=0)
+    task.loss(0, epoch=3, rng=np.random.default_rng(0))  # all three pairs and the neck
+    assert calls == {"student": 3, "teacher": 6, "necks": 2}
+
+
 def test_equal_widths_can_be_required(tmp_path, crop_cache):
     config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
                            require_equal_widths=True)
@@ -390,6 +433,21 @@ def test_teacher_feature_cache(tmp_path):
     assert memory.get("a") is None  # bounded
     with pytest.raises(ValueError):
         TeacherFeatureCache("disk")
+
+
+def test_cached_teacher_features_serve_every_stage(tmp_path, crop_cache):
+    """A stage-1 step fills the cache with every paired teacher output and the neck, so the final stage of the
+    same sample is a cache hit with all its targets."""
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=1, teacher_cache="memory")
+    task = DistillationTask(config, _loop(tmp_path, "cached"), torch.device("cpu"))
+    batch = task.sampler.batch(np.random.default_rng(0), 1)
+    task.sampler.batch = lambda rng, n: batch
+    task.loss(0, epoch=0, rng=np.random.default_rng(0))
+    assert sorted(task.cache.get(batch[2][0])) == ["neck", "t1", "t3", "t5"]
+    _, metrics = task.loss(1, epoch=3, rng=np.random.default_rng(1))
+    assert task.cache.hits == 2 and task.cache.misses == 1
+    assert sorted(metrics) == ["loss_neck", "loss_s0-t1", "loss_s1-t3", "loss_s2-t5"]
 
 
 def test_learning_rate_schedule():

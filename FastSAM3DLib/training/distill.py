@@ -17,6 +17,8 @@ epochs the next pair is added, until all block pairs and finally the neck are ma
 7 stages). ``neck_from_start=True`` matches the neck from the first epoch (what the official
 ``distillation.py`` effectively trains, since its layer-wise term is commented out) and adds the block pairs
 progressively. The loss is the sum over active pairs of ``feature_loss(student, teacher)`` (MSE by default).
+Until the neck is matched, a stage runs student and teacher only up to their deepest active block (the
+blocks after it would not change the loss), so the early stages cost a fraction of a full step.
 
 **Widths.** When a student's width differs from the teacher's (block tokens or neck channels), a learnable
 linear projection per pair maps the student features to the teacher's width (``projections``); it is
@@ -231,16 +233,34 @@ class DistillationTask(TrainingTask):
         return {"pairs": [pair_name(p) for p in self.active(epoch)],
                 "teacher_cache_hits": self.cache.hits}
 
-    def teacher_features(self, images: torch.Tensor, keys: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """Teacher block outputs (the paired ones) and neck output, from the cache or computed now."""
+    def depths(self, active) -> Tuple[Optional[int], Optional[int]]:
+        """How many (student, teacher) blocks the ``active`` pairs need; None: the whole encoder and its neck."""
+        if NECK in active:
+            return None, None
+        return max(s for s, _ in active) + 1, max(t for _, t in active) + 1
+
+    def teacher_features(self, images: torch.Tensor, keys: Sequence[str],
+                         depth: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Teacher block outputs (the paired ones) and neck output, from the cache or computed now.
+
+        ``depth``: run only the first ``depth`` teacher blocks (no neck) when nothing is cached; a cache always
+        gets every paired output and the neck, so that its entries serve the later stages too.
+        """
         needed = sorted({t for _, t in self.pairs})
-        cached = [self.cache.get(k) for k in keys] if self.cache.mode != "none" else [None] * len(keys)
-        if all(c is not None for c in cached):
-            return {k: torch.cat([c[k] for c in cached]).to(self.device, torch.float32) for k in cached[0]}
+        if self.cache.mode != "none":
+            cached = [self.cache.get(k) for k in keys]
+            if all(c is not None for c in cached):
+                return {k: torch.cat([c[k] for c in cached]).to(self.device, torch.float32) for k in cached[0]}
+            depth = None
+        encoder = self.teacher.image_encoder
         with torch.no_grad():
-            neck, blocks = self.teacher.image_encoder(images, return_block_outputs=True)
-        features = {f"t{t}": blocks[t].float() for t in needed}
-        features[NECK] = neck.float()
+            if depth is None:
+                neck, blocks = encoder(images, return_block_outputs=True)
+            else:
+                neck, blocks = None, encoder.block_outputs(images, depth)
+        features = {f"t{t}": blocks[t].float() for t in needed if t < len(blocks)}
+        if neck is not None:
+            features[NECK] = neck.float()
         for i, key in enumerate(keys):
             self.cache.put(key, {k: v[i:i + 1] for k, v in features.items()})
         return features
@@ -248,11 +268,16 @@ class DistillationTask(TrainingTask):
     def loss(self, step: int, epoch: int, rng: np.random.Generator):
         images, _, keys = self.sampler.batch(rng, self.batch_size)
         images = images.to(self.device)
-        target = self.teacher_features(images, keys)
-        neck, blocks = self.model.image_encoder(images, return_block_outputs=True)
-        total = neck.new_zeros((), dtype=torch.float32)
+        active = self.active(epoch)
+        student_depth, teacher_depth = self.depths(active)  # early stages skip the blocks after their pairs
+        target = self.teacher_features(images, keys, teacher_depth)
+        if student_depth is None:
+            neck, blocks = self.model.image_encoder(images, return_block_outputs=True)
+        else:
+            neck, blocks = None, self.model.image_encoder.block_outputs(images, student_depth)
+        total = blocks[0].new_zeros((), dtype=torch.float32)
         metrics: Dict[str, float] = {}
-        for pair in self.active(epoch):
+        for pair in active:
             name = pair_name(pair)
             if pair == NECK:
                 student, teacher = neck.permute(0, 2, 3, 4, 1), target[NECK].permute(0, 2, 3, 4, 1)
