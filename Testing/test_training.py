@@ -17,8 +17,8 @@ from FastSAM3DLib.training.data import CropCache, CropSampler, SampleSpec, maske
 from FastSAM3DLib.training.distill import (NECK, DistillationTask, DistillConfig, TeacherFeatureCache, active_pairs,
                                            default_layer_pairs, distill, parse_pairs)
 from FastSAM3DLib.training.engine import LoopConfig, lr_factor
-from FastSAM3DLib.training.finetune import FinetuneConfig, finetune, set_trainable
-from FastSAM3DLib.training.interaction import mask_only_steps, next_clicks, simulate_clicks
+from FastSAM3DLib.training.finetune import FinetuneConfig, FinetuneTask, finetune, set_trainable
+from FastSAM3DLib.training.interaction import mask_only_steps, next_clicks, overlap, simulate_clicks
 from FastSAM3DLib.training.losses import DiceCELoss, feature_loss
 from FastSAM3DLib.training.phantoms import make_phantom
 
@@ -357,6 +357,71 @@ def test_simulated_clicks_sum_the_loss_of_every_step():
     total, info = simulate_clicks(model, embedding, labels, loss_fn, np.random.default_rng(0), num_clicks=5,
                                   loss_size=32)
     assert float(total.detach()) == 5.0 and calls == [(1, 1, 32, 32, 32)] * 5 and 0 <= info["dice_last"] <= 1
+
+
+def test_overlap_gives_dice_and_iou_per_sample():
+    prediction = np.zeros((3, 4, 4), bool)
+    truth = np.zeros((3, 4, 4), bool)
+    prediction[0, :2], truth[0, 1:3] = True, True  # 8 and 8 voxels, 4 shared
+    truth[1, 0, 0] = True  # nothing predicted
+    dice, iou = overlap(prediction, truth)  # sample 2: both empty
+    np.testing.assert_allclose(dice, [0.5, 0.0, 1.0])
+    np.testing.assert_allclose(iou, [4 / 12, 0.0, 1.0])
+
+
+def test_iou_term_is_the_weighted_squared_error_of_the_predicted_iou():
+    """The IoU term adds weight x MSE(predicted IoU, actual IoU of the step's mask), summed over the steps; the
+    segmentation part and the simulated clicks stay the same."""
+    model = build_model("tiny-test", seed=0)
+    labels = torch.zeros(1, 1, 128, 128, 128)
+    labels[..., 40:80, 50:70, 45:75] = 1
+    with torch.no_grad():
+        embedding = model.image_encoder(torch.randn(1, 1, 128, 128, 128))
+    totals, infos = {}, {}
+    for weight in (0.0, 1.0, 3.0):
+        total, infos[weight] = simulate_clicks(model, embedding, labels, DiceCELoss(), np.random.default_rng(4),
+                                               num_clicks=4, loss_size=32, iou_weight=weight)
+        totals[weight] = float(total.detach())
+    term = totals[1.0] - totals[0.0]
+    assert term > 0 and totals[3.0] - totals[0.0] == pytest.approx(3 * term, rel=1e-5)
+    assert infos[0.0]["dice_last"] == infos[1.0]["dice_last"] and "iou_error" not in infos[0.0]
+    # term = sum over the 4 steps of the squared error; the logged mean absolute error is at most its RMS
+    assert 0 < infos[1.0]["iou_error"] <= (term / 4) ** 0.5 + 1e-6
+
+
+def test_iou_head_only_changes_nothing_but_the_iou_head(tmp_path, crop_cache):
+    """--iou-head-only: the predicted IoU learns (its error falls on a fixed batch) and every other weight, so
+    every mask, stays bit-identical."""
+    model = build_model("tiny-test", seed=0)
+    assert set_trainable(model, iou_head_only=True) == []
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mask_decoder.iou_prediction_head.") for n in trainable)
+    with pytest.raises(ValueError, match="IoU head alone"):
+        set_trainable(model, unfreeze_blocks=1, iou_head_only=True)
+    with pytest.raises(ValueError, match="iou_weight"):
+        FinetuneTask(FinetuneConfig(model="tiny-test", data=str(crop_cache.root), iou_head_only=True),
+                     _loop(tmp_path, "noweight"), torch.device("cpu"))
+
+    config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=3, loss_size=32, lr=1e-2,
+                            decoder_lr=1e-2, iou_weight=1.0, iou_head_only=True)
+    task = FinetuneTask(config, _loop(tmp_path, "iou"), torch.device("cpu"))
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    batch = task.sampler.batch(np.random.default_rng(0), 1)
+    task.sampler.batch = lambda rng, n: batch
+    optimizer = torch.optim.AdamW([g["params"] for g in task.param_groups()][0], lr=1e-2, weight_decay=0.1)
+    assert len(task.param_groups()) == 1
+    task.train_mode()
+    errors = []
+    for step in range(30):
+        optimizer.zero_grad()
+        loss, info = task.loss(step, 0, np.random.default_rng(1))
+        loss.backward()
+        optimizer.step()
+        errors.append(info["iou_error"])
+    assert errors[-1] < 0.5 * errors[0], errors
+    after = task.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
 
 
 def test_crops_equal_the_inference_geometry(tmp_path, crop_cache):

@@ -132,6 +132,11 @@ def add_subcommands(subparsers) -> None:
     fine.add_argument("--loss-size", type=int, default=None,
                       help="compute the loss on a SIZE^3 grid (label area-averaged) instead of the full 128^3 "
                            "(official); e.g. 64 makes CPU runs several times faster")
+    fine.add_argument("--iou-weight", type=float, default=0.0,
+                      help="also train the predicted IoU: this weight times the squared error to each click's "
+                           "actual IoU (default 0: the official loss has no IoU term)")
+    fine.add_argument("--iou-head-only", action="store_true",
+                      help="train only the IoU prediction head (masks stay exactly as they are); needs --iou-weight")
     _add_loop_arguments(fine, lr=8e-4)
     fine.set_defaults(func=cmd_finetune)
 
@@ -213,6 +218,7 @@ def cmd_finetune(args) -> int:
     config = FinetuneConfig(model=args.model, data=args.data, checkpoint=args.checkpoint,
                             unfreeze_blocks=args.unfreeze_blocks, train_encoder=args.train_encoder, lr=args.lr,
                             decoder_lr=args.decoder_lr, clicks=args.clicks, loss_size=args.loss_size,
+                            iou_weight=args.iou_weight, iou_head_only=args.iou_head_only,
                             group_weights=parse_group_weights(args.group_weights), augment=_augment(args),
                             attention=args.attention)
     return _report(finetune(config, _loop(args)))

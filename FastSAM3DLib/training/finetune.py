@@ -7,7 +7,10 @@ cross-entropy (:class:`~.losses.DiceCELoss`) summed over the clicks. Options:
 * ``unfreeze_blocks=k``: the last ``k`` encoder blocks and the neck learn too (the official
   ``train_unfreeze.py`` unfreezes from the last block backwards);
 * ``train_encoder=True``: the whole encoder learns (patch embedding, positional embedding, every block, neck):
-  training a model from scratch on the segmentation task, e.g. the small teacher of the demo pipeline.
+  training a model from scratch on the segmentation task, e.g. the small teacher of the demo pipeline;
+* ``iou_weight=w`` adds the IoU-prediction term (:func:`~.interaction.simulate_clicks`; the official loss has
+  none, so the official recipe leaves the predicted IoU untrained); ``iou_head_only=True`` trains nothing but
+  the IoU prediction head, so that the masks of a trained model stay exactly as they are.
 
 Learning rates: ``lr`` for encoder parameters, ``decoder_lr`` for the prompt encoder and mask decoder (the
 official script uses ``lr`` 8e-4 and ``0.1 * lr`` for the decoder parts). Frozen blocks run without
@@ -41,18 +44,27 @@ class FinetuneConfig:
     decoder_lr: Optional[float] = None  # default 0.1 * lr (official)
     clicks: int = DEFAULT_CLICKS
     loss_size: Optional[int] = None  # None: the full 128^3 grid (official); e.g. 64 for CPU runs
+    iou_weight: float = 0.0  # 0: no IoU-prediction term (official)
+    iou_head_only: bool = False  # train only the IoU prediction head (needs iou_weight > 0)
     group_weights: Optional[Dict[str, float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     attention: Optional[str] = None
 
 
-def set_trainable(model, unfreeze_blocks: int = 0, train_encoder: bool = False) -> List[str]:
-    """Freeze/unfreeze the encoder as configured (prompt encoder and decoder always train); returns the names
-    of the trainable encoder parts."""
+def set_trainable(model, unfreeze_blocks: int = 0, train_encoder: bool = False,
+                  iou_head_only: bool = False) -> List[str]:
+    """Freeze/unfreeze the encoder as configured (prompt encoder and decoder train unless ``iou_head_only``,
+    which freezes everything but the IoU prediction head); returns the names of the trainable encoder parts."""
     encoder = model.image_encoder
     depth = len(encoder.blocks)
     if unfreeze_blocks < 0 or unfreeze_blocks > depth:
         raise ValueError(f"unfreeze_blocks must be in 0..{depth}, got {unfreeze_blocks}")
+    if iou_head_only:
+        if unfreeze_blocks or train_encoder:
+            raise ValueError("iou_head_only trains the IoU head alone: it cannot be combined with encoder training")
+        model.requires_grad_(False)
+        model.mask_decoder.iou_prediction_head.requires_grad_(True)
+        return []
     encoder.requires_grad_(bool(train_encoder))
     parts = ["all"] if train_encoder else []
     if not train_encoder and unfreeze_blocks:
@@ -75,7 +87,10 @@ class FinetuneTask(TrainingTask):
         self.config = config
         self.model = build_model(config.model, checkpoint=config.checkpoint, device=device,
                                  attention_backend=config.attention, seed=loop.seed)
-        self.trainable_encoder = set_trainable(self.model, config.unfreeze_blocks, config.train_encoder)
+        if config.iou_head_only and config.iou_weight <= 0:
+            raise ValueError("iou_head_only needs iou_weight > 0 (the IoU term is its only loss)")
+        self.trainable_encoder = set_trainable(self.model, config.unfreeze_blocks, config.train_encoder,
+                                               config.iou_head_only)
         self.encoder_trains = any(p.requires_grad for p in self.model.image_encoder.parameters())
         self.sampler = CropSampler(CropCache.open(config.data), config.augment, config.group_weights)
         self.loss_fn = DiceCELoss()
@@ -84,16 +99,17 @@ class FinetuneTask(TrainingTask):
                      "trainable_encoder": self.trainable_encoder}
         self.fingerprint = {"model": config.model, "seed": loop.seed, "unfreeze_blocks": config.unfreeze_blocks,
                             "train_encoder": config.train_encoder, "clicks": config.clicks,
-                            "loss_size": config.loss_size}
+                            "loss_size": config.loss_size, "iou_weight": config.iou_weight,
+                            "iou_head_only": config.iou_head_only}
 
     def param_groups(self):
         decoder_lr = self.config.decoder_lr if self.config.decoder_lr is not None else 0.1 * self.config.lr
         groups = []
-        encoder = [p for p in self.model.image_encoder.parameters() if p.requires_grad]
-        if encoder:
-            groups.append({"params": encoder, "lr": self.config.lr})
-        groups.append({"params": list(self.model.prompt_encoder.parameters()), "lr": decoder_lr})
-        groups.append({"params": list(self.model.mask_decoder.parameters()), "lr": decoder_lr})
+        for module, lr in ((self.model.image_encoder, self.config.lr), (self.model.prompt_encoder, decoder_lr),
+                           (self.model.mask_decoder, decoder_lr)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": lr})
         return groups
 
     def train_mode(self) -> None:
@@ -107,7 +123,7 @@ class FinetuneTask(TrainingTask):
         with torch.set_grad_enabled(self.encoder_trains):
             embedding = self.model.image_encoder(images)
         return simulate_clicks(self.model, embedding, labels, self.loss_fn, rng, self.config.clicks,
-                               loss_size=self.config.loss_size)
+                               loss_size=self.config.loss_size, iou_weight=self.config.iou_weight)
 
 
 def finetune(config: FinetuneConfig, loop: LoopConfig, log=print) -> Dict[str, Any]:
@@ -118,7 +134,7 @@ def finetune(config: FinetuneConfig, loop: LoopConfig, log=print) -> Dict[str, A
     """
     device = resolve_device(loop.device)
     task = FinetuneTask(config, loop, device)
-    what = "whole model" if config.train_encoder else (
+    what = "whole model" if config.train_encoder else "IoU prediction head only" if config.iou_head_only else (
         f"prompt encoder + mask decoder + {', '.join(task.trainable_encoder)}" if task.trainable_encoder
         else "prompt encoder + mask decoder (encoder frozen)")
     log(f"fine-tuning {config.model} on {device}: {what}; {config.clicks} simulated clicks per sample")

@@ -16,6 +16,10 @@ As ``interaction()`` of the official ``train.py`` (FastSAM3D and SAM-Med3D, refe
   loss of 11 clicks costs far more than the model itself. Clicks are always simulated at full resolution.
 
 The logits fed back keep their graph, as in the official code (gradients flow through the feedback chain).
+
+``iou_weight`` (an option, not the official recipe, whose loss has no IoU term) adds ``iou_weight`` times the
+mean squared error between the decoder's predicted IoU and the actual IoU of each step's full-resolution mask,
+so that the predicted IoU shown to users means something.
 """
 from __future__ import annotations
 
@@ -58,12 +62,14 @@ def next_clicks(labels: np.ndarray, upsampled_logits: Optional[np.ndarray], rng:
 
 def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, loss_fn, rng: np.random.Generator,
                     num_clicks: int = DEFAULT_CLICKS, mask_only: Optional[Sequence[int]] = None,
-                    loss_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Run the official click loop on a batch; returns (summed loss, {"dice_last": ..., "clicks": n}).
+                    loss_size: Optional[int] = None, iou_weight: float = 0.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Run the official click loop on a batch; returns (summed loss, {"dice_last": ..., "clicks": n}, plus
+    "iou_error", the mean absolute error of the predicted IoU, when ``iou_weight`` is set).
 
     ``model``: a Sam3D (prompt_encoder, mask_decoder); ``image_embedding`` (B, C, 8, 8, 8); ``labels``
     (B, 1, S, S, S) float {0, 1}; ``loss_fn(logits, labels)``; ``mask_only``: the mask-only steps (default:
-    :func:`mask_only_steps`); ``loss_size``: side of the loss grid (default: the label's, official).
+    :func:`mask_only_steps`); ``loss_size``: side of the loss grid (default: the label's, official);
+    ``iou_weight``: weight of the IoU-prediction term (default 0, official).
     """
     if mask_only is None:
         mask_only = mask_only_steps(rng, num_clicks)
@@ -76,6 +82,7 @@ def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, 
     loss_grid = tuple(size) if not loss_size or loss_size == size[0] else (int(loss_size),) * 3
     target = labels if loss_grid == tuple(size) else F.interpolate(labels.float(), size=loss_grid, mode="area")
     total = image_embedding.new_zeros((), dtype=torch.float32)
+    iou_errors = []
     prompt_encoder, decoder = model.prompt_encoder, model.mask_decoder
     dense_pe = prompt_encoder.get_dense_pe()
     for step in range(num_clicks):
@@ -85,16 +92,31 @@ def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, 
             coords, click_labels = next_clicks(truth, upsampled_np, rng)
             points = (torch.from_numpy(coords).to(device), torch.from_numpy(click_labels).to(device))
         sparse, dense = prompt_encoder(points=points, boxes=None, masks=low_res)
-        low_res, _ = decoder(image_embeddings=image_embedding, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                             dense_prompt_embeddings=dense, multimask_output=False)
+        low_res, predicted_iou = decoder(image_embeddings=image_embedding, image_pe=dense_pe,
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=False)
         upsampled = trilinear_upsample(low_res.float(), loss_grid)
         total = total + loss_fn(upsampled, target)
         if loss_grid != tuple(size):
             with torch.no_grad():
                 upsampled = trilinear_upsample(low_res.float(), size)
         upsampled_np = upsampled[:, 0].detach().cpu().numpy()
-    prediction = upsampled_np > 0
-    inter = np.logical_and(prediction, truth).sum(axis=(1, 2, 3))
-    denom = prediction.sum(axis=(1, 2, 3)) + truth.sum(axis=(1, 2, 3))
-    dice = float(np.mean(np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)))
-    return total, {"dice_last": dice, "clicks": float(num_clicks)}
+        if iou_weight:
+            actual = torch.as_tensor(overlap(upsampled_np > 0, truth)[1], dtype=torch.float32, device=device)
+            total = total + iou_weight * F.mse_loss(predicted_iou[:, 0].float(), actual)
+            iou_errors.append(float((predicted_iou[:, 0].detach().float() - actual).abs().mean()))
+    metrics = {"dice_last": float(np.mean(overlap(upsampled_np > 0, truth)[0])), "clicks": float(num_clicks)}
+    if iou_errors:
+        metrics["iou_error"] = float(np.mean(iou_errors))
+    return total, metrics
+
+
+def overlap(prediction: np.ndarray, truth: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-sample (Dice, IoU) of boolean (B, ...) arrays; 1.0 where both are empty."""
+    axes = tuple(range(1, prediction.ndim))
+    inter = np.logical_and(prediction, truth).sum(axis=axes)
+    total = prediction.sum(axis=axes) + truth.sum(axis=axes)
+    union = total - inter
+    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return dice, iou
