@@ -67,6 +67,13 @@ def _loop(tmp_path, name, **kw):
     return LoopConfig(**settings)
 
 
+def _fix_batch(task):
+    """Make ``task`` draw the same batch (its first) at every step; returns that batch."""
+    batch = task.sampler.batch(np.random.default_rng(0), 1)
+    task.sampler.batch = lambda rng, n: batch
+    return batch
+
+
 def _read_log(folder):
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
@@ -123,8 +130,7 @@ def test_early_stages_run_only_the_blocks_their_pairs_need(tmp_path, crop_cache)
     config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
                            stage_epochs=1)
     task = DistillationTask(config, _loop(tmp_path, "depth"), torch.device("cpu"))
-    batch = task.sampler.batch(np.random.default_rng(0), 1)
-    task.sampler.batch = lambda rng, n: batch
+    batch = _fix_batch(task)
     calls = {"student": 0, "teacher": 0, "necks": 0}
 
     def counter(name):
@@ -174,8 +180,7 @@ def test_distillation_loss_falls_on_a_fixed_batch(tmp_path, crop_cache):
     config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
                            stage_epochs=1, lr=2e-3)
     task = DistillationTask(config, _loop(tmp_path, "fixed-d"), torch.device("cpu"))
-    batch = task.sampler.batch(np.random.default_rng(0), 1)
-    task.sampler.batch = lambda rng, n: batch  # always the same batch
+    _fix_batch(task)
     optimizer = torch.optim.AdamW(task.param_groups()[0]["params"], lr=2e-3)
     task.train_mode()
     losses = []
@@ -406,8 +411,7 @@ def test_iou_head_only_changes_nothing_but_the_iou_head(tmp_path, crop_cache):
                             decoder_lr=1e-2, iou_weight=1.0, iou_head_only=True)
     task = FinetuneTask(config, _loop(tmp_path, "iou"), torch.device("cpu"))
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    batch = task.sampler.batch(np.random.default_rng(0), 1)
-    task.sampler.batch = lambda rng, n: batch
+    _fix_batch(task)
     optimizer = torch.optim.AdamW([g["params"] for g in task.param_groups()][0], lr=1e-2, weight_decay=0.1)
     assert len(task.param_groups()) == 1
     task.train_mode()
@@ -506,8 +510,7 @@ def test_cached_teacher_features_serve_every_stage(tmp_path, crop_cache):
     config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
                            stage_epochs=1, teacher_cache="memory")
     task = DistillationTask(config, _loop(tmp_path, "cached"), torch.device("cpu"))
-    batch = task.sampler.batch(np.random.default_rng(0), 1)
-    task.sampler.batch = lambda rng, n: batch
+    batch = _fix_batch(task)
     task.loss(0, epoch=0, rng=np.random.default_rng(0))
     assert sorted(task.cache.get(batch[2][0])) == ["neck", "t1", "t3", "t5"]
     _, metrics = task.loss(1, epoch=3, rng=np.random.default_rng(1))

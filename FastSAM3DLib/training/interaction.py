@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluation.clicks import prediction_for_clicks, random_error_click
+from ..evaluation.metrics import dice_iou
 from ..upsample import trilinear_upsample
 
 DEFAULT_CLICKS = 11
@@ -102,21 +103,21 @@ def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, 
                 upsampled = trilinear_upsample(low_res.float(), size)
         upsampled_np = upsampled[:, 0].detach().cpu().numpy()
         if iou_weight:
-            actual = torch.as_tensor(overlap(upsampled_np > 0, truth)[1], dtype=torch.float32, device=device)
+            dice, iou = overlap(upsampled_np > 0, truth)
+            actual = torch.as_tensor(iou, dtype=torch.float32, device=device)
             total = total + iou_weight * F.mse_loss(predicted_iou[:, 0].float(), actual)
             iou_errors.append(float((predicted_iou[:, 0].detach().float() - actual).abs().mean()))
-    metrics = {"dice_last": float(np.mean(overlap(upsampled_np > 0, truth)[0])), "clicks": float(num_clicks)}
+    if not iou_weight:
+        dice, _ = overlap(upsampled_np > 0, truth)
+    metrics = {"dice_last": float(np.mean(dice)), "clicks": float(num_clicks)}
     if iou_errors:
         metrics["iou_error"] = float(np.mean(iou_errors))
     return total, metrics
 
 
 def overlap(prediction: np.ndarray, truth: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-sample (Dice, IoU) of boolean (B, ...) arrays; 1.0 where both are empty."""
-    axes = tuple(range(1, prediction.ndim))
-    inter = np.logical_and(prediction, truth).sum(axis=axes)
-    total = prediction.sum(axis=axes) + truth.sum(axis=axes)
-    union = total - inter
-    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    return dice, iou
+    """Per-sample (Dice, IoU) of boolean (B, ...) arrays (:func:`~FastSAM3DLib.evaluation.metrics.dice_iou`),
+    1.0 instead of NaN where both are empty (a training target: nothing to find, nothing found)."""
+    scores = np.array([dice_iou(p, t) for p, t in zip(prediction, truth)], dtype=np.float64).reshape(-1, 2)
+    scores = np.nan_to_num(scores, nan=1.0)
+    return scores[:, 0], scores[:, 1]
