@@ -75,14 +75,14 @@ def make_volume(scene, ijk_to_ras=None, array=None, name="CT"):
         kk, jj, ii = np.indices(SHAPE)
         array = (ii * 10 + jj - kk).astype(np.int16)  # a ramp along i: distinct intensities
     slicer.util.updateVolumeFromArray(node, array)
-    node.SetIJKToRASMatrix(sc._vtk_matrix(np.eye(4) if ijk_to_ras is None else ijk_to_ras))
+    node.SetIJKToRASMatrix(sc.nodes._vtk_matrix(np.eye(4) if ijk_to_ras is None else ijk_to_ras))
     node.CreateDefaultDisplayNodes()
     return node
 
 
 def linear_transform(scene, matrix, parent=None, name="T"):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    node.SetMatrixTransformToParent(sc._vtk_matrix(matrix))
+    node.SetMatrixTransformToParent(sc.nodes._vtk_matrix(matrix))
     if parent is not None:
         node.SetAndObserveTransformNodeID(parent.GetID())
     return node
@@ -100,7 +100,7 @@ def set_segment(segmentation_node, volume, name, mask_kji):
     segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
     ijk = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijk)
-    image = sc._oriented_image(mask_kji.astype(np.uint8), sc._array_from_vtk_matrix(ijk),
+    image = sc.writing._oriented_image(mask_kji.astype(np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
                                [0, mask_kji.shape[2] - 1, 0, mask_kji.shape[1] - 1, 0, mask_kji.shape[0] - 1])
     L = slicer.vtkSlicerSegmentationsModuleLogic
     assert L.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, L.MODE_REPLACE, image.GetExtent())
@@ -116,10 +116,10 @@ def segment_array(segmentation_node, segment_id, volume):
     volume.GetIJKToRASMatrix(ijk)
     dims = volume.GetImageData().GetDimensions()
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
-    reference = sc._oriented_image(None, sc._array_from_vtk_matrix(ijk), extent)
+    reference = sc.writing._oriented_image(None, sc.nodes._array_from_vtk_matrix(ijk), extent)
     seg_to_volume = np.linalg.inv(sc.node_to_world(volume)) @ sc.node_to_world(segmentation_node)
     transform = vtk.vtkTransform()
-    transform.SetMatrix(sc._vtk_matrix(seg_to_volume))
+    transform.SetMatrix(sc.nodes._vtk_matrix(seg_to_volume))
     out = slicer.vtkOrientedImageData()
     if image.GetPointData().GetScalars() is None:
         return np.zeros(dims[::-1], bool)
@@ -172,7 +172,7 @@ def fingerprint(segmentation_node):
         image.GetImageToWorldMatrix(matrix)
         scalars = image.GetPointData().GetScalars()
         data = numpy_support.vtk_to_numpy(scalars).tobytes() if scalars is not None else b""
-        layers.append((tuple(image.GetExtent()), tuple(np.round(sc._array_from_vtk_matrix(matrix), 9).ravel()),
+        layers.append((tuple(image.GetExtent()), tuple(np.round(sc.nodes._array_from_vtk_matrix(matrix), 9).ravel()),
                        image.GetScalarType(), hashlib.sha256(data).hexdigest()))
     return {"segments": segments, "layers": layers,
             "parameters": segmentation.SerializeAllConversionParameters(),
@@ -237,7 +237,7 @@ def test_volume_from_node_folds_nested_linear_transforms(app):
     volume_node.SetAndObserveTransformNodeID(inner.GetID())
 
     volume = sc.volume_from_node(volume_node)
-    expected = sc._array_from_vtk_matrix(outer.GetMatrixTransformToParent()) @ rotation(2, -9) @ local
+    expected = sc.nodes._array_from_vtk_matrix(outer.GetMatrixTransformToParent()) @ rotation(2, -9) @ local
     np.testing.assert_allclose(volume.ijk_to_ras, expected, atol=1e-9)
     assert volume.array.shape == SHAPE
     np.testing.assert_array_equal(volume.array, slicer.util.arrayFromVolume(volume_node))
@@ -351,9 +351,9 @@ def test_segmentation_on_another_transform_and_grid_shift(app):
         segmentation.GetSegmentation().GetConversionParameter(name), geometry, False)
     matrix = vtk.vtkMatrix4x4()
     geometry.GetImageToWorldMatrix(matrix)
-    shifted = sc._array_from_vtk_matrix(matrix)
+    shifted = sc.nodes._array_from_vtk_matrix(matrix)
     shifted[:3, 3] = shifted[:3, :3] @ [-3.0, 2.0, -1.0] + shifted[:3, 3]
-    geometry.SetGeometryFromImageToWorldMatrix(sc._vtk_matrix(shifted))
+    geometry.SetGeometryFromImageToWorldMatrix(sc.nodes._vtk_matrix(shifted))
     geometry.SetExtent(0, 40, 0, 30, 0, 20)
     segmentation.GetSegmentation().SetConversionParameter(
         name, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
@@ -370,7 +370,7 @@ def test_oversampled_segmentation_is_resampled_nearest_neighbour(app):
     ijk = sc.volume_from_node_matrix(volume)
     fine = ijk @ np.diag([0.5, 0.5, 0.5, 1.0])
     fine[:3, 3] = ijk[:3, :3] @ [-0.25, -0.25, -0.25] + ijk[:3, 3]  # same bounds, twice the voxels per axis
-    geometry = sc._oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
+    geometry = sc.writing._oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
     segmentation.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
         slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
@@ -759,7 +759,7 @@ def test_replay_clicks_follows_the_point_list(tiny_model):
 
 
 def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch, tiny_model):
-    monkeypatch.setattr(sc, "load_model", lambda model, device, checkpoint: tiny_model)
+    monkeypatch.setattr(sc.batch, "load_model", lambda model, device, checkpoint: tiny_model)
     volume_node = make_volume(app.scene, np.diag([1.5, 1.5, 2.0, 1.0]), _phantom_volume().array)
     segmentation, segment_id = sc.segment_volume_node(volume_node, [[24.0, 24.0, 22.0]], model="tiny-test",
                                                       device="cpu")

@@ -1,0 +1,340 @@
+"""Writing a model result into a segment through the Segment Editor logic, and reading a segment back."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import FastSAM3DError, InputImageError
+from .editors import _ADD, _REMOVE, _SN, EditorSettings, EffectEditor, LogicEditor
+from .nodes import _array_from_vtk_matrix, _vtk_matrix, node_to_world, volume_from_node_matrix
+
+Region = Tuple[slice, slice, slice]
+
+# A segmentation grid counts as "the source volume's grid shifted by whole voxels" within these tolerances
+# (voxel units); any other grid is resampled nearest-neighbour.
+_SAME_AXES_TOLERANCE = 1e-4
+_WHOLE_VOXEL_TOLERANCE = 1e-3
+
+
+def write_region(segmentation_node, segment_id: str, source_volume_node, region: Region, mask: np.ndarray,
+                 editor_settings=None, *, editor=None) -> None:
+    """Make the segment equal ``mask`` inside ``region`` of the source volume grid, as one Segment Editor edit.
+
+    ``region``: ``(slice_k, slice_j, slice_i)`` of the source volume array; ``mask``: bool (or 0/1 integer)
+    array of the region's shape. Inside the region the segment becomes exactly ``mask`` (voxels are set
+    *and* cleared) wherever the Segment Editor allows editing; outside the region nothing changes. It is what
+    a user gets by painting ``mask`` and erasing the rest of the region with the Paint and Erase effects,
+    after one saved undo state: the editable area, the editable intensity range and the overwrite mode
+    ("modify other segments") apply exactly as they do for them. In particular, as for Erase, a segment's own
+    voxels may always be cleared, and with the editable area "inside segment X" cleared voxels go back to X.
+
+    ``editor_settings``: a ``vtkMRMLSegmentEditorNode``, an :class:`EditorSettings`, or None (the editor's
+    own settings; Slicer's defaults - edit everywhere, overwrite all other segments, any intensity - for a
+    new editor). ``editor``: a :class:`LogicEditor` (reuse one to undo/redo across writes) or an
+    :class:`EffectEditor` inside the Segment Editor; None uses a temporary :class:`LogicEditor`.
+
+    If anything fails, the segmentation node is left exactly as it was and the exception propagates
+    (:class:`FastSAM3DError` subclasses carry a message for the user).
+    """
+    segmentation = _checked_segmentation(segmentation_node, segment_id)
+    bounds = _checked_region(region, _checked_source(source_volume_node))
+    mask = _checked_mask(mask, bounds)
+    settings = editor_settings
+    if settings is not None and not isinstance(settings, EditorSettings) and not isinstance(editor, EffectEditor):
+        settings = EditorSettings.from_node(settings)  # a parameter node: copy its values, never modify it
+    # source voxel (i, j, k) -> segmentation node coordinates; both transforms must be linear
+    mask_to_segmentation = np.linalg.inv(node_to_world(segmentation_node)) @ \
+        volume_from_node_matrix(source_volume_node)
+    if any(s.stop <= s.start for s in bounds):
+        return  # an empty region changes nothing
+
+    own_editor = editor is None
+    if own_editor:
+        editor = LogicEditor(segmentation_node.GetScene())
+    geometry = _GeometryParameter(segmentation_node)
+    rollback = None
+    try:
+        editor.prepare(segmentation_node, source_volume_node, segment_id, settings)
+        _check_mask_segment(editor.parameter_node(), segmentation)
+        reference = editor.reference_geometry()
+        if reference is None:
+            raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
+        to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
+        editor.take_errors()
+        rollback = _Rollback(segmentation_node)
+        editor.save_state_for_undo()
+        for image, mode in ((to_remove, _REMOVE), (to_add, _ADD)):
+            if image is not None and _has_voxels(image):
+                editor.modify(segmentation_node, segment_id, image, mode)
+        errors = editor.take_errors()
+        if errors:
+            raise FastSAM3DError("The Segment Editor could not apply the result (" + "; ".join(errors)[:500] +
+                                 "). The segment was left unchanged.")
+    except BaseException:
+        if rollback is not None:
+            rollback.restore()
+        geometry.restore()
+        raise
+    finally:
+        if rollback is not None:
+            rollback.close()
+        if own_editor:
+            editor.close()
+
+
+def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.ndarray:
+    """The segment's voxels on the source volume's grid, (K, J, I) bool, through both nodes' transforms.
+
+    Nearest-neighbour where the segmentation has another voxel lattice (exact on the same lattice).
+    """
+    _checked_segmentation(segmentation_node, segment_id)
+    dims = _checked_source(source_volume_node)
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, image, False) or image.GetPointData().GetScalars() is None:
+        return np.zeros(dims[::-1], dtype=bool)
+    extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    reference = _oriented_image(None, _array_from_vtk_matrix(ijk_to_ras), extent)
+    segmentation_to_volume = np.linalg.inv(node_to_world(source_volume_node)) @ node_to_world(segmentation_node)
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(_vtk_matrix(segmentation_to_volume))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, reference, resampled, False, False, transform):
+        raise FastSAM3DError("Could not map the segment onto the source volume's grid.")
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return _values_in_extent(resampled, extent) == label  # the segment's layer may be shared: pick its label
+
+
+class SegmentBaseline:
+    """The segment as it was before the first point of a series, so that removing every point restores it.
+
+    Each click makes the segment equal the prediction inside the click's region; when the user then removes
+    the last remaining point, the effect writes :meth:`mask_in` of the final region instead of an empty mask,
+    so the segment's own earlier voxels come back (other segments' voxels that the prediction overwrote are
+    restored by the Segment Editor's undo, Ctrl+Z). Only the bounding box of the segment's voxels is kept.
+    """
+
+    def __init__(self, segmentation_node, segment_id: str, source_volume_node) -> None:
+        full = segment_mask(segmentation_node, segment_id, source_volume_node)
+        self.region: Optional[Region] = None
+        self.mask: Optional[np.ndarray] = None
+        if full.any():
+            nonzero = [np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+            self.region = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
+            self.mask = full[self.region].copy()
+
+    def mask_in(self, region: Region) -> np.ndarray:
+        """The baseline segment inside ``region`` (bounded (k, j, i) slices of the source grid), bool."""
+        out = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+        if self.region is None:
+            return out
+        lo = [max(r.start, b.start) for r, b in zip(region, self.region)]
+        hi = [min(r.stop, b.stop) for r, b in zip(region, self.region)]
+        if any(l >= h for l, h in zip(lo, hi)):
+            return out
+        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
+            self.mask[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, self.region))]
+        return out
+
+
+def _checked_segmentation(segmentation_node, segment_id):
+    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        raise FastSAM3DError("Select a segmentation to write the result into.")
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id) if segment_id else None
+    if segment is None:
+        raise FastSAM3DError(f"Segment '{segment_id}' does not exist in '{segmentation_node.GetName()}'. "
+                             "Select or add a segment first.")
+    labelmap_name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != labelmap_name:
+        raise FastSAM3DError(f"'{segmentation_node.GetName()}' is stored as "
+                             f"'{segmentation.GetSourceRepresentationName()}', not as a binary labelmap. Open it "
+                             "in the Segment Editor once (it offers the conversion), then try again.")
+    return segmentation
+
+
+def _check_mask_segment(editor_node, segmentation) -> None:
+    if editor_node.GetMaskMode() == _SN.EditAllowedInsideSingleSegment:
+        mask_segment_id = editor_node.GetMaskSegmentID() or ""
+        if segmentation.GetSegment(mask_segment_id) is None:
+            raise FastSAM3DError(f"The editable area is 'inside segment {mask_segment_id}', which is not in this "
+                                 "segmentation. Choose another editable area in the Segment Editor.")
+
+
+def _checked_source(volume_node):
+    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.GetImageData() is None:
+        raise InputImageError("Select the source volume the result was computed on.")
+    return tuple(volume_node.GetImageData().GetDimensions())  # (I, J, K)
+
+
+def _checked_region(region, dims_ijk):
+    """Region as three (start, stop) pairs in (k, j, i) order, inside the volume."""
+    shape_kji = tuple(int(d) for d in dims_ijk[::-1])
+    if not isinstance(region, (tuple, list)) or len(region) != 3 or \
+            not all(isinstance(s, slice) and s.step in (None, 1) for s in region):
+        raise ValueError(f"region must be three unit-step slices (k, j, i), got {region!r}")
+    bounds = []
+    for axis, (s, size) in enumerate(zip(region, shape_kji)):
+        start = 0 if s.start is None else int(s.start)
+        stop = size if s.stop is None else int(s.stop)
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"region {region!r} lies outside the volume of shape {shape_kji} (axis {axis})")
+        bounds.append(slice(start, stop))
+    return tuple(bounds)
+
+
+def _checked_mask(mask, bounds):
+    mask = np.asarray(mask)
+    shape = tuple(s.stop - s.start for s in bounds)
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {mask.shape} but the region has shape {shape}")
+    if mask.dtype != np.bool_:
+        if not np.issubdtype(mask.dtype, np.integer) or mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise ValueError(f"mask must be boolean (or 0/1 integers), got {mask.dtype}")
+        mask = mask.astype(bool)
+    return mask
+
+
+class _GeometryParameter:
+    """The segmentation's reference geometry (the Segment Editor logic may set it): remembered, restorable."""
+
+    def __init__(self, segmentation_node) -> None:
+        self.node = segmentation_node
+        self.name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        self.role = _SN.GetReferenceImageGeometryReferenceRole()
+        self.value = segmentation_node.GetSegmentation().GetConversionParameter(self.name)
+        self.reference_id = segmentation_node.GetNodeReferenceID(self.role)
+
+    def restore(self) -> None:
+        segmentation = self.node.GetSegmentation()
+        if segmentation.GetConversionParameter(self.name) != self.value:
+            segmentation.SetConversionParameter(self.name, self.value)
+        if self.node.GetNodeReferenceID(self.role) != self.reference_id:
+            self.node.SetNodeReferenceID(self.role, self.reference_id)
+
+
+def _oriented_image(array_kji: np.ndarray, image_to_world: np.ndarray, extent) -> "slicer.vtkOrientedImageData":
+    """A uint8 vtkOrientedImageData with the given geometry and extent (i0, i1, j0, j1, k0, k1) holding the array."""
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(*[int(v) for v in extent])
+    image.SetGeometryFromImageToWorldMatrix(_vtk_matrix(image_to_world))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    if array_kji is not None:
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = \
+            np.ascontiguousarray(array_kji, dtype=np.uint8).ravel()
+    return image
+
+
+def _image_array(image) -> np.ndarray:
+    """Writable (K, J, I) view of a single-component vtkImageData."""
+    e = image.GetExtent()
+    shape = (e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
+
+
+def _values_in_extent(image, extent) -> np.ndarray:
+    """(K, J, I) copy of ``image``'s voxel values over ``extent``; zero where the image does not reach."""
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if image is None or image.GetPointData().GetScalars() is None:
+        return np.zeros(shape, np.uint8)
+    source = _image_array(image)
+    out = np.zeros(shape, source.dtype)
+    e = image.GetExtent()
+    lo = [max(extent[2 * a], e[2 * a]) for a in range(3)]
+    hi = [min(extent[2 * a + 1], e[2 * a + 1]) for a in range(3)]
+    if any(l > h for l, h in zip(lo, hi)):
+        return out
+    src = tuple(slice(lo[a] - e[2 * a], hi[a] - e[2 * a] + 1) for a in (2, 1, 0))
+    dst = tuple(slice(lo[a] - extent[2 * a], hi[a] - extent[2 * a] + 1) for a in (2, 1, 0))
+    out[dst] = source[src]
+    return out
+
+
+def _array_in_extent(image, extent) -> np.ndarray:
+    """(K, J, I) uint8 mask of ``image``'s nonzero voxels over ``extent``; zero where the image does not reach."""
+    return (_values_in_extent(image, extent) != 0).astype(np.uint8)
+
+
+def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
+    """(add, remove) labelmaps on the segmentation's grid: voxels the region sets and clears.
+
+    Each is a vtkOrientedImageData covering only the region (clipped to the segmentation's extent), or None
+    when the region misses the segmentation's extent altogether.
+    """
+    reference_to_segmentation = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(reference_to_segmentation)
+    grid = _array_from_vtk_matrix(reference_to_segmentation)
+    ref_extent = reference.GetExtent()
+    mask_ijk_to_grid_ijk = np.linalg.inv(grid) @ mask_to_segmentation
+    linear, offset = mask_ijk_to_grid_ijk[:3, :3], mask_ijk_to_grid_ijk[:3, 3]
+    start_ijk = np.array([bounds[2].start, bounds[1].start, bounds[0].start])
+    stop_ijk = np.array([bounds[2].stop, bounds[1].stop, bounds[0].stop])  # exclusive
+
+    if np.allclose(linear, np.eye(3), atol=_SAME_AXES_TOLERANCE) and \
+            np.allclose(offset, np.round(offset), atol=_WHOLE_VOXEL_TOLERANCE):
+        # same voxel lattice (the usual case): copy, shifting by whole voxels
+        shift = np.round(offset).astype(int)
+        lo = np.maximum(start_ijk + shift, [ref_extent[0], ref_extent[2], ref_extent[4]])
+        hi = np.minimum(stop_ijk - 1 + shift, [ref_extent[1], ref_extent[3], ref_extent[5]])
+        if np.any(lo > hi):
+            return None, None
+        crop = tuple(slice(lo[a] - shift[a] - start_ijk[a], hi[a] - shift[a] - start_ijk[a] + 1) for a in (2, 1, 0))
+        inside = mask[crop]
+        footprint = np.ones_like(inside)
+    else:
+        # another lattice (oversampled segmentation, other reference volume): nearest-neighbour resampling
+        corners = np.array([[x, y, z] for x in (start_ijk[0] - 0.5, stop_ijk[0] - 0.5)
+                            for y in (start_ijk[1] - 0.5, stop_ijk[1] - 0.5)
+                            for z in (start_ijk[2] - 0.5, stop_ijk[2] - 0.5)])
+        mapped = corners @ linear.T + offset
+        lo = np.maximum(np.floor(mapped.min(axis=0)).astype(int), [ref_extent[0], ref_extent[2], ref_extent[4]])
+        hi = np.minimum(np.ceil(mapped.max(axis=0)).astype(int), [ref_extent[1], ref_extent[3], ref_extent[5]])
+        if np.any(lo > hi):
+            return None, None
+        extent = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+        source_extent = [start_ijk[0], stop_ijk[0] - 1, start_ijk[1], stop_ijk[1] - 1, start_ijk[2], stop_ijk[2] - 1]
+        target = _oriented_image(None, grid, extent)
+        inside, footprint = (
+            _resampled(_oriented_image(values, mask_to_segmentation, source_extent), target, extent)
+            for values in (mask, np.ones(mask.shape, np.uint8)))
+        inside &= footprint.astype(bool)
+    extent = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+    to_add = _oriented_image(inside, grid, extent)
+    to_remove = _oriented_image(footprint.astype(bool) & ~inside.astype(bool), grid, extent)
+    return to_add, to_remove
+
+
+def _resampled(image, target, extent) -> np.ndarray:
+    output = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            image, target, output, False, False):
+        raise FastSAM3DError("Could not map the result onto the segmentation's grid.")
+    return _array_in_extent(output, extent).astype(bool)
+
+
+def _has_voxels(image) -> bool:
+    return bool(_image_array(image).any())
+
+
+class _Rollback:
+    """A private snapshot of the segmentation (Slicer's own segmentation history) to undo a failed write."""
+
+    def __init__(self, segmentation_node) -> None:
+        self.history = slicer.vtkSegmentationHistory()
+        self.history.SetMaximumNumberOfStates(2)
+        self.history.SetSegmentation(segmentation_node.GetSegmentation())
+        self.history.SaveState()
+
+    def restore(self) -> None:
+        if self.history.IsRestorePreviousStateAvailable():
+            self.history.RestorePreviousState()
+
+    def close(self) -> None:
+        self.history.SetSegmentation(None)
