@@ -58,7 +58,8 @@ class FastSAM3D(ScriptedLoadableModule):
             "the selected segment gets the 3D result. Use it as the <b>FastSAM3D</b> effect of the Segment "
             "Editor; from the Python console, <code>FastSAM3DLogic().segment(volumeNode, pointsRas)</code> "
             "segments volumes in a loop.")
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.helpText += "<p>" + _("For more information, see the {url_start}documentation{url_end}.").format(
+            url_start='<a href="https://github.com/fastsam3d/SlicerFastSAM3D#readme">', url_end="</a>") + "</p>"
         self.parent.acknowledgementText = _(
             "FastSAM3D (Shen et al., MICCAI 2024) and SAM-Med3D (Wang et al., 2023): code and weights Apache-2.0 "
             "per their repositories. Not for clinical use.")
