@@ -6,12 +6,16 @@ import numpy as np
 
 from .errors import WeightsUnavailableError
 from .geometry import Volume
-from .resources import resources_dir, sample_path
+from .resources import sample_path
+from .weights.catalog import bundled_model
 
 SAMPLE_IMAGE = "totalseg_example_ct_sm.nii.gz"
 SAMPLE_LABEL = "totalseg_example_ct_sm_seg.nii.gz"
 DEMO_STRUCTURE = (2, "right kidney")  # label value and name in the sample's reference labels
-DEMO_WEIGHTS = "Models/fastsam3d-demo.pth"
+DEMO_WEIGHTS = bundled_model("fastsam3d-demo").path  # the bundled weights' file in Resources
+#: Models the demo tries, best first, with how the demo describes their weights.
+DEMO_MODELS = (("fastsam3d", "official FastSAM3D weights from the cache"),
+               ("fastsam3d-demo", "bundled demo weights"))
 
 
 def interior_point(volume: Volume, structure_mask: np.ndarray) -> np.ndarray:
@@ -24,17 +28,20 @@ def interior_point(volume: Volume, structure_mask: np.ndarray) -> np.ndarray:
     return (volume.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
 
 
-def choose_weights() -> Optional[Tuple[str, object, str]]:
-    """(model name, checkpoint, description) of the best weights available offline, or None."""
-    from .registry import cached_checkpoint, get_model_config
+def choose_weights(cache_dir=None) -> Optional[Tuple[str, object, str]]:
+    """(model name, checkpoint, description) of the best weights available offline, or None.
 
-    try:
-        return "fastsam3d", cached_checkpoint(get_model_config("fastsam3d")), "official FastSAM3D weights (cache)"
-    except WeightsUnavailableError:
-        pass
-    bundled = resources_dir() / DEMO_WEIGHTS
-    if bundled.is_file():
-        return "fastsam3d-demo", bundled, f"bundled demo weights ({bundled})"
+    The official FastSAM3D weights when they are verified in ``cache_dir``, else the bundled demo weights; the
+    same lookup as ``segment`` without ``--checkpoint`` and Slicer (:func:`FastSAM3DLib.weights.find_checkpoint`).
+    """
+    from .weights import find_checkpoint
+
+    for name, description in DEMO_MODELS:
+        try:
+            path = find_checkpoint(name, cache_dir)
+        except WeightsUnavailableError:
+            continue
+        return name, path, f"{description} ({path})"
     return None
 
 
@@ -44,10 +51,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
 
 
-def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, str]] = None) -> int:
+def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, str]] = None,
+             cache_dir=None) -> int:
     """Run the demo; returns the exit status (0 also when no weights exist, after saying so plainly).
 
-    ``weights`` = (model name, checkpoint, description) overrides the automatic choice (for tests).
+    ``weights`` = (model name, checkpoint, description) overrides the automatic choice (for tests);
+    ``cache_dir`` is the model cache searched for the official weights (default: the user cache folder).
     """
     from .cli import write_label_atomically
     from .preview import render_preview
@@ -58,12 +67,15 @@ def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, s
     value, name = DEMO_STRUCTURE
     truth = reference.array == value
     point = interior_point(image, truth)
-    weights = weights or choose_weights()
+    weights = weights or choose_weights(cache_dir)
     if weights is None:
+        from .weights import weights_hint
+        from .weights.catalog import bundled_path
+
         log("No model weights are available offline, so the demo cannot segment anything meaningful.\n"
-            "  - official FastSAM3D weights: python -m FastSAM3DLib download fastsam3d  (needs internet), or\n"
-            "    python -m FastSAM3DLib import fastsam3d FastSAM3D.pth  (a copy you downloaded elsewhere)\n"
-            f"  - the bundled demo weights ({resources_dir() / DEMO_WEIGHTS}) are missing from this installation.")
+            f"  - official FastSAM3D weights: {weights_hint('fastsam3d', cache_dir)}\n"
+            f"  - the bundled demo weights ({bundled_path(bundled_model('fastsam3d-demo'))}) are missing from "
+            "this installation.")
         return 0
     model_name, checkpoint, description = weights
     log(f"model: {model_name}, {description}")

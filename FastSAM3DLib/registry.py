@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .errors import WeightsUnavailableError
+from .errors import FastSAM3DError
 from .image_encoder import EncoderConfig, ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
@@ -136,35 +136,71 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
 
     ``checkpoint``: ``None`` for freshly initialised weights (``seed`` makes them reproducible), a path to
     an official-format checkpoint (``{"model_state_dict": ...}`` or a plain state dict, loaded safely with
-    strict key checking), or ``"cached"`` for the verified download in the model cache (``cache_dir``, default:
-    ``$FASTSAM3D_CACHE`` or the platform cache folder).
+    strict key checking), or ``"cached"`` for the model's own weights: bundled with the extension, or the
+    verified download in the model cache ``cache_dir`` (default: ``$FASTSAM3D_CACHE`` or the platform cache folder).
     ``attention_backend``: see :mod:`FastSAM3DLib.attention` (default: the best one for the device).
+    A device or backend that cannot be used raises a FastSAM3DError saying what to choose instead.
     """
-    from . import attention, weights
+    from . import weights
 
     config = get_model_config(name)
-    backend = attention.resolve_backend(attention_backend)
+    device = check_device(device)
+    backend = check_attention_backend(attention_backend)
+    if isinstance(checkpoint, str) and checkpoint == "cached":
+        checkpoint = cached_checkpoint(config, cache_dir)
     if seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = Sam3D(config, backend)
     else:
         model = Sam3D(config, backend)
-    if isinstance(checkpoint, str) and checkpoint == "cached":
-        checkpoint = cached_checkpoint(config, cache_dir)
     if checkpoint is not None:
         weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
-    return model.to(device or "cpu").eval()
+    return model.to(device).eval()
 
 
 def cached_checkpoint(config: ModelConfig, cache_dir=None) -> Path:
-    """Path of the verified cached weights for ``config`` or a WeightsUnavailableError saying what to do."""
-    from .weights import resolve_checkpoint
+    """The weights file of ``config``: bundled, or verified in ``cache_dir``; else a WeightsUnavailableError
+    whose one-line message says what to run (see :func:`FastSAM3DLib.weights.find_checkpoint`)."""
+    from .weights import find_checkpoint
 
-    path = resolve_checkpoint(config.weights, cache_dir) if config.weights else None
-    if path is None:
-        hint = (f"run 'python -m FastSAM3DLib download {config.weights}' or import a copied file with "
-                f"'python -m FastSAM3DLib import {config.weights} FILE'") if config.weights else \
-            "this model has no published weights; pass checkpoint=PATH"
-        raise WeightsUnavailableError(f"No weights for model '{config.name}' on this machine: {hint}.")
-    return path
+    return find_checkpoint(config.weights or config.name, cache_dir)
+
+
+def check_device(device=None) -> str:
+    """The device name to use (``None`` means ``"cpu"``), or a FastSAM3DError saying which device to choose."""
+    name = str(device or "cpu")
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FastSAM3DError(f"Unknown device '{name}': choose cpu, cuda, cuda:N (N-th GPU) or mps.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastSAM3DError(f"Device '{name}' was requested but this PyTorch sees no usable CUDA GPU: choose "
+                                 "cpu (--device cpu), or install a PyTorch build with CUDA (in Slicer: the "
+                                 "PyTorch Utils module).")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise FastSAM3DError(f"There is no GPU '{name}': this machine has {count} "
+                                 f"(cuda:0 to cuda:{count - 1}).")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise FastSAM3DError("Apple MPS was requested but is not available here: choose cpu (--device cpu).")
+    elif parsed.type != "cpu":
+        raise FastSAM3DError(f"Device '{name}' is not supported: choose cpu, cuda, cuda:N or mps.")
+    return name
+
+
+def check_attention_backend(backend: Optional[str] = None) -> str:
+    """The validated attention backend request (see :func:`attention.resolve_backend`), or a FastSAM3DError."""
+    from . import attention
+
+    try:
+        return attention.resolve_backend(backend)
+    except ValueError:
+        raise FastSAM3DError(
+            f"Unknown attention backend {backend!r}: choose auto, torch, triton or eager (torch works on every "
+            "device)." if backend not in (None, "auto") else
+            f"Unknown attention backend in the environment variable {attention.ENV_VAR}: set it to auto, torch, "
+            "triton or eager, or unset it.") from None

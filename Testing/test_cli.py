@@ -1,4 +1,5 @@
 """The command line: segment writes a label with the input's geometry; bad input gives a clear error and no file."""
+import os
 import subprocess
 import sys
 
@@ -35,8 +36,25 @@ def kidney_point(sample):
     return (volume.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "FastSAM3DLib", *map(str, args)], capture_output=True, text=True)
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "FastSAM3DLib", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+def clean_home(tmp_path):
+    """Environment of a fresh user account: empty HOME, no cache variables (returns (env, home))."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTSAM3D_CACHE", "XDG_CACHE_HOME")}
+    env["HOME"] = str(home)
+    return env, home
+
+
+def one_line_error(proc):
+    """The single ``error:`` line of a failed command (exit 2, no traceback, nothing else on stderr)."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
 
 
 def test_parse_point():
@@ -125,12 +143,101 @@ def test_bad_points_and_checkpoints_give_an_error_and_no_file(tmp_path, sample, 
                                   "-o", tmp_path / "x.nii.gz").stderr
 
 
+def test_segment_finds_the_bundled_demo_weights_on_a_clean_account(tmp_path, sample):
+    env, home = clean_home(tmp_path)
+    point = kidney_point(sample)
+    out = tmp_path / "kidney.nii.gz"
+    proc = run_cli("segment", sample, f"--point={point[0]},{point[1]},{point[2]}", "--model", "fastsam3d-demo",
+                   "-o", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded model 'fastsam3d-demo'" in proc.stdout and out.is_file()
+    assert not home.exists()  # no cache folder was needed or created
+
+
+def test_missing_weights_give_one_line_in_shell_syntax(tmp_path, sample):
+    env, home = clean_home(tmp_path)
+    point = kidney_point(sample)
+    good = f"--point={point[0]},{point[1]},{point[2]}"
+    message = one_line_error(run_cli("segment", sample, good, "--model", "fastsam3d", "-o", tmp_path / "o.nii.gz",
+                                     env=env))
+    assert "python -m FastSAM3DLib download fastsam3d " in message
+    assert "python -m FastSAM3DLib import fastsam3d FILE" in message and "--model fastsam3d-demo" in message
+    cache = tmp_path / "slicer cache"
+    message = one_line_error(run_cli("segment", sample, good, "--model", "sam-med3d-turbo", "--cache-dir", cache,
+                                     "-o", tmp_path / "o.nii.gz", env=env))
+    assert f"python -m FastSAM3DLib download sam-med3d-turbo --cache-dir '{cache}'" in message
+    message = one_line_error(run_cli("segment", sample, good, "--model", "sam-med3d", "-o", tmp_path / "o.nii.gz",
+                                     env=env))
+    assert "--checkpoint FILE" in message
+    assert not (tmp_path / "o.nii.gz").exists() and not home.exists() and not cache.exists()
+
+
+def test_models_command_lists_every_model_with_readiness_file_and_licence(tmp_path):
+    env, home = clean_home(tmp_path)
+    proc = run_cli("models", env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:4]}
+    assert rows["fastsam3d-demo"][:3] == ["fastsam3d-demo", "yes", "bundled"] and "Apache-2.0" in rows["fastsam3d-demo"]
+    assert rows["fastsam3d"][1] == rows["sam-med3d-turbo"][1] == "no"
+    assert str(sample_path("x").parent.parent / "Models" / "fastsam3d-demo.pth") in proc.stdout
+    assert "not downloaded: python -m FastSAM3DLib download fastsam3d" in proc.stdout
+    assert not home.exists()
+
+
+@pytest.mark.parametrize("args, advice", [
+    (["--device", "cuda"], "--device cpu"),
+    (["--device", "cuda:7"], "cpu"),
+    (["--device", "gpu"], "choose cpu, cuda"),
+    (["--attention", "bogus"], "choose auto, torch, triton or eager"),
+])
+def test_unusable_device_or_backend_is_one_line_before_any_work(tmp_path, sample, monkeypatch, capsys, args,
+                                                                 advice):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    monkeypatch.setattr("FastSAM3DLib.geometry.Volume.from_file",
+                        lambda *a: pytest.fail("the image was read before the options were checked"))
+    out = tmp_path / "never.nii.gz"
+    code = main(["segment", str(sample), "--point=0,0,0", "--model", "fastsam3d-demo", *args, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and advice in err, err
+    assert not out.exists()
+
+
+def test_bad_attention_environment_variable_is_one_line(tmp_path, sample):
+    env, _ = clean_home(tmp_path)
+    env["FASTSAM3D_ATTENTION"] = "bogus"
+    message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "fastsam3d-demo",
+                                     "-o", tmp_path / "o.nii.gz", env=env))
+    assert "FASTSAM3D_ATTENTION" in message and "unset it" in message
+
+
+def test_cuda_without_cuda_in_a_real_process(tmp_path, sample):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env, _ = clean_home(tmp_path)
+    message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "fastsam3d-demo",
+                                     "--device", "cuda", "-o", tmp_path / "o.nii.gz", env=env))
+    assert "no usable CUDA GPU" in message and "--device cpu" in message
+
+
+def test_demo_and_segment_share_one_lookup(tmp_path):
+    from FastSAM3DLib.demo import choose_weights
+    from FastSAM3DLib.resources import resources_dir
+
+    name, path, description = choose_weights(tmp_path / "empty-cache")
+    assert (name, path) == ("fastsam3d-demo", resources_dir() / "Models" / "fastsam3d-demo.pth")
+    assert "bundled" in description and not (tmp_path / "empty-cache").exists()
+
+
 def test_demo_without_weights_says_so_and_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr("FastSAM3DLib.demo.DEMO_WEIGHTS", "Models/not-in-this-build.pth")
+    from FastSAM3DLib.weights import catalog
+
+    monkeypatch.setattr(catalog, "BUNDLED_MODELS",
+                        (catalog.BundledModel("fastsam3d-demo", "Models/not-in-this-build.pth", "demo", "x"),))
     lines = []
-    assert run_demo(tmp_path / "demo", log=lines.append) == 0
-    assert "No model weights are available offline" in "\n".join(lines)
+    assert run_demo(tmp_path / "demo", log=lines.append, cache_dir=tmp_path / "empty-cache") == 0
+    text = "\n".join(lines)
+    assert "No model weights are available offline" in text and "not-in-this-build.pth" in text
+    assert f"python -m FastSAM3DLib download fastsam3d --cache-dir {tmp_path / 'empty-cache'}" in text
     assert not (tmp_path / "demo").exists()
 
 

@@ -2,6 +2,7 @@
 import argparse
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -116,22 +117,33 @@ def test_import_of_a_file_of_the_wrong_architecture_is_undone(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == []
 
 
-def test_models_table_shows_cache_state_and_pins(tmp_path):
+def test_models_table_shows_cache_state_files_and_pins(tmp_path):
     data = training_checkpoint_bytes(tiny_state_dict("fastsam3d"))
     manifest, cache, source = setup(tmp_path, data)
     before = models_table(cache, manifest=manifest).splitlines()
-    assert before[0].split() == ["NAME", "SHA256", "CACHED", "VERIFIED", "SIZE", "LICENCE"]
-    assert before[1].split()[:5] == ["tiny", "not", "yet", "known", "no"]
+    assert before[0].split() == ["NAME", "READY", "WEIGHTS", "SIZE", "LICENCE"]
+    assert before[1].split()[:6] == ["tiny", "no", "download,", "sha256", "not", "yet"]
+    assert any(line.split()[:2] == ["tiny", "not"] and f"python -m FastSAM3DLib download tiny --cache-dir {cache}"
+               in line for line in before)
     import_weights("tiny", source, cache, manifest=manifest)
     after = models_table(cache, manifest=manifest)
     row = after.splitlines()[1]
-    assert row.split()[:5] == ["tiny", "pinned", "yes", "(+fast", "copy)"] and "Apache-2.0" in row
+    assert row.split()[:5] == ["tiny", "yes", "download,", "sha256", "pinned"] and "Apache-2.0" in row
+    assert re.search(rf"^  tiny +{re.escape(str(cache / 'tiny.safetensors'))} \(weights-only fast copy\)$", after, re.M)
     assert f"Cache folder: {cache}" in after and f"sha256 {sha256(data)}" in after and "report" in after
 
 
-def test_shipped_manifest_table_lists_both_models(tmp_path):
+def test_shipped_manifest_table_lists_downloads_and_the_bundled_demo(tmp_path):
+    from FastSAM3DLib.resources import resources_dir
+
     table = models_table(tmp_path / "empty-cache")
-    assert "fastsam3d " in table and "sam-med3d-turbo" in table and "published" in table
+    rows = {line.split()[0]: line for line in table.splitlines()[1:4]}
+    assert set(rows) == {"fastsam3d", "sam-med3d-turbo", "fastsam3d-demo"}
+    assert rows["fastsam3d"].split()[1] == "no" and "published" in rows["sam-med3d-turbo"]
+    assert rows["fastsam3d-demo"].split()[1:3] == ["yes", "bundled"] and "Apache-2.0" in rows["fastsam3d-demo"]
+    demo_file = resources_dir() / "Models" / "fastsam3d-demo.pth"
+    assert re.search(rf"^  fastsam3d-demo +{re.escape(str(demo_file))}$", table, re.M)
+    assert not (tmp_path / "empty-cache").exists()
 
 
 def run_cli(argv):

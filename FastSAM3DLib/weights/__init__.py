@@ -1,5 +1,6 @@
 """Model weights: manifest, per-user cache, verified download and import, safe loading, fast cached copies,
-and helpful checks of which model a checkpoint belongs to.
+the list of selectable models (downloadable and bundled), and helpful checks of which model a checkpoint
+belongs to.
 
 Names are imported on first use (PEP 562), so ``import FastSAM3DLib.weights`` neither imports torch nor
 touches the disk; downloading works without torch.
@@ -27,6 +28,13 @@ _EXPORTS = {
     # the registry's entry point and cache state (store.py)
     "resolve_checkpoint": "store",
     "weights_status": "store",
+    # every selectable model, downloadable and bundled, and the file to load (catalog.py)
+    "available_models": "catalog",
+    "model_choice": "catalog",
+    "ModelChoice": "catalog",
+    "preferred_model": "catalog",
+    "find_checkpoint": "catalog",
+    "weights_hint": "catalog",
     # commands (commands.py)
     "add_subcommands": "commands",
     "download_weights": "commands",

@@ -7,6 +7,7 @@ subclasses whose messages say what to do; ``FastSAM3DLib.cli`` prints them. :fun
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Optional, TextIO
 
 from ..errors import CheckpointError
 from .cache import PathLike, model_files, resolve_cache_dir
+from .catalog import available_models
 from .download import DEFAULT_TIMEOUT, download_model, import_file
 from .manifest import ManifestLike, load_manifest
 from .store import resolve_checkpoint, weights_status
@@ -40,30 +42,42 @@ def import_weights(name: str, path: PathLike, cache_dir: Optional[PathLike] = No
 
 
 def models_table(cache_dir: Optional[PathLike] = None, *, manifest: ManifestLike = None) -> str:
-    """The text of ``python -m FastSAM3DLib models``: one row per model, then the cache folder and pins."""
+    """The text of ``python -m FastSAM3DLib models``: every selectable model, whether it is ready, its file and
+    licence, then the cache folder and the checksums pinned on this computer."""
+    choices = available_models(cache_dir, manifest=manifest)
     loaded = load_manifest(manifest)
-    rows = [("NAME", "SHA256", "CACHED", "VERIFIED", "SIZE", "LICENCE")]
-    pins = []
-    for name in loaded.names():
-        status = weights_status(name, cache_dir, manifest=loaded)
-        entry = status.entry
-        sha = {"manifest": "published", "pinned": "pinned", "none": "not yet known"}[status.checksum]
-        cached = "no"
-        if status.cached:
-            cached = "yes (+fast copy)" if status.fast_copy and status.files.path.is_file() else \
-                "fast copy only" if status.fast_copy else "yes"
-        verified = "yes" if status.verified else ("NO: run download" if status.cached else "-")
-        size = status.files.path.stat().st_size if status.files.path.is_file() else entry.size
-        approx = "" if (entry.size_exact or status.files.path.is_file()) else "~"
-        rows.append((name, sha, cached, verified, f"{approx}{size / 1e6:.0f} MB", entry.licence))
-        record = read_record(status.files)
-        if status.checksum == "pinned" and record is not None:
-            pins.append(f"  {name}: sha256 {record.sha256}  {record.size} bytes  pinned {record.verified_at} "
-                        f"from {record.origin}")
+    rows = [("NAME", "READY", "WEIGHTS", "SIZE", "LICENCE")]
+    files, pins = [], []
+    for choice in choices:
+        if choice.source == "bundled":
+            weights = "bundled with the extension" if choice.ready else "bundled: MISSING, reinstall"
+            size = f"{choice.size / 1e6:.0f} MB" if choice.ready else "-"
+        else:
+            weights = f"download, sha256 {choice.checksum}"
+            approx = "" if (loaded.get(choice.name).size_exact or choice.state != "not downloaded") else "~"
+            size = f"{approx}{choice.size / 1e6:.0f} MB"
+        rows.append((choice.name, "yes" if choice.ready else "no", weights, size, choice.licence))
+        if choice.ready:
+            note = " (weights-only fast copy)" if choice.state == "verified, fast copy" else ""
+            files.append((choice.name, f"{choice.path}{note}"))
+        elif choice.source == "bundled":
+            files.append((choice.name, f"missing: {choice.path}"))
+        else:
+            command = f"python -m FastSAM3DLib download {choice.name}"
+            if cache_dir is not None:
+                command += f" --cache-dir {shlex.quote(str(cache_dir))}"
+            what = "changed since it was verified" if choice.state.startswith("changed") else "not downloaded"
+            files.append((choice.name, f"{what}: {command}"))
+        record = read_record(weights_status(choice.name, cache_dir, manifest=loaded).files) \
+            if choice.checksum == "pinned" else None
+        if record is not None:
+            pins.append(f"  {choice.name}: sha256 {record.sha256}  {record.size} bytes  pinned "
+                        f"{record.verified_at} from {record.origin}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append("")
-    lines.append(f"Cache folder: {resolve_cache_dir(cache_dir)} (set FASTSAM3D_CACHE to move it)")
+    name_width = max(len(name) for name, _ in files)
+    lines += ["", "Files:"] + [f"  {name.ljust(name_width)}  {where}" for name, where in files]
+    lines.append(f"Cache folder: {resolve_cache_dir(cache_dir)} (--cache-dir DIR or FASTSAM3D_CACHE moves it)")
     if pins:
         lines.append("Checksums pinned on this computer (the authors publish none; please report them, see the "
                      "README, 'Model weights'):")
@@ -79,7 +93,8 @@ def add_subcommands(subparsers) -> None:
         parser.add_argument("--manifest", metavar="FILE", default=None,
                             help="model manifest (default: Resources/models.json of this installation)")
 
-    p = subparsers.add_parser("models", help="list the downloadable models and what is in the cache")
+    p = subparsers.add_parser("models", help="list the models you can use, whether their weights are ready, "
+                                             "where the files are, and their licences")
     common(p)
     p.set_defaults(func=cmd_models)
 

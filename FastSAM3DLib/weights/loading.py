@@ -4,7 +4,8 @@ Pickled checkpoints are read with ``torch.load(weights_only=True)``: besides ten
 only the three harmless classes the official FastSAM3D training checkpoint stores are allowed
 (``argparse.Namespace``, ``collections.Counter``, ``torch.device``). Anything else in the pickle (a function,
 an arbitrary class) is refused before it runs. ``.safetensors`` files hold no code at all and are
-memory-mapped.
+memory-mapped. Allowing those classes needs ``torch.serialization.add_safe_globals``, new in PyTorch 2.4: the
+minimum :mod:`FastSAM3DLib.requirements` states and checks.
 """
 from __future__ import annotations
 
@@ -161,9 +162,11 @@ def _load_error(path: Path, kind: str, size: int, exc: Exception) -> CheckpointE
         name = found.group(1) if found else "an object that is not plain data"
         if name in ("argparse.Namespace", "collections.Counter") and not hasattr(torch.serialization,
                                                                                "add_safe_globals"):
+            from ..requirements import TORCH_MINIMUM
+
             return CheckpointError(f"{path} stores training settings ({name}) that PyTorch {torch.__version__} "
-                                   "cannot read safely. Update PyTorch to 2.4 or newer (in Slicer: the PyTorch "
-                                   "Utils module).")
+                                   f"cannot read safely. Update PyTorch to {'%d.%d' % TORCH_MINIMUM} or newer (in "
+                                   "Slicer: the PyTorch Utils module).")
         return CheckpointError(
             f"Refused to load {path}: it refers to '{name}', which a weights file never needs; unpickling it "
             "could run code on this computer. Nothing from the file was executed. Only use checkpoints from "

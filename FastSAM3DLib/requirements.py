@@ -1,0 +1,58 @@
+"""The PyTorch version FastSAM3D needs, checked without importing torch.
+
+The official checkpoints store ``argparse.Namespace`` training settings; reading them safely
+(``torch.load(weights_only=True)``) needs ``torch.serialization.add_safe_globals``, new in PyTorch 2.4
+(see :mod:`FastSAM3DLib.weights.loading`). Older versions can only read plain state dicts.
+"""
+import re
+from typing import Optional, Tuple
+
+#: Oldest PyTorch (major, minor) that reads the official checkpoints safely.
+TORCH_MINIMUM: Tuple[int, int] = (2, 4)
+#: The same as a pip requirement specifier, e.g. for Slicer's ``PyTorchUtils ... torchVersionRequirement``.
+TORCH_REQUIREMENT = ">=%d.%d" % TORCH_MINIMUM
+
+_UPDATE_HINT = ("Update it: in Slicer with the PyTorch Utils module, elsewhere with "
+                f"pip install --upgrade \"torch{TORCH_REQUIREMENT}\".")
+
+
+def installed_torch_version() -> Optional[str]:
+    """The installed torch version string (e.g. ``"2.5.1+cu121"``), or None when torch is not installed.
+
+    Read from the package metadata, so torch is not imported; imported only when it has no metadata.
+    """
+    from importlib import metadata, util
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        pass
+    if util.find_spec("torch") is None:
+        return None
+    import torch  # a torch without metadata (e.g. a source build on sys.path)
+
+    return str(torch.__version__)
+
+
+def parse_version(text: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) of a version such as ``"2.5.1+cu121"``, ``"2.4.0a0+git1"`` or ``"2.13"``; None if unreadable."""
+    found = re.match(r"\s*v?(\d+)\.(\d+)", text or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def torch_requirement_problem(version: Optional[str] = None) -> Optional[str]:
+    """None when the installed PyTorch (or ``version``) is new enough, else a one-line message saying what to do.
+
+    Pre-releases and local builds of the minimum (``2.4.0a0+git...``) are accepted; an unreadable version
+    string is not judged (None).
+    """
+    version = installed_torch_version() if version is None else version
+    minimum = "%d.%d" % TORCH_MINIMUM
+    if version is None:
+        return (f"PyTorch is not installed; FastSAM3D needs PyTorch {minimum} or newer. Install it: in Slicer "
+                f"with the PyTorch Utils module, elsewhere with pip install \"torch{TORCH_REQUIREMENT}\".")
+    parsed = parse_version(version)
+    if parsed is None or parsed >= TORCH_MINIMUM:
+        return None
+    return (f"PyTorch {version} is installed, but FastSAM3D needs PyTorch {minimum} or newer to read the official "
+            f"checkpoints safely. {_UPDATE_HINT}")
