@@ -23,6 +23,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
 EFFECT_NAME = "FastSAM3D"
+EFFECT_PACKAGE = "SegmentEditorFastSAM3DLib"  # Slicer names the effect's Python module after its folder
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -69,16 +70,25 @@ class FastSAM3D(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", registerEditorEffect)
 
 
-def registerEditorEffect():
-    """Register the Segment Editor effect once (at start-up, or later when the module is opened)."""
+def registerEditorEffect(reload=False):
+    """Register the Segment Editor effect once (at start-up, or later when the module is opened).
+
+    ``reload=True`` (the module's "Reload" in developer mode) reads the effect's source again: Slicer would
+    otherwise keep the class it cached in ``sys.modules`` under the effect folder's name.
+    """
     factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
-    if any(effect.name == EFFECT_NAME for effect in factory.registeredEffects()):
+    path = os.path.join(MODULE_DIR, "SegmentEditorFastSAM3DLib", "SegmentEditorEffect.py").replace("\\", "/")
+    registered = [effect for effect in factory.registeredEffects() if effect.name == EFFECT_NAME]
+    if reload:
+        sys.modules.pop(EFFECT_PACKAGE, None)
+        for effect in registered:
+            effect.setPythonSource(path)  # the factory's instance now runs the new code; editors clone it
+    if registered:
         return
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
     instance = effects.qSlicerSegmentEditorScriptedEffect(None)
-    path = os.path.join(MODULE_DIR, "SegmentEditorFastSAM3DLib", "SegmentEditorEffect.py")
-    instance.setPythonSource(path.replace("\\", "/"))
+    instance.setPythonSource(path)
     instance.self().register()
 
 
@@ -92,7 +102,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         form = qt.QFormLayout()
         self.layout.addLayout(form)
         info = qt.QLabel(_("FastSAM3D is an effect of the Segment Editor: select a segment, choose the FastSAM3D "
-                           "effect, then left-click inside the object (Shift+click: exclude)."))
+                           "effect, then left-click inside the object (press e to switch to exclude points)."))
         info.wordWrap = True
         form.addRow(info)
         openButton = qt.QPushButton(_("Open the Segment Editor with FastSAM3D"))
@@ -116,6 +126,13 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
             packages=", ".join(missing))
         self.installButton.visible = bool(missing)
 
+    def onReload(self):
+        """Developer mode "Reload": reload this module, the library and the effect's code."""
+        for name in [name for name in sys.modules if name == "FastSAM3DLib" or name.startswith("FastSAM3DLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+        registerEditorEffect(reload=True)
+
     def onOpenSegmentEditor(self):
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
@@ -128,9 +145,11 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
 
 
 class FastSAM3DLogic(ScriptedLoadableModuleLogic):
-    """FastSAM3D for scripts, the effect and the tests: dependencies, weights, models, the batch call."""
+    """FastSAM3D for scripts, the effect and the tests: dependencies, weights, models, the batch call.
 
-    TORCH_REQUIREMENT = ">=2.1"
+    Downloaded weights are kept in Slicer's cache folder (``cacheDir()``); the bundled demo model needs none.
+    """
+
     #: Packages installed with pip besides torch (numpy and SimpleITK come with Slicer).
     PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
 
@@ -140,8 +159,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         names = ["torch"] + list(self.PIP_REQUIREMENTS)
         return [name for name in names if importlib.util.find_spec(name) is None]
 
+    def torchProblem(self):
+        """None when the installed PyTorch is new enough, else a message saying what to do (torch not imported)."""
+        from FastSAM3DLib.requirements import torch_requirement_problem
+
+        return torch_requirement_problem()
+
     def installDependencies(self, askConfirmation=True):
         """Install what is missing: torch through the PyTorch extension, the rest with pip. True when done."""
+        from FastSAM3DLib.requirements import TORCH_REQUIREMENT
+
         missing = self.missingDependencies()
         if not missing:
             return True
@@ -161,7 +188,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("The PyTorch extension is missing. Install 'PyTorch' from the Extensions "
                                      "Manager, restart Slicer, then try again.")) from None
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                            torchVersionRequirement=self.TORCH_REQUIREMENT) is None:
+                                                            torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 return False
         for name, requirement in self.PIP_REQUIREMENTS.items():
             if name in missing:
@@ -170,52 +197,76 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return not self.missingDependencies()
 
     # --- models and weights
-    def modelNames(self):
-        """Models with published weights (the ones the effect offers), best first."""
-        from FastSAM3DLib.weights import load_manifest
+    def cacheDir(self):
+        """Where downloaded weights are kept: a folder in Slicer's cache folder (Application settings)."""
+        return os.path.join(slicer.app.cachePath, "FastSAM3D")
 
-        return load_manifest().names()
+    def modelNames(self):
+        """Every selectable model: the downloadable ones, then the bundled demo model."""
+        from FastSAM3DLib.weights import available_models
+
+        return [choice.name for choice in available_models(self.cacheDir())]
+
+    def modelChoices(self):
+        """(name, text for a menu) of every selectable model, saying which are ready."""
+        from FastSAM3DLib.weights import available_models
+
+        return [(c.name, c.name if c.ready else _("{name} (weights not here yet)").format(name=c.name))
+                for c in available_models(self.cacheDir())]
+
+    def defaultModel(self):
+        """The model offered first: the first whose weights are ready (offline: the bundled demo)."""
+        from FastSAM3DLib.weights import preferred_model
+
+        try:
+            return preferred_model(self.cacheDir())
+        except Exception:  # noqa: BLE001 - a broken manifest: the panel reports it; keep a sensible name
+            logging.exception("FastSAM3D: cannot list the models")
+            return "fastsam3d-demo"
 
     def weightsStatus(self, model):
-        """(ready, text) for the model's cached weights; cheap (no hashing)."""
-        from FastSAM3DLib.weights import weights_status
+        """(ready, text) for the model's weights; cheap (no hashing)."""
+        from FastSAM3DLib.weights import model_choice
 
-        status = weights_status(model)
-        licence = status.entry.licence
-        if status.verified:
-            return True, _("ready ({licence} weights, in {folder})").format(licence=licence,
-                                                                             folder=status.files.path.parent)
-        if status.cached:
+        choice = model_choice(model, self.cacheDir())
+        if choice.source == "bundled":
+            return choice.ready, (_("bundled with the extension ({licence})").format(licence=choice.licence)
+                                  if choice.ready else _("missing from this installation: reinstall FastSAM3D"))
+        if choice.ready:
+            return True, _("ready ({licence} weights, in {folder})").format(licence=choice.licence,
+                                                                             folder=choice.path.parent)
+        if choice.state.startswith("changed"):
             return False, _("file present but not verified: Download or Import it again")
         return False, _("not on this computer ({licence} weights): Download, or Import a copied file").format(
-            licence=licence)
+            licence=choice.licence)
 
     def downloadWeights(self, model, progress=None):
         """Download and verify the weights (may take minutes); ``progress(done, total)`` returning False cancels."""
         from FastSAM3DLib.weights import download_weights
 
-        return download_weights(model, progress=progress)
+        return download_weights(model, self.cacheDir(), progress)
 
     def importWeights(self, model, path, progress=None):
         """Check and copy a weights file obtained by hand into the cache."""
         from FastSAM3DLib.weights import import_weights
 
-        return import_weights(model, path, progress=progress)
+        return import_weights(model, path, self.cacheDir(), progress)
 
     def createSession(self, model, device, promptMode, volume):
         """An InteractiveSession on ``volume`` (loads the model once; runs on the effect's worker thread)."""
         from FastSAM3DLib import scene
         from FastSAM3DLib.session import InteractiveSession
 
-        return InteractiveSession(scene.load_model(model, scene.resolve_device(device)), volume,
-                                  prompt_mode=promptMode or None)
+        return InteractiveSession(scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir()),
+                                  volume, prompt_mode=promptMode or None)
 
     # --- batch
     def segment(self, volumeNode, pointsRas, labels=None, segmentationNode=None, segmentName="FastSAM3D",
-                model="fastsam3d", device="auto", editorSettings=None, predictor=None):
+                model=None, device="auto", editorSettings=None, predictor=None):
         """Segment one object from world-RAS clicks and write it into a segment; returns (segmentationNode, segmentId).
 
-        ``labels``: 1 = include, 0 = exclude per point (default all include). The segmentation is created when
+        ``labels``: 1 = include, 0 = exclude per point (default all include). ``model``: a name of
+        ``modelNames()`` (default: the first whose weights are here). The segmentation is created when
         not given; the segment ``segmentName`` is reused or added. ``editorSettings``: a
         ``FastSAM3DLib.scene.EditorSettings`` (editable area, overwrite mode, intensity range). Example::
 
@@ -225,13 +276,17 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """
         from FastSAM3DLib import scene
 
+        model = model or self.defaultModel()
         if predictor is None:
             missing = self.missingDependencies()
             if missing:
                 raise RuntimeError(_("Missing Python packages: {packages}. Run installDependencies() first.").format(
                     packages=", ".join(missing)))
+            problem = self.torchProblem()
+            if problem:
+                raise RuntimeError(problem)
         return scene.segment_volume_node(volumeNode, pointsRas, labels, segmentationNode, segmentName, model,
-                                         predictor, editorSettings, device)
+                                         predictor, editorSettings, device, self.cacheDir())
 
 
 def spherePredictor(radiusMm=8.0):
@@ -303,18 +358,18 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         sliceWidget.sliceLogic().GetSliceNode().JumpSliceByCentering(*ras)
         slicer.app.processEvents()
         xy = effect.rasToXy(ras, sliceWidget)
-        slicer.util.clickAndDrag(sliceWidget.sliceView(), start=xy, end=xy, steps=1,
-                                 modifiers=[] if include else ["Shift"])
-        sliceWidget.sliceView().interactorStyle().GetInteractor().SetShiftKey(0)  # clickAndDrag leaves it pressed
+        effect.setPolarity(include)
+        slicer.util.clickAndDrag(sliceWidget.sliceView(), start=xy, end=xy, steps=1)
         return True
 
     def _wait(self, effect, timeout=300.0):
+        """Run Slicer's event loop until the effect is idle. Not time.sleep: that would release the GIL and
+        hide a worker that only runs when the effect's timer lets it (the loop itself keeps the GIL)."""
         import time
 
         start = time.time()
         while effect.busy() and time.time() - start < timeout:
-            slicer.app.processEvents()
-            time.sleep(0.02)
+            slicer.app.processEvents(qt.QEventLoop.WaitForMoreEvents)  # the effect's timer wakes it up
         slicer.app.processEvents()
         self.assertFalse(effect.busy(), "FastSAM3D did not finish in time")
 
@@ -349,7 +404,7 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(first, expected), "segment differs from the predicted ball")
         self.assertGreater(int(first.sum()), 50)
 
-        self.delayDisplay("Exclude click (Shift)")
+        self.delayDisplay("Exclude click")
         offset = [centre[0] + 6.0, centre[1], centre[2]]
         self.assertTrue(self._click(effect, offset, include=False))
         self._wait(effect)
@@ -383,8 +438,8 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
 
     def test_RealModel(self):
         logic = FastSAM3DLogic()
-        if logic.missingDependencies() or not logic.weightsStatus("fastsam3d")[0]:
-            self.delayDisplay("test_RealModel skipped: PyTorch or the FastSAM3D weights are not installed")
+        if logic.missingDependencies() or logic.torchProblem():
+            self.delayDisplay("test_RealModel skipped: PyTorch (2.4 or newer) is not installed")
             return
         import numpy as np
 

@@ -320,6 +320,76 @@ def test_prompt_points_are_kept_per_segment_with_polarity_colours(app):
     assert sc.ras_points_from_markups(node_b)[0].shape == (0, 3)
 
 
+def _selection_node(app):
+    selection = app.app_logic.GetSelectionNode()
+    assert selection is not None, "the application logic makes the selection node"
+    return selection
+
+
+def test_creating_a_prompt_list_keeps_the_users_active_place_list(app):
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    selection = _selection_node(app)
+    landmarks = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks")
+    assert selection.GetActivePlaceNodeID() == landmarks.GetID()  # the markups logic makes a new list active
+    other = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "other")  # the harness reproduces the trap
+    assert selection.GetActivePlaceNodeID() == other.GetID()
+    selection.SetActivePlaceNodeID(landmarks.GetID())
+
+    prompts = sc.prompt_points_node(segmentation, segment_id)
+    sc.add_prompt_point(prompts, (1.0, 2.0, 3.0), include=True)
+    assert selection.GetActivePlaceNodeID() == landmarks.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    assert prompts.GetHideFromEditors() and prompts.GetLocked()
+    # the user's next landmark goes where it always went, and never becomes a click
+    landmarks.AddControlPointWorld(vtk.vtkVector3d(9.0, 9.0, 9.0), "L-1")
+    assert landmarks.GetNumberOfControlPoints() == 1 and prompts.GetNumberOfControlPoints() == 1
+
+
+def test_select_all_does_not_change_a_clicks_polarity(app):
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    prompts = sc.prompt_points_node(segmentation, segment_id)
+    sc.add_prompt_point(prompts, (1.0, 2.0, 3.0), include=True)
+    sc.add_prompt_point(prompts, (4.0, 5.0, 6.0), include=False)
+    for index in range(2):  # what "select all" in the Markups module does
+        prompts.SetNthControlPointSelected(index, True)
+    assert sc.ras_points_from_markups(prompts)[1].tolist() == [1, 0]
+    sc.show_polarity(prompts)
+    assert [prompts.GetNthControlPointSelected(i) for i in range(2)] == [True, False]
+
+
+def test_prompt_lists_are_found_again_after_a_scene_import_renames_node_ids(app):
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    prompts = sc.prompt_points_node(segmentation, segment_id)
+    app.scene.SetSaveToXMLString(1)  # the node references and attributes (the points go to the .mrk.json)
+    app.scene.Commit()
+    saved = app.scene.GetSceneXMLString()
+
+    target = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(target)
+    markups = slicer.vtkSlicerMarkupsLogic()
+    markups.SetMRMLScene(target)
+    markups.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Markups", markups)
+    squatters = [target.AddNewNodeByClass(cls) for cls in ("vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode")]
+    assert {n.GetID() for n in squatters} >= {segmentation.GetID(), prompts.GetID()}  # the IDs are taken
+    target.SetLoadFromXMLString(1)
+    target.SetSceneXMLString(saved)
+    target.Import()
+    imported = [n for n in sc.nodes._nodes_by_class(target, "vtkMRMLSegmentationNode") if n not in squatters]
+    assert len(imported) == 1 and imported[0].GetID() != segmentation.GetID()
+    found = sc.prompt_points_node(imported[0], segment_id, create=False)
+    assert found is not None and found.GetID() != prompts.GetID()
+    assert sc.prompt_points_node(squatters[0], segment_id, create=False) is None
+    target.Clear(True)
+
+
 # ------------------------------------------------------------------------------------------------------
 # writing
 
@@ -759,7 +829,7 @@ def test_replay_clicks_follows_the_point_list(tiny_model):
 
 
 def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch, tiny_model):
-    monkeypatch.setattr(sc.batch, "load_model", lambda model, device, checkpoint: tiny_model)
+    monkeypatch.setattr(sc.batch, "load_model", lambda model, device, checkpoint, cache_dir: tiny_model)
     volume_node = make_volume(app.scene, np.diag([1.5, 1.5, 2.0, 1.0]), _phantom_volume().array)
     segmentation, segment_id = sc.segment_volume_node(volume_node, [[24.0, 24.0, 22.0]], model="tiny-test",
                                                       device="cpu")

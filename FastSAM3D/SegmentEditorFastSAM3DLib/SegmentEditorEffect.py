@@ -1,17 +1,16 @@
 """The FastSAM3D Segment Editor effect: click in a slice view, the selected segment gets the 3D result.
 
 Thin by design: the clicks are kept in a point list per segment (FastSAM3DLib.scene), the model runs in an
-InteractiveSession (FastSAM3DLib.session) on one persistent worker thread that never touches Qt or MRML, and
-each result is written on the main thread (a QTimer polls the worker) through the Segment Editor's own logic
+InteractiveSession (FastSAM3DLib.session) on one worker thread (FastSAM3DLib.background) that never touches
+Qt or MRML, and each result is written on the main thread through the Segment Editor's own logic
 (FastSAM3DLib.scene.write_region with an EffectEditor), so masking, overwrite and undo behave as for Paint.
+A timer polls the worker; each poll waits for it with the GIL released, because Slicer's main thread keeps
+the GIL while Qt runs and a worker would otherwise crawl (see FastSAM3DLib.background).
 """
 import logging
 import os
-import queue
 import sys
-import threading
 import time
-import traceback
 
 import ctk
 import qt
@@ -25,62 +24,21 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 DEVICES = [("auto", _("Automatic (CUDA, then Apple MPS, then CPU)")), ("cuda", "CUDA"), ("cpu", "CPU"),
            ("mps", "Apple MPS")]
 PROMPT_MODES = [("", _("Model default")), ("newest", _("Newest click only")), ("all", _("All clicks"))]
-
-
-class Worker:
-    """One daemon thread runs every job (model loading, clicks, downloads) in order, off the GUI thread.
-
-    Jobs are plain callables that must not touch Qt or MRML; their results (or exceptions) are collected with
-    :meth:`results` on the main thread. Keeping one thread keeps per-thread GPU state (cuDNN plans) warm.
-    """
-
-    def __init__(self):
-        self._jobs = queue.Queue()
-        self._results = queue.Queue()
-        self._pending = 0
-        self._thread = threading.Thread(target=self._run, name="FastSAM3D worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, tag, job):
-        self._pending += 1
-        self._jobs.put((tag, job))
-
-    def busy(self):
-        return self._pending > 0
-
-    def results(self):
-        """(tag, value, error, seconds) of the jobs finished since the last call (main thread)."""
-        done = []
-        while True:
-            try:
-                done.append(self._results.get_nowait())
-            except queue.Empty:
-                break
-        self._pending -= len(done)
-        return done
-
-    def stop(self):
-        self._jobs.put((None, None))
-
-    def _run(self):
-        while True:
-            tag, job = self._jobs.get()
-            if job is None:
-                return
-            start = time.perf_counter()
-            try:
-                value, error = job(), None
-            except BaseException as exc:  # noqa: BLE001 - reported to the user on the main thread
-                value, error = None, exc
-                error.details = traceback.format_exc()
-            self._results.put((tag, value, error, time.perf_counter() - start))
+#: The effect's parameters (the Segment Editor node stores them as "FastSAM3D.<name>").
+MODEL, DEVICE, PROMPT_MODE = "Model", "Device", "PromptMode"
+#: Keys in the slice views while the effect is active (none is used by Slicer's views or the Segment Editor).
+TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
+#: Longest wait for a running job when Slicer quits (a download is cancelled at once).
+QUIT_WAIT_SECONDS = 10.0
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
-    """Left click: include point; Shift+left click: exclude point; x / Backspace: undo point; Shift+x: clear."""
+    """Left click: a point of the current polarity (include, or exclude after 'e' or the Exclude button);
+    x / Backspace: undo point; Shift+x: clear points."""
 
     def __init__(self, scriptedEffect):
         scriptedEffect.name = "FastSAM3D"
+        scriptedEffect.title = _("FastSAM3D")
         scriptedEffect.perSegment = True
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
@@ -90,11 +48,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._sessions = {}  # (segmentation ID, segment ID) -> InteractiveSession; only the worker touches them
         self._baselines = {}  # (segmentation ID, segment ID, volume ID) -> the segment before its first point
         self._volume = (None, None)  # (cache key, Volume)
+        self._include = True  # polarity of the next click
+        self._generation = 0  # results of jobs submitted before the last deactivation are not written
+        self._installing = False
         self._downloadCancelled = False
         self._progress = None  # (done, total) of a running download, written by the worker
         self._timer = qt.QTimer()
-        self._timer.setInterval(50)
+        self._timer.setInterval(5)
         self._timer.connect("timeout()", self._poll)
+        self._quitConnected = False
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -115,14 +77,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return "<html>" + _(
             "Segment the selected segment in 3D by clicking on the object in a slice view "
             "(FastSAM3D or SAM-Med3D).<p>"
-            "<b>Left click</b>: include point (inside the object). "
-            "<b>Shift + left click</b>: exclude point (outside it). "
-            "<b>x</b> or <b>Backspace</b>: undo the last point. <b>Shift + x</b>: clear the points "
-            "(the segment stays). <b>Ctrl + z</b> / <b>Ctrl + y</b>: undo / redo the segment change.<p>"
+            "<b>Left click</b>: add a point. Points are <b>include</b> points (inside the object) until you press "
+            "<b>e</b> or the <b>Exclude</b> button; then they are exclude points (outside it) until you press "
+            "e or Include again. <b>x</b> or <b>Backspace</b>: undo the last point. <b>Shift + x</b>: clear the "
+            "points (the segment stays). <b>Ctrl + z</b> / <b>Ctrl + y</b>: undo / redo the segment change (the "
+            "points stay; the next click is computed from all of them). Shift, Ctrl and Alt keep their usual "
+            "meaning in the views (crosshair, blending, panning).<p>"
             "Each click changes the segment only around the clicks, within the editable area and intensity "
             "range of the Masking section; 'Modify other segments' applies as for Paint. The first use asks to "
-            "install PyTorch; the weights (FastSAM3D, SAM-Med3D: Apache-2.0) are downloaded only when you press "
-            "Download.") + "</html>"
+            "install PyTorch. The bundled demo model works offline; the FastSAM3D and SAM-Med3D weights "
+            "(Apache-2.0) are downloaded only when you press Download.") + "</html>"
 
     # ------------------------------------------------------------------ options panel
     def setupOptionsFrame(self):
@@ -130,6 +94,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.wordWrap = True
         self.statusLabel.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)
         self.scriptedEffect.addLabeledOptionsWidget(_("Status:"), self.statusLabel)
+
+        polarityRow = qt.QHBoxLayout()
+        self.includeButton = qt.QPushButton(_("Include"))
+        self.includeButton.setToolTip(_("The next clicks are include points, inside the object (key: e toggles)"))
+        self.excludeButton = qt.QPushButton(_("Exclude"))
+        self.excludeButton.setToolTip(_("The next clicks are exclude points, outside the object (key: e toggles)"))
+        for button, include in ((self.includeButton, True), (self.excludeButton, False)):
+            button.checkable = True
+            button.connect("clicked()", lambda include=include: self.setPolarity(include))
+            polarityRow.addWidget(button)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Clicks add:"), polarityRow)
 
         pointsRow = qt.QHBoxLayout()
         self.pointsLabel = qt.QLabel()
@@ -182,30 +157,35 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(options)
         for combo in (self.modelCombo, self.deviceCombo, self.promptCombo):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.setPolarity(True)
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("FastSAM3D.Model", "fastsam3d")
-        self.scriptedEffect.setParameterDefault("FastSAM3D.Device", "auto")
-        self.scriptedEffect.setParameterDefault("FastSAM3D.PromptMode", "")
+        self.scriptedEffect.setParameterDefault(MODEL, self._logic().defaultModel())
+        self.scriptedEffect.setParameterDefault(DEVICE, "auto")
+        self.scriptedEffect.setParameterDefault(PROMPT_MODE, "")
 
     def _options(self):
-        return (self.scriptedEffect.parameter("FastSAM3D.Model"), self.scriptedEffect.parameter("FastSAM3D.Device"),
-                self.scriptedEffect.parameter("FastSAM3D.PromptMode"))
+        return (self.scriptedEffect.parameter(MODEL), self.scriptedEffect.parameter(DEVICE),
+                self.scriptedEffect.parameter(PROMPT_MODE))
 
     def updateGUIFromMRML(self):
         model, device, promptMode = self._options()
         if self.modelCombo.count == 0:
+            wasBlocked = self.modelCombo.blockSignals(True)  # the first addItem selects it and would save it
             try:
-                for name in self._logic().modelNames():
-                    self.modelCombo.addItem(name, name)
+                for name, text in self._logic().modelChoices():
+                    self.modelCombo.addItem(text, name)
             except Exception as exc:  # noqa: BLE001 - a broken manifest must not break the panel
                 self._status(_("Cannot list the models: {error}").format(error=exc), error=True)
+            finally:
+                self.modelCombo.blockSignals(wasBlocked)
         for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode)):
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(max(combo.findData(value), 0))
             combo.blockSignals(wasBlocked)
         missing = self._logic().missingDependencies()
         self.installButton.visible = bool(missing)
+        self.installButton.enabled = not self._installing
         self.deviceWarning.text = self._deviceWarning(device) if not missing else ""
         try:
             ready, text = self._logic().weightsStatus(model)
@@ -224,11 +204,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def updateMRMLFromGUI(self):
         previous = self._options()
-        self.scriptedEffect.setParameter("FastSAM3D.Model", self.modelCombo.currentData or "fastsam3d")
-        self.scriptedEffect.setParameter("FastSAM3D.Device", self.deviceCombo.currentData or "auto")
-        self.scriptedEffect.setParameter("FastSAM3D.PromptMode", self.promptCombo.currentData or "")
+        self.scriptedEffect.setParameter(MODEL, self.modelCombo.currentData or self._logic().defaultModel())
+        self.scriptedEffect.setParameter(DEVICE, self.deviceCombo.currentData or "auto")
+        self.scriptedEffect.setParameter(PROMPT_MODE, self.promptCombo.currentData or "")
         if self._options() != previous and self._worker is not None:
             self._worker.submit(("forget",), self._sessions.clear)  # new model/device: new sessions (on the worker)
+            self._timer.start()
 
     def _deviceWarning(self, device):
         if "torch" not in sys.modules:  # known after the first click; importing torch here would stall the panel
@@ -244,6 +225,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                      "A CUDA GPU (or Apple MPS) is much faster.")
         return ""
 
+    def setPolarity(self, include):
+        """Make the next clicks include (True) or exclude (False) points."""
+        self._include = bool(include)
+        if hasattr(self, "includeButton"):
+            self.includeButton.checked = self._include
+            self.excludeButton.checked = not self._include
+
     # ------------------------------------------------------------------ activation
     def activate(self):
         self._showPoints(True)
@@ -251,14 +239,31 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def deactivate(self):
         self._showPoints(False)
+        self._generation += 1  # a result still being computed is not written once the effect is left
 
     def sourceVolumeNodeChanged(self):
         self._volume = (None, None)
 
     def cleanup(self):
+        """Called when the Segment Editor widget is destroyed: stop the timer and the worker, drop references."""
         self._timer.stop()
+        self._timer.disconnect("timeout()", self._poll)
+        if self._quitConnected:
+            slicer.app.disconnect("aboutToQuit()", self._onQuit)
+            self._quitConnected = False
+        self._stopWorker()
+        self._sessions, self._baselines, self._volume = {}, {}, (None, None)
+
+    def _onQuit(self):
+        self._timer.stop()
+        self._stopWorker()
+
+    def _stopWorker(self):
+        """End the worker thread; a download notices at once, a click is waited for (bounded)."""
         if self._worker is not None:
-            self._worker.stop()
+            self._downloadCancelled = True
+            if not self._worker.stop(QUIT_WAIT_SECONDS):
+                logging.warning("FastSAM3D: a computation was still running when the worker was stopped")
             self._worker = None
 
     def _showPoints(self, visible):
@@ -268,9 +273,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         from FastSAM3DLib import scene
 
-        for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
-            key = node.GetAttribute(scene.PROMPTS_ATTRIBUTE) or ""
-            if key.startswith(segmentationNode.GetID() + "/") and node.GetDisplayNode():
+        for node in scene.prompt_point_nodes(segmentationNode):
+            if node.GetDisplayNode():
                 node.GetDisplayNode().SetVisibility(visible)
 
     # ------------------------------------------------------------------ interaction
@@ -278,22 +282,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         if eventId == vtk.vtkCommand.KeyPressEvent:
+            if callerInteractor.GetControlKey() or callerInteractor.GetAltKey():
+                return False
             key = callerInteractor.GetKeySym()
-            if key in ("x", "BackSpace"):
+            if key == TOGGLE_POLARITY_KEY:
+                self.setPolarity(not self._include)
+                return True
+            if key in UNDO_POINT_KEYS:
                 self.onUndoPoint()
                 return True
-            if key == "X":
+            if key == CLEAR_POINTS_KEY:
                 self.onClearPoints()
                 return True
             return False
         if eventId != vtk.vtkCommand.LeftButtonPressEvent or callerInteractor.GetControlKey() \
-                or callerInteractor.GetAltKey():
-            return False
+                or callerInteractor.GetAltKey() or callerInteractor.GetShiftKey():
+            return False  # Slicer's own gestures (Shift: pan and crosshair, Ctrl: blend) keep working
         confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
         if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
             return True  # the dialog consumed the button release: do not start an action
         ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
-        self.addClick(ras, include=not callerInteractor.GetShiftKey())
+        self.addClick(ras, include=self._include)
         return True
 
     def addClick(self, ras, include=True):
@@ -343,7 +352,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except Exception as exc:  # noqa: BLE001 - a FastSAM3DError says what to do
             self._failed((action,), exc)
             return
-        points, labels = scene.ras_points_from_markups(self._pointsNode())
+        pointsNode = self._pointsNode()
+        scene.show_polarity(pointsNode)
+        points, labels = scene.ras_points_from_markups(pointsNode)
         key, options, logic, predictor = self._sessionKey(), self._options(), self._logic(), self.predictorForTesting
 
         def job():  # runs on the worker thread: no Qt, no MRML
@@ -356,33 +367,54 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._sessions[key] = session
             return scene.replay_clicks(session, points, labels)
 
-        tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(), len(points))
+        tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(), len(points), self._generation)
         self._ensureWorker().submit(tag, job)
         self._timer.start()
         self._status(_("Working... (the first click loads the model and may take a while)")
                      if not self._sessions else _("Working..."))
 
     def _poll(self):
-        if self._progress is not None and self._progress[1]:
-            self.weightsLabel.text = _("downloading: {percent:.0f} %").format(
-                percent=100.0 * self._progress[0] / self._progress[1])
-        for tag, value, error, seconds in self._worker.results():
-            if error is not None:
+        if self._worker is None:
+            self._timer.stop()
+            return
+        for tag, value, error, seconds in self._worker.poll():
+            if tag[0] in ("click", "undo") and tag[-1] != self._generation:
+                self._dropStale(tag)
+            elif error is not None:
                 self._failed(tag, error)
             elif tag[0] in ("click", "undo") and value is not None:
                 self._apply(tag, value, seconds)
             elif tag[0] in ("download", "import"):
                 self._progress = None
                 self._status(_("Weights ready."))
+        if self._progress is not None and self._progress[1]:
+            self.weightsLabel.text = _("downloading: {percent:.0f} %").format(
+                percent=100.0 * self._progress[0] / self._progress[1])
         if not self.busy():
             self._timer.stop()
             self._progress = None
             self.updateGUIFromMRML()
 
+    def _dropStale(self, tag):
+        """A result that arrived after the effect was left: not written; a new click's point is removed."""
+        self._removeNewPoint(tag)
+        self._status(_("The last click was not applied because the effect was left while it was computed."))
+
+    def _removeNewPoint(self, tag):
+        """Remove the point a click added (when the list still ends with it), so points match the segment."""
+        from FastSAM3DLib import scene
+
+        if tag[0] != "click" or len(tag) < 6:
+            return
+        segmentationNode = slicer.mrmlScene.GetNodeByID(tag[1])
+        node = scene.prompt_points_node(segmentationNode, tag[2], create=False) if segmentationNode else None
+        if node is not None and node.GetNumberOfControlPoints() == tag[4]:
+            scene.remove_last_prompt_point(node)
+
     def _apply(self, tag, result, seconds):
         from FastSAM3DLib import scene
 
-        action, segmentationNodeId, segmentId, sourceVolumeNodeId, count = tag
+        action, segmentationNodeId, segmentId, sourceVolumeNodeId, count, _generation = tag
         region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
         segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationNodeId)
         sourceVolumeNode = slicer.mrmlScene.GetNodeByID(sourceVolumeNodeId)
@@ -397,8 +429,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
                                    editor=scene.EffectEditor(self.scriptedEffect))
             written = time.perf_counter() - start
-        except Exception as exc:  # noqa: BLE001
-            self._failed(("write",), exc)
+        except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the click's point goes too
+            self._failed(tag, exc)
             return
         iou = getattr(result, "iou", None)
         self._status(_("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}").format(
@@ -406,14 +438,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else ""))
 
     def _failed(self, tag, error):
-        from FastSAM3DLib import scene
         from FastSAM3DLib.errors import FastSAM3DError
 
-        if tag[0] == "click" and len(tag) == 5:  # the session refused the click and kept its state: drop the point
-            segmentationNode = slicer.mrmlScene.GetNodeByID(tag[1])
-            node = scene.prompt_points_node(segmentationNode, tag[2], create=False) if segmentationNode else None
-            if node is not None and node.GetNumberOfControlPoints() == tag[4]:
-                scene.remove_last_prompt_point(node)
+        self._removeNewPoint(tag)  # the session refused the click (and kept its state), or the write failed
         if isinstance(error, FastSAM3DError):
             message = str(error)
         else:
@@ -425,35 +452,48 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ------------------------------------------------------------------ dependencies and weights
     def _ready(self):
-        """Installed packages (asks first) and cached weights; says what to do when something is missing."""
+        """Installed packages (asks first) and weights; says what to do when something is missing."""
         if self.predictorForTesting is not None:
             return True
         logic = self._logic()
-        if logic.missingDependencies():
-            try:
-                with slicer.util.WaitCursor():
-                    installed = logic.installDependencies(askConfirmation=True)
-            except Exception as exc:  # noqa: BLE001
-                self._status(str(exc), error=True)
-                return False
-            self.updateGUIFromMRML()
-            if not installed:
-                self._status(_("FastSAM3D needs PyTorch: press 'Install PyTorch...' when you are ready."), error=True)
-                return False
+        if self._installing:
+            self._status(_("PyTorch is being installed; click again when it is done."))
+            return False
+        if logic.missingDependencies() and not self.onInstall():
+            return False
+        problem = logic.torchProblem()
+        if problem:
+            self._status(problem, error=True)
+            return False
         try:
             ready, text = logic.weightsStatus(self._options()[0])
         except Exception as exc:  # noqa: BLE001 - e.g. a model without published weights
             ready, text = False, str(exc)
         if not ready:
             self._status(_("No weights for this model yet ({text}). Open 'Model options' and press Download "
-                           "or Import.").format(text=text), error=True)
+                           "or Import, or choose the bundled demo model.").format(text=text), error=True)
             return False
         return True
 
     def onInstall(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-            self._logic().installDependencies(askConfirmation=True)
-        self.updateGUIFromMRML()
+        """Install the missing packages once (a second request while installing is refused); True when done."""
+        if self._installing:
+            return False
+        self._installing = True
+        self.installButton.enabled = False
+        try:
+            with slicer.util.WaitCursor():
+                installed = self._logic().installDependencies(askConfirmation=True)
+        except Exception as exc:  # noqa: BLE001 - one message, in the panel (pip may have shown its own)
+            logging.error("FastSAM3D: installing the Python packages failed: %s", exc)
+            self._status(_("Installing the Python packages failed: {error}").format(error=exc), error=True)
+            return False
+        finally:
+            self._installing = False
+            self.updateGUIFromMRML()
+        if not installed:
+            self._status(_("FastSAM3D needs PyTorch: press 'Install PyTorch...' when you are ready."), error=True)
+        return bool(installed)
 
     def onDownload(self):
         if self._progress is not None:  # the button reads "Cancel" during a download
@@ -497,7 +537,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _ensureWorker(self):
         if self._worker is None:
+            from FastSAM3DLib.background import POLL_INTERVAL_MS, Worker
+
             self._worker = Worker()
+            self._timer.setInterval(POLL_INTERVAL_MS)
+            if not self._quitConnected:
+                slicer.app.connect("aboutToQuit()", self._onQuit)
+                self._quitConnected = True
         return self._worker
 
     def _status(self, text, error=False):

@@ -19,7 +19,8 @@ Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
 
 def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=None,
                         segment_name: str = "FastSAM3D", model: str = "fastsam3d",
-                        predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto"):
+                        predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto",
+                        cache_dir=None):
     """Segment one object of ``volume_node`` from clicks and write it into a segment; returns (node, segment ID).
 
     ``points_ras``: (N, 3) world RAS clicks in the order a user would click them (the first must be an include
@@ -27,7 +28,8 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     where to write (default: a new segmentation named after the volume); the segment named ``segment_name`` is
     reused if it exists, else added. ``predictor(volume, points_ras, labels)`` returns ``(region, mask)`` (or an
     object with ``.region`` and ``.mask``); the default runs ``model`` on ``device`` ("auto", "cuda", "cpu",
-    "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession`. ``editor_settings``: see
+    "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession` and the model's weights (bundled, or
+    verified in the weights cache ``cache_dir``; default: the platform cache folder). ``editor_settings``: see
     :func:`write_region` (default: the Segment Editor's defaults, so voxels the result takes are removed from
     other segments; pass ``EditorSettings(overwrite="none")`` to keep them). A failure leaves the scene as it
     was. Example for the Slicer Python console::
@@ -50,7 +52,7 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     if not labels.any():
         raise PromptError("Give at least one include point (label 1) inside the object.")
     volume = volume_from_node(volume_node)
-    predict = predictor or session_predictor(model, device=device)
+    predict = predictor or session_predictor(model, device=device, cache_dir=cache_dir)
     result = predict(volume, points, labels)
     region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
     _checked_mask(mask, _checked_region(region, volume.shape[::-1]))  # a bad result adds nothing to the scene
@@ -108,18 +110,20 @@ def resolve_device(device: str = "auto") -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = "cached"):
-    """Build ``model`` on ``device`` (a resolved name, see :func:`resolve_device`) with its cached weights.
+def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = "cached", cache_dir=None):
+    """Build ``model`` on ``device`` (a resolved name, see :func:`resolve_device`) with its weights.
 
-    The last model built is kept, so a loop over volumes or a series of clicks loads the weights once.
+    ``checkpoint="cached"``: the bundled weights, or the verified download in the weights cache ``cache_dir``
+    (Slicer passes a folder under its own cache folder). The last model built is kept, so a loop over volumes
+    or a series of clicks loads the weights once.
     """
     from ..registry import build_model
 
-    return build_model(model, checkpoint=checkpoint, device=device)
+    return build_model(model, checkpoint=checkpoint, device=device, cache_dir=cache_dir)
 
 
 def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mode: Optional[str] = None,
-                      checkpoint: str = "cached") -> Predictor:
+                      checkpoint: str = "cached", cache_dir=None) -> Predictor:
     """The default predictor: a fresh :class:`InteractiveSession` per volume, clicks fed in order.
 
     The model is built once and kept for the next call with the same model and device.
@@ -128,7 +132,7 @@ def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mod
     def predict(volume: Volume, points_ras: Sequence, labels: Sequence):
         from ..session import InteractiveSession
 
-        session = InteractiveSession(load_model(model, resolve_device(device), checkpoint), volume,
+        session = InteractiveSession(load_model(model, resolve_device(device), checkpoint, cache_dir), volume,
                                      prompt_mode=prompt_mode)
         return replay_clicks(session, points_ras, labels)
 

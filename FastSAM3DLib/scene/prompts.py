@@ -1,7 +1,8 @@
 """The FastSAM3D clicks of a segment, kept as a markups point list in the scene (one list per segment)."""
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import List, Tuple
 
 import numpy as np
 import vtk
@@ -10,15 +11,18 @@ from .nodes import _nodes_by_class
 
 INCLUDE_COLOR = (0.20, 0.85, 0.25)  # include points: the markups "selected" colour
 EXCLUDE_COLOR = (0.95, 0.20, 0.20)  # exclude points: the markups (unselected) colour
-PROMPTS_ATTRIBUTE = "FastSAM3D.PromptsFor"  # "<segmentation node ID>/<segment ID>" on a prompt point list
+PROMPTS_ATTRIBUTE = "FastSAM3D.PromptsForSegment"  # the segment ID, on a prompt point list
+SEGMENTATION_ROLE = "FastSAM3DPromptsSegmentation"  # node reference from a prompt list to its segmentation
+INCLUDE, EXCLUDE = "include", "exclude"  # a prompt point's description: its polarity
 
 
 def ras_points_from_markups(point_list_node) -> Tuple[np.ndarray, np.ndarray]:
     """World-RAS positions (N, 3) and labels (N,) of a point list's defined control points.
 
-    A point's label is 1 (include) when the point is *selected* (drawn in the include colour) and 0
-    (exclude) otherwise; points still being placed (position not defined) are skipped. Parent transforms of
-    the point list are applied.
+    A point's label is 1 (include) or 0 (exclude): the polarity FastSAM3D wrote in the point's description
+    when there is one (so "select all" in the Markups module cannot change it), otherwise the *selected* flag
+    (drawn in the include colour). Points still being placed (position not defined) are skipped. Parent
+    transforms of the point list are applied.
     """
     points, labels = [], []
     for index in range(point_list_node.GetNumberOfControlPoints()):
@@ -27,31 +31,50 @@ def ras_points_from_markups(point_list_node) -> Tuple[np.ndarray, np.ndarray]:
         position = [0.0, 0.0, 0.0]
         point_list_node.GetNthControlPointPositionWorld(index, position)
         points.append(position)
-        labels.append(1 if point_list_node.GetNthControlPointSelected(index) else 0)
+        polarity = point_list_node.GetNthControlPointDescription(index)
+        include = polarity == INCLUDE if polarity in (INCLUDE, EXCLUDE) else \
+            point_list_node.GetNthControlPointSelected(index)
+        labels.append(1 if include else 0)
     return np.asarray(points, dtype=np.float64).reshape(-1, 3), np.asarray(labels, dtype=np.int64)
+
+
+def prompt_point_nodes(segmentation_node) -> List:
+    """Every FastSAM3D prompt list of ``segmentation_node`` (one per segment that has been clicked)."""
+    scene = segmentation_node.GetScene()
+    if scene is None:
+        return []
+    return [node for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode")
+            if node.GetAttribute(PROMPTS_ATTRIBUTE) is not None
+            and node.GetNodeReference(SEGMENTATION_ROLE) is segmentation_node]
 
 
 def prompt_points_node(segmentation_node, segment_id: str, create: bool = True):
     """The point list holding the FastSAM3D clicks of one segment (created on demand).
 
-    Include points are drawn in :data:`INCLUDE_COLOR`, exclude points in :data:`EXCLUDE_COLOR`. The list is
-    locked so that clicking near a point never drags it. Returns None when it does not exist and
-    ``create`` is False.
+    The list refers to its segmentation by a node reference (kept right when a scene is imported and node IDs
+    change) and names its segment in an attribute. It is hidden from node selectors, locked (clicking near
+    a point never drags it), and creating it leaves the user's active place list as it was: Slicer's markups
+    logic makes every new point list the active one, which would send the user's next landmark into it.
+    Include points are drawn in :data:`INCLUDE_COLOR`, exclude points in :data:`EXCLUDE_COLOR`. Returns None
+    when it does not exist and ``create`` is False.
     """
-    scene = segmentation_node.GetScene()
-    key = f"{segmentation_node.GetID()}/{segment_id}"
-    for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode"):
-        if node.GetAttribute(PROMPTS_ATTRIBUTE) == key:
+    for node in prompt_point_nodes(segmentation_node):
+        if node.GetAttribute(PROMPTS_ATTRIBUTE) == segment_id:
             return node
     if not create:
         return None
+    scene = segmentation_node.GetScene()
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     name = f"FastSAM3D points {segment.GetName() if segment else segment_id}"
-    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
-    node.SetAttribute(PROMPTS_ATTRIBUTE, key)
+    with _active_place_node_kept(scene):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
+    node.SetHideFromEditors(True)
+    node.SetAttribute(PROMPTS_ATTRIBUTE, segment_id)
+    node.SetNodeReferenceID(SEGMENTATION_ROLE, segmentation_node.GetID())
     node.SetLocked(True)
     node.SetMarkupLabelFormat("")
-    node.CreateDefaultDisplayNodes()
+    with _active_place_node_kept(scene):
+        node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.SetSelectedColor(*INCLUDE_COLOR)
     display.SetColor(*EXCLUDE_COLOR)
@@ -59,12 +82,26 @@ def prompt_points_node(segmentation_node, segment_id: str, create: bool = True):
     return node
 
 
+@contextlib.contextmanager
+def _active_place_node_kept(scene):
+    """Restore every selection node's active place node (ID and class) as it was before the block."""
+    selections = [(node, node.GetActivePlaceNodeID(), node.GetActivePlaceNodeClassName())
+                  for node in _nodes_by_class(scene, "vtkMRMLSelectionNode")]
+    try:
+        yield
+    finally:
+        for node, place_id, place_class in selections:
+            if node.GetActivePlaceNodeID() != place_id or node.GetActivePlaceNodeClassName() != place_class:
+                node.SetActivePlaceNodeID(place_id)
+                node.SetActivePlaceNodeClassName(place_class)
+
+
 def add_prompt_point(point_list_node, ras, include: bool) -> int:
-    """Append a click at world RAS ``ras``; returns its index. Polarity is the point's *selected* flag."""
+    """Append a click at world RAS ``ras``; returns its index. Polarity: the description (colour: *selected*)."""
     position = [float(v) for v in np.asarray(ras, dtype=np.float64).reshape(3)]
     index = point_list_node.AddControlPointWorld(vtk.vtkVector3d(*position), "")
     point_list_node.SetNthControlPointSelected(index, bool(include))
-    point_list_node.SetNthControlPointDescription(index, "include" if include else "exclude")
+    point_list_node.SetNthControlPointDescription(index, INCLUDE if include else EXCLUDE)
     point_list_node.SetNthControlPointLocked(index, True)
     return index
 
@@ -76,3 +113,12 @@ def remove_last_prompt_point(point_list_node) -> bool:
         return False
     point_list_node.RemoveNthControlPoint(count - 1)
     return True
+
+
+def show_polarity(point_list_node) -> None:
+    """Make each prompt point's colour (its *selected* flag) match its polarity again, e.g. after the user
+    pressed "select all" in the Markups module."""
+    for index in range(point_list_node.GetNumberOfControlPoints()):
+        polarity = point_list_node.GetNthControlPointDescription(index)
+        if polarity in (INCLUDE, EXCLUDE) and point_list_node.GetNthControlPointSelected(index) != (polarity == INCLUDE):
+            point_list_node.SetNthControlPointSelected(index, polarity == INCLUDE)
