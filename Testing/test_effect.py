@@ -1,0 +1,222 @@
+"""The Segment Editor effect's own code, driven through Testing/effect_harness.py (real MRML, real worker,
+Slicer's GIL regime between timer ticks). Each test is a finding of the Slicer review that a harness can
+reach; what only a real Slicer can check is listed in the README's self-test section."""
+import threading
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
+
+from effect_harness import EffectHarness, QComboBox  # noqa: E402
+from test_scene_adapter import make_segmentation, make_volume, segment_array, sphere_predictor  # noqa: E402
+
+CENTRE = (13.0, 11.0, 7.0)  # RAS of voxel (i, j, k) = (13, 11, 7) of the identity-geometry test volume
+
+
+@pytest.fixture
+def harness(monkeypatch, tmp_path):
+    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
+    yield h
+    h.close()
+
+
+def ready(harness, predictor=None):
+    """An active effect on a test volume and a new segment, with a stand-in model unless one is given."""
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "organ")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.predictorForTesting = predictor or sphere_predictor(4.0)
+    effect.activate()
+    return effect, volume, segmentation, segment_id
+
+
+def points(effect):
+    from FastSAM3DLib import scene
+
+    node = effect._pointsNode(create=False)
+    return scene.ras_points_from_markups(node)[1].tolist() if node else []
+
+
+def test_the_harness_combo_box_emits_on_its_first_item_as_qt_does():
+    seen = []
+    combo = QComboBox()
+    combo.connect("currentIndexChanged(int)", seen.append)
+    combo.addItem("a", "a")
+    combo.addItem("b", "b")
+    assert seen == [0]
+
+
+def test_saved_settings_survive_the_first_activation_and_are_prefixed_once(harness):
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "organ"))
+    node = harness.editor_node  # as loaded from a saved scene
+    node.SetAttribute("FastSAM3D.Model", "sam-med3d-turbo")
+    node.SetAttribute("FastSAM3D.Device", "cpu")
+    node.SetAttribute("FastSAM3D.PromptMode", "all")
+    effect = harness.create_effect()
+    effect.activate()
+    assert effect._options() == ("sam-med3d-turbo", "cpu", "all")
+    assert effect.modelCombo.currentData == "sam-med3d-turbo" and effect.deviceCombo.currentData == "cpu"
+    assert not [name for name in node.GetAttributeNames() if name.startswith("FastSAM3D.FastSAM3D.")]
+    effect.deviceCombo.setCurrentIndex(effect.deviceCombo.findData("auto"))  # a user's choice is saved
+    assert node.GetAttribute("FastSAM3D.Device") == "auto"
+
+
+def test_every_model_is_offered_and_offline_the_bundled_demo_is_the_default(harness):
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "organ"))
+    effect = harness.create_effect()
+    effect.activate()
+    offered = [effect.modelCombo._items[i][1] for i in range(effect.modelCombo.count)]
+    assert "fastsam3d-demo" in offered and "fastsam3d" in offered
+    assert effect._options()[0] == "fastsam3d-demo"  # nothing downloaded into this (empty) Slicer cache
+    logic = effect._logic()
+    assert logic.cacheDir().startswith(harness.app.cachePath)
+    assert logic.weightsStatus("fastsam3d-demo")[0]
+    assert "weights not here" in effect.modelCombo.itemText(offered.index("fastsam3d"))
+
+
+def test_a_click_writes_the_segment_and_keeps_the_users_active_place_list(harness):
+    effect, volume, segmentation, segment_id = ready(harness)
+    selection = harness.app_logic.GetSelectionNode()
+    landmarks = harness.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks")
+    assert selection.GetActivePlaceNodeID() == landmarks.GetID()
+    assert harness.click(CENTRE)
+    written = segment_array(segmentation, segment_id, volume)
+    expected = np.zeros(written.shape, bool)
+    region, mask = sphere_predictor(4.0)(effect._sourceVolume(volume), [CENTRE], [1])
+    expected[region] = mask
+    assert np.array_equal(written, expected) and written.sum() > 50
+    assert points(effect) == [1]
+    assert selection.GetActivePlaceNodeID() == landmarks.GetID()
+
+
+def test_polarity_is_a_toggle_and_shift_ctrl_alt_clicks_stay_slicers(harness):
+    effect, volume, segmentation, segment_id = ready(harness)
+    harness.view.xy_to_ras = lambda xy: CENTRE if xy == (1, 1) else (CENTRE[0] + 3.0, CENTRE[1], CENTRE[2])
+    for modifier in ("shift", "control", "alt"):
+        assert harness.mouse_press((1, 1), **{modifier: True}) is False  # pan, crosshair, blend: not ours
+    assert points(effect) == []
+    assert harness.mouse_press((1, 1)) is True
+    harness.run_event_loop()
+    assert harness.key("e") is True and effect.excludeButton.checked
+    assert harness.mouse_press((2, 2)) is True
+    harness.run_event_loop()
+    assert points(effect) == [1, 0]
+    effect.includeButton.click()
+    assert effect._include and not effect.excludeButton.checked
+    assert harness.key("x") is True
+    harness.run_event_loop()
+    assert points(effect) == [1]
+
+
+def test_a_result_that_arrives_after_the_effect_was_left_is_not_written(harness):
+    release = threading.Event()
+    stand_in = sphere_predictor(4.0)
+
+    def slow_predictor(volume, pts, labels):
+        release.wait(30)
+        return stand_in(volume, pts, labels)
+
+    effect, volume, segmentation, segment_id = ready(harness, slow_predictor)
+    assert effect.addClick(CENTRE)
+    effect.deactivate()  # e.g. the user picked Paint while the model was running
+    release.set()
+    harness.run_event_loop()
+    assert not segment_array(segmentation, segment_id, volume).any()
+    assert points(effect) == []  # the point of a click that was not applied is gone too
+    assert "not applied" in effect.statusLabel.text
+
+
+def test_a_failed_write_leaves_the_segment_and_removes_its_point(harness):
+    def bad_predictor(volume, pts, labels):
+        return (slice(0, 2), slice(0, 2), slice(0, 2)), np.ones((3, 3, 3), bool)  # wrong shape
+
+    effect, volume, segmentation, segment_id = ready(harness)
+    assert harness.click(CENTRE)
+    before = segment_array(segmentation, segment_id, volume)
+    effect.predictorForTesting = bad_predictor
+    assert harness.click((CENTRE[0] + 2.0, CENTRE[1], CENTRE[2]))
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), before)
+    assert points(effect) == [1]
+    assert effect.statusLabel.styleSheet  # shown as an error
+
+
+def test_ctrl_z_reverts_the_segment_and_the_next_click_uses_every_point(harness):
+    effect, volume, segmentation, segment_id = ready(harness)
+    assert harness.click(CENTRE)
+    first = segment_array(segmentation, segment_id, volume)
+    exclude = (CENTRE[0] + 4.0, CENTRE[1], CENTRE[2])
+    assert harness.click(exclude, include=False)
+    harness.scripted.undo()  # Ctrl+Z: the segment goes back, the points stay
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), first)
+    assert points(effect) == [1, 0]
+    assert harness.click((CENTRE[0], CENTRE[1] + 1.0, CENTRE[2]))
+    _, mask = sphere_predictor(4.0)(effect._sourceVolume(volume), [CENTRE], [1])
+    assert points(effect) == [1, 0, 1]  # the stand-in follows the first include point: same ball again
+    assert segment_array(segmentation, segment_id, volume).sum() == mask.sum()
+
+
+def test_installing_is_not_started_twice_and_a_failure_shows_one_message(harness, monkeypatch):
+    effect, volume, segmentation, segment_id = ready(harness)
+    logic, calls = effect._logic(), []
+
+    def install(askConfirmation=True):
+        calls.append(askConfirmation)
+        assert effect.onInstall() is False  # a second request while installing (processEvents re-enters)
+        raise RuntimeError("pip failed")
+
+    monkeypatch.setattr(logic, "installDependencies", install)
+    assert effect.onInstall() is False
+    assert calls == [True]
+    assert effect.statusLabel.text.count("pip failed") == 1 and not effect._installing
+
+
+def test_cleanup_disconnects_the_timer_and_ends_the_worker(harness):
+    effect, volume, segmentation, segment_id = ready(harness)
+    assert harness.click(CENTRE)
+    worker = effect._worker
+    assert harness.app.receivers("aboutToQuit()") == 1
+    effect.cleanup()
+    assert effect._timer.receivers("timeout()") == 0 and not effect._timer.isActive()
+    assert effect._worker is None and worker.cancelled()
+    assert harness.app.receivers("aboutToQuit()") == 0 and effect._sessions == {}
+
+
+def test_quitting_during_a_computation_waits_for_it(harness):
+    release, finished = threading.Event(), threading.Event()
+    stand_in = sphere_predictor(4.0)
+
+    def slow_predictor(volume, pts, labels):
+        release.wait(30)
+        result = stand_in(volume, pts, labels)
+        finished.set()
+        return result
+
+    effect, volume, segmentation, segment_id = ready(harness, slow_predictor)
+    assert effect.addClick(CENTRE)
+    threading.Timer(0.2, release.set).start()
+    harness.app.quit()  # aboutToQuit: the job ends before the interpreter would
+    assert finished.is_set() and effect._worker is None
+
+
+def test_the_bundled_demo_model_segments_through_the_effect_in_the_slicer_loop(harness, one_torch_thread):
+    pytest.importorskip("torch")
+    volume = make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
+                         np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.activate()
+    assert effect._options()[0] == "fastsam3d-demo"
+    centre = (13 * 1.5, 11 * 1.5, 7 * 2.0)
+    assert harness.click(centre)
+    assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+    assert segment_array(segmentation, segment_id, volume).any()
+    assert points(effect) == [1]
