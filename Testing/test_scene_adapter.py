@@ -566,6 +566,15 @@ class _FailingEditor(sc.LogicEditor):
         super().modify(*args)
 
 
+class _FailingAfterEditor(sc.LogicEditor):
+    """A real Segment Editor logic that raises right after applying the Paint step (the segment changed)."""
+
+    def modify(self, segmentation_node, segment_id, labelmap, mode):
+        super().modify(segmentation_node, segment_id, labelmap, mode)
+        if mode == Logic.ModificationModeAdd:
+            raise KeyboardInterrupt("interrupted after the Paint step")
+
+
 def test_failures_leave_the_segmentation_bit_identical(app):
     volume, segmentation, ids, masks, new = three_segments(app)
     before = fingerprint(segmentation)
@@ -588,6 +597,58 @@ def test_failures_leave_the_segmentation_bit_identical(app):
     assert fingerprint(segmentation) == before
     for sid, mask in masks.items():
         assert np.array_equal(segment_array(segmentation, ids[sid], volume), mask)
+
+
+@pytest.mark.parametrize("failing", [_FailingEditor, _FailingAfterEditor], ids=["between", "after"])
+@pytest.mark.parametrize("overwrite", ["all", "visible", "none"])
+@pytest.mark.parametrize("target", ["B", "new"])
+def test_an_interrupted_write_is_undone_in_every_overwrite_mode(app, overwrite, target, failing):
+    volume, segmentation, ids, masks, new = three_segments(app)
+    if target == "new":  # an empty segment: the edit grows its layer's extent
+        ids["new"] = segmentation.GetSegmentation().AddEmptySegment("", "new")
+    before = fingerprint(segmentation)
+    editor = failing(app.scene, sc.EditorSettings(overwrite=overwrite))
+    with pytest.raises(KeyboardInterrupt):
+        sc.write_region(segmentation, ids[target], volume, REGION, new, editor=editor)
+    editor.close()
+    assert fingerprint(segmentation) == before
+
+
+@pytest.mark.parametrize("layer", ["empty", "smaller than the region"])
+def test_an_interrupted_write_that_grew_a_layer_gives_it_its_extent_back(app, layer):
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    if layer == "empty":
+        segment_id = segmentation.GetSegmentation().AddEmptySegment("", "new")
+    else:
+        segment_id = segmentation.GetSegmentation().AddEmptySegment("", "small")
+        ijk = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijk)
+        small = sc.writing._oriented_image(np.ones((2, 3, 4), np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
+                                           [6, 9, 7, 9, 4, 5])
+        L = slicer.vtkSlicerSegmentationsModuleLogic
+        assert L.SetBinaryLabelmapToSegment(small, segmentation, segment_id, L.MODE_REPLACE, small.GetExtent())
+    before = fingerprint(segmentation)
+    editor = _FailingAfterEditor(app.scene)
+    mask = np.ones((9, 14, 16), bool)
+    mask[0] = False
+    with pytest.raises(KeyboardInterrupt):
+        sc.write_region(segmentation, segment_id, volume, REGION, mask, editor=editor)
+    editor.close()
+    assert fingerprint(segmentation) == before
+
+
+def test_a_write_keeps_only_the_edited_box_for_its_rollback(app, monkeypatch):
+    """Memory per click: the rollback copies the region's box of each layer, not the segmentation."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    kept = []
+    original = sc.writing._values_in_extent
+    monkeypatch.setattr(sc.writing, "_values_in_extent",
+                        lambda image, extent: kept.append(extent) or original(image, extent))
+    sc.write_region(segmentation, ids["B"], volume, REGION, new)
+    box = tuple(v for s in reversed(REGION) for v in (s.start, s.stop - 1))  # (i0, i1, j0, j1, k0, k1)
+    assert kept, "the rollback kept nothing"
+    assert all(all(e[2 * a] >= box[2 * a] and e[2 * a + 1] <= box[2 * a + 1] for a in range(3)) for e in kept)
 
 
 def test_failure_on_a_segmentation_without_geometry_leaves_it_without(app):

@@ -9,7 +9,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import FastSAM3DError, InputImageError
-from .editors import _ADD, _REMOVE, _SN, EditorSettings, EffectEditor, LogicEditor
+from .editors import _ADD, _REMOVE, _SEN, _SN, EditorSettings, EffectEditor, LogicEditor
 from .nodes import _array_from_vtk_matrix, _vtk_matrix, node_to_world, volume_from_node_matrix
 
 Region = Tuple[slice, slice, slice]
@@ -65,7 +65,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
         to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
         editor.take_errors()
-        rollback = _Rollback(segmentation_node)
+        rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
         editor.save_state_for_undo()
         for image, mode in ((to_remove, _REMOVE), (to_add, _ADD)):
             if image is not None and _has_voxels(image):
@@ -324,17 +324,124 @@ def _has_voxels(image) -> bool:
 
 
 class _Rollback:
-    """A private snapshot of the segmentation (Slicer's own segmentation history) to undo a failed write."""
+    """What a failed write must put back, without copying the whole segmentation on every click.
 
-    def __init__(self, segmentation_node) -> None:
-        self.history = slicer.vtkSegmentationHistory()
-        self.history.SetMaximumNumberOfStates(2)
-        self.history.SetSegmentation(segmentation_node.GetSegmentation())
-        self.history.SaveState()
+    The edit can change voxels only inside the modifiers' box, so each labelmap layer keeps just that box
+    (and each segment's layer and label value, to check that nothing else moved). A layer whose extent the
+    edit grew gets its old extent back. Where the Segment Editor logic may move segments between layers to
+    spare others (overwrite "visible" or "none"; Slicer's default is "all"), the segmentation is snapshotted
+    whole instead (Slicer's segmentation history).
+    """
+
+    def __init__(self, segmentation_node, modifiers, editor_node) -> None:
+        self.segmentation = segmentation_node.GetSegmentation()
+        self.history = None
+        self.boxes = []
+        self.segments = _segment_layers(self.segmentation)
+        self.statuses = _statuses(self.segmentation)  # the logic marks edited segments "in progress"
+        if editor_node.GetOverwriteMode() != _SEN.OverwriteAllSegments:
+            self.history = slicer.vtkSegmentationHistory()
+            self.history.SetMaximumNumberOfStates(2)
+            self.history.SetSegmentation(self.segmentation)
+            self.history.SaveState()
+            return
+        self.box = _union_extent([m for m in modifiers if m is not None])
+        if self.box is None:
+            return
+        for index in range(self.segmentation.GetNumberOfLayers()):
+            image = self.segmentation.GetLayerDataObject(index)
+            if image is None:
+                continue
+            extent = tuple(image.GetExtent()) if image.GetPointData().GetScalars() is not None else _EMPTY
+            saved = _intersect_extent(extent, self.box)
+            self.boxes.append((image, extent, saved, None if saved is None else _values_in_extent(image, saved)))
 
     def restore(self) -> None:
-        if self.history.IsRestorePreviousStateAvailable():
-            self.history.RestorePreviousState()
+        """Put the segmentation back as it was (raises FastSAM3DError if the logic rearranged its layers)."""
+        if self.history is not None:
+            if self.history.IsRestorePreviousStateAvailable():
+                self.history.RestorePreviousState()
+            return
+        rearranged = FastSAM3DError("The Segment Editor rearranged the segmentation while the write failed; "
+                                    "press Ctrl+Z to undo the partial change.")
+        if _segment_layers(self.segmentation) != self.segments:
+            raise rearranged
+        for image, extent, saved, values in self.boxes:
+            now = tuple(image.GetExtent()) if image.GetPointData().GetScalars() is not None else _EMPTY
+            if saved is not None and _intersect_extent(now, saved) != saved:
+                raise rearranged  # the layer shrank: the saved voxels no longer fit
+            touched = _intersect_extent(now, self.box)
+            if touched is not None:
+                _write_into(image, touched, 0)  # outside the old extent the layer was empty
+            if saved is not None:
+                _write_into(image, saved, values)
+            if now != extent:  # the edit grew the layer: give it its old extent back
+                _reallocate(image, extent)
+            image.Modified()
+        tag = slicer.vtkSlicerSegmentationsModuleLogic.GetStatusTagName()
+        for segment_id, status in self.statuses.items():
+            segment = self.segmentation.GetSegment(segment_id)
+            if status is None:
+                segment.RemoveTag(tag)
+            else:
+                segment.SetTag(tag, status)
+        self.segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified)
 
     def close(self) -> None:
-        self.history.SetSegmentation(None)
+        if self.history is not None:
+            self.history.SetSegmentation(None)
+
+
+def _statuses(segmentation) -> dict:
+    """Segment ID -> its status tag (None when it has none)."""
+    tag = slicer.vtkSlicerSegmentationsModuleLogic.GetStatusTagName()
+    statuses = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        value = vtk.reference("")
+        statuses[segment_id] = str(value) if segmentation.GetSegment(segment_id).GetTag(tag, value) else None
+    return statuses
+
+
+def _segment_layers(segmentation) -> list:
+    """(segment ID, its layer object, its label value) of every segment."""
+    segments = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        layer = segmentation.GetLayerIndex(segment_id)
+        image = segmentation.GetLayerDataObject(layer) if layer >= 0 else None
+        segments.append((segment_id, image.GetAddressAsString("vtkObject") if image is not None else "",
+                         segmentation.GetSegment(segment_id).GetLabelValue()))
+    return segments
+
+
+def _union_extent(images):
+    extents = [image.GetExtent() for image in images if _intersect_extent(image.GetExtent(), image.GetExtent())]
+    if not extents:
+        return None
+    return tuple(min(e[a] for e in extents) if a % 2 == 0 else max(e[a] for e in extents) for a in range(6))
+
+
+_EMPTY = (0, -1, 0, -1, 0, -1)
+
+
+def _reallocate(image, extent) -> None:
+    """Shrink ``image`` to ``extent`` (inside its current one), keeping the voxels there."""
+    values = _values_in_extent(image, extent) if extent != _EMPTY else None
+    scalar_type = image.GetScalarType()
+    image.SetExtent(*extent)
+    image.AllocateScalars(scalar_type, 1)
+    if values is not None:
+        _write_into(image, extent, values)
+
+
+def _intersect_extent(a, b):
+    box = tuple(max(a[i], b[i]) if i % 2 == 0 else min(a[i], b[i]) for i in range(6))
+    return box if box[0] <= box[1] and box[2] <= box[3] and box[4] <= box[5] else None
+
+
+def _write_into(image, extent, values) -> None:
+    """Copy ``values`` ((K, J, I) over ``extent``, or one number) into ``image``'s voxels."""
+    target = _image_array(image)
+    e = image.GetExtent()
+    target[tuple(slice(extent[2 * a] - e[2 * a], extent[2 * a + 1] - e[2 * a] + 1) for a in (2, 1, 0))] = values
