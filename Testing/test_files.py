@@ -1,9 +1,14 @@
 """Atomic writes (FastSAM3DLib.files): a reader sees the old file or the new one, never a partial one."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from FastSAM3DLib.files import atomic_output
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_atomic_output_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
@@ -28,3 +33,61 @@ def test_atomic_output_keeps_the_suffix_writers_choose_the_format_by(tmp_path):
         assert tmp.name.endswith(".nii.gz")
         tmp.write_bytes(b"x")
     assert (tmp_path / "label.nii.gz").read_bytes() == b"x"
+
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX semantics (open files, file size limits)")
+
+
+@posix_only
+def test_a_reader_holding_the_old_file_keeps_reading_the_old_bytes(tmp_path):
+    """The new file replaces the old one as a whole: a reader that opened the old one is not disturbed
+    (issue 19, bug 5: writing in place would show it the new bytes)."""
+    target = tmp_path / "result.bin"
+    old, new = b"old " * 50_000, b"NEW!" * 60_000
+    target.write_bytes(old)
+    with open(target, "rb") as reader:
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(new)
+        assert target.read_bytes() == new
+        assert reader.read() == old
+
+
+@posix_only
+def test_a_failure_while_putting_the_new_file_in_place_leaves_the_old_one_whole(tmp_path):
+    """When the disk refuses more bytes after the new file is written (a file size limit set in a child
+    process), the target is the old file or the whole new one, never a mixture (issue 19, bug 5)."""
+    target = tmp_path / "result.bin"
+    old, new = b"o" * 200_000, b"n" * 200_000
+    target.write_bytes(old)
+    code = (
+        "import resource, signal, sys\n"
+        "from FastSAM3DLib.files import atomic_output\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "with atomic_output(sys.argv[1]) as tmp:\n"
+        "    tmp.write_bytes(b'n' * 200_000)\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (65_536, resource.RLIM_INFINITY))  # no file may grow further\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    content = target.read_bytes()
+    assert content in (old, new), f"the target holds {len(content)} bytes, a mixture (exit {done.returncode}: {done.stderr[-300:]})"
+    assert content == new and done.returncode == 0, done.stderr  # renaming needs no new bytes: it succeeds
+
+
+def test_missing_folders_are_created(tmp_path):
+    target = tmp_path / "a" / "b" / "c" / "result.txt"
+    with atomic_output(target) as tmp:
+        tmp.write_text("x")
+    assert target.read_text() == "x"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files")
+def test_no_file_handle_is_left_open(tmp_path):
+    """Many writes leave no open handle behind (an open handle would also block the rename on Windows)."""
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(50):
+        with atomic_output(tmp_path / "result.txt") as tmp:
+            tmp.write_text(str(n))
+    assert len(os.listdir("/proc/self/fd")) < before + 10
+    assert (tmp_path / "result.txt").read_text() == "49"

@@ -1,4 +1,6 @@
 """The interactive session: encoder reuse, logits feedback, undo, prompt modes, and errors that change nothing."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 from FastSAM3DLib import build_model, geometry
 from FastSAM3DLib.errors import InputImageError, OutOfMemoryError, PromptError
 from FastSAM3DLib.geometry import Volume
-from FastSAM3DLib.session import InteractiveSession
+from FastSAM3DLib.session import ROI_MARGIN_VOXELS, InteractiveSession
 
 
 def blob_volume(shape=(60, 70, 80), spacing=(2.0, 1.5, 1.0)):
@@ -175,3 +177,88 @@ def test_set_image_rejects_bad_volumes_and_keeps_the_old_one(model):
     assert session.volume is volume
     with pytest.raises(PromptError, match="image first"):
         InteractiveSession(model).add_click([0, 0, 0])
+
+
+class PromptEncoderInputs:
+    """Record the points (model voxel coordinates, or None) the real prompt encoder receives, call by call."""
+
+    def __init__(self, model):
+        self.calls = []
+        model.prompt_encoder.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        points = kwargs.get("points")
+        self.calls.append(None if points is None else points[0][0].detach().cpu().numpy().copy())
+
+
+def long_volume(seed=4):
+    """300 x 60 x 40 mm, 1 mm voxels: room for regions of interest (192 mm) side by side along x."""
+    return Volume(np.random.default_rng(seed).normal(100, 20, (40, 60, 300)).astype(np.float32), np.eye(4))
+
+
+@pytest.mark.parametrize("first_x, border_offset", [(60.0, 3.0), (60.0, -3.0), (150.0, 3.0), (150.0, -3.0)],
+                         ids=["3-outside-high", "3-inside-high", "3-outside-low", "3-inside-low"])
+def test_click_at_or_just_past_the_border_moves_the_region(model, first_x, border_offset):
+    """A click a few voxels outside the model's view, or inside but within the border margin, moves the view:
+    the model never gets a click outside its input or squeezed against its border (issue 19, bug 1)."""
+    volume = long_volume()
+    inputs = PromptEncoderInputs(model)
+    session = InteractiveSession(model, volume)
+    first = np.array([first_x, 30.0, 20.0])
+    session.add_click(first)
+    xyz = session.roi.ras_to_model(first[None])[0]
+    high = first_x < 100  # move towards the far side of the volume
+    border = session.roi.size[0] - 0.5 if high else -0.5  # the edge of the outer voxels
+    xyz[0] = border + (border_offset if high else -border_offset)
+    second = session.roi.model_to_ras_points(xyz[None])[0]
+    inputs.calls.clear()
+    result = session.add_click(second)
+    received = np.concatenate(inputs.calls)
+    assert np.all(received >= -0.5) and np.all(received <= 127.5), f"points outside the model input: {received}"
+    newest = inputs.calls[-1][-1]
+    np.testing.assert_allclose(newest, session.roi.ras_to_model(second[None])[0], atol=1e-4)
+    distance_to_border = min(newest.min() + 0.5, 127.5 - newest.max())
+    assert distance_to_border >= ROI_MARGIN_VOXELS, f"the newest click is {distance_to_border:.1f} voxels from the border"
+    assert result.encoded  # the image encoder ran for the new view
+
+
+@pytest.mark.parametrize("mode", ["all", "newest"])
+def test_coming_back_after_a_region_move_equals_a_fresh_session_fed_the_clicks_there(model, mode):
+    """Click twice on one side, once far away (the view moves there), then back near the first click: the view
+    moves back and the result must be what a fresh session fed the clicks of that side (in order) gives, so the
+    earlier clicks there are replayed with the feedback chain, not just the newest one (issue 19, bug 2)."""
+    volume = long_volume()
+    near = [np.array([41.0, 30.0, 20.0]), np.array([71.0, 35.0, 22.0])]
+    far = np.array([281.0, 30.0, 20.0])  # 240 mm away: the two sides cannot share one 192 mm view
+    back = np.array([41.3, 30.4, 19.8])
+    # the scenario: coming back gives the fresh session's view (same 1.5 mm voxel as the first click)
+    assert geometry.roi_around(volume, back[None]) == geometry.roi_around(volume, near[0][None])
+
+    session = InteractiveSession(model, volume, prompt_mode=mode)
+    for point in near + [far]:
+        session.add_click(point)
+    moved = session.add_click(back)
+    assert moved.encoded
+
+    fresh = InteractiveSession(model, volume, prompt_mode=mode)
+    for point in near:
+        fresh.add_click(point)
+    expected = fresh.add_click(back)
+    assert not expected.encoded  # the fresh session never moved: it is the reference, not the code under test
+    assert expected.mask.any()
+    np.testing.assert_array_equal(session.full_mask(moved)[expected.region], fresh.full_mask(expected)[expected.region])
+    assert moved.iou == expected.iou
+
+
+def test_click_timings_are_measured_durations(model):
+    """The encode / decode / paste times shown by the CLI, the demo and the benchmark are real durations of the
+    click: present for what ran, non-negative, and together within the click's wall time."""
+    volume = blob_volume()
+    session = InteractiveSession(model, volume)
+    for ijk, needs_encode in (((40, 35, 30), True), ((44, 35, 30), False)):
+        start = time.perf_counter()
+        result = session.add_click(ras_of(volume, ijk))
+        wall = time.perf_counter() - start
+        assert result.encoded == needs_encode
+        assert set(result.timings) == ({"encode", "decode", "paste"} if needs_encode else {"decode", "paste"})
+        assert all(t >= 0 for t in result.timings.values()) and sum(result.timings.values()) <= wall

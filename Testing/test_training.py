@@ -546,3 +546,36 @@ def test_cli_commands_end_to_end(tmp_path):
     teacher = torch.load(tmp_path / "teacher" / "model.pth", weights_only=True)["model_state_dict"]
     student = torch.load(tmp_path / "student" / "model.pth", weights_only=True)["model_state_dict"]
     assert all(torch.equal(student[k], v) for k, v in teacher.items() if k.startswith("mask_decoder."))
+
+
+def test_simulated_clicks_prompt_with_the_mask_alone_at_the_mask_only_steps():
+    """At the mask-only steps the prompt encoder gets ``points=None`` and the previous step's logits; at every
+    other step one click per sample (issue 19, bug 4): watched on the real prompt encoder."""
+    model = build_model("tiny-test", seed=0)
+    labels = torch.zeros(2, 1, 128, 128, 128)
+    labels[0, :, 50:70, 50:70, 50:70] = 1
+    labels[1, :, 30:60, 40:90, 60:80] = 1
+    with torch.no_grad():
+        embedding = model.image_encoder(torch.randn(2, 1, 128, 128, 128))
+    received, decoded = [], []
+    model.prompt_encoder.register_forward_hook(
+        lambda mod, args, kwargs, out: received.append((kwargs["points"], kwargs["masks"].detach().clone())),
+        with_kwargs=True)
+    model.mask_decoder.register_forward_hook(lambda mod, args, out: decoded.append(out[0].detach().clone()))
+
+    def loss_fn(logits, target):
+        return logits.mean()
+
+    simulate_clicks(model, embedding, labels, loss_fn, np.random.default_rng(0), num_clicks=6, mask_only=(2, 5),
+                    loss_size=32)
+    assert [points is None for points, _ in received] == [False, False, True, False, False, True]
+    for step, (points, masks) in enumerate(received):
+        if points is not None:
+            assert points[0].shape == (2, 1, 3) and points[1].shape == (2, 1)
+        previous = decoded[step - 1] if step else torch.zeros(2, 1, 32, 32, 32)
+        assert torch.equal(masks, previous), f"step {step} was not fed the previous step's logits"
+
+    received.clear()  # the default: one random step in [2, 9) and the last of the 11
+    simulate_clicks(model, embedding[:1], labels[:1], loss_fn, np.random.default_rng(1), loss_size=32)
+    mask_only = [step for step, (points, _) in enumerate(received) if points is None]
+    assert len(received) == 11 and len(mask_only) == 2 and 2 <= mask_only[0] < 9 and mask_only[1] == 10

@@ -2,10 +2,13 @@
 import json
 import os
 import random
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -271,3 +274,69 @@ def test_abandoned_lock_is_taken_over_after_its_age_limit(tmp_path, server):
     old = time.time() - 3600
     os.utime(files(cache).lock, (old, old))
     assert download_model("test-model", cache, manifest=manifest).read_bytes() == DATA
+
+
+class _MisstartingHandler(BaseHTTPRequestHandler):
+    """Serves DATA; the server's ``script`` says what each GET does: "drop:N" (N bytes, then cut the connection),
+    "shift:D" (a 206 that starts D bytes away from the byte asked for, truthfully labelled in its Content-Range),
+    and after the script, correct answers (full 200, or 206 from the byte asked for)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        srv = self.server
+        srv.ranges.append(self.headers.get("Range"))
+        action = srv.script.pop(0) if srv.script else "ok"
+        asked = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
+        start = int(asked.group(1)) if asked else 0
+        if start and action.startswith("shift:"):
+            start += int(action.split(":")[1])
+        if start >= len(DATA):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(DATA)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = DATA[start:]
+        self.send_response(206 if asked else 200)
+        if asked:
+            self.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        if action.startswith("drop:"):
+            self.wfile.write(body[:int(action.split(":")[1])])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            self.wfile.write(body)
+
+
+@pytest.mark.parametrize("shift", [1000, -1000], ids=["1000-bytes-late", "1000-bytes-early"])
+@pytest.mark.parametrize("published", [False, True], ids=["no-checksum", "published-checksum"])
+def test_a_resume_answered_from_the_wrong_byte_never_gives_a_corrupt_file(tmp_path, no_proxy_env, shift, published):
+    """A connection drops; the server answers the Range request with a 206 that starts 1000 bytes away from
+    the byte asked for (once), then behaves. The download must end with exactly the published bytes, and
+    without a published checksum it must not pin a corrupt file as verified (issue 19, bug 3)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _MisstartingHandler)
+    httpd.daemon_threads = True
+    httpd.script, httpd.ranges = ["drop:100000", f"shift:{shift}"], []
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}{PATH}"
+        manifest = write_manifest(tmp_path / "models.json", {
+            "urls": [url], "size": len(DATA), "size_exact": True, "filename": "model.pth",
+            "sha256": sha256(DATA) if published else None})
+        cache = tmp_path / "cache"
+        path = download_model("test-model", cache, manifest=manifest, retries=3, retry_delay=0)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert httpd.ranges[:2] == [None, "bytes=100000-"]  # the scenario happened: a drop, then a resume
+    assert path.read_bytes() == DATA, "a corrupt file was put in place"
+    record = read_record(files(cache))
+    assert record.sha256 == sha256(DATA) and record.checksum_source == ("manifest" if published else "pinned")
