@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import InputImageError, PromptError
+
+if TYPE_CHECKING:  # annotations only: SimpleITK is imported where it is used, so importing this module needs none
+    import SimpleITK as sitk
 
 MODEL_SPACING = 1.5
 MODEL_SIZE = 128
@@ -70,6 +73,7 @@ def _sitk_geometry(index_to_ras: np.ndarray):
 
 def _sitk_image(array_kji: np.ndarray, index_to_ras: np.ndarray) -> sitk.Image:
     """A SimpleITK image holding ``array_kji`` (copied) on the grid ``index_to_ras``."""
+    import SimpleITK as sitk
     array = np.asarray(array_kji)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -86,6 +90,7 @@ def _sitk_image(array_kji: np.ndarray, index_to_ras: np.ndarray) -> sitk.Image:
 def _resample(image: sitk.Image, grid_to_ras: np.ndarray, size_ijk, interpolator, default: float,
               output_pixel=None) -> np.ndarray:
     """Resample ``image`` onto the grid (``grid_to_ras``, size in i,j,k order); returns the (k, j, i) array."""
+    import SimpleITK as sitk
     origin, spacing, direction = _sitk_geometry(grid_to_ras)
     resampler = sitk.ResampleImageFilter()
     resampler.SetOutputOrigin(origin)
@@ -119,6 +124,7 @@ class Volume:
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
         """Wrap a 3D scalar SimpleITK image (LPS) as a Volume (RAS); other images raise InputImageError."""
+        import SimpleITK as sitk
         dimension = image.GetDimension()
         if dimension == 4 and image.GetSize()[3] == 1:  # a 3D volume stored with a singleton time axis
             size = list(image.GetSize())
@@ -151,6 +157,7 @@ class Volume:
     @classmethod
     def from_file(cls, path) -> Volume:
         """Read any image SimpleITK reads; a directory is read as a DICOM series (the largest one in it)."""
+        import SimpleITK as sitk
         path = Path(path)
         if not path.exists():
             raise InputImageError(f"{path} does not exist. Check the path of the image file or DICOM folder.")
@@ -406,6 +413,7 @@ def roi_centred_on_mask(volume: Volume, mask_kji: np.ndarray, size: int = MODEL_
     ``mask_kji`` (nonzero = object) lies on ``volume``'s grid; it is resampled nearest-neighbour onto the
     canonical grid and the box is centred on its bounding box (on the volume centre when it is empty).
     """
+    import SimpleITK as sitk
     mask = np.asarray(mask_kji)
     if mask.shape != volume.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's (K, J, I) shape {volume.shape}")
@@ -467,6 +475,7 @@ def extract_model_input(volume: Volume, roi: RegionOfInterest, normalize: bool =
     As in torchio the interpolated values keep the volume's pixel type; with ``normalize`` the masked
     z-normalisation of the official pipeline follows (mean and unbiased std over voxels > 0, applied to all).
     """
+    import SimpleITK as sitk
     values = np.ascontiguousarray(_resample_onto(volume, roi, sitk.sitkLinear), dtype=np.float32)
     if not np.all(np.isfinite(values)):
         raise InputImageError(
@@ -480,6 +489,7 @@ def extract_model_input(volume: Volume, roi: RegionOfInterest, normalize: bool =
 
 def extract_label(volume_like: Volume, roi: RegionOfInterest) -> np.ndarray:
     """A label volume resampled nearest-neighbour onto ``roi``, (x, y, z) integer array (0 outside), for evaluation."""
+    import SimpleITK as sitk
     array = volume_like.array
     if np.issubdtype(array.dtype, np.floating):
         volume_like = Volume(np.rint(array).astype(np.int32), volume_like.ijk_to_ras)
@@ -524,6 +534,7 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
     (``> threshold``). Returns ``(region, mask)``: ``region = (slice_k, slice_j, slice_i)`` on the source
     array, clipped to the volume, and ``mask`` a bool array of that region's shape (False outside the ROI).
     """
+    import SimpleITK as sitk
     field = _model_logits(logits, roi.size)
     size = np.asarray(roi.size, dtype=np.float64)
     first, stop = _source_box(volume, roi, -0.5, size - 0.5)

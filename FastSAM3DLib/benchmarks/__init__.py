@@ -1,7 +1,11 @@
 """Benchmarks of the library (measured, never asserted in tests).
 
-* :mod:`.attention`: image-encoder latency per attention backend and precision (ours, medim's SAM-Med3D, the
-  official-style eager attention), the attention ops alone, and the effect of the 3D sparse mode.
+* :mod:`.suite`: what ``make bench`` and ``make gpu-check`` measure (per model, device and precision: encoder,
+  CUDA graph, prompt + decoder, first/next click, peak memory, and the reference ratios);
+* :mod:`.pipeline`: the individual measurements; :mod:`.sam2d`: the 2D SAM ViT-B baseline;
+* :mod:`.attention`: attention ops and encoders per backend, the 3D sparse mode's effect;
+* :mod:`.report`: the result schema (a list of named measurements), the tables, the README section;
+* :mod:`.gpu_check`: ``make gpu-check`` (cuda tests, the Triton kernel on the GPU, the suite on CUDA).
 
 Importing this package imports nothing heavy; call e.g. ``FastSAM3DLib.benchmarks.attention.run()``.
 """

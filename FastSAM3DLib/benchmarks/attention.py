@@ -301,7 +301,7 @@ def _fixture_path(reference_dir=None):
 # ------------------------------------------------------------------------------------------------- driver
 def run(device=None, quick: bool = False, threads: Optional[int] = None, include_medim: bool = True,
         reference_dir=None) -> Dict[str, object]:
-    """Everything above with sensible settings (``quick``: fewer repeats, no large grid); what ``make bench`` runs."""
+    """Everything above with sensible settings (``quick``: fewer repeats, no large grid); ``make bench --details``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     repeats = 3 if quick else (10 if device.type == "cuda" else 5)
     dtypes = ("float32", "float16", "bfloat16") if device.type == "cuda" else ("float32",)
