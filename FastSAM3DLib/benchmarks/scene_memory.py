@@ -106,7 +106,7 @@ def measure_variant(variant: str) -> dict:
     peak = _status_mb("VmHWM") - before
     editor.close()
     del keep
-    return {"variant": variant, "peak_growth_MB": round(peak, 1), "write_s": round(seconds, 3)}
+    return {"variant": variant, "peak_growth_MiB": round(peak, 1), "write_s": round(seconds, 3)}
 
 
 def measure() -> list:

@@ -25,10 +25,13 @@ from .attention import _cpu_name
 # the model a dry run uses in place of each official model (same code paths, seconds on a CPU)
 DRY_RUN_MODELS = {"fastsam3d": "tiny-test", "sam-med3d": "tiny-test-teacher"}
 
-# More measurements for both `make bench` and `make gpu-check`: functions ``f(plan, device_name)`` returning a
-# list of report.measurement(...) dicts (e.g. a GIL ratio, memory per click). Each runs like the built-in units:
-# against the deadline, and an exception becomes a reported problem, not a crash.
-EXTRA_BENCHMARKS: Tuple[Callable[["Plan", str], List[dict]], ...] = ()
+def extra_benchmarks() -> Tuple[Callable[["Plan", str], List[dict]], ...]:
+    """More measurements for both `make bench` and `make gpu-check`: functions ``f(plan, device_name)`` returning
+    a list of report.measurement(...) dicts. Each runs like the built-in units: against the deadline, and an
+    exception becomes a reported problem, not a crash. (Plan.skip["host"] skips the host ones.)"""
+    from . import host
+
+    return (host.slicer_loop, host.click_write_memory)
 
 
 @dataclass
@@ -212,7 +215,7 @@ def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
             f"x {sam['volume_slices']} ({sam['slices_timed']} slices timed)")
         rec.add("encoder_ms", sam and sam["volume_estimate_ms"], report.SAM2D_MODEL, precision,
                 variant=report.SAM2D_VARIANT, skipped=why, note=note)
-    for extra in EXTRA_BENCHMARKS:
+    for extra in extra_benchmarks():
         rows, why = rec.unit(getattr(extra, "__name__", "extra benchmark"), lambda: extra(plan, rec.device_name))
         rec.measurements += rows or []
     rec.measurements += report.derive_ratios(rec.measurements)
