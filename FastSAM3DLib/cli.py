@@ -3,22 +3,34 @@
 ``segment`` without ``--checkpoint`` and ``demo`` find weights as Slicer does (bundled, or verified in the
 cache folder: ``--cache-dir``, else ``$FASTSAM3D_CACHE``, else the user cache folder).
 
-Every command prints a one-line error (no traceback) and exits with status 2 for problems the user can fix.
+Every command prints a one-line error (no traceback) and exits with status 2 for problems the user can fix;
+Ctrl+C prints one line and exits with 130, SIGTERM likewise with 143; both unwind normally, so temporary files
+are removed on the way out.
+Warnings met on the way are shown only when the command succeeds, so a failure prints exactly one line.
 """
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from .errors import FastSAM3DError, PromptError, WeightsUnavailableError
-from .files import atomic_output
+from .files import check_format_keeps_geometry, check_output_path, write_label_atomically
+
+if TYPE_CHECKING:  # numpy is imported where it is used: a Ctrl+C at start-up then lands inside main()
+    import numpy as np
 
 
-def parse_point(text: str) -> Tuple[np.ndarray, bool]:
-    """``"R,A,S"`` -> include point; ``"R,A,S-"`` (trailing minus) -> exclude point."""
+def parse_point(text: str) -> Tuple["np.ndarray", bool]:
+    """``"R,A,S"`` -> include point; ``"R,A,S-"`` (trailing minus) -> exclude point; PromptError otherwise."""
+    if not isinstance(text, str):
+        raise PromptError(f"--point {text!r}: expected text R,A,S in millimetres (e.g. \"12.5,-30,40\").")
+    import numpy as np
+
     include = not text.endswith("-")
     body = text[:-1] if not include else text
     try:
@@ -31,34 +43,30 @@ def parse_point(text: str) -> Tuple[np.ndarray, bool]:
     return np.array(values), include
 
 
-def write_label_atomically(volume, mask: np.ndarray, output: Path) -> None:
-    """Write ``mask`` as a uint8 label image with the volume's geometry; never leaves a partial file."""
-    import SimpleITK as sitk
-
-    output = Path(output)
-    with atomic_output(output, suffix="".join(output.suffixes) or ".nii.gz") as tmp:
-        sitk.WriteImage(volume.to_sitk(mask.astype(np.uint8)), str(tmp), True)
-
-
-def segment(image: str, points: List[Tuple[np.ndarray, bool]], model_name: str, checkpoint: Optional[str],
+def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str, checkpoint: Optional[str],
             device: Optional[str], prompt_mode: Optional[str], output: str, attention_backend: Optional[str] = None,
-            log=print, cache_dir: Optional[str] = None):
+            log=print, cache_dir: Optional[str] = None, max_image_bytes: Optional[int] = None):
     """Segment ``image`` from RAS clicks and write the label file; returns the session's last result.
 
     Without ``checkpoint`` the model's own weights are used: bundled, or verified in ``cache_dir``.
-    Device, backend and weights are checked before the image is read.
+    The output name, device, backend and weights are checked before the image is read; the image's header
+    (size against ``max_image_bytes``, truncation, a grid the output format can store) before the model runs.
     """
+    import numpy as np
+
     from .geometry import Volume
     from .registry import build_model, check_attention_backend, check_device
     from .session import InteractiveSession
 
     if not points:
         raise PromptError("Give at least one include point with --point R,A,S.")
+    check_output_path(output, inputs=[image])
     device = check_device(device)
     check_attention_backend(attention_backend)
     checkpoint = checkpoint or model_weights(model_name, cache_dir)
-    volume = Volume.from_file(image)
+    volume = Volume.from_file(image, max_bytes=max_image_bytes)
     volume.validate()
+    check_format_keeps_geometry(volume.ijk_to_ras, output)
     start = time.perf_counter()
     model = build_model(model_name, checkpoint=checkpoint, device=device, attention_backend=attention_backend)
     log(f"loaded model '{model_name}' in {time.perf_counter() - start:.2f} s")
@@ -69,7 +77,7 @@ def segment(image: str, points: List[Tuple[np.ndarray, bool]], model_name: str, 
         spent = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
         log(f"{'include' if include else 'exclude'} point {np.round(ras, 2).tolist()}: "
             f"{result.voxels} voxels, predicted IoU {result.iou:.3f} ({spent})")
-    write_label_atomically(volume, session.full_mask(result), Path(output))
+    write_label_atomically(volume, session.full_mask(result), Path(output), inputs=[image])
     log(f"wrote {output}")
     return result
 
@@ -111,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed only the newest click or all clicks (default: the model's own)")
     seg.add_argument("--attention", default=None, metavar="BACKEND",
                      help="attention backend: auto, torch, triton or eager (default: auto)")
-    seg.add_argument("--output", "-o", required=True, help="label image to write (e.g. out.nii.gz, out.nrrd)")
+    seg.add_argument("--output", "-o", required=True,
+                     help="label image to write: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha (e.g. out.nii.gz)")
+    seg.add_argument("--max-image-gb", type=_positive_float, default=None, metavar="GB",
+                     help="refuse images whose voxels need more memory than this (default: a quarter of this "
+                          "computer's memory)")
 
     demo = sub.add_parser("demo", help="segment a structure of the bundled sample and write a PNG preview")
     demo.add_argument("--output-dir", default="out/demo", help="where to write the label and the preview")
@@ -129,15 +141,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl+C, so every temporary file is removed on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the block runs in the main thread, SIGTERM raises :class:`_Terminated` instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text) -> str:
+    """The message on one line (lines joined by a space; spaces inside a line, e.g. in a path, are kept)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit status."""
+    with _sigterm_unwinds():
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                status = _run(argv)
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl+C); the command did not finish.", file=sys.stderr)
+            return 130
+        except _Terminated:
+            print("error: terminated (SIGTERM); the command did not finish.", file=sys.stderr)
+            return 143
+    if status == 0:  # on failure the one error line is all that is printed
+        for warning in caught:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return status
+
+
+def _run(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "segment":
             points = [parse_point(p) for p in args.point]
+            max_bytes = None if args.max_image_gb is None else int(args.max_image_gb * 1e9)
             segment(args.image, points, args.model, args.checkpoint, args.device, args.prompt_mode, args.output,
-                    args.attention, cache_dir=args.cache_dir)
+                    args.attention, cache_dir=args.cache_dir, max_image_bytes=max_bytes)
             return 0
         if args.command == "demo":
             from .demo import run_demo
@@ -145,9 +211,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_demo(Path(args.output_dir), cache_dir=args.cache_dir)
         return int(args.func(args) or 0)
     except FastSAM3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory. Close other programs, use a smaller model, or run on a GPU "
               "(--device cuda).", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused something not foreseen above: still one line
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {_one_line(exc.strerror or exc)}{where}. Check the path, free space and permissions.",
+              file=sys.stderr)
         return 2

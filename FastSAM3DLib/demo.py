@@ -58,7 +58,7 @@ def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, s
     ``weights`` = (model name, checkpoint, description) overrides the automatic choice (for tests);
     ``cache_dir`` is the model cache searched for the official weights (default: the user cache folder).
     """
-    from .cli import write_label_atomically
+    from .files import write_label_atomically
     from .preview import render_preview
     from .registry import build_model
     from .session import InteractiveSession

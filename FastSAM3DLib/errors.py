@@ -31,3 +31,11 @@ class DownloadError(FastSAM3DError):
 
 class OutOfMemoryError(FastSAM3DError):
     """The device ran out of memory; nothing was changed."""
+
+
+class OutputFileError(FastSAM3DError, OSError):
+    """An output file cannot be written where it was asked for (folder, name, type, full disk...); nothing was.
+
+    Also an :class:`OSError` (with the ``errno`` of the failure where there was one), so code that handles
+    file-system errors keeps working.
+    """

@@ -1,11 +1,54 @@
-"""Writing files so that readers never see a partial one: write a temporary file beside it, then rename."""
+"""Files in and out: atomic, verified label writing; checks that refuse bad outputs and untrustworthy inputs early.
+
+* Writers never leave a partial file under the final name: they write a hidden temporary beside it
+  (``.NAME.fastsam3d-tmp-XXXXXXXX.EXT``) and rename it when it is complete. A killed process (``kill -9``) may
+  leave that temporary behind; the next write into the same folder removes ours once they are
+  :data:`STALE_TEMP_SECONDS` old.
+* A label file counts as written only after it was read back: geometry, every voxel, and for compressed
+  files the whole stream (NIfTI's writer does not report a full disk).
+* Input headers are read before any voxel: truncated NIfTI files and images larger than the memory budget
+  are refused before the voxels are allocated.
+* C++ libraries (ITK, niftilib, MetaIO) print to file descriptor 2; their text is collected and put into the
+  error message instead, so a failing command prints exactly one ``error:`` line.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import os
+import re
+import stat
+import struct
+import sys
 import tempfile
+import time
+import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple
+
+from .errors import InputImageError, OutputFileError
+
+if TYPE_CHECKING:  # annotations only: SimpleITK is imported where it is used
+    import SimpleITK as sitk
+
+#: Label file types the writers produce, as the output name must end (lowercase; single-file formats only).
+LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
+#: NIfTI stores directions as a rotation: it cannot keep sheared (non-perpendicular) voxel axes.
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+#: Marker in the name of every temporary file :func:`atomic_output` creates.
+TEMP_MARKER = ".fastsam3d-tmp-"
+#: Our temporaries older than this (seconds since last written) are leftovers of a killed process.
+STALE_TEMP_SECONDS = 15 * 60
+#: Largest departure from perpendicular voxel axes (cosine of the angle) still treated as perpendicular.
+SHEAR_TOLERANCE = 1e-4
+
+_TEMP_NAME = re.compile(r"^\..*" + re.escape(TEMP_MARKER) + r"[a-z0-9_]{8}[^/]*$")
+_RANDOM_PART = 8  # characters tempfile adds
+
+
+# ------------------------------------------------------------------------------------------------------
+# atomic writing
 
 
 @contextlib.contextmanager
@@ -13,22 +56,549 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
 
     ``suffix``: the temporary file's ending, for writers that choose the format by name (``.nii.gz``, ``.npy``).
-    The file gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s ``0600``.
+    The file gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s ``0600``. Stale
+    temporaries of killed runs in that folder are removed first (:func:`remove_stale_temporaries`). Failures
+    of the file system (missing permission, read-only or full disk, a file where a folder should be) raise
+    :class:`OutputFileError` with a one-line message; errors of the body propagate unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, path, "create the folder for") from None
+    remove_stale_temporaries(path.parent)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise output_error(exc, path, "write") from None
     os.close(handle)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # e.g. a FAT disk without permissions
+            os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise output_error(exc, path, "replace") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+def _temp_prefix(path: Path, suffix: str) -> str:
+    """``.NAME.fastsam3d-tmp-``, NAME shortened so the whole temporary name fits the folder's name limit."""
+    room = _name_max(path.parent) - 1 - len(TEMP_MARKER) - _RANDOM_PART - len(os.fsencode(suffix))
+    name = os.fsencode(path.name)[:max(room, 0)]
+    return f".{name.decode('utf-8', 'ignore')}{TEMP_MARKER}"
+
+
+def is_our_temporary(name: str) -> bool:
+    """True for names :func:`atomic_output` gives its temporary files."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temporaries(folder, older_than: float = STALE_TEMP_SECONDS) -> List[Path]:
+    """Remove our temporary files in ``folder`` not written for ``older_than`` seconds; returns those removed.
+
+    Only regular files named like :func:`atomic_output`'s temporaries are touched (never links, folders or
+    other files); a temporary a running process is still writing is younger and stays.
+    """
+    removed = []
+    limit = time.time() - older_than
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if is_our_temporary(entry.name) and entry.is_file(follow_symlinks=False) and \
+                    entry.stat(follow_symlinks=False).st_mtime < limit:
+                os.remove(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _name_max(folder) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing parent) allows."""
+    folder = Path(os.path.abspath(folder))
+    for candidate in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return 255
+
+
+# ------------------------------------------------------------------------------------------------------
+# messages for file-system failures
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose another folder",
+    errno.EROFS: "the folder is on a read-only disk: choose a folder you can write to",
+    errno.EACCES: "you have no permission to write there: choose a folder you can write to",
+    errno.EPERM: "the operation is not permitted there: choose a folder you can write to",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter file name or folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another folder",
+    errno.EEXIST: "a file of that name is in the way of the folder: choose another folder",
+    errno.EISDIR: "it is a folder: give a file name inside it, e.g. label.nii.gz",
+    errno.EFBIG: "the file is larger than this process may write (a file size limit, see 'ulimit -f')",
+    errno.ELOOP: "the path has a symbolic link loop: choose another path",
+}
+
+
+def output_error(exc: OSError, path, action: str = "write") -> OutputFileError:
+    """A one-line :class:`OutputFileError` for an ``OSError`` met while writing ``path``; keeps its ``errno``."""
+    advice = _ADVICE.get(exc.errno, "choose another file name or folder")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    error = OutputFileError(f"cannot {action} {path}: {reason}; {advice}.")
+    error.errno = exc.errno
+    return error
+
+
+def _refuse(message: str, code: Optional[int] = None) -> OutputFileError:
+    error = OutputFileError(message)
+    error.errno = code
+    return error
+
+
+# ------------------------------------------------------------------------------------------------------
+# output checks (cheap; done before any work)
+
+
+def label_extension(path) -> str:
+    """The label file type ``path`` names (one of :data:`LABEL_EXTENSIONS`), or OutputFileError listing them."""
+    name = Path(path).name
+    for extension in sorted(LABEL_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(extension) and len(name) > len(extension):
+            return extension
+    shown = "".join(Path(name).suffixes[-2:]) or "no extension"
+    raise _refuse(f"{path}: unknown label file type ({shown}). End the output name with one of "
+                  f"{', '.join(LABEL_EXTENSIONS)} (lowercase), e.g. {Path(path).with_name('label.nii.gz')}.")
+
+
+def check_output_path(path, inputs: Iterable = ()) -> Path:
+    """Refuse an output the label writer cannot use, before any work is done; returns it as a Path.
+
+    Refused with :class:`OutputFileError`: an empty name or one ending in a slash, an existing folder, a
+    device or other special file (``/dev/null``, a pipe: never written to nor replaced), any of ``inputs``
+    (the same file, also through another path, a link or a hard link), an unknown extension, a name longer
+    than the file system allows, a path through a file, and a folder this process cannot write in (read-only
+    disk, no permission). An existing symbolic link is replaced by the new file; its target is not touched.
+    """
+    text = os.fspath(path)
+    if not text or text.endswith(("/", os.sep)):
+        raise _refuse(f"output {text!r} is not a file name: give one, e.g. label.nii.gz.", errno.EISDIR)
+    path = Path(text)
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        status = None
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    if status is not None:
+        if stat.S_ISDIR(status.st_mode):
+            raise _refuse(f"output {path} is an existing folder: give a file name inside it, e.g. "
+                          f"{path / 'label.nii.gz'}.", errno.EISDIR)
+        if not stat.S_ISREG(status.st_mode):
+            raise _refuse(f"output {path} is a device or other special file, not a regular file; FastSAM3D "
+                          "neither writes to nor replaces such files: give a file name, e.g. label.nii.gz.")
+        for source in inputs:
+            if _same_file(status, source):
+                also = "" if os.fspath(source) == text else f" ({source})"
+                raise _refuse(f"output {path} is the input image{also}: writing the label would destroy it. "
+                              "Choose another output name, e.g. label.nii.gz.", errno.EEXIST)
+    label_extension(path)
+    folder = _nearest_existing(path.parent)
+    limit = _name_max(folder)
+    if len(os.fsencode(path.name)) > limit:
+        raise _refuse(f"output name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes long; this disk "
+                      f"allows at most {limit}: choose a shorter file name.", errno.ENAMETOOLONG)
+    if not folder.is_dir():
+        raise _refuse(f"cannot write {path}: {folder} is a file, not a folder; choose another folder.",
+                      errno.ENOTDIR)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        code = errno.EROFS if _read_only(folder) else errno.EACCES
+        raise output_error(OSError(code, os.strerror(code)), path) from None
+    return path
+
+
+def _same_file(status: os.stat_result, other) -> bool:
+    try:
+        other_status = os.stat(other)
+    except (OSError, TypeError, ValueError):
+        return False
+    return (status.st_dev, status.st_ino) == (other_status.st_dev, other_status.st_ino)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    folder = Path(os.path.abspath(folder))
+    for candidate in (folder, *folder.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return folder
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def is_sheared(ijk_to_ras) -> bool:
+    """True when the voxel axes of the 4x4 IJK->RAS matrix are not perpendicular (beyond :data:`SHEAR_TOLERANCE`)."""
+    import numpy as np
+
+    axes = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    cosines = axes.T @ axes - np.eye(3)
+    return bool(np.max(np.abs(cosines)) > SHEAR_TOLERANCE)
+
+
+def check_format_keeps_geometry(ijk_to_ras, output) -> None:
+    """Refuse NIfTI output for sheared voxel axes: its writer would silently make them perpendicular."""
+    if label_extension(output) in NIFTI_EXTENSIONS and is_sheared(ijk_to_ras):
+        raise _refuse(f"the image's voxel axes are not perpendicular (a sheared grid, e.g. a gantry-tilted CT); "
+                      f"NIfTI cannot store that, so {Path(output).name} would not overlay the image. Write "
+                      ".nrrd, .seg.nrrd or .mha instead: they keep the exact geometry.")
+
+
+# ------------------------------------------------------------------------------------------------------
+# native stderr
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[List[str]]:
+    """Collect what C/C++ libraries print on file descriptor 2 while the block runs (a list, filled at the end).
+
+    Where file descriptor 2 cannot be redirected, nothing is collected and the text goes where it went.
+    """
+    lines: List[str] = []
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lines
+        return
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:
+        sink = open(os.devnull, "w+b")
+    try:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            text = sink.read(1 << 16).decode("utf-8", "replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+    finally:
+        os.close(saved)
+        sink.close()
+
+
+def itk_reason(error: BaseException, native: Iterable[str] = ()) -> str:
+    """One line saying why ITK failed: the last line of its exception, plus what it printed itself."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(error).__name__
+    extra = [line for line in native if line not in reason][:3]
+    return "; ".join([reason, *extra])
+
+
+# ------------------------------------------------------------------------------------------------------
+# input headers: size, memory budget, truncation
+
+
+class ImageHeader:
+    """What an image file's header promises: size (i, j, k...), components per voxel, pixel type."""
+
+    def __init__(self, size, components: int, pixel_id: int, pixel_type: str, bytes_per_component: int):
+        self.size = tuple(int(n) for n in size)
+        self.components = int(components)
+        self.pixel_id = int(pixel_id)
+        self.pixel_type = pixel_type
+        self.bytes_per_component = int(bytes_per_component)
+
+    @property
+    def dimension(self) -> int:
+        return len(self.size)
+
+    @property
+    def voxel_bytes(self) -> int:
+        """Bytes the voxels take in memory."""
+        total = self.components * self.bytes_per_component
+        for n in self.size:
+            total *= n
+        return total
+
+    @classmethod
+    def from_reader(cls, reader: "sitk.ImageFileReader", slices: int = 1) -> "ImageHeader":
+        """From an ``ImageFileReader`` after ``ReadImageInformation``; ``slices`` multiplies the last axis (DICOM)."""
+        import SimpleITK as sitk
+
+        size = list(reader.GetSize())
+        if slices > 1:
+            size = size[:2] + [max(size[2] if len(size) > 2 else 1, 1) * slices]
+        components = reader.GetNumberOfComponents()
+        pixel_id = reader.GetPixelID()
+        try:
+            bytes_per_component = sitk.Image([1] * 2, pixel_id, components).GetSizeOfPixelComponent()
+        except (RuntimeError, TypeError):
+            bytes_per_component = 8
+        return cls(size, components, pixel_id, sitk.GetPixelIDValueAsString(pixel_id), bytes_per_component)
+
+
+def memory_budget() -> int:
+    """Default largest image (bytes of voxels) read: a quarter of this computer's memory (4 GiB where unknown).
+
+    Segmenting needs a few more copies of the volume (masks, a label, SimpleITK's buffers), so a quarter
+    keeps the whole run within the memory.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 4 << 30
+    return max(int(total) // 4, 1 << 28)
+
+
+def check_memory_budget(header: ImageHeader, path, max_bytes: Optional[int] = None) -> None:
+    """Refuse (InputImageError) an image whose voxels need more than ``max_bytes`` (default :func:`memory_budget`)."""
+    budget = memory_budget() if max_bytes is None else int(max_bytes)
+    need = header.voxel_bytes
+    if need > budget:
+        raise InputImageError(
+            f"{path} holds {' x '.join(map(str, header.size))} voxels of {header.pixel_type} ({_gb(need)} in "
+            f"memory), more than the {_gb(budget)} allowed for one image (default: a quarter of this computer's "
+            "memory). Crop or downsample it first (e.g. Slicer's Crop Volume module), or raise the limit "
+            "(--max-image-gb on the command line, max_bytes= in Python) if this computer has the memory."
+        )
+
+
+def _gb(n: int) -> str:
+    gb = n / 1e9
+    return f"{gb:,.0f} GB" if gb >= 10 else f"{gb:.2g} GB"
+
+
+def check_complete(path) -> None:
+    """Refuse (InputImageError) a NIfTI file holding fewer voxel bytes than its header promises.
+
+    ITK reads such a file without complaint and fills the missing part with zeros. Compression is recognised
+    by content, not name (ITK reads a plain NIfTI named ``.nii.gz`` too). NRRD and MetaImage readers report
+    truncation themselves; other formats are left to their readers.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            need = _nifti_bytes(stream.read(544))
+        if need is None:
+            return
+        have = _gzip_length(path, need) if compressed else path.stat().st_size
+    except (OSError, EOFError, zlib.error):  # not even a whole header: ITK said more already, or will
+        raise _truncated(path, None, None) from None
+    if have < need:
+        raise _truncated(path, need, have)
+
+
+def _truncated(path, need, have) -> InputImageError:
+    amount = f": the header promises {need} bytes, the file holds {have}" if need else ""
+    return InputImageError(f"{path} is truncated or damaged{amount}. It was probably cut short while copying or "
+                           "downloading; copy it again, or export it again from where it came from.")
+
+
+def _nifti_bytes(head: bytes) -> Optional[int]:
+    """Bytes a single-file NIfTI-1/2 must hold (voxel offset + voxel data), from its header; None if not NIfTI."""
+    if len(head) < 348:
+        return None
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size == 348 and head[344:347] == b"n+1":
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    count = 1
+    for n in dims[1:1 + max(0, min(int(dims[0]), 7))]:
+        count *= max(int(n), 0)
+    return max(offset, 0) + count * max(int(bitpix), 0) // 8
+
+
+def _gzip_length(path: Path, need: int) -> int:
+    """Uncompressed length of a gzip file, as far as it goes (at least ``need`` if it is complete).
+
+    The trailer's length field (modulo 2^32) answers at once for a whole single-member file; otherwise the
+    stream is decompressed until ``need`` bytes or its end.
+    """
+    with open(path, "rb") as raw:
+        raw.seek(0, os.SEEK_END)
+        if raw.tell() >= 18:
+            raw.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", raw.read(4))[0] == need % (1 << 32):
+                return need
+    have, pending = 0, b""
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as raw:
+        while have < need:
+            if not pending:
+                pending = raw.read(1 << 16)
+                if not pending:
+                    break
+            if decompressor.eof:  # another gzip member follows
+                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                have += len(decompressor.decompress(pending, 1 << 22))
+            except zlib.error:  # damaged data or trailing garbage: count what came before
+                break
+            pending = decompressor.unused_data if decompressor.eof else decompressor.unconsumed_tail
+    return have
+
+
+# ------------------------------------------------------------------------------------------------------
+# label writing
+
+
+def write_label_atomically(volume, mask, output, inputs: Iterable = ()) -> Path:
+    """Write ``mask`` as a uint8 label image with ``volume``'s geometry to ``output``; returns its path.
+
+    ``output`` must end in one of :data:`LABEL_EXTENSIONS` and pass :func:`check_output_path` (``inputs``:
+    files it must not be). The file appears under its name only after it was written completely and read
+    back (geometry, voxels, the whole compressed stream); otherwise :class:`OutputFileError` says why (a full
+    disk, a file size limit...) and neither the file nor a temporary is left.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    output = check_output_path(output, inputs)
+    extension = label_extension(output)
+    check_format_keeps_geometry(volume.ijk_to_ras, output)
+    label = np.ascontiguousarray(np.asarray(mask), dtype=np.uint8)
+    image = volume.to_sitk(label)
+    with atomic_output(output, suffix=extension) as tmp:
+        with native_stderr_captured() as native:
+            try:
+                sitk.WriteImage(image, str(tmp), True)
+                failure = None
+            except RuntimeError as exc:
+                failure = exc
+        if failure is not None:
+            raise _write_failed(output, tmp, label.nbytes, itk_reason(failure, native)) from None
+        problem = _verify_label(tmp, image, label, extension)
+        if problem:
+            raise _write_failed(output, tmp, label.nbytes, "; ".join([problem, *native[:2]]))
+    return output
+
+
+def _verify_label(path: Path, expected: "sitk.Image", label, extension: str) -> Optional[str]:
+    """Why the label file at ``path`` is not ``expected`` (size, header, stream, voxels), or None if it is."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with native_stderr_captured() as native:
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            if reader.GetSize() != expected.GetSize() or reader.GetNumberOfComponents() != 1:
+                return f"its header says size {reader.GetSize()}, expected {expected.GetSize()}"
+            for what, got, want, tol in (("spacing", reader.GetSpacing(), expected.GetSpacing(), 1e-5),
+                                         ("origin", reader.GetOrigin(), expected.GetOrigin(), 1e-4),
+                                         ("direction", reader.GetDirection(), expected.GetDirection(), 1e-4)):
+                scale = max(1.0, float(np.max(np.abs(want))))
+                if not np.allclose(got, want, rtol=0, atol=tol * scale):
+                    return f"its header has another {what} ({np.round(got, 5).tolist()}) than the image"
+            stream = _stream_problem(path, extension)
+            if stream:
+                return stream
+            written = reader.Execute()
+        except RuntimeError as exc:
+            return f"it cannot be read back ({itk_reason(exc, native)})"
+    back = sitk.GetArrayViewFromImage(written)  # a view: valid while ``written`` lives
+    if back.shape != label.shape or not np.array_equal(back, label):
+        return "its voxels differ from the label"
+    return None
+
+
+def _stream_problem(path: Path, extension: str) -> Optional[str]:
+    """Why a NIfTI file is incomplete (the whole gzip stream and its checksum are read), or None."""
+    if extension not in NIFTI_EXTENSIONS:
+        return None  # NRRD and MetaImage readers check their own data length and compression
+    opener = gzip.open if extension.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            head = stream.read(544)
+            have = len(head)
+            while True:
+                chunk = stream.read(1 << 22)
+                if not chunk:
+                    break
+                have += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        return f"the file is cut short ({exc})"
+    need = _nifti_bytes(head)
+    if need is not None and have < need:
+        return f"the file holds {have} of its {need} bytes"
+    return None
+
+
+def _write_failed(output: Path, tmp: Path, label_bytes: int, detail: str) -> OutputFileError:
+    """The error for a label that could not be written completely: says whether the disk or a limit was full."""
+    import shutil
+
+    code, cause = None, "the file could not be written completely"
+    try:
+        written = tmp.stat().st_size
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        written, free = 0, None
+    limit = _file_size_limit()
+    if limit is not None and written >= limit - 4096:
+        code, cause = errno.EFBIG, f"a file size limit ('ulimit -f', {limit} bytes) stopped it"
+    elif free is not None and free < max(label_bytes, 1 << 20):
+        code, cause = errno.ENOSPC, f"the disk holding {output.parent} is full ({free} bytes free)"
+    error = OutputFileError(f"cannot write {output}: {cause} ({detail}). Nothing was written: free some space "
+                            "or choose another folder.")
+    error.errno = code
+    return error
+
+
+def _file_size_limit() -> Optional[int]:
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileReader"]:
+    """The header of an image file (no voxels read) and the reader, ready to ``Execute``; RuntimeError from ITK."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return ImageHeader.from_reader(reader, slices), reader

@@ -108,6 +108,32 @@ def _resample(image: sitk.Image, grid_to_ras: np.ndarray, size_ijk, interpolator
 # Volume
 
 
+def _check_scalar_3d(size, components: int, pixel_type: str) -> None:
+    """Raise InputImageError unless an image of this size (i, j, k...) and pixel type is a 3D scalar volume.
+
+    A 4D image with a single time point counts as 3D.
+    """
+    size = tuple(size)
+    dimension = len(size)
+    if dimension == 2:
+        raise InputImageError(
+            f"The image is 2D (one slice of {size[0]}x{size[1]} pixels); FastSAM3D "
+            "segments 3D volumes. Load the whole series (for DICOM, the folder with all slices) or a 3D file."
+        )
+    if dimension != 3 and not (dimension == 4 and size[3] == 1):
+        raise InputImageError(
+            f"The image is {dimension}D (size {size}), e.g. a time series or several volumes in "
+            "one file. Extract a single 3D volume first (in Slicer: the Sequences module; in Python: "
+            "image[:, :, :, t] with SimpleITK) and segment that."
+        )
+    if components != 1 or "complex" in pixel_type:
+        raise InputImageError(
+            f"The image has {components} components per voxel ({pixel_type}), e.g. "
+            "colour, vector or tensor data. Convert it to a scalar volume first (pick one component, or "
+            "convert RGB to luminance, e.g. Slicer's 'Vector to Scalar Volume' module)."
+        )
+
+
 @dataclass(eq=False)
 class Volume:
     """A 3D scalar image: array in (K, J, I) order as SimpleITK/Slicer arrays are, and the 4x4 IJK->RAS matrix."""
@@ -125,29 +151,10 @@ class Volume:
     def from_sitk(cls, image: sitk.Image) -> Volume:
         """Wrap a 3D scalar SimpleITK image (LPS) as a Volume (RAS); other images raise InputImageError."""
         import SimpleITK as sitk
-        dimension = image.GetDimension()
-        if dimension == 4 and image.GetSize()[3] == 1:  # a 3D volume stored with a singleton time axis
+        _check_scalar_3d(image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelIDTypeAsString())
+        if image.GetDimension() == 4:  # a 3D volume stored with a singleton time axis
             size = list(image.GetSize())
             image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
-            dimension = 3
-        if dimension == 2:
-            raise InputImageError(
-                f"The image is 2D (one slice of {image.GetSize()[0]}x{image.GetSize()[1]} pixels); FastSAM3D "
-                "segments 3D volumes. Load the whole series (for DICOM, the folder with all slices) or a 3D file."
-            )
-        if dimension != 3:
-            raise InputImageError(
-                f"The image is {dimension}D (size {image.GetSize()}), e.g. a time series or several volumes in "
-                "one file. Extract a single 3D volume first (in Slicer: the Sequences module; in Python: "
-                "image[:, :, :, t] with SimpleITK) and segment that."
-            )
-        components = image.GetNumberOfComponentsPerPixel()
-        if components != 1 or "complex" in image.GetPixelIDTypeAsString():
-            raise InputImageError(
-                f"The image has {components} components per voxel ({image.GetPixelIDTypeAsString()}), e.g. "
-                "colour, vector or tensor data. Convert it to a scalar volume first (pick one component, or "
-                "convert RGB to luminance, e.g. Slicer's 'Vector to Scalar Volume' module)."
-            )
         direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
         ijk_to_lps = np.eye(4)
         ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)
@@ -155,29 +162,49 @@ class Volume:
         return cls(sitk.GetArrayFromImage(image), _flip_xy(ijk_to_lps))
 
     @classmethod
-    def from_file(cls, path) -> Volume:
-        """Read any image SimpleITK reads; a directory is read as a DICOM series (the largest one in it)."""
+    def from_file(cls, path, max_bytes: int | None = None) -> Volume:
+        """Read any image SimpleITK reads; a directory is read as a DICOM series (the largest one in it).
+
+        The header is read first, and these are refused with InputImageError before any voxel is allocated:
+        images that are not 3D scalar volumes, images whose voxels need more than ``max_bytes`` (default
+        :func:`FastSAM3DLib.files.memory_budget`, a quarter of this computer's memory), truncated files, and
+        paths that are neither a file nor a folder (devices, pipes).
+        """
         import SimpleITK as sitk
+
+        from . import files
+
         path = Path(path)
         if not path.exists():
             raise InputImageError(f"{path} does not exist. Check the path of the image file or DICOM folder.")
+        if not (path.is_dir() or path.is_file()):
+            raise InputImageError(f"{path} is neither a file nor a folder (a device or a pipe?). Give an image "
+                                  "file (NIfTI, NRRD, MHA...) or a DICOM folder.")
         try:
-            if path.is_dir():
-                reader = sitk.ImageSeriesReader()
-                series = reader.GetGDCMSeriesIDs(str(path))
-                if not series:
-                    raise InputImageError(
-                        f"The folder {path} holds no DICOM series. Give the folder that contains the slice "
-                        "files of one series, or an image file (NIfTI, NRRD, MHA...)."
-                    )
-                files = max((reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
-                reader.SetFileNames(files)
-                image = reader.Execute()
-            else:
-                image = sitk.ReadImage(str(path))
+            with files.native_stderr_captured() as native:
+                if path.is_dir():
+                    series_reader = sitk.ImageSeriesReader()
+                    series = series_reader.GetGDCMSeriesIDs(str(path))
+                    if not series:
+                        raise InputImageError(
+                            f"The folder {path} holds no DICOM series. Give the folder that contains the slice "
+                            "files of one series, or an image file (NIfTI, NRRD, MHA...)."
+                        )
+                    names = max((series_reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series), key=len)
+                    header, _ = files.read_header(names[0], slices=len(names))
+                    _check_scalar_3d(header.size, header.components, header.pixel_type)
+                    files.check_memory_budget(header, path, max_bytes)
+                    series_reader.SetFileNames(names)
+                    image = series_reader.Execute()
+                else:
+                    header, reader = files.read_header(path)
+                    _check_scalar_3d(header.size, header.components, header.pixel_type)
+                    files.check_memory_budget(header, path, max_bytes)
+                    files.check_complete(path)
+                    image = reader.Execute()
         except RuntimeError as error:
             raise InputImageError(
-                f"SimpleITK cannot read {path}: {str(error).strip().splitlines()[-1]}. Use a format SimpleITK "
+                f"SimpleITK cannot read {path}: {files.itk_reason(error, native)}. Use a format SimpleITK "
                 "reads (NIfTI, NRRD, MHA, a DICOM folder...) or convert the file, e.g. by saving it from Slicer."
             ) from error
         return cls.from_sitk(image)

@@ -189,10 +189,11 @@ def test_cleanup_disconnects_the_timer_and_ends_the_worker(harness):
 
 
 def test_quitting_during_a_computation_waits_for_it(harness):
-    release, finished = threading.Event(), threading.Event()
+    release, started, finished = threading.Event(), threading.Event(), threading.Event()
     stand_in = sphere_predictor(4.0)
 
     def slow_predictor(volume, pts, labels):
+        started.set()
         release.wait(30)
         result = stand_in(volume, pts, labels)
         finished.set()
@@ -200,6 +201,7 @@ def test_quitting_during_a_computation_waits_for_it(harness):
 
     effect, volume, segmentation, segment_id = ready(harness, slow_predictor)
     assert effect.addClick(CENTRE)
+    assert started.wait(30)  # (a job still queued when Slicer quits is dropped, not started)
     threading.Timer(0.2, release.set).start()
     harness.app.quit()  # aboutToQuit: the job ends before the interpreter would
     assert finished.is_set() and effect._worker is None

@@ -460,7 +460,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                         bar.done(f"{text}: skipped")
                         continue
                     if save_predictions and folder is not None:
-                        from ..cli import write_label_atomically
+                        from ..files import write_label_atomically
 
                         write_label_atomically(data.volume, final, prediction_path(
                             folder, model_name, protocol, where, case.name, value, structure))

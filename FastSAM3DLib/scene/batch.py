@@ -41,12 +41,19 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
             segmentation, segment_id = segment_volume_node(volume, points, segment_name="lesion")
             slicer.util.saveNode(segmentation, f"/tmp/{name}.seg.nrrd")
     """
-    points = np.asarray(points_ras, dtype=np.float64)
+    try:
+        points = np.asarray(points_ras, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PromptError("points_ras must be N x 3 finite RAS coordinates (numbers), e.g. [[12.5, -30.0, 40.0]]."
+                          ) from None
     if points.ndim == 1 and points.size == 3:
         points = points[None]
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or not np.all(np.isfinite(points)):
         raise PromptError(f"points_ras must be N x 3 finite RAS coordinates (got shape {points.shape}).")
-    labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels).astype(np.int64).ravel()
+    try:
+        labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels).astype(np.int64).ravel()
+    except (TypeError, ValueError):
+        raise PromptError("labels must hold one 1 (include) or 0 (exclude) per point.") from None
     if labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
         raise PromptError("labels must hold one 1 (include) or 0 (exclude) per point.")
     if not labels.any():
