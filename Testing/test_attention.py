@@ -1,7 +1,13 @@
-"""Attention ops on the CPU: bias factors, the closed-form padding, the 3D sparse layout, dispatch, plumbing.
+"""Attention ops on the CPU: bias factors, the closed-form padding, the 3D sparse layout, dispatch, plumbing,
+and the dispatch's fallback when the Triton kernel fails at its first launch (no GPU needed).
 
 The Triton kernel's tests (CPU interpreter and CUDA) are in ``test_attention_triton.py``.
 """
+import importlib.util
+import logging
+import subprocess
+import sys
+import types
 import warnings
 
 import pytest
@@ -270,3 +276,156 @@ def test_torch_path_is_differentiable():
     grads_ref = torch.autograd.grad((ref * weights).sum(), (q, tables[0], pad_qkv))
     for g, r in zip(grads, grads_ref):
         assert rel_l2(g, r) <= 1e-4
+
+
+# ------------------------------------------------------------------- the Triton kernel fails at its first launch
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed (Linux-only optional dependency)")
+
+
+class FailingLaunch:
+    """Stands in for the JIT kernel: each launch raises what Triton raises when it cannot build its C launcher
+    (Slicer 5.10-5.12 ship no Python.h; clinical PCs often have no C compiler)."""
+
+    def __init__(self, error=None):
+        self.attempts = 0
+        self.error = error or subprocess.CalledProcessError(
+            1, ["/usr/bin/gcc", "/tmp/tmpab12/cuda_utils.c", "-O3", "-shared", "-I/opt/Slicer/include/python3.12"])
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.attempts += 1
+            raise self.error
+        return launch
+
+
+@pytest.fixture
+def failing_triton(clean_dispatch):
+    """The dispatch on a "supported GPU" (CPU tensors stand in) whose Triton launches all fail."""
+    from FastSAM3DLib.attention import triton_kernel  # imports triton
+
+    fake = FailingLaunch()
+    clean_dispatch.setattr(triton_kernel, "_rel_pos_attention_fwd", fake)
+    clean_dispatch.setattr(attention, "_triton_unusable_reason", lambda device: None)
+    clean_dispatch.setattr(attention, "_auto_allows_triton", lambda device: True)  # "auto" picks Triton ...
+    clean_dispatch.setattr(attention, "_triton_failure", None)  # ... until a launch fails (restored afterwards)
+    return fake
+
+
+def dispatch_logs(caplog):
+    return [r for r in caplog.records if r.name == attention.__name__]
+
+
+@needs_triton
+def test_failed_first_launch_falls_back_to_torch_for_the_process(failing_triton, caplog):
+    (q, k, v), tables, pad_qkv = random_inputs(2, 512, 16, 27, seed=6)
+    globals_ = [t[:15] for t in tables]  # an 8^3 grid's tables; the 14^3 window's have 27 rows
+    expected = attention.rel_pos_attention(q, k, v, *globals_, (8, 8, 8), 0.25, backend="torch")
+    expected_window = attention.padded_window_attention(q, k, v, pad_qkv, *tables, (8, 8, 8), (14, 14, 14), 0.25,
+                                                        backend="torch")
+    assert attention.resolve_backend("auto", "cpu") == "triton" and failing_triton.attempts == 0
+    with caplog.at_level(logging.DEBUG, logger=attention.__name__), warnings.catch_warnings():
+        warnings.simplefilter("error")  # one log line, no warning
+        first = attention.rel_pos_attention(q, k, v, *globals_, (8, 8, 8), 0.25)
+        assert failing_triton.attempts == 1
+        assert torch.equal(first, expected), "the call returns the PyTorch backend's result"
+        assert attention.triton_failure().startswith("CalledProcessError")
+        assert attention.resolve_backend("auto", "cpu") == "torch"
+        assert not attention.triton_supported("cpu")
+        again = attention.rel_pos_attention(q, k, v, *globals_, (8, 8, 8), 0.25)
+        window = attention.padded_window_attention(q, k, v, pad_qkv, *tables, (8, 8, 8), (14, 14, 14), 0.25)
+    assert failing_triton.attempts == 1, "Triton is not retried"
+    assert torch.equal(again, expected) and torch.equal(window, expected_window)
+    logs = dispatch_logs(caplog)
+    assert len(logs) == 1 and logs[0].levelno == logging.WARNING
+    message = logs[0].getMessage()
+    assert "\n" not in message
+    assert "Triton" in message and "CalledProcessError" in message and "PyTorch backend" in message
+    assert f"{attention.ENV_VAR}=triton" in message
+
+
+@needs_triton
+def test_a_click_succeeds_with_the_torch_result_when_triton_fails(failing_triton, caplog):
+    """The whole encoder with the default backend: same embedding as with the PyTorch backend."""
+    model = build_model("tiny-test", seed=0)
+    x = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger=attention.__name__):
+        via_auto = model.image_encoder(x)
+        model.image_encoder.set_attention_backend("torch")
+        via_torch = model.image_encoder(x)
+    assert failing_triton.attempts == 1  # tiny-test has two attention blocks: the second never tried Triton
+    assert torch.equal(via_auto, via_torch)
+    assert len(dispatch_logs(caplog)) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_explicit_triton_reports_the_launch_error(failing_triton, how, monkeypatch):
+    (q, k, v), tables, _ = random_inputs(2, 512, 16, 15, seed=7)
+    backend = "triton" if how == "argument" else None
+    if how == "environment":
+        monkeypatch.setenv(attention.ENV_VAR, "triton")
+    with pytest.raises(subprocess.CalledProcessError):
+        attention.rel_pos_attention(q, k, v, *tables, (8, 8, 8), 0.25, backend=backend)
+    assert attention.triton_failure() is None  # "auto" is not affected by an explicit request
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    attention.rel_pos_attention(q, k, v, *tables, (8, 8, 8), 0.25)  # "auto" falls back ...
+    assert attention.triton_failure() is not None
+    if how == "environment":
+        monkeypatch.setenv(attention.ENV_VAR, "triton")
+    with pytest.raises(subprocess.CalledProcessError):  # ... and an explicit request still tries and raises
+        attention.rel_pos_attention(q, k, v, *tables, (8, 8, 8), 0.25, backend=backend)
+    assert failing_triton.attempts == 3
+
+
+@needs_triton
+def test_cuda_out_of_memory_is_not_a_triton_failure(failing_triton):
+    """Out of GPU memory propagates (the PyTorch path needs more memory) and Triton stays on."""
+    failing_triton.error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    (q, k, v), tables, _ = random_inputs(2, 512, 16, 15)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        attention.rel_pos_attention(q, k, v, *tables, (8, 8, 8), 0.25)
+    assert attention.triton_failure() is None
+
+
+# --------------------------------------------------------------------------------------- oldest supported Triton
+@pytest.fixture
+def fresh_triton_check(clean_dispatch):
+    """A supported GPU at cuda:0 (no CUDA needed) and Triton's import check redone before and after the test."""
+    clean_dispatch.setattr(attention, "_cuda_unsupported_reason", lambda index: None)
+    attention._triton_import_error.cache_clear()
+    yield clean_dispatch
+    attention._triton_import_error.cache_clear()
+
+
+def test_auto_uses_torch_below_the_oldest_supported_triton(fresh_triton_check, caplog):
+    old = types.ModuleType("triton")
+    old.__version__ = "3.1.0"
+    fresh_triton_check.setitem(sys.modules, "triton", old)
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        assert attention.resolve_backend("auto", "cuda:0") == "torch"
+        assert attention.resolve_backend("auto", "cuda:0") == "torch"
+    logs = [r.getMessage() for r in dispatch_logs(caplog)]
+    minimum = ".".join(map(str, attention.MIN_TRITON))
+    assert len(logs) == 1 and f"Triton 3.1.0 is older than {minimum}" in logs[0], logs
+    with pytest.warns(RuntimeWarning, match="older than"):
+        assert attention.resolve_backend("triton", "cuda:0") == "torch"
+
+
+@needs_triton
+def test_auto_uses_triton_from_the_oldest_supported_version(fresh_triton_check):
+    import triton
+
+    fresh_triton_check.setattr(triton, "__version__", "{}.{}.0".format(*attention.MIN_TRITON))
+    assert attention.resolve_backend("auto", "cuda:0") == "triton"
+
+
+def test_triton_version_check():
+    major, minor = attention.MIN_TRITON
+    assert attention.MIN_TRITON >= (3, 0)
+    assert attention.triton_version_problem(f"{major}.{minor}.0") is None
+    assert attention.triton_version_problem(f"{major}.{minor + 7}.1+git0123abc") is None
+    assert attention.triton_version_problem(f"{major + 1}.0.0") is None
+    assert "older than" in attention.triton_version_problem(f"{major}.{minor - 1}.9" if minor else f"{major - 1}.9.9")
+    assert "older than" in attention.triton_version_problem("2.3.1")
+    assert "unknown" in attention.triton_version_problem("")

@@ -11,18 +11,31 @@ Backends:
 * ``"triton"``: the fused flash-attention kernel of :mod:`.triton_kernel` (CUDA; CPU tensors only under
   ``TRITON_INTERPRET=1``, for tests). Forward only.
 * ``"eager"``: the official formula (materialised bias, softmax, matmul): the reference.
-* ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports and the GPU is supported (compute
-  capability >= 8.0, or ROCm) and no gradient is needed; ``"torch"`` otherwise (CPU, MPS, Windows, macOS).
+* ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton >= :data:`MIN_TRITON` imports, the GPU is
+  supported (compute capability >= 8.0, or ROCm), no gradient is needed and no Triton launch has failed in this
+  process; ``"torch"`` otherwise (CPU, MPS, Windows, macOS, older Triton or GPU).
+
+**Fallback.** Triton compiles the kernel and a small C launcher at the first launch of each variant; that needs a
+C compiler and ``Python.h``, which Slicer 5.10-5.12 and many workstations lack. When a Triton launch chosen by
+``"auto"`` raises (compile error, missing compiler or headers, unsupported GPU, out of resources; CUDA
+out-of-memory excepted, which the PyTorch path would not cure), the call returns the PyTorch backend's result
+and ``"auto"`` uses PyTorch for the rest of the process, after one ``WARNING`` on the ``FastSAM3DLib.attention``
+logger. An explicit ``"triton"`` (argument or environment variable) raises the error instead.
 
 The environment variable ``FASTSAM3D_ATTENTION`` (``auto|torch|triton|eager``) sets the backend wherever none
-is requested explicitly (``None`` or ``"auto"``). A backend that cannot run on the given tensors falls back to
-``"torch"`` with one warning per process and reason.
+is requested explicitly (``None`` or ``"auto"``). A backend that cannot run on the given tensors (e.g.
+``"triton"`` on the CPU, with gradients, or with Triton missing or older than :data:`MIN_TRITON`) falls back to
+``"torch"`` with one ``RuntimeWarning`` per process and reason.
 
 Dense attention is the default and exact for the released weights; the 3D sparse mode is explicit
 (``sparse=SparseLayout(tile, radius)``, see :mod:`.sparse_layout`) and changes the result.
-Nothing is imported from Triton until the Triton backend is used.
+Nothing is imported from Triton until the Triton backend is considered for a CUDA tensor (or requested).
+:mod:`.aot` compiles every kernel variant the dispatch can launch for sm_80-sm_90 without a GPU.
 """
+import logging
 import os
+import re
+import threading
 import warnings
 from functools import lru_cache
 from typing import Optional, Tuple, Union
@@ -34,10 +47,16 @@ from .sparse_layout import BlockLayout, SparseLayout, block_layout
 
 BACKENDS = ("torch", "triton", "eager")
 ENV_VAR = "FASTSAM3D_ATTENTION"
+# Oldest Triton every kernel variant compiles cleanly with for sm_80-sm_90 (checked ahead of time against 3.0,
+# 3.1 and 3.2: the software pipeliner of 3.0 and 3.1 reports errors on the sparse mode's nested loop).
+MIN_TRITON = (3, 2)
 _WARNED = set()
+_log = logging.getLogger(__name__)
+_triton_failure: Optional[str] = None  # why a failed launch turned Triton off for "auto" in this process
+_failure_lock = threading.Lock()
 
-__all__ = ["BACKENDS", "ENV_VAR", "SparseLayout", "BlockLayout", "block_layout", "resolve_backend",
-           "triton_supported", "rel_pos_attention", "padded_window_attention"]
+__all__ = ["BACKENDS", "ENV_VAR", "MIN_TRITON", "SparseLayout", "BlockLayout", "block_layout", "resolve_backend",
+           "triton_supported", "triton_failure", "rel_pos_attention", "padded_window_attention"]
 
 
 def _requested(backend: Optional[str]) -> str:
@@ -55,17 +74,18 @@ def _requested(backend: Optional[str]) -> str:
 def resolve_backend(backend: Optional[str] = None, device=None) -> str:
     """The backend to run on ``device``: ``backend`` if given, else ``$FASTSAM3D_ATTENTION``, else ``"auto"``.
 
-    With a ``device``, ``"auto"`` becomes ``"triton"`` on a supported CUDA GPU and ``"torch"`` everywhere else,
-    and an explicit ``"triton"`` that cannot run there falls back to ``"torch"`` with one warning. Without a
-    device (e.g. when a model is built before it is moved), the validated request is returned and ``"auto"``
-    is decided per call from the tensors' device. Raises ``ValueError`` for unknown names.
+    With a ``device``, ``"auto"`` becomes ``"triton"`` on a supported CUDA GPU (until a Triton launch fails, see
+    the module docstring) and ``"torch"`` everywhere else, and an explicit ``"triton"`` that cannot run there
+    falls back to ``"torch"`` with one warning. Without a device (e.g. when a model is built before it is
+    moved), the validated request is returned and ``"auto"`` is decided per call from the tensors' device.
+    Raises ``ValueError`` for unknown names.
     """
     name = _requested(backend)
     if device is None:
         return name
     device = torch.device(device)
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_supported(device) else "torch"
+        return "triton" if _triton_failure is None and _auto_allows_triton(device) else "torch"
     if name == "triton":
         reason = _triton_unusable_reason(device)
         if reason:
@@ -76,8 +96,27 @@ def resolve_backend(backend: Optional[str] = None, device=None) -> str:
 
 
 def triton_supported(device) -> bool:
-    """Whether the Triton kernel can run on ``device`` (CUDA with Triton; CPU only under TRITON_INTERPRET=1)."""
-    return _triton_unusable_reason(torch.device(device)) is None
+    """Whether the Triton kernel can run on ``device`` (CUDA with Triton; CPU only under TRITON_INTERPRET=1).
+
+    False after a Triton launch failed in this process (see :func:`triton_failure`).
+    """
+    return _triton_failure is None and _triton_unusable_reason(torch.device(device)) is None
+
+
+def triton_failure() -> Optional[str]:
+    """Why ``"auto"`` stopped using Triton in this process (a failed launch), or None."""
+    return _triton_failure
+
+
+def _auto_allows_triton(device: torch.device) -> bool:
+    """Whether ``"auto"`` picks Triton for tensors on ``device``; says once (INFO) why not on a CUDA device."""
+    if device.type != "cuda":
+        return False
+    reason = _triton_unusable_reason(device)
+    if reason and ("auto", reason) not in _WARNED:
+        _WARNED.add(("auto", reason))
+        _log.info("FastSAM3D attention: using the PyTorch backend on %s (%s)", device, reason)
+    return reason is None
 
 
 def _triton_unusable_reason(device: torch.device) -> Optional[str]:
@@ -103,10 +142,29 @@ def _cuda_unsupported_reason(index: int) -> Optional[str]:
 
 @lru_cache(maxsize=1)
 def _triton_import_error() -> Optional[str]:
+    """Why Triton cannot be used at all (missing, broken, or older than MIN_TRITON), or None."""
     try:
-        from . import triton_kernel  # noqa: F401  (imports triton)
+        import triton
     except Exception as exc:  # ImportError, or a broken Triton/driver installation
         return f"cannot import Triton: {type(exc).__name__}: {exc}"
+    problem = triton_version_problem(getattr(triton, "__version__", ""))
+    if problem:
+        return problem
+    try:
+        from . import triton_kernel  # noqa: F401
+    except Exception as exc:
+        return f"cannot import the Triton kernel: {type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_version_problem(version: str) -> Optional[str]:
+    """Why Triton ``version`` (e.g. ``"3.9.0"``) is not supported, or None when it is >= :data:`MIN_TRITON`."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    minimum = ".".join(map(str, MIN_TRITON))
+    if not match:
+        return f"unknown Triton version {version!r} (the kernel needs Triton >= {minimum})"
+    if (int(match.group(1)), int(match.group(2))) < MIN_TRITON:
+        return f"Triton {version} is older than {minimum}, the oldest version the kernel supports"
     return None
 
 
@@ -130,6 +188,37 @@ def _backend_for_call(backend: Optional[str], q: torch.Tensor, *tensors: torch.T
                                                "using the PyTorch backend instead.")
             return "torch"
     return name
+
+
+def _run_triton(backend: Optional[str], launch, fallback):
+    """``launch()``; if Triton was chosen by ``"auto"`` and the launch raises, turn Triton off and run ``fallback()``.
+
+    An explicit ``"triton"`` request re-raises. CUDA out-of-memory always propagates: the PyTorch path needs more
+    memory, not less, so falling back would only hide the real problem.
+    """
+    try:
+        return launch()
+    except Exception as exc:
+        if _requested(backend) == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        _disable_triton(exc)
+    return fallback()
+
+
+def _disable_triton(exc: BaseException) -> None:
+    """Record the failure of a Triton launch and log it once; ``"auto"`` uses PyTorch from now on."""
+    global _triton_failure
+    detail = " ".join(str(exc).split())
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    with _failure_lock:
+        if _triton_failure is not None:
+            return
+        _triton_failure = reason
+    _log.warning("FastSAM3D attention: the Triton GPU kernel failed to launch (%s); using the PyTorch backend for "
+                 "the rest of this session. Set %s=torch to skip Triton, or %s=triton to raise this error.",
+                 reason, ENV_VAR, ENV_VAR)
 
 
 def _layout_for(sparse: Union[None, SparseLayout, BlockLayout], grid) -> Optional[BlockLayout]:
@@ -161,11 +250,15 @@ def rel_pos_attention(q, k, v, rel_d, rel_h, rel_w, grid: Tuple[int, int, int], 
             return rel_pos_attention_eager(q, k, v, rel_d, rel_h, rel_w, grid, scale)
         return rel_pos_attention_masked_eager(q, k, v, rel_d, rel_h, rel_w, grid, scale, layout.token_mask())
     if name == "triton":
-        from .rel_pos import bias_factors
-        from .triton_kernel import rel_pos_attention_triton
+        def launch():
+            from .rel_pos import bias_factors
+            from .triton_kernel import rel_pos_attention_triton
 
-        factors = bias_factors(q, rel_d, rel_h, rel_w, grid)
-        return rel_pos_attention_triton(q, k, v, factors, scale, layout=layout)
+            factors = bias_factors(q, rel_d, rel_h, rel_w, grid)
+            return rel_pos_attention_triton(q, k, v, factors, scale, layout=layout)
+
+        return _run_triton(backend, launch, lambda: rel_pos_attention(q, k, v, rel_d, rel_h, rel_w, grid, scale,
+                                                                      "torch", layout))
     from .torch_ops import rel_pos_attention_torch
 
     return rel_pos_attention_torch(q, k, v, rel_d, rel_h, rel_w, grid, scale, layout=layout)
@@ -182,14 +275,18 @@ def padded_window_attention(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid: Tuple[i
     if name == "eager":
         return padded_window_attention_eager(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid, window, scale)
     if name == "triton":
-        from .rel_pos import bias_factors
-        from .triton_kernel import padding_logit, rel_pos_attention_triton
+        def launch():
+            from .rel_pos import bias_factors
+            from .triton_kernel import padding_logit, rel_pos_attention_triton
 
-        factors = bias_factors(q, rel_d, rel_h, rel_w, grid, window, pad_qkv[0])
-        if factors.pad_log_mass is None:
-            return rel_pos_attention_triton(q, k, v, factors, scale)
-        return rel_pos_attention_triton(q, k, v, factors, scale, padding_logit(q, pad_qkv[1], factors, scale),
-                                        pad_qkv[2].to(v.dtype))
+            factors = bias_factors(q, rel_d, rel_h, rel_w, grid, window, pad_qkv[0])
+            if factors.pad_log_mass is None:
+                return rel_pos_attention_triton(q, k, v, factors, scale)
+            return rel_pos_attention_triton(q, k, v, factors, scale, padding_logit(q, pad_qkv[1], factors, scale),
+                                            pad_qkv[2].to(v.dtype))
+
+        return _run_triton(backend, launch, lambda: padded_window_attention(q, k, v, pad_qkv, rel_d, rel_h, rel_w,
+                                                                            grid, window, scale, "torch"))
     from .torch_ops import padded_window_attention_torch
 
     return padded_window_attention_torch(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid, window, scale)
