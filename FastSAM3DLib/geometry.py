@@ -477,6 +477,17 @@ def _resample_onto(volume: Volume, roi: RegionOfInterest, interpolator) -> np.nd
     return values.transpose(2, 1, 0)
 
 
+def _resample_onto_torch(volume: Volume, roi: RegionOfInterest) -> np.ndarray:
+    """:func:`_resample_onto` with linear interpolation in PyTorch: float32 (x, y, z), C-contiguous."""
+    import torch
+
+    from . import resample
+
+    values = resample.resample_linear(volume.array, volume.ijk_to_ras, roi.model_to_ras, roi.size, 0.0,
+                                      ijk_order=True)
+    return values.to(torch.float32).numpy()
+
+
 def _masked_z_normalise(values: np.ndarray) -> np.ndarray:
     """torchio ``ZNormalization(masking_method=lambda x: x > 0)``: statistics over x > 0 (unbiased std), all voxels."""
     foreground = values[values > 0]
@@ -501,9 +512,16 @@ def extract_model_input(volume: Volume, roi: RegionOfInterest, normalize: bool =
 
     As in torchio the interpolated values keep the volume's pixel type; with ``normalize`` the masked
     z-normalisation of the official pipeline follows (mean and unbiased std over voxels > 0, applied to all).
+    Resampled with SimpleITK when it is installed, else (or with ``FASTSAM3D_RESAMPLE=torch``) in PyTorch
+    (:mod:`.resample`: ITK's arithmetic, equal but at exact ties).
     """
-    import SimpleITK as sitk
-    values = np.ascontiguousarray(_resample_onto(volume, roi, sitk.sitkLinear), dtype=np.float32)
+    from . import resample
+
+    if resample.backend("input") == "sitk":
+        import SimpleITK as sitk
+        values = np.ascontiguousarray(_resample_onto(volume, roi, sitk.sitkLinear), dtype=np.float32)
+    else:
+        values = _resample_onto_torch(volume, roi)
     if not np.all(np.isfinite(values)):
         raise InputImageError(
             "The region around the points contains NaN or infinite voxels. Replace them with a finite value "
@@ -560,7 +578,13 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
     ``align_corners=False``). The logits are resampled linearly onto the source voxels and thresholded
     (``> threshold``). Returns ``(region, mask)``: ``region = (slice_k, slice_j, slice_i)`` on the source
     array, clipped to the volume, and ``mask`` a bool array of that region's shape (False outside the ROI).
+    Computed in PyTorch on the logits' device (:func:`.resample.threshold_logits`: the same mask as SimpleITK) or,
+    with ``FASTSAM3D_RESAMPLE=sitk``, with SimpleITK.
     """
+    from . import resample
+
+    if resample.backend("paste") != "sitk":
+        return _paste_back_torch(volume, roi, logits, threshold)
     import SimpleITK as sitk
     field = _model_logits(logits, roi.size)
     size = np.asarray(roi.size, dtype=np.float64)
@@ -587,4 +611,50 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
     offset = box_first - first
     box = tuple(slice(int(offset[axis]), int(offset[axis] + box_stop[axis] - box_first[axis])) for axis in (2, 1, 0))
     mask[box] = values > threshold
+    return region, mask
+
+
+def _paste_back_torch(volume: Volume, roi: RegionOfInterest, logits, threshold: float):
+    """:func:`paste_back` in PyTorch: the same region and mask, without forming the upsampled 128³ field."""
+    import torch
+
+    from . import resample
+
+    tensor = logits if isinstance(logits, torch.Tensor) else torch.from_numpy(np.asarray(logits))
+    shape = tuple(tensor.shape)
+    while len(shape) > 3 and shape[0] == 1:
+        shape = shape[1:]
+    if shape != tuple(roi.size) and shape != tuple(n // 4 for n in roi.size):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} fit neither the ROI {roi.size} nor its quarter")
+    tensor = tensor.detach().reshape(shape)
+    size = np.asarray(roi.size, dtype=np.float64)
+    first, stop = _source_box(volume, roi, -0.5, size - 0.5)
+    region = tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
+    region_shape = tuple(int(stop[axis] - first[axis]) for axis in (2, 1, 0))
+    above = tensor > threshold
+    positive = [torch.nonzero(above.any(dim=a).any(dim=b - 1)).flatten().cpu().numpy()
+                for a, b in ((1, 2), (0, 2), (0, 1))]
+    if int(np.prod(region_shape)) == 0 or any(len(p) == 0 for p in positive):
+        return region, np.zeros(region_shape, dtype=bool)
+    # the model voxels of the (upsampled) field that can exceed the threshold: those interpolating a low-res
+    # slab that does; a linear interpolant exceeds it only within one model voxel of such a voxel
+    spans = []
+    for axis in range(3):
+        weights = resample._upsample_matrix(shape[axis], roi.size[axis])[:, positive[axis][0]:positive[axis][-1] + 1]
+        touched = np.flatnonzero(np.any(weights != 0, axis=1))
+        spans.append((touched[0], touched[-1]))
+    low = np.maximum([s[0] - 1.0 for s in spans], -0.5)
+    high = np.minimum([s[1] + 1.0 for s in spans], size - 0.5)
+    box_first, box_stop = _source_box(volume, roi, low, high)
+    box_first, box_stop = np.maximum(box_first, first), np.maximum(np.minimum(box_stop, stop), box_first)
+    if np.any(box_stop <= box_first):
+        return region, np.zeros(region_shape, dtype=bool)
+    values = resample.threshold_logits(tensor, roi.model_to_ras, roi.size, volume.ijk_to_ras, box_first,
+                                       box_stop - box_first, threshold).cpu().numpy()
+    if np.array_equal(box_first, first) and np.array_equal(box_stop, stop):
+        return region, values
+    mask = np.zeros(region_shape, dtype=bool)
+    offset = box_first - first
+    box = tuple(slice(int(offset[axis]), int(offset[axis] + box_stop[axis] - box_first[axis])) for axis in (2, 1, 0))
+    mask[box] = values
     return region, mask

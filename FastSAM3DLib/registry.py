@@ -50,6 +50,8 @@ class Sam3D(nn.Module):
     def __init__(self, config: ModelConfig, attention_backend: str = "torch") -> None:
         super().__init__()
         self.config = config
+        self.precision = "exact"  # or "fast": see FastSAM3DLib.quantize
+        self.precision_note = ""  # why a requested fast precision was not applied
         enc = config.encoder
         self.image_encoder = ImageEncoder3D(enc, backend=attention_backend)
         self.prompt_encoder = PromptEncoder3D(config.prompt_embed_dim, enc.grid, (enc.img_size,) * 3,
@@ -131,7 +133,7 @@ def get_model_config(name: str) -> ModelConfig:
 
 
 def build_model(name: str, checkpoint=None, device=None, attention_backend: Optional[str] = None,
-                seed: Optional[int] = None, cache_dir=None) -> Sam3D:
+                seed: Optional[int] = None, cache_dir=None, precision: Optional[str] = None) -> Sam3D:
     """Build model ``name`` in eval mode.
 
     ``checkpoint``: ``None`` for freshly initialised weights (``seed`` makes them reproducible), a path to
@@ -139,13 +141,20 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
     strict key checking), or ``"cached"`` for the model's own weights: bundled with the extension, or the
     verified download in the model cache ``cache_dir`` (default: ``$FASTSAM3D_CACHE`` or the platform cache folder).
     ``attention_backend``: see :mod:`FastSAM3DLib.attention` (default: the best one for the device).
+    ``precision``: ``"exact"`` (the official float32 network) or ``"fast"`` (the image encoder's matrix products
+    in int8 on a CPU, see :mod:`FastSAM3DLib.quantize`); default ``$FASTSAM3D_PRECISION``, else exact. Where
+    fast is unavailable the model stays exact and ``model.precision_note`` says why; ``model.precision`` tells.
     A device or backend that cannot be used raises a FastSAM3DError saying what to choose instead.
     """
-    from . import weights
+    from . import quantize, weights
 
     config = get_model_config(name)
     device = check_device(device)
     backend = check_attention_backend(attention_backend)
+    try:
+        precision = quantize.resolve_precision(precision)
+    except ValueError as exc:
+        raise FastSAM3DError(f"{exc} (exact is the official network, fast the int8 CPU encoder).") from None
     if isinstance(checkpoint, str) and checkpoint == "cached":
         checkpoint = cached_checkpoint(config, cache_dir)
     if seed is not None:
@@ -156,7 +165,13 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
         model = Sam3D(config, backend)
     if checkpoint is not None:
         weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if precision == "fast":
+        supported, model.precision_note = quantize.int8_support(torch.device(device).type)
+        if supported:
+            quantize.quantize_encoder(model.image_encoder)
+            model.precision = "fast"
+    return model
 
 
 def cached_checkpoint(config: ModelConfig, cache_dir=None) -> Path:

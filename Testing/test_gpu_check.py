@@ -75,10 +75,10 @@ def test_dry_run_measures_every_model_and_precision(dry_run):
             row = {m["name"]: m for m in _values(result, model=model, precision=precision, variant="")}
             for name in ("encoder_ms", "decoder_ms", "speedup_vs_eager", "speedup_vs_sam2d"):
                 assert row[name]["value"] > 0, (model, precision, name)
-            # the CPU has no CUDA graphs; the session needs SimpleITK, which this run cannot import
+            # the CPU has no CUDA graphs; without SimpleITK the session resamples in PyTorch, so clicks run
             assert "encoder_cuda_graph_ms" not in row
-            for name in ("first_click_ms", "next_click_ms", "peak_memory_mib"):
-                assert row[name]["value"] is None and "SimpleITK" in row[name]["skipped"]
+            for name in ("first_click_ms", "next_click_ms"):
+                assert row[name]["value"] > 0, (model, precision, name)
             eager = _values(result, model=model, precision=precision, variant=report.EAGER_VARIANT)
             assert eager[0]["value"] > 0
             assert row["speedup_vs_eager"]["value"] == pytest.approx(eager[0]["value"] / row["encoder_ms"]["value"])
@@ -94,7 +94,7 @@ def test_dry_run_prints_the_tables(dry_run):
     for header in ("model", "precision", "encoder", "first click", "next click", "peak memory", "vs official eager",
                    "vs 2D SAM"):
         assert header in out, header
-    assert "not measured: first click, next click, peak memory of tiny-test, tiny-test-teacher" in out
+    assert "not measured: first click" not in out  # measured without SimpleITK (PyTorch resampling)
     assert "gpu-check: OK" in out and "wrote " in out
 
 

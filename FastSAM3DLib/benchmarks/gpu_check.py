@@ -11,7 +11,7 @@ network, no SimpleITK. In order:
    really ran (no silent fallback);
 3. the benchmark suite (:mod:`.suite`) on CUDA: FastSAM3D and SAM-Med3D at official size with random weights,
    fp32 and bf16, the encoder eagerly and as a CUDA graph, first and next click through the session on a
-   512x512x300 volume (needs SimpleITK at run time; skipped with the reason without it), peak GPU memory per
+   512x512x300 volume (resampled in PyTorch on the GPU when SimpleITK is absent), peak GPU memory per
    session, the official eager attention, medim (when installed) and 2D SAM ViT-B slice by slice;
 4. the attention ops and encoders per backend (details).
 

@@ -6,10 +6,13 @@
 * the references: medim's SAM-Med3D encoder (the official code, when installed) and the 2D SAM ViT-B encoder
   slice by slice (:mod:`.sam2d`).
 
-Precisions other than fp32 run under ``torch.autocast`` (the session feeds float32 images). Nothing here imports
-SimpleITK; the session needs it at run time, and :func:`bench_session` says so when it is missing.
+Precisions: ``fp32`` is the exact network; ``bf16`` and ``fp16`` run under ``torch.autocast`` (the session feeds
+float32 images); ``int8`` is the ``fast`` precision of :mod:`FastSAM3DLib.quantize` (the image encoder's matrix
+products in int8, CPU only), measured on an int8 copy of the same model. Nothing here imports SimpleITK, and
+neither does the session: it resamples in PyTorch (:mod:`FastSAM3DLib.resample`).
 """
 import contextlib
+import weakref
 from typing import Callable, Dict
 
 import numpy as np
@@ -18,7 +21,10 @@ import torch
 from ..geometry import Volume
 from .attention import _cpu_peak_bytes, _sync, measure
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+#: the precision measured on the int8-encoder copy of a model (FastSAM3DLib.quantize), float32 elsewhere
+INT8 = "int8"
+_INT8_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class MissingDependency(RuntimeError):
@@ -31,6 +37,26 @@ def autocast(device, precision: str):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
+
+
+def model_for(model, precision: str):
+    """The model a precision runs: ``model`` itself, or for ``int8`` its int8-encoder copy (made once per model,
+    following the model's attention backend). :class:`MissingDependency` where int8 products cannot run."""
+    if precision != INT8:
+        return model
+    from ..quantize import int8_support
+    from .precision import fast_copy
+
+    supported, why = int8_support(next(model.parameters()).device.type)
+    if not supported:
+        raise MissingDependency(why)
+    fast = _INT8_COPIES.get(model)
+    if fast is None:
+        fast = _INT8_COPIES[model] = fast_copy(model)
+    for mine, theirs in zip(fast.image_encoder.blocks, model.image_encoder.blocks):
+        if mine.attn is not None:
+            mine.attn.backend, mine.attn.sparse = theirs.attn.backend, theirs.attn.sparse
+    return fast
 
 
 def ct_sized_volume(shape=(300, 512, 512), spacing=(0.8, 0.8, 1.5)) -> Volume:
@@ -53,7 +79,9 @@ def click_centre(volume: Volume) -> np.ndarray:
 
 
 def _param_mib(module: torch.nn.Module) -> float:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2 ** 20
+    """Weights in MiB: parameters and buffers (the int8 encoder keeps its weights as buffers)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,6 +121,7 @@ def encoder_input(model, device) -> torch.Tensor:
 
 def bench_encoder(model, device, precision: str = "fp32", repeats: int = 5, warmup: int = 1) -> Dict[str, object]:
     """The image encoder on one 128³ input, in the model's current attention backend."""
+    model = model_for(model, precision)
     x = encoder_input(model, device)
 
     def run():
@@ -115,6 +144,7 @@ def bench_encoder_cuda_graph(model, device, precision: str = "fp32", repeats: in
 
 def bench_decoder(model, device, precision: str = "fp32", repeats: int = 10) -> Dict[str, object]:
     """One click's prompt encoder + mask decoder on a fixed embedding (no resampling, no paste-back)."""
+    model = model_for(model, precision)
     size = model.config.image_size
     x = encoder_input(model, device)
     with torch.inference_mode(), autocast(device, precision):
@@ -139,15 +169,11 @@ def bench_session(model, volume: Volume, device, precision: str = "fp32", repeat
 
     Memory: one session (first click and ``memory_clicks`` more), weights included: the allocator's peak on
     CUDA; on the CPU the weights plus the profiler's peak of live tensors (numpy buffers are not counted).
-    Raises :class:`MissingDependency` without SimpleITK (the session resamples with it).
+    Resampling: the session's default (``$FASTSAM3D_RESAMPLE``, PyTorch unless set to ``sitk``).
     """
-    try:
-        import SimpleITK  # noqa: F401  (at run time only: the session resamples with it)
-    except ImportError as exc:
-        raise MissingDependency("SimpleITK is not installed; the session resamples the ROI and pastes the mask "
-                                "back with it (pip install SimpleITK, or carry its wheel to an offline machine)"
-                                ) from exc
     from ..session import InteractiveSession
+
+    model = model_for(model, precision)
 
     device = torch.device(device)
     centre = click_centre(volume)
