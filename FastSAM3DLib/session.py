@@ -12,8 +12,17 @@ coordinates: clicks are RAS millimetres, results are masks on the source volume'
 * Prompting modes: ``"newest"`` feeds only the newest click (FastSAM3D's official evaluation and the
   training recipe of both models); ``"all"`` feeds every click so far (SAM-Med3D's official inference).
   Each model has a documented default (:attr:`ModelConfig.default_prompt_mode`).
+
+Memory stays bounded when clicks move the ROI back and forth: per click the session keeps, for undo, one
+compact copy of the 32^3 low-res logits (131 kB; never a view that pins the decoder's larger output buffer),
+the image embedding of the current ROI only, and the last state of at most :data:`MAX_CACHED_REGIONS` recently
+visited ROIs. Coming back to one of them re-encodes it once and continues from its cached logits, feeding
+only the clicks added since, instead of replaying every click there: click time stays flat, and the result is
+the one a replay (or a fresh session fed those clicks) gives.
 """
+import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -21,12 +30,18 @@ import numpy as np
 import torch
 
 from . import geometry
-from .errors import OutOfMemoryError, PromptError
+from .errors import FastSAM3DError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
 
 Region = Tuple[slice, slice, slice]
 PROMPT_MODES = ("newest", "all")
 ROI_MARGIN_VOXELS = 8.0  # a click closer than this to the ROI border moves the ROI
+#: Most ROIs whose last state (clicks fed, logits) the session keeps, to continue there without a replay.
+MAX_CACHED_REGIONS = 8
+
+
+class ModelOutputError(FastSAM3DError):
+    """The model produced NaN or infinite numbers for a click; nothing was changed."""
 
 
 @dataclass
@@ -82,6 +97,8 @@ class InteractiveSession:
         self._state = _State()
         self._history: List[_State] = []  # the state before each click, for undo
         self._shown_region: Optional[Region] = None  # region of the last returned non-empty mask
+        self._embedding: Optional[Tuple[RegionOfInterest, torch.Tensor]] = None  # of the current ROI only
+        self._regions: "OrderedDict[RegionOfInterest, _State]" = OrderedDict()  # last state per ROI, LRU
 
     @property
     def roi(self) -> Optional[RegionOfInterest]:
@@ -91,7 +108,7 @@ class InteractiveSession:
     @property
     def low_res_logits(self) -> Optional[torch.Tensor]:
         """The model's current low-res logits ``(1, 1, 32, 32, 32)`` on the ROI grid (None before a click)."""
-        return self._state.logits[-1] if self._state.logits else None
+        return self._state.logits
 
     @property
     def device(self) -> torch.device:
@@ -102,23 +119,24 @@ class InteractiveSession:
     def add_click(self, ras, include: bool = True) -> ClickResult:
         """Add an include (or exclude) point in RAS mm and return the updated mask of the changed region.
 
-        Raises :class:`PromptError` (and changes nothing) for a point outside the volume or an exclude point
-        before any include point.
+        Raises :class:`PromptError` (and changes nothing) for a malformed point (not three finite numbers), a
+        point outside the volume or an exclude point before any include point; :class:`ModelOutputError` when
+        the model gives NaN or infinite numbers; :class:`OutOfMemoryError` when the device runs out of memory.
         """
         if self.volume is None:
             raise PromptError("Load an image first (set_image) before clicking.")
-        click = Click(np.asarray(ras, dtype=np.float64).reshape(3), bool(include))
+        click = Click(_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
                               "(Shift+click) only refine an existing result.")
-        saved = (self._state, len(self._history), self._shown_region)
+        saved = (self._state, len(self._history), self._shown_region, self._embedding, OrderedDict(self._regions))
         self.clicks.append(click)
         try:
-            return self._update(new_click=len(self.clicks) - 1)
-        except BaseException as exc:  # out of memory, interrupted...: leave the session exactly as it was
+            return self._update(click)
+        except BaseException as exc:  # out of memory, NaN, interrupted...: leave the session exactly as it was
             self.clicks.pop()
-            self._state, self._shown_region = saved[0], saved[2]
+            self._state, self._shown_region, self._embedding, self._regions = saved[0], saved[2], saved[3], saved[4]
             del self._history[saved[1]:]
             if _is_out_of_memory(exc):
                 raise OutOfMemoryError(f"{self.device} ran out of memory while segmenting. Close other programs or "
@@ -130,76 +148,108 @@ class InteractiveSession:
         """Remove the last click; the result is the mask exactly as it was before that click."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
-        self.clicks.pop()
+        undone = self.clicks.pop()
         self._state = self._history.pop()
+        for roi, state in list(self._regions.items()):  # cached states that include the undone click are void
+            if any(c is undone for c in state.fed):
+                del self._regions[roi]
+        self._remember(self._state)
         return self._result(encoded=False, timings={})
 
     # ----------------------------------------------------------------- internals
-    def _update(self, new_click: int) -> ClickResult:
+    def _update(self, click: Click) -> ClickResult:
         previous = self._state
-        state = _State(previous.roi, previous.embedding, list(previous.fed), list(previous.logits),
-                       list(previous.ious))
         timings: Dict[str, float] = {}
-        click = self.clicks[new_click]
-        encoded = state.roi is None or not state.roi.contains(click.ras[None], margin=ROI_MARGIN_VOXELS)[0]
-        if encoded:
-            state.roi = self._place_roi()
-            start = time.perf_counter()
-            state.embedding = self._encode(state.roi)
-            timings["encode"] = time.perf_counter() - start
-            state.fed, state.logits, state.ious = [], [], []
-            to_feed = [i for i, c in enumerate(self.clicks) if state.roi.contains(c.ras[None])[0]]
+        if previous.roi is not None and previous.roi.contains(click.ras[None], margin=ROI_MARGIN_VOXELS)[0]:
+            state, to_feed = previous, [click]
         else:
-            to_feed = [new_click]
+            roi = self._choose_roi()
+            inside = [c for c in self.clicks if roi.contains(c.ras[None])[0]]
+            cached = self._regions.get(roi)
+            if cached is not None and len(cached.fed) <= len(inside) and all(
+                    a is b for a, b in zip(cached.fed, inside)):
+                state, to_feed = cached, inside[len(cached.fed):]  # continue there: same as replaying all
+            else:
+                state, to_feed = _State(roi), inside
+        embedding = self._embedding_for(state.roi, timings)
         start = time.perf_counter()
-        for index in to_feed:
-            logits, iou = self._decode(state, index)
-            state.fed.append(index)
-            state.logits.append(logits)
-            state.ious.append(iou)
+        for fed in to_feed:
+            logits, iou = self._decode(state, embedding, fed)
+            state = _State(state.roi, state.fed + (fed,), logits, iou)
         timings["decode"] = time.perf_counter() - start
         self._history.append(previous)
         self._state = state
-        return self._result(encoded, timings)
+        self._remember(state)
+        return self._result("encode" in timings, timings)
 
-    def _place_roi(self) -> RegionOfInterest:
-        """A ROI around all clicks, or around the newest one if they do not fit in one ROI."""
+    def _choose_roi(self) -> RegionOfInterest:
+        """A ROI around all clicks; if they do not fit in one, a recently used ROI that holds the newest click
+        well inside, else a ROI around the newest click."""
         points = np.stack([c.ras for c in self.clicks])
         roi = geometry.roi_around(self.volume, points, self.size, self.spacing)
-        if not roi.contains(points, margin=ROI_MARGIN_VOXELS).all():
-            roi = geometry.roi_around(self.volume, points[-1:], self.size, self.spacing)
-        return roi
+        if roi.contains(points, margin=ROI_MARGIN_VOXELS).all():
+            return roi
+        for cached in reversed(self._regions):
+            if cached.contains(points[-1:], margin=ROI_MARGIN_VOXELS)[0]:
+                return cached
+        return geometry.roi_around(self.volume, points[-1:], self.size, self.spacing)
+
+    def _remember(self, state: "_State") -> None:
+        """Keep ``state`` as the last state of its ROI (at most MAX_CACHED_REGIONS ROIs, least recent dropped)."""
+        if state.roi is None:
+            return
+        self._regions[state.roi] = state
+        self._regions.move_to_end(state.roi)
+        while len(self._regions) > MAX_CACHED_REGIONS:
+            self._regions.popitem(last=False)
+
+    def _embedding_for(self, roi: RegionOfInterest, timings: Dict[str, float]) -> torch.Tensor:
+        """The image embedding of ``roi``: the one in memory, or encoded now (``timings["encode"]`` is set)."""
+        if self._embedding is not None and self._embedding[0] == roi:
+            return self._embedding[1]
+        self._embedding = None  # let the old one go before the new one is made
+        start = time.perf_counter()
+        embedding = self._encode(roi)
+        timings["encode"] = time.perf_counter() - start
+        self._embedding = (roi, embedding)
+        return embedding
 
     @torch.no_grad()
     def _encode(self, roi: RegionOfInterest) -> torch.Tensor:
         image = geometry.extract_model_input(self.volume, roi)
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
-        return self.model.image_encoder(tensor)
+        return _compact(self.model.image_encoder(tensor))
 
     @torch.no_grad()
-    def _decode(self, state: "_State", index: int) -> Tuple[torch.Tensor, float]:
-        """Run prompt encoder + decoder for click ``index`` on top of ``state``'s last logits."""
-        fed = [index] if self.prompt_mode == "newest" else state.fed + [index]
-        points = state.roi.ras_to_model(np.stack([self.clicks[i].ras for i in fed]))
-        labels = [1 if self.clicks[i].include else 0 for i in fed]
+    def _decode(self, state: "_State", embedding: torch.Tensor, click: Click) -> Tuple[torch.Tensor, float]:
+        """Run prompt encoder + decoder for ``click`` on top of ``state``'s last logits; compact, checked logits."""
+        fed = [click] if self.prompt_mode == "newest" else list(state.fed) + [click]
+        points = state.roi.ras_to_model(np.stack([c.ras for c in fed]))
+        labels = [1 if c.include else 0 for c in fed]
         coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
         label_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
         low_res = self.size // 4
-        previous = state.logits[-1] if state.logits else torch.zeros(1, 1, low_res, low_res, low_res,
-                                                                     device=self.device)
+        previous = state.logits if state.logits is not None else torch.zeros(1, 1, low_res, low_res, low_res,
+                                                                             device=self.device)
         prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
         sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
-        logits, iou = decoder(image_embeddings=state.embedding, image_pe=prompt_encoder.get_dense_pe(),
+        logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                               multimask_output=False)
-        return logits, float(iou[0, 0])
+        score = float(iou[0, 0])
+        if not math.isfinite(score) or not bool(torch.isfinite(logits).all()):
+            raise ModelOutputError(
+                "The model gave invalid numbers (NaN or infinity) for this click, so there is no result; nothing "
+                "was changed. The weights may be damaged (download or import them again), or reduced precision "
+                "overflowed on this device (use full precision or another device).")
+        return _compact(logits), score
 
     def _result(self, encoded: bool, timings: Dict[str, float]) -> ClickResult:
         """Paste the current logits back; the region also covers (and clears) what was shown before."""
         start = time.perf_counter()
         state, shown = self._state, self._shown_region
-        if state.logits:
-            region, mask = geometry.paste_back(self.volume, state.roi, state.logits[-1][0, 0].float().cpu())
+        if state.logits is not None:
+            region, mask = geometry.paste_back(self.volume, state.roi, state.logits[0, 0].float().cpu())
         else:
             region, mask = _empty_region(), None
         union = _union(region, shown)
@@ -208,8 +258,7 @@ class InteractiveSession:
             full[tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(region, union))] = mask
         self._shown_region = region if mask is not None else None
         timings["paste"] = time.perf_counter() - start
-        iou = state.ious[-1] if state.ious else float("nan")
-        return ClickResult(union, full, iou, encoded, timings)
+        return ClickResult(union, full, state.iou, encoded, timings)
 
     def full_mask(self, result: ClickResult) -> np.ndarray:
         """The whole-volume boolean mask (K, J, I) of a click result."""
@@ -218,15 +267,36 @@ class InteractiveSession:
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
-    """Everything a click changes, so that undo can restore it exactly."""
+    """Everything a click changes in one ROI, so that undo can restore it exactly (never modified in place)."""
 
     roi: Optional[RegionOfInterest] = None
-    embedding: Optional[torch.Tensor] = None
-    fed: List[int] = field(default_factory=list)  # click indices fed in this ROI, in order
-    logits: List[torch.Tensor] = field(default_factory=list)  # low-res logits after each fed click
-    ious: List[float] = field(default_factory=list)
+    fed: Tuple[Click, ...] = ()  # the clicks fed in this ROI, in order
+    logits: Optional[torch.Tensor] = None  # compact low-res logits after the last fed click
+    iou: float = float("nan")
+
+
+def _point(ras) -> np.ndarray:
+    """``ras`` as three finite float64 numbers; a PromptError saying what is wrong otherwise."""
+    try:
+        point = np.asarray(ras, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {ras!r}.") from exc
+    if point.size != 3:
+        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {point.size} "
+                          f"value(s): {ras!r}.")
+    point = point.reshape(3)
+    if not np.isfinite(point).all():
+        raise PromptError(f"A click must be three finite numbers (R, A, S in millimetres), got {ras!r}.")
+    return point
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in its own storage of exactly its size (a view would keep a larger buffer alive)."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -520,6 +520,15 @@ def test_parse_point_raises_prompt_error(bad):
         parse_point(bad)
 
 
+@pytest.mark.parametrize("bad", [[1.0, 2.0], "abc", [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])
+def test_add_click_with_a_malformed_point_raises_prompt_error(bad):
+    from FastSAM3DLib.session import InteractiveSession
+
+    session = InteractiveSession(build_model("tiny-test", seed=0), Volume.from_sitk(sphere_image(size=24)))
+    with pytest.raises(PromptError):
+        session.add_click(bad)
+
+
 @pytest.mark.parametrize("bad", ["abc", [[1.0, 2.0, 3.0], [1.0, 2.0]]])
 def test_segment_volume_node_with_malformed_points_raises_prompt_error(bad):
     from FastSAM3DLib.scene import segment_volume_node

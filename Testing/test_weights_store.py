@@ -11,7 +11,7 @@ from FastSAM3DLib.errors import CheckpointError
 from FastSAM3DLib.weights.cache import ModelFiles
 from FastSAM3DLib.weights.commands import TextProgress, add_subcommands, import_weights, models_table
 from FastSAM3DLib.weights.loading import load_state_dict
-from FastSAM3DLib.weights.safetensors_cache import FORMAT_TAG, read_metadata, write_safetensors
+from FastSAM3DLib.weights.safetensors_cache import FORMAT_TAG, read_metadata, tensors_sha256, write_safetensors
 from FastSAM3DLib.weights.store import resolve_checkpoint, weights_status
 from FastSAM3DLib.weights.verify import read_record
 from test_weights_support import (no_proxy_env, server, sha256, tiny_state_dict,  # noqa: F401 - fixtures
@@ -39,7 +39,8 @@ def test_first_load_writes_weights_only_safetensors_tagged_with_the_source(tmp_p
     manifest, cache, source = setup(tmp_path, data)
     fast = import_weights("tiny", source, cache, manifest=manifest)
     assert fast == cache / "tiny.safetensors"
-    assert read_metadata(fast) == {"format": FORMAT_TAG, "source_sha256": sha256(data), "model": "tiny"}
+    assert read_metadata(fast) == {"format": FORMAT_TAG, "source_sha256": sha256(data), "model": "tiny",
+                                   "source_file": "tiny.pth", "tensors_sha256": tensors_sha256(weights)}
     assert same_weights(load_state_dict(fast), weights)
     assert fast.stat().st_size < len(data) / 2  # no optimiser state
     assert resolve_checkpoint("tiny", cache, manifest=manifest) == fast

@@ -22,6 +22,7 @@ _EXPORTS = {
     "ModelEntry": "manifest",
     "default_cache_dir": "cache",
     "resolve_cache_dir": "cache",
+    "CacheWarning": "cache",
     # download and import (download.py)
     "download_model": "download",
     "import_file": "download",

@@ -10,6 +10,7 @@ For a manifest file ``NAME.pth`` the folder holds:
 ``NAME.pth``                  the verified download (only ever put in place by an atomic rename)
 ``NAME.pth.verified.json``    its sha256, size and modification time; the pinned checksum when none is published
 ``NAME.safetensors``          the weights alone, for fast memory-mapped loading, tagged with the source sha256
+                              (``NAME.weights.safetensors`` when the model file is itself a .safetensors file)
 ``NAME.pth.part``             an interrupted download, resumed by the next attempt (plus ``.part.json``)
 ``NAME.pth.lock``             present while one process downloads or imports the file
 """
@@ -25,6 +26,10 @@ from .manifest import ModelEntry
 
 #: Environment variable that moves the cache outside Slicer.
 CACHE_ENV = "FASTSAM3D_CACHE"
+
+
+class CacheWarning(UserWarning):
+    """The model cache could not be used as intended (read-only, full, a damaged copy); a slower path was taken."""
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -83,8 +88,16 @@ class ModelFiles:
 
     @property
     def safetensors(self) -> Path:
-        """The weights-only safetensors copy."""
-        return self.directory / (Path(self.filename).stem + ".safetensors")
+        """The weights-only safetensors copy (never the model file itself, even when that is a safetensors file)."""
+        stem = Path(self.filename).stem
+        if self.filename.lower().endswith(".safetensors"):
+            stem += ".weights"
+        return self.directory / (stem + ".safetensors")
+
+    def names(self) -> tuple:
+        """The name of every file kept for this model, for checking that two models never share one."""
+        return tuple(p.name for p in (self.path, self.record, self.part, self.part_info, self.lock,
+                                      self.safetensors))
 
     def ensure_directory(self) -> None:
         """Create the cache folder (and parents) if needed."""

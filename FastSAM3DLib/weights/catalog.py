@@ -44,7 +44,8 @@ class ModelChoice:
     title: str
     source: str  # "download" (manifest, into the cache folder) or "bundled" (in Resources, nothing to do)
     ready: bool  # weights present and verified (bundled: the file is present)
-    state: str  # short phrase: "verified", "verified, fast copy", "not downloaded", "changed: download again",
+    state: str  # short phrase: "verified", "verified, fast copy", "verified, checked again at the next load"
+    #             (copied or touched since: hashed once more), "not downloaded", "changed: download again",
     #             "bundled", "missing from this installation"
     path: Path  # the file that is loaded (for a download that is not there yet: where it will be)
     licence: str
@@ -86,11 +87,14 @@ def model_choice(name: str, cache_dir: Optional[PathLike] = None, *, manifest: M
     path = files.safetensors if status.fast_copy else files.path
     if status.verified:
         state = "verified, fast copy" if status.fast_copy else "verified"
+    elif status.recheck:
+        state = "verified, checked again at the next load"
     else:
         state = "changed: download again" if status.cached else "not downloaded"
     checksum = {"manifest": "published", "pinned": "pinned", "none": "not yet known"}[status.checksum]
     size = files.path.stat().st_size if on_disk else entry.size
-    return ModelChoice(name, entry.title, "download", status.verified, state, path, entry.licence, size, checksum)
+    return ModelChoice(name, entry.title, "download", status.verified or status.recheck, state, path, entry.licence,
+                       size, checksum)
 
 
 def preferred_model(cache_dir: Optional[PathLike] = None, *, manifest: ManifestLike = None) -> str:

@@ -12,6 +12,12 @@ What happens, in order (:func:`download_model`):
    published one, or the one pinned by the first verified download), then ``os.replace`` the ``.part`` onto
    the final name: a half-written file is never visible under the final name.
 
+Hardening: a redirect from https to plain http (or to any address the manifest could not name) is refused;
+the ``.part`` file is opened with ``O_NOFOLLOW`` and must be a plain file with one link, so a symlink or hard
+link planted at its predictable name is removed, never written through; every other file written here gets a
+random name and ``O_EXCL``. A cache folder where the lock cannot be created (read-only, full) gives a one-line
+error at once.
+
 What stays behind after a failure: only a resumable ``.part`` when the transfer was interrupted (connection
 dropped, timed out mid-transfer, or cancelled from the progress callback). A wrong size, a wrong checksum, a
 server error or a full disk leave nothing. Every error message says what to do next.
@@ -26,18 +32,21 @@ import re
 import socket
 import ssl
 import time
+import stat
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
+from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
 from .cache import ModelFiles, PathLike, model_files
-from .filelock import FileLock
-from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, load_manifest
-from .verify import Progress, expected_sha256, is_verified, read_record, sha256_file, write_record
+from .filelock import FileLock, LockUnavailable
+from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
+from .verify import (Progress, expected_sha256, is_verified, read_record, sha256_file, write_json_atomic,
+                     write_record)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0
 _CHUNK = 1 << 20
 _USER_AGENT = "FastSAM3DLib-weights/1 (Python urllib)"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Optional[Progress] = None, *,
@@ -63,7 +73,12 @@ def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Op
         return files.path
     _make_directory(files)
     lock = FileLock(files.lock, stale_after=max(120.0, 4 * timeout))
-    lock.acquire(on_wait=lambda: _report_other_download(files, entry, progress))  # waits while a live holder works
+    try:
+        lock.acquire(on_wait=lambda: _report_other_download(files, entry, progress))  # waits while a holder works
+    except LockUnavailable as exc:
+        raise DownloadError(f"Cannot download into the model cache folder {files.directory}: {exc.strerror}. "
+                            "Choose a writable folder with free space: set FASTSAM3D_CACHE or use --cache-dir "
+                            "(in Slicer: the cache folder setting).") from None
     try:
         if is_verified(entry, files) or _adopt_existing(entry, files):
             return files.path
@@ -103,7 +118,14 @@ def import_file(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
                               f"{'' if exact else 'about '}{_mb(expected_size)}: this is not the right file. "
                               f"Download {entry.urls[0]} and import that.")
     _make_directory(files)
-    with FileLock(files.lock):
+    lock = FileLock(files.lock)
+    try:
+        lock.acquire()
+    except LockUnavailable as exc:
+        raise CheckpointError(f"Cannot import {source} into the model cache folder {files.directory}: "
+                              f"{exc.strerror}. Choose a writable folder with free space: set FASTSAM3D_CACHE or "
+                              "use --cache-dir (in Slicer: the cache folder setting).") from None
+    try:
         expected, checksum_source = expected_sha256(entry, files)
         same_file = files.path.exists() and os.path.samefile(source, files.path)
         tmp = files.directory / f".{entry.filename}.import-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -123,8 +145,10 @@ def import_file(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
             raise CheckpointError(f"Cannot import {source} into {files.directory}: {exc}. Check the free disk "
                                   "space and that the cache folder is writable.") from exc
         finally:
-            if tmp.exists():
+            if os.path.lexists(tmp):
                 tmp.unlink()
+    finally:
+        lock.release()
     return files.path
 
 
@@ -163,13 +187,13 @@ def _download_from(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLoc
             log.info("%s; resuming (attempt %d of %d)", exc, attempt, retries)
             time.sleep(retry_delay * attempt)
         lock.heartbeat()
-    size = files.part.stat().st_size
+    size = _part_size(files)
     expected_size, exact = _expected_size(entry, files)
     if not _size_ok(size, expected_size, exact):
         _discard_part(files)
         raise _Failure(url, "size", f"received {_mb(size)}, expected {'' if exact else 'about '}"
                                     f"{_mb(expected_size)}; the file was deleted")
-    sha = sha256_file(files.part)
+    sha = _hash_file(files.part)
     expected, source = expected_sha256(entry, files)
     if expected is not None and sha != expected:
         _discard_part(files)
@@ -189,7 +213,7 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
               timeout: float) -> None:
     """One HTTP request: append to (or restart) the .part file until the server's last byte."""
     info = _read_part_info(files)
-    offset = files.part.stat().st_size if files.part.exists() else 0
+    offset = _part_size(files)
     if offset and info.get("url") != url and entry.sha256 is None:
         # Another address may serve other bytes; with a published checksum any mirror can continue it.
         _discard_part(files)
@@ -200,7 +224,7 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
         etag = info.get("etag") if info.get("url") == url else None
         if isinstance(etag, str) and etag and not etag.startswith("W/"):
             headers["If-Range"] = etag
-    opener = urllib.request.build_opener()  # built per call: reads the proxy variables as they are now
+    opener = urllib.request.build_opener(_SafeRedirects())  # per call: reads the proxy variables as they are now
     try:
         response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -235,7 +259,7 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
         _write_part_info(files, {"url": url, "etag": response.headers.get("ETag"), "total": total})
         done = offset
         try:
-            out = open(files.part, "ab" if offset else "wb")
+            out = _open_part(files, offset)
         except OSError as exc:
             raise _Failure(url, "disk", f"cannot write {files.part}: {exc}") from exc
         with out:
@@ -267,12 +291,68 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
         raise _Interrupted(f"the connection closed after {_mb(done)} of {_mb(total)}")
 
 
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to https (plain http only from plain http, to this machine): no downgrade."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urljoin(req.full_url, newurl)
+        if urlsplit(req.full_url).scheme == "https" and urlsplit(target).scheme != "https" \
+                or not _url_allowed(target):
+            fp.close()
+            raise _Failure(req.full_url, "insecure", f"the server redirected to {target}, which is not a secure "
+                                                     "(https) address; refused, nothing was downloaded")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _part_size(files: ModelFiles) -> int:
+    """Bytes in the ``.part`` file; 0 (after removing it) if it is missing or anything but a plain file of ours."""
+    try:
+        st = os.lstat(files.part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        log.warning("%s is not a plain file (a link or something else was put there); removed, starting again",
+                    files.part)
+        _discard_part(files)
+        return 0
+    return st.st_size
+
+
+def _open_part(files: ModelFiles, offset: int):
+    """The ``.part`` file for writing: appended to at ``offset``, or new; never through a link."""
+    if offset:
+        fd = os.open(files.part, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == offset:
+            return os.fdopen(fd, "ab")
+        os.close(fd)
+        raise OSError(f"{files.part} changed while resuming")
+    _remove(files.part)
+    return os.fdopen(os.open(files.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644), "wb")
+
+
+def _hash_file(path: Path, progress: Optional[Progress] = None) -> str:
+    """sha256 of a plain file, opened without following a symlink; ``progress(done, total)`` if given."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        done = 0
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
+
+
 def _adopt_existing(entry: ModelEntry, files: ModelFiles) -> bool:
     """A file already at the final name whose record is missing or stale: keep it if its checksum is right."""
     expected, _ = expected_sha256(entry, files)
     if expected is None or not files.path.is_file():
         return False
-    if sha256_file(files.path) != expected:
+    if _hash_file(files.path) != expected:
         return False
     write_record(files, entry, expected, "found in the cache")
     return True
@@ -327,13 +407,13 @@ def _read_part_info(files: ModelFiles) -> dict:
 
 
 def _write_part_info(files: ModelFiles, info: dict) -> None:
-    files.part_info.write_text(json.dumps(info), encoding="utf-8")
+    write_json_atomic(files.part_info, info)
 
 
 def _keep_or_discard(files: ModelFiles) -> None:
     """After a failure: keep a non-empty .part (resumable), remove an empty one."""
     try:
-        if files.part.stat().st_size == 0:
+        if os.lstat(files.part).st_size == 0:
             _discard_part(files)
     except FileNotFoundError:
         _remove(files.part_info)
@@ -358,7 +438,8 @@ def _copy_hashing(source: Path, dest: Path, progress: Optional[Progress]) -> str
     digest = hashlib.sha256()
     total = source.stat().st_size
     done = 0
-    with open(source, "rb") as src, open(dest, "wb") as dst:
+    with open(source, "rb") as src, os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW,
+                                                      0o644), "wb") as dst:
         for block in iter(lambda: src.read(_CHUNK), b""):
             digest.update(block)
             dst.write(block)
@@ -431,6 +512,9 @@ def _failure_message(entry: ModelEntry, files: ModelFiles, failures: List[_Failu
     if "checksum" in kinds or "size" in kinds:
         lines.append("The bytes received were not the expected file (a proxy, captive portal or a changed upload "
                      "can cause this)." + _pin_hint(expected_sha256(entry, files)[1], files))
+    if "insecure" in kinds:
+        lines.append("A download address must stay on https; report the redirect if it persists (see the README, "
+                     "'Model weights').")
     if "disk" in kinds:
         lines.append(f"Free some disk space in {files.directory} or choose another cache folder "
                      "(FASTSAM3D_CACHE).")

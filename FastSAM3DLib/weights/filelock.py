@@ -1,24 +1,48 @@
 """A lock file made with ``O_CREAT | O_EXCL``, so two threads or processes never write the same cache file.
 
-The holder refreshes the lock's modification time while it works (:meth:`FileLock.heartbeat`). A lock is
-considered abandoned when its process is gone (same host, POSIX) or it has not been refreshed for
-``stale_after`` seconds; it is then broken and taken over. Works on local and network file systems.
+Who holds a lock is decided by the operating system where it can: the holder keeps the lock file open with an
+exclusive ``flock`` (POSIX), which the kernel drops when the holder exits or is killed. A waiter that can take a
+shared ``flock`` on the file knows that no process holds it, whatever the file says: a lock left by a dead
+process, one naming an unrelated live process (a reused process id), an empty or garbled file, all are broken
+within :data:`GRACE` seconds and reported (a warning naming the file and why). Where ``flock`` is unavailable
+(Windows, some network file systems) the file's contents decide: a process that is gone (same host), a process
+started after the lock was made (its id was reused; Linux), an empty file older than :data:`GRACE`, or a lock not
+refreshed (:meth:`FileLock.heartbeat`) for ``stale_after`` seconds. While a live holder works, the waiter says
+once whom it waits for. A folder where the lock cannot be created (read-only, full) raises
+:class:`LockUnavailable` at once.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 _HEARTBEAT_EVERY = 2.0
+#: Seconds a lock file may exist without a holder (between its creation and the holder's ``flock``).
+GRACE = 1.0
+_REPORT_WAIT_AFTER = 1.0
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class LockTimeout(TimeoutError):
     """The lock stayed held by a live process for longer than the caller wanted to wait."""
+
+
+class LockUnavailable(OSError):
+    """The lock file cannot be created at all (read-only or full folder, permissions)."""
 
 
 class FileLock:
@@ -31,36 +55,31 @@ class FileLock:
         self.poll = poll
         self.timeout = timeout
         self._token: Optional[str] = None
+        self._fd: Optional[int] = None
         self._last_beat = 0.0
 
     def acquire(self, on_wait: Optional[Callable[[], None]] = None) -> None:
         """Take the lock, waiting while a live holder has it; ``on_wait()`` is called at every poll."""
         start = time.monotonic()
-        token = f"{os.getpid()}-{uuid.uuid4().hex}"
-        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token,
-                           "created": time.time()}).encode()
+        reported = False
         while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if self._is_stale(holder):
-                    self._break(holder)
-                    continue
-                if self.timeout is not None and time.monotonic() - start > self.timeout:
-                    raise LockTimeout(f"{self.path} is held by process {holder.get('pid', '?')} on "
-                                      f"{holder.get('host', '?')}") from None
-                if on_wait is not None:
-                    on_wait()
-                time.sleep(self.poll)
+            if self._try_create():
+                return
+            holder, stale = self._inspect()
+            if stale:
+                if self._break(holder, stale):
+                    log.warning("Removed the stale lock %s: %s.", self.path, stale)
                 continue
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-            self._token = token
-            self._last_beat = time.monotonic()
-            return
+            waited = time.monotonic() - start
+            if self.timeout is not None and waited > self.timeout:
+                raise LockTimeout(f"{self.path} is held by {_describe(holder[0])}") from None
+            if not reported and waited >= _REPORT_WAIT_AFTER:
+                reported = True
+                log.warning("Waiting for %s, which is writing the same model file (lock %s; if no such program "
+                            "is running, delete that file).", _describe(holder[0]), self.path)
+            if on_wait is not None:
+                on_wait()
+            time.sleep(self.poll)
 
     def heartbeat(self) -> None:
         """Show other processes that the holder is alive (cheap; at most one ``utime`` per 2 s)."""
@@ -73,15 +92,20 @@ class FileLock:
                 pass
 
     def release(self) -> None:
-        """Remove the lock file if this object still holds it."""
+        """Remove the lock file if this object still holds it (then drop the ``flock``)."""
         if self._token is None:
             return
-        if self._read().get("token") == self._token:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-        self._token = None
+        try:
+            if self._read()[0].get("token") == self._token:
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            self._token = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> "FileLock":
         self.acquire()
@@ -90,45 +114,189 @@ class FileLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_bytes() or b"{}")
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+    # ------------------------------------------------------------------------------------------------ internals
 
-    def _is_stale(self, holder: dict) -> bool:
+    def _try_create(self) -> bool:
+        """Create the lock file and take its ``flock``; False if it exists (LockUnavailable if impossible)."""
         try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return False  # released meanwhile: just try again
-        if age > self.stale_after:
-            return True
-        if not holder:
-            # Being written right now, or garbage left by a crash: only age can tell.
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW, 0o644)
+        except FileExistsError:
             return False
-        return holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+        except OSError as exc:
+            raise LockUnavailable(exc.errno, f"cannot create the lock file {self.path}: "
+                                             f"{exc.strerror or exc}") from exc
+        try:
+            if fcntl is not None:
+                _flock_exclusive(fd)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if not same:  # broken as stale before we held it (we were paused): start again
+                os.close(fd)
+                return False
+            token = f"{os.getpid()}-{uuid.uuid4().hex}"
+            body = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "created": time.time()}
+            os.write(fd, json.dumps(body).encode())
+        except OSError as exc:
+            os.close(fd)
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            raise LockUnavailable(exc.errno, f"cannot write the lock file {self.path}: {exc.strerror or exc}") from exc
+        self._fd, self._token, self._last_beat = fd, token, time.monotonic()
+        return True
 
-    def _break(self, holder: dict) -> None:
-        """Remove an abandoned lock without removing one that a third process has just taken."""
+    def _read(self) -> Tuple[dict, Optional[os.stat_result]]:
+        """(the lock's JSON body or {}, its stat) without following a symlink."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return {}, None
+        try:
+            st = os.fstat(fd)
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        try:
+            body = json.loads(data or b"{}")
+        except ValueError:
+            body = {}
+        return (body if isinstance(body, dict) else {}), st
+
+    def _inspect(self) -> Tuple[Tuple[dict, Optional[os.stat_result]], Optional[str]]:
+        """((body, stat) of the current lock file, why it is stale or None while a live holder may have it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+        except FileNotFoundError:
+            return ({}, None), None  # released meanwhile: just try again
+        except OSError as exc:  # a symlink or another thing planted at the lock's name
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+            except OSError:
+                return ({}, None), None
+            return ({}, st), f"it is not a lock file ({exc.strerror or exc})"
+        try:
+            st = os.fstat(fd)
+            try:
+                body = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                body = {}
+            body = body if isinstance(body, dict) else {}
+            held = _held_by_another(fd)
+        finally:
+            os.close(fd)
+        holder = (body, st)
+        # A holder's heartbeat refreshes both times; nobody can set the change time back (or forward).
+        age = time.time() - min(st.st_mtime, st.st_ctime)
+        here = body.get("host") == socket.gethostname()
+        if held is True:
+            return holder, None
+        if here and body.get("pid") == os.getpid():
+            if _open_in_this_process(st) is not False:
+                return holder, None  # another thread of this process (flock may not tell, e.g. on NFS)
+            return holder, f"it was left by an earlier program that had this process's id {os.getpid()}"
+        if age > self.stale_after:
+            return holder, f"not refreshed for {age:.0f} s"
+        if body and not here:
+            return holder, None  # another computer: a network file system's flock may not tell; wait for its age
+        if held is False:  # this computer's kernel says that no process holds it
+            if age < GRACE:
+                return holder, None  # just created: its holder is about to lock it
+            if body.get("pid"):
+                return holder, f"{_describe(body)}, named in it, does not hold it (no process does)"
+            return holder, "it is empty or garbled and no process holds it"
+        # No flock here: judge by the contents.
+        if not body:
+            return holder, ("it is empty or garbled" if age >= GRACE else None)
+        pid = body.get("pid")
+        if not _pid_alive(pid):
+            return holder, f"its process {pid} is no longer running"
+        started = _process_start_time(pid)
+        created = body.get("created")
+        if started is not None and isinstance(created, (int, float)) and started > created + 1.0:
+            return holder, f"process {pid} started after the lock was made (it is another program)"
+        return holder, None
+
+    def _break(self, holder: Tuple[dict, Optional[os.stat_result]], why: str) -> bool:
+        """Remove the abandoned lock judged by ``holder`` without removing one that was taken since."""
+        judged = holder[1]
         moved = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.replace(self.path, moved)
         except FileNotFoundError:
-            return
+            return False
+        except OSError as exc:
+            raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
+                                             f"{exc.strerror or exc}") from exc
         try:
-            data = json.loads(moved.read_bytes() or b"{}")
-        except (OSError, ValueError):
-            data = {}
-        if holder and data.get("token") != holder.get("token"):
-            try:  # we moved a fresh lock: put it back unless yet another one appeared
-                os.link(moved, self.path)
-            except OSError:
+            now = os.stat(moved, follow_symlinks=False)
+            if judged is None or not os.path.samestat(now, judged):
+                try:  # we moved a fresh lock: put it back unless yet another one appeared
+                    os.link(moved, self.path)
+                except (OSError, NotImplementedError):
+                    pass
+                return False
+            return True
+        finally:
+            try:
+                moved.unlink()
+            except FileNotFoundError:
                 pass
+
+
+def _flock_exclusive(fd: int) -> None:
+    """Take an exclusive ``flock`` on a new lock file; waiters inspecting it hold theirs for microseconds."""
+    deadline = time.monotonic() + 5.0
+    while True:
         try:
-            moved.unlink()
-        except FileNotFoundError:
-            pass
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return  # a waiter is stuck: the contents of the file still say who holds it
+            time.sleep(0.001)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                return  # this file system has no flock: the contents decide
+            raise
+
+
+def _held_by_another(fd: int) -> Optional[bool]:
+    """Whether some process holds an exclusive ``flock`` on the open file; None where ``flock`` cannot tell."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _open_in_this_process(st: os.stat_result) -> Optional[bool]:
+    """Whether this process has the file ``st`` open (Linux: /proc/self/fd), or None if that cannot be told."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.path.samestat(os.stat(f"/proc/self/fd/{name}"), st):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _describe(body: dict) -> str:
+    pid, host = body.get("pid"), body.get("host")
+    if not pid:
+        return "another program"
+    return f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
 
 
 def _pid_alive(pid) -> bool:
@@ -142,3 +310,17 @@ def _pid_alive(pid) -> bool:
     except OSError:
         return True
     return True
+
+
+def _process_start_time(pid) -> Optional[float]:
+    """When process ``pid`` started (seconds since the epoch; Linux), or None if that cannot be told."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith(b"btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None

@@ -25,9 +25,10 @@ WEIGHTS_KEYS = ("model_state_dict", "state_dict", "model")
 
 # torch.serialization.safe_globals changes a process-wide list; serialise its use across threads.
 _SAFE_GLOBALS_LOCK = threading.Lock()
-# Phrases of torch's weights-only unpickler meaning "the pickle asks for something not on the allow-list".
-_UNSAFE_MARKERS = ("Unsupported global", "Unsupported operand", "Trying to call reduce", "Can only build",
-                   "Unsupported class", "not an allowed global")
+# Phrases of torch's weights-only unpickler meaning "the pickle asks for something not on the allow-list",
+# compared in lower case (torch 2.13 says "unsupported GLOBAL posix.system whose module posix is blocked").
+_UNSAFE_MARKERS = ("unsupported global", "unsupported operand", "trying to call reduce", "can only build",
+                   "unsupported class", "not an allowed global", "is blocked")
 _DOWNLOAD_HINT = ("Get the official file with 'python -m FastSAM3DLib download MODEL' (in Slicer: the Download "
                   "button) or import a complete copy with 'python -m FastSAM3DLib import MODEL FILE'.")
 
@@ -48,8 +49,38 @@ def load_state_dict(path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"Checkpoint file {path} does not exist. Download the model or import the file.")
     kind = sniff_format(path)
     if kind == "safetensors":
-        return _load_safetensors(path)
-    return extract_weights(load_checkpoint(path, kind), path)
+        from .safetensors_cache import check_fast_copy
+
+        state_dict = _load_safetensors(path)
+        check_fast_copy(path, state_dict)
+    else:
+        state_dict = extract_weights(load_checkpoint(path, kind), path)
+    check_finite(state_dict, path)
+    return state_dict
+
+
+def check_finite(state_dict: Dict[str, torch.Tensor], path="checkpoint") -> None:
+    """Refuse weights holding NaN or infinite values (CheckpointError naming the first such tensors).
+
+    One sum per tensor (a NaN or infinity makes it non-finite); only a tensor whose sum is not finite is
+    checked value by value, so a 600 MB checkpoint costs a few tens of milliseconds.
+    """
+    bad = []
+    for key, tensor in state_dict.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue
+        accumulate = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+        if bool(torch.isfinite(tensor.sum(dtype=accumulate)).all()):
+            continue
+        count = int((~torch.isfinite(tensor)).sum())
+        if count:
+            bad.append((key, count, tensor.numel()))
+    if bad:
+        where = ", ".join(f"{count} of {total} in '{key}'" for key, count, total in bad[:3])
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise CheckpointError(f"Refused to load {path}: its weights hold values that are not finite numbers (NaN or "
+                              f"infinity: {where}{more}), so every result would be wrong. The file is damaged or "
+                              f"comes from a failed training run. {_DOWNLOAD_HINT}")
 
 
 def load_checkpoint(path, kind: str = "") -> object:
@@ -157,7 +188,7 @@ def _torch_load_mmap(path: Path, mmap: bool):
 
 def _load_error(path: Path, kind: str, size: int, exc: Exception) -> CheckpointError:
     text = str(exc)
-    if any(marker in text for marker in _UNSAFE_MARKERS):
+    if any(marker in text.lower() for marker in _UNSAFE_MARKERS):
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"<class '([\w.]+)'>", text)
         name = found.group(1) if found else "an object that is not plain data"
         if name in ("argparse.Namespace", "collections.Counter") and not hasattr(torch.serialization,
@@ -168,9 +199,9 @@ def _load_error(path: Path, kind: str, size: int, exc: Exception) -> CheckpointE
                                    f"cannot read safely. Update PyTorch to {'%d.%d' % TORCH_MINIMUM} or newer (in "
                                    "Slicer: the PyTorch Utils module).")
         return CheckpointError(
-            f"Refused to load {path}: it refers to '{name}', which a weights file never needs; unpickling it "
-            "could run code on this computer. Nothing from the file was executed. Only use checkpoints from "
-            f"sources you trust. {_DOWNLOAD_HINT}")
+            f"Refused to load {path} as unsafe: it refers to '{name}', which a weights file never needs; "
+            "unpickling it could run code on this computer. Nothing from the file was executed. Only use "
+            f"checkpoints from sources you trust. {_DOWNLOAD_HINT}")
     if kind == "zip" and ("central directory" in text or "PytorchStreamReader" in text or "zip" in text.lower()):
         return CheckpointError(f"{path} is damaged or truncated ({size} bytes): the download or copy did not "
                                f"finish. {_DOWNLOAD_HINT}")

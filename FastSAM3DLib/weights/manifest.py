@@ -109,6 +109,7 @@ def parse_manifest(data, source: str = "manifest") -> Dict[str, ModelEntry]:
     if not isinstance(data, dict) or data.get("format_version") != 1 or not isinstance(data.get("models"), list):
         raise bad('expected {"format_version": 1, "models": [...]}')
     entries: Dict[str, ModelEntry] = {}
+    cache_names: Dict[str, str] = {}  # every file name the cache uses (case-folded) -> the model it belongs to
     for i, item in enumerate(data["models"]):
         where = f"model #{i + 1}" + (f" ('{item.get('name')}')" if isinstance(item, dict) else "")
         if not isinstance(item, dict):
@@ -130,6 +131,12 @@ def parse_manifest(data, source: str = "manifest") -> Dict[str, ModelEntry]:
             raise bad(f"{where}: the name '{item['name']}' appears twice")
         if not _FILENAME.match(item["filename"]):
             raise bad(f"{where}: filename must be a plain file name")
+        for used in _cache_names(item["filename"]):
+            other = cache_names.get(used.casefold())
+            if other is not None:
+                raise bad(f"{where}: its file name '{item['filename']}' clashes with model '{other}' in the cache "
+                          f"(both would use '{used}'); each model needs its own file name")
+        cache_names.update((used.casefold(), item["name"]) for used in _cache_names(item["filename"]))
         if item["size"] <= 0:
             raise bad(f"{where}: size must be a positive number of bytes")
         if item["sha256"] is not None and not _SHA256.match(item["sha256"]):
@@ -146,6 +153,13 @@ def parse_manifest(data, source: str = "manifest") -> Dict[str, ModelEntry]:
             contents=item.get("contents", ""), licence_note=item.get("licence_note", ""),
             homepage=item.get("homepage", ""))
     return entries
+
+
+def _cache_names(filename: str) -> Tuple[str, ...]:
+    """The names of the files the cache keeps for a model file called ``filename`` (see :mod:`.cache`)."""
+    from .cache import ModelFiles
+
+    return ModelFiles(Path("."), filename).names()
 
 
 def _url_allowed(url: str) -> bool:

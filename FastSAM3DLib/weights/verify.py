@@ -1,9 +1,20 @@
 """Checksums and the verification record kept beside each cached model file.
 
-The record (``NAME.pth.verified.json``) says which sha256 the file had when it was verified, and its size and
-modification time then, so later checks are a ``stat`` instead of re-hashing hundreds of megabytes. When the
-manifest publishes no checksum, the record of the first verified download (or import) is also the *pin*:
-later downloads must match it. It stays when the model file is deleted, so a re-download is still checked.
+The record (``NAME.pth.verified.json``) says which sha256 the file had when it was verified, so later checks
+are a ``stat`` instead of re-hashing hundreds of megabytes. When the manifest publishes no checksum, the record
+of the first verified download (or import) is also the *pin*: later downloads must match it. It stays when the
+model file is deleted, so a re-download is still checked. It also names the tensors of the weights-only fast
+copy made from the file (see :mod:`.safetensors_cache`).
+
+Why a ``stat`` can stand for a hash. The record keeps the file's size, modification time, *change time*
+(``st_ctime``) and inode number at verification time, and a file counts as verified only while all four are
+unchanged. Anyone can put an old modification time back (``touch -d``, ``os.utime``, ``cp -p``), but not the
+change time: every write, ``utime``, ``chmod``, rename or link sets it to the current clock, and a replaced or
+copied file has a new inode. Faking them takes a changed system clock or raw disk access (root), and whoever
+can do that can rewrite the record as well. When any of the four differs, the file is hashed again once (a few
+seconds for 600 MB) and, if it still matches, the record is refreshed; clicks never hash anything. Limits: on
+Windows ``st_ctime`` is the creation time, which programs can set, so there an in-place edit that restores
+both times keeps passing the ``stat`` check until the file is replaced or copied.
 """
 from __future__ import annotations
 
@@ -12,9 +23,9 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from .cache import ModelFiles
 from .manifest import ModelEntry
@@ -22,6 +33,7 @@ from .manifest import ModelEntry
 Progress = Callable[[int, Optional[int]], object]
 
 _CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def sha256_file(path: Path, progress: Optional[Progress] = None) -> str:
@@ -38,6 +50,15 @@ def sha256_file(path: Path, progress: Optional[Progress] = None) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: Path) -> Optional[Dict[str, int]]:
+    """Size, modification time, change time and inode of ``path`` (None if it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
 @dataclass(frozen=True)
 class VerifiedRecord:
     """What was verified about a cached model file, and where its checksum came from."""
@@ -49,33 +70,65 @@ class VerifiedRecord:
     checksum_source: str  # "manifest" (published) or "pinned" (first verified download or import)
     origin: str  # URL or the imported file's path
     verified_at: str  # UTC, ISO 8601
+    ctime_ns: int = 0  # change time and inode at verification (0 in records of older versions)
+    inode: int = 0
+    fast_copy: Optional[Dict] = field(default=None)  # tensors_sha256 and identity of the fast copy
+
+    def identity(self) -> Dict[str, int]:
+        """The recorded identity of the model file (see :func:`file_identity`)."""
+        return {"size": self.size, "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns, "inode": self.inode}
 
     def describes(self, path: Path) -> bool:
-        """Whether ``path`` is still the very file this record was made for (same size and mtime)."""
-        try:
-            st = path.stat()
-        except OSError:
-            return False
-        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+        """Whether ``path`` is still the very file this record was made for (size, mtime, ctime and inode)."""
+        return bool(self.ctime_ns) and file_identity(path) == self.identity()
+
+    def same_size_and_time(self, path: Path) -> bool:
+        """Whether ``path`` has the recorded size and modification time (it may still be another file)."""
+        now = file_identity(path)
+        return now is not None and (now["size"], now["mtime_ns"]) == (self.size, self.mtime_ns)
 
 
 def read_record(files: ModelFiles) -> Optional[VerifiedRecord]:
     """The record beside the model file, or None when there is none or it is unreadable."""
     try:
         data = json.loads(files.record.read_text(encoding="utf-8"))
-        return VerifiedRecord(**{k: data[k] for k in VerifiedRecord.__dataclass_fields__})
+        fields = VerifiedRecord.__dataclass_fields__
+        values = {k: data[k] for k, f in fields.items()
+                  if k in data or (f.default is MISSING and f.default_factory is MISSING)}  # KeyError if required
+        record = VerifiedRecord(**values)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(record.fast_copy, (dict, type(None))):
+        return None
+    return record
 
 
 def write_record(files: ModelFiles, entry: ModelEntry, sha256: str, origin: str) -> VerifiedRecord:
-    """Record that the model file now in place has ``sha256`` (written atomically)."""
-    st = files.path.stat()
-    record = VerifiedRecord(model=entry.name, sha256=sha256, size=st.st_size, mtime_ns=st.st_mtime_ns,
+    """Record that the model file now in place has ``sha256`` (written atomically).
+
+    The record of the fast copy is kept when the checksum is unchanged (a re-check of the same file)."""
+    identity = file_identity(files.path)
+    if identity is None:
+        raise FileNotFoundError(f"{files.path} is missing")
+    previous = read_record(files)
+    record = VerifiedRecord(model=entry.name, sha256=sha256, size=identity["size"], mtime_ns=identity["mtime_ns"],
                             checksum_source="manifest" if entry.sha256 else "pinned", origin=origin,
-                            verified_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                            verified_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            ctime_ns=identity["ctime_ns"], inode=identity["inode"],
+                            fast_copy=previous.fast_copy if previous and previous.sha256 == sha256 else None)
     write_json_atomic(files.record, asdict(record))
     return record
+
+
+def record_fast_copy(files: ModelFiles, tensors_sha256: str) -> None:
+    """Note in the record that ``files.safetensors``, as it is now, holds tensors with ``tensors_sha256``."""
+    record = read_record(files)
+    identity = file_identity(files.safetensors)
+    if record is None or identity is None:
+        raise FileNotFoundError(f"{files.record if record is None else files.safetensors} is missing")
+    data = asdict(record)
+    data["fast_copy"] = {"tensors_sha256": tensors_sha256, **identity}
+    write_json_atomic(files.record, data)
 
 
 def expected_sha256(entry: ModelEntry, files: ModelFiles) -> Tuple[Optional[str], str]:
@@ -91,7 +144,7 @@ def expected_sha256(entry: ModelEntry, files: ModelFiles) -> Tuple[Optional[str]
 def is_verified(entry: ModelEntry, files: ModelFiles) -> bool:
     """Whether the cached file is present, unchanged since it was verified, and has the expected checksum.
 
-    Cheap: compares the record with ``stat``; nothing is hashed.
+    Cheap: compares the record with ``stat`` (size, mtime, ctime, inode); nothing is hashed.
     """
     expected, _ = expected_sha256(entry, files)
     record = read_record(files)
@@ -100,11 +153,22 @@ def is_verified(entry: ModelEntry, files: ModelFiles) -> bool:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a uniquely named temporary file beside ``path`` and rename it into place."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    """Write JSON to a new, uniquely named temporary file beside ``path`` and rename it into place.
+
+    The temporary file is created with ``O_EXCL`` (and ``O_NOFOLLOW``): nothing planted there is written through.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    created = False
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        created = True
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
+        created = False
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if created:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
