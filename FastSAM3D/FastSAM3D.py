@@ -252,9 +252,28 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
         return import_weights(model, path, self.cacheDir(), progress)
 
+    SERVER_TOKEN_SETTING = "FastSAM3D/ServerToken"
+
+    def serverToken(self):
+        """The FastSAM3D server's token: Slicer's settings on this computer, else $FASTSAM3D_TOKEN (never the scene)."""
+        token = qt.QSettings().value(self.SERVER_TOKEN_SETTING)
+        return str(token) if token else os.environ.get("FASTSAM3D_TOKEN") or None
+
+    def setServerToken(self, token):
+        """Keep the server's token in Slicer's settings (an empty one removes it)."""
+        settings = qt.QSettings()
+        if token:
+            settings.setValue(self.SERVER_TOKEN_SETTING, token)
+        else:
+            settings.remove(self.SERVER_TOKEN_SETTING)
+
     def createSession(self, model, device, promptMode, volume):
-        """An InteractiveSession on ``volume`` (loads the model once; runs on the effect's worker thread)."""
-        from FastSAM3DLib import scene
+        """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
+        once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here."""
+        from FastSAM3DLib import remote, scene
+
+        if remote.is_server_url(device):
+            return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken())
         from FastSAM3DLib.session import InteractiveSession
 
         return InteractiveSession(scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir()),

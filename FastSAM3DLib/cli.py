@@ -55,22 +55,32 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
     import numpy as np
 
     from .geometry import Volume
-    from .registry import build_model, check_attention_backend, check_device
-    from .session import InteractiveSession
+    from .remote import RemoteSession, is_server_url
 
     if not points:
         raise PromptError("Give at least one include point with --point R,A,S.")
     check_output_path(output, inputs=[image])
-    device = check_device(device)
-    check_attention_backend(attention_backend)
-    checkpoint = checkpoint or model_weights(model_name, cache_dir)
+    remote = is_server_url(device)
+    if not remote:
+        from .registry import check_attention_backend, check_device
+
+        device = check_device(device)
+        check_attention_backend(attention_backend)
+        checkpoint = checkpoint or model_weights(model_name, cache_dir)
     volume = Volume.from_file(image, max_bytes=max_image_bytes)
     volume.validate()
     check_format_keeps_geometry(volume.ijk_to_ras, output)
     start = time.perf_counter()
-    model = build_model(model_name, checkpoint=checkpoint, device=device, attention_backend=attention_backend)
-    log(f"loaded model '{model_name}' in {time.perf_counter() - start:.2f} s")
-    session = InteractiveSession(model, volume, prompt_mode=prompt_mode)
+    if remote:  # the server runs the model; the geometry stays here (token: $FASTSAM3D_TOKEN)
+        session = RemoteSession(device, model_name, volume, prompt_mode=prompt_mode)
+        log(f"opened a session for '{model_name}' on {device} in {time.perf_counter() - start:.2f} s")
+    else:
+        from .registry import build_model
+        from .session import InteractiveSession
+
+        model = build_model(model_name, checkpoint=checkpoint, device=device, attention_backend=attention_backend)
+        log(f"loaded model '{model_name}' in {time.perf_counter() - start:.2f} s")
+        session = InteractiveSession(model, volume, prompt_mode=prompt_mode)
     result = None
     for ras, include in points:
         result = session.add_click(ras, include=include)
@@ -114,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "download in the model cache; see 'models')")
     seg.add_argument("--cache-dir", metavar="DIR", default=None,
                      help="model cache folder (default: $FASTSAM3D_CACHE or the user cache folder)")
-    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu), or a FastSAM3D server's "
+                                                     "address http(s)://host:port (token: $FASTSAM3D_TOKEN)")
     seg.add_argument("--prompt-mode", choices=("newest", "all"), default=None,
                      help="feed only the newest click or all clicks (default: the model's own)")
     seg.add_argument("--attention", default=None, metavar="BACKEND",
@@ -132,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "user cache folder)")
 
     from .evaluation.cli import add_subcommand as add_evaluate_command
+    from .server.command import add_subcommand as add_serve_command
     from .training.cli import add_subcommands as add_training_commands
     from .weights.commands import add_subcommands as add_weight_commands
 
     add_weight_commands(sub)
+    add_serve_command(sub)
     add_evaluate_command(sub)
     add_training_commands(sub)
     return parser

@@ -136,6 +136,28 @@ class QComboBox(QWidget):
             self.emit("currentIndexChanged(int)", index)
 
 
+class QLineEdit(QWidget):
+    Password = 2
+
+    def setEchoMode(self, mode):
+        self.echoMode = mode
+
+
+class QSettings:
+    """Slicer's settings (one store per harness, see :class:`EffectHarness`)."""
+
+    store = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+    def remove(self, key):
+        self.store.pop(key, None)
+
+
 class QTimer(_Signals):
     def __init__(self):
         super().__init__()
@@ -168,6 +190,7 @@ class _Layout:
 def _qt_module():
     qt = types.ModuleType("qt")
     qt.QWidget, qt.QLabel, qt.QPushButton, qt.QComboBox, qt.QTimer = QWidget, QWidget, QPushButton, QComboBox, QTimer
+    qt.QLineEdit, qt.QSettings = QLineEdit, type("QSettings", (QSettings,), {"store": {}})
     qt.QHBoxLayout = qt.QFormLayout = qt.QVBoxLayout = _Layout
     qt.QIcon = lambda *args: ("icon",) + args
     qt.Qt = types.SimpleNamespace(TextSelectableByMouse=1)

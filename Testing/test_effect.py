@@ -222,3 +222,38 @@ def test_the_bundled_demo_model_segments_through_the_effect_in_the_slicer_loop(h
     assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
     assert segment_array(segmentation, segment_id, volume).any()
     assert points(effect) == [1]
+
+
+def test_the_effect_segments_through_a_server_and_keeps_the_token_out_of_the_scene(harness, monkeypatch):
+    pytest.importorskip("uvicorn", reason="the server's test dependencies are not installed")
+    from test_server import TOKEN, Server, hash_token
+
+    monkeypatch.delenv("FASTSAM3D_TOKEN", raising=False)
+    volume = make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
+                         np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.activate()
+    with Server(token_sha256=hash_token(TOKEN)) as server:
+        effect.deviceCombo.setCurrentIndex(effect.deviceCombo.findData("server"))
+        effect.serverEdit.text = server.url
+        effect.serverEdit.emit("editingFinished()")
+        assert effect._options()[1] == server.url
+        effect.tokenEdit.text = "wrong-token-0123456789"
+        effect.tokenEdit.emit("editingFinished()")
+        harness.run_event_loop()
+        centre = (13 * 1.5, 11 * 1.5, 7 * 2.0)
+        assert harness.click(centre)
+        assert "token" in effect.statusLabel.text and points(effect) == []  # refused: no point, no segment
+        assert not segment_array(segmentation, segment_id, volume).any()
+        effect.tokenEdit.text = TOKEN
+        effect.tokenEdit.emit("editingFinished()")
+        harness.run_event_loop()  # the sessions opened with the old token are dropped first
+        assert harness.click(centre)
+        assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+        assert segment_array(segmentation, segment_id, volume).any() and points(effect) == [1]
+    names = harness.editor_node.GetAttributeNames()
+    assert all(TOKEN not in (harness.editor_node.GetAttribute(n) or "") for n in names)
+    assert harness.editor_node.GetAttribute("FastSAM3D.ServerURL") == server.url

@@ -22,10 +22,10 @@ from slicer.i18n import tr as _
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 DEVICES = [("auto", _("Automatic (CUDA, then Apple MPS, then CPU)")), ("cuda", "CUDA"), ("cpu", "CPU"),
-           ("mps", "Apple MPS")]
+           ("mps", "Apple MPS"), ("server", _("FastSAM3D server (address below)"))]
 PROMPT_MODES = [("", _("Model default")), ("newest", _("Newest click only")), ("all", _("All clicks"))]
 #: The effect's parameters (the Segment Editor node stores them as "FastSAM3D.<name>").
-MODEL, DEVICE, PROMPT_MODE = "Model", "Device", "PromptMode"
+MODEL, DEVICE, PROMPT_MODE, SERVER = "Model", "Device", "PromptMode", "ServerURL"  # (never the token)
 #: Keys in the slice views while the effect is active (none is used by Slicer's views or the Segment Editor).
 TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
 #: Longest wait for a running job when Slicer quits (a download is cancelled at once).
@@ -150,6 +150,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         weightsRow.addWidget(importButton)
         form.addRow(_("Model:"), self.modelCombo)
         form.addRow(_("Device:"), self.deviceCombo)
+        self.serverEdit = qt.QLineEdit()
+        self.serverEdit.setToolTip(_("Address of a FastSAM3D server, e.g. https://gpu.example.org:8000"))
+        self.serverEdit.connect("editingFinished()", self.updateMRMLFromGUI)
+        self.tokenEdit = qt.QLineEdit()
+        self.tokenEdit.setEchoMode(qt.QLineEdit.Password)
+        self.tokenEdit.setToolTip(_("The server's token: kept in Slicer's settings on this computer, never in the "
+                                    "scene"))
+        self.tokenEdit.connect("editingFinished()", self.onTokenEdited)
+        form.addRow(_("Server:"), self.serverEdit)
+        form.addRow(_("Token:"), self.tokenEdit)
         form.addRow(self.deviceWarning)
         form.addRow(_("Prompting:"), self.promptCombo)
         form.addRow(_("Weights:"), self.weightsLabel)
@@ -157,19 +167,32 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(options)
         for combo in (self.modelCombo, self.deviceCombo, self.promptCombo):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.tokenEdit.text = self._logic().serverToken() or ""
         self.setPolarity(True)
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault(MODEL, self._logic().defaultModel())
         self.scriptedEffect.setParameterDefault(DEVICE, "auto")
         self.scriptedEffect.setParameterDefault(PROMPT_MODE, "")
+        self.scriptedEffect.setParameterDefault(SERVER, "")
 
     def _options(self):
-        return (self.scriptedEffect.parameter(MODEL), self.scriptedEffect.parameter(DEVICE),
-                self.scriptedEffect.parameter(PROMPT_MODE))
+        """(model, device, prompt mode); the device is the server's address when the server is chosen."""
+        device = self.scriptedEffect.parameter(DEVICE)
+        if device == "server":
+            device = self.scriptedEffect.parameter(SERVER).strip() or "server"
+        return (self.scriptedEffect.parameter(MODEL), device, self.scriptedEffect.parameter(PROMPT_MODE))
+
+    def _usesServer(self):
+        return self.scriptedEffect.parameter(DEVICE) == "server"
+
+    def onTokenEdited(self):
+        self._logic().setServerToken(self.tokenEdit.text)
+        self._forgetSessions()
 
     def updateGUIFromMRML(self):
-        model, device, promptMode = self._options()
+        model, promptMode = self.scriptedEffect.parameter(MODEL), self.scriptedEffect.parameter(PROMPT_MODE)
+        device = self.scriptedEffect.parameter(DEVICE)
         if self.modelCombo.count == 0:
             wasBlocked = self.modelCombo.blockSignals(True)  # the first addItem selects it and would save it
             try:
@@ -183,12 +206,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(max(combo.findData(value), 0))
             combo.blockSignals(wasBlocked)
-        missing = self._logic().missingDependencies()
+        server = self._usesServer()
+        self.serverEdit.text = self.scriptedEffect.parameter(SERVER)
+        self.serverEdit.visible = self.tokenEdit.visible = server
+        missing = [] if server else self._logic().missingDependencies()
         self.installButton.visible = bool(missing)
         self.installButton.enabled = not self._installing
         self.deviceWarning.text = self._deviceWarning(device) if not missing else ""
         try:
-            ready, text = self._logic().weightsStatus(model)
+            ready, text = (True, _("on the server")) if server else self._logic().weightsStatus(model)
         except Exception as exc:  # noqa: BLE001
             ready, text = False, str(exc)
         if self._progress is None:
@@ -207,9 +233,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter(MODEL, self.modelCombo.currentData or self._logic().defaultModel())
         self.scriptedEffect.setParameter(DEVICE, self.deviceCombo.currentData or "auto")
         self.scriptedEffect.setParameter(PROMPT_MODE, self.promptCombo.currentData or "")
-        if self._options() != previous and self._worker is not None:
-            self._worker.submit(("forget",), self._sessions.clear)  # new model/device: new sessions (on the worker)
-            self._timer.start()
+        self.scriptedEffect.setParameter(SERVER, self.serverEdit.text.strip())
+        if self._options() != previous:
+            self._forgetSessions()  # new model/device/server: new sessions
+
+    def _forgetSessions(self, key=None):
+        """Drop the sessions (of one segment, or all) on the worker; a server's sessions are closed there too."""
+        if self._worker is None:
+            return
+        sessions = self._sessions
+
+        def forget():
+            for k in [k for k in sessions if key is None or k == key]:
+                session = sessions.pop(k)
+                if hasattr(session, "close"):
+                    try:
+                        session.close()
+                    except Exception:  # noqa: BLE001 - an unreachable server forgets it after its idle expiry
+                        logging.info("FastSAM3D: could not close a server session", exc_info=True)
+
+        self._worker.submit(("forget",), forget)
+        self._timer.start()
 
     def _deviceWarning(self, device):
         if "torch" not in sys.modules:  # known after the first click; importing torch here would stall the panel
@@ -335,8 +379,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         node.RemoveAllControlPoints()
         key = self._sessionKey()
         self._baselines = {k: v for k, v in self._baselines.items() if k[:2] != tuple(key)[:2]}
-        self._ensureWorker().submit(("clear",), lambda: self._sessions.pop(key, None))
-        self._timer.start()
+        self._ensureWorker()
+        self._forgetSessions(key)
         self._status(_("Points cleared; the segment is unchanged."))
 
     def busy(self):
@@ -456,6 +500,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.predictorForTesting is not None:
             return True
         logic = self._logic()
+        if self._usesServer():  # the server has the model and its weights; this computer needs no PyTorch
+            if self._options()[1] == "server":
+                self._status(_("Enter the FastSAM3D server's address under 'Model options'."), error=True)
+                return False
+            return True
         if self._installing:
             self._status(_("PyTorch is being installed; click again when it is done."))
             return False

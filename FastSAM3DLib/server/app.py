@@ -1,0 +1,175 @@
+"""The ASGI app (Starlette): protocol check, token, rate limit, upload limit, then the backend does the work.
+
+``create_app(settings)`` serves the models of one process (``uvicorn``); :mod:`.ray_serve` builds the same app
+around Ray Serve's multiplexed sessions. Every refusal is a JSON error whose message tells the user what to do.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import engine, protocol
+from .sessions import RateLimiter, ServiceError, SessionStore
+from .settings import ServerSettings, token_matches
+
+log = logging.getLogger("FastSAM3DLib.server")
+
+
+class LocalBackend:
+    """Sessions of one server process: a :class:`SessionStore` (count limit, idle expiry)."""
+
+    def __init__(self, settings: ServerSettings, pool: Optional[engine.ModelPool] = None) -> None:
+        self.settings = settings
+        self.pool = pool or engine.ModelPool(settings)
+        self.store = SessionStore(settings)
+        self.replica = f"pid-{os.getpid()}"
+
+    async def create(self, model: str) -> str:
+        return self.store.create(model)[0]
+
+    async def state(self, session_id: str, request: Request):
+        return self.store.get(session_id)
+
+    async def close(self, session_id: str) -> None:
+        self.store.close(session_id)
+
+
+def create_app(settings: ServerSettings, backend=None) -> Starlette:
+    """The ASGI app; ``backend`` defaults to a :class:`LocalBackend` (models loaded on first use)."""
+    settings.check()
+    backend = backend or LocalBackend(settings)
+    limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
+
+    def reply(response: Response) -> Response:
+        response.headers[protocol.REPLICA_HEADER] = backend.replica
+        return response
+
+    def error(exc: ServiceError) -> Response:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
+        if exc.code == "unauthorized":
+            headers["WWW-Authenticate"] = "Bearer"
+        status = protocol.ERROR_STATUS.get(exc.code, 500)
+        return reply(Response(protocol.error_body(exc.code, exc.message, **exc.extra), status, headers,
+                              media_type="application/json"))
+
+    def guard(request: Request) -> None:
+        """Protocol version, token, request rate: a ServiceError for the first that fails."""
+        version = request.headers.get(protocol.PROTOCOL_HEADER)
+        if version != str(protocol.PROTOCOL_VERSION):
+            raise ServiceError("protocol", f"This FastSAM3D server speaks protocol {protocol.PROTOCOL_VERSION}; the "
+                               f"client speaks {version or 'none (is it a FastSAM3D client?)'}. Install the same "
+                               "FastSAM3D version on the workstation and on the server.",
+                               server_protocol=protocol.PROTOCOL_VERSION)
+        if not token_matches(settings.token_sha256, request.headers.get("authorization")):
+            raise ServiceError("unauthorized", "The FastSAM3D server refused the token: enter the token its "
+                               "administrator gave you in the FastSAM3D settings (or set FASTSAM3D_TOKEN).")
+        client = request.client.host if request.client else "unknown"
+        allowed, wait = limiter.allow(client)
+        if not allowed:
+            raise ServiceError("rate_limited", f"Too many requests from this computer (the server allows "
+                               f"{settings.rate_per_s:g} per second); nothing was changed. Wait a moment and click "
+                               "again.", retry_after=wait)
+
+    async def body(request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is longer than the upload limit."""
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        too_large = ServiceError("too_large", too_large_message(limit))
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ServiceError("malformed", "The client disconnected while sending.") from None
+        return b"".join(chunks)
+
+    def endpoint(handler, checked: bool = True):
+        async def run(request: Request) -> Response:
+            try:
+                if checked:
+                    guard(request)
+                return reply(await handler(request))
+            except ServiceError as exc:
+                return error(exc)
+            except Exception:  # the traceback goes to the server log, never to the client
+                log.exception("request %s %s failed", request.method, request.url.path)
+                return error(ServiceError("internal", "The FastSAM3D server failed on this request (see its log); "
+                                          "nothing was changed."))
+        return run
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def info(request: Request) -> Response:
+        models = [backend.pool.describe(name) for name in backend.pool.names]
+        return JSONResponse({"protocol": protocol.PROTOCOL_VERSION, "server": _version(), "models": models,
+                             "limits": settings.limits(), "auth": settings.token_sha256 is not None})
+
+    async def create(request: Request) -> Response:
+        try:
+            data = protocol.loads_json(await body(request))
+        except protocol.FrameError as exc:
+            raise ServiceError("malformed", f"The request is malformed: {exc}.") from None
+        name = data.get("model")
+        if not isinstance(name, str):
+            raise ServiceError("malformed", "Give the model's name: {\"model\": \"fastsam3d\"}.")
+        await run_in_threadpool(backend.pool.get, name)  # loads it now, not at the first click
+        session_id = await backend.create(name)
+        return JSONResponse({"session": session_id, "model": backend.pool.describe(name),
+                             "limits": settings.limits(), "protocol": protocol.PROTOCOL_VERSION}, 201)
+
+    async def click(request: Request) -> Response:
+        data = await body(request)
+        state = await backend.state(request.path_params["session"], request)
+        reply_frame = await run_in_threadpool(engine.click, backend.pool, state, data)
+        return Response(reply_frame, media_type=protocol.FRAME_TYPE)
+
+    async def close(request: Request) -> Response:
+        await backend.close(request.path_params["session"])
+        return Response(status_code=204)
+
+    async def not_found(request: Request, exc) -> Response:
+        return error(ServiceError("not_found", f"{request.method} {request.url.path} is not part of the FastSAM3D "
+                                  f"protocol {protocol.PROTOCOL_VERSION}: is this URL a FastSAM3D server of the same "
+                                  "version?"))
+
+    routes = [
+        Route("/healthz", endpoint(healthz, checked=False), methods=["GET"]),
+        Route("/v1/info", endpoint(info), methods=["GET"]),
+        Route("/v1/sessions", endpoint(create), methods=["POST"]),
+        Route("/v1/sessions/{session}/click", endpoint(click), methods=["POST"]),
+        Route("/v1/sessions/{session}", endpoint(close), methods=["DELETE"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app.state.backend = backend
+    return app
+
+
+def too_large_message(limit: int) -> str:
+    """The message of a request over the upload limit (the client says the same before sending one)."""
+    return (f"The request is larger than the server's upload limit of {limit / 2 ** 20:.3g} MiB; nothing was "
+            "changed. Ask the administrator to raise --max-upload-mb.")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def new_token() -> str:
+    """A random token for a new server (43 URL-safe characters)."""
+    return secrets.token_urlsafe(32)

@@ -1,0 +1,160 @@
+"""``python -m FastSAM3DLib.server`` (and ``python -m FastSAM3DLib serve``): run the FastSAM3D server.
+
+One process with uvicorn by default; ``--ray`` deploys the same app on a Ray cluster with Ray Serve.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..errors import FastSAM3DError
+from .settings import TOKEN_ENV, ServerSettings, hash_token, read_token
+
+MiB = 1024 * 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options (shared by both entry points)."""
+    d = ServerSettings()
+    parser.add_argument("--host", default=d.host, help="address to listen on (default 127.0.0.1: this computer only; "
+                        "any other address needs a token)")
+    parser.add_argument("--port", type=int, default=d.port, help="TCP port (default %(default)s)")
+    parser.add_argument("--model", action="append", default=None, metavar="NAME[=CHECKPOINT]",
+                        help="a model to serve, repeatable (default: fastsam3d); weights are the bundled or cached "
+                             "ones unless a checkpoint file is given")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help=f"file whose first line is the token clients must send (default: ${TOKEN_ENV}); "
+                             "required unless the server listens on loopback only")
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                        help="open sessions at most (per replica with --ray; default %(default)s)")
+    parser.add_argument("--idle-minutes", type=float, default=d.idle_timeout_s / 60,
+                        help="close a session unused this long (default %(default)s)")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / MiB,
+                        help="largest request body in MiB (default %(default)s)")
+    parser.add_argument("--rate", type=float, default=d.rate_per_s,
+                        help="requests per second per client address (default %(default)s)")
+    parser.add_argument("--burst", type=int, default=d.rate_burst, help="requests a client may send at once "
+                        "(default %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cache-dir", default=None, help="model cache folder (default: $FASTSAM3D_CACHE or the "
+                        "user cache folder)")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM); a reverse "
+                        "proxy is the usual way")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    ray = parser.add_argument_group("Ray Serve")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of one uvicorn process")
+    ray.add_argument("--ray-address", default=None, help="cluster to join (default: start a local one)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (default %(default)s)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs per replica (default: 1 when --device is cuda, else 0)")
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    """Checked settings from parsed options (the token is read now and only its hash is kept)."""
+    from ..registry import check_device
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    token = read_token(args.token_file)
+    settings = ServerSettings(
+        models=tuple(args.model or ("fastsam3d",)), device=check_device(device), host=args.host, port=args.port,
+        token_sha256=hash_token(token) if token else None, max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_minutes * 60, max_upload_bytes=int(args.max_upload_mb * MiB),
+        rate_per_s=args.rate, rate_burst=args.burst, threads=args.threads)
+    if args.cache_dir:
+        settings.extra["cache_dir"] = args.cache_dir
+    settings.check()
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise FastSAM3DError("The server needs its optional dependencies: pip install 'FastSAM3DLib[server]' "
+                             "(Slicer never needs them).") from None
+    settings = settings_from(args)
+    scheme = "https" if args.ssl_certfile else "http"
+    where = f"{scheme}://{settings.host}:{settings.port}"
+    auth = "token required" if settings.token_sha256 else "no token (loopback only)"
+    if args.ray:
+        return _run_ray(args, settings, where, auth)
+    import torch
+
+    from . import engine
+    from .app import LocalBackend, create_app
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    pool = engine.ModelPool(settings)
+    print(f"loading {', '.join(pool.names)} on {settings.device} ...", flush=True)
+    pool.load_all()
+    app = create_app(settings, LocalBackend(settings, pool))
+    print(f"FastSAM3D server on {where} ({auth}); Ctrl+C stops it", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", proxy_headers=True,
+                forwarded_allow_ips="127.0.0.1", timeout_keep_alive=75, ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile)
+    return 0
+
+
+def _run_ray(args, settings: ServerSettings, where: str, auth: str) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise FastSAM3DError("--ray needs Ray Serve: pip install 'FastSAM3DLib[server-ray]'.") from None
+    import signal
+    import time
+
+    from .ray_serve import deployment
+
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (
+        1.0 if settings.device.startswith("cuda") else 0.0)
+    ray.init(address=args.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(deployment(settings, replicas=args.replicas, gpus_per_replica=gpus), name="fastsam3d",
+              route_prefix="/")
+    print(f"FastSAM3D server on Ray Serve at {where} ({args.replicas} replicas, {auth}); Ctrl+C stops it",
+          flush=True)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # shut the deployment down cleanly on SIGTERM too
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the deployment ...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    """Register ``serve`` on the library CLI's sub-parsers (``python -m FastSAM3DLib serve``)."""
+    parser = sub.add_parser("serve", help="run the FastSAM3D server: one GPU for many Slicer users")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m FastSAM3DLib.server``: one error line and status 2 for what the user can fix."""
+    parser = argparse.ArgumentParser(prog="python -m FastSAM3DLib.server",
+                                     description="Run the FastSAM3D server: one GPU for many Slicer users.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except FastSAM3DError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

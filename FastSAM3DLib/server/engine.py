@@ -1,0 +1,240 @@
+"""The server's computation: models (loaded once, one lock each) and one click request of a session.
+
+The arithmetic is :class:`FastSAM3DLib.session.InteractiveSession`'s, step for step (same tensor types, shapes
+and calls), so that a client pasting the returned logits back gets bit for bit what a local session gives.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import protocol
+from .sessions import ServiceError, SessionState
+from .settings import ServerSettings
+
+TINY_TEST_SEED = 0  # random-weight test models are built with this seed, as the tests build their local twin
+
+
+def model_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """``"name"`` or ``"name=checkpoint"`` -> (name, checkpoint or None)."""
+    name, _, checkpoint = spec.partition("=")
+    return name.strip(), (checkpoint.strip() or None)
+
+
+def load_model(spec: str, device: str, cache_dir=None):
+    """Build a served model: its checkpoint file, else its bundled or cached weights; models without weights
+    of their own (``tiny-test``) get seeded random weights."""
+    from ..registry import build_model, get_model_config
+
+    name, checkpoint = model_spec(spec)
+    config = get_model_config(name)
+    if checkpoint is None and config.weights is None and name.startswith("tiny-test"):
+        return build_model(name, seed=TINY_TEST_SEED, device=device)
+    return build_model(name, checkpoint=checkpoint or "cached", device=device, cache_dir=cache_dir)
+
+
+class ModelPool:
+    """The served models by name, each with the lock that serialises its use."""
+
+    def __init__(self, settings: ServerSettings, loader=None) -> None:
+        self.settings = settings
+        cache_dir = settings.extra.get("cache_dir")
+        self._loader = loader or (lambda spec, device: load_model(spec, device, cache_dir=cache_dir))
+        self._models: Dict[str, Tuple[object, threading.Lock]] = {}
+        self._specs = {model_spec(s)[0]: s for s in settings.models}
+        self._lock = threading.Lock()
+
+    @property
+    def names(self):
+        return list(self._specs)
+
+    def load_all(self) -> None:
+        """Load every served model now (start-up: a missing weights file is reported before anyone connects)."""
+        for name in self._specs:
+            self.get(name)
+
+    def get(self, name: str):
+        """(model, lock) of a served model; ServiceError ``model_unavailable`` for another name."""
+        if name not in self._specs:
+            raise ServiceError("model_unavailable", f"The server does not serve the model '{name}'; it serves "
+                               f"{', '.join(self._specs)}. Choose one of those.", models=list(self._specs))
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = (self._loader(self._specs[name], self.settings.device), threading.Lock())
+            return self._models[name]
+
+    def describe(self, name: str) -> dict:
+        """What a client needs to cut the model input: size, spacing, default prompt mode."""
+        from ..registry import get_model_config
+
+        config = get_model_config(name)
+        return {"name": name, "image_size": config.image_size, "spacing_mm": config.spacing_mm,
+                "default_prompt_mode": config.default_prompt_mode, "description": config.description}
+
+
+def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
+    """Run one click request (see :mod:`.protocol`) on ``state``; the reply frame, or a ServiceError."""
+    settings = pool.settings
+    header, arrays = _parse(pool, body)
+    name = header["model"]
+    if state.model is None:  # a session met for the first time on this replica (Ray)
+        state.model = name
+    elif state.model != name:
+        raise ServiceError("malformed", f"This session runs the model '{state.model}', not '{name}'.")
+    model, model_lock = pool.get(name)
+    size = model.config.image_size
+    steps = _steps(header.get("steps"), size, settings)
+    key, previous_id = header.get("embedding"), header.get("previous")
+    if not isinstance(key, str) or not 0 < len(key) <= 128:
+        raise ServiceError("malformed", "'embedding' must be a key of 1 to 128 characters.")
+    if previous_id is not None and not isinstance(previous_id, str):
+        raise ServiceError("malformed", "'previous' must be a logits id or null.")
+    with state.lock:
+        embedding = state.embedding(key)
+        previous = arrays.get("previous_logits")
+        missing = []
+        if embedding is None and "image" not in arrays:
+            missing.append("image")
+        if previous is None and previous_id is not None:
+            previous = state.former_logits(previous_id)
+            if previous is None:
+                missing.append("previous_logits")
+        if missing:
+            raise ServiceError("missing", f"The server no longer holds {' and '.join(missing)} of this session; "
+                               "the client sends them again.", missing=missing)
+        if previous is not None and not np.isfinite(previous).all():
+            raise ServiceError("malformed", "'previous_logits' holds NaN or infinite numbers.")
+        timings: Dict[str, float] = {}
+        device = next(model.parameters()).device
+        with model_lock:
+            try:
+                if embedding is None:
+                    image = arrays["image"]
+                    if not np.isfinite(image).all():
+                        raise ServiceError("input_image", "The region around the points contains NaN or infinite "
+                                           "voxels. Replace them with a finite value (e.g. the image minimum) before "
+                                           "segmenting.")
+                    start = time.perf_counter()
+                    embedding = encode(model, image, device)
+                    timings["encode"] = time.perf_counter() - start
+                start = time.perf_counter()
+                logits = None if previous is None else torch.from_numpy(previous).reshape((1, 1) + previous.shape[-3:])
+                iou = float("nan")
+                for points, labels in steps:
+                    logits, iou = decode(model, embedding, points, labels, logits, device)
+                result = logits.cpu().numpy().reshape(logits.shape[-3:])
+                timings["decode"] = time.perf_counter() - start
+            except ServiceError:
+                raise
+            except BaseException as exc:
+                if _is_out_of_memory(exc):
+                    raise ServiceError("out_of_memory", f"The server's {device} ran out of memory while segmenting. "
+                                       "Nothing was changed; try again in a moment, or ask the administrator to "
+                                       "lower --max-sessions.", retry_after=5.0) from exc
+                raise
+        encoded = "encode" in timings
+        if encoded:
+            state.keep_embedding(key, embedding)
+        logits_id = state.keep_logits(result)
+    return protocol.pack({"logits_id": logits_id, "iou": iou, "encoded": encoded, "timings": timings},
+                         {"logits": result})
+
+
+def _parse(pool: ModelPool, body: bytes):
+    """(header, arrays) of a click request; arrays are checked against the named model's input shapes."""
+    from ..registry import get_model_config
+
+    try:
+        name = _peek_header(body).get("model")
+        if not isinstance(name, str) or name not in pool.names:
+            pool.get(str(name))  # raises model_unavailable, naming the served models
+        size = get_model_config(name).image_size
+        low = size // 4
+        return protocol.unpack(body, {"image": ("float32", (size, size, size)),
+                                      "previous_logits": ("float32", (low, low, low))})
+    except protocol.FrameError as exc:
+        raise ServiceError("malformed", f"The request is malformed: {exc}.") from None
+
+
+def _peek_header(body: bytes) -> dict:
+    """The JSON header of a frame without its arrays (to learn the model, hence the expected shapes)."""
+    import struct
+
+    if len(body) < 8 or body[:4] != protocol.MAGIC:
+        raise protocol.FrameError("the body is not a FastSAM3D frame (bad magic)")
+    (length,) = struct.unpack(">I", body[4:8])
+    if length > protocol.MAX_HEADER_BYTES or 8 + length > len(body):
+        raise protocol.FrameError(f"the frame header length {length} is invalid")
+    return protocol.loads_json(body[8:8 + length])
+
+
+def _steps(steps, size: int, settings: ServerSettings):
+    """Validated decoder steps: [(points float64 (n, 3), labels list)], points inside the model input."""
+    if not isinstance(steps, list) or not 1 <= len(steps) <= settings.max_steps:
+        raise ServiceError("malformed", f"'steps' must be a list of 1 to {settings.max_steps} decoder steps.")
+    out = []
+    for step in steps:
+        points, labels = (step.get("points"), step.get("labels")) if isinstance(step, dict) else (None, None)
+        if not (isinstance(points, list) and isinstance(labels, list) and
+                1 <= len(points) == len(labels) <= settings.max_points):
+            raise ServiceError("malformed", f"Each step needs 'points' and 'labels' of the same length (1 to "
+                               f"{settings.max_points}).")
+        if not all(isinstance(p, list) and len(p) == 3 and all(_is_number(v) for v in p) for p in points):
+            raise ServiceError("prompt", "A click must be three finite numbers; the request held something else.")
+        if not all(type(v) is int and v in (0, 1) for v in labels):
+            raise ServiceError("malformed", "Labels must be 1 (include) or 0 (exclude).")
+        array = np.asarray(points, dtype=np.float64)
+        if np.any(array < -1.0) or np.any(array > size):
+            raise ServiceError("prompt", f"A point lies outside the {size}^3 model input the client sent; the client "
+                               "cuts the region around the clicks, so this is a client bug or a wrong model.")
+        out.append((array, labels))
+    return out
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+@torch.no_grad()
+def encode(model, image: np.ndarray, device) -> torch.Tensor:
+    """The image embedding of a float32 (x, y, z) model input (as InteractiveSession._encode)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    return _compact(model.image_encoder(tensor))
+
+
+@torch.no_grad()
+def decode(model, embedding: torch.Tensor, points: np.ndarray, labels, previous: Optional[torch.Tensor], device):
+    """One prompt encoder + mask decoder run (as InteractiveSession._decode); (logits, iou), checked finite."""
+    coords = torch.as_tensor(points, dtype=torch.float32, device=device)[None]
+    label_t = torch.as_tensor(labels, dtype=torch.int64, device=device)[None]
+    low_res = model.config.image_size // 4
+    previous = previous.to(device) if previous is not None else torch.zeros(1, 1, low_res, low_res, low_res,
+                                                                            device=device)
+    prompt_encoder, decoder = model.prompt_encoder, model.mask_decoder
+    sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
+    logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
+                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    score = float(iou[0, 0])
+    if not math.isfinite(score) or not bool(torch.isfinite(logits).all()):
+        raise ServiceError("model_output", "The model gave invalid numbers (NaN or infinity) for this click, so "
+                           "there is no result; nothing was changed. The server's weights may be damaged, or reduced "
+                           "precision overflowed on its device: tell its administrator.")
+    return _compact(logits), score
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

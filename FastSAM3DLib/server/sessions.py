@@ -1,0 +1,136 @@
+"""Per-session state, the session store of a single server (count limit, idle expiry) and the rate limiter.
+
+Standard library only: the tensors a session holds are opaque here (see :mod:`.engine`).
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, Optional, Tuple
+
+from .settings import ServerSettings
+
+
+class ServiceError(Exception):
+    """A refused request: ``code`` (see :data:`.protocol.ERROR_STATUS`), a message for the user, extra fields."""
+
+    def __init__(self, code: str, message: str, retry_after: Optional[float] = None, **extra) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after, self.extra = code, message, retry_after, extra
+
+
+class SessionState:
+    """What the server keeps for one client session: a few image embeddings and former logits (LRU each)."""
+
+    def __init__(self, model: Optional[str], settings: ServerSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.lock = threading.Lock()  # one click of a session at a time
+        self.last_used = time.monotonic()
+        self.embeddings: "OrderedDict[str, object]" = OrderedDict()
+        self.logits: "OrderedDict[str, object]" = OrderedDict()
+
+    def embedding(self, key: str):
+        """The embedding stored under ``key`` (None if absent), marked recently used."""
+        value = self.embeddings.get(key)
+        if value is not None:
+            self.embeddings.move_to_end(key)
+        return value
+
+    def former_logits(self, logits_id: str):
+        value = self.logits.get(logits_id)
+        if value is not None:
+            self.logits.move_to_end(logits_id)
+        return value
+
+    def keep_embedding(self, key: str, value) -> None:
+        self.embeddings[key] = value
+        self.embeddings.move_to_end(key)
+        while len(self.embeddings) > self.settings.embeddings_per_session:
+            self.embeddings.popitem(last=False)
+
+    def keep_logits(self, value) -> str:
+        """Store logits under a new random id (ids never repeat, even across replicas) and return it."""
+        logits_id = secrets.token_hex(8)
+        self.logits[logits_id] = value
+        while len(self.logits) > self.settings.logits_per_session:
+            self.logits.popitem(last=False)
+        return logits_id
+
+
+class SessionStore:
+    """The sessions of one server: at most ``max_sessions``, each closed after ``idle_timeout_s`` unused."""
+
+    def __init__(self, settings: ServerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._sessions: Dict[str, SessionState] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, model: str) -> Tuple[str, SessionState]:
+        """A new session id and its state; ServiceError ``full`` when the limit is reached."""
+        with self._lock:
+            self._sweep()
+            if len(self._sessions) >= self.settings.max_sessions:
+                idle = min(self.clock() - s.last_used for s in self._sessions.values())
+                wait = max(1.0, self.settings.idle_timeout_s - idle)
+                raise ServiceError(
+                    "full", f"The FastSAM3D server is full: {len(self._sessions)} sessions are open (its limit; an "
+                    f"idle one closes after {self.settings.idle_timeout_s / 60:.0f} minutes). Try again later, or ask "
+                    "its administrator to raise --max-sessions.", retry_after=wait)
+            session_id = secrets.token_urlsafe(16)
+            state = SessionState(model, self.settings)
+            state.last_used = self.clock()
+            self._sessions[session_id] = state
+            return session_id, state
+
+    def get(self, session_id: str) -> SessionState:
+        """The live session (marked used now); ServiceError ``session_unknown`` if closed, expired or never made."""
+        with self._lock:
+            self._sweep()
+            state = self._sessions.get(session_id)
+            if state is None:
+                raise ServiceError("session_unknown", "This session is not open on the server (it expired, or the "
+                                   "server restarted); the client opens a new one.")
+            state.last_used = self.clock()
+            return state
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for session_id in [k for k, s in self._sessions.items()
+                           if now - s.last_used > self.settings.idle_timeout_s and not s.lock.locked()]:
+            del self._sessions[session_id]
+
+
+class RateLimiter:
+    """Token bucket per client key: ``burst`` requests at once, then ``rate`` per second."""
+
+    MAX_KEYS = 10000
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = float(rate), float(burst), clock
+        self._buckets: "OrderedDict[str, Tuple[float, float]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> Tuple[bool, float]:
+        """(allowed, seconds to wait before the next request would be)."""
+        with self._lock:
+            now = self.clock()
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            if allowed:
+                tokens -= 1.0
+            self._buckets[key] = (tokens, now)
+            while len(self._buckets) > self.MAX_KEYS:
+                self._buckets.popitem(last=False)
+            return allowed, 0.0 if allowed else (1.0 - tokens) / self.rate

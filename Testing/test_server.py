@@ -1,0 +1,556 @@
+"""The FastSAM3D server on 127.0.0.1 (uvicorn, in this process) and its torch-free client.
+
+Every result is compared bit for bit with a local InteractiveSession of the same model (``tiny-test`` and the
+bundled ``fastsam3d-demo``); refusals (auth, size, rate, session count, protocol, malformed bodies) are sent
+for real and must leave the client's session exactly as it was.
+"""
+import functools
+import http.client
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the server extra is not installed (pip install -r requirements-dev.txt)")
+uvicorn = pytest.importorskip("uvicorn", reason="the server extra is not installed")
+
+import torch  # noqa: E402
+
+from FastSAM3DLib import remote  # noqa: E402
+from FastSAM3DLib.errors import InputImageError, PromptError  # noqa: E402
+from FastSAM3DLib.geometry import Volume  # noqa: E402
+from FastSAM3DLib.server import engine, protocol  # noqa: E402
+from FastSAM3DLib.server.app import LocalBackend, create_app  # noqa: E402
+from FastSAM3DLib.server.settings import ServerSettings, hash_token  # noqa: E402
+from FastSAM3DLib.session import InteractiveSession  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("tiny-test", "fastsam3d-demo")
+TOKEN = "test-token-0123456789abcdef"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def phantom(seed=0, shift=0):
+    """Two bright blobs 200 mm apart in a noisy, anisotropic, offset volume (a click on each moves the ROI)."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 60, 200)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    blob_a = ((k - 20) / 8) ** 2 + ((j - 30 - shift) / 12) ** 2 + ((i - 40) / 15) ** 2 < 1
+    blob_b = ((k - 20) / 10) ** 2 + ((j - 28) / 10) ** 2 + ((i - 170 + shift) / 12) ** 2 < 1
+    array = (100 + 10 * rng.standard_normal(shape) + 300 * blob_a + 200 * blob_b).astype(np.int16)
+    ijk_to_ras = np.diag([1.5, 1.5, 2.0, 1.0])
+    ijk_to_ras[:3, 3] = (-150.0, 20.0, -35.0)
+    return Volume(array, ijk_to_ras)
+
+
+def ras(volume, ijk):
+    return (volume.ijk_to_ras @ np.append(np.asarray(ijk, float), 1.0))[:3]
+
+
+# (i, j, k) voxel, include: near blob A, refine, exclude, far blob B (ROI moves), back to A (cached region)
+CLICKS = [((40, 30, 20), True), ((45, 33, 21), True), ((60, 30, 20), False), ((170, 28, 20), True),
+          ((42, 31, 19), True)]
+
+
+@functools.lru_cache(maxsize=None)
+def served_model(spec, device="cpu"):
+    """One model per name for every server of this module (a restart keeps nothing else)."""
+    return engine.load_model(spec, device)
+
+
+@functools.lru_cache(maxsize=None)
+def local_model(name):
+    """The local twin: the same weights as the server's (tiny-test: the same seed)."""
+    return engine.load_model(name, "cpu")
+
+
+class Server:
+    """A uvicorn server on 127.0.0.1 in a thread; ``with Server(settings) as s: s.url``."""
+
+    def __init__(self, settings=None, port=0, ssl_files=None, **overrides):
+        settings = settings or ServerSettings(models=MODELS)
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        self.settings = settings
+        self.backend = LocalBackend(settings, engine.ModelPool(settings, loader=served_model))
+        self.app = create_app(settings, self.backend)
+        tls = dict(ssl_certfile=ssl_files[0], ssl_keyfile=ssl_files[1]) if ssl_files else {}
+        self.scheme = "https" if ssl_files else "http"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="off", timeout_keep_alive=1,
+                                                    timeout_graceful_shutdown=5, **tls))
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Server() as s:
+        yield s
+
+
+def raw(url, method, path, body=b"", headers=None, protocol_header=True):
+    """(status, headers, body) of one hand-made request."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    all_headers = {protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)} if protocol_header else {}
+    all_headers.update(headers or {})
+    conn.request(method, path, body=body, headers=all_headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, dict(response.getheaders()), data
+
+
+def same(a, b):
+    """Local and remote ClickResults are bit for bit equal."""
+    return (a.region == b.region and a.mask.shape == b.mask.shape and np.array_equal(a.mask, b.mask)
+            and (a.iou == b.iou or (np.isnan(a.iou) and np.isnan(b.iou))))
+
+
+def assert_same_state(local, rem):
+    assert local.roi == rem.roi
+    if local.low_res_logits is None:
+        assert rem.low_res_logits is None
+    else:
+        assert np.array_equal(local.low_res_logits.numpy(), rem.low_res_logits)
+    assert [(c.ras.tolist(), c.include) for c in local.clicks] == [(c.ras.tolist(), c.include) for c in rem.clicks]
+
+
+def snapshot(session):
+    """What a refused click must not change."""
+    logits = None if session.low_res_logits is None else np.array(session.low_res_logits)
+    return ([(c.ras.tolist(), c.include) for c in session.clicks], session.roi, logits, len(session._history),
+            session._shown_region)
+
+
+def assert_unchanged(session, before):
+    after = snapshot(session)
+    assert after[0] == before[0] and after[1] == before[1] and after[3:] == before[3:]
+    assert (after[2] is None and before[2] is None) or np.array_equal(after[2], before[2])
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("model_name,prompt_mode", [("tiny-test", None), ("tiny-test", "all"),
+                                                    ("fastsam3d-demo", None)])
+def test_remote_session_equals_a_local_session_bit_for_bit(server, model_name, prompt_mode):
+    volume = phantom()
+    local = InteractiveSession(local_model(model_name), volume, prompt_mode=prompt_mode)
+    rem = remote.RemoteSession(server.url, model_name, volume, prompt_mode=prompt_mode)
+    assert rem.prompt_mode == local.prompt_mode and rem.size == local.size
+    for ijk, include in CLICKS:
+        a, b = local.add_click(ras(volume, ijk), include), rem.add_click(ras(volume, ijk), include)
+        assert same(a, b), f"click {ijk} differs"
+        assert_same_state(local, rem)
+    assert any(r.voxels for r in [a, b])
+    for _ in range(2):  # undo needs no server
+        assert same(local.undo(), rem.undo())
+        assert_same_state(local, rem)
+    ijk = (168, 27, 21)
+    assert same(local.add_click(ras(volume, ijk)), rem.add_click(ras(volume, ijk)))
+    local.reset(), rem.reset()
+    assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+    assert np.array_equal(local.full_mask(local.undo()), rem.full_mask(rem.undo()))
+    rem.close()
+
+
+def test_without_torch_geometry_the_client_equals_the_sitk_reference(server, monkeypatch):
+    """The torch-free path (SimpleITK resampling, numpy upsampling) equals a local session that resamples with
+    SimpleITK (``FASTSAM3D_RESAMPLE=sitk``)."""
+    monkeypatch.setenv("FASTSAM3D_RESAMPLE", "sitk")
+    monkeypatch.setattr(remote, "_LIBRARY_GEOMETRY", False)
+    volume = phantom(seed=1)
+    local = InteractiveSession(local_model("fastsam3d-demo"), volume)
+    rem = remote.RemoteSession(server.url, "fastsam3d-demo", volume)
+    for ijk, include in CLICKS[:4]:
+        assert same(local.add_click(ras(volume, ijk), include), rem.add_click(ras(volume, ijk), include))
+
+
+def test_numpy_upsampling_equals_torch_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e-12, 1e-30):
+        low = (10 * rng.standard_normal((32, 32, 32))).astype(np.float32)
+        low[::3] *= np.float32(scale)  # tiny next to large: the fused multiply-add's rounding shows
+        expected = torch.nn.functional.interpolate(torch.from_numpy(low)[None, None], size=(128,) * 3,
+                                                   mode="trilinear", align_corners=False)[0, 0].numpy()
+        assert np.array_equal(remote.upsample_logits(low, 128), expected)
+
+
+def test_numpy_upsampling_without_fused_multiply_add_equals_torchs_default_build():
+    """A torch built without AVX2 (ATEN_CPU_CAPABILITY=default) rounds each product: so does ``fused=False``."""
+    code = ("import numpy as np, torch, sys; from FastSAM3DLib import remote; x = (10 * np.random.default_rng(1)"
+            ".standard_normal((32, 32, 32))).astype(np.float32); e = torch.nn.functional.interpolate(torch.from_numpy"
+            "(x)[None, None], size=(128,) * 3, mode='trilinear', align_corners=False)[0, 0].numpy(); "
+            "assert not remote.torch_cpu_fuses(); assert np.array_equal(remote.upsample_logits(x, 128), e); "
+            "assert not np.array_equal(remote.upsample_logits(x, 128, fused=True), e); print('ok')")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_client_runs_without_torch(server, tmp_path, monkeypatch):
+    """In a Python where ``import torch`` fails, the client still segments, equal to the SimpleITK reference."""
+    volume = phantom(seed=2)
+    np.save(tmp_path / "array.npy", volume.array)
+    np.save(tmp_path / "matrix.npy", volume.ijk_to_ras)
+    code = f"""
+import sys; sys.modules['torch'] = None
+import numpy as np
+from FastSAM3DLib.geometry import Volume
+from FastSAM3DLib import remote
+assert not remote.library_geometry() and 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]
+v = Volume(np.load({str(tmp_path / 'array.npy')!r}), np.load({str(tmp_path / 'matrix.npy')!r}))
+s = remote.RemoteSession({server.url!r}, 'tiny-test', v)
+for ijk in [(40, 30, 20), (45, 33, 21)]:
+    r = s.add_click((v.ijk_to_ras @ np.append(np.asarray(ijk, float), 1.0))[:3])
+np.save({str(tmp_path / 'mask.npy')!r}, s.full_mask(r))
+print('ok')
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), FASTSAM3D_RESAMPLE="sitk")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    monkeypatch.setenv("FASTSAM3D_RESAMPLE", "sitk")
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    local.add_click(ras(volume, (40, 30, 20)))
+    expected = local.full_mask(local.add_click(ras(volume, (45, 33, 21))))
+    assert np.array_equal(np.load(tmp_path / "mask.npy"), expected)
+
+
+def test_concurrent_clients_each_get_their_own_results(server):
+    volumes = [phantom(seed=s, shift=s) for s in range(4)]
+    expected = []
+    for volume in volumes:
+        local = InteractiveSession(local_model("tiny-test"), volume)
+        expected.append([local.full_mask(local.add_click(ras(volume, ijk), inc)) for ijk, inc in CLICKS[:3]])
+    results, errors = [None] * 4, []
+
+    def user(index):
+        try:
+            volume = volumes[index]
+            rem = remote.RemoteSession(server.url, "tiny-test", volume)
+            results[index] = [rem.full_mask(rem.add_click(ras(volume, ijk), inc)) for ijk, inc in CLICKS[:3]]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert not all(np.array_equal(expected[0][-1], e[-1]) for e in expected[1:])  # the users really differ
+
+
+# ------------------------------------------------------------------------------------------------ restarts
+def test_a_server_restart_mid_session_costs_one_slower_click_and_never_a_wrong_one():
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    with Server() as first:
+        port = first.port
+        rem = remote.RemoteSession(first.url, "tiny-test", volume)
+        rem.client.retries = 0
+        for ijk, inc in CLICKS[:2]:
+            assert same(local.add_click(ras(volume, ijk), inc), rem.add_click(ras(volume, ijk), inc))
+    before = snapshot(rem)
+    with pytest.raises(remote.ServerUnavailableError, match="cannot be reached"):
+        rem.add_click(ras(volume, CLICKS[2][0]), CLICKS[2][1])
+    assert_unchanged(rem, before)
+    with Server(port=port):  # a new process state: no sessions, no embeddings
+        old_session = rem._session_id
+        a, b = local.add_click(ras(volume, CLICKS[2][0]), False), rem.add_click(ras(volume, CLICKS[2][0]), False)
+        assert same(a, b) and b.encoded and rem._session_id != old_session  # re-created, region sent again
+        a, b = local.add_click(ras(volume, (44, 29, 20))), rem.add_click(ras(volume, (44, 29, 20)))
+        assert same(a, b) and not b.encoded
+        assert same(local.undo(), rem.undo()) and same(local.undo(), rem.undo())
+        a, b = local.add_click(ras(volume, (41, 31, 20))), rem.add_click(ras(volume, (41, 31, 20)))
+        assert same(a, b)  # the undone state's logits were sent inline: the new server never had them
+
+
+def test_a_closed_idle_connection_is_reopened_at_once_and_a_timeout_is_reported(server, monkeypatch):
+    volume = phantom()
+    rem = remote.RemoteSession(server.url, "tiny-test", volume)
+    rem.add_click(ras(volume, CLICKS[0][0]))
+    time.sleep(1.5)  # the server (timeout_keep_alive=1) closes the kept-alive connection
+    naps = []
+    monkeypatch.setattr(remote.time, "sleep", naps.append)
+    rem.add_click(ras(volume, CLICKS[1][0]))
+    assert naps == []  # reconnected without a retry pause
+    rem.client.timeout = 1e-4
+    before = snapshot(rem)
+    with pytest.raises(remote.ServerUnavailableError, match="did not answer within"):
+        rem.add_click(ras(volume, CLICKS[2][0]), False)
+    assert_unchanged(rem, before)
+    assert naps == []
+
+
+def test_an_expired_session_is_reopened_transparently():
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    with Server(idle_timeout_s=0.3) as s:
+        rem = remote.RemoteSession(s.url, "tiny-test", volume)
+        assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+        time.sleep(0.5)
+        a, b = local.add_click(ras(volume, CLICKS[1][0])), rem.add_click(ras(volume, CLICKS[1][0]))
+        assert same(a, b) and b.encoded
+        assert len(s.backend.store) == 1  # the expired one is gone
+
+
+def test_state_the_server_dropped_is_sent_again():
+    """The server keeps 1 embedding and 1 former result per session here: moving between regions and undoing
+    makes it ask for them again (409 missing), and results stay exact."""
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    with Server(embeddings_per_session=1, logits_per_session=1) as s:
+        rem = remote.RemoteSession(s.url, "tiny-test", volume)
+        rem._embedding_slots = rem._logits_slots = 8  # a client that believes the server holds more
+        for ijk, inc in CLICKS:
+            assert same(local.add_click(ras(volume, ijk), inc), rem.add_click(ras(volume, ijk), inc))
+        for _ in range(3):
+            assert same(local.undo(), rem.undo())
+        assert same(local.add_click(ras(volume, (43, 30, 20))), rem.add_click(ras(volume, (43, 30, 20))))
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_bad_clicks_raise_the_local_errors_and_change_nothing(server):
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    rem = remote.RemoteSession(server.url, "tiny-test")
+    with pytest.raises(PromptError) as a:
+        local.__class__(local_model("tiny-test")).add_click((0, 0, 0))
+    with pytest.raises(PromptError) as b:
+        rem.add_click((0, 0, 0))
+    assert str(a.value) == str(b.value)
+    with pytest.raises(InputImageError) as a:
+        InteractiveSession(local_model("tiny-test"), Volume(np.zeros((4, 4, 4)), np.eye(4)))
+    with pytest.raises(InputImageError) as b:
+        rem.set_image(Volume(np.zeros((4, 4, 4)), np.eye(4)))
+    assert str(a.value) == str(b.value)
+    rem.set_image(volume)
+    for bad, include in [((1, 2), True), ((np.nan, 0, 0), True), ("x", True), ((1e4, 0, 0), True),
+                         (ras(volume, CLICKS[0][0]), False)]:
+        before = snapshot(rem)
+        with pytest.raises(PromptError) as a:
+            local.add_click(bad, include)
+        with pytest.raises(PromptError) as b:
+            rem.add_click(bad, include)
+        assert str(a.value) == str(b.value)
+        assert_unchanged(rem, before)
+    with pytest.raises(PromptError, match="no click to undo"):
+        rem.undo()
+
+
+def test_a_token_is_required_when_set_and_never_shown():
+    with Server(token_sha256=hash_token(TOKEN)) as s:
+        for token in (None, "wrong-token-0123456789"):
+            with pytest.raises(remote.ServerAuthError, match="refused the token"):
+                remote.RemoteSession(s.url, "tiny-test", token=token)
+        status, headers, _ = raw(s.url, "GET", "/v1/info", headers={"Authorization": "Basic abc"})
+        assert status == 401 and headers.get("www-authenticate") == "Bearer"
+        assert raw(s.url, "GET", "/healthz", protocol_header=False)[0] == 200  # health checks need no token
+        rem = remote.RemoteSession(s.url, "tiny-test", phantom(), token=TOKEN)
+        assert rem.add_click(ras(rem.volume, CLICKS[0][0])).voxels >= 0
+        assert TOKEN not in repr(rem.client) and TOKEN not in repr(rem)
+
+
+def test_https_with_the_servers_own_certificate(tmp_path):
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (it makes the test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with Server(ssl_files=(str(cert), str(key))) as s:
+        assert s.url.startswith("https://")
+        with pytest.raises(remote.ServerUnavailableError, match="certificate of your institution"):
+            remote.RemoteSession(s.url, "tiny-test")  # an authority this computer does not trust
+        client = remote.ServerClient(s.url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        volume = phantom()
+        local = InteractiveSession(local_model("tiny-test"), volume)
+        rem = remote.RemoteSession(model="tiny-test", volume=volume, client=client)
+        assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+        rem.close()
+
+
+def test_settings_refuse_an_open_address_without_a_token(monkeypatch, capsys):
+    from FastSAM3DLib.errors import FastSAM3DError
+    from FastSAM3DLib.server.command import main
+
+    with pytest.raises(FastSAM3DError, match="without a token"):
+        ServerSettings(host="0.0.0.0").check()
+    ServerSettings(host="0.0.0.0", token_sha256=hash_token(TOKEN)).check()
+    ServerSettings(host="::1").check()
+    monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
+    assert main(["--host", "0.0.0.0", "--model", "tiny-test", "--device", "cpu"]) == 2
+    assert "without a token" in capsys.readouterr().err
+
+
+def test_another_protocol_version_gets_a_clear_error(server):
+    status, _, body = raw(server.url, "GET", "/v1/info", headers={protocol.PROTOCOL_HEADER: "2"})
+    assert status == 400 and json.loads(body)["error"] == "protocol" and "speaks protocol 1" in json.loads(body)[
+        "message"]
+    status, _, body = raw(server.url, "GET", "/v1/info", protocol_header=False)
+    assert status == 400 and "is it a FastSAM3D client" in json.loads(body)["message"]
+    client = remote.ServerClient(server.url)
+    client.protocol = 2  # a newer client
+    with pytest.raises(remote.ProtocolMismatchError, match="speaks protocol 1; the client speaks 2"):
+        remote.RemoteSession(client=client, model="tiny-test")
+    status, _, body = raw(server.url, "POST", "/v2/sessions", b"{}")
+    assert status == 404 and "not part of the FastSAM3D protocol" in json.loads(body)["message"]
+
+
+def test_a_full_server_refuses_new_sessions_clearly():
+    with Server(max_sessions=2) as s:
+        first = remote.RemoteSession(s.url, "tiny-test")
+        remote.RemoteSession(s.url, "tiny-test")
+        with pytest.raises(remote.ServerFullError, match="server is full: 2 sessions"):
+            remote.RemoteSession(s.url, "tiny-test")
+        first.close()
+        remote.RemoteSession(s.url, "tiny-test")
+
+
+def test_an_oversized_request_is_refused_and_the_session_unchanged():
+    with Server(max_upload_bytes=2 ** 16) as s:
+        rem = remote.RemoteSession(s.url, "tiny-test", phantom())
+        for checked_here in (True, False):  # the client knows the limit; or it does not and the server refuses
+            rem._max_upload = rem._max_upload if checked_here else None
+            before = snapshot(rem)
+            with pytest.raises(remote.ServerError, match="upload limit of 0.0625 MiB"):
+                rem.add_click(ras(rem.volume, CLICKS[0][0]))
+            assert_unchanged(rem, before)
+        status, _, body = raw(s.url, "POST", f"/v1/sessions/{rem._session_id}/click", b"x" * (2 ** 16 + 1))
+        assert status == 413 and json.loads(body)["error"] == "too_large"
+
+
+def test_the_request_rate_is_limited_and_a_refusal_changes_nothing():
+    with Server(rate_per_s=0.5, rate_burst=3) as s:
+        rem = remote.RemoteSession(s.url, "tiny-test", phantom())  # request 1
+        rem.add_click(ras(rem.volume, CLICKS[0][0]))  # request 2 (uploads the region)
+        rem.add_click(ras(rem.volume, CLICKS[1][0]))  # request 3
+        before = snapshot(rem)
+        with pytest.raises(remote.ServerBusyError, match="Too many requests"):
+            rem.add_click(ras(rem.volume, CLICKS[2][0]), False)
+        assert_unchanged(rem, before)
+        status, headers, _ = raw(s.url, "GET", "/v1/info")
+        assert status == 429 and int(headers["retry-after"]) >= 1
+
+
+def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server):
+    rem = remote.RemoteSession(server.url, "tiny-test", phantom())
+    session = rem._session_id
+    path = f"/v1/sessions/{session}/click"
+    step = {"points": [[60.0, 60.0, 60.0]], "labels": [1]}
+    good_header = {"model": "tiny-test", "embedding": "e", "steps": [step], "previous": None}
+    image = np.zeros((128,) * 3, np.float32)
+
+    def frame(header=None, arrays=None):
+        return protocol.pack(header or good_header, arrays if arrays is not None else {"image": image})
+
+    zeros = zlib.compress(bytes(64 * 2 ** 20), 9)  # 64 MiB of zeros in ~64 kB: inflates past the 8 MiB expected
+    spec = {"image": {"dtype": "float32", "shape": [128] * 3, "codec": "zlib", "offset": 0, "length": len(zeros)}}
+    text = json.dumps(dict(good_header, arrays=spec)).encode()
+    bomb = b"FS3D" + struct.pack(">I", len(text)) + text + zeros
+    cases = [
+        (b"not a frame", 400, "malformed"),
+        (frame(arrays={"image": np.zeros((64, 64, 64), np.float32)}), 400, "must be float32 of shape"),
+        (frame(arrays={"image": image.astype(np.float64)}), 400, "must be float32"),
+        (frame(arrays={"weights": image}), 400, "unexpected array"),
+        (bomb, 400, "do not hold exactly"),
+        (b"FS3D" + struct.pack(">I", 10) + b'{"model":NaN', 400, "malformed"),
+        (frame(dict(good_header, steps=[])), 400, "decoder steps"),
+        (frame(dict(good_header, steps=[{"points": [[1, 2]], "labels": [1]}])), 422, "three finite numbers"),
+        (frame(dict(good_header, steps=[{"points": [[1e6, 2, 3]], "labels": [1]}])), 422, "outside"),
+        (frame(dict(good_header, steps=[{"points": [[1, 2, 3]], "labels": [7]}])), 400, "Labels"),
+        (frame(dict(good_header, model="sam-med3d")), 422, "does not serve the model"),
+        (frame(arrays={"image": np.full((128,) * 3, np.nan, np.float32)}), 422, "NaN or infinite voxels"),
+        (frame(dict(good_header, previous="nope"), arrays={}), 409, "no longer holds image and previous_logits"),
+    ]
+    for body, status, text in cases:
+        got, _, reply = raw(server.url, "POST", path, body, {"Content-Type": protocol.FRAME_TYPE,
+                                                             protocol.SESSION_HEADER: session})
+        message = json.loads(reply)
+        assert got == status and text in message["message"], (text, got, message)
+    assert raw(server.url, "POST", "/v1/sessions", b"[1, 2]")[0] == 400
+    assert raw(server.url, "POST", "/v1/sessions", b'{"model": "nope"}')[0] == 422
+    assert raw(server.url, "POST", "/v1/sessions/unknown/click", frame())[0] == 404
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+
+
+def test_frames_round_trip_losslessly_and_never_unpickle():
+    arrays = {"a": np.random.default_rng(0).standard_normal((5, 6, 7)).astype(np.float32)}
+    for codec in protocol.CODECS:
+        header, out = protocol.unpack(protocol.pack({"x": [1.5, None]}, arrays, codec=codec),
+                                      {"a": ("float32", (5, 6, 7))})
+        assert header == {"x": [1.5, None]} and np.array_equal(out["a"], arrays["a"]) and out["a"].flags.writeable
+    with pytest.raises(protocol.FrameError, match="must be float32"):
+        protocol.unpack(protocol.pack({}, {"a": np.zeros((2,), object)}, codec="raw"), {"a": ("float32", (2,))})
+    with pytest.raises(ValueError):
+        protocol.pack({"x": float("nan")})
+    damaged = bytearray(protocol.pack({}, arrays))
+    damaged[-5:] = b"\x00" * 5
+    with pytest.raises(protocol.FrameError):
+        protocol.unpack(bytes(damaged), {"a": ("float32", (5, 6, 7))})
+    assert zlib  # the codec is zlib: nothing here can execute code
+
+
+def test_an_address_that_is_not_a_fastsam3d_server(tmp_path):
+    assert remote.is_server_url("http://gpu:8000") and remote.is_server_url(" HTTPS://x") \
+        and not remote.is_server_url("cuda:0") and not remote.is_server_url(None)
+    with pytest.raises(remote.ServerError, match="without user, password"):
+        remote.ServerClient("http://user:pw@127.0.0.1:1")
+    client = remote.ServerClient("http://127.0.0.1:9", retries=1, backoff_s=0.01, connect_timeout=2)
+    with pytest.raises(remote.ServerUnavailableError, match="cannot be reached"):
+        remote.RemoteSession(client=client)
+
+
+def test_the_serve_command_registers_on_the_library_cli():
+    import argparse
+
+    from FastSAM3DLib.server.command import add_subcommand, run
+
+    parser = argparse.ArgumentParser()
+    add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "tiny-test", "--port", "9999", "--max-sessions", "3"])
+    assert args.func is run and args.model == ["tiny-test"] and args.host == "127.0.0.1" and args.max_sessions == 3
+
+
+def test_the_benchmark_measures_overhead_and_throughput(monkeypatch):
+    from FastSAM3DLib.benchmarks import server as bench
+    from FastSAM3DLib.benchmarks.suite import Plan
+
+    skipped = bench.measure(Plan(skip={"host": "dry run"}), "cpu")
+    assert skipped and all(row["value"] is None and row["skipped"] == "dry run" for row in skipped)
+    monkeypatch.setattr(bench, "USERS", (1, 2))
+    rows = bench.measure(Plan(models=("tiny-test",), volume_shape=(40, 64, 64), repeats=1), "cpu")
+    values = {(row["name"], row["variant"]): row["value"] for row in rows}
+    assert values[("server_bytes_per_click_kib", "")] > 0 and values[("server_upload_mib", "")] > 0
+    assert values[("server_clicks_per_s", "1 user")] > 0 and values[("server_clicks_per_s", "2 users")] > 0
+    assert np.isfinite(values[("server_click_overhead_ms", "")])
