@@ -250,3 +250,25 @@ def test_demo_writes_label_and_preview(tmp_path, tiny_checkpoint):
     assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] > 200
     text = "\n".join(lines)
     assert "Dice" in text and "preview:" in text
+
+
+def test_fast_precision_segments_with_the_int8_encoder(tmp_path, sample, tiny_checkpoint):
+    point = kidney_point(sample)
+    outs = {}
+    for precision in ("exact", "fast"):
+        outs[precision] = tmp_path / f"{precision}.nrrd"
+        proc = run_cli("segment", sample, f"--point={point[0]},{point[1]},{point[2]}", "--model", "tiny-test",
+                       "--checkpoint", tiny_checkpoint, "--precision", precision, "-o", outs[precision])
+        assert proc.returncode == 0, proc.stderr
+        assert f"({precision} precision)" in proc.stdout
+    exact, fast = (sitk.GetArrayFromImage(sitk.ReadImage(str(outs[p]))) > 0 for p in ("exact", "fast"))
+    assert exact.any() and (exact == fast).mean() > 0.99
+
+
+def test_bad_precision_environment_variable_is_one_line_before_any_work(tmp_path, sample):
+    env, _ = clean_home(tmp_path)
+    env["FASTSAM3D_PRECISION"] = "int4"
+    out = tmp_path / "o.nii.gz"
+    message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "fastsam3d-demo", "-o", out,
+                                     env=env))
+    assert "FASTSAM3D_PRECISION" in message and "exact, fast" in message and not out.exists()

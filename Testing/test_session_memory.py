@@ -169,3 +169,17 @@ def test_malformed_point_is_a_prompt_error(model, point):
     with pytest.raises(PromptError, match="three"):
         session.add_click(point)
     assert session.clicks == []
+
+
+def test_make_bench_reports_the_retained_memory_of_100_moves(one_torch_thread):
+    """The make bench rows: 100 alternating moves keep about one logit grid per click (plus one embedding)."""
+    from FastSAM3DLib.benchmarks import session_memory
+    from FastSAM3DLib.benchmarks.suite import Plan, extra_benchmarks
+
+    assert session_memory.bench_rows in extra_benchmarks()
+    rows = {r["name"]: r for r in session_memory.bench_rows(Plan(), "test CPU")}
+    retained = rows["session_retained_mb"]["value"]
+    assert 100 * LOGITS_BYTES / 1e6 <= retained <= 100 * LOGITS_BYTES / 1e6 + 10  # 13 MB + one embedding at most
+    assert rows["session_move_click_ms"]["value"] > 0
+    skipped = session_memory.bench_rows(Plan(skip={"host": "dry run"}), "test CPU")
+    assert all(r["value"] is None and r["skipped"] == "dry run" for r in skipped)

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--sam2d-slices", type=int, default=None, help="2D SAM slices to time (CPU 2, GPU 128)")
     parser.add_argument("--no-medim", action="store_true", help="skip medim's SAM-Med3D (about a minute on a CPU)")
+    parser.add_argument("--precisions", default=None, metavar="LIST",
+                        help="comma-separated: fp32, bf16, fp16, int8 (default: fp32,bf16 on CUDA, fp32,int8 on a CPU)")
     parser.add_argument("--details", action="store_true", help="also the attention ops and encoders per backend")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
@@ -39,7 +41,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     env = suite.environment(device, args.threads)
-    plan = suite.Plan(device=str(device), precisions=("fp32", "bf16") if cuda else ("fp32",),
+    precisions = tuple(args.precisions.split(",")) if args.precisions else (
+        ("fp32", "bf16") if cuda else ("fp32", "int8"))
+    plan = suite.Plan(device=str(device), precisions=precisions,
                       repeats=2 if args.quick else (10 if cuda else 3),
                       sam2d_slices=args.sam2d_slices or (128 if cuda else 2),
                       skip={"medim": "--no-medim"} if args.no_medim else {})

@@ -308,7 +308,7 @@ def main(argv=None) -> int:
 
         plan = suite.Plan(device="cpu", precisions=("fp32", "bf16"), volume_shape=(40, 64, 64),
                           repeats=args.repeats or 1, memory_clicks=1, sam2d_slices=args.sam2d_slices or 2,
-                          sam2d_config=TINY,
+                          sam2d_config=TINY, sitk_reference=False,
                           skip={"medim": "dry run (medim's official-size SAM-Med3D takes minutes on a CPU)",
                                 "host": "dry run (make bench measures the Slicer host)"})
         names = suite.DRY_RUN_MODELS

@@ -46,6 +46,8 @@ COLUMNS = OrderedDict([
 MEASUREMENT_KEYS = ("name", "model", "variant", "device", "precision", "value", "unit", "label", "note", "skipped")
 # reference rows the ratio columns divide by (model, variant); see derive_ratios
 EAGER_VARIANT = "official eager attention"
+#: the clicks with SimpleITK resampling both ways (the session before FastSAM3DLib.resample)
+SITK_VARIANT = "SimpleITK resampling"
 MEDIM_MODEL = "medim:SAM-Med3D"
 SAM2D_MODEL = "sam-vit-b-2d"
 SAM2D_VARIANT = "128 slices"
@@ -63,7 +65,9 @@ LEGEND = (
     "encoder time by this row's, same device and precision: *official eager* is the official attention formula "
     "(materialised bias, softmax, matmul) in our model, *medim* the official SAM-Med3D code, *2D SAM* a ViT-B "
     "image encoder run on 128 slices of 1024² (slice by slice, as in the FastSAM3D paper). bf16 and fp16 are "
-    "autocast. Random weights (speed does not depend on their values); medians after a warm-up run (on a CPU, "
+    "autocast; int8 is the `fast` precision (the image encoder's matrix products in int8 on a CPU, "
+    "`FastSAM3DLib.quantize`). *SimpleITK resampling* rows repeat the fp32 clicks with SimpleITK resampling both "
+    "ways (`FASTSAM3D_RESAMPLE=sitk`, the session before its PyTorch resampling). Random weights (speed does not depend on their values); medians after a warm-up run (on a CPU, "
     "medim and 2D SAM run without one).")
 
 
@@ -128,7 +132,9 @@ def format_value(value: Optional[float], unit: str) -> str:
             return f"{value / 1e3:.2f} s"
         return f"{value:.0f} ms" if value >= 100 else f"{value:.1f} ms" if value >= 1 else f"{value:.2f} ms"
     if unit == "MiB":
-        return f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB"
+        if value >= 1024:
+            return f"{value / 1024:.2f} GiB"
+        return f"{value:.0f} MiB" if value >= 10 else f"{value:.2f} MiB" if value >= 0.01 else f"{value * 1024:.1f} KiB"
     if unit == "x":
         return f"{value:.0f}×" if value >= 100 else f"{value:.1f}×" if value >= 10 else f"{value:.2f}×"
     return f"{value:.3g} {unit}".strip()

@@ -105,6 +105,35 @@ def measure(model_name: Optional[str] = None, clicks: int = 100, threads: int = 
     }
 
 
+def bench_rows(plan, device_name: str) -> list:
+    """``make bench`` rows: memory kept and click time over 100 alternating region moves (CPU, demo model)."""
+    from . import report
+
+    common = dict(model="session, 100 alternating region moves", device=device_name, precision="fp32")
+    labels = (("session_retained_mb", "retained memory after the clicks", "MB"),
+              ("session_move_click_ms", "click time, last ten of the moves", "ms"))
+    skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU")
+    if skipped:
+        return [report.measurement(name, None, label=label, unit=unit, skipped=skipped, **common)
+                for name, label, unit in labels]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        figures = measure(threads=threads)
+    finally:
+        torch.set_num_threads(threads)
+    note = (f"{figures['model']}; {figures['retained_kb_per_click']} kB per click (one 32^3 logit grid for undo); "
+            f"resident memory +{figures['rss_growth_mb']} MB")
+    return [
+        report.measurement("session_retained_mb", figures["retained_mb"], label=labels[0][1], unit="MB",
+                           note=note, **common),
+        report.measurement("session_move_click_ms", figures["last_clicks_ms"], label=labels[1][1], unit="ms",
+                           note=f"first ten {figures['first_clicks_ms']} ms, last ten {figures['last_clicks_ms']} "
+                                f"ms (medians)", **common),
+    ]
+
+
 if __name__ == "__main__":
     print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
                              int(sys.argv[2]) if len(sys.argv) > 2 else 100), indent=2))

@@ -29,9 +29,9 @@ def extra_benchmarks() -> Tuple[Callable[["Plan", str], List[dict]], ...]:
     """More measurements for both `make bench` and `make gpu-check`: functions ``f(plan, device_name)`` returning
     a list of report.measurement(...) dicts. Each runs like the built-in units: against the deadline, and an
     exception becomes a reported problem, not a crash. (Plan.skip["host"] skips the host ones.)"""
-    from . import host, server
+    from . import host, server, session_memory
 
-    return (host.slicer_loop, host.click_write_memory, server.measure)
+    return (host.slicer_loop, host.click_write_memory, session_memory.bench_rows, server.measure)
 
 
 @dataclass
@@ -45,6 +45,8 @@ class Plan:
     repeats: int = 3
     memory_clicks: int = 3  # clicks after the first in the session whose peak memory is measured
     eager_reference: bool = True
+    # the fp32 clicks again with SimpleITK resampling both ways (the path before resample.py), on a CPU
+    sitk_reference: bool = True
     cuda_graphs: bool = True
     sam2d_slices: int = 2
     sam2d_config: Optional[object] = None  # a sam2d.ViTConfig; None: ViT-B at 1024²
@@ -173,6 +175,8 @@ def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
             for key, column in (("first_click", "first_click_ms"), ("next_click", "next_click_ms")):
                 rec.add(column, _median(session and session[key]), name, precision, skipped=why)
             rec.add("peak_memory_mib", session and session["peak_memory_mib"], name, precision, skipped=why)
+            if plan.sitk_reference and precision == "fp32" and device.type == "cpu":
+                _sitk_clicks(rec, plan, model, volume, device, name, detail)
             encoder, why = rec.unit("encoder", lambda: pipeline.bench_encoder(model, device, precision,
                                                                               plan.repeats))
             detail["encoder"] = encoder or why
@@ -199,14 +203,15 @@ def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
                 detail["encoder_eager"] = eager or why
                 rec.add("encoder_ms", _median(eager), name, precision, variant=report.EAGER_VARIANT, skipped=why)
         model = None  # free it before the next model is built
-    for precision in plan.precisions:
+    float_precisions = [p for p in plan.precisions if p != pipeline.INT8]  # the references have no int8 copy
+    for precision in float_precisions:
         # about 15 s per run on one CPU thread: no warm-up and two runs there
         medim, why = rec.unit(f"medim SAM-Med3D encoder ({precision})", lambda: pipeline.bench_medim(
             device, precision, plan.repeats if device.type == "cuda" else min(plan.repeats, 2),
             warmup=int(device.type == "cuda")), "medim")
         rec.details[f"medim/{precision}"] = medim or why
         rec.add("encoder_ms", _median(medim), report.MEDIM_MODEL, precision, skipped=why)
-    for precision in plan.precisions:
+    for precision in float_precisions:
         sam, why = rec.unit(f"2D SAM ViT-B, {plan.sam2d_slices} slices ({precision})", lambda: pipeline.bench_sam2d(
             device, precision, plan.sam2d_slices, plan.sam2d_config), "sam2d")
         rec.details[f"sam2d/{precision}"] = sam or why
@@ -220,6 +225,26 @@ def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
         rec.measurements += rows or []
     rec.measurements += report.derive_ratios(rec.measurements)
     return rec.measurements, rec.details, rec.problems
+
+
+def _sitk_clicks(rec: "_Recorder", plan: Plan, model, volume, device, name: str, detail: dict) -> None:
+    """First and next click with ``FASTSAM3D_RESAMPLE=sitk`` (SimpleITK both ways), variant SITK_VARIANT."""
+    from . import pipeline
+
+    saved = os.environ.get("FASTSAM3D_RESAMPLE")
+    os.environ["FASTSAM3D_RESAMPLE"] = "sitk"
+    try:
+        session, why = rec.unit("session with SimpleITK resampling", lambda: pipeline.bench_session(
+            model, volume, device, "fp32", plan.repeats, 0), "session") if has_module("SimpleITK") else (
+            None, "SimpleITK is not installed")
+    finally:
+        if saved is None:
+            os.environ.pop("FASTSAM3D_RESAMPLE", None)
+        else:
+            os.environ["FASTSAM3D_RESAMPLE"] = saved
+    detail["session_sitk"] = session or why
+    for key, column in (("first_click", "first_click_ms"), ("next_click", "next_click_ms")):
+        rec.add(column, _median(session and session[key]), name, "fp32", variant=report.SITK_VARIANT, skipped=why)
 
 
 def has_module(name: str) -> bool:
