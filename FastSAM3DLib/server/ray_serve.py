@@ -5,7 +5,9 @@ keyed by the session id: the client sends the id in the ``serve_multiplexed_mode
 sends every request of a session to the replica that already holds it (its image embedding and former logits).
 A replica holds at most ``max_sessions`` sessions (least recently used dropped first). When a replica dies or
 drops a session, the next click lands on a replica without it; the server answers ``missing`` and the client
-sends the region and its last logits again: one slower click, the same result.
+sends the region and its last logits again: one slower click, the same result. Routing is best effort: Ray's
+router learns which replica holds a session from the replica's periodic reports (every 0.1 s), so a click that
+follows the previous one faster than that, on a busy cluster, may land elsewhere and be resent the same way.
 
 ``python -m FastSAM3DLib.server --ray --replicas 2`` starts (or joins, ``--ray-address``) a cluster and deploys;
 ``serve run FastSAM3DLib.server.ray_serve:build_app models=fastsam3d replicas=4 gpus_per_replica=1`` does the
