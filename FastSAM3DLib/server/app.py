@@ -33,12 +33,15 @@ class LocalBackend:
         self.replica = f"pid-{os.getpid()}"
 
     async def create(self, model: str) -> str:
+        """A new session for ``model``; returns its id."""
         return self.store.create(model)[0]
 
     async def state(self, session_id: str, request: Request):
+        """The state of session ``session_id`` (a ServiceError when it is unknown or expired)."""
         return self.store.get(session_id)
 
     async def close(self, session_id: str) -> None:
+        """Forget session ``session_id`` (nothing happens when it is unknown)."""
         self.store.close(session_id)
 
 

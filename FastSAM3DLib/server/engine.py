@@ -51,6 +51,7 @@ class ModelPool:
 
     @property
     def names(self):
+        """The model names this pool serves."""
         return list(self._specs)
 
     def load_all(self) -> None:

@@ -49,6 +49,7 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
 
         @serve.multiplexed(max_num_models_per_replica=max_sessions)
         async def session_state(self, session_id: str):
+            """A fresh state for a session this replica has not seen (Ray Serve caches it by id)."""
             from .sessions import SessionState
 
             return SessionState(None, self.settings)
@@ -76,9 +77,11 @@ class _RayBackend:
         self.replica = replica.replica
 
     async def create(self, model: str) -> str:
+        """A new session id; the session itself is made on the replica its first request reaches."""
         return secrets.token_urlsafe(16)
 
     async def state(self, session_id: str, request):
+        """This replica's state of session ``session_id`` (loaded through Ray Serve's multiplexing)."""
         from ray import serve
 
         from .sessions import ServiceError

@@ -40,12 +40,14 @@ class SessionState:
         return value
 
     def former_logits(self, logits_id: str):
+        """The low-res logits kept under ``logits_id``, or None when they were dropped."""
         value = self.logits.get(logits_id)
         if value is not None:
             self.logits.move_to_end(logits_id)
         return value
 
     def keep_embedding(self, key: str, value) -> None:
+        """Keep an image embedding under ``key`` (the oldest dropped beyond the per-session limit)."""
         self.embeddings[key] = value
         self.embeddings.move_to_end(key)
         while len(self.embeddings) > self.settings.embeddings_per_session:
@@ -101,6 +103,7 @@ class SessionStore:
             return state
 
     def close(self, session_id: str) -> bool:
+        """Drop session ``session_id``; whether it existed."""
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
 

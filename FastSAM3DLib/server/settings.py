@@ -42,6 +42,7 @@ class ServerSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServerSettings":
+        """Settings from :meth:`to_dict`'s output (e.g. after crossing to a Ray replica)."""
         data = dict(data)
         data["models"] = tuple(data.get("models") or ())
         return cls(**data)
