@@ -267,27 +267,68 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         else:
             settings.remove(self.SERVER_TOKEN_SETTING)
 
-    def createSession(self, model, device, promptMode, volume):
+    # --- memory banks (Memorizing SAM)
+    def memoryBankDir(self):
+        """Where the effect looks for memory banks besides the bundled ones: ``memory`` in the weights cache."""
+        return os.path.join(self.cacheDir(), "memory")
+
+    def memoryBanks(self, model):
+        """(path, text for a menu) of the memory banks made by ``model``'s weights: bundled, then in
+        ``memoryBankDir()``. Only the files' headers are read."""
+        from FastSAM3DLib.memory import find_banks
+        from FastSAM3DLib.resources import resources_dir
+
+        found = find_banks([resources_dir() / "Models", self.memoryBankDir()], model=model)
+        return [(str(b["path"]), _("{name} ({entries} entries, {crop} crops)").format(
+            name=os.path.basename(str(b["path"])), entries=b["entries"], crop=b["crop"])) for b in found]
+
+    def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
-        once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here."""
+        once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.
+
+        ``memoryBank``: a Memorizing SAM bank file attached to the (local) model with the default settings; a
+        bank made by other weights, or a server device, is refused with a message saying what to do.
+        ``grow``: the local session's segments grow over several regions (FastSAM3DLib.growth); a server segments
+        one region.
+        """
         from FastSAM3DLib import remote, scene
 
         if remote.is_server_url(device):
+            if memoryBank:
+                from FastSAM3DLib.errors import FastSAM3DError
+
+                raise FastSAM3DError(_("A memory bank needs a local model: choose 'None' as memory bank, or a CPU "
+                                       "or GPU device instead of the server."))
             return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken())
         from FastSAM3DLib.session import InteractiveSession
 
-        return InteractiveSession(scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir()),
-                                  volume, prompt_mode=promptMode or None)
+        built = scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir())
+        self._useMemoryBank(built, memoryBank)
+        return InteractiveSession(built, volume, prompt_mode=promptMode or None, grow=bool(grow))
+
+    def _useMemoryBank(self, model, memoryBank):
+        """Attach ``memoryBank`` (or none) to ``model``, which ``scene.load_model`` shares between calls: a bank
+        attached for an earlier choice is detached first, so no session uses a bank it was not given."""
+        from FastSAM3DLib.memory import attach_memory, attached_memory
+
+        handle = attached_memory(model)
+        wanted = os.path.realpath(str(memoryBank)) if memoryBank else None
+        if handle is not None and (wanted is None or os.path.realpath(str(handle.bank.path)) != wanted):
+            handle.detach()
+            handle = None
+        if memoryBank and handle is None:
+            attach_memory(model, memoryBank)
 
     # --- batch
     def segment(self, volumeNode, pointsRas, labels=None, segmentationNode=None, segmentName="FastSAM3D",
-                model=None, device="auto", editorSettings=None, predictor=None):
+                model=None, device="auto", editorSettings=None, predictor=None, memoryBank=None):
         """Segment one object from world-RAS clicks and write it into a segment; returns (segmentationNode, segmentId).
 
         ``labels``: 1 = include, 0 = exclude per point (default all include). ``model``: a name of
         ``modelNames()`` (default: the first whose weights are here). The segmentation is created when
         not given; the segment ``segmentName`` is reused or added. ``editorSettings``: a
-        ``FastSAM3DLib.scene.EditorSettings`` (editable area, overwrite mode, intensity range). Example::
+        ``FastSAM3DLib.scene.EditorSettings`` (editable area, overwrite mode, intensity range). ``memoryBank``: a
+        Memorizing SAM bank file (``memoryBanks(model)`` lists them) attached to the model. Example::
 
             logic = slicer.util.getModuleLogic("FastSAM3D")
             for volumeNode in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
@@ -304,8 +345,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             problem = self.torchProblem()
             if problem:
                 raise RuntimeError(problem)
+            predictor = self._sessionPredictor(model, device, memoryBank)
         return scene.segment_volume_node(volumeNode, pointsRas, labels, segmentationNode, segmentName, model,
                                          predictor, editorSettings, device, self.cacheDir())
+
+    def _sessionPredictor(self, model, device, memoryBank):
+        """``predictor(volume, points, labels)``: a fresh session per volume (with the bank or without), all clicks."""
+        from FastSAM3DLib import scene
+
+        def predict(volume, pointsRas, labels):
+            return scene.replay_clicks(self.createSession(model, device, None, volume, memoryBank), pointsRas, labels)
+
+        return predict
 
 
 def spherePredictor(radiusMm=8.0):

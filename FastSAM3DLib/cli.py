@@ -1,4 +1,4 @@
-"""Command line: ``python -m FastSAM3DLib segment|models|download|import|demo ...``.
+"""Command line: ``python -m FastSAM3DLib segment|models|download|import|demo|evaluate|memory ...``.
 
 ``segment`` without ``--checkpoint`` and ``demo`` find weights as Slicer does (bundled, or verified in the
 cache folder: ``--cache-dir``, else ``$FASTSAM3D_CACHE``, else the user cache folder).
@@ -55,11 +55,17 @@ def _check_precision(precision: Optional[str]) -> None:
 
 def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str, checkpoint: Optional[str],
             device: Optional[str], prompt_mode: Optional[str], output: str, attention_backend: Optional[str] = None,
-            log=print, cache_dir: Optional[str] = None, max_image_bytes: Optional[int] = None,
-            precision: Optional[str] = None):
+            log=print, cache_dir: Optional[str] = None, max_image_bytes: Optional[int] = None, memory=None,
+            precision: Optional[str] = None, grow=True):
     """Segment ``image`` from RAS clicks and write the label file; returns the session's last result.
 
+    ``grow``: True (default), a :class:`~FastSAM3DLib.growth.GrowthSettings`, or False for one 128^3 region:
+    with growth every click's regions are kept and the segment grows past region faces (local models only; a
+    server segments one region).
+
     Without ``checkpoint`` the model's own weights are used: bundled, or verified in ``cache_dir``.
+    ``memory``: parsed ``--memory*`` options (:func:`FastSAM3DLib.memory.cli.add_memory_arguments`) whose bank
+    is attached to the model (local models only; refused before anything is read for a server).
     ``precision``: ``exact`` or ``fast`` (int8 encoder on a CPU, :mod:`FastSAM3DLib.quantize`); default
     ``$FASTSAM3D_PRECISION``, else exact.
     The output name, device, backend and weights are checked before the image is read; the image's header
@@ -74,6 +80,9 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
         raise PromptError("Give at least one include point with --point R,A,S.")
     check_output_path(output, inputs=[image])
     remote = is_server_url(device)
+    if remote and getattr(memory, "memory", None):
+        raise FastSAM3DError("--memory needs a local model (--device cpu, cuda or mps): a server runs its own "
+                             "model without this computer's memory bank.")
     if not remote:
         from .registry import check_attention_backend, check_device
 
@@ -87,23 +96,41 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
     start = time.perf_counter()
     if remote:  # the server runs the model; the geometry stays here (token: $FASTSAM3D_TOKEN)
         session = RemoteSession(device, model_name, volume, prompt_mode=prompt_mode)
+        if grow:
+            log("note: a server segments one 128^3 region per click (growth needs a local model)")
         log(f"opened a session for '{model_name}' on {device} in {time.perf_counter() - start:.2f} s")
     else:
         from .registry import build_model
         from .session import InteractiveSession
 
-        model = build_model(model_name, checkpoint=checkpoint, device=device, attention_backend=attention_backend,
-                            precision=precision)
+        bank = None
+        if getattr(memory, "memory", None):
+            from .memory.cli import memory_options
+
+            bank = dict(memory_options(memory), bank=memory.memory)
+        try:
+            model = build_model(model_name, checkpoint=checkpoint, device=device,
+                                attention_backend=attention_backend, precision=precision, memory=bank)
+        except ValueError as exc:  # a --memory-* setting out of range (e.g. --memory-k 0): one line
+            if bank is None:
+                raise
+            raise FastSAM3DError(f"--memory: {exc}") from None
         if model.precision_note:
             log(f"precision: exact ({model.precision_note})")
+        if getattr(memory, "memory", None):
+            from .memory import attached_memory
+
+            handle = attached_memory(model)
+            log(f"memory bank {memory.memory}: {len(handle.bank)} entries, k {handle.k}, rule {handle.rule}")
         log(f"loaded model '{model_name}' ({model.precision} precision) in {time.perf_counter() - start:.2f} s")
-        session = InteractiveSession(model, volume, prompt_mode=prompt_mode)
+        session = InteractiveSession(model, volume, prompt_mode=prompt_mode, grow=grow)
     result = None
     for ras, include in points:
         result = session.add_click(ras, include=include)
         spent = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
         log(f"{'include' if include else 'exclude'} point {np.round(ras, 2).tolist()}: "
-            f"{result.voxels} voxels, predicted IoU {result.iou:.3f} ({spent})")
+            f"{result.voxels} voxels{f' in {result.regions} regions' if result.regions > 1 else ''}, "
+            f"predicted IoU {result.iou:.3f} ({spent})")
     write_label_atomically(volume, session.full_mask(result), Path(output), inputs=[image])
     log(f"wrote {output}")
     return result
@@ -156,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-image-gb", type=_positive_float, default=None, metavar="GB",
                      help="refuse images whose voxels need more memory than this (default: a quarter of this "
                           "computer's memory)")
+    seg.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep every region clicked and grow the segment into neighbouring 128^3 regions while it "
+                          "touches their faces, for objects larger than one region (default: on; --no-grow: one "
+                          "region, which moves to the newest click)")
+    seg.add_argument("--max-regions", type=int, default=None, metavar="N",
+                     help="most regions one segment may grow to (default: 32; growth also stops after 60 s per click)")
+    from .memory.cli import add_memory_arguments
+
+    add_memory_arguments(seg)
 
     demo = sub.add_parser("demo", help="segment a structure of the bundled sample and write a PNG preview")
     demo.add_argument("--output-dir", default="out/demo", help="where to write the label and the preview")
@@ -164,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "user cache folder)")
 
     from .evaluation.cli import add_subcommand as add_evaluate_command
+    from .memory.cli import add_subcommands as add_memory_commands
     from .server.command import add_subcommand as add_serve_command
     from .training.cli import add_subcommands as add_training_commands
     from .weights.commands import add_subcommands as add_weight_commands
@@ -171,8 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_commands(sub)
     add_serve_command(sub)
     add_evaluate_command(sub)
+    add_memory_commands(sub)
     add_training_commands(sub)
     return parser
+
+
+def _growth(args):
+    """``--grow``/``--no-grow`` and ``--max-regions`` as the session's ``grow`` argument."""
+    if not args.grow:
+        return False
+    if args.max_regions is None:
+        return True
+    from .growth import GrowthSettings
+
+    try:
+        return GrowthSettings(max_regions=args.max_regions)
+    except ValueError:
+        raise FastSAM3DError(f"--max-regions must be a whole number >= 1, got {args.max_regions}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -237,8 +289,8 @@ def _run(argv: Optional[List[str]]) -> int:
             points = [parse_point(p) for p in args.point]
             max_bytes = None if args.max_image_gb is None else int(args.max_image_gb * 1e9)
             segment(args.image, points, args.model, args.checkpoint, args.device, args.prompt_mode, args.output,
-                    args.attention, cache_dir=args.cache_dir, max_image_bytes=max_bytes,
-                    precision=args.precision)
+                    args.attention, cache_dir=args.cache_dir, max_image_bytes=max_bytes, memory=args,
+                    precision=args.precision, grow=_growth(args))
             return 0
         if args.command == "demo":
             from .demo import run_demo

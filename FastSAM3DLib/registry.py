@@ -133,7 +133,7 @@ def get_model_config(name: str) -> ModelConfig:
 
 
 def build_model(name: str, checkpoint=None, device=None, attention_backend: Optional[str] = None,
-                seed: Optional[int] = None, cache_dir=None, precision: Optional[str] = None) -> Sam3D:
+                seed: Optional[int] = None, cache_dir=None, precision: Optional[str] = None, memory=None) -> Sam3D:
     """Build model ``name`` in eval mode.
 
     ``checkpoint``: ``None`` for freshly initialised weights (``seed`` makes them reproducible), a path to
@@ -145,6 +145,10 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
     in int8 on a CPU, see :mod:`FastSAM3DLib.quantize`); default ``$FASTSAM3D_PRECISION``, else exact. Where
     fast is unavailable the model stays exact and ``model.precision_note`` says why; ``model.precision`` tells.
     A device or backend that cannot be used raises a FastSAM3DError saying what to choose instead.
+    ``memory``: a Memorizing SAM bank (``.safetensors`` path or ``MemoryBank``) to attach with the default
+    settings, or a dict of :func:`FastSAM3DLib.memory.attach_memory` keyword arguments with the bank as
+    ``"bank"`` (a bank that does not fit these weights is refused; it is attached before the int8 conversion of
+    ``fast``); ``FastSAM3DLib.memory.attached_memory(model)`` returns its handle (``.detach()``, ``.settings()``).
     """
     from . import quantize, weights
 
@@ -166,6 +170,11 @@ def build_model(name: str, checkpoint=None, device=None, attention_backend: Opti
     if checkpoint is not None:
         weights.load_into_model(model, weights.load_state_dict(checkpoint), name)
     model = model.to(device).eval()
+    if memory is not None:  # before the int8 copy: the bank is checked against the float weights it was made with
+        from .memory import attach_memory
+
+        options = dict(memory) if isinstance(memory, dict) else {"bank": memory}
+        attach_memory(model, **options)
     if precision == "fast":
         supported, model.precision_note = quantize.int8_support(torch.device(device).type)
         if supported:

@@ -13,6 +13,9 @@ bad input, :class:`ServerError` subclasses for the server's refusals) and leaves
 exactly as they were. When the server restarted, expired the session, or Ray moved it to another replica, the
 client opens a new session and sends the region and its last logits again: one slower click, same result.
 
+Growth over several regions (``InteractiveSession(..., grow=...)``, :mod:`FastSAM3DLib.growth`) is not mirrored
+here: a remote session segments one 128^3 region per click, as a local session without growth does.
+
 The token comes from the ``token`` argument or the ``FASTSAM3D_TOKEN`` environment variable, is sent only in
 the ``Authorization`` header and kept only in memory, never written anywhere (keep it out of the MRML scene).
 """

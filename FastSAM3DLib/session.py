@@ -19,6 +19,13 @@ the image embedding of the current ROI only, and the last state of at most :data
 visited ROIs. Coming back to one of them re-encodes it once and continues from its cached logits, feeding
 only the clicks added since, instead of replaying every click there: click time stays flat, and the result is
 the one a replay (or a fresh session fed those clicks) gives.
+
+Growth (``InteractiveSession(..., grow=True)`` or a :class:`~FastSAM3DLib.growth.GrowthSettings`): the segment
+is assembled from as many 128^3 regions as the object needs, each with its own logits (and a cached embedding,
+up to ``max_embeddings``), blended where they overlap; a click refines the regions containing it and the
+segment grows into neighbouring regions while it touches their faces (:mod:`.growth`, :mod:`.regions`). A
+click with all its growth is one undo step. Without ``grow`` (the default) the session is the single-region
+session described above, unchanged.
 """
 import math
 import time
@@ -29,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import geometry
+from . import geometry, growth, regions
 from .errors import FastSAM3DError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
 
@@ -61,6 +68,8 @@ class ClickResult:
     iou: float
     encoded: bool
     timings: Dict[str, float] = field(default_factory=dict)
+    regions: int = 1  # regions of interest the segment spans (more than 1 only with growth)
+    growth: Optional["growth.GrowthReport"] = None  # what growth did for this click (None without growth)
 
     @property
     def voxels(self) -> int:
@@ -71,7 +80,9 @@ class ClickResult:
 class InteractiveSession:
     """Click-by-click segmentation of one volume with one model (no Qt, no threads, no MRML)."""
 
-    def __init__(self, model, volume: Optional[Volume] = None, prompt_mode: Optional[str] = None) -> None:
+    def __init__(self, model, volume: Optional[Volume] = None, prompt_mode: Optional[str] = None,
+                 grow=None) -> None:
+        """``grow``: None/False (one region, the default), True (grow with default settings) or GrowthSettings."""
         self.model = model
         config = model.config
         self.size = config.image_size
@@ -79,6 +90,7 @@ class InteractiveSession:
         self.prompt_mode = prompt_mode or config.default_prompt_mode
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        self.growth: Optional[growth.GrowthSettings] = growth.settings_from(grow)
         self.volume: Optional[Volume] = None
         self.reset()
         if volume is not None:
@@ -99,16 +111,37 @@ class InteractiveSession:
         self._shown_region: Optional[Region] = None  # region of the last returned non-empty mask
         self._embedding: Optional[Tuple[RegionOfInterest, torch.Tensor]] = None  # of the current ROI only
         self._regions: "OrderedDict[RegionOfInterest, _State]" = OrderedDict()  # last state per ROI, LRU
+        # growth only: the regions of the segment, their state before each click, embeddings (LRU)
+        self._multi = growth.RegionSet()
+        self._multi_history: List[growth.RegionSet] = []
+        self._embeddings: "OrderedDict[RegionOfInterest, torch.Tensor]" = OrderedDict()
 
     @property
     def roi(self) -> Optional[RegionOfInterest]:
-        """The region of interest the model currently sees (None before the first click)."""
+        """The region of interest the model currently sees (None before the first click).
+
+        With growth: the region that holds the newest click best (None when no region holds it).
+        """
+        if self.growth is not None:
+            state = self._newest_region()
+            return state.roi if state is not None else None
         return self._state.roi
 
     @property
     def low_res_logits(self) -> Optional[torch.Tensor]:
-        """The model's current low-res logits ``(1, 1, 32, 32, 32)`` on the ROI grid (None before a click)."""
+        """The model's current low-res logits ``(1, 1, 32, 32, 32)`` on the ROI grid (None before a click).
+
+        With growth: those of :attr:`roi`.
+        """
+        if self.growth is not None:
+            state = self._newest_region()
+            return state.logits if state is not None else None
         return self._state.logits
+
+    @property
+    def region_set(self) -> "growth.RegionSet":
+        """With growth: the segment's regions (lattice and per-region state); empty without growth."""
+        return self._multi
 
     @property
     def device(self) -> torch.device:
@@ -116,8 +149,11 @@ class InteractiveSession:
         return next(self.model.parameters()).device
 
     # ----------------------------------------------------------------- clicks
-    def add_click(self, ras, include: bool = True) -> ClickResult:
+    def add_click(self, ras, include: bool = True, progress: Optional["growth.Progress"] = None) -> ClickResult:
         """Add an include (or exclude) point in RAS mm and return the updated mask of the changed region.
+
+        With growth, ``progress(GrowthProgress)`` is called before each region growth adds; returning False
+        stops the growth there (the click and the regions added so far stay: one undo step).
 
         Raises :class:`PromptError` (and changes nothing) for a malformed point (not three finite numbers), a
         point outside the volume or an exclude point before any include point; :class:`ModelOutputError` when
@@ -130,14 +166,19 @@ class InteractiveSession:
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
                               "(Shift+click) only refine an existing result.")
-        saved = (self._state, len(self._history), self._shown_region, self._embedding, OrderedDict(self._regions))
+        saved = (self._state, len(self._history), self._shown_region, self._embedding, OrderedDict(self._regions),
+                 self._multi, len(self._multi_history))
         self.clicks.append(click)
         try:
+            if self.growth is not None:
+                return self._update_grown(click, progress)
             return self._update(click)
         except BaseException as exc:  # out of memory, NaN, interrupted...: leave the session exactly as it was
             self.clicks.pop()
             self._state, self._shown_region, self._embedding, self._regions = saved[0], saved[2], saved[3], saved[4]
             del self._history[saved[1]:]
+            self._multi = saved[5]
+            del self._multi_history[saved[6]:]
             if _is_out_of_memory(exc):
                 raise OutOfMemoryError(f"{self.device} ran out of memory while segmenting. Close other programs or "
                                        "segmentations, or choose another device (CPU has more memory, a GPU is "
@@ -148,6 +189,14 @@ class InteractiveSession:
         """Remove the last click; the result is the mask exactly as it was before that click."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
+        if self.growth is not None:
+            self.clicks.pop()
+            before = self._multi
+            self._multi = self._multi_history.pop()
+            kept = set(state.roi for state in self._multi.regions.values())
+            for roi in [r for r in self._embeddings if r not in kept]:  # regions of the undone click: not needed
+                del self._embeddings[roi]
+            return self._grown_result(before, encoded=False, timings={}, report=None)
         undone = self.clicks.pop()
         self._state = self._history.pop()
         for roi, state in list(self._regions.items()):  # cached states that include the undone click are void
@@ -155,6 +204,55 @@ class InteractiveSession:
                 del self._regions[roi]
         self._remember(self._state)
         return self._result(encoded=False, timings={})
+
+    # ----------------------------------------------------------------- growth
+    def _update_grown(self, click: Click, progress) -> ClickResult:
+        """A click with growth: refine and grow (:func:`growth.apply_click`), then paste the blended regions."""
+        timings: Dict[str, float] = {}
+        before = self._multi
+        updated, report = growth.apply_click(before, click, self, self.volume, self.size, self.spacing,
+                                             self.prompt_mode, self.growth, timings, progress)
+        self._multi_history.append(before)
+        self._multi = updated
+        return self._grown_result(before, "encode" in timings, timings, report)
+
+    def _newest_region(self) -> Optional["growth.RegionState"]:
+        """With growth: the state of the region that holds the newest click best, if there is one."""
+        if not self.clicks or self._multi.lattice is None:
+            return None
+        return self._multi.regions.get(self._multi.lattice.central_index(self.clicks[-1].ras)) or next(
+            (s for s in self._multi.regions.values() if s.roi.contains(self.clicks[-1].ras[None])[0]), None)
+
+    def _grown_result(self, before: "growth.RegionSet", encoded: bool, timings: Dict[str, float],
+                      report: Optional["growth.GrowthReport"]) -> ClickResult:
+        """The blended regions pasted back over every region before and after, and what was shown before."""
+        start = time.perf_counter()
+        current = self._multi
+        lattice = current.lattice or before.lattice
+        region, mask = regions.paste(self.volume, lattice, current.logits()) if current.regions else \
+            (_empty_region(), None)
+        extent = regions.source_extent(self.volume, lattice, list(before.regions)) if lattice is not None and \
+            before.regions else _empty_region()
+        union = regions.union(regions.union(region, extent), self._shown_region)
+        full = regions.crop_to(region, mask, union)
+        self._shown_region = region if mask is not None else None
+        timings["paste"] = time.perf_counter() - start
+        newest = self._newest_region()
+        iou = newest.iou if newest is not None else float("nan")
+        return ClickResult(union, full, iou, encoded, timings, regions=len(current.regions), growth=report)
+
+    def region_embedding(self, roi: RegionOfInterest, timings: Dict[str, float]) -> torch.Tensor:
+        """With growth: the embedding of ``roi``, cached (at most ``max_embeddings``, least recent dropped)."""
+        if roi in self._embeddings:
+            self._embeddings.move_to_end(roi)
+            return self._embeddings[roi]
+        while len(self._embeddings) >= self.growth.max_embeddings:
+            self._embeddings.popitem(last=False)
+        start = time.perf_counter()
+        embedding = self._encode(roi)
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - start
+        self._embeddings[roi] = embedding
+        return embedding
 
     # ----------------------------------------------------------------- internals
     def _update(self, click: Click) -> ClickResult:
@@ -226,11 +324,17 @@ class InteractiveSession:
         fed = [click] if self.prompt_mode == "newest" else list(state.fed) + [click]
         points = state.roi.ras_to_model(np.stack([c.ras for c in fed]))
         labels = [1 if c.include else 0 for c in fed]
+        return self.run_decoder(embedding, points, labels, state.logits)
+
+    @torch.no_grad()
+    def run_decoder(self, embedding: torch.Tensor, points: np.ndarray, labels: List[int],
+                    previous: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+        """Prompt encoder + decoder for model-space ``points`` (n, 3) and the previous logits (None: zeros)."""
         coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
         label_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
         low_res = self.size // 4
-        previous = state.logits if state.logits is not None else torch.zeros(1, 1, low_res, low_res, low_res,
-                                                                             device=self.device)
+        previous = previous if previous is not None else torch.zeros(1, 1, low_res, low_res, low_res,
+                                                                     device=self.device)
         prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
         sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
         logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),

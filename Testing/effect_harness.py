@@ -101,6 +101,14 @@ class QPushButton(QWidget):
             self.emit("clicked()")
 
 
+class QCheckBox(QPushButton):
+    """A check box: a click toggles ``checked``, then ``clicked()`` is emitted (QAbstractButton)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.checkable = True
+
+
 class QComboBox(QWidget):
     """Qt's combo box as far as the effect uses it, including the signal of the first added item."""
 
@@ -129,6 +137,14 @@ class QComboBox(QWidget):
 
     def itemText(self, index):
         return self._items[index][0]
+
+    def itemData(self, index):
+        return self._items[index][1]
+
+    def clear(self):
+        """Remove every item; like Qt, the index becomes -1 and that is signalled."""
+        self._items = []
+        self.setCurrentIndex(-1)
 
     def setCurrentIndex(self, index):
         if index != self._index:
@@ -190,6 +206,7 @@ class _Layout:
 def _qt_module():
     qt = types.ModuleType("qt")
     qt.QWidget, qt.QLabel, qt.QPushButton, qt.QComboBox, qt.QTimer = QWidget, QWidget, QPushButton, QComboBox, QTimer
+    qt.QCheckBox = QCheckBox
     qt.QLineEdit, qt.QSettings = QLineEdit, type("QSettings", (QSettings,), {"store": {}})
     qt.QHBoxLayout = qt.QFormLayout = qt.QVBoxLayout = _Layout
     qt.QIcon = lambda *args: ("icon",) + args

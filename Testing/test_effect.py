@@ -257,3 +257,90 @@ def test_the_effect_segments_through_a_server_and_keeps_the_token_out_of_the_sce
     names = harness.editor_node.GetAttributeNames()
     assert all(TOKEN not in (harness.editor_node.GetAttribute(n) or "") for n in names)
     assert harness.editor_node.GetAttribute("FastSAM3D.ServerURL") == server.url
+
+
+def _demo_volume(harness):
+    volume = make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
+                         np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
+    harness.select(volume, segmentation, segment_id)
+    return volume, segmentation, segment_id
+
+
+def _write_bank(model, path, entries=3):
+    from FastSAM3DLib.benchmarks.memory import synthetic_bank
+    from FastSAM3DLib.memory import save_bank
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bank(synthetic_bank(model, entries), path)
+    return str(path)
+
+
+def test_the_memory_bank_of_the_model_is_offered_used_by_the_session_and_dropped_with_none(harness,
+                                                                                            one_torch_thread):
+    pytest.importorskip("torch")
+    from FastSAM3DLib.memory import attached_memory
+    from FastSAM3DLib.registry import build_model
+
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    logic = effect._logic()
+    from pathlib import Path
+    folder = Path(logic.memoryBankDir())
+    bank = _write_bank(build_model("fastsam3d-demo", checkpoint="cached"), folder / "demo-bank.safetensors")
+    _write_bank(build_model("tiny-test", seed=0), folder / "tiny-bank.safetensors")  # another model's: not offered
+    effect.activate()
+    offered = [effect.memoryCombo.itemData(i) for i in range(effect.memoryCombo.count)]
+    assert offered == ["", bank]
+    assert effect.memoryCombo.currentData == ""  # none until the user picks one
+    effect.memoryCombo.setCurrentIndex(1)
+    assert harness.editor_node.GetAttribute("FastSAM3D.MemoryBank") == bank
+    centre = (13 * 1.5, 11 * 1.5, 7 * 2.0)
+    assert harness.click(centre)
+    assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+    assert segment_array(segmentation, segment_id, volume).any()
+    model = effect._sessions[effect._sessionKey()].model
+    handle = attached_memory(model)
+    assert handle is not None and handle.retrievals == 1 and str(handle.bank.path) == bank
+    effect.memoryCombo.setCurrentIndex(0)  # None: the sessions go, the shared model loses its bank
+    harness.run_event_loop()
+    assert harness.editor_node.GetAttribute("FastSAM3D.MemoryBank") == ""
+    assert harness.click((centre[0] + 1.5, centre[1], centre[2]))
+    assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+    assert effect._sessions[effect._sessionKey()].model is model and attached_memory(model) is None
+
+
+def test_a_memory_bank_with_a_server_or_a_missing_file_is_refused_before_the_click(harness):
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    effect.activate()
+    harness.editor_node.SetAttribute("FastSAM3D.MemoryBank", "/nowhere/bank.safetensors")
+    assert not harness.click((13 * 1.5, 11 * 1.5, 7 * 2.0))
+    assert "missing" in effect.statusLabel.text and points(effect) == []
+    harness.editor_node.SetAttribute("FastSAM3D.Device", "server")
+    harness.editor_node.SetAttribute("FastSAM3D.ServerURL", "http://127.0.0.1:9")
+    assert not harness.click((13 * 1.5, 11 * 1.5, 7 * 2.0))
+    assert "local model" in effect.statusLabel.text and points(effect) == []
+    assert not segment_array(segmentation, segment_id, volume).any()
+
+
+def test_the_logic_segments_with_and_without_a_memory_bank(harness, one_torch_thread, tmp_path):
+    pytest.importorskip("torch")
+    from FastSAM3DLib import scene
+    from FastSAM3DLib.memory import attached_memory
+    from FastSAM3DLib.registry import build_model
+
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    logic = effect._logic()
+    bank = _write_bank(build_model("fastsam3d-demo", checkpoint="cached"), tmp_path / "bank.safetensors")
+    centre = [13 * 1.5, 11 * 1.5, 7 * 2.0]
+    node, sid = logic.segment(volume, [centre], segmentationNode=segmentation, segmentName="with",
+                              model="fastsam3d-demo", device="cpu", memoryBank=bank)
+    model = scene.load_model("fastsam3d-demo", "cpu", "cached", logic.cacheDir())
+    handle = attached_memory(model)
+    assert handle is not None and handle.retrievals == 1 and segment_array(node, sid, volume).any()
+    node, sid = logic.segment(volume, [centre], segmentationNode=segmentation, segmentName="without",
+                              model="fastsam3d-demo", device="cpu")
+    assert attached_memory(model) is None and segment_array(node, sid, volume).any()

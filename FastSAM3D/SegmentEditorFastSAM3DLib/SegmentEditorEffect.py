@@ -26,6 +26,8 @@ DEVICES = [("auto", _("Automatic (CUDA, then Apple MPS, then CPU)")), ("cuda", "
 PROMPT_MODES = [("", _("Model default")), ("newest", _("Newest click only")), ("all", _("All clicks"))]
 #: The effect's parameters (the Segment Editor node stores them as "FastSAM3D.<name>").
 MODEL, DEVICE, PROMPT_MODE, SERVER = "Model", "Device", "PromptMode", "ServerURL"  # (never the token)
+MEMORY_BANK = "MemoryBank"  # a Memorizing SAM bank file for the model, or "" (none)
+GROW = "Grow"  # "1": segments grow over several 128^3 regions (FastSAM3DLib.growth); "0": one region
 #: Keys in the slice views while the effect is active (none is used by Slicer's views or the Segment Editor).
 TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
 #: Longest wait for a running job when Slicer quits (a download is cancelled at once).
@@ -53,6 +55,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._installing = False
         self._downloadCancelled = False
         self._progress = None  # (done, total) of a running download, written by the worker
+        self._growth = None  # GrowthProgress of a growing click, written by the worker
+        self._stopGrowing = False  # read by the worker: stop the running growth (what grew so far stays)
         self._timer = qt.QTimer()
         self._timer.setInterval(5)
         self._timer.connect("timeout()", self._poll)
@@ -84,8 +88,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "points stay; the next click is computed from all of them). Shift, Ctrl and Alt keep their usual "
             "meaning in the views (crosshair, blending, panning).<p>"
             "Each click changes the segment only around the clicks, within the editable area and intensity "
-            "range of the Masking section; 'Modify other segments' applies as for Paint. The first use asks to "
-            "install PyTorch. The bundled demo model works offline; the FastSAM3D and SAM-Med3D weights "
+            "range of the Masking section; 'Modify other segments' applies as for Paint. With 'Grow beyond one "
+            "region' (Model options, on by default) every region you click in is kept and the segment grows into "
+            "neighbouring regions while it reaches their borders; 'Stop growing' keeps what is done. The first "
+            "use asks to install PyTorch. The bundled demo model works offline; the FastSAM3D and SAM-Med3D weights "
             "(Apache-2.0) are downloaded only when you press Download.") + "</html>"
 
     # ------------------------------------------------------------------ options panel
@@ -148,7 +154,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         importButton.connect("clicked()", self.onImport)
         weightsRow.addWidget(self.downloadButton)
         weightsRow.addWidget(importButton)
+        self.memoryCombo = qt.QComboBox()
+        self.memoryCombo.setToolTip(_("Memorizing SAM: keys and values of labelled cases, made by this model's "
+                                      "weights, mixed into one encoder block (see the README). None: the model "
+                                      "alone"))
+        memoryRow = qt.QHBoxLayout()
+        memoryRow.addWidget(self.memoryCombo)
+        chooseBankButton = qt.QPushButton(_("Choose..."))
+        chooseBankButton.setToolTip(_("Use a bank file made with 'python -m FastSAM3DLib memory build'"))
+        chooseBankButton.connect("clicked()", self.onChooseMemoryBank)
+        memoryRow.addWidget(chooseBankButton)
         form.addRow(_("Model:"), self.modelCombo)
+        form.addRow(_("Memory bank:"), memoryRow)
         form.addRow(_("Device:"), self.deviceCombo)
         self.serverEdit = qt.QLineEdit()
         self.serverEdit.setToolTip(_("Address of a FastSAM3D server, e.g. https://gpu.example.org:8000"))
@@ -162,10 +179,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         form.addRow(_("Token:"), self.tokenEdit)
         form.addRow(self.deviceWarning)
         form.addRow(_("Prompting:"), self.promptCombo)
+        self.growCheckBox = qt.QCheckBox(_("Grow beyond one region"))
+        self.growCheckBox.setToolTip(_("Keep every region you click in and let the segment grow into neighbouring "
+                                       "regions (192 mm each) while it reaches their borders: for organs, vessels "
+                                       "and bones larger than one region. Off: one region, which follows the "
+                                       "newest click"))
+        self.growCheckBox.connect("clicked()", self.updateMRMLFromGUI)
+        form.addRow(self.growCheckBox)
         form.addRow(_("Weights:"), self.weightsLabel)
         form.addRow(weightsRow)
         self.scriptedEffect.addOptionsWidget(options)
-        for combo in (self.modelCombo, self.deviceCombo, self.promptCombo):
+        self.stopGrowingButton = qt.QPushButton(_("Stop growing"))
+        self.stopGrowingButton.setToolTip(_("Keep the regions segmented so far and stop growing (one undo step)"))
+        self.stopGrowingButton.connect("clicked()", self.onStopGrowing)
+        self.stopGrowingButton.visible = False
+        self.scriptedEffect.addOptionsWidget(self.stopGrowingButton)
+        for combo in (self.modelCombo, self.deviceCombo, self.promptCombo, self.memoryCombo):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.tokenEdit.text = self._logic().serverToken() or ""
         self.setPolarity(True)
@@ -175,6 +204,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault(DEVICE, "auto")
         self.scriptedEffect.setParameterDefault(PROMPT_MODE, "")
         self.scriptedEffect.setParameterDefault(SERVER, "")
+        self.scriptedEffect.setParameterDefault(MEMORY_BANK, "")
+        self.scriptedEffect.setParameterDefault(GROW, "1")
 
     def _options(self):
         """(model, device, prompt mode); the device is the server's address when the server is chosen."""
@@ -182,6 +213,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if device == "server":
             device = self.scriptedEffect.parameter(SERVER).strip() or "server"
         return (self.scriptedEffect.parameter(MODEL), device, self.scriptedEffect.parameter(PROMPT_MODE))
+
+    def _sessionOptions(self):
+        """What a session is made with: (model, device, prompt mode, memory bank file or "")."""
+        return self._options() + (self.scriptedEffect.parameter(MEMORY_BANK), self.scriptedEffect.parameter(GROW))
 
     def _usesServer(self):
         return self.scriptedEffect.parameter(DEVICE) == "server"
@@ -202,10 +237,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._status(_("Cannot list the models: {error}").format(error=exc), error=True)
             finally:
                 self.modelCombo.blockSignals(wasBlocked)
-        for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode)):
+        self._fillMemoryCombo(model)
+        for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode),
+                             (self.memoryCombo, self.scriptedEffect.parameter(MEMORY_BANK))):
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(max(combo.findData(value), 0))
             combo.blockSignals(wasBlocked)
+        self.growCheckBox.checked = self.scriptedEffect.parameter(GROW) != "0"
         server = self._usesServer()
         self.serverEdit.text = self.scriptedEffect.parameter(SERVER)
         self.serverEdit.visible = self.tokenEdit.visible = server
@@ -229,13 +267,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 names=", ".join(missing)) if missing else _("Ready: left click inside the object."))
 
     def updateMRMLFromGUI(self):
-        previous = self._options()
-        self.scriptedEffect.setParameter(MODEL, self.modelCombo.currentData or self._logic().defaultModel())
+        previous = self._sessionOptions()
+        model = self.modelCombo.currentData or self._logic().defaultModel()
+        bank = self.memoryCombo.currentData or ""
+        if model != self.scriptedEffect.parameter(MODEL):
+            bank = ""  # a bank belongs to one model's weights
+        self.scriptedEffect.setParameter(MEMORY_BANK, bank)
+        self.scriptedEffect.setParameter(MODEL, model)
         self.scriptedEffect.setParameter(DEVICE, self.deviceCombo.currentData or "auto")
         self.scriptedEffect.setParameter(PROMPT_MODE, self.promptCombo.currentData or "")
         self.scriptedEffect.setParameter(SERVER, self.serverEdit.text.strip())
-        if self._options() != previous:
-            self._forgetSessions()  # new model/device/server: new sessions
+        self.scriptedEffect.setParameter(GROW, "1" if self.growCheckBox.checked else "0")
+        if self._sessionOptions() != previous:
+            self._forgetSessions()  # new model/device/server/memory bank: new sessions
+            if self._sessionOptions()[::3] != previous[::3]:
+                self.updateGUIFromMRML()  # the memory banks offered follow the model
 
     def _forgetSessions(self, key=None):
         """Drop the sessions (of one segment, or all) on the worker; a server's sessions are closed there too."""
@@ -254,6 +300,37 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         self._worker.submit(("forget",), forget)
         self._timer.start()
+
+    def _fillMemoryCombo(self, model):
+        """The memory banks made by ``model``'s weights (bundled and in the cache's memory folder), the chosen
+        file even if it lies elsewhere, and "None"; rebuilt without signals."""
+        chosen = self.scriptedEffect.parameter(MEMORY_BANK)
+        try:
+            banks = self._logic().memoryBanks(model)
+        except Exception as exc:  # noqa: BLE001 - an unreadable folder must not break the panel
+            logging.info("FastSAM3D: cannot list the memory banks: %s", exc)
+            banks = []
+        if chosen and chosen not in [path for path, _text in banks]:
+            banks.append((chosen, os.path.basename(chosen)))
+        items = [("", _("None"))] + banks
+        wasBlocked = self.memoryCombo.blockSignals(True)
+        try:
+            if [self.memoryCombo.itemData(i) for i in range(self.memoryCombo.count)] != [p for p, _t in items]:
+                self.memoryCombo.clear()
+                for path, text in items:
+                    self.memoryCombo.addItem(text, path)
+        finally:
+            self.memoryCombo.blockSignals(wasBlocked)
+
+    def onChooseMemoryBank(self):
+        """Pick a bank file; it must have been made by the selected model's weights (checked at the next click)."""
+        path = qt.QFileDialog.getOpenFileName(None, _("Choose a memory bank"), self._logic().memoryBankDir(),
+                                              _("Memory banks (*.safetensors)"))
+        if not path:
+            return
+        self.scriptedEffect.setParameter(MEMORY_BANK, path)
+        self._forgetSessions()
+        self.updateGUIFromMRML()
 
     def _deviceWarning(self, device):
         if "torch" not in sys.modules:  # known after the first click; importing torch here would stall the panel
@@ -372,6 +449,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if scene.remove_last_prompt_point(node):
             self._predict(self._context(), "undo")
 
+    def onStopGrowing(self):
+        """Stop the running growth; the regions segmented so far are written (the click stays one undo step)."""
+        self._stopGrowing = True
+        self.stopGrowingButton.visible = False
+
     def onClearPoints(self):
         node = self._pointsNode(create=False)
         if self.busy() or node is None:
@@ -399,19 +481,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         pointsNode = self._pointsNode()
         scene.show_polarity(pointsNode)
         points, labels = scene.ras_points_from_markups(pointsNode)
-        key, options, logic, predictor = self._sessionKey(), self._options(), self._logic(), self.predictorForTesting
+        key, options, logic, predictor = (self._sessionKey(), self._sessionOptions(), self._logic(),
+                                          self.predictorForTesting)
 
         def job():  # runs on the worker thread: no Qt, no MRML
             if predictor is not None:
                 return predictor(volume, points, labels) if labels.any() else None
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
-                session = logic.createSession(options[0], options[1], options[2], volume)
+                session = logic.createSession(options[0], options[1], options[2], volume, options[3] or None,
+                                              grow=options[4] != "0")
                 session.fastsam3dOptions = options
                 self._sessions[key] = session
-            return scene.replay_clicks(session, points, labels)
+            return scene.replay_clicks(session, points, labels, progress=progress)
+
+        def progress(state):  # worker thread: only plain attributes, read by _poll
+            self._growth = state
+            return not self._stopGrowing
 
         tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(), len(points), self._generation)
+        self._growth, self._stopGrowing = None, False
         self._ensureWorker().submit(tag, job)
         self._timer.start()
         self._status(_("Working... (the first click loads the model and may take a while)")
@@ -434,9 +523,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._progress is not None and self._progress[1]:
             self.weightsLabel.text = _("downloading: {percent:.0f} %").format(
                 percent=100.0 * self._progress[0] / self._progress[1])
+        growth = self._growth
+        if growth is not None and self.busy():
+            self.stopGrowingButton.visible = True
+            self._status(_("Growing: {regions} regions ({added} added, {seconds:.0f} s)...").format(
+                regions=growth.regions, added=growth.added, seconds=growth.elapsed_s))
         if not self.busy():
             self._timer.stop()
             self._progress = None
+            self._growth = None
+            self.stopGrowingButton.visible = False
             self.updateGUIFromMRML()
 
     def _dropStale(self, tag):
@@ -477,9 +573,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._failed(tag, exc)
             return
         iou = getattr(result, "iou", None)
-        self._status(_("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}").format(
+        regions = getattr(result, "regions", 1)
+        self._status(_("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}").format(
             count=count, model=seconds, write=written,
-            iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else ""))
+            iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else "",
+            regions=_(", {n} regions").format(n=regions) if regions > 1 else ""))
 
     def _failed(self, tag, error):
         from FastSAM3DLib.errors import FastSAM3DError
@@ -500,6 +598,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.predictorForTesting is not None:
             return True
         logic = self._logic()
+        bank = self.scriptedEffect.parameter(MEMORY_BANK)
+        if bank and self._usesServer():
+            self._status(_("A memory bank needs a local model: choose 'None' as memory bank under 'Model options', "
+                           "or a CPU or GPU device."), error=True)
+            return False
+        if bank and not os.path.isfile(bank):
+            self._status(_("The memory bank {path} is missing: choose another under 'Model options'.").format(
+                path=bank), error=True)
+            return False
         if self._usesServer():  # the server has the model and its weights; this computer needs no PyTorch
             if self._options()[1] == "server":
                 self._status(_("Enter the FastSAM3D server's address under 'Model options'."), error=True)

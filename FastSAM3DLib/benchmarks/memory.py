@@ -13,7 +13,8 @@ the layout of a real bank made at block 4):
 
 Medians after a warm-up round (plain, memory attention and released runs interleaved, so a busy machine slows
 all alike), synchronised on CUDA, for every precision of the plan (bf16/fp16 under autocast).
-The lead registers :func:`measure` in :func:`.suite.extra_benchmarks`.
+Registered in :func:`.suite.extra_benchmarks` (``make bench`` and ``make gpu-check``); ``int8`` runs on the
+int8-encoder copy of the model (:func:`.pipeline.model_for`).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def measure(plan, device_name: str, model_name: Optional[str] = None, entries: O
     from ..registry import build_model
     from .attention import _sync
     from .attention import measure as time_it
-    from .pipeline import autocast, encoder_input
+    from .pipeline import MissingDependency, autocast, encoder_input, model_for
 
     dry = _dry_run(plan)
     model_name = model_name or ("tiny-test" if dry else "fastsam3d")
@@ -85,14 +86,22 @@ def measure(plan, device_name: str, model_name: Optional[str] = None, entries: O
     repeats = max(1, int(plan.repeats))
     out = []
     x = encoder_input(model, device)
+    float_model = model
     for precision in plan.precisions:
         common = dict(model=model_name, device=device_name, precision=precision)
+        try:  # int8: the int8-encoder copy; its weights differ from the bank's hash by construction (same layout)
+            model = model_for(float_model, precision)
+        except MissingDependency as exc:
+            out += [report.measurement(name, None, unit="MiB" if name.endswith("mib") else "ms", label=label,
+                                       variant=v, skipped=str(exc), **common) for name, v, label in names]
+            continue
+        other = model is not float_model
 
         def encode():
             with autocast(device, precision):
                 return model.image_encoder(x)
 
-        attention_handle = attach_memory(model, bank, k=K, rule="attention")
+        attention_handle = attach_memory(model, bank, k=K, rule="attention", allow_other_encoder=other)
         try:
             retrieval = time_it(lambda: attention_handle._before_encoder(model.image_encoder, (x,)), device,
                                 max(repeats, 5), warmup=1, memory=False)["median_ms"]
@@ -107,7 +116,8 @@ def measure(plan, device_name: str, model_name: Optional[str] = None, entries: O
                 for variant in times:
                     if variant == "released" and released_why:
                         continue
-                    handle = None if variant == "plain" else attach_memory(model, bank, k=K, rule=variant)
+                    handle = None if variant == "plain" else attach_memory(model, bank, k=K, rule=variant,
+                                                                           allow_other_encoder=other)
                     try:
                         start = time.perf_counter()
                         encode()

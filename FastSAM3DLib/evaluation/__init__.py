@@ -1,7 +1,7 @@
 """Evaluation: simulated-click Dice/IoU of any registered model on image/label pairs.
 
-* :mod:`.clicks`: the official click-simulation protocols (FastSAM3D, SAM-Med3D).
-* :mod:`.metrics`: Dice, IoU and their per-click aggregates.
+* :mod:`.clicks`: the click-simulation protocols (FastSAM3D, SAM-Med3D, the CVPR 2025 interactive challenge).
+* :mod:`.metrics`: Dice, IoU, the normalised surface Dice (NSD) and their per-click aggregates.
 * :mod:`.dataset`: finding image/label pairs (folders, manifests) and label names; choosing structures.
 * :mod:`.evaluate`: the loop, :func:`~FastSAM3DLib.evaluation.evaluate.evaluate_dataset`.
 * :mod:`.results`: the resumable results folder (CSV, skips, JSON summary).

@@ -13,9 +13,12 @@ EXAMPLES = """examples:
   python -m FastSAM3DLib evaluate ../shared/data/totalseg --model fastsam3d --clicks 10 --output out/eval
   python -m FastSAM3DLib evaluate ct.nii.gz --label seg.nii.gz --structures liver "kidney*" 5 --output out/eval
   python -m FastSAM3DLib evaluate cases.csv --model sam-med3d-turbo --protocol sam-med3d --placement gt -o out/eval
+  python -m FastSAM3DLib evaluate test.json --model fastsam3d-demo --memory bank.safetensors -o out/eval
 
 Rerunning with the same --output continues an interrupted run (finished structures are kept) and adds other
-models or placements next to the earlier ones; summary.json and the plots then cover all of them."""
+models or placements next to the earlier ones; summary.json and the plots then cover all of them.
+With --memory the results are stored as '<model>+memory' (or --name): run once without and once with the bank
+into the same folder, and the memory-on/off comparison (same cases and click seeds) is printed."""
 
 
 def _structures(values: Optional[List[str]]) -> Optional[List[str]]:
@@ -47,13 +50,20 @@ def add_subcommand(subparsers) -> None:
                              "random weights, for smoke tests only)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument("--attention", default=None, help="attention backend (default: automatic)")
-    parser.add_argument("--clicks", type=int, default=10, help="clicks per structure (default: 10)")
+    parser.add_argument("--clicks", type=int, default=None,
+                        help="clicks per structure (default: 5 with --protocol cvpr25, else 10)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="fastsam3d",
                         help="fastsam3d: 2 interior clicks then random errors, newest click fed; sam-med3d: "
-                             "random object voxel then random errors, all clicks fed (default: fastsam3d)")
-    parser.add_argument("--placement", choices=("gt", "click", "both"), default="both",
+                             "random object voxel then random errors, all clicks fed; cvpr25: the CVPR 2025 "
+                             "interactive 3D challenge (centre of the largest error, all clicks fed, DSC and NSD "
+                             "after each click and their area under the click curve) (default: fastsam3d)")
+    parser.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
+                        help="also compute the normalised surface Dice at this tolerance in mm after every click "
+                             "(default: 2 with --protocol cvpr25, the challenge's; none otherwise)")
+    parser.add_argument("--placement", choices=("gt", "click", "both", "grow"), default="both",
                         help="ROI centred on the ground truth (the papers' protocol), on the clicks as the "
-                             "interactive session places it (what a user gets), or both (default)")
+                             "interactive session places it (what a user gets), or both (default); grow: the "
+                             "session with growth (regions kept and grown, whole-object Dice, recall, coverage)")
     parser.add_argument("--structures", nargs="+", metavar="S",
                         help="label values or names to evaluate (wildcards allowed, e.g. 'kidney*'); default: all")
     parser.add_argument("--min-voxels", type=int, default=10,
@@ -66,6 +76,9 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--no-predictions", action="store_true",
                         help="do not save the last prediction of each structure (the overlay montage needs them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from ..memory.cli import add_memory_arguments
+
+    add_memory_arguments(parser, evaluation=True)
     parser.set_defaults(func=cmd_evaluate)
 
 
@@ -83,6 +96,12 @@ def _table(summary: Dict) -> str:
                 lines.append(f"  {model:<16} {protocol:<9} {placement:<5} n={overall['n']:<4} "
                              f"Dice full: after 1 {fmt(full.get('after_1'))}, last {fmt(full['last'])}, "
                              f"max {fmt(full['max'])} | crop: last {fmt(crop['last'])}, max {fmt(crop['max'])}")
+                challenge = overall.get("cvpr25") or {}
+                if challenge.get("nsd_auc") is not None:
+                    lines.append(f"  {'':<16} {'':<9} {'':<5} {'':<6} CVPR25: DSC AUC {fmt(challenge['dsc_auc'])}, "
+                                 f"NSD AUC {fmt(challenge['nsd_auc'])}, final DSC {fmt(challenge['final_dsc'])}, "
+                                 f"final NSD {fmt(challenge['final_nsd'])}, "
+                                 f"{fmt(overall['time_s'].get('per_case'))} s per case")
     return "\n".join(lines)
 
 
@@ -100,13 +119,22 @@ def cmd_evaluate(args) -> int:
         print(f"error: no image/label pairs found in {args.data}. Name label files *_seg*/*label*/*mask*, add a "
               "labels.json, or pass a manifest (.json/.csv with image,label columns).", file=sys.stderr)
         return 2
+    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
+        print(f"error: --nsd-tolerance must be a number of mm >= 0, got {args.nsd_tolerance}", file=sys.stderr)
+        return 2
+    if args.clicks is None:
+        args.clicks = 5 if args.protocol == "cvpr25" else 10
     print(f"{len(cases)} case(s) in {args.data}; model {args.model}, {args.clicks} clicks, protocol {args.protocol}, "
           f"placement {args.placement}")
-    summary = evaluate_dataset(
-        cases, args.model, args.output, clicks=args.clicks, protocol=args.protocol, placement=args.placement,
-        structures=_structures(args.structures), seed=args.seed, min_voxels=args.min_voxels,
-        checkpoint=args.checkpoint, device=args.device, name=args.name, attention=args.attention,
-        save_predictions=not args.no_predictions, plots=not args.no_plots, progress=not args.quiet)
+    common = dict(clicks=args.clicks, protocol=args.protocol, placement=args.placement,
+                  nsd_tolerance_mm=args.nsd_tolerance,
+                  structures=_structures(args.structures), seed=args.seed, min_voxels=args.min_voxels,
+                  save_predictions=not args.no_predictions, plots=not args.no_plots, progress=not args.quiet)
+    if getattr(args, "memory", None):
+        summary = _evaluate_with_memory(args, cases, common)
+    else:
+        summary = evaluate_dataset(cases, args.model, args.output, checkpoint=args.checkpoint, device=args.device,
+                                   name=args.name, attention=args.attention, **common)
     runtime = summary["runtime"]
     skipped = summary["skipped"]
     print(f"evaluated {runtime['structures_evaluated']} structure(s) in {runtime['seconds']:.1f} s; "
@@ -114,7 +142,42 @@ def cmd_evaluate(args) -> int:
     table = _table(summary)
     if table:
         print(table)
+    if getattr(args, "memory", None):
+        _print_memory_comparison(args)
     print(f"results: {args.output}/results.csv, {args.output}/summary.json"
           + (", plots: " + ", ".join(p.rsplit("/", 1)[-1] for p in summary.get("plots", [])) if summary.get("plots")
              else ""))
     return 0
+
+
+def _evaluate_with_memory(args, cases, common) -> Dict:
+    """``evaluate --memory``: the model built once, the bank attached with the leakage guard (patient ids from
+    the manifest), results stored as ``<model>+memory`` unless ``--name`` says otherwise."""
+    from ..errors import FastSAM3DError
+    from ..memory.cli import memory_options
+    from ..memory.evaluation import case_patients, evaluate_with_memory
+    from .evaluate import _resolve_model
+
+    model, _, description = _resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
+    patients = case_patients(args.data if not args.label else None, cases)
+    if args.memory_k < 1 or not 0.0 <= args.memory_local_ratio <= 1.0:
+        raise FastSAM3DError(f"--memory-k must be at least 1 and --memory-local-ratio between 0 and 1 (got "
+                             f"{args.memory_k} and {args.memory_local_ratio}).")
+    return evaluate_with_memory(cases, model, args.output, bank=args.memory, name=args.name or f"{args.model}+memory",
+                                guard=args.memory_guard, patients=patients, checkpoint=description,
+                                **memory_options(args), **common)
+
+
+def _print_memory_comparison(args) -> None:
+    """The paired memory-on/off table when the folder also holds the model's results without memory."""
+    from ..memory.evaluation import comparison_table, paired_comparison
+
+    entries = paired_comparison(args.output, args.model, args.name or f"{args.model}+memory", clicks=(1, 3, 5),
+                                metric="dice_full", placements=None)
+    entries = [e for e in entries if e["n"] and e["click"] <= args.clicks]
+    if entries:
+        print(f"memory on - off, Dice on the source grid, paired by structure ({args.model} vs "
+              f"{args.name or args.model + '+memory'}, same click seeds):")
+        print(comparison_table(entries))
+    else:
+        print(f"(run the same command without --memory into {args.output} to get the paired on/off comparison)")

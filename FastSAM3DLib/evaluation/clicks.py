@@ -1,4 +1,5 @@
-"""Simulated clicks, as the official FastSAM3D and SAM-Med3D evaluations (and training) generate them.
+"""Simulated clicks, as the official FastSAM3D and SAM-Med3D evaluations (and training) and the CVPR 2025
+interactive 3D challenge generate them.
 
 All arrays are boolean volumes in the model's (x, y, z) voxel order; a click is ``(point (3,), label)`` with
 ``label`` 1 (include, placed in a false negative) or 0 (exclude, placed in a false positive). Every function
@@ -9,6 +10,10 @@ takes a ``numpy.random.Generator`` so runs are seeded and reproducible.
   click (empty prediction) this is a voxel near the centre of the object.
 * :func:`random_error_click` (FastSAM3D from click 3 on, SAM-Med3D always, training): uniform over FN ∪ FP.
 * :func:`random_object_click` (SAM-Med3D's first click): uniform over the object.
+* :func:`largest_error_click` (the CVPR 2025 "Foundation Models for Interactive 3D Biomedical Image
+  Segmentation" challenge, ``CVPR25_iter_eval.py``, every click): in the largest 26-connected component of the
+  errors (FN and FP together), the voxel farthest from the component's border (Euclidean distance in voxels;
+  uniform among ties); include when the reference holds it, else exclude.
 """
 from typing import Optional, Tuple
 
@@ -62,6 +67,33 @@ def random_object_click(truth: np.ndarray, rng: np.random.Generator) -> Optional
     return candidates[rng.integers(len(candidates))].astype(np.float64), 1
 
 
+def _largest_component(region: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean volume (the lowest label on equal sizes)."""
+    try:
+        from scipy import ndimage
+    except ImportError as exc:  # pragma: no cover - scipy comes with Slicer and the evaluation requirements
+        raise ImportError("the cvpr25 click protocol needs scipy: pip install scipy") from exc
+    labels, count = ndimage.label(region, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def largest_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
+    """The CVPR 2025 challenge click (module docstring); ``None`` when the prediction is perfect."""
+    truth, prediction = truth.astype(bool), prediction.astype(bool)
+    errors = truth != prediction
+    if not errors.any():
+        return None
+    component = _largest_component(errors)
+    dist = _distance_inside(component)
+    candidates = np.argwhere(dist == dist.max())
+    point = candidates[rng.integers(len(candidates))]
+    return point.astype(np.float64), int(truth[tuple(point)])
+
+
 def protocol_click(protocol: str, index: int, truth: np.ndarray, prediction: np.ndarray,
                    rng: np.random.Generator) -> Optional[Click]:
     """Click number ``index`` (0-based) of an official protocol: ``"fastsam3d"`` or ``"sam-med3d"``."""
@@ -69,14 +101,17 @@ def protocol_click(protocol: str, index: int, truth: np.ndarray, prediction: np.
         return (interior_click if index < 2 else random_error_click)(truth, prediction, rng)
     if protocol == "sam-med3d":
         return random_object_click(truth, rng) if index == 0 else random_error_click(truth, prediction, rng)
-    raise ValueError(f"unknown click protocol {protocol!r}; use 'fastsam3d' or 'sam-med3d'")
+    if protocol == "cvpr25":
+        return largest_error_click(truth, prediction, rng)
+    raise ValueError(f"unknown click protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
 
 
 # How each protocol turns the model's output into the "prediction" its click generator sees, and which clicks
 # it feeds to the model. (Additions for the evaluation loop; the click functions above are unchanged.)
 
-CLICK_THRESHOLDS = {"fastsam3d": 0.5, "sam-med3d": 0.0}
-PROMPT_MODES = {"fastsam3d": "newest", "sam-med3d": "all"}
+CLICK_THRESHOLDS = {"fastsam3d": 0.5, "sam-med3d": 0.0, "cvpr25": 0.0}
+#: cvpr25: the challenge hands every click so far (and the previous prediction) to the model
+PROMPT_MODES = {"fastsam3d": "newest", "sam-med3d": "all", "cvpr25": "all"}
 PROTOCOLS = tuple(PROMPT_MODES)
 
 
@@ -95,7 +130,7 @@ def prediction_for_clicks(protocol: str, upsampled_logits: Optional[np.ndarray])
     try:
         threshold = CLICK_THRESHOLDS[protocol]
     except KeyError:
-        raise ValueError(f"unknown click protocol {protocol!r}; use 'fastsam3d' or 'sam-med3d'") from None
+        raise ValueError(f"unknown click protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}") from None
     if upsampled_logits is None:
         return None
     return np.asarray(upsampled_logits) > threshold

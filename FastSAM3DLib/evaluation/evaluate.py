@@ -14,13 +14,18 @@ For each case, structure, and *placement* of the 128^3 region of interest (ROI):
   outside the current ROI), so errors anywhere in the structure can be clicked, as a user would.
 
 Click protocols (:mod:`.clicks`): ``"fastsam3d"`` (clicks 1-2 "interior"/ritm, then random error voxels;
-only the newest click is fed; the click generator sees upsampled logits > 0.5, the official quirk) and
-``"sam-med3d"`` (first click a random object voxel, then random errors; all clicks fed). In both the previous
-low-res logits are fed back (zeros at the first click).
+only the newest click is fed; the click generator sees upsampled logits > 0.5, the official quirk),
+``"sam-med3d"`` (first click a random object voxel, then random errors; all clicks fed) and ``"cvpr25"`` (the
+CVPR 2025 interactive 3D challenge: every click at the centre of the largest error component, all clicks fed;
+up to 5 clicks; NSD at 2 mm). In all the previous low-res logits are fed back (zeros at the first click).
+**cvpr25 deviations**, stated in every summary: the challenge starts from a bounding-box prediction, these
+point-prompt models start from the first click (so its area under the click curve spans clicks 1-5, not box +
+5 clicks); its clicks are placed on the 128^3 crop (``gt``) or the model grid (``click``), not the image grid.
 
 Per click: Dice and IoU on the 128^3 crop (``*_crop``, model space: the paper's numbers) and on the source grid
-after paste-back (``*_full``), the model's predicted IoU, and the seconds of the model step. Results are written
-as they come (see :mod:`.results`), so a rerun continues an interrupted one.
+after paste-back (``*_full``), the NSD on the source grid when a tolerance is set (``nsd_full``; default for
+cvpr25), the model's predicted IoU, and the seconds of the model step. Results are written as they come (see
+:mod:`.results`), so a rerun continues an interrupted one.
 """
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ import numpy as np
 from ..errors import FastSAM3DError, OutOfMemoryError
 from . import dataset as ds
 from .clicks import PROMPT_MODES, PROTOCOLS, next_protocol_click
-from .metrics import dice_iou, dice_iou_in_region
+from .metrics import NSD_TOLERANCE_MM, dice_iou, dice_iou_in_region, nsd_in_region
 from .results import ResultStore, prediction_path, summarise, unit_key, write_summary
 
-PLACEMENTS = ("gt", "click")
+PLACEMENTS = ("gt", "click", "grow")  # "grow": the session with growth (.growing)
 
 
 class _Skip(Exception):
@@ -141,12 +146,14 @@ def _paste_into_grid(buffer: np.ndarray, values: np.ndarray, start: np.ndarray) 
 class _CaseData:
     """The loaded image and label of a case, with the lazily built pieces the placements need."""
 
-    def __init__(self, case: ds.Case, runner: ModelRunner, protocol: str) -> None:
+    def __init__(self, case: ds.Case, runner: ModelRunner, protocol: str,
+                 nsd_tolerance_mm: Optional[float] = None) -> None:
         from ..geometry import Volume
 
         self.case = case
         self.runner = runner
         self.protocol = protocol
+        self.nsd_tolerance_mm = nsd_tolerance_mm
         self.volume, self.labels, self.resampled = ds.load_case(case)
         self.volume.validate()
         self.label_volume = Volume(self.labels, self.volume.ijk_to_ras)
@@ -160,6 +167,13 @@ class _CaseData:
             self._grid = canonical_grid(self.volume, self.runner.spacing)
             self._label_grid = extract_label(self.label_volume, self._grid)
         return self._grid, self._label_grid
+
+    def nsd(self, region, mask: np.ndarray, reference: np.ndarray) -> float:
+        """NSD on the source grid of a prediction inside ``region`` (NaN when no tolerance is set)."""
+        if self.nsd_tolerance_mm is None:
+            return float("nan")
+        spacing_kji = np.linalg.norm(np.asarray(self.volume.ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)[::-1]
+        return nsd_in_region(region, mask, reference, spacing_kji, self.nsd_tolerance_mm)
 
     def session(self):
         """An interactive session on this volume with the protocol's prompting mode."""
@@ -194,7 +208,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
     points, labels, rows = [], [], []
     low = up = None
     previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "pred_iou": float("nan")}
+                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
     region = full = None
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, up, rng)
@@ -214,7 +228,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
         dice_crop, iou_crop = dice_iou(up > 0, truth)
         dice_full, iou_full = dice_iou_in_region(region, full, mask, voxels)
         previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
-                    "pred_iou": pred_iou}
+                    "nsd_full": data.nsd(region, full, mask), "pred_iou": pred_iou}
         rows.append({**meta, "click": index + 1, **_click_fields(roi.model_to_ras_points(point), label), **previous,
                      "encoded": int(index == 0), "time_s": spent})
     final = np.zeros(data.volume.shape, dtype=bool)
@@ -241,7 +255,7 @@ def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: 
     crops: Dict = {}
     rows, result = [], None
     previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "pred_iou": float("nan")}
+                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, field if have_logits else None, rng)
         if click is None:
@@ -262,20 +276,28 @@ def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: 
         dice_crop, iou_crop = dice_iou(up > 0, crops[roi])
         dice_full, iou_full = dice_iou_in_region(result.region, result.mask, mask, voxels)
         previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
-                    "pred_iou": float(result.iou)}
+                    "nsd_full": data.nsd(result.region, result.mask, mask), "pred_iou": float(result.iou),
+                    "recall_full": float(np.count_nonzero(result.mask & (mask[result.region] != 0)) / voxels)}
         rows.append({**meta, "click": index + 1, **_click_fields(ras, label), **previous,
                      "encoded": int(result.encoded), "time_s": spent})
     final = session.full_mask(result) if result is not None else np.zeros(data.volume.shape, dtype=bool)
     return rows, final
 
 
-_RUNNERS = {"gt": _run_gt_placement, "click": _run_click_placement}
+def _run_grow_placement(*args):
+    """The interactive session with growth (:func:`.growing.run_grow_placement`)."""
+    from .growing import run_grow_placement
+
+    return run_grow_placement(*args)
+
+
+_RUNNERS = {"gt": _run_gt_placement, "click": _run_click_placement, "grow": _run_grow_placement}
 
 
 def unit_rng(seed: int, case: str, value: int, protocol: str, placement: str) -> np.random.Generator:
     """The random generator of one unit: depends only on these, so results do not depend on order or resuming."""
     words = [int(seed) % 2 ** 32, zlib.crc32(case.encode("utf-8")), int(value) % 2 ** 32,
-             PROTOCOLS.index(protocol), PLACEMENTS.index(placement)]
+             PROTOCOLS.index(protocol), PLACEMENTS.index("click" if placement == "grow" else placement)]
     return np.random.default_rng(words)
 
 
@@ -322,7 +344,7 @@ class _Progress:
 
 def _placements(placement: Union[str, Sequence[str]]) -> List[str]:
     if isinstance(placement, str):
-        placement = PLACEMENTS if placement == "both" else (placement,)
+        placement = ("gt", "click") if placement == "both" else (placement,)
     out = list(dict.fromkeys(placement))
     for p in out:
         if p not in PLACEMENTS:
@@ -348,12 +370,13 @@ def _resolve_model(model, checkpoint, device, name, attention):
     return model.eval(), name or model.config.name, (str(checkpoint) if checkpoint else None)
 
 
-def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *, clicks: int = 10,
+def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *, clicks: Optional[int] = None,
                      protocol: str = "fastsam3d", placement: Union[str, Sequence[str]] = "both",
                      structures: Optional[Sequence[str]] = None, seed: int = 2023, min_voxels: int = 10,
                      checkpoint: Optional[str] = None, device: Optional[str] = None, name: Optional[str] = None,
                      attention: Optional[str] = None, save_predictions: bool = True, plots: bool = True,
-                     progress: bool = True, log: Callable[[str], None] = print) -> Dict:
+                     progress: bool = True, log: Callable[[str], None] = print,
+                     nsd_tolerance_mm: Optional[float] = None) -> Dict:
     """Evaluate ``model`` with simulated clicks on every structure of ``pairs``; return the summary dict.
 
     ``pairs``: a folder, a manifest, :class:`~.dataset.Case` objects or ``(image, label)`` tuples (see
@@ -365,14 +388,23 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     label values or names (wildcards allowed) to evaluate instead of all; a case's own list wins.
     ``min_voxels``: structures with fewer voxels on the source grid are skipped (recorded with the reason).
     ``name``: the model's name in the results (default: the model name), to compare checkpoints in one folder.
+    ``clicks``: per structure (default 5 for ``protocol="cvpr25"``, the challenge's budget, else 10).
+    ``nsd_tolerance_mm``: compute the NSD at this tolerance after every click (default: 2 mm for cvpr25, none
+    otherwise: it costs a distance transform around the structure per click).
 
     The summary is that of :func:`.results.summarise` over every row in the folder (all models), plus
     ``runtime`` for this call.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown click protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if clicks is None:
+        clicks = 5 if protocol == "cvpr25" else 10
     if int(clicks) < 1:
         raise ValueError("clicks must be at least 1")
+    if nsd_tolerance_mm is None and protocol == "cvpr25":
+        nsd_tolerance_mm = NSD_TOLERANCE_MM
+    if nsd_tolerance_mm is not None and not float(nsd_tolerance_mm) >= 0:
+        raise ValueError(f"the NSD tolerance must be a number of mm >= 0, got {nsd_tolerance_mm}")
     started = time.perf_counter()
     placements = _placements(placement)
     cases = ds.as_cases(pairs)
@@ -380,8 +412,9 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     runner = ModelRunner(built)
     folder = Path(output) if output is not None else None
     store = ResultStore(folder, clicks)
-    store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels)}, model_name,
-                         description)
+    store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
+                          "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm)},
+                         model_name, description)
     store.record_cases(cases)
     if store.dropped_units:
         log(f"dropped {store.dropped_units} incomplete structure(s) from {store.results_csv}; they are redone")
@@ -425,7 +458,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     try:
         for case, todo in plan:
             try:
-                data = _CaseData(case, runner, protocol)
+                data = _CaseData(case, runner, protocol, nsd_tolerance_mm)
             except (FastSAM3DError, RuntimeError, OSError) as exc:
                 reason = f"cannot evaluate this case: {str(exc).strip().splitlines()[-1]}"
                 for value, wheres in todo:

@@ -1,8 +1,16 @@
-"""Overlap metrics (Dice, IoU) and their per-click aggregates, exactly as the official evaluations define them.
+"""Overlap metrics (Dice, IoU), the normalised surface Dice, and their per-click aggregates.
 
 Dice = 2|A∩B| / (|A| + |B|) and IoU = |A∩B| / |A∪B| on boolean masks; both are NaN when both masks are empty
 (``utils/metric_utils`` of SAM-Med3D and ``validation_student.py`` of FastSAM3D do the same). Aggregates ignore
 NaN values (``nanmean``/``nanmax``) and are NaN when every value is NaN.
+
+NSD (normalised surface Dice at a tolerance of τ mm, the CVPR 2025 interactive challenge's second metric, τ =
+:data:`NSD_TOLERANCE_MM`): the border voxels of a mask are its voxels with a 6-neighbour outside it (outside the
+array counts as outside); NSD = (#border voxels of A within τ of B's border + #border voxels of B within τ of A's
+border) / (#border voxels of A + #border voxels of B), distances in mm between voxel centres (anisotropic
+spacing honoured). **Deviation:** the challenge uses DeepMind's ``surface-distance`` package, which weighs
+surface elements by their area; here every border voxel weighs 1, so values differ slightly on coarse or
+anisotropic grids. NaN when both masks are empty, 0 when exactly one is.
 """
 from typing import Dict, Iterable, Sequence, Tuple
 
@@ -10,6 +18,8 @@ import numpy as np
 
 # "Mean Dice after k clicks" is reported for these k (those not above the number of clicks simulated).
 REPORTED_CLICKS = (1, 3, 5, 10)
+#: the CVPR 2025 interactive 3D challenge's NSD tolerance (mm)
+NSD_TOLERANCE_MM = 2.0
 
 
 def overlap_from_counts(intersection: int, predicted: int, reference: int) -> Tuple[float, float]:
@@ -90,3 +100,78 @@ def click_curve_summary(curves: Sequence[Sequence[float]], clicks: int) -> Dict[
     out["last"] = nan_mean(c[-1] for c in curves) if clicks else float("nan")
     out["max"] = nan_mean(nan_max(c) for c in curves)
     return out
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with at least one of their 6 neighbours outside it (or outside the array)."""
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (-1, 1):
+            inner &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~inner
+
+
+def _within(source: np.ndarray, target: np.ndarray, spacing, tolerance_mm: float) -> int:
+    """How many ``source`` voxels lie within ``tolerance_mm`` of a ``target`` voxel (both non-empty)."""
+    import edt
+
+    distance = edt.edt(np.ascontiguousarray(~target, dtype=np.uint8), anisotropy=tuple(float(s) for s in spacing),
+                       black_border=False)
+    return int(np.count_nonzero(distance[source] <= tolerance_mm + 1e-9))
+
+
+def normalized_surface_dice(prediction: np.ndarray, reference: np.ndarray, spacing,
+                            tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """NSD of two boolean masks (module docstring); ``spacing``: mm per voxel along the arrays' three axes.
+
+    Only the box around both masks (plus one voxel) is processed, so a small structure in a large volume is cheap.
+    """
+    prediction, reference = np.asarray(prediction) != 0, np.asarray(reference) != 0
+    if prediction.shape != reference.shape or prediction.ndim != 3:
+        raise ValueError(f"NSD needs two 3D masks of one shape, got {prediction.shape} and {reference.shape}")
+    if not float(tolerance_mm) >= 0:
+        raise ValueError(f"the NSD tolerance must be a number of mm >= 0, got {tolerance_mm}")
+    has_p, has_r = prediction.any(), reference.any()
+    if not has_p and not has_r:
+        return float("nan")
+    if not has_p or not has_r:
+        return 0.0
+    either = prediction | reference
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(either))
+    border_p, border_r = _border(prediction[box]), _border(reference[box])
+    close = _within(border_p, border_r, spacing, tolerance_mm) + _within(border_r, border_p, spacing, tolerance_mm)
+    return close / float(np.count_nonzero(border_p) + np.count_nonzero(border_r))
+
+
+def nsd_in_region(region, mask: np.ndarray, reference: np.ndarray, spacing,
+                  tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """NSD of a prediction given as ``mask`` inside ``region`` (slices of ``reference``), False elsewhere."""
+    region = tuple(region)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != np.asarray(reference[region]).shape:
+        raise ValueError(f"region of shape {np.asarray(reference[region]).shape} does not match the mask's "
+                         f"{mask.shape}")
+    reference = np.asarray(reference) != 0
+    lows = [r.start or 0 for r in region]
+    highs = [r.stop if r.stop is not None else n for r, n in zip(region, reference.shape)]
+    found = np.nonzero(reference)
+    if len(found[0]):
+        lows = [min(lo, int(i.min())) for lo, i in zip(lows, found)]
+        highs = [max(hi, int(i.max()) + 1) for hi, i in zip(highs, found)]
+    box = tuple(slice(lo, hi) for lo, hi in zip(lows, highs))
+    prediction = np.zeros([hi - lo for lo, hi in zip(lows, highs)], dtype=bool)
+    inner = tuple(slice((r.start or 0) - lo, (r.start or 0) - lo + n) for r, lo, n in zip(region, lows, mask.shape))
+    prediction[inner] = mask
+    return normalized_surface_dice(prediction, reference[box], spacing, tolerance_mm)
+
+
+def area_under_clicks(values: Sequence[float]) -> float:
+    """Area under a per-click curve (trapezoids, one unit per click, as ``sklearn.metrics.auc`` over the
+    interaction index in the challenge): from the first value to the last; NaN if any value is NaN."""
+    values = np.asarray(list(values), dtype=np.float64)
+    if values.size == 0 or np.isnan(values).any():
+        return float("nan")
+    if values.size == 1:
+        return 0.0
+    return float(((values[1:] + values[:-1]) / 2.0).sum())

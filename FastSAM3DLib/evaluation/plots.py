@@ -1,4 +1,5 @@
-"""PNG plots of an evaluation: Dice versus clicks, and overlays of the best and worst structures.
+"""PNG plots of an evaluation: Dice versus clicks, the CVPR 2025 challenge's DSC/NSD curves (when NSD was
+computed), and overlays of the best and worst structures.
 
 Uses matplotlib's object API with the Agg canvas (no ``pyplot``, no global backend change, safe inside Slicer
 or a notebook). matplotlib is imported only when a plot is made; without it an ImportError says what to do.
@@ -68,6 +69,45 @@ def plot_dice_curves(rows: List[Dict], folder: Path) -> List[Path]:
         axes[1].legend(loc="lower right", fontsize=7)
         figure.suptitle(f"Dice versus clicks, {protocol} click protocol")
         written.append(_save(figure, Path(folder) / f"dice_vs_clicks_{protocol}.png"))
+    return written
+
+
+def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
+    """``cvpr25_<protocol>.png`` for every protocol with NSD values: mean DSC and NSD (source grid) after each
+    click, one line per model and placement, the legend giving the mean area under each curve (the CVPR 2025
+    challenge's DSC_AUC / NSD_AUC)."""
+    from .metrics import area_under_clicks
+
+    units = unit_curves(rows)
+    written = []
+    for protocol in OrderedDict.fromkeys(k[1] for k in units):
+        lines: Dict[tuple, List[Dict]] = OrderedDict()
+        for key, unit in units.items():
+            if key[1] == protocol:
+                lines.setdefault((key[0], key[2]), []).append(unit)
+        if not any(np.isfinite(v).any() for group in lines.values() for u in group for v in [u["nsd_full"]]):
+            continue
+        figure = _figure(11, 4.2)
+        axes = figure.subplots(1, 2, sharey=True)
+        models = list(OrderedDict.fromkeys(m for m, _ in lines))
+        colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+        for axis, metric, title in zip(axes, ("dice_full", "nsd_full"), ("DSC", "NSD")):
+            for (model, placement), group in lines.items():
+                clicks = len(group[0][metric])
+                mean = [nan_mean(u[metric][i] for u in group) for i in range(clicks)]
+                area = nan_mean(area_under_clicks(u[metric]) for u in group)
+                axis.plot(range(1, clicks + 1), mean, _LINESTYLES.get(placement, ":"), marker="o", markersize=3,
+                          color=colours[model], label=f"{model}, {placement} ROI: AUC {area:.2f} (n={len(group)})")
+            axis.set_title(f"{title} on the source grid after each click")
+            axis.set_xlabel("click")
+            axis.set_ylim(0, 1)
+            axis.grid(alpha=0.3)
+            axis.xaxis.get_major_locator().set_params(integer=True)
+            axis.legend(loc="best", fontsize=7)
+        axes[0].set_ylabel("mean over structures")
+        figure.suptitle(f"CVPR 2025 interactive challenge metrics, {protocol} click protocol (AUC: trapezoids from "
+                        f"click 1, no box step)")
+        written.append(_save(figure, Path(folder) / f"cvpr25_{protocol}.png"))
     return written
 
 
@@ -159,7 +199,7 @@ def make_plots(folder, rows: List[Dict], settings: Dict) -> List[Path]:
     folder = Path(folder)
     if not rows:
         return []
-    written = plot_dice_curves(rows, folder)
+    written = plot_dice_curves(rows, folder) + plot_challenge_curves(rows, folder)
     cases = settings.get("cases", {})
     for model, protocol, placement in OrderedDict.fromkeys((r["model"], r["protocol"], r["placement"]) for r in rows):
         path = plot_montage(rows, folder, cases, model, protocol, placement)

@@ -23,19 +23,22 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from ..errors import FastSAM3DError
 from ..files import atomic_output
 from .metrics import click_curve_summary, nan_mean
 
 FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
           "click_s", "click_label", "dice_crop", "iou_crop", "dice_full", "iou_full", "pred_iou", "encoded",
-          "time_s"]
+          "time_s", "nsd_full", "recall_full", "coverage", "regions"]
 SKIP_FIELDS = ["model", "case", "structure", "value", "placement", "protocol", "reason"]
 FLOAT_FIELDS = ("click_r", "click_a", "click_s", "dice_crop", "iou_crop", "dice_full", "iou_full", "pred_iou",
-                "time_s")
+                "time_s", "nsd_full", "recall_full", "coverage")
 INT_FIELDS = ("voxels", "click", "click_label", "encoded")
 METRICS = ("dice_crop", "iou_crop", "dice_full", "iou_full")
-PLACEMENT_TITLES = {"gt": "ground-truth-centred ROI", "click": "click-centred ROI (interactive session)"}
+PLACEMENT_TITLES = {"gt": "ground-truth-centred ROI", "click": "click-centred ROI (interactive session)",
+                    "grow": "regions grown from the clicks (session with growth)"}
 
 
 class EvaluationStateError(FastSAM3DError):
@@ -133,7 +136,9 @@ class ResultStore:
             self.settings = json.loads(self.run_json.read_text())
         if self.results_csv.is_file():
             with open(self.results_csv, newline="") as handle:
-                raw = list(csv.DictReader(handle))
+                reader = csv.DictReader(handle)
+                raw = list(reader)
+                header = list(reader.fieldnames or [])
             units: Dict[tuple, List[Dict]] = OrderedDict()
             for row in raw:
                 try:
@@ -145,7 +150,7 @@ class ResultStore:
                         if sorted(r["click"] for r in rows) == list(range(1, self.clicks + 1))]
             self.dropped_units = len(units) - len(complete)
             self.rows = [r for rows in complete for r in rows]
-            if self.dropped_units or len(self.rows) != len(raw):
+            if self.dropped_units or len(self.rows) != len(raw) or header != FIELDS:  # (older files: no nsd_full)
                 _atomic_write(self.results_csv, _csv_text(FIELDS, self.rows))
         if self.skipped_csv.is_file():
             with open(self.skipped_csv, newline="") as handle:
@@ -159,6 +164,11 @@ class ResultStore:
                 raise EvaluationStateError(
                     f"{self.folder} holds results made with {key}={old[key]}, not {settings[key]}. Use another "
                     f"--output folder, or the same {key} to continue that run.")
+        tolerance, known_tolerance = settings.get("nsd_tolerance_mm"), old.get("nsd_tolerance_mm")
+        if tolerance is not None and known_tolerance is not None and tolerance != known_tolerance:
+            raise EvaluationStateError(
+                f"{self.folder} holds NSD values at a tolerance of {known_tolerance} mm, not {tolerance} mm. Use "
+                "another --output folder, or the same --nsd-tolerance.")
         known = old.get("models", {}).get(model_name)
         if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
             raise EvaluationStateError(
@@ -166,6 +176,8 @@ class ResultStore:
                 "another --output folder, or store these under another name (--name).")
         merged = dict(old)
         merged.update({k: settings[k] for k in ("clicks", "seed", "min_voxels")})
+        if tolerance is not None:
+            merged["nsd_tolerance_mm"] = tolerance
         merged.setdefault("models", {})
         if checkpoint or model_name not in merged["models"]:
             merged["models"][model_name] = checkpoint or "unknown"
@@ -224,8 +236,8 @@ def unit_curves(rows: List[Dict]) -> Dict[tuple, Dict]:
         units.setdefault(unit_key(row), {"rows": []})["rows"].append(row)
     for unit in units.values():
         unit["rows"].sort(key=lambda r: r["click"])
-        for metric in METRICS + ("time_s", "pred_iou"):
-            unit[metric] = [float(r[metric]) for r in unit["rows"]]
+        for metric in METRICS + ("nsd_full", "time_s", "pred_iou"):
+            unit[metric] = [float(r.get(metric, float("nan"))) for r in unit["rows"]]
     return units
 
 
@@ -234,8 +246,34 @@ def _group_summary(units: List[Dict], clicks: int) -> Dict:
     for metric in METRICS:
         out[metric] = click_curve_summary([u[metric] for u in units], clicks)
     out["time_s"] = {"first_click": nan_mean(u["time_s"][0] for u in units),
-                     "later_clicks": nan_mean(t for u in units for t in u["time_s"][1:])}
+                     "later_clicks": nan_mean(t for u in units for t in u["time_s"][1:]), **_unit_times(units)}
+    if any(math.isfinite(v) for u in units for v in u["nsd_full"]):
+        out["nsd_full"] = click_curve_summary([u["nsd_full"] for u in units], clicks)
+    out["cvpr25"] = challenge_summary(units)
     return out
+
+
+def _unit_times(units: List[Dict]) -> Dict:
+    """``per_structure``: model seconds of all clicks of a structure; ``per_case``: summed over a case's
+    structures (the CVPR 2025 challenge's time per case); both means."""
+    per_case: Dict[str, float] = OrderedDict()
+    for unit in units:
+        case = str(unit["rows"][0]["case"])
+        per_case[case] = per_case.get(case, 0.0) + float(np.nansum(unit["time_s"]))
+    return {"per_structure": nan_mean(float(np.nansum(u["time_s"])) for u in units),
+            "per_case": nan_mean(per_case.values())}
+
+
+def challenge_summary(units: List[Dict]) -> Dict:
+    """The CVPR 2025 challenge's numbers, means over structures (source grid): ``dsc_auc`` and ``nsd_auc`` (area
+    under the per-click curve, :func:`.metrics.area_under_clicks`) and ``final_dsc``/``final_nsd`` (after the
+    last click); NSD entries are None without NSD. Its time per case is ``time_s.per_case``."""
+    from .metrics import area_under_clicks
+
+    return {"dsc_auc": nan_mean(area_under_clicks(u["dice_full"]) for u in units),
+            "nsd_auc": nan_mean(area_under_clicks(u["nsd_full"]) for u in units),
+            "final_dsc": nan_mean(u["dice_full"][-1] for u in units),
+            "final_nsd": nan_mean(u["nsd_full"][-1] for u in units)}
 
 
 def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Optional[Dict] = None) -> Dict:
@@ -267,7 +305,12 @@ def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Opti
         "metrics": {"dice_crop/iou_crop": "on the 128^3 model crop (1.5 mm), as the FastSAM3D paper",
                     "dice_full/iou_full": "on the source volume's grid after paste-back",
                     "after_k": "mean after click k", "last": "mean after the last click",
-                    "max": "mean over structures of the maximum over clicks (the paper's 'Dice')"},
+                    "max": "mean over structures of the maximum over clicks (the paper's 'Dice')",
+                    "nsd_full": "normalised surface Dice on the source grid at nsd_tolerance_mm (border voxels "
+                                "weigh 1, see evaluation/metrics.py)",
+                    "cvpr25": "CVPR 2025 interactive 3D challenge numbers: area under the per-click DSC/NSD curve "
+                              "(trapezoids, one unit per click, from click 1: no bounding-box step, these models "
+                              "take points only) and final DSC/NSD; its time per case is time_s.per_case"},
         "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
         "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
         "n_rows": len(rows),

@@ -7,6 +7,10 @@ Use::
     ...                                     # every encoder call now retrieves k entries and mixes their memory
     handle.detach()                         # the model is exactly as before
 
+or ``build_model(name, checkpoint="cached", memory="bank.safetensors")`` (``memory={"bank": ..., "k": 5}`` for
+other settings); on the command line ``segment --memory BANK`` and ``evaluate --memory BANK``; in Slicer the
+effect's "Memory bank" option (Model options).
+
 * :mod:`.bank`: the bank file (one ``.safetensors``, provenance in its header), loading and fit checks.
 * :mod:`.retrieval`: descriptors and exact kNN.
 * :mod:`.plugin`: :func:`attach_memory` and the mixing rules (``"attention"``, ``"values"``, ``"released"``).

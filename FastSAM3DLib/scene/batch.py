@@ -20,7 +20,7 @@ Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
 def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=None,
                         segment_name: str = "FastSAM3D", model: str = "fastsam3d",
                         predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto",
-                        cache_dir=None):
+                        cache_dir=None, grow=True):
     """Segment one object of ``volume_node`` from clicks and write it into a segment; returns (node, segment ID).
 
     ``points_ras``: (N, 3) world RAS clicks in the order a user would click them (the first must be an include
@@ -29,7 +29,9 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     reused if it exists, else added. ``predictor(volume, points_ras, labels)`` returns ``(region, mask)`` (or an
     object with ``.region`` and ``.mask``); the default runs ``model`` on ``device`` ("auto", "cuda", "cpu",
     "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession` and the model's weights (bundled, or
-    verified in the weights cache ``cache_dir``; default: the platform cache folder). ``editor_settings``: see
+    verified in the weights cache ``cache_dir``; default: the platform cache folder); ``grow`` (default True, or a
+    :class:`~FastSAM3DLib.growth.GrowthSettings`; False: one 128^3 region) keeps every clicked region and grows
+    the segment past region faces, for objects larger than 192 mm. ``editor_settings``: see
     :func:`write_region` (default: the Segment Editor's defaults, so voxels the result takes are removed from
     other segments; pass ``EditorSettings(overwrite="none")`` to keep them). A failure leaves the scene as it
     was. Example for the Slicer Python console::
@@ -59,7 +61,7 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     if not labels.any():
         raise PromptError("Give at least one include point (label 1) inside the object.")
     volume = volume_from_node(volume_node)
-    predict = predictor or session_predictor(model, device=device, cache_dir=cache_dir)
+    predict = predictor or session_predictor(model, device=device, cache_dir=cache_dir, grow=grow)
     result = predict(volume, points, labels)
     region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
     _checked_mask(mask, _checked_region(region, volume.shape[::-1]))  # a bad result adds nothing to the scene
@@ -130,8 +132,10 @@ def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = 
 
 
 def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mode: Optional[str] = None,
-                      checkpoint: str = "cached", cache_dir=None) -> Predictor:
+                      checkpoint: str = "cached", cache_dir=None, grow=True) -> Predictor:
     """The default predictor: a fresh :class:`InteractiveSession` per volume, clicks fed in order.
+
+    ``grow``: the session's growth (True: default settings; False: one region; or GrowthSettings).
 
     The model is built once and kept for the next call with the same model and device.
     """
@@ -140,20 +144,22 @@ def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mod
         from ..session import InteractiveSession
 
         session = InteractiveSession(load_model(model, resolve_device(device), checkpoint, cache_dir), volume,
-                                     prompt_mode=prompt_mode)
+                                     prompt_mode=prompt_mode, grow=grow)
         return replay_clicks(session, points_ras, labels)
 
     return predict
 
 
-def replay_clicks(session, points_ras, labels):
+def replay_clicks(session, points_ras, labels, progress=None):
     """Bring an :class:`~FastSAM3DLib.session.InteractiveSession` to exactly these clicks; return the last result.
 
     The point list is the user's record of the clicks: one more point than the session knows is a new click
     (``add_click``), one fewer is an undone click (``undo``); any other difference (points edited or removed
     elsewhere, a new session) resets the session and feeds every point again, in order. Returns None when
-    nothing had to change or no point is left (then the session is empty).
+    nothing had to change or no point is left (then the session is empty). ``progress``: passed to
+    ``add_click`` of a session with growth (see :meth:`~FastSAM3DLib.session.InteractiveSession.add_click`).
     """
+    extra = {"progress": progress} if progress is not None and getattr(session, "growth", None) else {}
     wanted = [(np.asarray(p, dtype=np.float64).reshape(3), bool(label))
               for p, label in zip(np.asarray(points_ras, dtype=np.float64).reshape(-1, 3), labels)]
     known = [(np.asarray(c.ras, dtype=np.float64), bool(c.include)) for c in session.clicks]
@@ -166,9 +172,9 @@ def replay_clicks(session, points_ras, labels):
     if len(known) == len(wanted) + 1 and same(known[:-1], wanted):
         return session.undo()
     if len(known) + 1 == len(wanted) and same(known, wanted[:-1]):
-        return session.add_click(wanted[-1][0], include=wanted[-1][1])
+        return session.add_click(wanted[-1][0], include=wanted[-1][1], **extra)
     session.reset()
     result = None
     for ras, include in wanted:
-        result = session.add_click(ras, include=include)
+        result = session.add_click(ras, include=include, **extra)
     return result

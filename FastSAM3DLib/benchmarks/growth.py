@@ -1,0 +1,87 @@
+"""Memory and time of a segment grown over 20 regions (issue 17, item 6).
+
+A synthetic 768 x 336 x 336 mm CT-like volume (3 mm voxels) holds room for 5 x 2 x 2 regions. One click with
+growth forced to go everywhere (``max_fill=1``, ``min_agreement=0``: every neighbour is kept, so the number of
+regions is set by ``regions``, not by what the model sees) builds a ``regions``-region segment with the real
+encoder of ``model_name``; then ``clicks`` more clicks land in other regions. Reported:
+
+* ``retained_mb``: bytes of every tensor storage the session holds (regions' logits, undo history, cached
+  embeddings), each counted once (:func:`.session_memory.retained_bytes`);
+* ``embeddings``: how many region embeddings are cached (at most ``max_embeddings``) and the bytes of one;
+* ``logits_mb``: the logits of the regions and of the undo history;
+* ``grow_s``: seconds of the growing click; ``click_ms``: median of the later clicks;
+* ``embedding_kb_per_model``: the size of one region's embedding for every registered model (from its
+  configuration), to scale ``retained_mb`` to another model: embeddings dominate, logits are 131 kB a region.
+
+The random-weight ``tiny-test`` model is the default because its masks reach every face, so the forced growth
+really makes ``regions`` regions (the demo model's ~40 mm blob reaches none: it stays at one region).
+
+Run: ``python -m FastSAM3DLib.benchmarks.growth [MODEL] [MAX_EMBEDDINGS]`` (prints JSON).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Optional
+
+
+def measure(model_name: Optional[str] = None, regions: int = 20, max_embeddings: Optional[int] = None,
+            clicks: int = 10, threads: int = 1, device: str = "cpu") -> dict:
+    """Grow a ``regions``-region segment and click ``clicks`` more times; return the figures of the module doc."""
+    import numpy as np
+    import torch
+
+    from .. import build_model
+    from ..geometry import Volume
+    from ..growth import GrowthSettings
+    from ..session import InteractiveSession
+    from ..registry import get_model_config, list_models
+    from .session_memory import retained_bytes
+
+    torch.set_num_threads(threads)
+    model_name = model_name or "tiny-test"
+    model = build_model(model_name, checkpoint="cached" if model_name == "fastsam3d-demo" else None, device=device,
+                        seed=0)
+    rng = np.random.default_rng(0)
+    array = rng.normal(40, 10, (112, 112, 256)).astype(np.float32)
+    array[40:70, 40:70, :] += 300  # a bright bar along x
+    matrix = np.diag([3.0, 3.0, 3.0, 1.0])
+    matrix[:3, 3] = (-384.0, -168.0, -168.0)
+    volume = Volume(array, matrix)
+    settings = GrowthSettings(max_regions=regions, max_fill=1.0, min_agreement=0.0, time_budget_s=3600.0,
+                              max_embeddings=max_embeddings or GrowthSettings().max_embeddings)
+    session = InteractiveSession(model, volume, grow=settings)
+    start = time.perf_counter()
+    result = session.add_click([0.0, 0.0, 0.0])
+    grow_seconds = time.perf_counter() - start
+    times = []
+    for n in range(clicks):
+        point = [rng.uniform(-300, 300), rng.uniform(-100, 100), rng.uniform(-100, 100)]
+        start = time.perf_counter()
+        session.add_click(point, include=bool(n % 2))
+        times.append(time.perf_counter() - start)
+    states = [session.region_set] + list(session._multi_history)
+    logits = {id(s.logits): s.logits for state in states for s in state.regions.values()}
+    embedding_bytes = [e.untyped_storage().nbytes() for e in session._embeddings.values()]
+    return {
+        "model": model_name, "device": device, "threads": threads, "regions": result.regions,
+        "clicks_after": clicks, "max_embeddings": settings.max_embeddings,
+        "embeddings": len(embedding_bytes), "embedding_kb": round(embedding_bytes[0] / 1e3, 1) if embedding_bytes else 0,
+        "logits_mb": round(sum(t.untyped_storage().nbytes() for t in logits.values()) / 1e6, 2),
+        "retained_mb": round(retained_bytes(session) / 1e6, 2),
+        "grow_s": round(grow_seconds, 2), "click_ms": round(1e3 * statistics.median(times), 1) if times else None,
+        "embedding_kb_per_model": {name: round(_embedding_bytes(get_model_config(name)) / 1e3, 1)
+                                   for name in list_models()},
+    }
+
+
+def _embedding_bytes(config) -> int:
+    """Bytes of one float32 image embedding of a model: out_chans x (image_size / 16)^3."""
+    return int(config.encoder.out_chans) * (int(config.image_size) // 16) ** 3 * 4
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
+                             max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))

@@ -1,0 +1,279 @@
+"""Several 128³ regions of one segment: their lattice on the model grid, the blend of their logits, the paste-back.
+
+A segment that does not fit in one region of interest is assembled from regions that all lie on one
+*lattice* of the volume's canonical model grid (1.5 mm, RAS order, see :mod:`.geometry`): region ``n = (a, b,
+c)`` starts at grid voxel ``origin + stride * n``, with ``stride = size - overlap``. The first region is the
+one the single-region session would use (:func:`geometry.roi_around` the first click), so the lattice is
+anchored there. Neighbouring regions share ``overlap`` model voxels across their common face; the stride is a
+multiple of 4, so the regions' 32³ low-res logit grids are aligned cell for cell.
+
+Blending: every region weighs its low-res cells by a ramp that falls linearly over the overlap towards each of
+its faces (the product of the three axes' ramps); where several regions cover a cell their logits are mixed
+with these weights normalised to sum to 1, so across a shared face one region fades into the next and no seam
+appears. A cell covered by one region keeps its logit exactly (``w / w == 1``), so a single region pastes back
+to exactly the mask the single-region session gives.
+
+Paste-back: the blended cells form one low-res field over the regions' bounding box, pasted with
+:func:`geometry.paste_back` like a single region's logits (trilinear ×4 upsampling, then linear resampling onto
+the source voxels). Cells no region covers get, next to covered cells, the value of that neighbour (what the
+upsampling's edge clamping gives a lone region) and a large negative value further out; source voxels outside
+every region's extent are False, exactly as outside a single region.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import geometry
+from .geometry import RegionOfInterest, Volume
+
+Index = Tuple[int, int, int]
+Region = Tuple[slice, slice, slice]
+#: Logit given to low-res cells that no region covers and that touch none that is covered.
+OUTSIDE_LOGIT = -1.0e4
+#: Source voxels per chunk of the coverage test of the paste-back.
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class Lattice:
+    """The regions one segment may use: ``size``³ boxes of the canonical ``grid`` every ``stride`` voxels from ``origin``."""
+
+    grid: RegionOfInterest
+    origin: Tuple[int, int, int]
+    size: int = geometry.MODEL_SIZE
+    stride: int = geometry.MODEL_SIZE - 32
+
+    def __post_init__(self):
+        if self.size % 4 or self.stride % 4 or not 0 < self.stride <= self.size:
+            raise ValueError(f"size ({self.size}) and stride ({self.stride}) must be multiples of 4 with "
+                             "0 < stride <= size")
+        object.__setattr__(self, "origin", tuple(int(v) for v in self.origin))
+
+    @classmethod
+    def around(cls, volume: Volume, roi: RegionOfInterest, size: int, spacing: float, overlap: int) -> "Lattice":
+        """The lattice whose region (0, 0, 0) is ``roi`` (a box of ``volume``'s canonical grid at ``spacing``)."""
+        grid = geometry.canonical_grid(volume, spacing)
+        relative = np.linalg.inv(grid.model_to_ras) @ roi.model_to_ras
+        start = np.rint(relative[:3, 3])
+        if not (np.allclose(relative[:3, :3], np.eye(3), atol=1e-6) and np.allclose(relative[:3, 3], start, atol=1e-4)):
+            raise ValueError("the region is not a box of the volume's canonical model grid")
+        return cls(grid, tuple(int(v) for v in start), int(size), int(size) - int(overlap))
+
+    @property
+    def low(self) -> int:
+        """Cells per axis of a region's low-res logits."""
+        return self.size // 4
+
+    @property
+    def low_stride(self) -> int:
+        """Low-res cells between neighbouring regions."""
+        return self.stride // 4
+
+    def start(self, index: Index) -> np.ndarray:
+        """Grid voxel (x, y, z) of region ``index``'s voxel 0."""
+        return np.asarray(self.origin, dtype=np.int64) + self.stride * np.asarray(index, dtype=np.int64)
+
+    def roi(self, index: Index) -> RegionOfInterest:
+        """Region ``index`` as a box of the model grid."""
+        return self.grid.sub_grid(self.start(index), (self.size,) * 3)
+
+    def central_index(self, ras: np.ndarray) -> Index:
+        """The region whose centre is nearest the RAS point (it holds the point at least (size - stride) / 2 voxels
+        inside)."""
+        xyz = self.grid.ras_to_model(np.asarray(ras, dtype=np.float64).reshape(1, 3))[0]
+        centre = np.asarray(self.origin) + (self.size - 1) / 2.0
+        return tuple(int(v) for v in np.floor((xyz - centre) / self.stride + 0.5))
+
+    def continues(self, index: Index, axis: int, direction: int, min_voxels: int = 4) -> bool:
+        """Whether the volume's grid holds at least ``min_voxels`` voxels (along ``axis``) of what the neighbour
+        of ``index`` across that face adds beyond it."""
+        start = int(self.start(index)[axis])
+        if direction > 0:
+            low, high = start + self.size, start + self.stride + self.size
+        else:
+            low, high = start - self.stride, start
+        inside = min(high, self.grid.size[axis]) - max(low, 0)
+        return inside >= min_voxels
+
+    def overlapping(self, index: Index) -> Iterable[Index]:
+        """The indices of every region that shares voxels with region ``index`` (itself included)."""
+        reach = -(-self.size // self.stride) - 1  # regions this many steps away still overlap
+        steps = range(-reach, reach + 1)
+        for da in steps:
+            for db in steps:
+                for dc in steps:
+                    yield (index[0] + da, index[1] + db, index[2] + dc)
+
+
+def _ramp(cells: int, fade: int) -> torch.Tensor:
+    """(cells,) float64 weights rising linearly over ``fade`` cells from each end to 1 (all 1 when fade is 0)."""
+    u = torch.arange(cells, dtype=torch.float64) + 0.5
+    if fade <= 0:
+        return torch.ones(cells, dtype=torch.float64)
+    return torch.clamp(torch.minimum(u, cells - u) / fade, max=1.0)
+
+
+def blend(lattice: Lattice, logits: Mapping[Index, torch.Tensor], indices: Optional[Iterable[Index]] = None):
+    """The regions' low-res logits blended on their bounding box of lattice cells.
+
+    ``logits``: region index -> ``(..., low, low, low)`` logits; ``indices``: the regions to use (default all).
+    Returns ``(first_cell, field, covered)``: the box's first low-res cell (x, y, z) counted from the lattice
+    origin, the float64 field ``(X, Y, Z)`` on the logits' device (uncovered cells filled as the module doc
+    says) and the bool tensor of covered cells. None when there is no region.
+    """
+    chosen = list(logits) if indices is None else [i for i in indices if i in logits]
+    if not chosen:
+        return None
+    low, step = lattice.low, lattice.low_stride
+    firsts = np.array([[v * step for v in index] for index in chosen])
+    first = firsts.min(axis=0)
+    shape = tuple(int(v) for v in firsts.max(axis=0) - first + low)
+    device = logits[chosen[0]].device
+    ramp = _ramp(low, low - step).to(device)
+    weight = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]
+    boxes = [tuple(slice(int(a - f), int(a - f) + low) for a, f in zip(corner, first)) for corner in firsts]
+    total = torch.zeros(shape, dtype=torch.float64, device=device)
+    for box in boxes:
+        total[box] += weight
+    field = torch.zeros(shape, dtype=torch.float64, device=device)
+    for index, box in zip(chosen, boxes):
+        values = logits[index].reshape(low, low, low).to(torch.float64)
+        field[box] += (weight / total[box]) * values
+    covered = total > 0
+    return first, _fill_outside(field, covered), covered
+
+
+def _fill_outside(field: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Uncovered cells next to covered ones take that neighbour's value (axis by axis); the rest OUTSIDE_LOGIT."""
+    if bool(covered.all()):
+        return field
+    filled = covered.clone()
+    field = torch.where(covered, field, torch.full_like(field, OUTSIDE_LOGIT))
+    for axis in range(3):
+        for shift in (1, -1):
+            source_filled = torch.roll(filled, shift, dims=axis)
+            source_value = torch.roll(field, shift, dims=axis)
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)  # roll wraps around: not a neighbour
+            source_filled[tuple(edge)] = False
+            take = source_filled & ~filled
+            field = torch.where(take, source_value, field)
+            filled = filled | take
+    return field
+
+
+def paste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tensor], threshold: float = 0.0):
+    """The blended regions thresholded on ``volume``'s grid: ``(region, mask)`` like :func:`geometry.paste_back`.
+
+    ``region`` is the source-grid bounding box of the regions' extent (clipped to the volume), ``mask`` bool of
+    its shape; voxels outside every region are False. ``(empty region, None)`` when there is no region.
+    """
+    blended = blend(lattice, logits)
+    if blended is None:
+        return (slice(0, 0), slice(0, 0), slice(0, 0)), None
+    first, field, covered = blended
+    roi = lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
+    region, mask = geometry.paste_back(volume, roi, field, threshold)
+    if not bool(covered.all()) and mask.any():
+        _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), region, mask)
+    return region, mask
+
+
+def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray, field: np.ndarray,
+                     region: Region, mask: np.ndarray) -> None:
+    """Set False, in place, the mask voxels whose centre lies in a low-res cell of ``roi`` no region covers.
+
+    Only uncovered cells whose field is not OUTSIDE_LOGIT, and their neighbours, can hold a positive voxel; the
+    voxels of the source box around them are tested one by one.
+    """
+    risky = ~covered & _dilate(field > OUTSIDE_LOGIT / 2)
+    if not risky.any():
+        return
+    cells = np.argwhere(risky)
+    box_first, box_stop = geometry._source_box(volume, roi, 4 * cells.min(axis=0) - 0.5, 4 * cells.max(axis=0) + 3.5)
+    first = np.maximum(box_first - [region[2].start, region[1].start, region[0].start], 0)
+    stop = np.minimum(box_stop - [region[2].start, region[1].start, region[0].start], mask.shape[::-1])
+    if np.any(stop <= first):
+        return
+    sub = mask[first[2]:stop[2], first[1]:stop[1], first[0]:stop[0]]
+    to_model = np.linalg.inv(roi.model_to_ras) @ volume.ijk_to_ras
+    offset = first + [region[2].start, region[1].start, region[0].start]
+    last = np.array(covered.shape) - 1
+    for k0 in range(0, sub.shape[0], max(1, _CHUNK // max(sub[0].size, 1))):
+        part = sub[k0:k0 + max(1, _CHUNK // max(sub[0].size, 1))]
+        k, j, i = np.nonzero(part)
+        if k.size == 0:
+            continue
+        ijk = np.stack([i + offset[0], j + offset[1], k + k0 + offset[2]], axis=1).astype(np.float64)
+        xyz = ijk @ to_model[:3, :3].T + to_model[:3, 3]
+        cell = np.clip(np.floor((xyz + 0.5) / 4.0).astype(np.int64), 0, last)
+        outside = ~covered[cell[:, 0], cell[:, 1], cell[:, 2]]
+        part[k[outside], j[outside], i[outside]] = False
+
+
+def _dilate(cells: np.ndarray) -> np.ndarray:
+    """``cells`` grown by one cell in every direction (3x3x3), bool."""
+    grown = cells.copy()
+    for axis in range(3):
+        before = grown.copy()
+        index = [slice(None)] * 3
+        index[axis] = slice(1, None)
+        other = [slice(None)] * 3
+        other[axis] = slice(None, -1)
+        grown[tuple(index)] |= before[tuple(other)]
+        grown[tuple(other)] |= before[tuple(index)]
+    return grown
+
+
+def source_extent(volume: Volume, lattice: Lattice, indices: Sequence[Index]) -> Region:
+    """The source-grid bounding box (k, j, i slices, clipped) of the regions' extent; empty for no region."""
+    if not indices:
+        return (slice(0, 0), slice(0, 0), slice(0, 0))
+    starts = np.array([lattice.start(i) for i in indices])
+    low, high = starts.min(axis=0), starts.max(axis=0) + lattice.size
+    first, stop = geometry._source_box(volume, lattice.grid, low - 0.5, high - 0.5)
+    return tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
+
+
+def union(a: Region, b: Optional[Region]) -> Region:
+    """Bounding box of two regions (an empty one is ignored)."""
+    if b is None or all(s.stop <= s.start for s in b):
+        return a
+    if all(s.stop <= s.start for s in a):
+        return b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def crop_to(region: Region, mask: Optional[np.ndarray], target: Region) -> np.ndarray:
+    """``mask`` (of ``region``, None = empty) on the box ``target`` (which contains it or not), False elsewhere."""
+    out = np.zeros(tuple(max(s.stop - s.start, 0) for s in target), dtype=bool)
+    if mask is None:
+        return out
+    lo = [max(r.start, t.start) for r, t in zip(region, target)]
+    hi = [min(r.stop, t.stop) for r, t in zip(region, target)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return out
+    out[tuple(slice(a - t.start, b - t.start) for a, b, t in zip(lo, hi, target))] = \
+        mask[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))]
+    return out
+
+
+def region_cells(lattice: Lattice, first: np.ndarray, index: Index) -> Tuple[slice, slice, slice]:
+    """The low-res cells of region ``index`` inside a blended field whose first cell is ``first``."""
+    corner = np.asarray(index) * lattice.low_stride - np.asarray(first)
+    return tuple(slice(int(c), int(c) + lattice.low) for c in corner)
+
+
+def coverage_fraction(volume: Volume, lattice: Lattice, indices: Sequence[Index], reference: np.ndarray) -> float:
+    """Fraction of the nonzero voxels of ``reference`` (K, J, I on ``volume``'s grid) inside some region's extent."""
+    reference = np.asarray(reference) != 0
+    total = int(reference.sum())
+    if total == 0 or not indices:
+        return float("nan") if total == 0 else 0.0
+    ones = {index: torch.ones(lattice.low, lattice.low, lattice.low) for index in indices}
+    region, inside = paste(volume, lattice, ones)
+    return float(np.count_nonzero(inside & reference[region])) / total

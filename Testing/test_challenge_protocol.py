@@ -1,0 +1,135 @@
+"""The CVPR 2025 interactive 3D challenge protocol in ``evaluate``: NSD against hand-computed cases, the area under
+the click curve, the largest-error-component click, and the ``cvpr25`` protocol end to end (CPU, tiny-test)."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from FastSAM3DLib.evaluation.clicks import largest_error_click, protocol_click
+from FastSAM3DLib.evaluation.metrics import area_under_clicks, normalized_surface_dice, nsd_in_region
+from test_evaluation import synthetic_folder  # noqa: F401 - the fixture
+
+
+def _voxels(shape, *points):
+    mask = np.zeros(shape, bool)
+    for p in points:
+        mask[p] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------ NSD by hand
+def test_nsd_of_single_voxels_is_their_distance_against_the_tolerance_in_mm():
+    a, b = _voxels((1, 1, 6), (0, 0, 0)), _voxels((1, 1, 6), (0, 0, 3))
+    assert normalized_surface_dice(a, b, (1, 1, 1), 2.0) == 0.0  # 3 mm apart
+    assert normalized_surface_dice(a, b, (1, 1, 1), 3.0) == 1.0
+    # anisotropic: 2 voxels along axis 0 at 0.5 mm = 1 mm; along axis 1 at 1 mm = 2 mm
+    a, b, c = _voxels((3, 3, 1), (0, 0, 0)), _voxels((3, 3, 1), (2, 0, 0)), _voxels((3, 3, 1), (0, 2, 0))
+    assert normalized_surface_dice(a, b, (0.5, 1, 1), 1.0) == 1.0
+    assert normalized_surface_dice(a, b, (0.5, 1, 1), 0.9) == 0.0
+    assert normalized_surface_dice(a, c, (0.5, 1, 1), 1.0) == 0.0
+
+
+def test_nsd_counts_border_voxels_of_both_masks():
+    # A = two voxels (both on A's border), B = one of them: A->B 1 of 2 within 0.5 mm, B->A 1 of 1: 2/3
+    a = _voxels((1, 1, 3), (0, 0, 0), (0, 0, 1))
+    b = _voxels((1, 1, 3), (0, 0, 0))
+    assert normalized_surface_dice(a, b, (1, 1, 1), 0.5) == pytest.approx(2 / 3)
+    # 3x3x3 cubes, B = A shifted one voxel along axis 0; each has 26 border voxels (its centre is inside).
+    # At 0.5 mm only shared border voxels count: the 18 shared voxels minus A's centre (3,3,3) and minus B's
+    # centre (4,3,3) = 16 each way -> 32/52. At 1 mm every border voxel has the other border 1 voxel away -> 1.
+    a = np.zeros((7, 7, 7), bool)
+    a[2:5, 2:5, 2:5] = True
+    b = np.roll(a, 1, axis=0)
+    assert normalized_surface_dice(a, b, (1, 1, 1), 0.5) == pytest.approx(32 / 52)
+    assert normalized_surface_dice(a, b, (1, 1, 1), 1.0) == 1.0
+    assert normalized_surface_dice(a, a, (2, 2, 2), 0.0) == 1.0
+    assert math.isnan(normalized_surface_dice(a & False, a & False, (1, 1, 1)))
+    assert normalized_surface_dice(a, a & False, (1, 1, 1)) == 0.0
+    with pytest.raises(ValueError):
+        normalized_surface_dice(a, b, (1, 1, 1), -1.0)
+
+
+def test_nsd_in_a_region_equals_nsd_on_the_whole_grid():
+    rng = np.random.default_rng(0)
+    reference = np.zeros((20, 22, 24), bool)
+    reference[4:12, 5:15, 6:18] = True
+    prediction = np.zeros_like(reference)
+    prediction[6:14, 3:13, 8:20] = rng.random((8, 10, 12)) > 0.2
+    region = (slice(5, 16), slice(2, 14), slice(7, 21))
+    whole = np.zeros_like(reference)
+    whole[region] = prediction[region]
+    assert nsd_in_region(region, prediction[region], reference, (1.5, 0.8, 2.0), 2.0) == pytest.approx(
+        normalized_surface_dice(whole, reference, (1.5, 0.8, 2.0), 2.0))
+
+
+def test_area_under_the_click_curve_is_trapezoids_one_unit_per_click():
+    assert area_under_clicks([0.2, 0.4, 0.6]) == pytest.approx(0.8)
+    assert area_under_clicks([1.0] * 5) == pytest.approx(4.0)
+    assert area_under_clicks([0.5]) == 0.0
+    assert math.isnan(area_under_clicks([0.1, float("nan")]))
+
+
+# ------------------------------------------------------------------------------------------------ the click
+def test_the_challenge_click_is_the_centre_of_the_largest_error_component():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:7, 2:7, 2:7] = True  # 5^3: its centre (4, 4, 4) is the only deepest voxel
+    truth[12:15, 12:15, 12:15] = True  # 3^3, smaller
+    point, label = largest_error_click(truth, np.zeros_like(truth), rng)
+    assert point.tolist() == [4, 4, 4] and label == 1
+    prediction = truth.copy()
+    prediction[10:17, 1:8, 10:17] = True  # a 7^3 false positive, the largest error: exclude at its centre
+    point, label = protocol_click("cvpr25", 3, truth, prediction, rng)
+    assert point.tolist() == [13, 4, 13] and label == 0
+    assert largest_error_click(truth, truth, rng) is None
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_cvpr25_protocol_end_to_end(synthetic_folder, tmp_path, capsys):  # noqa: F811
+    from FastSAM3DLib.cli import main
+    from FastSAM3DLib.evaluation.evaluate import evaluate_dataset
+    from FastSAM3DLib.registry import build_model
+
+    out = tmp_path / "eval"
+    model = build_model("tiny-test", seed=1)
+    # an older results file (no nsd_full column) in the folder is rewritten, not appended to misaligned
+    evaluate_dataset(synthetic_folder, model, out, clicks=5, protocol="fastsam3d", placement="gt",
+                     structures=["box"], plots=False, progress=False, save_predictions=False)
+    with open(out / "results.csv", newline="") as stream:
+        old = list(csv.DictReader(stream))
+    fields = [f for f in old[0] if f != "nsd_full"]
+    with open(out / "results.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(old)
+    summary = evaluate_dataset(synthetic_folder, model, out, protocol="cvpr25", placement="both",
+                               structures=["box", "blob"], progress=False, save_predictions=False)
+    with open(out / "results.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert "nsd_full" in rows[0] and len(rows) == 5 + 4 * 5  # the old unit kept, 4 new units of 5 clicks
+    mine = [r for r in rows if r["protocol"] == "cvpr25"]
+    assert all(0.0 <= float(r["nsd_full"]) <= 1.0 for r in mine)
+    assert all(r["nsd_full"] == "" for r in rows if r["protocol"] == "fastsam3d")
+    block = summary["results"]["tiny-test"]["cvpr25"]["gt"]["overall"]
+    units = {}
+    for r in mine:
+        if r["placement"] == "gt":
+            units.setdefault(r["value"], []).append((int(r["click"]), float(r["dice_full"]), float(r["nsd_full"])))
+    curves = [sorted(u) for u in units.values()]
+    assert block["cvpr25"]["dsc_auc"] == pytest.approx(np.mean([area_under_clicks([c[1] for c in u]) for u in curves]))
+    assert block["cvpr25"]["final_nsd"] == pytest.approx(np.mean([u[-1][2] for u in curves]))
+    assert block["time_s"]["per_case"] > 0
+    assert json.loads((out / "run.json").read_text())["nsd_tolerance_mm"] == 2.0
+    assert (out / "cvpr25_cvpr25.png").is_file() and not (out / "cvpr25_fastsam3d.png").exists()
+    # the command line prints the challenge's numbers; another tolerance in the same folder is refused
+    capsys.readouterr()
+    assert main(["evaluate", str(synthetic_folder), "--model", "tiny-test", "--checkpoint", "random", "--protocol",
+                 "cvpr25", "--placement", "gt", "--structures", "box", "--quiet", "--no-plots", "--no-predictions",
+                 "-o", str(tmp_path / "cli")]) == 0
+    text = capsys.readouterr().out
+    assert "5 clicks" in text and "CVPR25: DSC AUC" in text and "NSD AUC" in text
+    assert main(["evaluate", str(synthetic_folder), "--model", "tiny-test", "--checkpoint", "random", "--protocol",
+                 "cvpr25", "--nsd-tolerance", "1", "--placement", "gt", "--quiet", "-o", str(tmp_path / "cli")]) == 2
+    assert "tolerance" in capsys.readouterr().err

@@ -1,0 +1,265 @@
+"""Segments over several 128³ regions (issue 17): refine, blend, grow, bounds, undo, geometry, errors.
+
+The growth mechanics are tested with :mod:`FastSAM3DLib.benchmarks.threshold_model`, a stand-in with the models'
+interface that segments the bright structure around its prompts inside one region (the bundled demo model
+answers any click with a ~40 mm blob, so it cannot show whether growth recovers a long object); the bounds are
+also tested with the random-weight ``tiny-test`` model and an over-segmenting stand-in.
+"""
+import numpy as np
+import pytest
+import torch
+
+from FastSAM3DLib import build_model, geometry, regions
+from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, long_bone, tube_centre
+from FastSAM3DLib.benchmarks.threshold_model import threshold_model
+from FastSAM3DLib.geometry import Volume
+from FastSAM3DLib.growth import GrowthSettings
+from FastSAM3DLib.session import InteractiveSession, ModelOutputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tube():
+    return curved_tube()
+
+
+@pytest.fixture(scope="module")
+def bone():
+    return long_bone()
+
+
+def tube_click(x=0.0):
+    y, z = tube_centre(x)
+    return [x, float(y), float(z)]
+
+
+def dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def length_covered(mask, truth, volume, axis):
+    """Fraction of the object's extent along RAS ``axis`` (1 mm bins) where the mask has a voxel of the object."""
+    ras = lambda m: (np.argwhere(m)[:, ::-1] @ volume.ijk_to_ras[:3, :3].T + volume.ijk_to_ras[:3, 3])[:, axis]
+    wanted = set(np.floor(ras(truth)).astype(int))
+    found = set(np.floor(ras(mask & truth)).astype(int))
+    return len(found & wanted) / len(wanted)
+
+
+def test_growth_recovers_a_curved_tube_longer_than_400_mm(tube):
+    volume, truth = tube
+    single = InteractiveSession(threshold_model(), volume)
+    one = single.full_mask(single.add_click(tube_click()))
+    grown_session = InteractiveSession(threshold_model(), volume, grow=True)
+    result = grown_session.add_click(tube_click())
+    grown = grown_session.full_mask(result)
+    assert length_covered(one, truth, volume, 0) < 0.5  # one region: less than half the tube
+    assert result.regions >= 3 and result.growth.stopped == ""
+    assert length_covered(grown, truth, volume, 0) > 0.97
+    assert dice(grown, truth) > 0.75 and dice(grown, truth) > dice(one, truth) + 0.25
+    assert np.count_nonzero(grown & one) > 0.98 * np.count_nonzero(one)  # kept what the first region had (blend)
+
+
+def test_growth_recovers_a_long_bone(bone):
+    volume, truth = bone
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    result = session.add_click([12.0, 0.0, 0.0])  # on the cortex, mid-shaft
+    mask = session.full_mask(result)
+    assert result.regions >= 3
+    assert length_covered(mask, truth, volume, 2) > 0.97
+    assert dice(mask, truth) > 0.8
+
+
+def test_oblique_anisotropic_volume_grows_the_same_object():
+    tilt = np.deg2rad(20)
+    direction = np.array([[np.cos(tilt), -np.sin(tilt), 0], [np.sin(tilt), np.cos(tilt), 0], [0, 0, 1]]) @ \
+        np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])  # rotated about S, j and k swapped (a flip), anisotropic
+    volume, truth = curved_tube(spacing=(1.6, 2.5, 1.2), direction=direction)
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    result = session.add_click(tube_click())
+    mask = session.full_mask(result)
+    assert result.regions >= 3
+    assert length_covered(mask, truth, volume, 0) > 0.97 and dice(mask, truth) > 0.7
+
+
+def test_one_region_is_exactly_the_single_region_session():
+    """Growth on, object inside one region: the same ROI and bit for bit the same mask as without growth."""
+    short_tube = curved_tube(length=90.0)[0]
+    small = Volume(np.random.default_rng(0).normal(100, 20, (60, 70, 80)).astype(np.float32),
+                   np.diag([1.0, 1.5, 2.0, 1.0]))  # smaller than a region: nowhere to grow
+    for model, volume in ((threshold_model(), short_tube), (build_model("tiny-test", seed=0), small)):
+        plain, grown = InteractiveSession(model, volume), InteractiveSession(model, volume, grow=True)
+        clicks = (tube_click(), tube_click(20.0), tube_click(-15.0)) if volume is short_tube else \
+            ([40.0, 50.0, 60.0], [30.0, 60.0, 70.0], [50.0, 40.0, 50.0])
+        for point, include in zip(clicks, (True, True, False)):
+            a, b = plain.add_click(point, include), grown.add_click(point, include)
+            assert b.regions == 1 and grown.roi == plain.roi
+            np.testing.assert_array_equal(plain.full_mask(a), grown.full_mask(b))
+            assert torch.equal(plain.low_res_logits, grown.low_res_logits)
+
+
+def test_undo_restores_exactly_the_state_before_a_growing_click(tube):
+    volume, _ = tube
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    first = session.add_click(tube_click(-150.0), progress=lambda p: False)  # no growth yet
+    before_set, before_mask = session.region_set, session.full_mask(first)
+    second = session.add_click(tube_click(150.0))  # another part of the tube: new region, growth
+    assert second.regions > first.regions
+    undone = session.undo()
+    assert session.region_set is before_set and len(session.clicks) == 1
+    np.testing.assert_array_equal(session.full_mask(undone), before_mask)
+    assert undone.region == regions.union(undone.region, second.region)  # covers every region the click touched
+    empty = session.undo()
+    assert not session.full_mask(empty).any() and session.region_set.regions == {}
+
+
+def test_a_click_refines_only_the_regions_that_contain_it(tube):
+    volume, _ = tube
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    session.add_click(tube_click())
+    before = dict(session.region_set.regions)
+    result = session.add_click(tube_click(-190.0), include=False)  # exclude near the end of the tube
+    changed = {i for i, s in session.region_set.regions.items() if before.get(i) is not s}
+    lattice = session.region_set.lattice
+    holding = {i for i in before if lattice.roi(i).contains(np.array([tube_click(-190.0)]))[0]}
+    assert changed == holding == set(result.growth.refined) and len(holding) < len(before)
+
+
+def test_growth_is_bounded_by_regions_time_and_the_progress_callback(tube):
+    volume, _ = tube
+    limited = InteractiveSession(threshold_model(), volume, grow=GrowthSettings(max_regions=2))
+    result = limited.add_click(tube_click())
+    assert result.regions == 2 and result.growth.stopped == "max_regions"
+    timed = InteractiveSession(threshold_model(), volume, grow=GrowthSettings(time_budget_s=1e-9))
+    assert timed.add_click(tube_click()).growth.stopped == "time"
+    calls = []
+    cancelled = InteractiveSession(threshold_model(), volume, grow=True)
+    result = cancelled.add_click(tube_click(), progress=lambda p: calls.append(p) or False)
+    assert result.growth.stopped == "cancelled" and result.regions == 1 and len(calls) == 1
+    assert calls[0].regions == 1 and calls[0].added == 0 and calls[0].queued >= 1
+    cancelled.undo()  # the click and whatever it grew: one undo step
+    assert cancelled.region_set.regions == {} and cancelled.clicks == []
+
+
+def test_an_over_segmenting_model_does_not_run_away():
+    volume, _ = curved_tube(length=700.0)
+    session = InteractiveSession(threshold_model(fill=5.0), volume, grow=True)
+    result = session.add_click(tube_click())
+    assert result.regions == 1 and result.growth.added == []  # a full region is never grown from
+    forced = InteractiveSession(threshold_model(fill=5.0), volume, grow=GrowthSettings(max_fill=1.0, max_regions=4))
+    result = forced.add_click(tube_click())  # without the fill rule only the limits stop it
+    assert result.regions == 4 and result.growth.stopped == "max_regions"
+    random = InteractiveSession(build_model("tiny-test", seed=0), volume, grow=True)
+    assert random.add_click(tube_click()).regions <= GrowthSettings().max_regions
+
+
+def test_grown_regions_that_disagree_with_the_known_mask_are_refused(tube):
+    volume, _ = tube
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    session.add_click(tube_click())
+    picky = InteractiveSession(threshold_model(), volume, grow=GrowthSettings(min_iou=0.95))
+    result = picky.add_click(tube_click())
+    assert result.regions == 1 and result.growth.refused
+    assert all(reason.startswith("unsure") for reason in result.growth.refused.values())
+
+
+def test_model_failure_during_growth_changes_nothing(tube):
+    volume, _ = tube
+    model = threshold_model()
+    session = InteractiveSession(model, volume, grow=True)
+    session.add_click(tube_click(-150.0), progress=lambda p: False)
+    state, clicks = session.region_set, list(session.clicks)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first region decodes, the second (grown) gives NaN
+            return output[0] * float("nan"), output[1]
+        return output
+
+    handle = model.mask_decoder.register_forward_hook(poison)
+    try:
+        with pytest.raises(ModelOutputError):
+            session.add_click(tube_click(150.0))
+    finally:
+        handle.remove()
+    assert session.region_set is state and session.clicks == clicks
+
+
+def test_blend_keeps_single_cover_exact_and_fades_across_the_overlap():
+    volume = Volume(np.zeros((10, 10, 10), np.float32), np.eye(4))
+    grid = geometry.canonical_grid(volume)
+    lattice = regions.Lattice(grid, (0, 0, 0), 128, 96)
+    a = torch.randn(1, 1, 32, 32, 32)
+    b = torch.randn(1, 1, 32, 32, 32)
+    first, field, covered = regions.blend(lattice, {(0, 0, 0): a, (1, 0, 0): b})
+    assert tuple(field.shape) == (56, 32, 32) and bool(covered.all())
+    assert torch.equal(field[:24], a[0, 0, :24].double()) and torch.equal(field[32:], b[0, 0, 8:].double())
+    overlap = field[24:32]
+    low, high = torch.minimum(a[0, 0, 24:], b[0, 0, :8]).double(), torch.maximum(a[0, 0, 24:], b[0, 0, :8]).double()
+    assert bool(((overlap >= low - 1e-12) & (overlap <= high + 1e-12)).all())
+    # the weight of region a falls from 15/16 to 1/16 across the 8 shared cells
+    ones, zeros = torch.ones_like(a), torch.zeros_like(b)
+    ramp = regions.blend(lattice, {(0, 0, 0): ones, (1, 0, 0): zeros})[1][24:32, 16, 16]
+    np.testing.assert_allclose(ramp.numpy(), (np.arange(8)[::-1] + 0.5) / 8)
+
+
+def test_no_voxel_outside_every_region_is_set():
+    """An L of regions: the empty corner stays empty even where its neighbours' logits are positive."""
+    volume = Volume(np.zeros((120, 120, 120), np.float32), np.eye(4) * [1.5, 1.5, 1.5, 1])
+    lattice = regions.Lattice(geometry.canonical_grid(volume), (0, 0, 0), 128, 96)
+    positive = torch.full((1, 1, 32, 32, 32), 3.0)
+    region, mask = regions.paste(volume, lattice, {(0, 0, 0): positive, (1, 0, 0): positive, (0, 1, 0): positive})
+    full = np.zeros(volume.shape, bool)
+    full[region] = mask
+    assert full[:, :128, :128].all()  # (k, j, i): region (0, 0, 0) covers i, j < 128
+    assert not full[:, 128:, 128:].any()  # the corner no region covers
+    assert full[:, :128, 128:].all() and full[:, 128:, :128].all()
+
+
+def test_settings_are_checked_with_one_line_errors():
+    for bad in (dict(max_regions=0), dict(overlap=12), dict(points=0), dict(max_fill=0.0), dict(time_budget_s=0)):
+        with pytest.raises(ValueError) as info:
+            GrowthSettings(**bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError):
+        InteractiveSession(threshold_model(), grow="yes")
+
+
+def test_embeddings_are_bounded_and_dropped_with_their_regions(tube):
+    volume, _ = tube
+    bounded = InteractiveSession(threshold_model(), volume, grow=GrowthSettings(max_embeddings=2))
+    free = InteractiveSession(threshold_model(), volume, grow=True)
+    a, b = bounded.add_click(tube_click(-150.0)), free.add_click(tube_click(-150.0))
+    assert a.regions == b.regions >= 3 and len(bounded._embeddings) == 2 and len(free._embeddings) == a.regions
+    np.testing.assert_array_equal(bounded.full_mask(a), free.full_mask(b))  # re-encoding gives the same
+    bounded.add_click(tube_click(-140.0), include=False)  # a region dropped from the cache is encoded again
+    assert len(bounded._embeddings) <= 2
+    free.undo()
+    assert free._embeddings == {} or all(roi in {s.roi for s in free.region_set.regions.values()}
+                                         for roi in free._embeddings)
+
+
+def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, capsys):
+    """``segment`` grows by default: two clicks 300 mm apart both stay; --no-grow keeps only the last region."""
+    import SimpleITK as sitk
+
+    from FastSAM3DLib.cli import main
+
+    volume, _ = curved_tube(length=420.0, spacing=(3.0, 3.0, 3.0))
+    image = tmp_path / "tube.nii.gz"
+    sitk.WriteImage(volume.to_sitk(), str(image))
+    points = [f"--point={p[0]},{p[1]},{p[2]}" for p in (tube_click(-150.0), tube_click(150.0))]
+    masks = {}
+    for option in ("--grow", "--no-grow"):
+        out = tmp_path / f"{option.strip('-')}.nii.gz"
+        assert main(["segment", str(image), *points, "--model", "fastsam3d-demo", option, "-o", str(out)]) == 0
+        masks[option] = Volume.from_file(out).array > 0
+    ras = lambda m: (np.argwhere(m)[:, ::-1] @ volume.ijk_to_ras[:3, :3].T + volume.ijk_to_ras[:3, 3])[:, 0]  # noqa
+    assert ras(masks["--grow"]).min() < -100 and ras(masks["--grow"]).max() > 100  # both ends of the tube
+    assert ras(masks["--no-grow"]).min() > 0  # the region moved to the second click: the first result is gone
+    capsys.readouterr()
+    assert main(["segment", str(image), points[0], "--model", "fastsam3d-demo", "--max-regions", "0",
+                 "-o", str(tmp_path / "x.nii.gz")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--max-regions" in error and "\n" not in error and not (tmp_path / "x.nii.gz").exists()
