@@ -282,6 +282,15 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return [(str(b["path"]), _("{name} ({entries} entries, {crop} crops)").format(
             name=os.path.basename(str(b["path"])), entries=b["entries"], crop=b["crop"])) for b in found]
 
+    def growsByDefault(self, model):
+        """Whether ``model``'s segments grow over several regions unless the user says otherwise."""
+        from FastSAM3DLib.growth import default_for
+
+        try:
+            return default_for(model)
+        except Exception:  # noqa: BLE001 - an unknown name: the panel reports the model itself
+            return True
+
     def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
         once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.

@@ -56,12 +56,12 @@ def _check_precision(precision: Optional[str]) -> None:
 def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str, checkpoint: Optional[str],
             device: Optional[str], prompt_mode: Optional[str], output: str, attention_backend: Optional[str] = None,
             log=print, cache_dir: Optional[str] = None, max_image_bytes: Optional[int] = None, memory=None,
-            precision: Optional[str] = None, grow=True):
+            precision: Optional[str] = None, grow=None):
     """Segment ``image`` from RAS clicks and write the label file; returns the session's last result.
 
-    ``grow``: True (default), a :class:`~FastSAM3DLib.growth.GrowthSettings`, or False for one 128^3 region:
-    with growth every click's regions are kept and the segment grows past region faces (local models only; a
-    server segments one region).
+    ``grow``: True, a :class:`~FastSAM3DLib.growth.GrowthSettings`, or False for one 128^3 region; None (default):
+    the model's own default (:func:`FastSAM3DLib.growth.default_for`). With growth every click's regions are kept
+    and the segment grows past region faces (local models only; a server segments one region).
 
     Without ``checkpoint`` the model's own weights are used: bundled, or verified in ``cache_dir``.
     ``memory``: parsed ``--memory*`` options (:func:`FastSAM3DLib.memory.cli.add_memory_arguments`) whose bank
@@ -100,6 +100,7 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
             log("note: a server segments one 128^3 region per click (growth needs a local model)")
         log(f"opened a session for '{model_name}' on {device} in {time.perf_counter() - start:.2f} s")
     else:
+        from . import growth
         from .registry import build_model
         from .session import InteractiveSession
 
@@ -123,7 +124,8 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
             handle = attached_memory(model)
             log(f"memory bank {memory.memory}: {len(handle.bank)} entries, k {handle.k}, rule {handle.rule}")
         log(f"loaded model '{model_name}' ({model.precision} precision) in {time.perf_counter() - start:.2f} s")
-        session = InteractiveSession(model, volume, prompt_mode=prompt_mode, grow=grow)
+        session = InteractiveSession(model, volume, prompt_mode=prompt_mode,
+                                     grow=growth.default_for(model_name) if grow is None else grow)
     result = None
     for ras, include in points:
         result = session.add_click(ras, include=include)
@@ -183,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-image-gb", type=_positive_float, default=None, metavar="GB",
                      help="refuse images whose voxels need more memory than this (default: a quarter of this "
                           "computer's memory)")
-    seg.add_argument("--grow", action=argparse.BooleanOptionalAction, default=True,
+    seg.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                      help="keep every region clicked and grow the segment into neighbouring 128^3 regions while it "
-                          "touches their faces, for objects larger than one region (default: on; --no-grow: one "
-                          "region, which moves to the newest click)")
+                          "touches their faces, for objects larger than one region (default: on, except for "
+                          "fastsam3d-demo, where it was measured not to help; --no-grow: one region, which moves to "
+                          "the newest click)")
     seg.add_argument("--max-regions", type=int, default=None, metavar="N",
                      help="most regions one segment may grow to (default: 32; growth also stops after 60 s per click)")
     from .memory.cli import add_memory_arguments
@@ -214,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _growth(args):
-    """``--grow``/``--no-grow`` and ``--max-regions`` as the session's ``grow`` argument."""
-    if not args.grow:
+    """``--grow``/``--no-grow`` and ``--max-regions`` as the session's ``grow`` argument (None: the model's default)."""
+    if args.grow is False:
         return False
     if args.max_regions is None:
-        return True
+        return args.grow
     from .growth import GrowthSettings
 
     try:

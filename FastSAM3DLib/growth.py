@@ -75,6 +75,13 @@ class GrowthSettings:
                 raise ValueError(f"{message} (growth settings {self})")
 
 
+def default_for(model_name: str) -> bool:
+    """Whether segments of ``model_name`` grow when the user did not say (its ``ModelConfig.grows_by_default``)."""
+    from .registry import get_model_config
+
+    return get_model_config(model_name).grows_by_default
+
+
 def settings_from(grow) -> Optional[GrowthSettings]:
     """``grow`` as settings: None/False -> None (one region), True -> defaults, a GrowthSettings as is."""
     if grow is None or grow is False:

@@ -56,12 +56,22 @@ def _stand_in(effect, monkeypatch, encode_seconds=0.0):
     return made
 
 
-def test_grow_is_on_by_default_stored_and_grows_the_whole_tube(harness, monkeypatch):
+def _choose_model(effect, harness, name):
+    effect.modelCombo.setCurrentIndex(effect.modelCombo.findData(name))
+    harness.run_event_loop()
+    assert effect.scriptedEffect.parameter("Model") == name
+
+
+def test_grow_follows_the_model_until_chosen_and_grows_the_whole_tube(harness, monkeypatch):
     node, segmentation, segment_id, truth = _tube_scene(harness)
     effect = harness.create_effect()
     effect.activate()
     sessions = _stand_in(effect, monkeypatch)
-    assert effect.growCheckBox.checked and harness.editor_node.GetAttribute("FastSAM3D.Grow") == "1"
+    _choose_model(effect, harness, "fastsam3d-demo")
+    assert not effect.growCheckBox.checked  # the demo model does not grow by default (measured: no gain)
+    _choose_model(effect, harness, "fastsam3d")
+    assert effect.growCheckBox.checked  # the official models do
+    assert harness.editor_node.GetAttribute("FastSAM3D.Grow") in (None, "")  # no choice stored yet
     y, z = tube_centre(0.0, 420.0)
     assert harness.click((0.0, y, z))
     assert "3 regions" in effect.statusLabel.text, effect.statusLabel.text
@@ -73,6 +83,14 @@ def test_grow_is_on_by_default_stored_and_grows_the_whole_tube(harness, monkeypa
     assert harness.editor_node.GetAttribute("FastSAM3D.Grow") == "0"
     assert harness.click((10.0, *tube_centre(10.0, 420.0)))
     assert sessions[-1].growth is None and sessions[0].growth is not None
+    _choose_model(effect, harness, "fastsam3d-demo")
+    _choose_model(effect, harness, "fastsam3d")
+    assert not effect.growCheckBox.checked  # the user's choice holds for every model
+    effect.growCheckBox.click()
+    harness.run_event_loop()
+    assert harness.editor_node.GetAttribute("FastSAM3D.Grow") == "1"
+    _choose_model(effect, harness, "fastsam3d-demo")
+    assert effect.growCheckBox.checked
 
 
 def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
@@ -80,6 +98,7 @@ def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
     effect = harness.create_effect()
     effect.activate()
     sessions = _stand_in(effect, monkeypatch, encode_seconds=0.4)
+    _choose_model(effect, harness, "fastsam3d")
     y, z = tube_centre(0.0, 420.0)
     assert effect.addClick((0.0, y, z))
     start = time.perf_counter()

@@ -241,7 +241,8 @@ def test_embeddings_are_bounded_and_dropped_with_their_regions(tube):
 
 
 def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, capsys):
-    """``segment`` grows by default: two clicks 300 mm apart both stay; --no-grow keeps only the last region."""
+    """``--grow``: two clicks 300 mm apart both stay; --no-grow keeps only the last region, and so does the demo
+    model's default (it was measured not to gain from growth)."""
     import SimpleITK as sitk
 
     from FastSAM3DLib.cli import main
@@ -251,10 +252,12 @@ def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, cap
     sitk.WriteImage(volume.to_sitk(), str(image))
     points = [f"--point={p[0]},{p[1]},{p[2]}" for p in (tube_click(-150.0), tube_click(150.0))]
     masks = {}
-    for option in ("--grow", "--no-grow"):
-        out = tmp_path / f"{option.strip('-')}.nii.gz"
-        assert main(["segment", str(image), *points, "--model", "fastsam3d-demo", option, "-o", str(out)]) == 0
+    for option in ("--grow", "--no-grow", ""):
+        out = tmp_path / f"{option.strip('-') or 'default'}.nii.gz"
+        args = ["segment", str(image), *points, "--model", "fastsam3d-demo", *([option] if option else []), "-o"]
+        assert main([*args, str(out)]) == 0
         masks[option] = Volume.from_file(out).array > 0
+    assert np.array_equal(masks[""], masks["--no-grow"])
     ras = lambda m: (np.argwhere(m)[:, ::-1] @ volume.ijk_to_ras[:3, :3].T + volume.ijk_to_ras[:3, 3])[:, 0]  # noqa
     assert ras(masks["--grow"]).min() < -100 and ras(masks["--grow"]).max() > 100  # both ends of the tube
     assert ras(masks["--no-grow"]).min() > 0  # the region moved to the second click: the first result is gone

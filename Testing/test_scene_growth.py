@@ -94,14 +94,16 @@ def test_grown_segment_honours_the_editable_area_and_overwrite(app, phantom):
     assert fingerprint(segmentation) == before
 
 
-def test_the_console_call_grows_by_default(app, phantom, monkeypatch):
+def test_the_console_call_grows_by_the_models_default(app, phantom, monkeypatch):
     volume, truth = phantom
     node = _volume_node(app.scene, volume)
     monkeypatch.setattr(sc.batch, "load_model", lambda model, device, checkpoint, cache_dir: threshold_model())
     y, z = tube_centre(0.0, 420.0)
     counts = {}
-    for grow in (True, False):
-        segmentation, sid = sc.segment_volume_node(node, [[0.0, y, z]], segment_name=f"tube {grow}", device="cpu",
-                                                   grow=grow)
-        counts[grow] = np.count_nonzero(sc.segment_mask(segmentation, sid, node) & truth)
-    assert counts[True] > 0.95 * np.count_nonzero(truth) and counts[False] < 0.6 * np.count_nonzero(truth)
+    for model, grow in (("fastsam3d", True), ("fastsam3d", False), ("fastsam3d", None), ("fastsam3d-demo", None)):
+        segmentation, sid = sc.segment_volume_node(node, [[0.0, y, z]], segment_name=f"tube {model} {grow}",
+                                                   model=model, device="cpu", grow=grow)
+        counts[model, grow] = np.count_nonzero(sc.segment_mask(segmentation, sid, node) & truth)
+    grown, single = counts["fastsam3d", True], counts["fastsam3d", False]
+    assert grown > 0.95 * np.count_nonzero(truth) and single < 0.6 * np.count_nonzero(truth)
+    assert counts["fastsam3d", None] == grown and counts["fastsam3d-demo", None] == single

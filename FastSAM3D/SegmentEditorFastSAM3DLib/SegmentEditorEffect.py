@@ -27,7 +27,7 @@ PROMPT_MODES = [("", _("Model default")), ("newest", _("Newest click only")), ("
 #: The effect's parameters (the Segment Editor node stores them as "FastSAM3D.<name>").
 MODEL, DEVICE, PROMPT_MODE, SERVER = "Model", "Device", "PromptMode", "ServerURL"  # (never the token)
 MEMORY_BANK = "MemoryBank"  # a Memorizing SAM bank file for the model, or "" (none)
-GROW = "Grow"  # "1": segments grow over several 128^3 regions (FastSAM3DLib.growth); "0": one region
+GROW = "Grow"  # "1": segments grow over several 128^3 regions (FastSAM3DLib.growth); "0": one region; "": the model's default
 #: Keys in the slice views while the effect is active (none is used by Slicer's views or the Segment Editor).
 TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
 #: Longest wait for a running job when Slicer quits (a download is cancelled at once).
@@ -89,8 +89,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "meaning in the views (crosshair, blending, panning).<p>"
             "Each click changes the segment only around the clicks, within the editable area and intensity "
             "range of the Masking section; 'Modify other segments' applies as for Paint. With 'Grow beyond one "
-            "region' (Model options, on by default) every region you click in is kept and the segment grows into "
-            "neighbouring regions while it reaches their borders; 'Stop growing' keeps what is done. The first "
+            "region' (Model options; on by default, except for the bundled demo model) every region you click in "
+            "is kept and the segment grows into neighbouring regions while it reaches their borders; 'Stop "
+            "growing' keeps what is done. The first "
             "use asks to install PyTorch. The bundled demo model works offline; the FastSAM3D and SAM-Med3D weights "
             "(Apache-2.0) are downloaded only when you press Download.") + "</html>"
 
@@ -184,7 +185,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                                        "regions (192 mm each) while it reaches their borders: for organs, vessels "
                                        "and bones larger than one region. Off: one region, which follows the "
                                        "newest click"))
-        self.growCheckBox.connect("clicked()", self.updateMRMLFromGUI)
+        self.growCheckBox.connect("clicked()", self.onGrowClicked)
         form.addRow(self.growCheckBox)
         form.addRow(_("Weights:"), self.weightsLabel)
         form.addRow(weightsRow)
@@ -205,7 +206,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault(PROMPT_MODE, "")
         self.scriptedEffect.setParameterDefault(SERVER, "")
         self.scriptedEffect.setParameterDefault(MEMORY_BANK, "")
-        self.scriptedEffect.setParameterDefault(GROW, "1")
+        self.scriptedEffect.setParameterDefault(GROW, "")
 
     def _options(self):
         """(model, device, prompt mode); the device is the server's address when the server is chosen."""
@@ -215,8 +216,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (self.scriptedEffect.parameter(MODEL), device, self.scriptedEffect.parameter(PROMPT_MODE))
 
     def _sessionOptions(self):
-        """What a session is made with: (model, device, prompt mode, memory bank file or "")."""
-        return self._options() + (self.scriptedEffect.parameter(MEMORY_BANK), self.scriptedEffect.parameter(GROW))
+        """What a session is made with: (model, device, prompt mode, memory bank file or "", grow "1" or "0")."""
+        return self._options() + (self.scriptedEffect.parameter(MEMORY_BANK), "1" if self._grows() else "0")
+
+    def _grows(self):
+        """Whether segments grow: the user's choice, else the chosen model's default (off where it was measured
+        to give no gain)."""
+        choice = self.scriptedEffect.parameter(GROW)
+        if choice in ("0", "1"):
+            return choice == "1"
+        return self._logic().growsByDefault(self.scriptedEffect.parameter(MODEL))
+
+    def onGrowClicked(self):
+        """The user's growth choice is stored (it then holds for every model) and applies from the next click."""
+        self.scriptedEffect.setParameter(GROW, "1" if self.growCheckBox.checked else "0")
+        self.updateMRMLFromGUI()
 
     def _usesServer(self):
         return self.scriptedEffect.parameter(DEVICE) == "server"
@@ -243,7 +257,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(max(combo.findData(value), 0))
             combo.blockSignals(wasBlocked)
-        self.growCheckBox.checked = self.scriptedEffect.parameter(GROW) != "0"
+        self.growCheckBox.checked = self._grows()
         server = self._usesServer()
         self.serverEdit.text = self.scriptedEffect.parameter(SERVER)
         self.serverEdit.visible = self.tokenEdit.visible = server
@@ -277,7 +291,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameter(DEVICE, self.deviceCombo.currentData or "auto")
         self.scriptedEffect.setParameter(PROMPT_MODE, self.promptCombo.currentData or "")
         self.scriptedEffect.setParameter(SERVER, self.serverEdit.text.strip())
-        self.scriptedEffect.setParameter(GROW, "1" if self.growCheckBox.checked else "0")
         if self._sessionOptions() != previous:
             self._forgetSessions()  # new model/device/server/memory bank: new sessions
             if self._sessionOptions()[::3] != previous[::3]:
@@ -490,7 +503,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
                 session = logic.createSession(options[0], options[1], options[2], volume, options[3] or None,
-                                              grow=options[4] != "0")
+                                              grow=options[4] == "1")
                 session.fastsam3dOptions = options
                 self._sessions[key] = session
             return scene.replay_clicks(session, points, labels, progress=progress)

@@ -20,7 +20,7 @@ Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
 def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=None,
                         segment_name: str = "FastSAM3D", model: str = "fastsam3d",
                         predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto",
-                        cache_dir=None, grow=True):
+                        cache_dir=None, grow=None):
     """Segment one object of ``volume_node`` from clicks and write it into a segment; returns (node, segment ID).
 
     ``points_ras``: (N, 3) world RAS clicks in the order a user would click them (the first must be an include
@@ -29,9 +29,10 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     reused if it exists, else added. ``predictor(volume, points_ras, labels)`` returns ``(region, mask)`` (or an
     object with ``.region`` and ``.mask``); the default runs ``model`` on ``device`` ("auto", "cuda", "cpu",
     "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession` and the model's weights (bundled, or
-    verified in the weights cache ``cache_dir``; default: the platform cache folder); ``grow`` (default True, or a
-    :class:`~FastSAM3DLib.growth.GrowthSettings`; False: one 128^3 region) keeps every clicked region and grows
-    the segment past region faces, for objects larger than 192 mm. ``editor_settings``: see
+    verified in the weights cache ``cache_dir``; default: the platform cache folder); ``grow`` (True, or a
+    :class:`~FastSAM3DLib.growth.GrowthSettings`; False: one 128^3 region; None, the default: the model's own
+    default, :func:`~FastSAM3DLib.growth.default_for`) keeps every clicked region and grows the segment past
+    region faces, for objects larger than 192 mm. ``editor_settings``: see
     :func:`write_region` (default: the Segment Editor's defaults, so voxels the result takes are removed from
     other segments; pass ``EditorSettings(overwrite="none")`` to keep them). A failure leaves the scene as it
     was. Example for the Slicer Python console::
@@ -132,19 +133,21 @@ def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = 
 
 
 def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mode: Optional[str] = None,
-                      checkpoint: str = "cached", cache_dir=None, grow=True) -> Predictor:
+                      checkpoint: str = "cached", cache_dir=None, grow=None) -> Predictor:
     """The default predictor: a fresh :class:`InteractiveSession` per volume, clicks fed in order.
 
-    ``grow``: the session's growth (True: default settings; False: one region; or GrowthSettings).
+    ``grow``: the session's growth (True: default settings; False: one region; a GrowthSettings; None: the
+    model's default, :func:`~FastSAM3DLib.growth.default_for`).
 
     The model is built once and kept for the next call with the same model and device.
     """
 
     def predict(volume: Volume, points_ras: Sequence, labels: Sequence):
+        from ..growth import default_for
         from ..session import InteractiveSession
 
         session = InteractiveSession(load_model(model, resolve_device(device), checkpoint, cache_dir), volume,
-                                     prompt_mode=prompt_mode, grow=grow)
+                                     prompt_mode=prompt_mode, grow=default_for(model) if grow is None else grow)
         return replay_clicks(session, points_ras, labels)
 
     return predict
