@@ -266,3 +266,18 @@ def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, cap
                  "-o", str(tmp_path / "x.nii.gz")]) == 2
     error = capsys.readouterr().err.strip()
     assert "--max-regions" in error and "\n" not in error and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_make_bench_reports_the_memory_of_a_20_region_segment(one_torch_thread):
+    """The make bench rows: 20 regions grown and 10 more clicks keep the logits and at most 32 embeddings."""
+    from FastSAM3DLib.benchmarks import growth as growth_bench
+    from FastSAM3DLib.benchmarks.suite import Plan, extra_benchmarks
+
+    assert growth_bench.bench_rows in extra_benchmarks()
+    rows = {r["name"]: r for r in growth_bench.bench_rows(Plan(), "test CPU")}
+    retained = rows["growth_retained_mb"]["value"]
+    logits_floor = 20 * 32 ** 3 * 4 / 1e6  # at least each region's current logits
+    assert logits_floor < retained < logits_floor * 3 + 32 * 0.1 + 1  # plus undo copies and <= 32 embeddings
+    assert rows["growth_click_ms"]["value"] > 0 and "20 regions" in rows["growth_click_ms"]["note"]
+    skipped = growth_bench.bench_rows(Plan(skip={"host": "dry run"}), "test CPU")
+    assert all(r["value"] is None and r["skipped"] == "dry run" for r in skipped)

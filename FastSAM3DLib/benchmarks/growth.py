@@ -82,6 +82,36 @@ def _embedding_bytes(config) -> int:
     return int(config.encoder.out_chans) * (int(config.image_size) // 16) ** 3 * 4
 
 
+def bench_rows(plan, device_name: str) -> list:
+    """``make bench`` rows: memory kept by a 20-region grown segment after 10 more clicks, and those clicks' time."""
+    from . import report
+
+    common = dict(model="grown segment, 20 regions (tiny-test)", device=device_name, precision="fp32")
+    labels = (("growth_retained_mb", "retained memory after 10 more clicks", "MB"),
+              ("growth_click_ms", "click on a 20-region segment", "ms"))
+    skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU")
+    if skipped:
+        return [report.measurement(name, None, label=label, unit=unit, skipped=skipped, **common)
+                for name, label, unit in labels]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        figures = measure(threads=threads)
+    finally:
+        torch.set_num_threads(threads)
+    per_model = figures["embedding_kb_per_model"]
+    scaled = figures["retained_mb"] + figures["embeddings"] * (per_model["fastsam3d"] - figures["embedding_kb"]) / 1e3
+    note = (f"{figures['embeddings']} embeddings of {figures['embedding_kb']} kB, {figures['logits_mb']} MB of logits "
+            f"(undo included); with FastSAM3D's {per_model['fastsam3d']} kB embeddings about {scaled:.0f} MB")
+    return [
+        report.measurement("growth_retained_mb", figures["retained_mb"], label=labels[0][1], unit="MB", note=note,
+                           **common),
+        report.measurement("growth_click_ms", figures["click_ms"], label=labels[1][1], unit="ms",
+                           note=f"growing click {figures['grow_s']} s (20 regions encoded)", **common),
+    ]
+
+
 if __name__ == "__main__":
     print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
                              max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))
