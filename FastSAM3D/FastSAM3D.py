@@ -291,14 +291,15 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         except Exception:  # noqa: BLE001 - an unknown name: the panel reports the model itself
             return True
 
-    def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False):
+    def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False, precision=None):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
         once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.
 
         ``memoryBank``: a Memorizing SAM bank file attached to the (local) model with the default settings; a
         bank made by other weights, or a server device, is refused with a message saying what to do.
         ``grow``: the local session's segments grow over several regions (FastSAM3DLib.growth); a server segments
-        one region.
+        one region. ``precision``: None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on
+        a CPU; not with a memory bank, which fits the float weights).
         """
         from FastSAM3DLib import remote, scene
 
@@ -311,7 +312,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken())
         from FastSAM3DLib.session import InteractiveSession
 
-        built = scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir())
+        if memoryBank and precision == "fast":
+            from FastSAM3DLib.errors import FastSAM3DError
+
+            raise FastSAM3DError(_("A memory bank needs the exact precision: choose 'Exact', or no memory bank."))
+        built = scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir(), precision)
         self._useMemoryBank(built, memoryBank)
         return InteractiveSession(built, volume, prompt_mode=promptMode or None, grow=bool(grow))
 

@@ -344,3 +344,40 @@ def test_the_logic_segments_with_and_without_a_memory_bank(harness, one_torch_th
     node, sid = logic.segment(volume, [centre], segmentationNode=segmentation, segmentName="without",
                               model="fastsam3d-demo", device="cpu")
     assert attached_memory(model) is None and segment_array(node, sid, volume).any()
+
+
+def test_the_fast_precision_is_an_option_stored_and_used_by_the_session(harness, one_torch_thread):
+    pytest.importorskip("torch")
+    from FastSAM3DLib.quantize import int8_support
+
+    if not int8_support("cpu")[0]:
+        pytest.skip(f"int8 products are not available here: {int8_support('cpu')[1]}")
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    effect.activate()
+    assert effect.precisionCombo.currentData == ""  # exact unless chosen
+    centre = (13 * 1.5, 11 * 1.5, 7 * 2.0)
+    assert harness.click(centre)
+    assert effect._sessions[effect._sessionKey()].model.precision == "exact"
+    effect.precisionCombo.setCurrentIndex(effect.precisionCombo.findData("fast"))
+    harness.run_event_loop()
+    assert harness.editor_node.GetAttribute("FastSAM3D.Precision") == "fast"
+    assert harness.click((centre[0] + 1.5, centre[1], centre[2]))
+    assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+    assert effect._sessions[effect._sessionKey()].model.precision == "fast"
+    assert segment_array(segmentation, segment_id, volume).any()
+
+
+def test_a_memory_bank_with_the_fast_precision_is_refused_before_the_click(harness, one_torch_thread):
+    pytest.importorskip("torch")
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    effect.activate()
+    effect.scriptedEffect.setParameter("MemoryBank", __file__)  # any existing file: refused before it is read
+    effect.scriptedEffect.setParameter("Precision", "fast")
+    assert not effect.addClick((13 * 1.5, 11 * 1.5, 7 * 2.0))
+    assert "exact precision" in effect.statusLabel.text and points(effect) == []
+    with pytest.raises(FastSAM3DError, match="exact precision"):
+        effect._logic().createSession("fastsam3d-demo", "cpu", "", None, memoryBank=__file__, precision="fast")

@@ -119,17 +119,23 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-@functools.lru_cache(maxsize=1)
-def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = "cached", cache_dir=None):
+def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = "cached", cache_dir=None,
+               precision: Optional[str] = None):
     """Build ``model`` on ``device`` (a resolved name, see :func:`resolve_device`) with its weights.
 
     ``checkpoint="cached"``: the bundled weights, or the verified download in the weights cache ``cache_dir``
     (Slicer passes a folder under its own cache folder). The last model built is kept, so a loop over volumes
-    or a series of clicks loads the weights once.
+    or a series of clicks loads the weights once. ``precision``: see :func:`~FastSAM3DLib.registry.build_model`.
     """
+    return _cached_model(model, device, checkpoint, cache_dir, precision)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_model(model: str, device: str, checkpoint: str, cache_dir, precision: Optional[str]):
+    """:func:`load_model`'s cache: one key however the arguments were passed."""
     from ..registry import build_model
 
-    return build_model(model, checkpoint=checkpoint, device=device, cache_dir=cache_dir)
+    return build_model(model, checkpoint=checkpoint, device=device, cache_dir=cache_dir, precision=precision)
 
 
 def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mode: Optional[str] = None,
