@@ -180,7 +180,7 @@ def test_without_torch_geometry_the_client_equals_the_sitk_reference(server, mon
     """The torch-free path (SimpleITK resampling, numpy upsampling) equals a local session that resamples with
     SimpleITK (``FASTSAM3D_RESAMPLE=sitk``)."""
     monkeypatch.setenv("FASTSAM3D_RESAMPLE", "sitk")
-    monkeypatch.setattr(remote, "_LIBRARY_GEOMETRY", False)
+    monkeypatch.setattr(remote.cut_and_paste, "_LIBRARY_GEOMETRY", False)
     volume = phantom(seed=1)
     local = InteractiveSession(local_model("fastsam3d-demo"), volume)
     rem = remote.RemoteSession(server.url, "fastsam3d-demo", volume)
@@ -296,7 +296,7 @@ def test_a_closed_idle_connection_is_reopened_at_once_and_a_timeout_is_reported(
     rem.add_click(ras(volume, CLICKS[0][0]))
     time.sleep(1.5)  # the server (timeout_keep_alive=1) closes the kept-alive connection
     naps = []
-    monkeypatch.setattr(remote.time, "sleep", naps.append)
+    monkeypatch.setattr(remote.client.time, "sleep", naps.append)
     rem.add_click(ras(volume, CLICKS[1][0]))
     assert naps == []  # reconnected without a retry pause
     rem.client.timeout = 1e-4

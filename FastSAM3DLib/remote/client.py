@@ -1,0 +1,256 @@
+"""The HTTP client of a FastSAM3D server and the errors its refusals become (standard library + numpy).
+
+The token comes from the ``token`` argument or the ``FASTSAM3D_TOKEN`` environment variable, is sent only in
+the ``Authorization`` header and kept only in memory, never written anywhere (keep it out of the MRML scene).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+import urllib.parse
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ..errors import FastSAM3DError, InputImageError, OutOfMemoryError, PromptError
+from ..server import protocol
+
+TOKEN_ENV = "FASTSAM3D_TOKEN"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class ServerError(FastSAM3DError):
+    """The FastSAM3D server refused or failed a request; nothing was changed."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server cannot be reached (down, restarting, wrong address, network) or did not answer in time."""
+
+
+class ServerAuthError(ServerError):
+    """The server refused the token (missing or wrong)."""
+
+
+class ServerFullError(ServerError):
+    """The server has no room for another session right now."""
+
+
+class ServerBusyError(ServerError):
+    """Too many requests from this computer: wait a moment."""
+
+
+class ProtocolMismatchError(ServerError):
+    """Client and server speak different protocol versions (or the URL is not a FastSAM3D server)."""
+
+
+class ModelUnavailableError(ServerError):
+    """The server does not serve the requested model."""
+
+
+class ModelOutputError(FastSAM3DError):
+    """The model produced NaN or infinite numbers for a click; nothing was changed."""
+
+
+_ERRORS = {"protocol": ProtocolMismatchError, "not_found": ProtocolMismatchError, "unauthorized": ServerAuthError,
+           "full": ServerFullError, "rate_limited": ServerBusyError, "prompt": PromptError,
+           "input_image": InputImageError, "model_output": ModelOutputError, "out_of_memory": OutOfMemoryError,
+           "model_unavailable": ModelUnavailableError}
+
+
+class _SessionLost(Exception):
+    """The server no longer knows the session (restart, expiry): open a new one."""
+
+
+class _Missing(Exception):
+    """The server lacks parts of the session's state (``missing``): send them again."""
+
+    def __init__(self, missing) -> None:
+        super().__init__(missing)
+        self.missing = list(missing)
+
+
+def is_server_url(device) -> bool:
+    """True when ``device`` names a FastSAM3D server (``http://...`` or ``https://...``) rather than a torch device."""
+    return isinstance(device, str) and device.strip().lower().startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------------------------------- HTTP client
+class ServerClient:
+    """Requests to one FastSAM3D server over one kept-alive HTTP(S) connection.
+
+    ``url``: ``http://host:port`` or ``https://host[/prefix]`` (behind a reverse proxy). ``token``: the server's
+    token (default: ``$FASTSAM3D_TOKEN``). ``ssl_context``: for a private certificate authority. Transient
+    failures (connection refused or reset, a proxy's or Ray's 5xx without a FastSAM3D error) are retried
+    ``retries`` times after ``backoff_s``, 2x, 3x... seconds (about 3 s in all: long enough for Ray Serve to
+    route around a dead replica); an idle connection the server closed is reopened at once; a request that
+    gets no answer within ``timeout`` seconds is not retried.
+    """
+
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 120.0, connect_timeout: float = 10.0,
+                 ssl_context: Optional[ssl.SSLContext] = None, retries: int = 3, backoff_s: float = 0.5) -> None:
+        parsed = urllib.parse.urlsplit(url.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ServerError(f"'{url}' is not a server address: write it as http://host:port or https://host.")
+        if parsed.username or parsed.password or parsed.query:
+            raise ServerError("Give the server address without user, password or query (the token goes in the "
+                              "token setting, never in the address).")
+        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self._https = parsed.scheme == "https"
+        self._host, self._port = parsed.hostname, parsed.port
+        self._prefix = parsed.path.rstrip("/")
+        self._token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
+        self.ssl_context = ssl_context
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        self._conn: Optional[http.client.HTTPConnection] = None
+        self.protocol = protocol.PROTOCOL_VERSION  # the version this client speaks
+        self.last_replica: Optional[str] = None
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"ServerClient({self.url!r})"
+
+    # -- endpoints
+    def info(self) -> dict:
+        """``/v1/info``: protocol, server version, models, limits."""
+        return self._json(self.request("GET", "/v1/info"))
+
+    def create_session(self, model: str) -> dict:
+        """A new session for ``model``: ``{"session", "model": {...}, "limits": {...}}``."""
+        reply = self._json(self.request("POST", "/v1/sessions", json.dumps({"model": model}).encode(),
+                                        content_type="application/json", timeout=max(self.timeout, 600.0)))
+        if reply.get("protocol") != self.protocol:
+            raise ProtocolMismatchError(f"The server at {self.url} speaks protocol {reply.get('protocol')}; this "
+                                        f"client speaks {self.protocol}. Install the same FastSAM3D "
+                                        "version on the workstation and on the server.")
+        return reply
+
+    def click(self, session_id: str, frame: bytes, model_size: int) -> Tuple[dict, Dict[str, np.ndarray]]:
+        """One click request; (reply header, {"logits": float32 array})."""
+        data = self.request("POST", f"/v1/sessions/{session_id}/click", frame, content_type=protocol.FRAME_TYPE,
+                            session=session_id)
+        low = model_size // 4
+        try:
+            header, arrays = protocol.unpack(data, {"logits": ("float32", (low, low, low))})
+        except protocol.FrameError as exc:
+            raise ServerError(f"The server at {self.url} sent a malformed reply ({exc}); nothing was changed.") \
+                from None
+        if "logits" not in arrays or not np.isfinite(arrays["logits"]).all() or not isinstance(
+                header.get("logits_id"), str):
+            raise ServerError(f"The server at {self.url} sent an incomplete reply; nothing was changed.")
+        return header, arrays
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session on the server (errors ignored: it expires anyway)."""
+        try:
+            self.request("DELETE", f"/v1/sessions/{session_id}", session=session_id, retries=0)
+        except (ServerError, _SessionLost):
+            pass
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- transport
+    def request(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
+                session: Optional[str] = None, timeout: Optional[float] = None, retries: Optional[int] = None) -> bytes:
+        """The reply body of a 2xx answer; the matching error otherwise (see the module's error classes)."""
+        headers = {protocol.PROTOCOL_HEADER: str(self.protocol), "Accept": "*/*"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if session:
+            headers[protocol.SESSION_HEADER] = session
+        retries = self.retries if retries is None else retries
+        last: Optional[str] = None
+        attempt = 0
+        while attempt <= retries:
+            reused = self._conn is not None
+            try:
+                status, reply_headers, data = self._send(method, self._prefix + path, body, headers, timeout)
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, closed keep-alive
+                self.close()
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if isinstance(exc, ssl.SSLError):
+                    raise ServerUnavailableError(
+                        f"The secure connection to the FastSAM3D server at {self.url} failed ({exc}). If the server "
+                        "uses a certificate of your institution, add that authority to this computer's certificates "
+                        "(or give the client an ssl_context). Nothing was changed.") from None
+                if isinstance(exc, (TimeoutError, socket.timeout)):
+                    raise ServerUnavailableError(
+                        f"The FastSAM3D server at {self.url} did not answer within {timeout or self.timeout:.0f} s. "
+                        "Nothing was changed; it may be overloaded: click again, or ask its administrator.") from None
+                if reused:
+                    continue  # the server closed an idle kept-alive connection: reconnect at once
+                attempt += 1
+                if attempt <= retries:
+                    time.sleep(self.backoff_s * attempt)
+                continue
+            self.last_replica = reply_headers.get(protocol.REPLICA_HEADER.lower(), self.last_replica)
+            if 200 <= status < 300:
+                return data
+            error = _error_json(data)
+            if error is None and status in (500, 502, 503, 504):  # a proxy or Ray's router, not our app
+                last = f"HTTP {status}"
+                attempt += 1
+                if attempt <= retries:
+                    time.sleep(self.backoff_s * attempt)
+                continue
+            self._raise(status, error, path)
+        raise ServerUnavailableError(f"The FastSAM3D server at {self.url} cannot be reached ({last}). Nothing was "
+                                     "changed; check the address and that the server runs, then click again.")
+
+    def _send(self, method, path, body, headers, timeout):
+        if self._conn is None:
+            if self._https:
+                context = self.ssl_context or ssl.create_default_context()
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.connect_timeout,
+                                                   context=context)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
+            conn.connect()
+            self._conn = conn
+        self._conn.sock.settimeout(timeout or self.timeout)
+        self._conn.request(method, path, body=body, headers=headers)
+        response = self._conn.getresponse()
+        data = response.read()
+        reply_headers = {k.lower(): v for k, v in response.getheaders()}
+        if response.will_close:
+            self.close()
+        return response.status, reply_headers, data
+
+    def _raise(self, status: int, error: Optional[dict], path: str):
+        if error is None and status == 413:
+            raise ServerError(f"The server at {self.url} (or a reverse proxy in front of it) refused the request as "
+                              "too large (HTTP 413); nothing was changed. Its administrator should raise the proxy's "
+                              "body size limit (nginx: client_max_body_size 32m).")
+        if error is None:
+            raise ServerError(f"The server at {self.url} answered HTTP {status} to {path} without a FastSAM3D "
+                              "error: is this the address of a FastSAM3D server? Nothing was changed.")
+        code, message = error.get("error"), str(error.get("message") or "")
+        if code == "session_unknown":
+            raise _SessionLost(message)
+        if code == "missing":
+            raise _Missing(error.get("missing") or [])
+        raise _ERRORS.get(code, ServerError)(message or f"The server refused the request ({code}).")
+
+    @staticmethod
+    def _json(data: bytes) -> dict:
+        try:
+            return protocol.loads_json(data)
+        except protocol.FrameError as exc:
+            raise ServerError(f"The server's reply is not FastSAM3D JSON ({exc}).") from None
+
+
+def _error_json(data: bytes) -> Optional[dict]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) and "error" in value else None

@@ -1,0 +1,351 @@
+"""RemoteSession: the interface of InteractiveSession, with the model on a FastSAM3D server (see the package)."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import geometry
+from ..errors import InputImageError, OutOfMemoryError, PromptError
+from ..geometry import RegionOfInterest, Volume
+from ..server import protocol
+from .client import ModelOutputError, ServerClient, ServerError, _Missing, _SessionLost
+from .cut_and_paste import model_input, paste_back
+
+Region = Tuple[slice, slice, slice]
+PROMPT_MODES = ("newest", "all")
+ROI_MARGIN_VOXELS = 8.0  # as session.ROI_MARGIN_VOXELS
+MAX_CACHED_REGIONS = 8  # as session.MAX_CACHED_REGIONS
+MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends
+
+
+# ---------------------------------------------------------------------------------------------- the session
+@dataclass
+class Click:
+    """One user click: a point in RAS millimetres and whether it marks the object (include) or not."""
+
+    ras: np.ndarray
+    include: bool = True
+
+
+@dataclass
+class ClickResult:
+    """What a click changed: the segment inside ``region`` (k, j, i slices of the source array) becomes ``mask``."""
+
+    region: Region
+    mask: np.ndarray
+    iou: float
+    encoded: bool
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def voxels(self) -> int:
+        """Number of voxels in the mask."""
+        return int(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class _State:
+    """A region's state after the clicks ``fed``: its logits (numpy, (1, 1, n, n, n)) and their server id."""
+
+    roi: Optional[RegionOfInterest] = None
+    fed: Tuple[Click, ...] = ()
+    logits: Optional[np.ndarray] = None
+    iou: float = float("nan")
+    logits_id: Optional[str] = None
+
+
+class RemoteSession:
+    """Click-by-click segmentation of one volume on a FastSAM3D server; the interface of InteractiveSession.
+
+    ``url``: the server (``http://127.0.0.1:8000``); ``model``: a model it serves; ``token``: its token (default
+    ``$FASTSAM3D_TOKEN``); ``client``: a :class:`ServerClient` to share or configure (TLS, timeouts). Opens a
+    session on the server at once, so an unreachable server, a wrong token or another protocol version is
+    reported here (as a :class:`ServerError`) rather than at the first click.
+    """
+
+    def __init__(self, url: Optional[str] = None, model: str = "fastsam3d", volume: Optional[Volume] = None,
+                 prompt_mode: Optional[str] = None, token: Optional[str] = None,
+                 client: Optional[ServerClient] = None) -> None:
+        if client is None and url is None:
+            raise ServerError("Give the server address (url) or a ServerClient.")
+        if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+        self.client = client or ServerClient(url, token)
+        self.model_name = model
+        self._session_id: Optional[str] = None
+        self._open()
+        self.prompt_mode = prompt_mode or self.config["default_prompt_mode"]
+        self._next_key = 0
+        self.volume: Optional[Volume] = None
+        self.reset()
+        if volume is not None:
+            self.set_image(volume)
+
+    # ----------------------------------------------------------------- server session
+    def _open(self) -> None:
+        reply = self.client.create_session(self.model_name)
+        self._session_id = reply["session"]
+        self.config = reply["model"]
+        self.size, self.spacing = int(self.config["image_size"]), float(self.config["spacing_mm"])
+        limits = reply.get("limits") or {}
+        self._embedding_slots = max(1, int(limits.get("embeddings_per_session", 1)))
+        self._logits_slots = max(1, int(limits.get("logits_per_session", 1)))
+        self._max_upload = limits.get("max_upload_bytes")
+        self._server_embeddings: "OrderedDict[str, None]" = OrderedDict()  # mirror of the server's LRU
+        self._server_logits: "OrderedDict[str, None]" = OrderedDict()
+
+    def close(self) -> None:
+        """Close the session on the server (it would expire anyway) and the connection."""
+        if self._session_id is not None:
+            self.client.close_session(self._session_id)
+            self._session_id = None
+        self.client.close()
+
+    def __enter__(self) -> "RemoteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def device(self) -> str:
+        """The server's address (where a local session names its torch device)."""
+        return self.client.url
+
+    # ----------------------------------------------------------------- state
+    def set_image(self, volume: Volume) -> None:
+        """Use ``volume`` for the next clicks (validated first, on this computer); forgets clicks and regions."""
+        volume.validate()
+        self.volume = volume
+        self._keys: "OrderedDict[RegionOfInterest, str]" = OrderedDict()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all clicks and the ROI; keep the image (and the server's embeddings of its regions)."""
+        self.clicks: List[Click] = []
+        self._state = _State()
+        self._history: List[_State] = []
+        self._shown_region: Optional[Region] = None
+        self._regions: "OrderedDict[RegionOfInterest, _State]" = OrderedDict()
+        if not hasattr(self, "_keys"):
+            self._keys = OrderedDict()
+
+    @property
+    def roi(self) -> Optional[RegionOfInterest]:
+        """The region of interest the model currently sees (None before the first click)."""
+        return self._state.roi
+
+    @property
+    def low_res_logits(self) -> Optional[np.ndarray]:
+        """The current low-res logits ``(1, 1, 32, 32, 32)`` as a float32 numpy array (None before a click)."""
+        return self._state.logits
+
+    # ----------------------------------------------------------------- clicks
+    def add_click(self, ras, include: bool = True) -> ClickResult:
+        """Add an include (or exclude) point in RAS mm and return the updated mask of the changed region.
+
+        Raises what a local session raises for bad input (PromptError, InputImageError), ModelOutputError,
+        OutOfMemoryError, or a :class:`ServerError` for the server's refusals; any of them changes nothing.
+        """
+        if self.volume is None:
+            raise PromptError("Load an image first (set_image) before clicking.")
+        click = Click(_point(ras), bool(include))
+        geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
+        if not include and not any(c.include for c in self.clicks):
+            raise PromptError("Start with an include point (left click) inside the object; exclude points "
+                              "(Shift+click) only refine an existing result.")
+        clicks = self.clicks + [click]
+        previous = self._state
+        if previous.roi is not None and previous.roi.contains(click.ras[None], margin=ROI_MARGIN_VOXELS)[0]:
+            base, to_feed = previous, [click]
+        else:
+            roi = self._choose_roi(clicks)
+            inside = [c for c in clicks if roi.contains(c.ras[None])[0]]
+            cached = self._regions.get(roi)
+            if cached is not None and len(cached.fed) <= len(inside) and all(
+                    a is b for a, b in zip(cached.fed, inside)):
+                base, to_feed = cached, inside[len(cached.fed):]
+            else:
+                base, to_feed = _State(roi), inside
+        timings: Dict[str, float] = {}
+        state, encoded = self._run(base, to_feed, timings)
+        result, shown = self._result(state, timings, encoded)
+        # success: commit (nothing above changed the session)
+        self.clicks = clicks
+        self._history.append(previous)
+        self._state = state
+        self._shown_region = shown
+        self._remember(state)
+        return result
+
+    def undo(self) -> ClickResult:
+        """Remove the last click; the result is the mask exactly as it was before that click (no server call)."""
+        if not self.clicks:
+            raise PromptError("There is no click to undo.")
+        undone = self.clicks.pop()
+        self._state = self._history.pop()
+        for roi, state in list(self._regions.items()):
+            if any(c is undone for c in state.fed):
+                del self._regions[roi]
+        self._remember(self._state)
+        result, self._shown_region = self._result(self._state, {}, False)
+        return result
+
+    def full_mask(self, result: ClickResult) -> np.ndarray:
+        """The whole-volume boolean mask (K, J, I) of a click result."""
+        out = np.zeros(self.volume.shape, dtype=bool)
+        out[result.region] = result.mask
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _choose_roi(self, clicks: List[Click]) -> RegionOfInterest:
+        """As InteractiveSession._choose_roi."""
+        points = np.stack([c.ras for c in clicks])
+        roi = geometry.roi_around(self.volume, points, self.size, self.spacing)
+        if roi.contains(points, margin=ROI_MARGIN_VOXELS).all():
+            return roi
+        for cached in reversed(self._regions):
+            if cached.contains(points[-1:], margin=ROI_MARGIN_VOXELS)[0]:
+                return cached
+        return geometry.roi_around(self.volume, points[-1:], self.size, self.spacing)
+
+    def _remember(self, state: _State) -> None:
+        if state.roi is None:
+            return
+        self._regions[state.roi] = state
+        self._regions.move_to_end(state.roi)
+        while len(self._regions) > MAX_CACHED_REGIONS:
+            self._regions.popitem(last=False)
+
+    def _key(self, roi: RegionOfInterest) -> str:
+        """The embedding key of a region of this image (new keys for a new image; never reused)."""
+        key = self._keys.get(roi)
+        if key is None:
+            key = self._keys[roi] = f"r{self._next_key}"
+            self._next_key += 1
+            while len(self._keys) > 4 * MAX_CACHED_REGIONS:
+                self._keys.popitem(last=False)
+        self._keys.move_to_end(roi)
+        return key
+
+    def _run(self, base: _State, to_feed: List[Click], timings: Dict[str, float]) -> Tuple[_State, bool]:
+        """Feed ``to_feed`` on top of ``base`` on the server; (new state, encoded). Changes no session state
+        except the mirrors of what the server holds (and the server session itself when it had to be reopened)."""
+        roi = base.roi
+        fed = list(base.fed)
+        steps = []
+        for click in to_feed:
+            prompt = [click] if self.prompt_mode == "newest" else fed + [click]
+            points = roi.ras_to_model(np.stack([c.ras for c in prompt]))
+            steps.append({"points": points.tolist(), "labels": [1 if c.include else 0 for c in prompt]})
+            fed.append(click)
+        if not steps:
+            return base, False
+        key = self._key(roi)
+        image: Optional[np.ndarray] = None
+        force_image = force_logits = False
+        for _ in range(MAX_ATTEMPTS):
+            send_image = force_image or key not in self._server_embeddings
+            send_logits = base.logits is not None and (force_logits or base.logits_id not in self._server_logits)
+            arrays = {}
+            start = time.perf_counter()
+            if send_image:
+                if image is None:
+                    image = model_input(self.volume, roi)
+                arrays["image"] = image
+            if send_logits:
+                arrays["previous_logits"] = base.logits.reshape(base.logits.shape[-3:])
+            header = {"model": self.model_name, "embedding": key, "steps": steps,
+                      "previous": None if base.logits is None or send_logits else base.logits_id}
+            frame = protocol.pack(header, arrays, codecs={"image": "zlib"})
+            timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - start
+            if self._max_upload is not None and len(frame) > self._max_upload:
+                raise ServerError(_too_large(self._max_upload))
+            start = time.perf_counter()
+            try:
+                reply, reply_arrays = self.client.click(self._session_id, frame, self.size)
+            except _SessionLost:
+                self._open()  # a new, empty session: everything is sent again
+                continue
+            except _Missing as missing:
+                force_image = force_image or "image" in missing.missing
+                force_logits = force_logits or "previous_logits" in missing.missing
+                if "image" in missing.missing:
+                    self._server_embeddings.pop(key, None)
+                if "previous_logits" in missing.missing and base.logits_id is not None:
+                    self._server_logits.pop(base.logits_id, None)
+                continue
+            finally:
+                timings["network"] = timings.get("network", 0.0) + time.perf_counter() - start
+            server = reply.get("timings") or {}
+            for name in ("encode", "decode"):
+                if isinstance(server.get(name), (int, float)):
+                    timings[name] = float(server[name])
+                    timings["network"] -= float(server[name])
+            self._mirror(self._server_embeddings, key, self._embedding_slots)
+            if base.logits_id is not None and not send_logits and base.logits_id in self._server_logits:
+                self._server_logits.move_to_end(base.logits_id)
+            self._mirror(self._server_logits, reply["logits_id"], self._logits_slots)
+            logits = reply_arrays["logits"].reshape((1, 1) + reply_arrays["logits"].shape)
+            iou = float(reply.get("iou", float("nan")))
+            return _State(roi, tuple(fed), logits, iou, reply["logits_id"]), bool(reply.get("encoded"))
+        raise ServerUnavailableError(f"The FastSAM3D server at {self.client.url} kept losing this session's state "
+                                     "(is it restarting?). Nothing was changed; click again in a moment.")
+
+    @staticmethod
+    def _mirror(lru: "OrderedDict[str, None]", key: str, slots: int) -> None:
+        lru[key] = None
+        lru.move_to_end(key)
+        while len(lru) > slots:
+            lru.popitem(last=False)
+
+    def _result(self, state: _State, timings: Dict[str, float], encoded: bool) -> Tuple[ClickResult, Optional[Region]]:
+        """Paste ``state``'s logits back (as InteractiveSession._result); (result, region now shown)."""
+        start = time.perf_counter()
+        if state.logits is not None:
+            region, mask = paste_back(self.volume, state.roi, state.logits[0, 0])
+        else:
+            region, mask = _empty_region(), None
+        union = _union(region, self._shown_region)
+        full = np.zeros(tuple(s.stop - s.start for s in union), dtype=bool)
+        if mask is not None:
+            full[tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(region, union))] = mask
+        timings["paste"] = time.perf_counter() - start
+        return ClickResult(union, full, state.iou, encoded, timings), (region if mask is not None else None)
+
+
+def _point(ras) -> np.ndarray:
+    """``ras`` as three finite float64 numbers; a PromptError saying what is wrong otherwise (as the session's)."""
+    try:
+        point = np.asarray(ras, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {ras!r}.") from exc
+    if point.size != 3:
+        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {point.size} "
+                          f"value(s): {ras!r}.")
+    point = point.reshape(3)
+    if not np.isfinite(point).all():
+        raise PromptError(f"A click must be three finite numbers (R, A, S in millimetres), got {ras!r}.")
+    return point
+
+
+def _too_large(limit: int) -> str:
+    """As the server's message (``server.app.too_large_message``), which this module cannot import."""
+    return (f"The request is larger than the server's upload limit of {limit / 2 ** 20:.3g} MiB; nothing was "
+            "changed. Ask the administrator to raise --max-upload-mb.")
+
+
+def _empty_region() -> Region:
+    return (slice(0, 0), slice(0, 0), slice(0, 0))
+
+
+def _union(a: Region, b: Optional[Region]) -> Region:
+    if b is None or all(s.stop <= s.start for s in b):
+        return a
+    if all(s.stop <= s.start for s in a):
+        return b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
