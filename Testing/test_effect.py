@@ -381,3 +381,21 @@ def test_a_memory_bank_with_the_fast_precision_is_refused_before_the_click(harne
     assert "exact precision" in effect.statusLabel.text and points(effect) == []
     with pytest.raises(FastSAM3DError, match="exact precision"):
         effect._logic().createSession("fastsam3d-demo", "cpu", "", None, memoryBank=__file__, precision="fast")
+
+
+def test_the_status_says_why_the_fast_precision_is_not_used(harness, one_torch_thread, monkeypatch):
+    pytest.importorskip("torch")
+    from FastSAM3DLib import quantize
+    from FastSAM3DLib.scene import batch
+
+    monkeypatch.setattr(quantize, "int8_support", lambda device_type="cpu": (False, "no int8 products here"))
+    batch._cached_model.cache_clear()  # a fast model built by another test must not be reused
+    volume, segmentation, segment_id = _demo_volume(harness)
+    effect = harness.create_effect()
+    effect.activate()
+    effect.precisionCombo.setCurrentIndex(effect.precisionCombo.findData("fast"))
+    harness.run_event_loop()
+    assert harness.click((13 * 1.5, 11 * 1.5, 7 * 2.0))
+    assert effect._sessions[effect._sessionKey()].model.precision == "exact"
+    assert "exact precision: no int8 products here" in effect.statusLabel.text, effect.statusLabel.text
+    batch._cached_model.cache_clear()

@@ -29,7 +29,7 @@ PRECISIONS = [("", _("Exact (the official network)")), ("fast", _("Fast on a CPU
 MODEL, DEVICE, PROMPT_MODE, SERVER = "Model", "Device", "PromptMode", "ServerURL"  # (never the token)
 MEMORY_BANK = "MemoryBank"  # a Memorizing SAM bank file for the model, or "" (none)
 PRECISION = "Precision"  # "fast": the image encoder in int8 on a CPU (FastSAM3DLib.quantize); "": exact
-GROW = "Grow"  # "1": segments grow over several 128^3 regions (FastSAM3DLib.growth); "0": one region; "": the model's default
+GROW = "Grow"  # "1": grow over several 128^3 regions (FastSAM3DLib.growth); "0": one region; "": the model's default
 #: Keys in the slice views while the effect is active (none is used by Slicer's views or the Segment Editor).
 TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
 #: Longest wait for a running job when Slicer quits (a download is cancelled at once).
@@ -601,10 +601,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         iou = getattr(result, "iou", None)
         regions = getattr(result, "regions", 1)
-        self._status(_("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}").format(
+        text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}")
+        self._status(text.format(
             count=count, model=seconds, write=written,
             iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else "",
-            regions=_(", {n} regions").format(n=regions) if regions > 1 else ""))
+            regions=_(", {n} regions").format(n=regions) if regions > 1 else "",
+            precision=self._precisionNote()))
+
+    def _precisionNote(self):
+        """Why the fast precision that was chosen is not used (e.g. on a GPU), or ""."""
+        if self.scriptedEffect.parameter(PRECISION) != "fast":
+            return ""
+        model = getattr(self._sessions.get(self._sessionKey()), "model", None)
+        if model is None or getattr(model, "precision", "fast") == "fast":
+            return ""
+        why = getattr(model, "precision_note", "") or _("fast is unavailable")
+        return _("; exact precision: {why}").format(why=why)
 
     def _failed(self, tag, error):
         from FastSAM3DLib.errors import FastSAM3DError
