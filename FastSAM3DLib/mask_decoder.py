@@ -116,6 +116,16 @@ class MaskDecoder3D(nn.Module):
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou[:, keep]
 
+    def _upscale(self, volume: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling(volume)``; on a CPU each transposed convolution gets channels-last input, for which
+        PyTorch's kernel is faster (upscaling 19 -> 15 ms, one thread; the same sums in another order: equal to
+        float rounding, ``Testing/test_model_parity.py``)."""
+        for layer in self.output_upscaling:
+            if isinstance(layer, nn.ConvTranspose3d) and volume.device.type == "cpu":
+                volume = volume.contiguous(memory_format=torch.channels_last_3d)  # no copy when already so
+            volume = layer(volume)
+        return volume
+
     def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
         """All mask tokens' logits ``(B, 4, 32, 32, 32)`` and IoU predictions ``(B, 4)``."""
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -129,7 +139,7 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        upscaled = self._upscale(src.reshape(b, x, y, z, c).permute(0, 4, 1, 2, 3))  # tokens as a volume, no copy
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
                                dim=1)
         b, c, x, y, z = upscaled.shape

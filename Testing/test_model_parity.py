@@ -125,3 +125,18 @@ def test_seeded_builds_are_reproducible():
     a, b = build_model("tiny-test", seed=1), build_model("tiny-test", seed=1)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("name", ["fastsam3d", "sam-med3d"])
+def test_channels_last_upscaling_equals_the_plain_modules(name):
+    """The decoder's upscaling with channels-last input (faster on a CPU) against the modules run as they are."""
+    decoder = build_model(name, seed=0).mask_decoder
+    torch.manual_seed(0)
+    dim = decoder.iou_token.embedding_dim
+    tokens = torch.randn(1, 512, dim)
+    volume = tokens.reshape(1, 8, 8, 8, -1).permute(0, 4, 1, 2, 3)  # as the decoder views its tokens
+    with torch.no_grad():
+        got = decoder._upscale(volume)
+        expected = decoder.output_upscaling(volume.contiguous())
+    assert got.shape == expected.shape == (1, dim // 8, 32, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
