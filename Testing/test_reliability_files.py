@@ -432,8 +432,11 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, sample, tiny_checkpoint)
     out = tmp_path / "label.nii.gz"
     args = segment_args(sample, out, tiny_checkpoint)
     args[2:3] = [args[2]] * 40  # forty clicks: plenty of time to interrupt
+    # as from a terminal: a test run started in the background (CI, nohup) ignores SIGINT, and its children
+    # would inherit that
     proc = subprocess.Popen([sys.executable, "-m", "FastSAM3DLib", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env())
+                            stderr=subprocess.PIPE, text=True, env=cli_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith("loaded model"), (line, proc.stderr.read() if proc.poll() is not None else "")
