@@ -2,27 +2,29 @@
 
 ``exact`` (the default) runs the official float32 network. ``fast`` replaces, in the image encoder only, every
 linear layer (attention qkv and projection, MLPs), the patch embedding and the neck's convolutions by int8
-matrix products (``torch._int_mm``): each weight row is quantised once with its own scale (per output
-channel), each input row (token, patch, or 3x3x3 neighbourhood) at run time with its own scale (per token),
-the products accumulate exactly in int32 and are rescaled to float32. Attention itself, the norms and the
-prompt encoder and mask decoder stay float32.
+matrix products: each weight row is quantised once with its own scale (per output channel), each input row
+(token, patch, or 3x3x3 neighbourhood) at run time with its own scale (per token), the products accumulate
+exactly in int32 and are rescaled to float32. Attention itself, the norms and the prompt encoder and mask
+decoder stay float32. The int8 kernel (``torch._int_mm`` where the CPU has AVX-512 VNNI or AMX, oneDNN's on
+AVX2) is chosen per machine by :mod:`.int8_products`, which also decides how input rows are quantised.
 
 On official-size FastSAM3D this makes the encoder about 2-3x faster on a CPU at an embedding error of ~1e-2
 (relative L2, random weights). Whether that is close enough is measured, not assumed: ``Testing/test_fast_path.py``
 compares the thresholded masks of both precisions, and the README's Speed options give the agreement on real
 data. Choose it with ``build_model(..., precision="fast")`` or ``FASTSAM3D_PRECISION=fast``; the exact path is
-always one setting away. Where int8 products are unavailable (torch without a CPU ``_int_mm``) or pointless
+always one setting away. Where int8 products are unavailable, slower than float32 on this CPU, or pointless
 (CUDA, MPS: use bf16 there), ``fast`` leaves the model exact and says why in ``model.precision_note``.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import int8_products
 
 #: Environment variable choosing the default precision of :func:`FastSAM3DLib.registry.build_model`.
 ENV_VAR = "FASTSAM3D_PRECISION"
@@ -38,49 +40,51 @@ def resolve_precision(requested: Optional[str] = None) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
 def int8_support(device_type: str = "cpu") -> Tuple[bool, str]:
-    """(True, "") where int8 matrix products run on this device type, else (False, why not)."""
-    if device_type != "cpu":
-        return False, (f"int8 products are a CPU path; on {device_type} the encoder stays exact (use bf16 "
-                       "autocast there for speed)")
-    mm = getattr(torch, "_int_mm", None)
-    if mm is None:
-        return False, f"torch {torch.__version__} has no int8 matrix product (torch._int_mm); update PyTorch"
-    try:
-        a = torch.tensor([[1, -2, 3]], dtype=torch.int8).repeat(17, 1)
-        b = torch.tensor([[4], [5], [-6]], dtype=torch.int8).repeat(1, 8)
-        ok = bool((mm(a, b) == -24).all())
-    except (RuntimeError, NotImplementedError) as exc:
-        return False, f"torch {torch.__version__} cannot multiply int8 matrices on the CPU ({exc})"
-    return (True, "") if ok else (False, "torch._int_mm gave a wrong result on this CPU")
+    """(True, "") where the fast precision applies on this device type: an int8 kernel works and is faster than
+    float32 (:func:`.int8_products.choose_kernel`); else (False, why not)."""
+    kernel, why = int8_products.choose_kernel(device_type)
+    return kernel is not None, why
 
 
 def _quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation of each row of a 2D float tensor: (int8 values, float32 scales (rows, 1))."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30).div_(127.0)
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+    """Symmetric int8 quantisation of each row of a 2D float tensor (the weights' per-output-channel scheme)."""
+    return int8_products.quantize_rows_symmetric(x)
+
+
+def _default_kernel(kernel: Optional[str]) -> str:
+    """``kernel``, else the one chosen for this CPU, else (layers built directly although no kernel pays off)
+    oneDNN's where it works, as it is never far slower than float32."""
+    chosen = kernel or int8_products.choose_kernel("cpu")[0]
+    if chosen:
+        return chosen
+    return "onednn" if int8_products.kernel_works("onednn")[0] else "int_mm"
 
 
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W quantised per output channel and x per row (token) at run time, int32 sums.
 
     ``weight`` is (out, in) like ``nn.Linear``'s; ``bias`` stays a float32 tensor (the SAM-Med3D padded-window
-    attention reads ``qkv.bias``).
+    attention reads ``qkv.bias``). ``kernel``: the int8 kernel (:mod:`.int8_products`; default: the one chosen
+    for this CPU), which also decides how the rows are quantised.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: Optional[str] = None) -> None:
         super().__init__()
         weight = weight.detach().float()
         quantized, scale = _quantize_rows(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.int8_kernel = _default_kernel(kernel)
         self.register_buffer("weight_int8", quantized.t().contiguous())  # (in, out) for x @ W^T
         self.register_buffer("weight_scale", scale.reshape(-1))
+        self.register_buffer("weight_sum", quantized.sum(dim=1, dtype=torch.float32))  # zero-point correction
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed = int8_products.PackedWeights()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, kernel: Optional[str] = None) -> "Int8Linear":
+        """The int8 copy of ``linear``."""
+        return cls(linear.weight, linear.bias, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
@@ -88,15 +92,17 @@ class Int8Linear(nn.Module):
                                "precision='exact' (unset FASTSAM3D_PRECISION) to train it.")
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
-        quantized, scale = _quantize_rows(rows)
-        out = torch._int_mm(quantized, self.weight_int8).float()
+        quantized, scale, zero = int8_products.quantize_activations(rows, self.int8_kernel)
+        out = int8_products.integer_product(quantized, self.weight_int8, self.int8_kernel, self._packed)
+        if zero is not None:
+            out.addcmul_(zero, self.weight_sum, value=-1.0)
         out.mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.int8_kernel})"
 
 
 class Int8Conv3d(nn.Module):
@@ -110,7 +116,7 @@ class Int8Conv3d(nn.Module):
     ``(B, C, D, H, W)`` (a permuted view).
     """
 
-    def __init__(self, conv: nn.Conv3d, channels_last: bool = False) -> None:
+    def __init__(self, conv: nn.Conv3d, channels_last: bool = False, kernel: Optional[str] = None) -> None:
         super().__init__()
         kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
         if conv.groups != 1 or set(conv.dilation) != {1} or len({*kernel}) != 1 or len({*stride}) != 1 or \
@@ -122,15 +128,18 @@ class Int8Conv3d(nn.Module):
             raise ValueError(f"Int8Conv3d supports stride 1 or stride = kernel (patches), got {conv}")
         self.channels_last = channels_last
         self.out_channels = conv.out_channels
+        self.int8_kernel = _default_kernel(kernel)
         if self.patchify:
-            self.linear = Int8Linear(conv.weight.reshape(conv.out_channels, -1), conv.bias)
+            self.linear = Int8Linear(conv.weight.reshape(conv.out_channels, -1), conv.bias, self.int8_kernel)
         else:  # one (in, out) int8 matrix per kernel offset, all with the same per-output-channel scale
             weight = conv.weight.detach().float()  # (out, in, k, k, k)
             quantized, scale = _quantize_rows(weight.reshape(conv.out_channels, -1))
             taps = quantized.reshape(weight.shape).permute(2, 3, 4, 1, 0)  # (k, k, k, in, out)
             self.register_buffer("weight_int8", taps.reshape(-1, weight.shape[1], conv.out_channels).contiguous())
+            self.register_buffer("weight_sum", self.weight_int8.sum(dim=1, dtype=torch.float32))  # (taps, out)
             self.register_buffer("weight_scale", scale.reshape(-1))
             self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+            self._packed = int8_products.PackedWeights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patchify:
@@ -148,18 +157,25 @@ class Int8Conv3d(nn.Module):
                                "precision='exact' (unset FASTSAM3D_PRECISION) to train it.")
         b, c, d, h, w = x.shape
         k, p = self.kernel, self.padding
-        quantized, scale = _quantize_rows(x.permute(0, 2, 3, 4, 1).reshape(-1, c).float())
-        quantized = F.pad(quantized.reshape(b, d, h, w, c), (0, 0, p, p, p, p, p, p))  # zero voxels: q = 0
-        scale = F.pad(scale.reshape(b, d, h, w, 1), (0, 0, p, p, p, p, p, p))
+        kernel = self.int8_kernel
+        quantized, scale, zero = int8_products.quantize_activations(
+            x.permute(0, 2, 3, 4, 1).reshape(-1, c).float(), kernel)
+        padding = (0, 0, p, p, p, p, p, p)  # padding voxels: value, scale and zero point 0 contribute nothing
+        quantized = F.pad(quantized.reshape(b, d, h, w, c), padding)
+        scale = F.pad(scale.reshape(b, d, h, w, 1), padding)
+        zero = None if zero is None else F.pad(zero.reshape(b, d, h, w, 1), padding)
         od, oh, ow = d + 2 * p - k + 1, h + 2 * p - k + 1, w + 2 * p - k + 1
         out = torch.zeros((b * od * oh * ow, self.out_channels), dtype=torch.float32, device=x.device)
         tap = 0
         for i in range(k):
             for j in range(k):
                 for m in range(k):
-                    rows = quantized[:, i:i + od, j:j + oh, m:m + ow].reshape(-1, c)
-                    product = torch._int_mm(rows, self.weight_int8[tap]).float()
-                    out.addcmul_(product, scale[:, i:i + od, j:j + oh, m:m + ow].reshape(-1, 1))
+                    window = (slice(None), slice(i, i + od), slice(j, j + oh), slice(m, m + ow))
+                    rows = quantized[window].reshape(-1, c)
+                    product = int8_products.integer_product(rows, self.weight_int8[tap], kernel, self._packed, tap)
+                    if zero is not None:
+                        product.addcmul_(zero[window].reshape(-1, 1), self.weight_sum[tap], value=-1.0)
+                    out.addcmul_(product, scale[window].reshape(-1, 1))
                     tap += 1
         out.mul_(self.weight_scale)
         if self.bias is not None:
@@ -167,37 +183,39 @@ class Int8Conv3d(nn.Module):
         return out.reshape(b, od, oh, ow, self.out_channels)
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, int8"
+        return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, int8 ({self.int8_kernel})"
 
 
 class _Int8PatchEmbed(nn.Module):
     """:class:`~FastSAM3DLib.image_encoder.PatchEmbed3D` with its convolution in int8 (same output layout)."""
 
-    def __init__(self, patch_embed: nn.Module) -> None:
+    def __init__(self, patch_embed: nn.Module, kernel: Optional[str] = None) -> None:
         super().__init__()
-        self.proj = Int8Conv3d(patch_embed.proj, channels_last=True)
+        self.proj = Int8Conv3d(patch_embed.proj, channels_last=True, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
 
 
-def quantize_encoder(encoder: nn.Module) -> int:
+def quantize_encoder(encoder: nn.Module, kernel: Optional[str] = None) -> int:
     """Replace, in place, the encoder's linear layers, patch embedding and neck convolutions by int8 ones.
 
     Returns the number of layers replaced. The encoder must be in eval mode on the CPU; its float weights are
-    dropped (build a new model for the exact path).
+    dropped (build a new model for the exact path). ``kernel``: the int8 kernel (default: the one chosen for
+    this CPU by :func:`.int8_products.choose_kernel`).
     """
+    kernel = _default_kernel(kernel)
     count = 0
     for block in encoder.blocks:
         for module in [block.mlp] + ([block.attn] if block.attn is not None else []):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, Int8Linear.from_linear(child))
+                    setattr(module, name, Int8Linear.from_linear(child, kernel))
                     count += 1
-    encoder.patch_embed = _Int8PatchEmbed(encoder.patch_embed)
+    encoder.patch_embed = _Int8PatchEmbed(encoder.patch_embed, kernel)
     count += 1
     for index, layer in enumerate(encoder.neck):
         if isinstance(layer, nn.Conv3d):
-            encoder.neck[index] = Int8Conv3d(layer)
+            encoder.neck[index] = Int8Conv3d(layer, kernel=kernel)
             count += 1
     return count

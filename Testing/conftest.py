@@ -53,3 +53,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def int8_kernel(monkeypatch):
+    """The fast precision applies whatever this CPU's timings say: ``$FASTSAM3D_INT8_KERNEL`` names a kernel
+    that works here (oneDNN's where it runs: fast on AVX2 and newer). The choice by speed itself is tested in
+    test_int8_products.py with given timings."""
+    from FastSAM3DLib import int8_products
+
+    working = [k for k in int8_products.KERNELS if int8_products.kernel_works(k)[0]]
+    if not working:
+        pytest.skip(f"no int8 kernel runs here: {int8_products.choose_kernel('cpu')[1]}")
+    kernel = "onednn" if "onednn" in working else working[0]
+    monkeypatch.setenv(int8_products.ENV_VAR, kernel)
+    int8_products.choose_kernel.cache_clear()
+    yield kernel
+    int8_products.choose_kernel.cache_clear()

@@ -252,7 +252,7 @@ def test_demo_writes_label_and_preview(tmp_path, tiny_checkpoint):
     assert "Dice" in text and "preview:" in text
 
 
-def test_fast_precision_segments_with_the_int8_encoder(tmp_path, sample, tiny_checkpoint):
+def test_fast_precision_segments_with_the_int8_encoder(tmp_path, sample, tiny_checkpoint, int8_kernel):
     point = kidney_point(sample)
     outs = {}
     for precision in ("exact", "fast"):

@@ -346,12 +346,11 @@ def test_the_logic_segments_with_and_without_a_memory_bank(harness, one_torch_th
     assert attached_memory(model) is None and segment_array(node, sid, volume).any()
 
 
-def test_the_fast_precision_is_an_option_stored_and_used_by_the_session(harness, one_torch_thread):
+def test_the_fast_precision_is_an_option_stored_and_used_by_the_session(harness, one_torch_thread, int8_kernel):
     pytest.importorskip("torch")
-    from FastSAM3DLib.quantize import int8_support
+    from FastSAM3DLib.scene import batch
 
-    if not int8_support("cpu")[0]:
-        pytest.skip(f"int8 products are not available here: {int8_support('cpu')[1]}")
+    batch._cached_model.cache_clear()  # a model built under another kernel choice must not be reused
     volume, segmentation, segment_id = _demo_volume(harness)
     effect = harness.create_effect()
     effect.activate()

@@ -101,11 +101,8 @@ def test_make_bench_measures_the_memory_including_int8():
     assert retrieval[0]["value"] > 0 and overhead[0]["value"] is not None and overhead[0]["precision"] == "int8"
 
 
-def test_segment_fast_precision_keeps_the_bank_made_with_the_float_weights(data, tmp_path, capsys, one_torch_thread):
-    from FastSAM3DLib.quantize import int8_support
-
-    if not int8_support("cpu")[0]:
-        pytest.skip(int8_support("cpu")[1])
+def test_segment_fast_precision_keeps_the_bank_made_with_the_float_weights(data, tmp_path, capsys, one_torch_thread,
+                                                                          int8_kernel):
     assert main(["segment", str(data / "b1.nii.gz"), "--point=-44,-36,50", "--model", "tiny-test", "--checkpoint",
                  str(data / "tiny.pth"), "--precision", "fast", "--memory", str(data / "bank.safetensors"),
                  "--memory-rule", "values", "-o", str(tmp_path / "fast.nii.gz")]) == 0

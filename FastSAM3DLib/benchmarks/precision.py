@@ -221,7 +221,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: Dict[str, object] = {}
+    from .suite import environment
+
+    result: Dict[str, object] = {"environment": environment("cpu", args.threads)}  # the int8 kernel used, too
     if (args.reference / "fixtures").is_dir():
         result["fixtures"] = fixture_agreement(args.reference)
         for row in result["fixtures"]:

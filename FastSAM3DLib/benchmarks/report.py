@@ -189,7 +189,8 @@ def table_rows(results: Sequence[dict]):
 def _source_line(result: dict, name: str = "") -> str:
     env = result["environment"]
     versions = env.get("versions", {})
-    where = env.get("gpu") or f"{env.get('cpu', 'CPU')} ({env.get('cpu_count', '?')} cores)"
+    where = env.get("gpu") or f"{env.get('cpu', 'CPU')} ({env.get('cpu_count', '?')} cores" + (
+        f", {env['cpu_capability']}, int8 kernel {env['int8_kernel']})" if env.get("cpu_capability") else ")")
     threads, load = env.get("threads"), env.get("load_average_at_start")
     bits = [where, f"{threads} torch thread{'s' if threads != 1 else ''}" if threads else None,
             f"torch {versions.get('torch')}", f"Triton {versions['triton']}" if versions.get("triton") else None,

@@ -77,6 +77,12 @@ def environment(device, threads: Optional[int] = None) -> Dict[str, object]:
             "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(),
             "versions": versions, "cuda": torch.version.cuda,
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if device.type == "cpu":  # the int8 products' speed depends on the instruction set (int8_products)
+        from ..int8_products import choose_kernel
+
+        capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+        kernel, why = choose_kernel("cpu")
+        info.update(cpu_capability=capability() if capability else None, int8_kernel=kernel or f"none: {why}")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(device)),
@@ -94,11 +100,13 @@ def _nvidia_driver() -> Optional[str]:
 
 
 def device_label(env: Dict[str, object]) -> str:
-    """'NVIDIA H200' or 'AMD EPYC, 1 thread': the device column of the tables."""
+    """'NVIDIA H200' or 'AMD EPYC (AVX2), 1 thread': the device column of the tables (the instruction set
+    where recorded: int8 speed depends on it)."""
     if env.get("gpu"):
         return str(env["gpu"])
     threads = env.get("threads")
-    return f"{env.get('cpu') or 'CPU'}, {threads} thread{'s' if threads != 1 else ''}"
+    capability = f" ({env['cpu_capability']})" if env.get("cpu_capability") else ""
+    return f"{env.get('cpu') or 'CPU'}{capability}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def now() -> str:
