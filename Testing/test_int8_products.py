@@ -167,3 +167,24 @@ def test_the_race_interleaves_and_drops_a_hopeless_kernel():
     assert order[:3] == ["f", "s", "q"]  # one warm-up each
     assert order[3:] == ["f", "s", "q", "f", "q", "f", "q"]  # interleaved; "slow" left after its first round
     assert best["slow"] >= 0.03 and best["quick"] < best["float32"] < best["slow"]
+
+
+def test_make_bench_reports_each_kernel_against_float32(fresh_choice, monkeypatch):
+    from FastSAM3DLib.benchmarks import int8_kernels, report
+    from FastSAM3DLib.benchmarks.suite import Plan, extra_benchmarks
+
+    assert int8_kernels.bench_rows in extra_benchmarks()
+    monkeypatch.setattr(int8_products, "kernel_works",
+                        lambda kernel: (True, "") if kernel == "onednn" else (False, "int_mm is missing"))
+    monkeypatch.setattr(int8_products, "time_kernels", lambda: {"float32": 0.010, "onednn": 0.006})
+    rows = {r["variant"]: r for r in int8_kernels.bench_rows(Plan(), "test CPU")}
+    assert rows["onednn"]["value"] == pytest.approx(0.6) and "used by the fast precision" in rows["onednn"]["note"]
+    assert rows["int_mm"]["value"] is None and rows["int_mm"]["skipped"] == "int_mm is missing"
+    int8_products.choose_kernel.cache_clear()
+    monkeypatch.setattr(int8_products, "time_kernels", lambda: {"float32": 0.010, "onednn": 0.012})
+    rows = int8_kernels.bench_rows(Plan(), "test CPU")
+    assert rows[-1]["value"] == pytest.approx(1.2) and "stays exact" in rows[-1]["note"]
+    for row in int8_kernels.bench_rows(Plan(device="cuda"), "GPU"):
+        assert row["value"] is None and "CPU path" in row["skipped"]
+    assert "int8 / float32 time" in report.render_markdown([{"environment": {"cpu": "test"}, "date": "2026-12-01",
+                                                              "measurements": rows, "details": {}}])

@@ -183,8 +183,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         form.addRow(self.deviceWarning)
         form.addRow(_("Prompting:"), self.promptCombo)
         self.precisionCombo = qt.QComboBox()
-        self.precisionCombo.setToolTip(_("Fast: the image encoder's matrix products in int8 on a CPU, a first click "
-                                         "1.6-1.9x faster; its masks agree with the exact ones on more than 99 % "
+        self.precisionCombo.setToolTip(_("Fast: the image encoder's matrix products in int8 on a CPU, a first click up "
+                                         "to 1.9x faster; its masks agree with the exact ones on more than 99 % "
                                          "of voxels (README, Speed options). On a GPU the model stays exact."))
         for value, text in PRECISIONS:
             self.precisionCombo.addItem(text, value)

@@ -29,10 +29,10 @@ def extra_benchmarks() -> Tuple[Callable[["Plan", str], List[dict]], ...]:
     """More measurements for both `make bench` and `make gpu-check`: functions ``f(plan, device_name)`` returning
     a list of report.measurement(...) dicts. Each runs like the built-in units: against the deadline, and an
     exception becomes a reported problem, not a crash. (Plan.skip["host"] skips the host ones.)"""
-    from . import growth, host, memory, server, session_memory
+    from . import growth, host, int8_kernels, memory, server, session_memory
 
-    return (host.slicer_loop, host.click_write_memory, session_memory.bench_rows, growth.bench_rows,
-            server.measure, memory.measure)
+    return (host.slicer_loop, host.click_write_memory, int8_kernels.bench_rows, session_memory.bench_rows,
+            growth.bench_rows, server.measure, memory.measure)
 
 
 @dataclass
