@@ -29,6 +29,7 @@ import torch
 
 from . import geometry
 from .geometry import RegionOfInterest, Volume
+from .session_common import crop_to, union  # noqa: F401  (regions.crop_to/union, used by growth and the session)
 
 Index = Tuple[int, int, int]
 Region = Tuple[slice, slice, slice]
@@ -237,29 +238,6 @@ def source_extent(volume: Volume, lattice: Lattice, indices: Sequence[Index]) ->
     low, high = starts.min(axis=0), starts.max(axis=0) + lattice.size
     first, stop = geometry._source_box(volume, lattice.grid, low - 0.5, high - 0.5)
     return tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
-
-
-def union(a: Region, b: Optional[Region]) -> Region:
-    """Bounding box of two regions (an empty one is ignored)."""
-    if b is None or all(s.stop <= s.start for s in b):
-        return a
-    if all(s.stop <= s.start for s in a):
-        return b
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
-
-
-def crop_to(region: Region, mask: Optional[np.ndarray], target: Region) -> np.ndarray:
-    """``mask`` (of ``region``, None = empty) on the box ``target`` (which contains it or not), False elsewhere."""
-    out = np.zeros(tuple(max(s.stop - s.start, 0) for s in target), dtype=bool)
-    if mask is None:
-        return out
-    lo = [max(r.start, t.start) for r, t in zip(region, target)]
-    hi = [min(r.stop, t.stop) for r, t in zip(region, target)]
-    if any(a >= b for a, b in zip(lo, hi)):
-        return out
-    out[tuple(slice(a - t.start, b - t.start) for a, b, t in zip(lo, hi, target))] = \
-        mask[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))]
-    return out
 
 
 def region_cells(lattice: Lattice, first: np.ndarray, index: Index) -> Tuple[slice, slice, slice]:

@@ -30,7 +30,7 @@ session described above, unchanged.
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -39,42 +39,12 @@ import torch
 from . import geometry, growth, regions
 from .errors import FastSAM3DError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
-
-Region = Tuple[slice, slice, slice]
-PROMPT_MODES = ("newest", "all")
-ROI_MARGIN_VOXELS = 8.0  # a click closer than this to the ROI border moves the ROI
-#: Most ROIs whose last state (clicks fed, logits) the session keeps, to continue there without a replay.
-MAX_CACHED_REGIONS = 8
+from .session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
+                             ClickResult, Region, click_point, crop_to, empty_region, union)
 
 
 class ModelOutputError(FastSAM3DError):
     """The model produced NaN or infinite numbers for a click; nothing was changed."""
-
-
-@dataclass
-class Click:
-    """One user click: a point in RAS millimetres and whether it marks the object (include) or not."""
-
-    ras: np.ndarray
-    include: bool = True
-
-
-@dataclass
-class ClickResult:
-    """What a click changed: the segment inside ``region`` (k, j, i slices of the source array) becomes ``mask``."""
-
-    region: Region
-    mask: np.ndarray
-    iou: float
-    encoded: bool
-    timings: Dict[str, float] = field(default_factory=dict)
-    regions: int = 1  # regions of interest the segment spans (more than 1 only with growth)
-    growth: Optional["growth.GrowthReport"] = None  # what growth did for this click (None without growth)
-
-    @property
-    def voxels(self) -> int:
-        """Number of voxels in the mask."""
-        return int(self.mask.sum())
 
 
 class InteractiveSession:
@@ -161,7 +131,7 @@ class InteractiveSession:
         """
         if self.volume is None:
             raise PromptError("Load an image first (set_image) before clicking.")
-        click = Click(_point(ras), bool(include))
+        click = Click(click_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
@@ -230,9 +200,9 @@ class InteractiveSession:
         current = self._multi
         lattice = current.lattice or before.lattice
         region, mask = regions.paste(self.volume, lattice, current.logits()) if current.regions else \
-            (_empty_region(), None)
+            (empty_region(), None)
         extent = regions.source_extent(self.volume, lattice, list(before.regions)) if lattice is not None and \
-            before.regions else _empty_region()
+            before.regions else empty_region()
         union = regions.union(regions.union(region, extent), self._shown_region)
         full = regions.crop_to(region, mask, union)
         self._shown_region = region if mask is not None else None
@@ -355,14 +325,12 @@ class InteractiveSession:
         if state.logits is not None:
             region, mask = geometry.paste_back(self.volume, state.roi, state.logits[0, 0].float().cpu())
         else:
-            region, mask = _empty_region(), None
-        union = _union(region, shown)
-        full = np.zeros(tuple(s.stop - s.start for s in union), dtype=bool)
-        if mask is not None:
-            full[tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(region, union))] = mask
+            region, mask = empty_region(), None
+        box = union(region, shown)
+        full = crop_to(region, mask, box)
         self._shown_region = region if mask is not None else None
         timings["paste"] = time.perf_counter() - start
-        return ClickResult(union, full, state.iou, encoded, timings)
+        return ClickResult(box, full, state.iou, encoded, timings)
 
     def full_mask(self, result: ClickResult) -> np.ndarray:
         """The whole-volume boolean mask (K, J, I) of a click result."""
@@ -381,21 +349,6 @@ class _State:
     iou: float = float("nan")
 
 
-def _point(ras) -> np.ndarray:
-    """``ras`` as three finite float64 numbers; a PromptError saying what is wrong otherwise."""
-    try:
-        point = np.asarray(ras, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {ras!r}.") from exc
-    if point.size != 3:
-        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {point.size} "
-                          f"value(s): {ras!r}.")
-    point = point.reshape(3)
-    if not np.isfinite(point).all():
-        raise PromptError(f"A click must be three finite numbers (R, A, S in millimetres), got {ras!r}.")
-    return point
-
-
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in its own storage of exactly its size (a view would keep a larger buffer alive)."""
     if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
@@ -409,16 +362,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _empty_region() -> Region:
-    return (slice(0, 0), slice(0, 0), slice(0, 0))
-
-
-def _union(a: Region, b: Optional[Region]) -> Region:
-    """Bounding box of two regions (an empty region is ignored)."""
-    if b is None or all(s.stop <= s.start for s in b):
-        return a
-    if all(s.stop <= s.start for s in a):
-        return b
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))

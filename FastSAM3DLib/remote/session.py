@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -12,41 +12,15 @@ from .. import geometry
 from ..errors import InputImageError, OutOfMemoryError, PromptError
 from ..geometry import RegionOfInterest, Volume
 from ..server import protocol
+from ..session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
+                              ClickResult, Region, click_point, crop_to, empty_region, union)
 from .client import ModelOutputError, ServerClient, ServerError, _Missing, _SessionLost
 from .cut_and_paste import model_input, paste_back
 
-Region = Tuple[slice, slice, slice]
-PROMPT_MODES = ("newest", "all")
-ROI_MARGIN_VOXELS = 8.0  # as session.ROI_MARGIN_VOXELS
-MAX_CACHED_REGIONS = 8  # as session.MAX_CACHED_REGIONS
 MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends
 
 
 # ---------------------------------------------------------------------------------------------- the session
-@dataclass
-class Click:
-    """One user click: a point in RAS millimetres and whether it marks the object (include) or not."""
-
-    ras: np.ndarray
-    include: bool = True
-
-
-@dataclass
-class ClickResult:
-    """What a click changed: the segment inside ``region`` (k, j, i slices of the source array) becomes ``mask``."""
-
-    region: Region
-    mask: np.ndarray
-    iou: float
-    encoded: bool
-    timings: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def voxels(self) -> int:
-        """Number of voxels in the mask."""
-        return int(self.mask.sum())
-
-
 @dataclass(frozen=True)
 class _State:
     """A region's state after the clicks ``fed``: its logits (numpy, (1, 1, n, n, n)) and their server id."""
@@ -153,7 +127,7 @@ class RemoteSession:
         """
         if self.volume is None:
             raise PromptError("Load an image first (set_image) before clicking.")
-        click = Click(_point(ras), bool(include))
+        click = Click(click_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
@@ -309,43 +283,14 @@ class RemoteSession:
         if state.logits is not None:
             region, mask = paste_back(self.volume, state.roi, state.logits[0, 0])
         else:
-            region, mask = _empty_region(), None
-        union = _union(region, self._shown_region)
-        full = np.zeros(tuple(s.stop - s.start for s in union), dtype=bool)
-        if mask is not None:
-            full[tuple(slice(r.start - u.start, r.stop - u.start) for r, u in zip(region, union))] = mask
+            region, mask = empty_region(), None
+        box = union(region, self._shown_region)
+        full = crop_to(region, mask, box)
         timings["paste"] = time.perf_counter() - start
-        return ClickResult(union, full, state.iou, encoded, timings), (region if mask is not None else None)
-
-
-def _point(ras) -> np.ndarray:
-    """``ras`` as three finite float64 numbers; a PromptError saying what is wrong otherwise (as the session's)."""
-    try:
-        point = np.asarray(ras, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {ras!r}.") from exc
-    if point.size != 3:
-        raise PromptError(f"A click must be three numbers (R, A, S in millimetres), got {point.size} "
-                          f"value(s): {ras!r}.")
-    point = point.reshape(3)
-    if not np.isfinite(point).all():
-        raise PromptError(f"A click must be three finite numbers (R, A, S in millimetres), got {ras!r}.")
-    return point
+        return ClickResult(box, full, state.iou, encoded, timings), (region if mask is not None else None)
 
 
 def _too_large(limit: int) -> str:
     """As the server's message (``server.app.too_large_message``), which this module cannot import."""
     return (f"The request is larger than the server's upload limit of {limit / 2 ** 20:.3g} MiB; nothing was "
             "changed. Ask the administrator to raise --max-upload-mb.")
-
-
-def _empty_region() -> Region:
-    return (slice(0, 0), slice(0, 0), slice(0, 0))
-
-
-def _union(a: Region, b: Optional[Region]) -> Region:
-    if b is None or all(s.stop <= s.start for s in b):
-        return a
-    if all(s.stop <= s.start for s in a):
-        return b
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
