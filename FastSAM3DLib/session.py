@@ -149,7 +149,7 @@ class InteractiveSession:
             del self._history[saved[1]:]
             self._multi = saved[5]
             del self._multi_history[saved[6]:]
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise OutOfMemoryError(f"{self.device} ran out of memory while segmenting. Close other programs or "
                                        "segmentations, or choose another device (CPU has more memory, a GPU is "
                                        "faster). Nothing was changed.") from exc
@@ -282,11 +282,8 @@ class InteractiveSession:
         self._embedding = (roi, embedding)
         return embedding
 
-    @torch.no_grad()
     def _encode(self, roi: RegionOfInterest) -> torch.Tensor:
-        image = geometry.extract_model_input(self.volume, roi)
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
-        return _compact(self.model.image_encoder(tensor))
+        return encode_image(self.model, geometry.extract_model_input(self.volume, roi), self.device)
 
     @torch.no_grad()
     def _decode(self, state: "_State", embedding: torch.Tensor, click: Click) -> Tuple[torch.Tensor, float]:
@@ -300,23 +297,7 @@ class InteractiveSession:
     def run_decoder(self, embedding: torch.Tensor, points: np.ndarray, labels: List[int],
                     previous: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
         """Prompt encoder + decoder for model-space ``points`` (n, 3) and the previous logits (None: zeros)."""
-        coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
-        label_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
-        low_res = self.size // 4
-        previous = previous if previous is not None else torch.zeros(1, 1, low_res, low_res, low_res,
-                                                                     device=self.device)
-        prompt_encoder, decoder = self.model.prompt_encoder, self.model.mask_decoder
-        sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
-        logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                              multimask_output=False)
-        score = float(iou[0, 0])
-        if not math.isfinite(score) or not bool(torch.isfinite(logits).all()):
-            raise ModelOutputError(
-                "The model gave invalid numbers (NaN or infinity) for this click, so there is no result; nothing "
-                "was changed. The weights may be damaged (download or import them again), or reduced precision "
-                "overflowed on this device (use full precision or another device).")
-        return _compact(logits), score
+        return decode_prompts(self.model, embedding, points, labels, previous, self.device)
 
     def _result(self, encoded: bool, timings: Dict[str, float]) -> ClickResult:
         """Paste the current logits back; the region also covers (and clears) what was shown before."""
@@ -339,6 +320,36 @@ class InteractiveSession:
         return out
 
 
+@torch.no_grad()
+def encode_image(model, image: np.ndarray, device) -> torch.Tensor:
+    """The image embedding (compact) of a float32 (x, y, z) model input; used by sessions and the server."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    return _compact(model.image_encoder(tensor))
+
+
+@torch.no_grad()
+def decode_prompts(model, embedding: torch.Tensor, points: np.ndarray, labels: List[int],
+                   previous: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, float]:
+    """Prompt encoder + mask decoder for model-space ``points`` (n, 3) on ``embedding``, fed the previous
+    logits (None: zeros): (compact low-res logits, predicted IoU). :class:`ModelOutputError` for NaN/inf."""
+    coords = torch.as_tensor(points, dtype=torch.float32, device=device)[None]
+    label_t = torch.as_tensor(labels, dtype=torch.int64, device=device)[None]
+    low_res = model.config.image_size // 4
+    previous = previous.to(device) if previous is not None else torch.zeros(1, 1, low_res, low_res, low_res,
+                                                                            device=device)
+    prompt_encoder, decoder = model.prompt_encoder, model.mask_decoder
+    sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
+    logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
+                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    score = float(iou[0, 0])
+    if not math.isfinite(score) or not bool(torch.isfinite(logits).all()):
+        raise ModelOutputError(
+            "The model gave invalid numbers (NaN or infinity) for this click, so there is no result; nothing "
+            "was changed. The weights may be damaged (download or import them again), or reduced precision "
+            "overflowed on this device (use full precision or another device).")
+    return _compact(logits), score
+
+
 @dataclass(frozen=True)
 class _State:
     """Everything a click changes in one ROI, so that undo can restore it exactly (never modified in place)."""
@@ -356,7 +367,7 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch's and the allocator's out-of-memory errors on any device."""
     if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..session import ModelOutputError, decode_prompts, encode_image, is_out_of_memory
 from . import protocol
 from .sessions import ServiceError, SessionState
 from .settings import ServerSettings
@@ -121,7 +122,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
                                            "voxels. Replace them with a finite value (e.g. the image minimum) before "
                                            "segmenting.")
                     start = time.perf_counter()
-                    embedding = encode(model, image, device)
+                    embedding = encode_image(model, image, device)
                     timings["encode"] = time.perf_counter() - start
                 start = time.perf_counter()
                 logits = None if previous is None else torch.from_numpy(previous).reshape((1, 1) + previous.shape[-3:])
@@ -133,7 +134,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
             except ServiceError:
                 raise
             except BaseException as exc:
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise ServiceError("out_of_memory", f"The server's {device} ran out of memory while segmenting. "
                                        "Nothing was changed; try again in a moment, or ask the administrator to "
                                        "lower --max-sessions.", retry_after=5.0) from exc
@@ -201,41 +202,11 @@ def _is_number(value) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-@torch.no_grad()
-def encode(model, image: np.ndarray, device) -> torch.Tensor:
-    """The image embedding of a float32 (x, y, z) model input (as InteractiveSession._encode)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    return _compact(model.image_encoder(tensor))
-
-
-@torch.no_grad()
 def decode(model, embedding: torch.Tensor, points: np.ndarray, labels, previous: Optional[torch.Tensor], device):
-    """One prompt encoder + mask decoder run (as InteractiveSession._decode); (logits, iou), checked finite."""
-    coords = torch.as_tensor(points, dtype=torch.float32, device=device)[None]
-    label_t = torch.as_tensor(labels, dtype=torch.int64, device=device)[None]
-    low_res = model.config.image_size // 4
-    previous = previous.to(device) if previous is not None else torch.zeros(1, 1, low_res, low_res, low_res,
-                                                                            device=device)
-    prompt_encoder, decoder = model.prompt_encoder, model.mask_decoder
-    sparse, dense = prompt_encoder(points=(coords, label_t), boxes=None, masks=previous)
-    logits, iou = decoder(image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(),
-                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
-    score = float(iou[0, 0])
-    if not math.isfinite(score) or not bool(torch.isfinite(logits).all()):
+    """:func:`FastSAM3DLib.session.decode_prompts`, its NaN/inf error told as the server's."""
+    try:
+        return decode_prompts(model, embedding, points, labels, previous, device)
+    except ModelOutputError:
         raise ServiceError("model_output", "The model gave invalid numbers (NaN or infinity) for this click, so "
                            "there is no result; nothing was changed. The server's weights may be damaged, or reduced "
-                           "precision overflowed on its device: tell its administrator.")
-    return _compact(logits), score
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+                           "precision overflowed on its device: tell its administrator.") from None
