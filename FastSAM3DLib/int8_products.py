@@ -86,8 +86,10 @@ def integer_product(values: torch.Tensor, weight_in_out: torch.Tensor, kernel: s
                                               "none", [], "")
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_works(kernel: str) -> Tuple[bool, str]:
-    """(True, "") when ``kernel`` runs here and gives exact integer sums on a small product, else (False, why)."""
+    """(True, "") when ``kernel`` runs here and gives exact integer sums on a small product, else (False, why);
+    checked once per process."""
     if kernel == "int_mm" and getattr(torch, "_int_mm", None) is None:
         return False, f"torch {torch.__version__} has no torch._int_mm"
     if kernel == "onednn" and not (torch.backends.mkldnn.is_available()

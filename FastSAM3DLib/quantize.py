@@ -47,11 +47,6 @@ def int8_support(device_type: str = "cpu") -> Tuple[bool, str]:
     return kernel is not None, why
 
 
-def _quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation of each row of a 2D float tensor (the weights' per-output-channel scheme)."""
-    return int8_products.quantize_rows_symmetric(x)
-
-
 def _default_kernel(kernel: Optional[str]) -> str:
     """``kernel``, else the one chosen for this CPU, else (layers built directly although no kernel pays off)
     oneDNN's where it works, as it is never far slower than float32."""
@@ -72,7 +67,7 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: Optional[str] = None) -> None:
         super().__init__()
         weight = weight.detach().float()
-        quantized, scale = _quantize_rows(weight)
+        quantized, scale = int8_products.quantize_rows_symmetric(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.int8_kernel = _default_kernel(kernel)
         self.register_buffer("weight_int8", quantized.t().contiguous())  # (in, out) for x @ W^T
@@ -133,7 +128,7 @@ class Int8Conv3d(nn.Module):
             self.linear = Int8Linear(conv.weight.reshape(conv.out_channels, -1), conv.bias, self.int8_kernel)
         else:  # one (in, out) int8 matrix per kernel offset, all with the same per-output-channel scale
             weight = conv.weight.detach().float()  # (out, in, k, k, k)
-            quantized, scale = _quantize_rows(weight.reshape(conv.out_channels, -1))
+            quantized, scale = int8_products.quantize_rows_symmetric(weight.reshape(conv.out_channels, -1))
             taps = quantized.reshape(weight.shape).permute(2, 3, 4, 1, 0)  # (k, k, k, in, out)
             self.register_buffer("weight_int8", taps.reshape(-1, weight.shape[1], conv.out_channels).contiguous())
             self.register_buffer("weight_sum", self.weight_int8.sum(dim=1, dtype=torch.float32))  # (taps, out)
