@@ -36,6 +36,16 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _lines_by_protocol(units: Dict[tuple, Dict]):
+    """(protocol, {(model, placement): [unit curves]}) for each protocol of ``unit_curves``' keys, in order."""
+    for protocol in OrderedDict.fromkeys(k[1] for k in units):
+        lines: Dict[tuple, List[Dict]] = OrderedDict()
+        for key, unit in units.items():
+            if key[1] == protocol:
+                lines.setdefault((key[0], key[2]), []).append(unit)
+        yield protocol, lines
+
+
 def plot_dice_curves(rows: List[Dict], folder: Path) -> List[Path]:
     """``dice_vs_clicks_<protocol>.png``: mean Dice after each click, on the crop and on the source grid.
 
@@ -43,11 +53,7 @@ def plot_dice_curves(rows: List[Dict], folder: Path) -> List[Path]:
     """
     units = unit_curves(rows)
     written = []
-    for protocol in OrderedDict.fromkeys(k[1] for k in units):
-        lines: Dict[tuple, List[Dict]] = OrderedDict()
-        for key, unit in units.items():
-            if key[1] == protocol:
-                lines.setdefault((key[0], key[2]), []).append(unit)
+    for protocol, lines in _lines_by_protocol(units):
         figure = _figure(11, 4.2)
         axes = figure.subplots(1, 2, sharey=True)
         models = list(OrderedDict.fromkeys(m for m, _ in lines))
@@ -80,11 +86,7 @@ def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
 
     units = unit_curves(rows)
     written = []
-    for protocol in OrderedDict.fromkeys(k[1] for k in units):
-        lines: Dict[tuple, List[Dict]] = OrderedDict()
-        for key, unit in units.items():
-            if key[1] == protocol:
-                lines.setdefault((key[0], key[2]), []).append(unit)
+    for protocol, lines in _lines_by_protocol(units):
         if not any(np.isfinite(v).any() for group in lines.values() for u in group for v in [u["nsd_full"]]):
             continue
         figure = _figure(11, 4.2)
