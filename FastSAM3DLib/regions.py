@@ -210,7 +210,7 @@ def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray,
         if k.size == 0:
             continue
         ijk = np.stack([i + offset[0], j + offset[1], k + k0 + offset[2]], axis=1).astype(np.float64)
-        xyz = ijk @ to_model[:3, :3].T + to_model[:3, 3]
+        xyz = geometry.affine_rows(ijk, to_model)
         cell = np.clip(np.floor((xyz + 0.5) / 4.0).astype(np.int64), 0, last)
         outside = ~covered[cell[:, 0], cell[:, 1], cell[:, 2]]
         part[k[outside], j[outside], i[outside]] = False

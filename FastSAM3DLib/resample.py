@@ -406,11 +406,11 @@ def threshold_logits(logits, field_to_ras: np.ndarray, field_size: Sequence[int]
         if stop <= first:
             return mask
         ranges[s] = (first, stop)
-        rows = np.arange(stop - first)
-        resample = np.zeros((stop - first, field_size[m]))
-        np.add.at(resample, (rows, base[first:stop]), 1.0 - d[first:stop])
-        np.add.at(resample, (rows, upper[first:stop]), d[first:stop])
-        weights[s] = resample @ _upsample_matrix(shape[m], field_size[m])
+        # row r: (1 - d) * upsample[base] + d * upsample[upper], composed from the two taps rather than by a
+        # matrix product, which NumPy would hand to OpenBLAS threads that busy-wait on the other cores afterwards
+        upsample = _upsample_matrix(shape[m], field_size[m])
+        fraction = d[first:stop, None]
+        weights[s] = (1.0 - fraction) * upsample[base[first:stop]] + fraction * upsample[upper[first:stop]]
     # the low-res columns any weight touches, per model axis
     used = [np.flatnonzero(np.any(weights[axes[m]] != 0, axis=0)) for m in range(3)]
     lows = [int(u[0]) for u in used]
