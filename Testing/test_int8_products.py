@@ -163,10 +163,11 @@ def test_the_race_interleaves_and_drops_a_hopeless_kernel():
         return run
 
     best = int8_products.race({"float32": contender("f", 0.002), "slow": contender("s", 0.03),
-                               "quick": contender("q", 0.001)}, repeats=3)
-    assert order[:3] == ["f", "s", "q"]  # one warm-up each
-    assert order[3:] == ["f", "s", "q", "f", "q", "f", "q"]  # interleaved; "slow" left after its first round
-    assert best["slow"] >= 0.03 and best["quick"] < best["float32"] < best["slow"]
+                               "middling": contender("m", 0.005), "quick": contender("q", 0.001)}, repeats=3)
+    assert order[:4] == ["f", "s", "m", "q"]  # one warm-up each
+    # interleaved; "slow" (15x float32) left after its warm-up, "middling" (2.5x) ran every round
+    assert order[4:] == ["f", "m", "q"] * 3
+    assert best["slow"] >= 0.03 and best["quick"] < best["float32"] < best["middling"] < best["slow"]
 
 
 def test_make_bench_reports_each_kernel_against_float32(fresh_choice, monkeypatch):

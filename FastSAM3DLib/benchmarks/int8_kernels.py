@@ -1,6 +1,6 @@
 """``make bench`` rows: each int8 kernel's time against float32 on this CPU, and the one the fast precision uses.
 
-The same race :func:`FastSAM3DLib.int8_products.choose_kernel` runs once per process (one 256 x 768 x 768
+The same race :func:`FastSAM3DLib.int8_products.choose_kernel` runs once per process (one 512 x 768 x 768
 product, activation quantisation and rescaling included, interleaved rounds), reported so that a result from
 any machine says why its ``int8`` rows are fast, slow or missing.
 """
@@ -14,7 +14,7 @@ def bench_rows(plan, device_name: str) -> List[dict]:
     from .. import int8_products
     from . import report
 
-    common = dict(model="one 256x768x768 product", device=device_name, precision="int8", unit="x")
+    common = dict(model=f"one {int8_products.RACE_ROWS}x768x768 product", device=device_name, precision="int8", unit="x")
     skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "int8 products are a CPU path")
     if skipped:
         return [report.measurement("int8_product_ratio", None, variant=kernel, label="int8 / float32 time",
