@@ -21,6 +21,12 @@ class LayerNorm3d(nn.Module):
         x = (x - mean) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
 
+    def normalize_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation with the channels on the last axis (``(..., C)``, e.g. voxels as rows)."""
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - mean) / torch.sqrt(var + self.eps)) + self.bias
+
 
 class MLPBlock(nn.Module):
     """Two-layer feed-forward block ``lin2(act(lin1(x)))``."""

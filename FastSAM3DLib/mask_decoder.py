@@ -55,11 +55,10 @@ class TwoWayBlock(nn.Module):
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        k = keys + key_pe  # the image tokens do not change until the last step: one sum serves both attentions
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
         return queries, keys
 
 
@@ -76,8 +75,10 @@ class TwoWayTransformer3D(nn.Module):
 
     def forward(self, image_embedding, image_pe, point_embedding):
         """Return the processed prompt tokens and image tokens ``(B, N, C)``."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # tokens made contiguous once: sums of a transposed view and a contiguous tensor, and norms of a
+        # transposed view, are several times slower on a CPU, and every layer adds the positional encoding
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
@@ -116,15 +117,24 @@ class MaskDecoder3D(nn.Module):
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou[:, keep]
 
-    def _upscale(self, volume: torch.Tensor) -> torch.Tensor:
-        """``output_upscaling(volume)``; on a CPU each transposed convolution gets channels-last input, for which
-        PyTorch's kernel is faster (upscaling 19 -> 15 ms, one thread; the same sums in another order: equal to
-        float rounding, ``Testing/test_model_parity.py``)."""
-        for layer in self.output_upscaling:
-            if isinstance(layer, nn.ConvTranspose3d) and volume.device.type == "cpu":
-                volume = volume.contiguous(memory_format=torch.channels_last_3d)  # no copy when already so
-            volume = layer(volume)
-        return volume
+    def _upscaled_masks(self, tokens: torch.Tensor, grid: Tuple[int, int, int], hyper_in: torch.Tensor) -> torch.Tensor:
+        """``hyper_in @ output_upscaling(tokens as a volume)``: the masks ``(B, M, 4x, 4y, 4z)``.
+
+        ``tokens`` ``(B, x*y*z, C)`` are the image tokens in grid order, ``hyper_in`` ``(B, M, C // 8)``. Each
+        stride-2 transposed convolution is one matrix product per input voxel (its 2x2x2 outputs side by side),
+        so the upscaled voxels stay in that blocked order, channels last, until the small masks are put in grid
+        order at the end: the same sums as the modules in another order, equal to float rounding (upscaling
+        about 20 -> 11 ms on one CPU thread; ``Testing/test_model_parity.py`` checks it against the modules).
+        """
+        first, norm, first_act, second, second_act = self.output_upscaling
+        b, n, c = tokens.shape
+        k1, k2 = first.kernel_size[0], second.kernel_size[0]
+        rows = second_act(_transposed_conv_rows(first_act(norm.normalize_last(_transposed_conv_rows(
+            tokens.reshape(b * n, c), first))), second))  # (B * n * k1^3 * k2^3, C // 8): voxel, k1^3, k2^3
+        masks = rows.reshape(b, -1, rows.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, voxels in that order, M)
+        x, y, z = grid
+        blocked = masks.reshape(b, x, y, z, k1, k1, k1, k2, k2, k2, -1)
+        return blocked.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9).reshape(b, -1, k1 * k2 * x, k1 * k2 * y, k1 * k2 * z)
 
     def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
         """All mask tokens' logits ``(B, 4, 32, 32, 32)`` and IoU predictions ``(B, 4)``."""
@@ -135,13 +145,24 @@ class MaskDecoder3D(nn.Module):
         src = image_embeddings if image_embeddings.shape[0] == n else image_embeddings.repeat_interleave(n, 0)
         src = src + dense_prompt_embeddings
         pos = image_pe if image_pe.shape[0] == n else image_pe.repeat_interleave(n, 0)
-        b, c, x, y, z = src.shape
+        grid = tuple(src.shape[2:])
         hs, src = self.transformer(src, pos, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-        upscaled = self._upscale(src.reshape(b, x, y, z, c).permute(0, 4, 1, 2, 3))  # tokens as a volume, no copy
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
                                dim=1)
-        b, c, x, y, z = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
+        masks = self._upscaled_masks(src, grid, hyper_in)
         return masks, self.iou_prediction_head(iou_token_out)
+
+
+def _transposed_conv_rows(rows: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """``conv`` (kernel = stride, no padding) on voxels given as rows ``(V, C_in)``: ``(V * k^3, C_out)``, each
+    voxel's k x k x k outputs in a row after another (the blocked order of :meth:`MaskDecoder3D._upscaled_masks`)."""
+    k = conv.kernel_size[0]
+    if conv.kernel_size != (k, k, k) or conv.stride != (k, k, k) or conv.padding != (0, 0, 0) or \
+            conv.output_padding != (0, 0, 0) or conv.dilation != (1, 1, 1) or conv.groups != 1:
+        raise ValueError(f"{conv} is not a patch-wise transposed convolution (kernel = stride, no padding)")
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(c_in, k ** 3 * c_out)  # (C_in, k, k, k, C_out)
+    out = (rows @ weight).reshape(-1, c_out)
+    return out if conv.bias is None else out.add_(conv.bias)

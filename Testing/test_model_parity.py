@@ -127,16 +127,29 @@ def test_seeded_builds_are_reproducible():
         assert ka == kb and torch.equal(va, vb)
 
 
-@pytest.mark.parametrize("name", ["fastsam3d", "sam-med3d"])
-def test_channels_last_upscaling_equals_the_plain_modules(name):
-    """The decoder's upscaling with channels-last input (faster on a CPU) against the modules run as they are."""
+@pytest.mark.parametrize("name", ["fastsam3d", "sam-med3d", "tiny-test"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_blocked_upscaling_equals_the_plain_modules(name, batch):
+    """The decoder's masks from its upscaling done as matrix products in blocked voxel order (faster) against
+    the official formula: the modules run as they are on the tokens viewed as a volume, then the hypernetwork
+    product."""
     decoder = build_model(name, seed=0).mask_decoder
     torch.manual_seed(0)
     dim = decoder.iou_token.embedding_dim
-    tokens = torch.randn(1, 512, dim)
-    volume = tokens.reshape(1, 8, 8, 8, -1).permute(0, 4, 1, 2, 3)  # as the decoder views its tokens
+    tokens = torch.randn(batch, 512, dim)
+    hyper_in = torch.randn(batch, decoder.num_mask_tokens, dim // 8)
+    volume = tokens.reshape(batch, 8, 8, 8, -1).permute(0, 4, 1, 2, 3)  # as the official decoder views its tokens
     with torch.no_grad():
-        got = decoder._upscale(volume)
-        expected = decoder.output_upscaling(volume.contiguous())
-    assert got.shape == expected.shape == (1, dim // 8, 32, 32, 32)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        got = decoder._upscaled_masks(tokens, (8, 8, 8), hyper_in)
+        upscaled = decoder.output_upscaling(volume.contiguous())
+        expected = (hyper_in @ upscaled.reshape(batch, dim // 8, -1)).reshape(batch, -1, 32, 32, 32)
+    assert got.shape == expected.shape == (batch, decoder.num_mask_tokens, 32, 32, 32)
+    scale = expected.abs().max()
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-6)
+
+
+def test_blocked_upscaling_refuses_an_overlapping_convolution():
+    from FastSAM3DLib.mask_decoder import _transposed_conv_rows
+
+    with pytest.raises(ValueError, match="kernel = stride"):
+        _transposed_conv_rows(torch.zeros(4, 8), torch.nn.ConvTranspose3d(8, 4, kernel_size=3, stride=2))
