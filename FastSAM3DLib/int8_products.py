@@ -124,15 +124,13 @@ def _seconds(fn) -> float:
 def race(runs: Dict[str, Callable[[], object]], repeats: int = 5, reference: str = "float32",
          hopeless: float = 5.0) -> Dict[str, float]:
     """Fastest time of each run, measured in interleaved rounds after one warm-up each (so that a load
-    change hits every contender alike); a run slower than ``hopeless`` x the reference's best so far (the
-    warm-ups included) leaves the race and keeps that time."""
-    warm_up = {name: _seconds(fn) for name, fn in runs.items()}
+    change hits every contender alike); a run slower than ``hopeless`` x the reference's best so far leaves
+    the race and keeps that time. Warm-ups are not judged: oneDNN's first call builds its kernel (it took
+    ~10x float32's time once here)."""
+    for fn in runs.values():
+        fn()
     best = {name: float("inf") for name in runs}
     running = dict(runs)
-    for name in list(running):
-        if name != reference and warm_up[name] > hopeless * warm_up[reference]:
-            best[name] = warm_up[name]
-            del running[name]
     for _ in range(repeats):
         for name, fn in list(running.items()):
             best[name] = min(best[name], _seconds(fn))
