@@ -25,18 +25,17 @@ WINDOW_S = 0.15  # the sleep after the action, long enough for busy-waiting thre
 
 def cpu_of_other_threads_ms(action) -> float:
     """CPU milliseconds used by threads other than the calling one during ``action`` and a WINDOW_S sleep after
-    it (fewest of three runs): the process's CPU time beyond the wall-clock time of ``action``, with PyTorch on
-    one thread so that its own workers add nothing."""
+    it (fewest of three runs): the process's CPU time minus this thread's, with PyTorch on one thread so that
+    its own workers add nothing."""
     used = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(3):
-            cpu, wall = time.process_time(), time.perf_counter()
+            process, mine = time.process_time(), time.thread_time()
             action()
-            busy = time.perf_counter() - wall
             time.sleep(WINDOW_S)
-            used.append(1e3 * (time.process_time() - cpu - busy))
+            used.append(1e3 * ((time.process_time() - process) - (time.thread_time() - mine)))
     finally:
         torch.set_num_threads(threads)
     return min(used)
