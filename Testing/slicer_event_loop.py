@@ -8,7 +8,7 @@ effect's timer callback (:meth:`FastSAM3DLib.background.Worker.poll`) until the 
 
 As a script it measures one job free-running and inside the emulated loop, for ``make bench``::
 
-    python Testing/slicer_event_loop.py click|download|load [--mode free|slicer|slicer-no-yield] [--json]
+    python Testing/slicer_event_loop.py click|download [--mode free|slicer|slicer-no-yield] [--threads N] [--json]
 """
 from __future__ import annotations
 
@@ -43,14 +43,16 @@ def run_event_loop(worker, loop_seconds: float = 0.005, budget: float = None, ti
     return finished
 
 
-def _click_job():
-    """Import, build the bundled demo model, first and next click on the bundled CT (as the effect does)."""
+def _click_job(threads: int = None):
+    """Import, build the bundled demo model, first and next click on the bundled CT (as the effect does), with
+    ``threads`` torch threads (None: PyTorch's default, as in Slicer)."""
     def job():
         t0 = time.perf_counter()
         import numpy as np
         import torch
 
-        torch.set_num_threads(1)
+        if threads:
+            torch.set_num_threads(threads)
         from FastSAM3DLib import InteractiveSession, build_model
         from FastSAM3DLib.geometry import Volume
         from FastSAM3DLib.resources import resources_dir, sample_path
@@ -114,13 +116,14 @@ def _download_job(size_mb: int = 256):
     return job
 
 
-def measure(job_name: str, mode: str) -> dict:
+def measure(job_name: str, mode: str, threads: int = None) -> dict:
     """Run one job on the effect's worker with the main thread ``free``, ``slicer`` (the effect's poll) or
-    ``slicer-no-yield`` (a poll that only collects results, as before); returns its timings."""
+    ``slicer-no-yield`` (a poll that only collects results, as before); returns its timings. ``threads``:
+    torch threads of the click job (None: PyTorch's default)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from FastSAM3DLib.background import Worker
 
-    job = {"click": _click_job, "download": _download_job}[job_name]()
+    job = _click_job(threads) if job_name == "click" else _download_job()
     worker = Worker()
     start = time.perf_counter()
     worker.submit(job_name, job)
@@ -142,9 +145,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("job", choices=("click", "download"))
     parser.add_argument("--mode", choices=("free", "slicer", "slicer-no-yield"), default="slicer")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the click (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
-    result = measure(args.job, args.mode)
+    result = measure(args.job, args.mode, args.threads)
     print(json.dumps(result) if args.json else "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in result.items()))
     return 0

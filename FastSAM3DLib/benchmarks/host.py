@@ -24,7 +24,10 @@ HARNESS = report.REPO_ROOT / "Testing" / "slicer_event_loop.py"
 
 
 def _loop_run(job: str, mode: str) -> dict:
-    out = subprocess.run([sys.executable, str(HARNESS), job, "--mode", mode, "--json"], check=True,
+    import torch
+
+    threads = ["--threads", str(torch.get_num_threads())]  # this run's torch threads (make bench --threads)
+    out = subprocess.run([sys.executable, str(HARNESS), job, "--mode", mode, *threads, "--json"], check=True,
                          capture_output=True, text=True, cwd=str(report.REPO_ROOT), timeout=900).stdout
     return json.loads(out.strip().splitlines()[-1])
 
