@@ -17,6 +17,7 @@ here; resampling is done with SimpleITK's ``ResampleImageFilter``, exactly as to
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -292,7 +293,9 @@ def _value_range(array: np.ndarray):
     torch = sys.modules.get("torch")
     if torch is not None:
         try:
-            both = torch.aminmax(torch.from_numpy(array))
+            with warnings.catch_warnings():  # a read-only array (e.g. a view of a file's buffer) is only read here
+                warnings.simplefilter("ignore", UserWarning)
+                both = torch.aminmax(torch.from_numpy(array))
             return both.min.item(), both.max.item()
         except (TypeError, ValueError, RuntimeError, NotImplementedError):
             pass

@@ -445,6 +445,21 @@ def test_non_finite_and_constant_voxels_are_found_by_either_path(dtype, with_tor
         Volume(np.ones((4, 5, 6), dtype=dtype), np.eye(4)).validate()
 
 
+def test_a_read_only_volume_is_checked_without_a_warning():
+    import warnings
+
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    array.flags.writeable = False  # like a view of a file's or a request's buffer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Volume(array, np.eye(4)).validate()
+        array_nan = array.copy()
+        array_nan[0, 0, 0] = np.nan
+        array_nan.flags.writeable = False
+        with pytest.raises(InputImageError, match="has 1 NaN"):
+            Volume(array_nan, np.eye(4)).validate()
+
+
 def test_normalisation_is_torchio_masked_z_normalisation():
     """Few foreground voxels, so the unbiased (N-1) std matters."""
     array = np.zeros((10, 10, 10), dtype=np.float32)
