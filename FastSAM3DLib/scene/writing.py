@@ -64,6 +64,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if reference is None:
             raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
         to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
+        if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
+            to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
         editor.save_state_for_undo()
@@ -321,6 +323,28 @@ def _resampled(image, target, extent) -> np.ndarray:
 
 def _has_voxels(image) -> bool:
     return bool(_image_array(image).any())
+
+
+def _segment_has_voxels_in(segmentation, segment_id: str, modifier) -> bool:
+    """Whether the segment holds any of ``modifier``'s nonzero voxels; True (keep the step) when the segment's
+    layer is on another voxel lattice, where the Segment Editor resamples and the answer is not a lookup.
+
+    Erasing voxels a segment does not hold changes nothing: not the segment, not the others (Erase never
+    touches them), and with the editable area "inside segment X" the voxels handed back to X are its own.
+    """
+    layer = segmentation.GetLayerIndex(segment_id)
+    image = segmentation.GetLayerDataObject(layer) if layer >= 0 else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        return False
+    layer_to_world, modifier_to_world = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(layer_to_world)
+    modifier.GetImageToWorldMatrix(modifier_to_world)
+    if not np.allclose(_array_from_vtk_matrix(layer_to_world), _array_from_vtk_matrix(modifier_to_world),
+                       atol=_SAME_AXES_TOLERANCE):
+        return True
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    held = _values_in_extent(image, modifier.GetExtent()) == label
+    return bool((held & (_image_array(modifier) != 0)).any())
 
 
 class _Rollback:
