@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
+from . import interrupts
 from .errors import FastSAM3DError, PromptError, WeightsUnavailableError
 from .files import check_format_keeps_geometry, check_output_path, write_label_atomically
 
@@ -246,19 +247,28 @@ class _Terminated(BaseException):
 
 @contextlib.contextmanager
 def _sigterm_unwinds():
-    """While the block runs in the main thread, SIGTERM raises :class:`_Terminated` instead of killing at once."""
+    """While the block runs in the main thread, SIGTERM raises :class:`_Terminated` instead of killing at once,
+    and both it and Ctrl+C wait while a file is set up or cleaned up (:mod:`.interrupts`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
-        raise _Terminated()
+        interrupts.raise_or_defer(_Terminated())
+
+    def interrupt(signum, frame):
+        interrupts.raise_or_defer(KeyboardInterrupt())
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # leave an ignored or a custom Ctrl+C as it is
+        signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _one_line(text) -> str:

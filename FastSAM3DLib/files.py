@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple
 
+from . import interrupts
 from .errors import InputImageError, OutputFileError
 
 if TYPE_CHECKING:  # annotations only: SimpleITK is imported where it is used
@@ -67,12 +68,14 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
     except OSError as exc:
         raise output_error(exc, path, "create the folder for") from None
     remove_stale_temporaries(path.parent)
+    tmp = None
     try:
-        handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
-    except OSError as exc:
-        raise output_error(exc, path, "write") from None
-    os.close(handle)
-    try:
+        with interrupts.deferred():  # a Ctrl+C waits until the temporary's name is known (and it is removed)
+            try:
+                handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
+            except OSError as exc:
+                raise output_error(exc, path, "write") from None
+            os.close(handle)
         yield Path(tmp)
         with contextlib.suppress(OSError):  # e.g. a FAT disk without permissions
             os.chmod(tmp, 0o666 & ~_umask())
@@ -81,8 +84,9 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
         except OSError as exc:
             raise output_error(exc, path, "replace") from None
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if tmp is not None:
+            with interrupts.deferred(), contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _temp_prefix(path: Path, suffix: str) -> str:
@@ -283,29 +287,32 @@ def native_stderr_captured() -> Iterator[List[str]]:
     Where file descriptor 2 cannot be redirected, nothing is collected and the text goes where it went.
     """
     lines: List[str] = []
+    saved = sink = None
     try:
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
+        with interrupts.deferred():  # a Ctrl+C waits until descriptor 2 is redirected and will be restored
+            try:
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError, AttributeError):
+                saved = None  # cannot redirect: the text goes where it went
+            if saved is not None:
+                try:
+                    sink = tempfile.TemporaryFile()
+                except OSError:
+                    sink = open(os.devnull, "w+b")
+                os.dup2(sink.fileno(), 2)
         yield lines
-        return
-    try:
-        sink = tempfile.TemporaryFile()
-    except OSError:
-        sink = open(os.devnull, "w+b")
-    try:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            text = sink.read(1 << 16).decode("utf-8", "replace")
-            lines.extend(line.strip() for line in text.splitlines() if line.strip())
     finally:
-        os.close(saved)
-        sink.close()
+        with interrupts.deferred():  # and the restoring runs to its end (else the last message is lost)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            if sink is not None:
+                sink.seek(0)
+                text = sink.read(1 << 16).decode("utf-8", "replace")
+                lines.extend(line.strip() for line in text.splitlines() if line.strip())
+                sink.close()
 
 
 def itk_reason(error: BaseException, native: Iterable[str] = ()) -> str:
