@@ -269,13 +269,12 @@ class Volume:
             )
         low, high = _value_range(array)
         if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(low) and np.isfinite(high)):
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-            if bad:
-                raise InputImageError(
-                    f"The image has {bad} NaN or infinite voxels. Replace them with a finite value (for example "
-                    "the image minimum, or 0) before segmenting, e.g. numpy.nan_to_num or Slicer's "
-                    "'Threshold Scalar Volume' module."
-                )
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))  # counted only to say how many
+            raise InputImageError(
+                f"The image has {bad} NaN or infinite voxels. Replace them with a finite value (for example "
+                "the image minimum, or 0) before segmenting, e.g. numpy.nan_to_num or Slicer's "
+                "'Threshold Scalar Volume' module."
+            )
         if low == high:
             raise InputImageError(
                 f"All voxels of the image have the same value ({low}); there is nothing to segment. Check that "

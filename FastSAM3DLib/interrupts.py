@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, List
+from typing import Iterator, Optional
 
 _depth = 0
-_pending: List[BaseException] = []
+_pending: Optional[BaseException] = None  # the first interrupt that arrived inside deferred()
 
 
 @contextlib.contextmanager
@@ -24,7 +24,7 @@ def deferred() -> Iterator[None]:
 
     Only the main thread counts (signal handlers run there); elsewhere, e.g. on Slicer's worker, it does nothing.
     """
-    global _depth
+    global _depth, _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -33,16 +33,15 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        if _depth == 0 and _pending:
-            exc = _pending.pop()
-            _pending.clear()
+        if _depth == 0 and _pending is not None:
+            exc, _pending = _pending, None
             raise exc
 
 
 def raise_or_defer(exc: BaseException) -> None:
     """Raise ``exc`` now, or, inside :func:`deferred`, when that block is left (a signal handler's raise)."""
+    global _pending
     if _depth > 0:
-        if not _pending:
-            _pending.append(exc)
+        _pending = _pending or exc
         return
     raise exc

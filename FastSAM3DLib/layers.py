@@ -16,16 +16,17 @@ class LayerNorm3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise each voxel's channel vector."""
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+        return self.weight[:, None, None, None] * self._standardized(x, 1) + self.bias[:, None, None, None]
 
     def normalize_last(self, x: torch.Tensor) -> torch.Tensor:
         """The same normalisation with the channels on the last axis (``(..., C)``, e.g. voxels as rows)."""
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).pow(2).mean(-1, keepdim=True)
-        return self.weight * ((x - mean) / torch.sqrt(var + self.eps)) + self.bias
+        return self.weight * self._standardized(x, -1) + self.bias
+
+    def _standardized(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``(x - mean) / sqrt(var + eps)`` over ``dim`` (the official formula, biased variance)."""
+        mean = x.mean(dim, keepdim=True)
+        var = (x - mean).pow(2).mean(dim, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps)
 
 
 class MLPBlock(nn.Module):
