@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchio as tio
 
+from FastSAM3DLib import geometry
 from FastSAM3DLib.errors import InputImageError, PromptError
 from FastSAM3DLib.geometry import (
     RegionOfInterest,
@@ -470,6 +471,30 @@ def test_normalisation_is_torchio_masked_z_normalisation():
     assert np.count_nonzero(raw > 0) == 4
     reference = tio.ZNormalization(masking_method=lambda x: x > 0)(tio.ScalarImage(tensor=raw[None]))
     np.testing.assert_allclose(extract_model_input(volume, roi), reference.data[0].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int16, np.uint8, np.uint16, np.int32,
+                                   np.uint32, np.int64])
+def test_model_input_layout_and_normalisation_equal_numpys(dtype):
+    """The (k, j, i) -> float32 (x, y, z) copy (PyTorch in this process) and the in-place normalisation
+    (foreground gathered by np.compress) give NumPy's transposing copy and boolean-index statistics bit for bit."""
+    rng = np.random.default_rng(3)
+    info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
+    low = max(float(info.min), -3e4)
+    high = min(float(info.max), 6e4)
+    kji = rng.uniform(low, high, (7, 9, 11)).astype(dtype)
+    if np.dtype(dtype).kind in "iu":
+        kji[0, 0, :3] = [info.min, info.max, 0]
+    xyz = geometry._float32_xyz(kji)
+    assert xyz.dtype == np.float32 and xyz.flags.c_contiguous and xyz.shape == (11, 9, 7)
+    expected = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=np.float32)
+    np.testing.assert_array_equal(xyz, expected)
+    foreground = expected[expected > 0]
+    mean, std = foreground.mean(dtype=np.float64), foreground.std(dtype=np.float64, ddof=1)
+    reference = (expected - np.float32(mean)) / np.float32(std)
+    normalised = geometry._masked_z_normalise(xyz)
+    assert normalised is xyz  # in place
+    np.testing.assert_array_equal(normalised, reference)
 
 
 def test_regions_that_cannot_be_normalised_raise_input_image_error():

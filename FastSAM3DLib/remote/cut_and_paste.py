@@ -14,7 +14,6 @@ from typing import Optional
 import numpy as np
 
 from .. import geometry
-from ..errors import InputImageError
 from ..geometry import RegionOfInterest, Volume
 
 
@@ -45,15 +44,7 @@ def model_input(volume: Volume, roi: RegionOfInterest) -> np.ndarray:
     """The float32 (x, y, z) model input of ``roi``: :func:`geometry.extract_model_input`, or its SimpleITK path."""
     if library_geometry():
         return geometry.extract_model_input(volume, roi)
-    import SimpleITK as sitk
-
-    values = np.ascontiguousarray(geometry._resample_onto(volume, roi, sitk.sitkLinear), dtype=np.float32)
-    if not np.all(np.isfinite(values)):
-        raise InputImageError(
-            "The region around the points contains NaN or infinite voxels. Replace them with a finite value "
-            "(e.g. the image minimum) before segmenting."
-        )
-    return geometry._masked_z_normalise(values)
+    return geometry.sitk_model_input(volume, roi)
 
 
 def paste_back(volume: Volume, roi: RegionOfInterest, low: np.ndarray):
