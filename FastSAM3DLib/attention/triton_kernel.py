@@ -211,6 +211,23 @@ def launch_config(grid: Tuple[int, int, int], head_dim: int, dtype: torch.dtype,
     return LaunchConfig(tuple(constexprs.items()), num_warps, num_stages)
 
 
+#: What an older Triton interpreter (3.6 here) raises under NumPy >= 2.4 in the sparse mode: its scalars are
+#: 1-element arrays, which NumPy no longer converts to the loop bound ``count``. Compiled kernels are unaffected.
+_INTERPRETER_SCALAR_DEFECT = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def interpreter_defect(exc: BaseException) -> Optional[str]:
+    """Why ``exc``, raised by a launch, is a defect of this Triton's CPU interpreter rather than of the kernel
+    (the kernel then cannot be checked under this interpreter, only compiled: ``Testing/test_attention_aot.py``),
+    or None."""
+    if not _interpreted() or _INTERPRETER_SCALAR_DEFECT not in repr(exc):
+        return None
+    import numpy
+
+    return (f"Triton {triton.__version__}'s interpreter cannot use a loaded value as a loop bound under NumPy "
+            f"{numpy.__version__} (a newer Triton's can); the compiled kernel is not affected")
+
+
 def _interpreted() -> bool:
     """Whether the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
