@@ -498,7 +498,7 @@ def _resample_onto(volume: Volume, roi: RegionOfInterest, interpolator) -> np.nd
 
 
 def _resample_onto_kji(volume: Volume, roi: RegionOfInterest, interpolator) -> np.ndarray:
-    """:func:`_resample_onto` as SimpleITK gives it: the (k, j, i) array of the ROI grid (a view's transpose)."""
+    """:func:`_resample_onto` in SimpleITK's own (k, j, i) order, before the transposing view to (x, y, z)."""
     ijk = ras_to_ijk(volume, roi.extent_corners_ras())
     low, high = ijk.min(axis=0), ijk.max(axis=0)
     last = np.array(volume.shape[::-1]) - 1
