@@ -48,6 +48,11 @@ def test_dry_run_result_follows_the_schema(dry_run):
     for key in ("machine", "platform", "cpu", "threads", "device"):
         assert env[key], key
     assert env["threads"] == 1 and env["versions"]["torch"] and "triton" in env["versions"]
+    # the host-steadiness probe ran before every unit of the benchmark suite
+    host = _values(result, name="host_steadiness")
+    assert len(host) == 1 and host[0]["value"] >= 1.0 and "probes" in host[0]["note"]
+    probes = result["details"]["steadiness"]["probes"]
+    assert len(probes) >= 10 and any(title.startswith("session") for title, _ in probes)
 
 
 def test_dry_run_runs_the_cuda_tests_with_pytest(dry_run):

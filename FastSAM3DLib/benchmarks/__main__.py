@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import report
+from . import report, steadiness
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "Testing" / "Benchmarks" / "results"
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(report.render_text([result]))
+    unsteady = steadiness.warning(measurements)
+    if unsteady:
+        print(f"\nnote: {unsteady}")
     for problem in problems:
         print(f"problem: {problem}")
     print(f"\nwrote {path}\nREADME table: python -m FastSAM3DLib.benchmarks.report --update-readme {path}")

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import report
+from . import report, steadiness
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO_ROOT / "Testing" / "Benchmarks" / "results"
@@ -377,8 +377,10 @@ def summary(result: dict) -> str:
     status = result["status"]
     verdict = (f"gpu-check: {'OK' if status['ok'] else 'PROBLEMS'} in {status['seconds']:.0f} s"
                + "".join(f"\n  - {p}" for p in status["problems"]))
+    unsteady = steadiness.warning(result["measurements"])
     return "\n".join([test_line, "", "Triton kernel vs float64 reference:", kernel_table(kernel), "",
-                      report.render_text([result]), "", verdict])
+                      report.render_text([result]), ""] + ([f"note: {unsteady}", ""] if unsteady else [])
+                     + [verdict])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import report
+from . import report, steadiness
 from .attention import _cpu_name
 
 # the model a dry run uses in place of each official model (same code paths, seconds on a CPU)
@@ -122,6 +122,7 @@ class _Recorder:
         self.measurements: List[dict] = []
         self.details: Dict[str, dict] = {}
         self.problems: List[str] = []
+        self.steadiness = steadiness.Steadiness()
 
     def unit(self, title: str, fn: Callable[[], dict], skip_key: Optional[str] = None, optional: bool = False):
         """(result, None) or (None, reason): run ``fn`` unless skipped, out of time, or failing."""
@@ -132,6 +133,7 @@ class _Recorder:
         if self.plan.time_left() <= 0:
             return None, "time budget spent"
         self.log(f"  {title} ...")
+        self.steadiness.sample(title)
         start = time.perf_counter()
         try:
             result = fn()
@@ -233,6 +235,8 @@ def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
         rows, why = rec.unit(getattr(extra, "__name__", "extra benchmark"), lambda: extra(plan, rec.device_name))
         rec.measurements += rows or []
     rec.measurements += report.derive_ratios(rec.measurements)
+    rec.measurements.append(rec.steadiness.measurement(rec.device_name))
+    rec.details["steadiness"] = rec.steadiness.details()
     return rec.measurements, rec.details, rec.problems
 
 
