@@ -529,10 +529,10 @@ def _masked_z_normalise(values: np.ndarray) -> np.ndarray:
     """torchio ``ZNormalization(masking_method=lambda x: x > 0)``, in place on the float32 ``values`` (returned):
     statistics over x > 0 (float64, unbiased std), applied to all voxels.
 
-    The foreground is gathered with ``np.compress`` in the array's order (a boolean index of the same voxels
-    takes ~5x longer on a speckled mask), so the statistics are those of ``values[values > 0]``, bit for bit.
+    The foreground is gathered by a boolean index: on real CT and MR regions (long runs of foreground) it took
+    2.2-4.3 ms against 4.5-5.4 ms for ``np.compress``, which wins only on speckled masks (4.8 against 16 ms).
     """
-    foreground = np.compress((values > 0).ravel(), values.ravel())
+    foreground = values[values > 0]
     if foreground.size < 2:
         raise InputImageError(
             "The region around the points has fewer than two voxels brighter than 0, so it cannot be "

@@ -476,8 +476,8 @@ def test_normalisation_is_torchio_masked_z_normalisation():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int16, np.uint8, np.uint16, np.int32,
                                    np.uint32, np.int64])
 def test_model_input_layout_and_normalisation_equal_numpys(dtype):
-    """The (k, j, i) -> float32 (x, y, z) copy (PyTorch in this process) and the in-place normalisation
-    (foreground gathered by np.compress) give NumPy's transposing copy and boolean-index statistics bit for bit."""
+    """The (k, j, i) -> float32 (x, y, z) copy (PyTorch in this process) and the in-place normalisation give
+    NumPy's transposing copy and the out-of-place formula bit for bit."""
     rng = np.random.default_rng(3)
     info = np.finfo(dtype) if np.dtype(dtype).kind == "f" else np.iinfo(dtype)
     low = max(float(info.min), -3e4)
