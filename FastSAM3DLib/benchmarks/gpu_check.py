@@ -161,6 +161,8 @@ def kernel_check(device, cases=GPU_CASES, precisions=("fp32", "bf16", "fp16")) -
     if not attention.triton_supported(device):
         return {"status": "skipped", "reason": f"the Triton backend cannot run on {device} here (Triton missing, "
                                                "a GPU older than sm_80, or a CPU without TRITON_INTERPRET=1)"}
+    from ..attention import triton_kernel  # importable here: the backend is supported
+
     rows = []
     for case in cases:
         (q, k, v), tables, pad_qkv = _case_inputs(case, device)
@@ -210,7 +212,7 @@ def kernel_check(device, cases=GPU_CASES, precisions=("fp32", "bf16", "fp16")) -
                 row["ok"] = bool(row["rel_l2"] <= TOLERANCE[precision] and row["triton_ran"]
                                  and row["dtype"] == PRECISION_DTYPES[precision])
             except Exception as exc:  # one failing variant must not hide the others
-                defect = _interpreter_defect(exc)
+                defect = triton_kernel.interpreter_defect(exc)
                 if defect:  # reported as not run, with the reason, not as a failure of the kernel
                     row.update(ok=None, not_run=defect)
                 else:
@@ -223,15 +225,6 @@ def kernel_check(device, cases=GPU_CASES, precisions=("fp32", "bf16", "fp16")) -
     if not_run:
         result["not_run"] = {"cases": len(not_run), "reason": not_run[0]["not_run"]}
     return result
-
-
-def _interpreter_defect(exc: BaseException):
-    """:func:`~FastSAM3DLib.attention.triton_kernel.interpreter_defect` (None where Triton is not importable)."""
-    try:
-        from ..attention import triton_kernel
-    except ImportError:
-        return None
-    return triton_kernel.interpreter_defect(exc)
 
 
 def _rel_l2(a, b) -> float:
