@@ -297,8 +297,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
         ``memoryBank``: a Memorizing SAM bank file attached to the (local) model with the default settings; a
         bank made by other weights, or a server device, is refused with a message saying what to do.
-        ``grow``: the local session's segments grow over several regions (FastSAM3DLib.growth); a server segments
-        one region. ``precision``: None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on
+        ``grow``: the session's segments grow over several regions (FastSAM3DLib.growth), with a server too where
+        this computer has PyTorch (else one region, and the session's ``growth_note`` says why). ``precision``: None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on
         a CPU; not with a memory bank, which fits the float weights).
         """
         from FastSAM3DLib import remote, scene
@@ -309,7 +309,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
                 raise FastSAM3DError(_("A memory bank needs a local model: choose 'None' as memory bank, or a CPU "
                                        "or GPU device instead of the server."))
-            return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken())
+            return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken(),
+                                        grow=bool(grow))
         from FastSAM3DLib.session import InteractiveSession
 
         if memoryBank and precision == "fast":

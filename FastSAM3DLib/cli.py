@@ -62,7 +62,7 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
 
     ``grow``: True, a :class:`~FastSAM3DLib.growth.GrowthSettings`, or False for one 128^3 region; None (default):
     the model's own default (:func:`FastSAM3DLib.growth.default_for`). With growth every click's regions are kept
-    and the segment grows past region faces (local models only; a server segments one region).
+    and the segment grows past region faces (with a server too, where this computer has PyTorch).
 
     Without ``checkpoint`` the model's own weights are used: bundled, or verified in ``cache_dir``.
     ``memory``: parsed ``--memory*`` options (:func:`FastSAM3DLib.memory.cli.add_memory_arguments`) whose bank
@@ -76,6 +76,7 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
 
     from .geometry import Volume
     from .remote import RemoteSession, is_server_url
+    from .remote.session import grows_by_default
 
     if not points:
         raise PromptError("Give at least one include point with --point R,A,S.")
@@ -96,9 +97,10 @@ def segment(image: str, points: List[Tuple["np.ndarray", bool]], model_name: str
     check_format_keeps_geometry(volume.ijk_to_ras, output)
     start = time.perf_counter()
     if remote:  # the server runs the model; the geometry stays here (token: $FASTSAM3D_TOKEN)
-        session = RemoteSession(device, model_name, volume, prompt_mode=prompt_mode)
-        if grow:
-            log("note: a server segments one 128^3 region per click (growth needs a local model)")
+        session = RemoteSession(device, model_name, volume, prompt_mode=prompt_mode,
+                                grow=grows_by_default(model_name) if grow is None else grow)
+        if session.growth_note and grow:
+            log(f"note: {session.growth_note}")
         log(f"opened a session for '{model_name}' on {device} in {time.perf_counter() - start:.2f} s")
     else:
         from . import growth

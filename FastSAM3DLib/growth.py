@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from . import geometry, regions
 from .geometry import RegionOfInterest, Volume
 from .regions import Index, Lattice
+from .session_common import crop_to, empty_region, union
 
 #: Why a click's growth ended early ("" when it ran until nothing touched a face).
 STOP_REASONS = ("", "max_regions", "time", "cancelled")
@@ -196,6 +197,31 @@ def apply_click(current: RegionSet, click, runner, volume: Volume, size: int, sp
     updated = _grow(updated, report.refined, runner, settings, started, timings, report, progress)
     timings["grow"] = time.perf_counter() - started
     return updated, report
+
+
+def newest_region(current: RegionSet, clicks) -> Optional[RegionState]:
+    """The state of the region that holds the newest of ``clicks`` best (its central region, else any region
+    containing it), or None before a click or when no region holds it."""
+    if not clicks or current.lattice is None:
+        return None
+    newest = clicks[-1].ras
+    return current.regions.get(current.lattice.central_index(newest)) or next(
+        (s for s in current.regions.values() if s.roi.contains(newest[None])[0]), None)
+
+
+def paste_result(volume: Volume, before: RegionSet, current: RegionSet, shown):
+    """The blended regions of ``current`` pasted back: (box, mask over the box, region now shown or None).
+
+    The box covers the pasted regions, every region of ``before`` and ``shown`` (what was shown before), so
+    that what the click removed is cleared too.
+    """
+    lattice = current.lattice or before.lattice
+    region, mask = regions.paste(volume, lattice, current.logits()) if current.regions else \
+        (empty_region(), None)
+    extent = regions.source_extent(volume, lattice, list(before.regions)) if lattice is not None and \
+        before.regions else empty_region()
+    box = union(union(region, extent), shown)
+    return box, crop_to(region, mask, box), (region if mask is not None else None)
 
 
 def _grow(current: RegionSet, sources: List[Index], runner, settings: GrowthSettings, started: float,

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import geometry, growth, regions
+from . import geometry, growth
 from .errors import FastSAM3DError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
 from .session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
@@ -188,28 +188,17 @@ class InteractiveSession:
 
     def _newest_region(self) -> Optional["growth.RegionState"]:
         """With growth: the state of the region that holds the newest click best, if there is one."""
-        if not self.clicks or self._multi.lattice is None:
-            return None
-        return self._multi.regions.get(self._multi.lattice.central_index(self.clicks[-1].ras)) or next(
-            (s for s in self._multi.regions.values() if s.roi.contains(self.clicks[-1].ras[None])[0]), None)
+        return growth.newest_region(self._multi, self.clicks)
 
     def _grown_result(self, before: "growth.RegionSet", encoded: bool, timings: Dict[str, float],
                       report: Optional["growth.GrowthReport"]) -> ClickResult:
         """The blended regions pasted back over every region before and after, and what was shown before."""
         start = time.perf_counter()
-        current = self._multi
-        lattice = current.lattice or before.lattice
-        region, mask = regions.paste(self.volume, lattice, current.logits()) if current.regions else \
-            (empty_region(), None)
-        extent = regions.source_extent(self.volume, lattice, list(before.regions)) if lattice is not None and \
-            before.regions else empty_region()
-        union = regions.union(regions.union(region, extent), self._shown_region)
-        full = regions.crop_to(region, mask, union)
-        self._shown_region = region if mask is not None else None
+        box, full, self._shown_region = growth.paste_result(self.volume, before, self._multi, self._shown_region)
         timings["paste"] = time.perf_counter() - start
         newest = self._newest_region()
         iou = newest.iou if newest is not None else float("nan")
-        return ClickResult(union, full, iou, encoded, timings, regions=len(current.regions), growth=report)
+        return ClickResult(box, full, iou, encoded, timings, regions=len(self._multi.regions), growth=report)
 
     def region_embedding(self, roi: RegionOfInterest, timings: Dict[str, float]) -> torch.Tensor:
         """With growth: the embedding of ``roi``, cached (at most ``max_embeddings``, least recent dropped)."""

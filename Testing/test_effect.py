@@ -250,10 +250,14 @@ def test_the_effect_segments_through_a_server_and_keeps_the_token_out_of_the_sce
         assert not segment_array(segmentation, segment_id, volume).any()
         effect.tokenEdit.text = TOKEN
         effect.tokenEdit.emit("editingFinished()")
+        effect.growCheckBox.checked = True  # growth: its bookkeeping here, each region's decoder on the server
+        effect.growCheckBox.emit("clicked()")
         harness.run_event_loop()  # the sessions opened with the old token are dropped first
         assert harness.click(centre)
         assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
         assert segment_array(segmentation, segment_id, volume).any() and points(effect) == [1]
+        session, = effect._sessions.values()  # the effect's growth choice reaches the server session
+        assert session.device == server.url and session.growth is not None and effect._grows()
     names = harness.editor_node.GetAttributeNames()
     assert all(TOKEN not in (harness.editor_node.GetAttribute(n) or "") for n in names)
     assert harness.editor_node.GetAttribute("FastSAM3D.ServerURL") == server.url

@@ -75,12 +75,12 @@ def local_model(name):
 class Server:
     """A uvicorn server on 127.0.0.1 in a thread; ``with Server(settings) as s: s.url``."""
 
-    def __init__(self, settings=None, port=0, ssl_files=None, **overrides):
+    def __init__(self, settings=None, port=0, ssl_files=None, loader=None, **overrides):
         settings = settings or ServerSettings(models=MODELS)
         for key, value in overrides.items():
             setattr(settings, key, value)
         self.settings = settings
-        self.backend = LocalBackend(settings, engine.ModelPool(settings, loader=served_model))
+        self.backend = LocalBackend(settings, engine.ModelPool(settings, loader=loader or served_model))
         self.app = create_app(settings, self.backend)
         tls = dict(ssl_certfile=ssl_files[0], ssl_keyfile=ssl_files[1]) if ssl_files else {}
         self.scheme = "https" if ssl_files else "http"

@@ -601,12 +601,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         iou = getattr(result, "iou", None)
         regions = getattr(result, "regions", 1)
-        text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}")
+        text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}{growth}")
+        growthNote = getattr(self._sessions.get(self._sessionKey()), "growth_note", "")
         self._status(text.format(
             count=count, model=seconds, write=written,
             iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else "",
             regions=_(", {n} regions").format(n=regions) if regions > 1 else "",
-            precision=self._precisionNote()))
+            precision=self._precisionNote(), growth=_("; {why}").format(why=growthNote) if growthNote else ""))
 
     def _precisionNote(self):
         """Why the fast precision that was chosen is not used (e.g. on a GPU), or ""."""

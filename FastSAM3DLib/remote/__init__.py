@@ -13,8 +13,10 @@ bad input, :class:`ServerError` subclasses for the server's refusals) and leaves
 exactly as they were. When the server restarted, expired the session, or Ray moved it to another replica, the
 client opens a new session and sends the region and its last logits again: one slower click, same result.
 
-Growth over several regions (``InteractiveSession(..., grow=...)``, :mod:`FastSAM3DLib.growth`) is not mirrored
-here: a remote session segments one 128^3 region per click, as a local session without growth does.
+Growth over several regions (``RemoteSession(..., grow=True)``, as ``InteractiveSession``'s, see
+:mod:`FastSAM3DLib.growth`) runs its bookkeeping here and every region's decoder run on the server, one request
+each, with the same results as a local session; it needs PyTorch on this computer (without it the session
+segments one region per click and says so in ``growth_note``).
 
 The token comes from the ``token`` argument or the ``FASTSAM3D_TOKEN`` environment variable, is sent only in
 the ``Authorization`` header and kept only in memory, never written anywhere (keep it out of the MRML scene).
@@ -28,9 +30,9 @@ from .client import (TOKEN_ENV, ModelOutputError, ModelUnavailableError, Protoco
                      ServerBusyError, ServerClient, ServerError, ServerFullError, ServerUnavailableError,
                      is_server_url)
 from .cut_and_paste import library_geometry, model_input, paste_back, torch_cpu_fuses, upsample_logits
-from .session import Click, ClickResult, RemoteSession
+from .session import Click, ClickResult, RemoteSession, grows_by_default
 
 __all__ = ["TOKEN_ENV", "ModelOutputError", "ModelUnavailableError", "ProtocolMismatchError", "ServerAuthError",
            "ServerBusyError", "ServerClient", "ServerError", "ServerFullError", "ServerUnavailableError",
            "is_server_url", "library_geometry", "model_input", "paste_back", "torch_cpu_fuses", "upsample_logits",
-           "Click", "ClickResult", "RemoteSession", "client", "cut_and_paste", "session"]
+           "Click", "ClickResult", "RemoteSession", "grows_by_default", "client", "cut_and_paste", "session"]

@@ -15,7 +15,7 @@ from ..server import protocol
 from ..session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                               ClickResult, Region, click_point, crop_to, empty_region, union)
 from .client import ModelOutputError, ServerClient, ServerError, _Missing, _SessionLost
-from .cut_and_paste import model_input, paste_back
+from .cut_and_paste import library_geometry, model_input, paste_back
 
 MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends
 
@@ -39,15 +39,21 @@ class RemoteSession:
     ``$FASTSAM3D_TOKEN``); ``client``: a :class:`ServerClient` to share or configure (TLS, timeouts). Opens a
     session on the server at once, so an unreachable server, a wrong token or another protocol version is
     reported here (as a :class:`ServerError`) rather than at the first click.
+
+    ``grow``: as InteractiveSession's (None/False: one region; True or a GrowthSettings: the segment grows over
+    several regions, :mod:`FastSAM3DLib.growth`); each region a click decodes is one request. Growth keeps its
+    region bookkeeping on this computer with PyTorch; without PyTorch the session segments one region and
+    ``growth_note`` says why (it is "" otherwise).
     """
 
     def __init__(self, url: Optional[str] = None, model: str = "fastsam3d", volume: Optional[Volume] = None,
                  prompt_mode: Optional[str] = None, token: Optional[str] = None,
-                 client: Optional[ServerClient] = None) -> None:
+                 client: Optional[ServerClient] = None, grow=None) -> None:
         if client is None and url is None:
             raise ServerError("Give the server address (url) or a ServerClient.")
         if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+        self.growth, self.growth_note = _growth_settings(grow)
         self.client = client or ServerClient(url, token)
         self.model_name = model
         self._session_id: Optional[str] = None
@@ -107,20 +113,45 @@ class RemoteSession:
         self._regions: "OrderedDict[RegionOfInterest, _State]" = OrderedDict()
         if not hasattr(self, "_keys"):
             self._keys = OrderedDict()
+        if self.growth is not None:  # the segment's regions and their state before each click
+            from ..growth import RegionSet
+
+            self._multi = RegionSet()
+            self._multi_history: list = []
 
     @property
     def roi(self) -> Optional[RegionOfInterest]:
-        """The region of interest the model currently sees (None before the first click)."""
+        """The region of interest the model currently sees (None before the first click).
+
+        With growth: the region that holds the newest click best (None when no region holds it).
+        """
+        if self.growth is not None:
+            state = self._newest_region()
+            return state.roi if state is not None else None
         return self._state.roi
 
     @property
     def low_res_logits(self) -> Optional[np.ndarray]:
-        """The current low-res logits ``(1, 1, 32, 32, 32)`` as a float32 numpy array (None before a click)."""
+        """The current low-res logits ``(1, 1, 32, 32, 32)`` as a float32 numpy array (None before a click).
+
+        With growth: those of :attr:`roi`.
+        """
+        if self.growth is not None:
+            state = self._newest_region()
+            return state.logits.numpy() if state is not None else None
         return self._state.logits
 
+    @property
+    def region_set(self):
+        """With growth: the segment's regions (:class:`~FastSAM3DLib.growth.RegionSet`); None without growth."""
+        return self._multi if self.growth is not None else None
+
     # ----------------------------------------------------------------- clicks
-    def add_click(self, ras, include: bool = True) -> ClickResult:
+    def add_click(self, ras, include: bool = True, progress=None) -> ClickResult:
         """Add an include (or exclude) point in RAS mm and return the updated mask of the changed region.
+
+        With growth, ``progress(GrowthProgress)`` is called before each region growth adds; returning False
+        stops the growth there (the click and the regions added so far stay: one undo step).
 
         Raises what a local session raises for bad input (PromptError, InputImageError), ModelOutputError,
         OutOfMemoryError, or a :class:`ServerError` for the server's refusals; any of them changes nothing.
@@ -132,6 +163,8 @@ class RemoteSession:
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
                               "(Shift+click) only refine an existing result.")
+        if self.growth is not None:
+            return self._add_grown(click, progress)
         clicks = self.clicks + [click]
         previous = self._state
         if previous.roi is not None and previous.roi.contains(click.ras[None], margin=ROI_MARGIN_VOXELS)[0]:
@@ -160,6 +193,10 @@ class RemoteSession:
         """Remove the last click; the result is the mask exactly as it was before that click (no server call)."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
+        if self.growth is not None:
+            self.clicks.pop()
+            before, self._multi = self._multi, self._multi_history.pop()
+            return self._grown_result(before, {}, False, None)
         undone = self.clicks.pop()
         self._state = self._history.pop()
         for roi, state in list(self._regions.items()):
@@ -201,7 +238,7 @@ class RemoteSession:
         if key is None:
             key = self._keys[roi] = f"r{self._next_key}"
             self._next_key += 1
-            while len(self._keys) > 4 * MAX_CACHED_REGIONS:
+            while len(self._keys) > 4 * MAX_CACHED_REGIONS + (2 * self.growth.max_regions if self.growth else 0):
                 self._keys.popitem(last=False)
         self._keys.move_to_end(roi)
         return key
@@ -214,17 +251,30 @@ class RemoteSession:
         steps = []
         for click in to_feed:
             prompt = [click] if self.prompt_mode == "newest" else fed + [click]
-            points = roi.ras_to_model(np.stack([c.ras for c in prompt]))
-            steps.append({"points": points.tolist(), "labels": [1 if c.include else 0 for c in prompt]})
+            steps.append(self._step(roi, prompt))
             fed.append(click)
         if not steps:
             return base, False
+        logits, iou, logits_id, encoded = self._request(roi, steps, base.logits, base.logits_id, timings)
+        return _State(roi, tuple(fed), logits, iou, logits_id), encoded
+
+    @staticmethod
+    def _step(roi: RegionOfInterest, prompt: List[Click]) -> dict:
+        """One decoder run of a request: the clicks as model-space points and their labels."""
+        points = roi.ras_to_model(np.stack([c.ras for c in prompt]))
+        return {"points": points.tolist(), "labels": [1 if c.include else 0 for c in prompt]}
+
+    def _request(self, roi: RegionOfInterest, steps: List[dict], previous: Optional[np.ndarray],
+                 previous_id: Optional[str], timings: Dict[str, float]) -> Tuple[np.ndarray, float, str, bool]:
+        """Run ``steps`` on the server's embedding of ``roi``, the first fed ``previous`` (the logits of the server's
+        ``previous_id`` when it still holds them; None: zeros): (logits (1, 1, n, n, n), iou, logits id, encoded).
+        Sends the region's model input and the previous logits only when the server lacks them."""
         key = self._key(roi)
         image: Optional[np.ndarray] = None
         force_image = force_logits = False
         for _ in range(MAX_ATTEMPTS):
             send_image = force_image or key not in self._server_embeddings
-            send_logits = base.logits is not None and (force_logits or base.logits_id not in self._server_logits)
+            send_logits = previous is not None and (force_logits or previous_id not in self._server_logits)
             arrays = {}
             start = time.perf_counter()
             if send_image:
@@ -232,9 +282,9 @@ class RemoteSession:
                     image = model_input(self.volume, roi)
                 arrays["image"] = image
             if send_logits:
-                arrays["previous_logits"] = base.logits.reshape(base.logits.shape[-3:])
+                arrays["previous_logits"] = previous.reshape(previous.shape[-3:])
             header = {"model": self.model_name, "embedding": key, "steps": steps,
-                      "previous": None if base.logits is None or send_logits else base.logits_id}
+                      "previous": None if previous is None or send_logits else previous_id}
             frame = protocol.pack(header, arrays, codecs={"image": "zlib"})
             timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - start
             if self._max_upload is not None and len(frame) > self._max_upload:
@@ -250,25 +300,57 @@ class RemoteSession:
                 force_logits = force_logits or "previous_logits" in missing.missing
                 if "image" in missing.missing:
                     self._server_embeddings.pop(key, None)
-                if "previous_logits" in missing.missing and base.logits_id is not None:
-                    self._server_logits.pop(base.logits_id, None)
+                if "previous_logits" in missing.missing and previous_id is not None:
+                    self._server_logits.pop(previous_id, None)
                 continue
             finally:
                 timings["network"] = timings.get("network", 0.0) + time.perf_counter() - start
             server = reply.get("timings") or {}
             for name in ("encode", "decode"):
                 if isinstance(server.get(name), (int, float)):
-                    timings[name] = float(server[name])
+                    timings[name] = timings.get(name, 0.0) + float(server[name])
                     timings["network"] -= float(server[name])
             self._mirror(self._server_embeddings, key, self._embedding_slots)
-            if base.logits_id is not None and not send_logits and base.logits_id in self._server_logits:
-                self._server_logits.move_to_end(base.logits_id)
+            if previous_id is not None and not send_logits and previous_id in self._server_logits:
+                self._server_logits.move_to_end(previous_id)
             self._mirror(self._server_logits, reply["logits_id"], self._logits_slots)
             logits = reply_arrays["logits"].reshape((1, 1) + reply_arrays["logits"].shape)
             iou = float(reply.get("iou", float("nan")))
-            return _State(roi, tuple(fed), logits, iou, reply["logits_id"]), bool(reply.get("encoded"))
+            return logits, iou, reply["logits_id"], bool(reply.get("encoded"))
         raise ServerUnavailableError(f"The FastSAM3D server at {self.client.url} kept losing this session's state "
                                      "(is it restarting?). Nothing was changed; click again in a moment.")
+
+    # ----------------------------------------------------------------- growth
+    def _add_grown(self, click: Click, progress) -> ClickResult:
+        """A click with growth (:func:`FastSAM3DLib.growth.apply_click`, each decoder run a request), then the
+        blended regions pasted back. Nothing changes unless it succeeds."""
+        from .. import growth
+
+        timings: Dict[str, float] = {}
+        before = self._multi
+        runner = _GrowthRunner(self, timings)
+        updated, report = growth.apply_click(before, click, runner, self.volume, self.size, self.spacing,
+                                             self.prompt_mode, self.growth, timings, progress)
+        self.clicks.append(click)
+        self._multi_history.append(before)
+        self._multi = updated
+        return self._grown_result(before, timings, runner.encoded, report)
+
+    def _newest_region(self):
+        from .. import growth
+
+        return growth.newest_region(self._multi, self.clicks)
+
+    def _grown_result(self, before, timings: Dict[str, float], encoded: bool, report) -> ClickResult:
+        """As InteractiveSession._grown_result: the blended regions pasted over every region before and after."""
+        from .. import growth
+
+        start = time.perf_counter()
+        box, full, self._shown_region = growth.paste_result(self.volume, before, self._multi, self._shown_region)
+        timings["paste"] = time.perf_counter() - start
+        newest = self._newest_region()
+        return ClickResult(box, full, newest.iou if newest is not None else float("nan"), encoded, timings,
+                           regions=len(self._multi.regions), growth=report)
 
     @staticmethod
     def _mirror(lru: "OrderedDict[str, None]", key: str, slots: int) -> None:
@@ -294,3 +376,51 @@ def _too_large(limit: int) -> str:
     """As the server's message (``server.app.too_large_message``), which this module cannot import."""
     return (f"The request is larger than the server's upload limit of {limit / 2 ** 20:.3g} MiB; nothing was "
             "changed. Ask the administrator to raise --max-upload-mb.")
+
+
+class _GrowthRunner:
+    """What :func:`FastSAM3DLib.growth.apply_click` needs (:class:`FastSAM3DLib.growth.Runner`), on the server: a
+    region's "embedding" is the region itself (the server encodes it when it first meets it), a decoder run is
+    one request fed the previous logits. Server timings add up in ``timings``."""
+
+    def __init__(self, session: RemoteSession, timings: Dict[str, float]) -> None:
+        self.session, self.timings, self.encoded = session, timings, False
+
+    def region_embedding(self, roi: RegionOfInterest, timings: Dict[str, float]) -> RegionOfInterest:
+        """The region (the server holds its embedding)."""
+        return roi
+
+    def run_decoder(self, roi: RegionOfInterest, points_xyz: np.ndarray, labels: List[int], previous):
+        """Compact low-res logits (a CPU tensor) and predicted IoU for model-space points on the previous logits."""
+        import torch
+
+        step = {"points": np.asarray(points_xyz, dtype=np.float64).tolist(), "labels": [int(v) for v in labels]}
+        before = None if previous is None else previous.detach().cpu().numpy().astype(np.float32, copy=False)
+        logits, iou, _, encoded = self.session._request(roi, [step], before, None, self.timings)
+        self.encoded = self.encoded or encoded
+        return torch.from_numpy(np.ascontiguousarray(logits)), iou
+
+
+def _growth_settings(grow):
+    """(GrowthSettings or None, why growth is off although asked for) of a remote session's ``grow``."""
+    if grow is None or grow is False:
+        return None, ""
+    if not library_geometry():
+        return None, ("growth over several regions needs PyTorch on this computer (for the regions' bookkeeping; "
+                      "the model still runs on the server), so each click segments one region")
+    from ..growth import settings_from
+
+    return settings_from(grow), ""
+
+
+def grows_by_default(model: str) -> bool:
+    """Whether a remote session of ``model`` grows unless told otherwise: the model's default
+    (:func:`FastSAM3DLib.growth.default_for`) where this computer has PyTorch and knows the model, else no."""
+    if not library_geometry():
+        return False
+    from ..growth import default_for
+
+    try:
+        return default_for(model)
+    except ValueError:  # a model this computer's registry does not know
+        return False
