@@ -376,6 +376,55 @@ def test_a_token_is_required_when_set_and_never_shown():
         assert TOKEN not in repr(rem.client) and TOKEN not in repr(rem)
 
 
+def test_a_token_no_header_can_carry_is_refused_on_both_sides(tmp_path):
+    from FastSAM3DLib.errors import FastSAM3DError
+    from FastSAM3DLib.server.settings import read_token
+
+    token = "geheim-schlüssel-€-0123456789"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    for kwargs in ({"token_file": str(tmp_path / "token")}, {"environ": {"FASTSAM3D_SERVER_TOKEN": "a b" * 8}}):
+        with pytest.raises(FastSAM3DError, match="ASCII"):
+            read_token(**kwargs)
+    assert read_token(environ={"FASTSAM3D_SERVER_TOKEN": TOKEN}) == TOKEN
+    with pytest.raises(remote.ServerAuthError, match="ASCII"):
+        remote.ServerClient("http://127.0.0.1:1", token)
+
+
+def test_a_refused_image_leaves_no_session_open_on_the_server():
+    broken = Volume(np.zeros((20, 20, 20), np.int16), np.diag([1.0, 1.0, 0.0, 1.0]))  # not invertible
+    with Server(ServerSettings(models=MODELS, max_sessions=1)) as s:
+        for _ in range(3):
+            with pytest.raises(InputImageError, match="geometry is invalid"):
+                remote.RemoteSession(s.url, "tiny-test", broken)
+        remote.RemoteSession(s.url, "tiny-test", phantom()).close()  # the only slot is still free
+
+
+def test_a_session_lost_again_and_again_is_reported_as_unavailable():
+    volume = phantom()
+    with Server(ServerSettings(models=MODELS, idle_timeout_s=1e-6)) as s:  # every session expires at once
+        rem = remote.RemoteSession(s.url, "tiny-test", volume)
+        with pytest.raises(remote.ServerUnavailableError, match="kept losing"):
+            rem.add_click(ras(volume, CLICKS[0][0]))
+        assert rem.clicks == [] and rem.low_res_logits is None
+
+
+def test_a_refused_click_does_not_bind_a_new_replica_session_to_its_model():
+    """On Ray a replica meets a session with no model yet; a refused request must not choose it."""
+    from FastSAM3DLib.server.sessions import ServiceError, SessionState
+
+    settings = ServerSettings(models=("tiny-test",))
+    pool = engine.ModelPool(settings, loader=served_model)
+    state = SessionState(None, settings)
+    bad = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [], "previous": None}, {})
+    with pytest.raises(ServiceError):
+        engine.click(pool, state, bad)
+    assert state.model is None
+    good = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [{"points": [[60.0] * 3], "labels": [1]}],
+                          "previous": None}, {"image": np.zeros((128,) * 3, np.float32)})
+    engine.click(pool, state, good)
+    assert state.model == "tiny-test"
+
+
 def test_https_with_the_servers_own_certificate(tmp_path):
     import shutil
     import ssl
@@ -406,6 +455,9 @@ def test_settings_refuse_an_open_address_without_a_token(monkeypatch, capsys):
         ServerSettings(host="0.0.0.0").check()
     ServerSettings(host="0.0.0.0", token_sha256=hash_token(TOKEN)).check()
     ServerSettings(host="::1").check()
+    for unbounded in ({"idle_timeout_s": float("inf")}, {"rate_per_s": float("inf")}, {"rate_per_s": float("nan")}):
+        with pytest.raises(FastSAM3DError, match="finite"):
+            ServerSettings(**unbounded).check()
     monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
     assert main(["--host", "0.0.0.0", "--model", "tiny-test", "--device", "cpu"]) == 2
     assert "without a token" in capsys.readouterr().err
@@ -476,6 +528,12 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
     spec = {"image": {"dtype": "float32", "shape": [128] * 3, "codec": "zlib", "offset": 0, "length": len(zeros)}}
     text = json.dumps(dict(good_header, arrays=spec)).encode()
     bomb = b"FS3D" + struct.pack(">I", len(text)) + text + zeros
+
+    def hand_made(text):  # a frame whose header is exactly ``text``
+        return b"FS3D" + struct.pack(">I", len(text)) + text
+
+    huge = "1" * 5000  # past Python's 4300-digit limit for int(): json.loads raises ValueError
+    shape_number = json.dumps(dict(good_header, arrays={"image": dict(spec["image"], shape=5)})).encode()
     cases = [
         (b"not a frame", 400, "malformed"),
         (frame(arrays={"image": np.zeros((64, 64, 64), np.float32)}), 400, "must be float32 of shape"),
@@ -490,6 +548,10 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
         (frame(dict(good_header, model="sam-med3d")), 422, "does not serve the model"),
         (frame(arrays={"image": np.full((128,) * 3, np.nan, np.float32)}), 422, "NaN or infinite voxels"),
         (frame(dict(good_header, previous="nope"), arrays={}), 409, "no longer holds image and previous_logits"),
+        (hand_made(b'{"model":"tiny-test","x":' + huge.encode() + b"}"), 400, "malformed"),
+        (frame(dict(good_header, steps=[{"points": [[int("1" * 400), 2, 3]], "labels": [1]}])), 422,
+         "three finite numbers"),
+        (hand_made(shape_number), 400, "must be float32 of shape"),
     ]
     for body, status, text in cases:
         got, _, reply = raw(server.url, "POST", path, body, {"Content-Type": protocol.FRAME_TYPE,
@@ -498,6 +560,7 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
         assert got == status and text in message["message"], (text, got, message)
     assert raw(server.url, "POST", "/v1/sessions", b"[1, 2]")[0] == 400
     assert raw(server.url, "POST", "/v1/sessions", b'{"model": "nope"}')[0] == 422
+    assert raw(server.url, "POST", "/v1/sessions", b'{"model": ' + huge.encode() + b"}")[0] == 400
     assert raw(server.url, "POST", "/v1/sessions/unknown/click", frame())[0] == 404
     volume = phantom()
     local = InteractiveSession(local_model("tiny-test"), volume)

@@ -103,6 +103,10 @@ class ServerClient:
         self._host, self._port = parsed.hostname, parsed.port
         self._prefix = parsed.path.rstrip("/")
         self._token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        if self._token is not None and not protocol.token_is_sendable(self._token):
+            raise ServerAuthError("The server token holds spaces or characters other than ASCII letters, digits and "
+                                  "punctuation, so it cannot be the server's: copy the token its administrator gave "
+                                  "you again.")
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self.ssl_context = ssl_context
         self.retries, self.backoff_s = int(retries), float(backoff_s)

@@ -14,7 +14,7 @@ from ..geometry import RegionOfInterest, Volume
 from ..server import protocol
 from ..session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                               ClickResult, Region, click_point, crop_to, empty_region, union)
-from .client import ModelOutputError, ServerClient, ServerError, _Missing, _SessionLost
+from .client import ModelOutputError, ServerClient, ServerError, ServerUnavailableError, _Missing, _SessionLost
 from .cut_and_paste import library_geometry, model_input, paste_back
 
 MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends
@@ -54,6 +54,8 @@ class RemoteSession:
         if prompt_mode is not None and prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
         self.growth, self.growth_note = _growth_settings(grow)
+        if volume is not None:
+            volume.validate()  # before the server opens a session that a refused image would leave behind
         self.client = client or ServerClient(url, token)
         self.model_name = model
         self._session_id: Optional[str] = None
@@ -63,7 +65,7 @@ class RemoteSession:
         self.volume: Optional[Volume] = None
         self.reset()
         if volume is not None:
-            self.set_image(volume)
+            self._use_image(volume)
 
     # ----------------------------------------------------------------- server session
     def _open(self) -> None:
@@ -100,6 +102,10 @@ class RemoteSession:
     def set_image(self, volume: Volume) -> None:
         """Use ``volume`` for the next clicks (validated first, on this computer); forgets clicks and regions."""
         volume.validate()
+        self._use_image(volume)
+
+    def _use_image(self, volume: Volume) -> None:
+        """``volume`` (validated) for the next clicks, with new embedding keys; forgets clicks and regions."""
         self.volume = volume
         self._keys: "OrderedDict[RegionOfInterest, str]" = OrderedDict()
         self.reset()

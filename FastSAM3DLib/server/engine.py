@@ -84,10 +84,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
     settings = pool.settings
     header, arrays = _parse(pool, body)
     name = header["model"]
-    if state.model is None:  # a session met for the first time on this replica (Ray)
-        state.model = name
-    elif state.model != name:
-        raise ServiceError("malformed", f"This session runs the model '{state.model}', not '{name}'.")
+    _check_model(state, name)
     model, model_lock = pool.get(name)
     size = model.config.image_size
     steps = _steps(header.get("steps"), size, settings)
@@ -97,6 +94,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
     if previous_id is not None and not isinstance(previous_id, str):
         raise ServiceError("malformed", "'previous' must be a logits id or null.")
     with state.lock:
+        _check_model(state, name)  # again: another request may have bound the session meanwhile
         embedding = state.embedding(key)
         previous = arrays.get("previous_logits")
         missing = []
@@ -140,11 +138,18 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
                                        "lower --max-sessions.", retry_after=5.0) from exc
                 raise
         encoded = "encode" in timings
+        state.model = name  # a session met for the first time on this replica (Ray) runs this model from now on
         if encoded:
             state.keep_embedding(key, embedding)
         logits_id = state.keep_logits(result)
     return protocol.pack({"logits_id": logits_id, "iou": iou, "encoded": encoded, "timings": timings},
                          {"logits": result})
+
+
+def _check_model(state: SessionState, name: str) -> None:
+    """ServiceError ``malformed`` when the session already runs another model."""
+    if state.model is not None and state.model != name:
+        raise ServiceError("malformed", f"This session runs the model '{state.model}', not '{name}'.")
 
 
 def _parse(pool: ModelPool, body: bytes):
@@ -199,7 +204,10 @@ def _steps(steps, size: int, settings: ServerSettings):
 
 
 def _is_number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    """A finite JSON number (an integer too large for a float is not)."""
+    if type(value) is int:
+        return abs(value) < 2 ** 53
+    return type(value) is float and math.isfinite(value)
 
 
 def decode(model, embedding: torch.Tensor, points: np.ndarray, labels, previous: Optional[torch.Tensor], device):

@@ -101,7 +101,7 @@ def loads_json(data: bytes) -> dict:
     """A JSON object from ``data`` (NaN and Infinity refused); FrameError otherwise."""
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer past Python's digit limit
         raise FrameError(f"the JSON is malformed ({exc})") from None
     if not isinstance(value, dict):
         raise FrameError("the JSON body must be an object")
@@ -132,7 +132,7 @@ def unpack(body: bytes, expected: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> 
 def _array(name: str, spec, payload: memoryview, dtype: str, shape: Tuple[int, ...]) -> np.ndarray:
     if not isinstance(spec, dict):
         raise FrameError(f"array {name!r}: its description must be an object")
-    if spec.get("dtype") != dtype or list(spec.get("shape") or []) != list(shape):
+    if spec.get("dtype") != dtype or spec.get("shape") != list(shape):
         raise FrameError(f"array {name!r} must be {dtype} of shape {list(shape)}, got {spec.get('dtype')} of shape "
                          f"{spec.get('shape')}")
     codec, offset, length = spec.get("codec"), spec.get("offset"), spec.get("length")
@@ -160,6 +160,11 @@ def _array(name: str, spec, payload: memoryview, dtype: str, shape: Tuple[int, .
             raise FrameError(f"array {name!r}: {len(raw)} bytes instead of {size}")
     array = np.frombuffer(bytearray(raw), dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     return array.astype(dtype, copy=False)  # writable, native byte order
+
+
+def token_is_sendable(token: str) -> bool:
+    """True when ``token`` is printable ASCII without spaces, which every HTTP client and proxy sends unchanged."""
+    return all("!" <= c <= "~" for c in token)
 
 
 def error_body(code: str, message: str, **extra) -> bytes:

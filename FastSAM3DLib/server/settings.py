@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 from ..errors import FastSAM3DError
+from . import protocol
 
 TOKEN_ENV = "FASTSAM3D_SERVER_TOKEN"
 MiB = 1024 * 1024
@@ -63,8 +65,8 @@ class ServerSettings:
                      "logits_per_session", "max_steps", "max_points"):
             if int(getattr(self, name)) < 1:
                 raise FastSAM3DError(f"The server setting {name} must be at least 1, got {getattr(self, name)}.")
-        if not self.idle_timeout_s > 0 or not self.rate_per_s > 0:
-            raise FastSAM3DError("The idle timeout and the request rate must be positive numbers.")
+        if not 0 < self.idle_timeout_s < math.inf or not 0 < self.rate_per_s < math.inf:
+            raise FastSAM3DError("The idle timeout and the request rate must be positive, finite numbers.")
         if self.token_sha256 is None and not is_loopback(self.host):
             raise FastSAM3DError(
                 f"Refusing to listen on {self.host} without a token: anyone who reaches this machine could use "
@@ -100,7 +102,8 @@ def token_matches(token_sha256: Optional[str], authorization: Optional[str]) -> 
 def read_token(token_file: Optional[str] = None, environ=None) -> Optional[str]:
     """The token from ``token_file`` (first line) or the environment variable; None when neither is set.
 
-    FastSAM3DError for an unreadable file or a token shorter than 16 characters (easy to guess).
+    FastSAM3DError for an unreadable file, a token shorter than 16 characters (easy to guess) or one that is not
+    printable ASCII without spaces (:func:`.protocol.token_is_sendable`).
     """
     environ = os.environ if environ is None else environ
     if token_file:
@@ -116,4 +119,8 @@ def read_token(token_file: Optional[str] = None, environ=None) -> Optional[str]:
     if len(token) < 16:
         raise FastSAM3DError("The server token is shorter than 16 characters, which is easy to guess: use a long "
                              "random one (python -c \"import secrets; print(secrets.token_urlsafe(32))\").")
+    if not protocol.token_is_sendable(token):
+        raise FastSAM3DError("The server token holds spaces or characters other than ASCII letters, digits and "
+                             "punctuation, which an HTTP header cannot carry unchanged: use a random one (python -c "
+                             "\"import secrets; print(secrets.token_urlsafe(32))\").")
     return token
