@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry, regions
+from .errors import InputImageError
 from .geometry import RegionOfInterest, Volume
 from .regions import Index, Lattice
 from .session_common import crop_to, empty_region, union
@@ -253,7 +254,11 @@ def _grow(current: RegionSet, sources: List[Index], runner, settings: GrowthSett
             report.refused[neighbour] = "no known object inside the region"
             continue
         roi = lattice.roi(neighbour)
-        embedding = runner.region_embedding(roi, timings)
+        try:
+            embedding = runner.region_embedding(roi, timings)
+        except InputImageError as exc:  # e.g. a region of one constant value cannot be normalised
+            report.refused[neighbour] = f"its image cannot be used ({exc})"
+            continue
         logits, iou = runner.run_decoder(embedding, points, [1] * len(points), prior)
         logits = connected_part(logits, prior, known)
         reason = refusal(logits, iou, prior, known, settings)

@@ -136,29 +136,49 @@ class InteractiveSession:
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click) inside the object; exclude points "
                               "(Shift+click) only refine an existing result.")
-        saved = (self._state, len(self._history), self._shown_region, self._embedding, OrderedDict(self._regions),
-                 self._multi, len(self._multi_history))
-        self.clicks.append(click)
+        saved = self.checkpoint()
         try:
+            self.clicks.append(click)
             if self.growth is not None:
                 return self._update_grown(click, progress)
             return self._update(click)
         except BaseException as exc:  # out of memory, NaN, interrupted...: leave the session exactly as it was
-            self.clicks.pop()
-            self._state, self._shown_region, self._embedding, self._regions = saved[0], saved[2], saved[3], saved[4]
-            del self._history[saved[1]:]
-            self._multi = saved[5]
-            del self._multi_history[saved[6]:]
-            if is_out_of_memory(exc):
-                raise OutOfMemoryError(f"{self.device} ran out of memory while segmenting. Close other programs or "
-                                       "segmentations, or choose another device (CPU has more memory, a GPU is "
-                                       "faster). Nothing was changed.") from exc
-            raise
+            self._fail(saved, exc)
+
+    def checkpoint(self) -> tuple:
+        """The session's clicks and state (containers copied; the states in them are never modified in place):
+        :meth:`restore` brings the session back to exactly this point."""
+        return (list(self.clicks), self._state, list(self._history), self._shown_region, self._embedding,
+                OrderedDict(self._regions), self._multi, list(self._multi_history), OrderedDict(self._embeddings))
+
+    def restore(self, checkpoint: tuple) -> None:
+        """Bring the session back to a :meth:`checkpoint` taken on the same image."""
+        (clicks, self._state, history, self._shown_region, self._embedding, regions, self._multi, multi_history,
+         embeddings) = checkpoint
+        self.clicks, self._history, self._multi_history = list(clicks), list(history), list(multi_history)
+        self._regions, self._embeddings = OrderedDict(regions), OrderedDict(embeddings)
+
+    def _fail(self, saved: tuple, exc: BaseException):
+        """Restore ``saved`` and raise ``exc`` (out of memory as :class:`OutOfMemoryError`)."""
+        self.restore(saved)
+        if is_out_of_memory(exc):
+            raise OutOfMemoryError(f"{self.device} ran out of memory while segmenting. Close other programs or "
+                                   "segmentations, or choose another device (CPU has more memory, a GPU is "
+                                   "faster). Nothing was changed.") from exc
+        raise exc
 
     def undo(self) -> ClickResult:
-        """Remove the last click; the result is the mask exactly as it was before that click."""
+        """Remove the last click; the result is the mask exactly as it was before that click. A failure (out of
+        memory while pasting) changes nothing."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
+        saved = self.checkpoint()
+        try:
+            return self._undo()
+        except BaseException as exc:
+            self._fail(saved, exc)
+
+    def _undo(self) -> ClickResult:
         if self.growth is not None:
             self.clicks.pop()
             before = self._multi

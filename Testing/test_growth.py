@@ -177,6 +177,7 @@ def test_model_failure_during_growth_changes_nothing(tube):
             return output[0] * float("nan"), output[1]
         return output
 
+    embeddings = list(session._embeddings)
     handle = model.mask_decoder.register_forward_hook(poison)
     try:
         with pytest.raises(ModelOutputError):
@@ -184,6 +185,45 @@ def test_model_failure_during_growth_changes_nothing(tube):
     finally:
         handle.remove()
     assert session.region_set is state and session.clicks == clicks
+    assert list(session._embeddings) == embeddings  # the failed click's grown region left no embedding
+
+
+def test_a_failed_growing_click_gives_back_the_embeddings_it_evicted(tube):
+    volume, _ = tube
+    model = threshold_model()
+    session = InteractiveSession(model, volume, grow=GrowthSettings(max_embeddings=2))
+    stop = lambda p: False  # noqa: E731 - no growth: one region
+    session.add_click(tube_click(-150.0), progress=stop)
+    embeddings = list(session._embeddings)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # refine region 0, grow region 1, then NaN in region 2 (which evicted 0)
+        calls["n"] += 1
+        return (output[0] * float("nan"), output[1]) if calls["n"] == 3 else output
+
+    handle = model.mask_decoder.register_forward_hook(poison)
+    try:
+        with pytest.raises(ModelOutputError):
+            session.add_click(tube_click(-140.0))
+    finally:
+        handle.remove()
+    assert calls["n"] == 3 and list(session._embeddings) == embeddings
+    assert session.add_click(tube_click(-145.0), progress=stop).encoded is False  # region 0 needs no encoding
+
+
+def test_a_neighbour_whose_image_cannot_be_normalised_is_refused_not_the_click():
+    """A region holding only one constant bright value (a saturated rod, air) has no z-normalisation: growth
+    refuses that neighbour and the click keeps what it segmented."""
+    rng = np.random.default_rng(0)
+    array = np.zeros((40, 40, 300), np.float32)
+    array[:, :, :90] = rng.normal(50, 10, (40, 40, 90)).clip(1)  # tissue around the click only
+    k, j = np.indices((40, 40))
+    array[(k - 20) ** 2 + (j - 20) ** 2 <= 16] = 300.0  # a constant rod along i through the whole volume
+    volume = Volume(array, np.diag([1.5, 1.5, 1.5, 1.0]))
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    result = session.add_click([90.0, 30.0, 30.0])
+    assert result.voxels > 0 and len(session.clicks) == 1
+    assert any("cannot be used" in why for why in result.growth.refused.values()), result.growth.refused
 
 
 def test_blend_keeps_single_cover_exact_and_fades_across_the_overlap():

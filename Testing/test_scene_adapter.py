@@ -927,6 +927,26 @@ def test_replay_clicks_follows_the_point_list(tiny_model):
     assert sc.replay_clicks(ours, [], []) is None and ours.clicks == []
 
 
+def test_a_replay_that_fails_leaves_the_session_at_its_clicks(tiny_model):
+    """A point list edited so that one point lies outside the volume: the replay is refused and the session keeps
+    the clicks (and result) it had, so removing the bad point afterwards replays rather than doing nothing."""
+    from FastSAM3DLib.session import InteractiveSession
+
+    volume = _phantom_volume()
+    good, bad = [[24.0, 24.0, 22.0], [12.0, 30.0, 20.0]], [[24.0, 24.0, 22.0], [12.0, 30.0, 999.0]]
+    session = InteractiveSession(tiny_model, volume)
+    sc.replay_clicks(session, good[:1], [1])
+    shown = sc.replay_clicks(session, good, [1, 0])
+    clicks, logits, region = list(session.clicks), session.low_res_logits, session._shown_region
+    with pytest.raises(PromptError, match="outside"):
+        sc.replay_clicks(session, bad, [1, 0])
+    assert session.clicks == clicks and session.low_res_logits is logits and session._shown_region == region
+    again = sc.replay_clicks(session, good[:1], [1])  # the bad point deleted: an undo, not "nothing changed"
+    fresh = InteractiveSession(tiny_model, volume)
+    assert shown is not None and again is not None and len(session.clicks) == 1
+    assert np.array_equal(session.full_mask(again), fresh.full_mask(fresh.add_click(good[0])))
+
+
 def test_segment_volume_node_default_predictor_runs_the_session(app, monkeypatch, tiny_model):
     monkeypatch.setattr(sc.batch, "load_model", lambda model, device, checkpoint, cache_dir: tiny_model)
     volume_node = make_volume(app.scene, np.diag([1.5, 1.5, 2.0, 1.0]), _phantom_volume().array)

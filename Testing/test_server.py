@@ -25,7 +25,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the server extra is not install
 import torch  # noqa: E402
 
 from FastSAM3DLib import remote  # noqa: E402
-from FastSAM3DLib.errors import InputImageError, PromptError  # noqa: E402
+from FastSAM3DLib.errors import InputImageError, OutOfMemoryError, PromptError  # noqa: E402
 from FastSAM3DLib.geometry import Volume  # noqa: E402
 from FastSAM3DLib.server import engine, protocol  # noqa: E402
 from FastSAM3DLib.server.app import LocalBackend, create_app  # noqa: E402
@@ -361,6 +361,33 @@ def test_bad_clicks_raise_the_local_errors_and_change_nothing(server):
         assert_unchanged(rem, before)
     with pytest.raises(PromptError, match="no click to undo"):
         rem.undo()
+
+
+def test_a_failed_replay_or_undo_leaves_a_remote_session_as_it_was(server, monkeypatch):
+    from FastSAM3DLib import scene
+    from FastSAM3DLib.remote import session as remote_session
+
+    volume = phantom()
+    rem = remote.RemoteSession(server.url, "tiny-test", volume)
+    points = [ras(volume, ijk) for ijk, _ in CLICKS[:2]]
+    scene.replay_clicks(rem, points, [1, 1])
+    before = snapshot(rem)
+    with pytest.raises(PromptError):  # an edited list whose second point lies outside: replayed from scratch
+        scene.replay_clicks(rem, [points[0], points[1] + 1e4], [1, 1])
+    assert_unchanged(rem, before)
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(remote_session, "paste_back", exhausted)
+    with pytest.raises(OutOfMemoryError):
+        rem.undo()
+    monkeypatch.undo()
+    assert_unchanged(rem, before)
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    local.add_click(points[0]), local.add_click(points[1])
+    assert same(local.undo(), rem.undo())
+    rem.close()
 
 
 def test_a_token_is_required_when_set_and_never_shown():

@@ -167,6 +167,25 @@ def test_out_of_memory_is_reported_and_leaves_the_session_unchanged(model):
     np.testing.assert_array_equal(session.full_mask(session.undo())[before.region], np.zeros_like(before.mask))
 
 
+def test_a_failed_undo_changes_nothing(model, monkeypatch):
+    volume = blob_volume()
+    session = InteractiveSession(model, volume)
+    first = session.add_click(ras_of(volume, (40, 35, 30)))
+    session.add_click(ras_of(volume, (45, 30, 30)), include=False)
+    before = (list(session.clicks), session._state, len(session._history), session._shown_region)
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(geometry, "paste_back", exhausted)
+    with pytest.raises(OutOfMemoryError):
+        session.undo()
+    monkeypatch.undo()
+    assert (list(session.clicks), session._state, len(session._history), session._shown_region) == before
+    assert np.array_equal(session.full_mask(session.undo()), session.full_mask(first))  # the undo still works
+    assert len(session.clicks) == 1
+
+
 def test_set_image_rejects_bad_volumes_and_keeps_the_old_one(model):
     volume = blob_volume()
     session = InteractiveSession(model, volume)

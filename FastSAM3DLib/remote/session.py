@@ -196,9 +196,34 @@ class RemoteSession:
         return result
 
     def undo(self) -> ClickResult:
-        """Remove the last click; the result is the mask exactly as it was before that click (no server call)."""
+        """Remove the last click; the result is the mask exactly as it was before that click (no server call).
+        A failure (out of memory while pasting) changes nothing."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
+        saved = self.checkpoint()
+        try:
+            return self._undo()
+        except BaseException as exc:
+            self.restore(saved)
+            if isinstance(exc, MemoryError):
+                raise OutOfMemoryError("This computer ran out of memory while showing the result before the last "
+                                       "click; nothing was changed. Close other volumes or segmentations.") from exc
+            raise
+
+    def checkpoint(self) -> tuple:
+        """The session's clicks and state (containers copied): :meth:`restore` brings the session back to it. What
+        the server holds is not part of it (the client's mirror of it stays as it is)."""
+        return (list(self.clicks), self._state, list(self._history), self._shown_region, OrderedDict(self._regions),
+                getattr(self, "_multi", None), list(getattr(self, "_multi_history", ())))
+
+    def restore(self, checkpoint: tuple) -> None:
+        """Bring the session back to a :meth:`checkpoint` taken on the same image."""
+        clicks, self._state, history, self._shown_region, regions, multi, multi_history = checkpoint
+        self.clicks, self._history, self._regions = list(clicks), list(history), OrderedDict(regions)
+        if self.growth is not None:
+            self._multi, self._multi_history = multi, list(multi_history)
+
+    def _undo(self) -> ClickResult:
         if self.growth is not None:
             self.clicks.pop()
             before, self._multi = self._multi, self._multi_history.pop()

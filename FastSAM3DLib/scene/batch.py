@@ -164,8 +164,9 @@ def replay_clicks(session, points_ras, labels, progress=None):
 
     The point list is the user's record of the clicks: one more point than the session knows is a new click
     (``add_click``), one fewer is an undone click (``undo``); any other difference (points edited or removed
-    elsewhere, a new session) resets the session and feeds every point again, in order. Returns None when
-    nothing had to change or no point is left (then the session is empty). ``progress``: passed to
+    elsewhere, a new session) resets the session and feeds every point again, in order; if one of them fails,
+    the session is restored to the clicks it had before the call. Returns None when nothing had to change or no
+    point is left (then the session is empty). ``progress``: passed to
     ``add_click`` of a session with growth (see :meth:`~FastSAM3DLib.session.InteractiveSession.add_click`).
     """
     extra = {"progress": progress} if progress is not None and getattr(session, "growth", None) else {}
@@ -182,8 +183,13 @@ def replay_clicks(session, points_ras, labels, progress=None):
         return session.undo()
     if len(known) + 1 == len(wanted) and same(known, wanted[:-1]):
         return session.add_click(wanted[-1][0], include=wanted[-1][1], **extra)
-    session.reset()
-    result = None
-    for ras, include in wanted:
-        result = session.add_click(ras, include=include, **extra)
+    saved = session.checkpoint()
+    try:  # all or nothing: a point that fails leaves the session at the clicks it had, as each single click does
+        session.reset()
+        result = None
+        for ras, include in wanted:
+            result = session.add_click(ras, include=include, **extra)
+    except BaseException:
+        session.restore(saved)
+        raise
     return result
