@@ -302,7 +302,7 @@ def _run(argv: Optional[List[str]]) -> int:
     try:
         if args.command == "segment":
             points = [parse_point(p) for p in args.point]
-            max_bytes = None if args.max_image_gb is None else int(args.max_image_gb * 1e9)
+            max_bytes = None if args.max_image_gb is None else int(min(args.max_image_gb * 1e9, 2.0 ** 62))
             segment(args.image, points, args.model, args.checkpoint, args.device, args.prompt_mode, args.output,
                     args.attention, cache_dir=args.cache_dir, max_image_bytes=max_bytes, memory=args,
                     precision=args.precision, grow=_growth(args))

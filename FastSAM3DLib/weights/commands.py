@@ -37,8 +37,10 @@ def import_weights(name: str, path: PathLike, cache_dir: Optional[PathLike] = No
                    progress: Optional[Progress] = None, *, manifest: ManifestLike = None) -> Path:
     """Import a file copied by hand as model ``name`` (verified like a download); return the file to load."""
     pinning = _will_pin(name, cache_dir, manifest)
+    cached = model_files(load_manifest(manifest).get(name), cache_dir).path
+    in_place = cached.exists() and Path(path).expanduser().exists() and cached.samefile(Path(path).expanduser())
     import_file(name, path, cache_dir, progress, manifest=manifest)
-    return _prepare(name, cache_dir, manifest, pinning)
+    return _prepare(name, cache_dir, manifest, pinning, keep_file=in_place)
 
 
 def models_table(cache_dir: Optional[PathLike] = None, *, manifest: ManifestLike = None) -> str:
@@ -191,22 +193,28 @@ def _will_pin(name: str, cache_dir, manifest) -> bool:
     return expected_sha256(entry, model_files(entry, cache_dir))[0] is None
 
 
-def _prepare(name: str, cache_dir, manifest, pinned_now: bool) -> Path:
-    """Check the new file's architecture and write its fast copy; undo a pin made for a wrong file."""
+def _prepare(name: str, cache_dir, manifest, pinned_now: bool, keep_file: bool = False) -> Path:
+    """Check the new file's architecture and write its fast copy; undo a pin made for a wrong file (and remove
+    that file from the cache, unless ``keep_file``: the user imported the cached file itself)."""
     try:
         import torch  # noqa: F401
     except ImportError:  # the check and the fast copy happen at the first load instead
         return model_files(load_manifest(manifest).get(name), cache_dir).path
     try:
         path = resolve_checkpoint(name, cache_dir, manifest=manifest)
-    except CheckpointError as exc:
-        if pinned_now:
-            files = model_files(load_manifest(manifest).get(name), cache_dir)
-            for stale in (files.path, files.record):
-                if stale.exists():
-                    stale.unlink()
-            raise CheckpointError(f"{exc} The file was removed from the cache and its checksum not kept.") from None
-        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the file does wrong, a pin made for it is undone
+        error = exc if isinstance(exc, CheckpointError) else CheckpointError(
+            f"The weights file of '{name}' cannot be loaded ({type(exc).__name__}: {exc}). Download it again, or "
+            "import the official file.")
+        if not pinned_now:
+            raise error from (None if error is exc else exc)
+        files = model_files(load_manifest(manifest).get(name), cache_dir)
+        for stale in (files.record,) if keep_file else (files.path, files.record):
+            if stale.exists():
+                stale.unlink()
+        what = "its checksum was not kept" if keep_file else \
+            "the file was removed from the cache and its checksum not kept"
+        raise CheckpointError(f"{error} Nothing was pinned: {what}.") from None
     if path is None:  # pragma: no cover - download/import just verified it
         raise CheckpointError(f"The weights of '{name}' were verified but cannot be found in the cache.")
     return path

@@ -27,6 +27,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -67,6 +68,9 @@ def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Op
     ``timeout`` bounds each network operation in seconds; ``retries`` is how many times a dropped
     connection is resumed before giving up. Raises DownloadError saying what to do.
     """
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise DownloadError(f"The download timeout must be a positive number of seconds, got {timeout!r} (the "
+                            f"default is {DEFAULT_TIMEOUT:g}).")
     entry = load_manifest(manifest).get(name)
     files = model_files(entry, cache_dir)
     if is_verified(entry, files):
@@ -88,7 +92,7 @@ def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Op
                 _download_from(url, entry, files, lock, progress, timeout, retries, retry_delay)
                 return files.path
             except _Failure as failure:
-                log.warning("download of %s from %s failed: %s", name, url, failure.reason)
+                log.info("download of %s from %s failed: %s", name, url, failure.reason)  # the error says it too
                 _keep_or_discard(files)
                 failures.append(failure)
                 if failure.kind in ("cancelled", "disk"):
@@ -220,10 +224,17 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
         info, offset = {}, 0
     headers = {"User-Agent": _USER_AGENT}
     if offset:
-        headers["Range"] = f"bytes={offset}-"
-        etag = info.get("etag") if info.get("url") == url else None
-        if isinstance(etag, str) and etag and not etag.startswith("W/"):
-            headers["If-Range"] = etag
+        validator = _resume_validator(info, url)
+        if validator is None and expected_sha256(entry, files)[0] is None:
+            # Nothing would tell whether the server's file is still the one the .part began, and no checksum
+            # would catch a splice of two versions (the first download pins what it gets): start again.
+            _discard_part(files)
+            info, offset = {}, 0
+        else:
+            headers["Range"] = f"bytes={offset}-"
+            if validator is not None:
+                headers["If-Range"] = validator
+    requested = offset
     opener = urllib.request.build_opener(_SafeRedirects())  # per call: reads the proxy variables as they are now
     try:
         response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
@@ -242,7 +253,7 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
 
     with response:
         total = _content_length(response)
-        if offset and response.status == 206:
+        if requested and response.status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
                 _discard_part(files)
@@ -251,12 +262,14 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
             offset = 0  # the server sent the whole file (no range support, or If-Range said it changed)
         expected_size, exact = _expected_size(entry, files)
         if total is not None and not _size_ok(total, expected_size, exact):
-            _discard_part(files)
+            if not requested:  # an answer to a resume (a proxy's page, say) leaves the .part as it was
+                _discard_part(files)
             raise _Failure(url, "size", f"the server offers {_mb(total)}, but the {entry.name} file has "
                                         f"{'' if exact else 'about '}{_mb(expected_size)}: not the right file "
                                         "(a proxy or login page?); nothing was saved")
         limit = total if total is not None else int(expected_size * (1 + SIZE_TOLERANCE)) + 1
-        _write_part_info(files, {"url": url, "etag": response.headers.get("ETag"), "total": total})
+        _write_part_info(files, {"url": url, "etag": response.headers.get("ETag"), "total": total,
+                                 "last_modified": response.headers.get("Last-Modified")})
         done = offset
         try:
             out = _open_part(files, offset)
@@ -289,6 +302,17 @@ def _transfer(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, pr
                     raise _Failure(url, "cancelled", f"cancelled after {_mb(done)}")
     if total is not None and done < total:
         raise _Interrupted(f"the connection closed after {_mb(done)} of {_mb(total)}")
+
+
+def _resume_validator(info: dict, url: str) -> Optional[str]:
+    """The ``If-Range`` value that makes ``url``'s server send the whole file if it changed since the .part began:
+    its strong ETag, else its Last-Modified date; None when it gave neither (or the .part came from elsewhere)."""
+    if info.get("url") != url:
+        return None
+    etag, modified = info.get("etag"), info.get("last_modified")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag
+    return modified if isinstance(modified, str) and modified else None
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
@@ -348,11 +372,12 @@ def _hash_file(path: Path, progress: Optional[Progress] = None) -> str:
 
 
 def _adopt_existing(entry: ModelEntry, files: ModelFiles) -> bool:
-    """A file already at the final name whose record is missing or stale: keep it if its checksum is right."""
+    """A file already at the final name whose record is missing or stale: keep it if its checksum is right (also
+    through a symbolic link, e.g. to a shared copy: loading reads through it and checks the same checksum)."""
     expected, _ = expected_sha256(entry, files)
     if expected is None or not files.path.is_file():
         return False
-    if _hash_file(files.path) != expected:
+    if sha256_file(files.path) != expected:
         return False
     write_record(files, entry, expected, "found in the cache")
     return True

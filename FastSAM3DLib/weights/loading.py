@@ -102,19 +102,28 @@ def load_checkpoint(path, kind: str = "") -> object:
 
 
 def extract_weights(obj, path="checkpoint") -> Dict[str, torch.Tensor]:
-    """The flat ``{name: tensor}`` dict inside a loaded checkpoint object (unwrapping ``model_state_dict``)."""
+    """The flat ``{name: tensor}`` dict inside a loaded checkpoint object (unwrapping ``model_state_dict``).
+
+    Only names that are strings and tensors that hold data in memory (dense, on the CPU) count as weights."""
     if isinstance(obj, dict):
         for key in WEIGHTS_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if isinstance(inner, dict) and _weights_dict(inner):
                 return dict(inner)
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        if _weights_dict(obj):
             return dict(obj)
         keys = ", ".join(repr(k) for k in list(obj)[:8])
         raise CheckpointError(f"{path} contains no model weights that this plugin recognises (top-level keys: "
                               f"{keys}). Use the official checkpoint file for the model.")
     raise CheckpointError(f"{path} contains a {type(obj).__name__}, not model weights. Use the official "
                           "checkpoint file for the model.")
+
+
+def _weights_dict(value: dict) -> bool:
+    """Whether ``value`` is a non-empty ``{str: dense CPU tensor}`` dict (meta, sparse or quantized tensors and
+    non-string names are not weights this library can load)."""
+    return bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.device.type == "cpu"
+                               and v.layout == torch.strided and not v.is_quantized for k, v in value.items())
 
 
 def sniff_format(path) -> str:
