@@ -28,6 +28,15 @@ def test_interior_click_picks_the_larger_error_region():
     assert label == 0 and prediction[tuple(point.astype(int))] and not truth[tuple(point.astype(int))]
 
 
+def test_equally_deep_errors_click_the_false_positive_as_the_official_code():
+    """Official ``get_next_click3D_torch_ritm``: ``is_positive = fn_max_dist > fp_max_dist``, strictly."""
+    truth = np.zeros((12, 12, 12), bool)
+    truth[3:9, 3:9, 3:9] = True
+    prediction = np.roll(truth, 1, axis=0)  # one-voxel shells of false negatives and positives, equally deep
+    labels = {interior_click(truth, prediction, np.random.default_rng(seed))[1] for seed in range(10)}
+    assert labels == {0}
+
+
 def test_random_clicks_are_uniform_over_the_right_sets_and_labelled():
     truth = ball((20, 20, 20), (10, 10, 10), 6)
     prediction = ball((20, 20, 20), (12, 10, 10), 6)

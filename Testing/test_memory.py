@@ -539,6 +539,65 @@ def test_evaluation_guard_and_journal(tiny, dataset, built, tmp_path):
     assert [s["click"] for s in stats] == [1, 2] and all(s["n"] == 2 for s in stats)
 
 
+def test_the_guard_knows_the_bank_image_under_another_case_name(tiny, tmp_path):
+    """A case name is relative to the folder scanned: the bank made from ``data/`` calls the image ``sub/a1``, an
+    evaluation of ``data/sub/`` calls it ``a1``. The guard compares the image files' bytes too."""
+    from FastSAM3DLib.memory.evaluation import evaluate_with_memory
+
+    import shutil
+
+    test, made_from = tmp_path / "test", tmp_path / "data" / "sub"
+    test.mkdir()
+    made_from.mkdir(parents=True)
+    _write_case(test, "a1", 0, [((18, 20, 20), 6)])
+    _write_case(test, "b1", 2, [((20, 18, 22), 5)])
+    for name in ("a1.nii.gz", "a1_seg.nii.gz"):
+        shutil.copy(test / name, made_from / name)
+    bank = build_bank(tmp_path / "data", tiny, log=lambda s: None)
+    assert [c["case"] for c in bank.cases] == ["sub/a1"]  # the same image under another case name
+    common = dict(clicks=1, placement="gt", plots=False, progress=False, save_predictions=False, log=lambda s: None)
+    with pytest.raises(MemoryBankError, match="a1"):
+        evaluate_with_memory(test, tiny, tmp_path / "refused", bank=bank, **common)
+    summary = evaluate_with_memory(test, tiny, None, bank=bank, guard="exclude", **common)
+    assert summary["runtime"]["structures_evaluated"] == 2  # both cases, though no results folder was given
+    evaluate_with_memory(test, tiny, tmp_path / "excl", bank=bank, guard="exclude", **common)
+    journal = [json.loads(line) for line in (tmp_path / "excl" / "memory_retrievals.jsonl").read_text().splitlines()]
+    assert all(item["rows"] == [] for item in journal if item["case"] == "a1")  # never its own image
+    assert any(item["rows"] and "sub/a1" in item["entries"][0] for item in journal if item["case"] == "b1")
+
+
+def test_a_bank_with_a_damaged_header_is_refused_clearly(tiny, tmp_path):
+    import struct
+
+    path = save_bank(_random_bank(tiny), tmp_path / "good.safetensors")
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+
+    def edited(**changes):
+        meta = dict(header["__metadata__"])
+        for key, value in changes.items():
+            if value is None:
+                meta.pop(key)
+            else:
+                meta[key] = value
+        text = json.dumps(dict(header, __metadata__=meta)).encode()
+        text += b" " * (-len(text) % 8)
+        out = tmp_path / "edited.safetensors"
+        out.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+        return out
+
+    for changes, message in [({"grid": "abc"}, "grid"), ({"entries": "[1, 2, 3, 4, 5]"}, "records"),
+                             ({"descriptor": "nonsense"}, "unknown retrieval descriptor"),
+                             ({"descriptor": "pooled16"}, "numbers"), ({"tensors_sha256": None}, "no checksum")]:
+        with pytest.raises(MemoryBankError, match=message):
+            load_bank(edited(**changes), tiny)
+        assert attached_memory(tiny) is None
+    (tmp_path / "cut.safetensors").write_bytes(data[:100])
+    with pytest.raises(MemoryBankError, match="damaged or truncated"):
+        load_bank(tmp_path / "cut.safetensors", tiny)
+
+
 def test_paired_comparison_by_hand(tmp_path):
     from FastSAM3DLib.memory.evaluation import comparison_table, paired_comparison
 
@@ -554,11 +613,15 @@ def test_paired_comparison_by_hand(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    stats = paired_comparison(tmp_path, "off", "on", clicks=(1, 3))
+    stats = paired_comparison(tmp_path, "off", "on", clicks=(1, 3), patients={f"c{u}": f"P{u}" for u in range(6)})
     assert stats[0]["n"] == 6 and abs(stats[0]["diff"] - 0.05) < 1e-9
     assert stats[0]["wins"] == 3 and stats[0]["ties"] == 3 and stats[0]["ci_over"] == "patients"
     assert stats[0]["ci95"][0] <= 0.05 <= stats[0]["ci95"][1]
     assert "| gt | 1 | 6 |" in comparison_table(stats)
+    # cases of one patient are not independent: two patients are too few to resample, whatever the case count
+    two = paired_comparison(tmp_path, "off", "on", clicks=(1,), patients={f"c{u}": f"P{u % 2}" for u in range(6)})
+    assert two[0]["patients"] == 2 and two[0]["ci_over"].startswith("units")
+    assert paired_comparison(tmp_path, "off", "on", clicks=(1,))[0]["ci_over"].startswith("cases")
 
 
 # ------------------------------------------------------------------------------------------------ session

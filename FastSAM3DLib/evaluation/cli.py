@@ -143,7 +143,7 @@ def cmd_evaluate(args) -> int:
     if table:
         print(table)
     if getattr(args, "memory", None):
-        _print_memory_comparison(args)
+        _print_memory_comparison(args, cases)
     print(f"results: {args.output}/results.csv, {args.output}/summary.json"
           + (", plots: " + ", ".join(p.rsplit("/", 1)[-1] for p in summary.get("plots", [])) if summary.get("plots")
              else ""))
@@ -168,12 +168,14 @@ def _evaluate_with_memory(args, cases, common) -> Dict:
                                 **memory_options(args), **common)
 
 
-def _print_memory_comparison(args) -> None:
-    """The paired memory-on/off table when the folder also holds the model's results without memory."""
-    from ..memory.evaluation import comparison_table, paired_comparison
+def _print_memory_comparison(args, cases) -> None:
+    """The paired memory-on/off table when the folder also holds the model's results without memory; its interval
+    resamples the manifest's patients (cases of one patient are not independent)."""
+    from ..memory.evaluation import case_patients, comparison_table, paired_comparison
 
+    patients = case_patients(args.data if not args.label else None, cases)
     entries = paired_comparison(args.output, args.model, args.name or f"{args.model}+memory", clicks=(1, 3, 5),
-                                metric="dice_full", placements=None)
+                                metric="dice_full", placements=None, patients=patients)
     entries = [e for e in entries if e["n"] and e["click"] <= args.clicks]
     if entries:
         print(f"memory on - off, Dice on the source grid, paired by structure ({args.model} vs "

@@ -42,7 +42,7 @@ def interior_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Gen
     if not false_neg.any() and not false_pos.any():
         return None
     dist_fn, dist_fp = _distance_inside(false_neg), _distance_inside(false_pos)
-    use_fn = dist_fn.max() >= dist_fp.max() if false_neg.any() else False
+    use_fn = bool(dist_fn.max() > dist_fp.max())  # strictly, as the official code: a tie clicks the false positive
     dist = dist_fn if use_fn else dist_fp
     candidates = np.argwhere(dist > dist.max() / 2.0)
     point = candidates[rng.integers(len(candidates))]

@@ -142,11 +142,13 @@ class MemoryBank:
                                       f"{FORMAT} file. Build it again with: python -m FastSAM3DLib memory build")
         if self.meta["format"] != FORMAT:
             raise MemoryBankError(f"{where} has format {self.meta['format']!r}, this version reads {FORMAT!r}.")
+        problems = _header_problems(self.meta)
+        if problems:
+            raise MemoryBankError(f"{where} has a damaged header: {'; '.join(problems)}. Copy or build it again.")
         n = len(self)
         heads, head_dim = int(self.meta["num_heads"]), int(self.meta["head_dim"])
         tokens = _grid_tokens(self.meta["grid"])
         expected_kv = (n, heads, tokens, head_dim)
-        problems = []
         if self.descriptors.dim() != 2 or self.descriptors.dtype != torch.float32 or \
                 self.descriptors.shape[1] != int(self.meta["descriptor_dim"]):
             problems.append(f"descriptors {tuple(self.descriptors.shape)} {self.descriptors.dtype}, expected "
@@ -171,6 +173,32 @@ class MemoryBank:
                 break
         if problems:
             raise MemoryBankError(f"{where} is inconsistent: {'; '.join(problems)}.")
+
+
+def _header_problems(meta: Dict[str, object]) -> List[str]:
+    """What is malformed in a bank header's structure (types, the descriptor and its size), [] when nothing."""
+    from .retrieval import DESCRIPTORS
+
+    problems = []
+    try:
+        tokens = _grid_tokens(meta["grid"])
+        if tokens < 1:
+            problems.append(f"grid {meta['grid']!r} holds no tokens")
+    except (TypeError, ValueError):
+        problems.append(f"grid {meta['grid']!r} is not a list of sizes")
+    if not isinstance(meta.get("cases"), list) or not isinstance(meta.get("entries"), list) or \
+            not all(isinstance(e, dict) for e in meta["entries"]):
+        problems.append("its cases and entries are not lists of records")
+    name = meta.get("descriptor")
+    if name not in DESCRIPTORS:
+        problems.append(f"unknown retrieval descriptor {name!r} (known: {', '.join(DESCRIPTORS)})")
+    else:
+        size = int(meta.get("image_size", 128))
+        expected = DESCRIPTORS[name][0] * size ** 3 // 128 ** 3
+        if int(meta["descriptor_dim"]) != expected:
+            problems.append(f"descriptor '{name}' has {expected} numbers for {size}^3 inputs, the header says "
+                            f"{meta['descriptor_dim']}")
+    return problems
 
 
 def _grid_tokens(grid) -> int:
@@ -346,6 +374,10 @@ def read_bank_metadata(path) -> Dict[str, object]:
     if not path.is_file():
         raise MemoryBankError(f"memory bank {path} does not exist.")
     raw = read_metadata(path)
+    if not raw:
+        raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank, or its header is damaged or truncated "
+                              "(no metadata could be read). Copy it again, or build one with: python -m "
+                              "FastSAM3DLib memory build")
     if raw.get("format") != FORMAT:
         raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank (no '{FORMAT}' format tag in its "
                               "safetensors header). Build one with: python -m FastSAM3DLib memory build")
@@ -376,8 +408,10 @@ def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
     missing = [n for n in TENSOR_NAMES if n not in tensors]
     if missing:
         raise MemoryBankError(f"memory bank {path.name} lacks the tensor(s) {', '.join(missing)}; build it again.")
-    if verify and meta.get("tensors_sha256") and _tensors_digest({n: tensors[n] for n in TENSOR_NAMES}) \
-            != meta["tensors_sha256"]:
+    if verify and not meta.get("tensors_sha256"):
+        raise MemoryBankError(f"memory bank {path.name} has no checksum of its tensors, so damage could not be "
+                              "noticed; build it again with: python -m FastSAM3DLib memory build")
+    if verify and _tensors_digest({n: tensors[n] for n in TENSOR_NAMES}) != meta["tensors_sha256"]:
         raise MemoryBankError(f"memory bank {path.name} is damaged: its tensors do not match the checksum written "
                               "when it was built. Copy or build it again.")
     bank = MemoryBank(tensors["descriptors"], tensors["keys"], tensors["values"], tensors["case_index"], meta, path)

@@ -37,6 +37,12 @@ from .plugin import attached_memory
 CROPS = ("gt", "click")
 
 
+def image_sha256(path) -> str:
+    """The sha256 of an image file's bytes: what the evaluation's leakage guard compares, whatever the case's name
+    (a case name is relative to the folder that was scanned)."""
+    return file_sha256(Path(path))
+
+
 def read_provenance(source) -> List[Dict[str, object]]:
     """Per case of a ``.json``/``.csv`` manifest (in :func:`~FastSAM3DLib.evaluation.dataset.find_cases` order):
     ``patient``, ``licence``, ``dataset`` where given; ``[]`` for folders and other sources."""
@@ -147,7 +153,7 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
         patient = info.get("patient")
         record = {"case": case.name, "patient": patient or case.name, "dataset": info.get("dataset") or
                   default_dataset or case.image.parent.name, "licence": info.get("licence") or default_licence,
-                  "image": case.image.name, "label": case.label.name}
+                  "image": case.image.name, "label": case.label.name, "image_sha256": image_sha256(case.image)}
         if not patient:
             record["patient_assumed"] = True
         try:

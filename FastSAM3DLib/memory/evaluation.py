@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -66,8 +67,9 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         bank = load_bank(bank, model, allow_other_encoder=allow_other_encoder)
     bank_patients = set(bank.entry_patients())
     bank_cases = set(bank.entry_cases())
+    same_image = _same_images(bank, cases)  # test case name -> bank case names holding the very same image file
     shared = sorted({patients.get(c.name, c.name) for c in cases} & bank_patients)
-    shared_cases = sorted({c.name for c in cases} & bank_cases)
+    shared_cases = sorted(({c.name for c in cases} & bank_cases) | set(same_image))
     if guard == "refuse" and (shared or shared_cases):
         raise MemoryBankError(
             "the memory bank holds the test patient(s) " + ", ".join(shared or ["-"])
@@ -98,16 +100,48 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         if guard == "refuse":
             current["case"] = "*"
             return evaluate_dataset(cases, model, output, name=name, log=log, plots=plots, **evaluate_kwargs)
-        summary = None
-        for number, case in enumerate(cases):
-            handle.exclude(patients=[patients.get(case.name, case.name)], cases=[case.name])
-            current["case"] = case.name
-            last = number == len(cases) - 1
-            summary = evaluate_dataset([case], model, output, name=name, log=log, plots=plots and last,
-                                       **evaluate_kwargs)
-        return summary
+        # case by case, each into the same folder, whose summary then covers them all (a temporary one when
+        # the caller keeps results in memory)
+        with tempfile.TemporaryDirectory(prefix="fastsam3d-memory-") as scratch:
+            into = output if output is not None else scratch
+            summary, totals = None, {"seconds": 0.0, "structures_evaluated": 0, "model_clicks": 0}
+            for number, case in enumerate(cases):
+                handle.exclude(patients=[patients.get(case.name, case.name)],
+                               cases=[case.name, *same_image.get(case.name, [])])
+                current["case"] = case.name
+                last = number == len(cases) - 1
+                summary = evaluate_dataset([case], model, into, name=name, log=log,
+                                           plots=plots and last and output is not None, **evaluate_kwargs)
+                for key in totals:
+                    totals[key] += summary["runtime"][key]
+            if summary is not None:  # the runtime of all the calls, as one plain evaluation would report it
+                summary["runtime"] = dict(totals, scope="this evaluation, case by case", seconds_per_structure=(
+                    totals["seconds"] / totals["structures_evaluated"] if totals["structures_evaluated"] else None))
+            return summary
     finally:
         handle.detach()
+
+
+def _same_images(bank: MemoryBank, cases) -> Dict[str, List[str]]:
+    """Test case name -> the bank's case names whose image file has the same bytes (banks built before image
+    checksums were recorded match nothing here: their guard compares names and patient ids only)."""
+    from .build import image_sha256
+
+    by_sha: Dict[str, List[str]] = {}
+    for record in bank.cases:
+        if isinstance(record, dict) and record.get("image_sha256"):
+            by_sha.setdefault(str(record["image_sha256"]), []).append(str(record["case"]))
+    if not by_sha:
+        return {}
+    out = {}
+    for case in cases:
+        try:
+            found = by_sha.get(image_sha256(case.image))
+        except OSError:  # unreadable here: the evaluation reports it for that case
+            continue
+        if found:
+            out[case.name] = found
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -136,8 +170,8 @@ def paired_comparison(results, base: str, other: str, *, clicks: Sequence[int] =
     """Unit-by-unit comparison of model names ``other`` vs ``base`` in a results folder or CSV.
 
     One dict per (placement, protocol, click): ``n`` paired units, ``patients``, ``base``/``other`` means,
-    ``diff`` (other - base) with ``ci95`` (bootstrap over patients when there are >= 5, else over units:
-    ``ci_over`` says which), ``wilcoxon_p`` (None without scipy or with all differences 0), ``wins``/``ties``/
+    ``diff`` (other - base) with ``ci95`` (bootstrap over the ``patients`` (case name -> patient id) when there
+    are >= 5, else over units; without ``patients`` each case counts as its own: ``ci_over`` says which), ``wilcoxon_p`` (None without scipy or with all differences 0), ``wins``/``ties``/
     ``losses`` (|difference| <= 0.001 is a tie).
     """
     rows = _read_rows(results)
@@ -178,7 +212,7 @@ def paired_comparison(results, base: str, other: str, *, clicks: Sequence[int] =
                         pick = rng.choice(len(distinct), len(distinct), replace=True)
                         sel = np.concatenate([index[distinct[i]] for i in pick])
                         boots.append(diff[sel].mean())
-                    entry["ci_over"] = "patients"
+                    entry["ci_over"] = "patients" if patients is not None else "cases (no patient ids given)"
                 else:
                     boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
                     entry["ci_over"] = f"units ({len(distinct)} patient(s): too few to resample patients)"
