@@ -63,12 +63,14 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
     :class:`OutputFileError` with a one-line message; errors of the body propagate unchanged.
     """
     path = Path(path)
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _remove_empty(created)
         raise output_error(exc, path, "create the folder for") from None
     remove_stale_temporaries(path.parent)
-    tmp = None
+    tmp, done = None, False
     try:
         with interrupts.deferred():  # a Ctrl+C waits until the temporary's name is known (and it is removed)
             try:
@@ -83,10 +85,20 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
             os.replace(tmp, path)
         except OSError as exc:
             raise output_error(exc, path, "replace") from None
+        done = True
     finally:
         if tmp is not None:
             with interrupts.deferred(), contextlib.suppress(OSError):
                 os.remove(tmp)
+        if not done:  # nothing was written: the folders made for it go too
+            _remove_empty(created)
+
+
+def _remove_empty(folders) -> None:
+    """Remove these folders (deepest first) where they are empty; those holding anything stay."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _temp_prefix(path: Path, suffix: str) -> str:
@@ -189,18 +201,31 @@ def label_extension(path) -> str:
                   f"{', '.join(LABEL_EXTENSIONS)} (lowercase), e.g. {Path(path).with_name('label.nii.gz')}.")
 
 
+def utf8_path(path) -> bool:
+    """Whether ``path`` is valid UTF-8 text: a name with undecodable bytes (Python's surrogate escapes, e.g. a
+    Latin-1 folder on Linux) makes SimpleITK abort the whole process instead of raising."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_output_path(path, inputs: Iterable = ()) -> Path:
     """Refuse an output the label writer cannot use, before any work is done; returns it as a Path.
 
     Refused with :class:`OutputFileError`: an empty name or one ending in a slash, an existing folder, a
     device or other special file (``/dev/null``, a pipe: never written to nor replaced), any of ``inputs``
     (the same file, also through another path, a link or a hard link), an unknown extension, a name longer
-    than the file system allows, a path through a file, and a folder this process cannot write in (read-only
-    disk, no permission). An existing symbolic link is replaced by the new file; its target is not touched.
+    than the file system allows, a path through a file, a name that is not valid UTF-8 (:func:`utf8_path`), and a
+    folder this process cannot write in (read-only disk, no permission). An existing symbolic link is replaced by the new file; its target is not touched.
     """
     text = os.fspath(path)
     if not text or text.endswith(("/", os.sep)):
         raise _refuse(f"output {text!r} is not a file name: give one, e.g. label.nii.gz.", errno.EISDIR)
+    if not utf8_path(text):
+        raise _refuse(f"output {text!r} has a folder or file name that is not valid text (UTF-8), which the image "
+                      "writer cannot open: choose or rename a folder whose name is plain text.")
     path = Path(text)
     try:
         status = os.stat(path)

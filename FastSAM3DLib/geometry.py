@@ -193,6 +193,12 @@ class Volume:
         path = Path(path)
         if not path.exists():
             raise InputImageError(f"{path} does not exist. Check the path of the image file or DICOM folder.")
+        from .files import utf8_path
+
+        if not utf8_path(path):
+            raise InputImageError(f"{str(path)!r} has a folder or file name that is not valid text (UTF-8), which the "
+                                  "image reader cannot open: rename it, or copy the image to a folder with a plain "
+                                  "name.")
         if not (path.is_dir() or path.is_file()):
             raise InputImageError(f"{path} is neither a file nor a folder (a device or a pipe?). Give an image "
                                   "file (NIfTI, NRRD, MHA...) or a DICOM folder.")

@@ -82,6 +82,38 @@ def test_missing_folders_are_created(tmp_path):
     assert target.read_text() == "x"
 
 
+def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "nested" / "result.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]  # "Nothing was written": no folders either
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of undecodable bytes needs a Linux file system")
+def test_a_folder_name_that_is_not_utf8_is_refused_not_a_crash(tmp_path):
+    """SimpleITK aborts the whole process (uncatchable C++ exception) on such a name; it must never get one."""
+    import numpy as np
+
+    from FastSAM3DLib.errors import InputImageError, OutputFileError
+    from FastSAM3DLib.files import write_label_atomically
+    from FastSAM3DLib.geometry import Volume
+
+    folder = os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9")  # a Latin-1 name from an old disk
+    os.mkdir(folder)
+    output = Path(os.fsdecode(folder)) / "label.nii.gz"
+    volume = Volume(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    with pytest.raises(OutputFileError, match="UTF-8"):
+        write_label_atomically(volume, np.ones((4, 5, 6), bool), output)
+    assert os.listdir(folder) == []
+    with open(os.path.join(folder, b"image.nii.gz"), "wb") as stream:
+        stream.write(b"not read")
+    with pytest.raises(InputImageError, match="UTF-8"):
+        Volume.from_file(Path(os.fsdecode(folder)) / "image.nii.gz")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files")
 def test_no_file_handle_is_left_open(tmp_path):
     """Many writes leave no open handle behind (an open handle would also block the rename on Windows)."""

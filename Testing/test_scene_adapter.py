@@ -676,6 +676,31 @@ def test_an_interrupted_write_that_grew_a_layer_gives_it_its_extent_back(app, la
     assert fingerprint(segmentation) == before
 
 
+@pytest.mark.parametrize("failing", [_FailingEditor, _FailingAfterEditor], ids=["between", "after"])
+@pytest.mark.parametrize("shift", [(-3, -2, -1), (0.5, 0, 0)], ids=["whole-voxel-shift", "half-voxel-shift"])
+def test_an_interrupted_write_is_undone_when_a_layer_lies_on_another_grid(app, failing, shift):
+    """A segment imported from a labelmap keeps that labelmap's grid; Slicer's logic resamples such a layer
+    in place when it edits it, so a rollback by voxel index would corrupt it: the whole segmentation is kept."""
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    labelmap = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "imported")
+    k, j, i = np.indices((20, 30, 34))
+    slicer.util.updateVolumeFromArray(labelmap, ((i // 3 + j // 3 + k // 3) % 2).astype(np.uint8))
+    matrix = np.eye(4)
+    matrix[:3, 3] = shift
+    labelmap.SetIJKToRASMatrix(sc.nodes._vtk_matrix(matrix))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    target = segmentation.GetSegmentation().AddEmptySegment("", "B")
+    before = fingerprint(segmentation)
+    mask = np.zeros((9, 14, 16), bool)
+    mask[2:6, 3:10, 4:12] = True
+    editor = failing(app.scene)
+    with pytest.raises(KeyboardInterrupt):
+        sc.write_region(segmentation, target, volume, REGION, mask, editor=editor)
+    editor.close()
+    assert fingerprint(segmentation) == before
+
+
 def test_a_write_keeps_only_the_edited_box_for_its_rollback(app, monkeypatch):
     """Memory per click: the rollback copies the region's box of each layer, not the segmentation."""
     volume, segmentation, ids, masks, new = three_segments(app)

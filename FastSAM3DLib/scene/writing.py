@@ -353,8 +353,10 @@ class _Rollback:
     The edit can change voxels only inside the modifiers' box, so each labelmap layer keeps just that box
     (and each segment's layer and label value, to check that nothing else moved). A layer whose extent the
     edit grew gets its old extent back. Where the Segment Editor logic may move segments between layers to
-    spare others (overwrite "visible" or "none"; Slicer's default is "all"), the segmentation is snapshotted
-    whole instead (Slicer's segmentation history).
+    spare others (overwrite "visible" or "none"; Slicer's default is "all"), or where a layer lies on another
+    voxel grid than the edit (an imported labelmap, an oblique volume's first segment: the logic resamples such a
+    layer in place, so its voxels no longer sit at the saved indices), the segmentation is snapshotted whole
+    instead (Slicer's segmentation history).
     """
 
     def __init__(self, segmentation_node, modifiers, editor_node) -> None:
@@ -363,7 +365,8 @@ class _Rollback:
         self.boxes = []
         self.segments = _segment_layers(self.segmentation)
         self.statuses = _statuses(self.segmentation)  # the logic marks edited segments "in progress"
-        if editor_node.GetOverwriteMode() != _SEN.OverwriteAllSegments:
+        if editor_node.GetOverwriteMode() != _SEN.OverwriteAllSegments or \
+                _layers_off_grid(self.segmentation, [m for m in modifiers if m is not None]):
             self.history = slicer.vtkSegmentationHistory()
             self.history.SetMaximumNumberOfStates(2)
             self.history.SetSegmentation(self.segmentation)
@@ -414,6 +417,24 @@ class _Rollback:
     def close(self) -> None:
         if self.history is not None:
             self.history.SetSegmentation(None)
+
+
+def _layers_off_grid(segmentation, modifiers) -> bool:
+    """Whether a labelmap layer's voxel grid (image-to-world matrix) differs from the edit's (the modifiers')."""
+    if not modifiers:
+        return False
+    modifier_to_world = vtk.vtkMatrix4x4()
+    modifiers[0].GetImageToWorldMatrix(modifier_to_world)
+    grid = _array_from_vtk_matrix(modifier_to_world)
+    layer_to_world = vtk.vtkMatrix4x4()
+    for index in range(segmentation.GetNumberOfLayers()):
+        image = segmentation.GetLayerDataObject(index)
+        if image is None:
+            continue
+        image.GetImageToWorldMatrix(layer_to_world)
+        if not np.allclose(_array_from_vtk_matrix(layer_to_world), grid, atol=_SAME_AXES_TOLERANCE):
+            return True
+    return False
 
 
 def _statuses(segmentation) -> dict:
