@@ -518,6 +518,70 @@ def test_cached_teacher_features_serve_every_stage(tmp_path, crop_cache):
     assert sorted(metrics) == ["loss_neck", "loss_s0-t1", "loss_s1-t3", "loss_s2-t5"]
 
 
+def test_a_cached_and_a_fresh_teacher_target_are_the_same(tmp_path, crop_cache):
+    """With a teacher cache the targets are its float16-rounded features whether the sample was cached or not,
+    so a resumed run (its memory cache empty) gets the targets the uninterrupted run got."""
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=1, teacher_cache="memory")
+    task = DistillationTask(config, _loop(tmp_path, "cached"), torch.device("cpu"))
+    images, _, keys = task.sampler.batch(np.random.default_rng(0), 1)
+    fresh = task.teacher_features(images, keys)
+    again = task.teacher_features(images, keys)
+    assert task.cache.misses == 1 and task.cache.hits == 1
+    for name in fresh:
+        assert torch.equal(fresh[name], again[name]), name
+
+
+def test_resuming_with_a_setting_that_changes_the_schedule_is_refused(tmp_path, crop_cache):
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    def run(**kw):
+        config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                               stage_epochs=1, neck_from_start=kw.pop("neck_from_start", False))
+        return distill(config, _loop(tmp_path, "run", **kw), log=lambda _: None)
+
+    run(steps=4, stop_after_steps=2)
+    with pytest.raises(FastSAM3DError, match="neck_from_start"):
+        run(steps=4, resume=True, neck_from_start=True)
+    with pytest.raises(FastSAM3DError, match="steps_per_epoch"):
+        run(steps=4, resume=True, steps_per_epoch=2)
+    assert run(steps=4, resume=True)["finished"] is True
+
+
+def test_float16_crops_only_where_exact_enough():
+    from FastSAM3DLib.training.data import float16_exact_enough
+
+    rng = np.random.default_rng(0)
+    assert float16_exact_enough(rng.integers(-1024, 3071, (16, 16, 16)).astype(np.float32))  # CT
+    assert float16_exact_enough(rng.normal(300, 80, (16, 16, 16)).astype(np.float32))  # MR
+    assert not float16_exact_enough(rng.uniform(0, 3e-5, (16, 16, 16)).astype(np.float32))  # ADC-like, tiny
+    assert not float16_exact_enough(np.full((4, 4, 4), 70000.0, np.float32))  # past float16's range
+
+
+def test_a_crop_cache_stopped_inside_a_phantom_is_completed_on_resume(tmp_path, monkeypatch):
+    from FastSAM3DLib.training import data, phantoms
+
+    small = phantoms.make_phantom
+    monkeypatch.setattr(phantoms, "make_phantom", lambda rng: small(rng, max_voxels=60_000))
+    settings = dict(phantoms=3, size=32, margin=0, min_voxels=20, per_phantom=2, seed=0, log=lambda _: None)
+    whole = prepare_crops(tmp_path / "whole", **settings)
+    add = data.CropCache.add
+
+    def stop_inside_phantom_1(self, group, case, *args):
+        entry = add(self, group, case, *args)
+        if case.endswith("00001"):
+            raise KeyboardInterrupt  # the run is killed after the first of that phantom's crops
+        return entry
+
+    monkeypatch.setattr(data.CropCache, "add", stop_inside_phantom_1)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_crops(tmp_path / "parts", **settings)
+    monkeypatch.setattr(data.CropCache, "add", add)
+    resumed = prepare_crops(tmp_path / "parts", **settings)
+    assert len(whole) == 6
+    assert sorted((e.case, e.value) for e in resumed.entries) == sorted((e.case, e.value) for e in whole.entries)
+
+
 def test_learning_rate_schedule():
     config = LoopConfig(output="x", steps=10, warmup_steps=2, min_lr_ratio=0.1)
     factors = [lr_factor(s, config) for s in range(10)]

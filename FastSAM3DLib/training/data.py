@@ -33,6 +33,18 @@ from .augment import AugmentConfig, Augmentation, apply_augmentation, draw_augme
 DEFAULT_SIZE = 128
 DEFAULT_MARGIN = 16
 FLOAT16_LIMIT = 60000.0
+#: Largest relative rounding error a crop stored as float16 may have (else it is stored as float32).
+FLOAT16_TOLERANCE = 5e-4
+
+
+def float16_exact_enough(image: np.ndarray) -> bool:
+    """Whether every voxel of ``image`` survives float16 within :data:`FLOAT16_TOLERANCE` (relative), zeros and
+    signs included: true for CT and MR intensities, false for tiny values (ADC maps, probabilities < 6e-5)."""
+    values = np.asarray(image, dtype=np.float32)
+    if not np.abs(values).max(initial=0) < FLOAT16_LIMIT:
+        return False
+    rounded = values.astype(np.float16).astype(np.float32)
+    return bool(np.all(np.abs(rounded - values) <= FLOAT16_TOLERANCE * np.abs(values)))
 
 
 @dataclass
@@ -95,7 +107,7 @@ class CropCache:
         self.root.mkdir(parents=True, exist_ok=True)
         index = len(self.entries)
         stem = f"{index:05d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', case)}_{value}"
-        dtype = np.float16 if self.float16 and np.abs(image).max(initial=0) < FLOAT16_LIMIT else np.float32
+        dtype = np.float16 if self.float16 and float16_exact_enough(image) else np.float32
         _atomic_npy(self.root / f"{stem}_image.npy", image.astype(dtype))
         _atomic_npy(self.root / f"{stem}_label.npy", (label != 0).astype(np.uint8))
         m = self.margin
@@ -207,10 +219,13 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
     if phantoms:
         from .phantoms import make_phantom
 
-        done = {e.case for e in cache.entries if e.group == "phantom"}
+        cached = {}  # phantom -> its crops already in the cache (a run stopped part way through a phantom)
+        for entry in cache.entries:
+            if entry.group == "phantom":
+                cached[entry.case] = cached.get(entry.case, 0) + 1
         for number in range(phantoms):
             case_name = f"phantom_{seed}_{number:05d}"
-            if case_name in done:
+            if cached.get(case_name, 0) >= per_phantom:
                 continue
             rng = np.random.default_rng([seed, number])
             phantom = make_phantom(rng)
@@ -220,6 +235,9 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
             for value in values:
                 if taken >= per_phantom:
                     break
+                if cache.has("phantom", case_name, value):  # cached before the run stopped: the same crop
+                    taken += 1
+                    continue
                 crop, mask = crop_structure(phantom.image, phantom.label.array, value, size, margin, spacing)
                 if mask[margin:margin + size, margin:margin + size, margin:margin + size].sum() < min_voxels:
                     continue

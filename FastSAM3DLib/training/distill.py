@@ -214,7 +214,11 @@ class DistillationTask(TrainingTask):
                      "model_name": config.student, "distill": config, "pairs": self.pairs,
                      "projections": sorted(self.extra.keys()), "copied_teacher_decoder": self.copied_decoder}
         self.fingerprint = {"teacher": config.teacher, "student": config.student, "pairs": self.pairs,
-                            "seed": loop.seed, "stage_epochs": config.stage_epochs, "loss": config.loss}
+                            "seed": loop.seed, "stage_epochs": config.stage_epochs, "loss": config.loss,
+                            "neck_from_start": config.neck_from_start, "teacher_checkpoint": config.teacher_checkpoint,
+                            "steps_per_epoch": loop.steps_per_epoch, "batch_size": loop.batch_size,
+                            "accumulate": loop.accumulate, "group_weights": config.group_weights,
+                            "augment": config.augment}
 
     def param_groups(self):
         params = [p for p in self.model.image_encoder.parameters() if p.requires_grad] + list(self.extra.parameters())
@@ -261,8 +265,12 @@ class DistillationTask(TrainingTask):
         features = {f"t{t}": blocks[t].float() for t in needed if t < len(blocks)}
         if neck is not None:
             features[NECK] = neck.float()
-        for i, key in enumerate(keys):
-            self.cache.put(key, {k: v[i:i + 1] for k, v in features.items()})
+        if self.cache.mode != "none":
+            for i, key in enumerate(keys):
+                self.cache.put(key, {k: v[i:i + 1] for k, v in features.items()})
+            # the targets a cache hit would give (float16-rounded): the same sample gets the same targets
+            # whether it was cached or not, so a resumed run (its memory cache empty) continues exactly
+            features = {k: v.to(torch.float16).to(torch.float32) for k, v in features.items()}
         return features
 
     def loss(self, step: int, epoch: int, rng: np.random.Generator):

@@ -271,9 +271,10 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
 
 
 def _check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint made with different essential settings."""
+    """Refuse to resume a checkpoint made with different essential settings (a setting the checkpoint's version did
+    not record yet is not compared)."""
     current = checkpoints.plain(current)
-    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    different = {k: (saved.get(k), v) for k, v in current.items() if k in saved and saved.get(k) != v}
     if different:
         from ..errors import FastSAM3DError
 

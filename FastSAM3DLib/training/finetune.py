@@ -100,7 +100,9 @@ class FinetuneTask(TrainingTask):
         self.fingerprint = {"model": config.model, "seed": loop.seed, "unfreeze_blocks": config.unfreeze_blocks,
                             "train_encoder": config.train_encoder, "clicks": config.clicks,
                             "loss_size": config.loss_size, "iou_weight": config.iou_weight,
-                            "iou_head_only": config.iou_head_only}
+                            "iou_head_only": config.iou_head_only, "batch_size": loop.batch_size,
+                            "accumulate": loop.accumulate, "group_weights": config.group_weights,
+                            "augment": config.augment}
 
     def param_groups(self):
         decoder_lr = self.config.decoder_lr if self.config.decoder_lr is not None else 0.1 * self.config.lr
