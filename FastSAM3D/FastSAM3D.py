@@ -240,17 +240,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return False, _("not on this computer ({licence} weights): Download, or Import a copied file").format(
             licence=choice.licence)
 
-    def downloadWeights(self, model, progress=None):
-        """Download and verify the weights (may take minutes); ``progress(done, total)`` returning False cancels."""
+    def downloadWeights(self, model, progress=None, cacheDir=None):
+        """Download and verify the weights (may take minutes); ``progress(done, total)`` returning False cancels.
+        ``cacheDir``: read on the main thread by a caller that runs this on a worker (default: read here)."""
         from FastSAM3DLib.weights import download_weights
 
-        return download_weights(model, self.cacheDir(), progress)
+        return download_weights(model, cacheDir if cacheDir is not None else self.cacheDir(), progress)
 
-    def importWeights(self, model, path, progress=None):
-        """Check and copy a weights file obtained by hand into the cache."""
+    def importWeights(self, model, path, progress=None, cacheDir=None):
+        """Check and copy a weights file obtained by hand into the cache (``cacheDir``: as downloadWeights)."""
         from FastSAM3DLib.weights import import_weights
 
-        return import_weights(model, path, self.cacheDir(), progress)
+        return import_weights(model, path, cacheDir if cacheDir is not None else self.cacheDir(), progress)
 
     SERVER_TOKEN_SETTING = "FastSAM3D/ServerToken"
 
@@ -291,15 +292,18 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         except Exception:  # noqa: BLE001 - an unknown name: the panel reports the model itself
             return True
 
-    def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False, precision=None):
+    def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False, precision=None,
+                      cacheDir=None, token=None):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
         once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.
 
         ``memoryBank``: a Memorizing SAM bank file attached to the (local) model with the default settings; a
         bank made by other weights, or a server device, is refused with a message saying what to do.
         ``grow``: the session's segments grow over several regions (FastSAM3DLib.growth), with a server too where
-        this computer has PyTorch (else one region, and the session's ``growth_note`` says why). ``precision``: None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on
-        a CPU; not with a memory bank, which fits the float weights).
+        this computer has PyTorch (else one region, and the session's ``growth_note`` says why). ``precision``:
+        None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on a CPU; not with a memory
+        bank, which fits the float weights). ``cacheDir``, ``token``: the weights cache and the server token, read
+        by the caller on the main thread (default: read here, which touches Qt: not on a worker thread).
         """
         from FastSAM3DLib import remote, scene
 
@@ -309,15 +313,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
                 raise FastSAM3DError(_("A memory bank needs a local model: choose 'None' as memory bank, or a CPU "
                                        "or GPU device instead of the server."))
-            return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None, token=self.serverToken(),
-                                        grow=bool(grow))
+            return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None,
+                                        token=token if token is not None else self.serverToken(), grow=bool(grow))
         from FastSAM3DLib.session import InteractiveSession
 
         if memoryBank and precision == "fast":
             from FastSAM3DLib.errors import FastSAM3DError
 
             raise FastSAM3DError(_("A memory bank needs the exact precision: choose 'Exact', or no memory bank."))
-        built = scene.load_model(model, scene.resolve_device(device), "cached", self.cacheDir(), precision)
+        built = scene.load_model(model, scene.resolve_device(device), "cached",
+                                 cacheDir if cacheDir is not None else self.cacheDir(), precision)
         self._useMemoryBank(built, memoryBank)
         return InteractiveSession(built, volume, prompt_mode=promptMode or None, grow=bool(grow))
 

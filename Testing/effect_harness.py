@@ -253,6 +253,7 @@ class ScriptedEffect:
         self.logic.SetMRMLScene(scene)
         self.logic.SetSegmentEditorNode(editor_node)
         self.options = []
+        self.critical = []  # what Slicer would log as critical errors
 
     def parameterSetNode(self):
         return self.node
@@ -260,15 +261,30 @@ class ScriptedEffect:
     def _key(self, name):
         return f"{self.name}.{name}"  # Slicer adds the effect's name: callers must not
 
+    # Slicer's rules (qSlicerSegmentEditorAbstractEffect.cxx): an empty value is never stored for a parameter that
+    # has none, a default is set only where no non-empty value is, and reading a parameter that has no value at all
+    # logs a critical error (kept in ``critical`` here, which the harness's users check).
     def setParameter(self, name, value):
-        self.node.SetAttribute(self._key(name), str(value))
+        old, value = self.node.GetAttribute(self._key(name)), str(value)
+        if old is None and value == "":
+            return
+        self.node.SetAttribute(self._key(name), value)
+
+    def parameterDefined(self, name):
+        return bool(self.node.GetAttribute(self._key(name)))
 
     def setParameterDefault(self, name, value):
-        if self.node.GetAttribute(self._key(name)) is None:
+        if not self.parameterDefined(name):
             self.setParameter(name, value)
 
     def parameter(self, name):
-        return self.node.GetAttribute(self._key(name)) or ""
+        value = self.node.GetAttribute(self._key(name))
+        if value is None:
+            value = self.node.GetAttribute(name)  # Slicer falls back to the common parameter
+        if value is None:
+            self.critical.append(f"Parameter named {name} cannot be found for effect {self.name}")
+            return ""
+        return value
 
     def addLabeledOptionsWidget(self, label, widget):
         self.options.append((label, widget))
@@ -428,3 +444,5 @@ class EffectHarness:
         if worker is not None:
             worker.stop(10)
         self.scene.Clear(True)
+        critical = self.scripted.critical
+        assert not critical, f"{len(critical)} critical error(s) Slicer would log, e.g. {critical[:3]}"

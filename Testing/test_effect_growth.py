@@ -44,7 +44,8 @@ def _stand_in(effect, monkeypatch, encode_seconds=0.0):
     """The logic makes sessions with the threshold stand-in (slowed down per region if asked); returns them."""
     made = []
 
-    def create(model, device, prompt_mode, volume, memory_bank=None, grow=False, precision=None):
+    def create(model, device, prompt_mode, volume, memory_bank=None, grow=False, precision=None, cacheDir=None,
+               token=None):
         stand_in = threshold_model()
         if encode_seconds:
             stand_in.image_encoder.register_forward_hook(lambda *args: time.sleep(encode_seconds))

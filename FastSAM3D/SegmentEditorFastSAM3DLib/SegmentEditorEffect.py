@@ -51,6 +51,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._worker = None
         self._sessions = {}  # (segmentation ID, segment ID) -> InteractiveSession; only the worker touches them
         self._baselines = {}  # (segmentation ID, segment ID, volume ID) -> the segment before its first point
+        self._written = {}  # the same key -> the region the series of points has written so far
+        self._undone = {}  # tag of a running "undo" -> (world RAS, include) of the point it removed
+        self._shownPointNodes = []  # IDs of the point lists activate() showed (deactivate() hides these)
         self._volume = (None, None)  # (cache key, Volume)
         self._include = True  # polarity of the next click
         self._generation = 0  # results of jobs submitted before the last deactivation are not written
@@ -218,26 +221,32 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault(GROW, "")
         self.scriptedEffect.setParameterDefault(PRECISION, "")
 
+    def _parameter(self, name):
+        """The effect's parameter ``name``, "" when it is not defined. Slicer stores no empty default (its
+        setParameterDefault("") is a no-op) and logs a critical error for every read of an undefined parameter,
+        so undefined ones are not read (as Slicer's own Logical effect does)."""
+        return self.scriptedEffect.parameter(name) if self.scriptedEffect.parameterDefined(name) else ""
+
     def _options(self):
         """(model, device, prompt mode); the device is the server's address when the server is chosen."""
-        device = self.scriptedEffect.parameter(DEVICE)
+        device = self._parameter(DEVICE)
         if device == "server":
-            device = self.scriptedEffect.parameter(SERVER).strip() or "server"
-        return (self.scriptedEffect.parameter(MODEL), device, self.scriptedEffect.parameter(PROMPT_MODE))
+            device = self._parameter(SERVER).strip() or "server"
+        return (self._parameter(MODEL), device, self._parameter(PROMPT_MODE))
 
     def _sessionOptions(self):
         """What a session is made with: (model, device, prompt mode, memory bank file or "", grow "1" or "0",
         precision "" or "fast")."""
-        return self._options() + (self.scriptedEffect.parameter(MEMORY_BANK), "1" if self._grows() else "0",
-                                  self.scriptedEffect.parameter(PRECISION))
+        return self._options() + (self._parameter(MEMORY_BANK), "1" if self._grows() else "0",
+                                  self._parameter(PRECISION))
 
     def _grows(self):
         """Whether segments grow: the user's choice, else the chosen model's default (off where it was measured
         to give no gain)."""
-        choice = self.scriptedEffect.parameter(GROW)
+        choice = self._parameter(GROW)
         if choice in ("0", "1"):
             return choice == "1"
-        return self._logic().growsByDefault(self.scriptedEffect.parameter(MODEL))
+        return self._logic().growsByDefault(self._parameter(MODEL))
 
     def onGrowClicked(self):
         """The user's growth choice is stored (it then holds for every model) and applies from the next click."""
@@ -245,15 +254,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateMRMLFromGUI()
 
     def _usesServer(self):
-        return self.scriptedEffect.parameter(DEVICE) == "server"
+        return self._parameter(DEVICE) == "server"
 
     def onTokenEdited(self):
         self._logic().setServerToken(self.tokenEdit.text)
         self._forgetSessions()
 
     def updateGUIFromMRML(self):
-        model, promptMode = self.scriptedEffect.parameter(MODEL), self.scriptedEffect.parameter(PROMPT_MODE)
-        device = self.scriptedEffect.parameter(DEVICE)
+        model, promptMode = self._parameter(MODEL), self._parameter(PROMPT_MODE)
+        device = self._parameter(DEVICE)
         if self.modelCombo.count == 0:
             wasBlocked = self.modelCombo.blockSignals(True)  # the first addItem selects it and would save it
             try:
@@ -265,14 +274,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.modelCombo.blockSignals(wasBlocked)
         self._fillMemoryCombo(model)
         for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode),
-                             (self.memoryCombo, self.scriptedEffect.parameter(MEMORY_BANK)),
-                             (self.precisionCombo, self.scriptedEffect.parameter(PRECISION))):
+                             (self.memoryCombo, self._parameter(MEMORY_BANK)),
+                             (self.precisionCombo, self._parameter(PRECISION))):
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(max(combo.findData(value), 0))
             combo.blockSignals(wasBlocked)
         self.growCheckBox.checked = self._grows()
         server = self._usesServer()
-        self.serverEdit.text = self.scriptedEffect.parameter(SERVER)
+        self.serverEdit.text = self._parameter(SERVER)
         self.serverEdit.visible = self.tokenEdit.visible = server
         missing = [] if server else self._logic().missingDependencies()
         self.installButton.visible = bool(missing)
@@ -297,7 +306,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         previous = self._sessionOptions()
         model = self.modelCombo.currentData or self._logic().defaultModel()
         bank = self.memoryCombo.currentData or ""
-        if model != self.scriptedEffect.parameter(MODEL):
+        if model != self._parameter(MODEL):
             bank = ""  # a bank belongs to one model's weights
         self.scriptedEffect.setParameter(MEMORY_BANK, bank)
         self.scriptedEffect.setParameter(MODEL, model)
@@ -331,7 +340,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _fillMemoryCombo(self, model):
         """The memory banks made by ``model``'s weights (bundled and in the cache's memory folder), the chosen
         file even if it lies elsewhere, and "None"; rebuilt without signals."""
-        chosen = self.scriptedEffect.parameter(MEMORY_BANK)
+        chosen = self._parameter(MEMORY_BANK)
         try:
             banks = self._logic().memoryBanks(model)
         except Exception as exc:  # noqa: BLE001 - an unreadable folder must not break the panel
@@ -400,7 +409,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             slicer.app.disconnect("aboutToQuit()", self._onQuit)
             self._quitConnected = False
         self._stopWorker()
-        self._sessions, self._baselines, self._volume = {}, {}, (None, None)
+        self._sessions, self._baselines, self._written, self._volume = {}, {}, {}, (None, None)
 
     def _onQuit(self):
         self._timer.stop()
@@ -415,15 +424,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._worker = None
 
     def _showPoints(self, visible):
-        parameterNode = self.scriptedEffect.parameterSetNode()
-        segmentationNode = parameterNode.GetSegmentationNode() if parameterNode else None
-        if segmentationNode is None:
-            return
+        """Show the selected segmentation's point lists (and remember them), or hide the ones shown: Slicer 5.10
+        selects the new segmentation before it deactivates the effect, so "the selected one" is no longer the
+        one that was shown by then."""
         from FastSAM3DLib import scene
 
-        for node in scene.prompt_point_nodes(segmentationNode):
-            if node.GetDisplayNode():
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterNode.GetSegmentationNode() if parameterNode else None
+        nodes = scene.prompt_point_nodes(segmentationNode) if segmentationNode is not None else []
+        if not visible:
+            nodes = nodes + [slicer.mrmlScene.GetNodeByID(i) for i in self._shownPointNodes]
+        for node in nodes:
+            if node is not None and node.GetDisplayNode():
                 node.GetDisplayNode().SetVisibility(visible)
+        self._shownPointNodes = [node.GetID() for node in nodes] if visible else []
 
     # ------------------------------------------------------------------ interaction
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
@@ -473,8 +487,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         node = self._pointsNode(create=False)
         if self.busy() or node is None or self._context() is None:
             return
-        if scene.remove_last_prompt_point(node):
-            self._predict(self._context(), "undo")
+        undone = scene.remove_last_prompt_point(node)
+        if undone is not None:
+            self._predict(self._context(), "undo", undone)
 
     def onStopGrowing(self):
         """Stop the running growth; the regions segmented so far are written (the click stays one undo step)."""
@@ -488,6 +503,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         node.RemoveAllControlPoints()
         key = self._sessionKey()
         self._baselines = {k: v for k, v in self._baselines.items() if k[:2] != tuple(key)[:2]}
+        self._written = {k: v for k, v in self._written.items() if k[:2] != tuple(key)[:2]}
         self._ensureWorker()
         self._forgetSessions(key)
         self._status(_("Points cleared; the segment is unchanged."))
@@ -496,20 +512,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return self._worker is not None and self._worker.busy()
 
     # ------------------------------------------------------------------ model calls
-    def _predict(self, context, action):
+    def _predict(self, context, action, undone=None):
+        """Run the session on the worker for the point list as it is now (``action``: "click" after a point was
+        added, "undo" after ``undone`` = (world RAS, include) was removed); the result is written by _poll."""
         from FastSAM3DLib import scene
 
         segmentationNode, segmentId, sourceVolumeNode = context
+        pointsNode = self._pointsNode()
+        tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(),
+               pointsNode.GetNumberOfControlPoints(), self._generation)
+        if undone is not None:
+            self._undone[tag] = undone
         try:
             volume = self._sourceVolume(sourceVolumeNode)
-        except Exception as exc:  # noqa: BLE001 - a FastSAM3DError says what to do
-            self._failed((action,), exc)
+        except Exception as exc:  # noqa: BLE001 - a FastSAM3DError says what to do; the point list is put back
+            self._failed(tag, exc)
             return
-        pointsNode = self._pointsNode()
         scene.show_polarity(pointsNode)
         points, labels = scene.ras_points_from_markups(pointsNode)
         key, options, logic, predictor = (self._sessionKey(), self._sessionOptions(), self._logic(),
                                           self.predictorForTesting)
+        where = (logic.cacheDir(), logic.serverToken())  # read here: the worker must not touch Qt or settings
 
         def job():  # runs on the worker thread: no Qt, no MRML
             if predictor is not None:
@@ -517,7 +540,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
                 session = logic.createSession(options[0], options[1], options[2], volume, options[3] or None,
-                                              grow=options[4] == "1", precision=options[5] or None)
+                                              grow=options[4] == "1", precision=options[5] or None,
+                                              cacheDir=where[0], token=where[1])
                 session.fastsam3dOptions = options
                 self._sessions[key] = session
             return scene.replay_clicks(session, points, labels, progress=progress)
@@ -526,7 +550,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._growth = state
             return not self._stopGrowing
 
-        tag = (action, segmentationNode.GetID(), segmentId, sourceVolumeNode.GetID(), len(points), self._generation)
         self._growth, self._stopGrowing = None, False
         self._ensureWorker().submit(tag, job)
         self._timer.start()
@@ -542,8 +565,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._dropStale(tag)
             elif error is not None:
                 self._failed(tag, error)
-            elif tag[0] in ("click", "undo") and value is not None:
-                self._apply(tag, value, seconds)
+            elif tag[0] in ("click", "undo") and (value is not None or tag[4] == 0):
+                self._apply(tag, value, seconds)  # no point left: the segment as it was before the points
+            elif tag[0] in ("click", "undo"):
+                self._undone.pop(tag, None)
+                self._status(_("{count} point(s): nothing to change.").format(count=tag[4]))
             elif tag[0] in ("download", "import"):
                 self._progress = None
                 self._status(_("Weights ready."))
@@ -563,26 +589,43 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.updateGUIFromMRML()
 
     def _dropStale(self, tag):
-        """A result that arrived after the effect was left: not written; a new click's point is removed."""
-        self._removeNewPoint(tag)
-        self._status(_("The last click was not applied because the effect was left while it was computed."))
+        """A result that arrived after the effect was left: not written; the point list is put back to match."""
+        self._revertPoints(tag)
+        self._status(_("The last click was not applied because the effect was left while it was computed.")
+                     if tag[0] == "click" else
+                     _("The last point removal was not applied because the effect was left while it was computed; "
+                       "the point is back."))
 
-    def _removeNewPoint(self, tag):
-        """Remove the point a click added (when the list still ends with it), so points match the segment."""
+    def _revertPoints(self, tag):
+        """Undo what the action did to the point list (when the list is still as it left it), so that the points
+        match the segment: remove the point a click added, or add back the point an undo removed."""
         from FastSAM3DLib import scene
 
-        if tag[0] != "click" or len(tag) < 6:
+        undone = self._undone.pop(tag, None)
+        if tag[0] not in ("click", "undo") or len(tag) < 6:
             return
         segmentationNode = slicer.mrmlScene.GetNodeByID(tag[1])
         node = scene.prompt_points_node(segmentationNode, tag[2], create=False) if segmentationNode else None
-        if node is not None and node.GetNumberOfControlPoints() == tag[4]:
+        if node is None or node.GetNumberOfControlPoints() != tag[4]:
+            return
+        if tag[0] == "click":
             scene.remove_last_prompt_point(node)
+        elif undone is not None:
+            scene.add_prompt_point(node, undone[0], undone[1])
 
     def _apply(self, tag, result, seconds):
         from FastSAM3DLib import scene
 
+        import numpy as np
+
+        from FastSAM3DLib.session_common import union as unionOf
+
+        def union(a, b):  # either may be None
+            return b if a is None else unionOf(a, b)
+
         action, segmentationNodeId, segmentId, sourceVolumeNodeId, count, _generation = tag
-        region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
+        region, mask = (None, None) if result is None else \
+            (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
         segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationNodeId)
         sourceVolumeNode = slicer.mrmlScene.GetNodeByID(sourceVolumeNodeId)
         key = (segmentationNodeId, segmentId, sourceVolumeNodeId)
@@ -590,15 +633,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             start = time.perf_counter()
             if action == "click" and count == 1:  # a new series of points: remember the segment as it is
                 self._baselines[key] = scene.SegmentBaseline(segmentationNode, segmentId, sourceVolumeNode)
-            elif count == 0 and key in self._baselines:  # every point removed: give the segment back
-                mask = self._baselines.pop(key).mask_in(region)
+                self._written.pop(key, None)
+            if count == 0:  # every point removed: give the segment back wherever the points wrote
+                region = union(region, self._written.get(key))
+                if region is None:
+                    self._undone.pop(tag, None)
+                    self._status(_("0 point(s): the segment is as it was."))
+                    return
+                baseline = self._baselines.get(key)
+                mask = baseline.mask_in(region) if baseline is not None else \
+                    np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
             with slicer.util.RenderBlocker():
                 scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
                                    editor=scene.EffectEditor(self.scriptedEffect))
             written = time.perf_counter() - start
-        except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the click's point goes too
+        except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the point list is put back too
             self._failed(tag, exc)
             return
+        self._undone.pop(tag, None)
+        if count == 0:
+            self._baselines.pop(key, None)
+            self._written.pop(key, None)
+        else:
+            self._written[key] = union(region, self._written.get(key))
         iou = getattr(result, "iou", None)
         regions = getattr(result, "regions", 1)
         text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}{growth}")
@@ -611,7 +668,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _precisionNote(self):
         """Why the fast precision that was chosen is not used (e.g. on a GPU), or ""."""
-        if self.scriptedEffect.parameter(PRECISION) != "fast":
+        if self._parameter(PRECISION) != "fast":
             return ""
         model = getattr(self._sessions.get(self._sessionKey()), "model", None)
         if model is None or getattr(model, "precision", "fast") == "fast":
@@ -622,7 +679,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _failed(self, tag, error):
         from FastSAM3DLib.errors import FastSAM3DError
 
-        self._removeNewPoint(tag)  # the session refused the click (and kept its state), or the write failed
+        self._revertPoints(tag)  # the session refused the action (and kept its state), or the write failed
         if isinstance(error, FastSAM3DError):
             message = str(error)
         else:
@@ -638,12 +695,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.predictorForTesting is not None:
             return True
         logic = self._logic()
-        bank = self.scriptedEffect.parameter(MEMORY_BANK)
+        bank = self._parameter(MEMORY_BANK)
         if bank and self._usesServer():
             self._status(_("A memory bank needs a local model: choose 'None' as memory bank under 'Model options', "
                            "or a CPU or GPU device."), error=True)
             return False
-        if bank and self.scriptedEffect.parameter(PRECISION) == "fast":
+        if bank and self._parameter(PRECISION) == "fast":
             self._status(_("A memory bank needs the exact precision (it was made by the float weights): choose "
                            "'Exact' or memory bank 'None' under 'Model options'."), error=True)
             return False
@@ -712,7 +769,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._progress = (done, total or 0)
             return not self._downloadCancelled
 
-        self._ensureWorker().submit(("download",), lambda: logic.downloadWeights(model, progress))
+        cacheDir = logic.cacheDir()  # read here: the worker must not touch Qt
+        self._ensureWorker().submit(("download",), lambda: logic.downloadWeights(model, progress, cacheDir=cacheDir))
         self._timer.start()
         self._status(_("Downloading the weights..."))
 
@@ -723,7 +781,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         model, logic = self._options()[0], self._logic()
         self._progress = (0, 0)
-        self._ensureWorker().submit(("import",), lambda: logic.importWeights(model, path))
+        cacheDir = logic.cacheDir()  # read here: the worker must not touch Qt
+        self._ensureWorker().submit(("import",), lambda: logic.importWeights(model, path, cacheDir=cacheDir))
         self._timer.start()
         self._status(_("Checking and importing {path}...").format(path=path))
 
@@ -774,7 +833,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         segmentId = node.GetSelectedSegmentID() if node else None
         if segmentationNode is None or not segmentId:
             return None
-        return scene.prompt_points_node(segmentationNode, segmentId, create=create)
+        points = scene.prompt_points_node(segmentationNode, segmentId, create=create)
+        if points is not None and points.GetID() not in self._shownPointNodes:
+            self._shownPointNodes.append(points.GetID())  # shown while the effect is active: hidden when left
+        return points
 
     def _sourceVolume(self, volumeNode):
         """The source volume as a Volume copy, rebuilt only when the node, its voxels or its transform change."""

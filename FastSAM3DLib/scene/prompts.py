@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import vtk
@@ -106,13 +106,19 @@ def add_prompt_point(point_list_node, ras, include: bool) -> int:
     return index
 
 
-def remove_last_prompt_point(point_list_node) -> bool:
-    """Remove the newest click; False when there was none."""
+def remove_last_prompt_point(point_list_node) -> Optional[Tuple[List[float], bool]]:
+    """Remove the newest click; its (world RAS, include), which :func:`add_prompt_point` puts back; None when
+    there was none."""
     count = point_list_node.GetNumberOfControlPoints()
     if count == 0:
-        return False
+        return None
+    position = [0.0, 0.0, 0.0]
+    point_list_node.GetNthControlPointPositionWorld(count - 1, position)
+    polarity = point_list_node.GetNthControlPointDescription(count - 1)
+    include = polarity == INCLUDE if polarity in (INCLUDE, EXCLUDE) else \
+        bool(point_list_node.GetNthControlPointSelected(count - 1))
     point_list_node.RemoveNthControlPoint(count - 1)
-    return True
+    return position, include
 
 
 def show_polarity(point_list_node) -> None:

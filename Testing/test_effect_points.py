@@ -1,0 +1,154 @@
+"""The effect keeps its point list and the segment in step whatever fails: a refused click, a failed or stale
+undo, an undo to no point after an option change; points of a segmentation the user left are hidden."""
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+import vtk  # noqa: E402
+
+from FastSAM3DLib.session_common import Click, ClickResult  # noqa: E402
+from test_effect import harness, points, ready  # noqa: E402,F401 - the fixture
+from test_scene_adapter import make_segmentation, make_volume, segment_array  # noqa: E402
+
+A, B = (13.0, 11.0, 7.0), (6.0, 6.0, 7.0)
+
+
+def newest_ball(radius=3.0):
+    """A predictor answering a ball around the newest include point, so that every point shows in the segment."""
+
+    def predict(volume, ras, labels):
+        centre = np.asarray(ras, float)[np.flatnonzero(labels)[-1]]
+        k, j, i = np.indices(volume.array.shape)
+        world = np.stack([i, j, k, np.ones(volume.array.shape)], -1) @ volume.ijk_to_ras.T
+        return tuple(slice(0, n) for n in volume.array.shape), \
+            np.linalg.norm(world[..., :3] - centre, axis=-1) <= radius
+
+    return predict
+
+
+def test_a_failed_undo_puts_the_point_back(harness):
+    effect, volume, segmentation, segment_id = ready(harness, newest_ball())
+    harness.click(A)
+    harness.click(B)
+    shown = segment_array(segmentation, segment_id, volume)
+
+    def broken(*args):
+        raise RuntimeError("the model failed")
+
+    effect.predictorForTesting = broken
+    effect.onUndoPoint()
+    harness.run_event_loop()
+    assert points(effect) == [1, 1] and np.array_equal(segment_array(segmentation, segment_id, volume), shown)
+    effect.predictorForTesting = newest_ball()
+    effect.onUndoPoint()  # and it can be undone once the model works
+    harness.run_event_loop()
+    assert points(effect) == [1]
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), newest_ball()(
+        effect._sourceVolume(volume), [A], [1])[1])
+
+
+def test_an_undo_finished_after_the_effect_was_left_puts_the_point_back(harness):
+    release = threading.Event()
+    effect, volume, segmentation, segment_id = ready(harness, newest_ball())
+    harness.click(A)
+    harness.click(B)
+    shown = segment_array(segmentation, segment_id, volume)
+    effect.predictorForTesting = lambda *args: release.wait(30) and newest_ball()(*args)
+    effect.onUndoPoint()
+    effect.deactivate()
+    release.set()
+    harness.run_event_loop()
+    assert points(effect) == [1, 1] and np.array_equal(segment_array(segmentation, segment_id, volume), shown)
+    assert "point is back" in effect.statusLabel.text
+
+
+def test_a_click_refused_while_reading_the_volume_leaves_no_point(harness):
+    seen = []
+    inner = newest_ball()
+    effect, volume, segmentation, segment_id = ready(harness, lambda v, ras, labels: seen.append(len(ras))
+                                                     or inner(v, ras, labels))
+    warp = harness.scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
+    spline, source, target = vtk.vtkThinPlateSplineTransform(), vtk.vtkPoints(), vtk.vtkPoints()
+    for p in ((0, 0, 0), (30, 0, 0), (0, 30, 0), (0, 0, 30)):
+        source.InsertNextPoint(p)
+        target.InsertNextPoint(p[0] + 1, p[1], p[2])
+    spline.SetSourceLandmarks(source)
+    spline.SetTargetLandmarks(target)
+    warp.SetAndObserveTransformToParent(spline)
+    volume.SetAndObserveTransformNodeID(warp.GetID())
+    harness.click(B)  # refused: a non-linear transform
+    assert points(effect) == [] and "transform" in effect.statusLabel.text.lower()
+    volume.SetAndObserveTransformNodeID(None)  # the user hardens it and clicks again
+    harness.click(A)
+    assert points(effect) == [1] and seen == [1]  # the refused point is not fed to the model
+
+
+class _BallSession:
+    """A session with InteractiveSession's interface: a ball around the newest include click."""
+
+    def __init__(self, volume):
+        self.volume, self.clicks, self.growth = volume, [], None
+
+    def _result(self):
+        include = [c.ras for c in self.clicks if c.include]
+        region = tuple(slice(0, n) for n in self.volume.array.shape)
+        mask = newest_ball()(self.volume, include, [1] * len(include))[1] if include else \
+            np.zeros(self.volume.array.shape, bool)
+        return ClickResult(region, mask, 0.9, False)
+
+    def add_click(self, ras, include=True, progress=None):
+        self.clicks.append(Click(np.asarray(ras, float), include))
+        return self._result()
+
+    def undo(self):
+        self.clicks.pop()
+        return self._result()
+
+    def reset(self):
+        self.clicks = []
+
+    def checkpoint(self):
+        return list(self.clicks)
+
+    def restore(self, saved):
+        self.clicks = list(saved)
+
+
+def test_undoing_the_last_point_after_an_option_change_gives_the_segment_back(harness, monkeypatch):
+    """A new option forgets the sessions; the new one knows no click, so it has nothing to undo: the effect
+    still restores the segment as it was before the points, where they wrote."""
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "organ")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.activate()
+    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
+    monkeypatch.setattr(effect, "_ready", lambda: True)
+    harness.click(A)
+    assert segment_array(segmentation, segment_id, volume).any()
+    effect.promptCombo.setCurrentIndex(effect.promptCombo.findData("all"))  # any option: new sessions
+    harness.run_event_loop()
+    effect.onUndoPoint()
+    harness.run_event_loop()
+    assert points(effect) == [] and not segment_array(segmentation, segment_id, volume).any()
+    assert "Working" not in effect.statusLabel.text
+
+
+def test_leaving_the_effect_by_choosing_another_segmentation_hides_the_points_shown(harness):
+    """Slicer 5.10 (qMRMLSegmentEditorWidget::setSegmentationNode) selects the new segmentation first, then
+    deactivates the effect: the points to hide are those activate() showed, not the new segmentation's."""
+    from FastSAM3DLib import scene
+
+    effect, volume, segmentation, segment_id = ready(harness, newest_ball())
+    harness.click(A)
+    shown = scene.prompt_points_node(segmentation, segment_id, create=False)
+    assert shown.GetDisplayNode().GetVisibility()
+    other = make_segmentation(harness.scene, volume, "other")
+    harness.editor_node.SetAndObserveSegmentationNode(other)
+    harness.editor_node.SetSelectedSegmentID(other.GetSegmentation().AddEmptySegment("", "other"))
+    effect.deactivate()
+    assert not shown.GetDisplayNode().GetVisibility()
