@@ -652,10 +652,14 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
     (``> threshold``). Returns ``(region, mask)``: ``region = (slice_k, slice_j, slice_i)`` on the source
     array, clipped to the volume, and ``mask`` a bool array of that region's shape (False outside the ROI).
     Computed in PyTorch on the logits' device (:func:`.resample.threshold_logits`: the same mask as SimpleITK) or,
-    with ``FASTSAM3D_RESAMPLE=sitk``, with SimpleITK.
+    with ``FASTSAM3D_RESAMPLE=sitk``, with SimpleITK. Logits holding NaN or infinity are refused (ValueError):
+    the paths would spread them differently (a matrix product makes one NaN blank whole planes).
     """
     from . import resample
 
+    finite = bool(logits.isfinite().all()) if hasattr(logits, "isfinite") else bool(np.isfinite(logits).all())
+    if not finite:
+        raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
     if resample.backend("paste") != "sitk":
         return _paste_back_torch(volume, roi, logits, threshold)
     import SimpleITK as sitk

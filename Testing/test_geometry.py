@@ -375,6 +375,24 @@ def test_paste_back_interpolates_linearly_between_model_voxels():
     assert mask.sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "sitk"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_paste_back_refuses_logits_that_are_not_finite(backend, bad, monkeypatch):
+    """One such logit blanked about half the ROI in the PyTorch path (0 x NaN in its matrix products) and
+    only its neighbourhood in SimpleITK's: neither is a mask, so both refuse."""
+    monkeypatch.setenv("FASTSAM3D_RESAMPLE", backend)
+    volume = Volume(np.ones((60, 70, 80), np.float32), np.eye(4))
+    roi = roi_around(volume, np.array([[40.0, 35.0, 30.0]]))
+    logits = np.full((32, 32, 32), 2.0, np.float32)
+    logits[16, 16, 16] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        paste_back(volume, roi, logits)
+    import torch
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        paste_back(volume, roi, torch.from_numpy(logits))
+
+
 def test_paste_back_touches_only_the_roi_bounding_box():
     # a 300 x 240 x 100 mm oblique volume: the 192 mm ROI covers part of it
     shape, spacing, direction = (20, 80, 100), (3.0, 3.0, 5.0), rotation((0, 1, 1), 25)
