@@ -70,7 +70,34 @@ def test_dry_run_checks_every_kernel_variant_against_the_reference(dry_run):
     assert variants == {(k, p) for k in ("dense", "sparse", "padded") for p in ("fp32", "bf16", "fp16")}
     for case in kernel["cases"]:
         assert case["ok"] and case["triton_ran"] and not case["identical_to_torch"], case
-        assert case["rel_l2"] <= case["tolerance"]
+        assert case["rel_l2"] <= case["tolerance"] and case["triton_launches"] >= 1
+
+
+def test_dry_run_times_the_attention_ops_in_every_precision(dry_run):
+    """Step 4 runs in the dry run too (it once failed every time on a GPU: bf16 inputs, float32 tables)."""
+    ops = dry_run[1]["details"]["attention"]["attention_ops"]["results"]
+    assert {r["dtype"] for r in ops} == {"float32", "bfloat16", "float16"}
+    assert {r["op"] for r in ops} == {"global", "padded-window"} and {r["backend"] for r in ops} >= {"torch", "eager"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in ops), [r for r in ops if "error" in r]
+    assert dry_run[1]["status"]["partial"] is False and dry_run[1]["environment"]["triton_failure"] is None
+
+
+def test_a_run_cut_off_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every unit: a benchmark that raises (or a kill) leaves the numbers before it."""
+    from FastSAM3DLib.benchmarks import gpu_check, suite
+
+    def stops(plan, env, log=print, model_names=None, after_unit=None):
+        measured = [report.measurement("encoder_ms", 1.5, model="tiny-test", device="cpu", precision="fp32")]
+        after_unit(measured, {"volume": "a test volume"}, [])
+        raise RuntimeError("the second model failed to build")
+
+    monkeypatch.setattr(suite, "run", stops)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # main's setdefault is undone
+    assert gpu_check.main(["--dry-run", "--skip-tests", "--output-dir", str(tmp_path)]) == 1
+    result = json.loads(next(tmp_path.glob("gpu-check-dry-run-*.json")).read_text())
+    assert [m["value"] for m in result["measurements"]] == [1.5] and result["details"]["volume"] == "a test volume"
+    assert any("benchmarks stopped" in p and "failed to build" in p for p in result["status"]["problems"])
+    assert "attention" in result["details"]  # the steps after it still ran
 
 
 def test_dry_run_measures_every_model_and_precision(dry_run):
@@ -245,11 +272,13 @@ def test_readme_block_is_regenerated_from_its_sources(tmp_path):
     assert report.update_readme(readme, root=tmp_path) is False  # idempotent
 
 
-def test_real_check_without_a_gpu_says_to_dry_run():
+def test_real_check_without_a_gpu_says_to_dry_run_and_keeps_the_diagnostics(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the real check would run")
-    proc = subprocess.run([sys.executable, "-m", "FastSAM3DLib.benchmarks.gpu_check"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "FastSAM3DLib.benchmarks.gpu_check", "--output-dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--dry-run" in proc.stdout
+    saved = json.loads(next(tmp_path.glob("gpu-check-no-gpu-*.json")).read_text())["no_gpu"]
+    assert saved["torch"] == torch.__version__ and "nvidia_smi" in saved

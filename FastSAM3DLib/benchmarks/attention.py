@@ -207,7 +207,8 @@ def benchmark_attention_ops(device=None, sides: Sequence[int] = (8, 16), dtypes:
         for side in sides:
             n = side ** 3
             q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen).mul(0.3).to(device, dt) for _ in range(3))
-            tables = [torch.randn(2 * side - 1, head_dim, generator=gen).mul(0.02).to(device) for _ in range(3)]
+            # the tables in the model's precision, as a bf16/fp16 model holds them (eager mixes no dtypes)
+            tables = [torch.randn(2 * side - 1, head_dim, generator=gen).mul(0.02).to(device, dt) for _ in range(3)]
             tile, radius = DEFAULT_SPARSE.get(side, ((4, 4, 4), 1))
             layout = attention.SparseLayout(tile, radius).blocks((side,) * 3)
             for backend in names:
@@ -216,23 +217,31 @@ def benchmark_attention_ops(device=None, sides: Sequence[int] = (8, 16), dtypes:
                         continue
                     fn = (lambda b=backend, s=sparse: attention.rel_pos_attention(
                         q, k, v, *tables, (side,) * 3, head_dim ** -0.5, backend=b, sparse=s))
-                    row = measure(fn, device, repeats, warmup, memory)
+                    row = _measured(fn, device, repeats, warmup, memory)
                     row.update(op="global", tokens=n, heads=heads, head_dim=head_dim, backend=backend, dtype=dtype,
                                sparse=None if sparse is None else {"tile": list(tile), "radius": radius,
                                                                    "density": sparse.density})
                     rows.append(row)
         q, k, v = (torch.randn(1, 12, 512, 64, generator=gen).mul(0.3).to(device, dt) for _ in range(3))
-        tables = [torch.randn(27, 64, generator=gen).mul(0.02).to(device) for _ in range(3)]
+        tables = [torch.randn(27, 64, generator=gen).mul(0.02).to(device, dt) for _ in range(3)]
         pad_qkv = torch.randn(3, 12, 64, generator=gen).mul(0.02).to(device, dt)
         for backend in names:
             fn = (lambda b=backend: attention.padded_window_attention(
                 q, k, v, pad_qkv, *tables, (8, 8, 8), (14, 14, 14), 64 ** -0.5, backend=b))
-            row = measure(fn, device, repeats, warmup, memory)
+            row = _measured(fn, device, repeats, warmup, memory)
             row.update(op="padded-window", tokens=512, window=14, heads=12, head_dim=64, backend=backend, dtype=dtype)
             rows.append(row)
     result = environment(device, threads)
     result.update(kind="attention-ops", results=rows)
     return result
+
+
+def _measured(fn, device, repeats, warmup, memory) -> Dict[str, object]:
+    """:func:`measure`, or ``{"error": ...}`` when the call fails (one failing row must not lose the others)."""
+    try:
+        return measure(fn, device, repeats, warmup, memory)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 # -------------------------------------------------------------------------------------- sparse-mode effect

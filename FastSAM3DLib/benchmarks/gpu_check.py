@@ -21,6 +21,7 @@ the tests and the kernel check passed and no benchmark raised, 1 otherwise, 2 wi
 ``TRITON_INTERPRET=1``); ``make test`` runs it.
 """
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -136,18 +137,25 @@ def _case_inputs(case: dict, device, seed: int = 0):
     return [t.to(device) for t in (q, k, v)], [t.to(device) for t in tables], pad_qkv.to(device)
 
 
-def _cuda_kernel_names(fn) -> Optional[List[str]]:
-    """Names of the CUDA kernels ``fn`` launches (profiler), or None where the profiler is unavailable."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def _triton_launches(fn) -> int:
+    """How many times ``fn`` launches the Triton kernel (its Python entry point, counted while ``fn`` runs).
 
+    Counted rather than profiled: a profiler session in this process would leave CUPTI attached and slow the
+    benchmarks that follow by 10-20 % (pytorch#144455)."""
+    from ..attention import triton_kernel
+
+    launch, count = triton_kernel.rel_pos_attention_triton, [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return launch(*args, **kwargs)
+
+    triton_kernel.rel_pos_attention_triton = counting
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})[:12]
-    except Exception:  # profiling is evidence, not a requirement
-        return None
+        fn()
+    finally:
+        triton_kernel.rel_pos_attention_triton = launch
+    return count[0]
 
 
 def kernel_check(device, cases=GPU_CASES, precisions=("fp32", "bf16", "fp16")) -> Dict[str, object]:
@@ -196,19 +204,18 @@ def kernel_check(device, cases=GPU_CASES, precisions=("fp32", "bf16", "fp16")) -
             if case["kind"] == "padded":
                 row["window"] = case["window"]
             try:
+                result = []
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    ours = run("triton")
+                    launches = _triton_launches(lambda: result.append(run("triton")))
+                ours = result[0]
                 theirs = run("torch")
                 identical = bool(torch.equal(ours, theirs))
                 messages = [str(w.message)[:300] for w in caught]
                 fallback = [m for m in messages if "instead" in m or "fall" in m.lower()]
                 row.update(rel_l2=_rel_l2(ours, ref), torch_rel_l2=_rel_l2(theirs, ref), dtype=str(ours.dtype)[6:],
-                           warnings=messages, identical_to_torch=identical)
-                # a fallback warns once per process and reason, so identical-to-torch catches the silent repeats
-                row["triton_ran"] = not fallback and not identical
-                if device.type == "cuda":
-                    row["cuda_kernels"] = _cuda_kernel_names(lambda: run("triton"))
+                           warnings=messages, identical_to_torch=identical, triton_launches=launches)
+                row["triton_ran"] = launches > 0 and not fallback
                 row["ok"] = bool(row["rel_l2"] <= TOLERANCE[precision] and row["triton_ran"]
                                  and row["dtype"] == PRECISION_DTYPES[precision])
             except Exception as exc:  # one failing variant must not hide the others
@@ -254,17 +261,32 @@ def kernel_table(check: Dict[str, object]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _details(device, repeats: int, plan) -> Dict[str, object]:
-    """Attention ops and encoders per backend and dtype (triton/torch/eager, dense/sparse): GPU only."""
+def _details(device, repeats: int, plan, dry_run: bool, problems: List[str]) -> Dict[str, object]:
+    """Attention ops and encoders per backend and dtype (triton/torch/eager, dense/sparse); the dry run times
+    the ops on a tiny grid only. A call that fails is a problem and loses nothing else."""
     from . import attention as bench_attention
 
+    calls = [("attention_ops", lambda: bench_attention.benchmark_attention_ops(
+        device, sides=(4,) if dry_run else (8, 16), dtypes=("float32", "bfloat16", "float16"),
+        heads=1 if dry_run else 6, head_dim=16 if dry_run else 128, repeats=repeats, memory=not dry_run))]
+    if not dry_run:
+        calls.append(("encoders", lambda: bench_attention.benchmark_encoders(
+            device, dtypes=("float32", "bfloat16"), include_medim=False, repeats=repeats)))
     out = {}
-    if plan.time_left() > 90:
-        out["attention_ops"] = bench_attention.benchmark_attention_ops(
-            device, sides=(8, 16), dtypes=("float32", "bfloat16", "float16"), repeats=repeats)
-    if plan.time_left() > 90:
-        out["encoders"] = bench_attention.benchmark_encoders(
-            device, dtypes=("float32", "bfloat16"), include_medim=False, repeats=repeats)
+    for name, call in calls:
+        if plan.time_left() <= (0 if dry_run else 90):
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        try:
+            out[name] = call()
+        except Exception as exc:  # noqa: BLE001 - recorded; the other call still runs
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            problems.append(f"attention details, {name}: {type(exc).__name__}: {exc}")
+            continue
+        failed = [r for r in out[name].get("results", []) if "error" in r]
+        if failed:
+            problems.append(f"attention details, {name}: {len(failed)} of {len(out[name]['results'])} rows failed "
+                            f"(first: {failed[0]['error'][:200]})")
     return out
 
 
@@ -284,20 +306,40 @@ def main(argv=None) -> int:
     start = time.monotonic()
     if args.dry_run:  # must be set before anything imports Triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:  # a hang must not take the results with it: end with a traceback before the caller's kill
+        faulthandler.dump_traceback_later(args.budget_s + 70, exit=True)
     import torch
 
     from . import suite
 
+    output_dir = args.output_dir or (Path(tempfile.gettempdir()) / "fastsam3d-gpu-check" if args.dry_run
+                                     else DEFAULT_OUTPUT)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU is visible to torch; use --dry-run to check the steps on the CPU")
+        path = output_dir / f"gpu-check-no-gpu-{suite.now()[:10]}.json"
+        path.write_text(json.dumps({"schema": report.SCHEMA, "kind": "gpu-check", "dry_run": False,
+                                    "date": suite.now(), "no_gpu": _no_gpu_diagnostics()}, indent=2) + "\n")
+        print(f"gpu-check: no CUDA GPU is visible to torch; what torch and nvidia-smi say is in {path} "
+              "(use --dry-run to check the steps on the CPU)")
         return 2
     device = "cpu" if args.dry_run else "cuda"
     env = suite.environment(device, args.threads)
     print(f"gpu-check on {suite.device_label(env)} (torch {env['versions']['torch']}, "
           f"Triton {env['versions']['triton']}){' [dry run]' if args.dry_run else ''}", flush=True)
-    checks, problems = {}, []
+    checks, problems, measurements, details = {}, [], [], {}
+    tag = "dry-run" if args.dry_run else report.slug(env.get("gpu") or "cuda")
+    path = output_dir / f"gpu-check-{tag}-{suite.now()[:10]}.json"
+
+    def save(partial=True):
+        """Write what there is (after every step and benchmark unit: a run cut off keeps its numbers)."""
+        result = {"schema": report.SCHEMA, "kind": "gpu-check", "dry_run": args.dry_run, "date": suite.now(),
+                  "environment": env, "measurements": measurements, "checks": checks, "details": details,
+                  "status": {"ok": not problems, "problems": list(problems), "partial": partial,
+                             "seconds": round(time.monotonic() - start, 1)}}
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
 
     print("1. cuda-marked tests ...", flush=True)
     checks["cuda_tests"] = ({"status": "skipped", "reason": "--skip-tests"} if args.skip_tests else
@@ -306,6 +348,7 @@ def main(argv=None) -> int:
     if tests["status"] == "failed":
         problems.append(f"cuda tests failed: {tests.get('failed', '?')} failed, {tests.get('errors', '?')} errors"
                         f"{' (' + tests['reason'] + ')' if tests.get('reason') else ''}")
+    save()
 
     print("2. Triton kernel vs the float64 reference ...", flush=True)
     try:
@@ -314,6 +357,7 @@ def main(argv=None) -> int:
         checks["kernel"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "cases": []}
     if checks["kernel"]["status"] == "failed":
         problems.append(f"kernel check failed: {checks['kernel'].get('failed', checks['kernel'].get('reason'))}")
+    save()
 
     print("3. benchmarks ...", flush=True)
     if args.dry_run:
@@ -330,31 +374,54 @@ def main(argv=None) -> int:
                           sam2d_slices=args.sam2d_slices or 128)
         names = None
     plan.deadline = start + args.budget_s - 20
-    measurements, details, bench_problems = suite.run(plan, env, log=lambda s: print(s, flush=True),
-                                                      model_names=names)
-    problems += bench_problems
-    if not args.dry_run:
-        print("4. attention ops and encoders per backend ...", flush=True)
-        try:
-            details["attention"] = _details(device, args.repeats or 10, plan)
-        except Exception as exc:
-            problems.append(f"attention details: {type(exc).__name__}: {exc}")
 
-    result = {"schema": report.SCHEMA, "kind": "gpu-check", "dry_run": args.dry_run, "date": suite.now(),
-              "environment": env, "measurements": measurements, "checks": checks, "details": details,
-              "status": {"ok": not problems, "problems": problems,
-                         "seconds": round(time.monotonic() - start, 1)}}
-    output_dir = args.output_dir or (Path(tempfile.gettempdir()) / "fastsam3d-gpu-check" if args.dry_run
-                                     else DEFAULT_OUTPUT)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tag = "dry-run" if args.dry_run else report.slug(env.get("gpu") or "cuda")
-    path = output_dir / f"gpu-check-{tag}-{result['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    def so_far(units, unit_details, unit_problems):
+        measurements[:] = units
+        details.update(unit_details)
+        save()
+
+    try:
+        found, found_details, bench_problems = suite.run(plan, env, log=lambda s: print(s, flush=True),
+                                                         model_names=names, after_unit=so_far)
+        measurements[:] = found
+        details.update(found_details)
+        problems.extend(bench_problems)
+    except Exception as exc:  # what was measured before is kept (so_far)
+        problems.append(f"benchmarks stopped: {type(exc).__name__}: {exc}")
+    save()
+    print("4. attention ops and encoders per backend ...", flush=True)
+    details["attention"] = _details(device, args.repeats or (1 if args.dry_run else 10), plan, args.dry_run,
+                                    problems)
+
+    from .. import attention
+
+    failure = attention.triton_failure()
+    env["triton_failure"] = failure
+    if failure and not args.dry_run:  # "auto" then measured PyTorch under the Triton label
+        problems.append(f"Triton stopped during the run, so later 'auto' timings are PyTorch's: {failure}")
+    faulthandler.cancel_dump_traceback_later()
+    result = save(partial=False)
 
     print()
     print(summary(result))
     print(f"\nwrote {path}")
     return 0 if not problems else 1
+
+
+def _no_gpu_diagnostics() -> Dict[str, object]:
+    """What torch and the driver say when torch sees no GPU (the one run must still explain itself)."""
+    import torch
+
+    out = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - the reason is the point
+        out["cuda_init_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        out["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout[-4000:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        out["nvidia_smi"] = f"not run: {exc}"
+    return out
 
 
 def summary(result: dict) -> str:

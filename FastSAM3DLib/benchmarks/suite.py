@@ -117,8 +117,9 @@ def now() -> str:
 class _Recorder:
     """Runs units against the plan's deadline and collects measurements, details and problems."""
 
-    def __init__(self, plan: Plan, device_name: str, log: Callable[[str], None]) -> None:
-        self.plan, self.device_name, self.log = plan, device_name, log
+    def __init__(self, plan: Plan, device_name: str, log: Callable[[str], None],
+                 after_unit: Optional[Callable[[List[dict], Dict[str, dict], List[str]], None]] = None) -> None:
+        self.plan, self.device_name, self.log, self.after_unit = plan, device_name, log, after_unit
         self.measurements: List[dict] = []
         self.details: Dict[str, dict] = {}
         self.problems: List[str] = []
@@ -147,6 +148,8 @@ class _Recorder:
         finally:
             if torch.device(self.plan.device).type == "cuda":
                 torch.cuda.empty_cache()
+            if self.after_unit is not None:  # e.g. gpu-check saves what it has, in case the run is cut off
+                self.after_unit(self.measurements, self.details, self.problems)
         if isinstance(result, dict) and "seconds" not in result:
             result["seconds"] = round(time.perf_counter() - start, 2)
         return result, None
@@ -161,16 +164,19 @@ def _median(result: Optional[dict], key: str = "median_ms"):
 
 
 def run(plan: Plan, env: Dict[str, object], log: Callable[[str], None] = print,
-        model_names: Optional[Dict[str, str]] = None) -> Tuple[List[dict], Dict[str, dict], List[str]]:
+        model_names: Optional[Dict[str, str]] = None,
+        after_unit: Optional[Callable[[List[dict], Dict[str, dict], List[str]], None]] = None
+        ) -> Tuple[List[dict], Dict[str, dict], List[str]]:
     """Measure everything in ``plan``; returns (measurements, details, problems).
 
     ``model_names`` maps each planned model to the registry model actually built (a dry run builds tiny ones).
+    ``after_unit(measurements, details, problems)`` is called after every unit with what there is so far.
     """
     from ..registry import build_model
     from . import pipeline
 
     device = torch.device(plan.device)
-    rec = _Recorder(plan, device_label(env), log)
+    rec = _Recorder(plan, device_label(env), log, after_unit)
     volume = pipeline.ct_sized_volume(plan.volume_shape)
     rec.details["volume"] = pipeline.volume_label(volume)
     graph_failed = None
