@@ -152,3 +152,53 @@ def test_leaving_the_effect_by_choosing_another_segmentation_hides_the_points_sh
     harness.editor_node.SetSelectedSegmentID(other.GetSegmentation().AddEmptySegment("", "other"))
     effect.deactivate()
     assert not shown.GetDisplayNode().GetVisibility()
+
+
+def test_closing_the_scene_forgets_sessions_baselines_and_results_in_flight(harness, monkeypatch):
+    """Node IDs are reused by the next scene: nothing of the old one may be written into it."""
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "organ")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.activate()
+    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
+    monkeypatch.setattr(effect, "_ready", lambda: True)
+    harness.click(A)
+    assert effect._sessions and effect._baselines
+    generation = effect._generation
+    harness.scene.Clear(0)  # File > Close scene
+    harness.run_event_loop()
+    assert not effect._sessions and not effect._baselines and not effect._written
+    assert effect._generation == generation + 1 and effect._volume == (None, None)
+
+
+def test_an_unchanged_token_keeps_the_sessions(harness, monkeypatch):
+    effect, volume, segmentation, segment_id = ready(harness)
+    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
+    effect.predictorForTesting = None
+    monkeypatch.setattr(effect, "_ready", lambda: True)
+    harness.click(A)
+    assert effect._sessions
+    effect.tokenEdit.text = effect._logic().serverToken() or ""
+    effect.tokenEdit.emit("editingFinished()")  # focus left the field without a change
+    harness.run_event_loop()
+    assert effect._sessions
+    effect.tokenEdit.text = "another-token-0123456789"
+    effect.tokenEdit.emit("editingFinished()")
+    harness.run_event_loop()
+    assert not effect._sessions
+
+
+def test_ticking_grow_drops_the_sessions_made_without_it(harness, monkeypatch):
+    """So that a server's session made with the other choice is closed now rather than left to expire."""
+    effect, volume, segmentation, segment_id = ready(harness)
+    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
+    effect.predictorForTesting = None
+    monkeypatch.setattr(effect, "_ready", lambda: True)
+    harness.click(A)
+    assert effect._sessions
+    effect.growCheckBox.checked = not effect.growCheckBox.checked
+    effect.growCheckBox.emit("clicked()")
+    harness.run_event_loop()
+    assert not effect._sessions

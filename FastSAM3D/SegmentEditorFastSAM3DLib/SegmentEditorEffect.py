@@ -54,6 +54,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._written = {}  # the same key -> the region the series of points has written so far
         self._undone = {}  # tag of a running "undo" -> (world RAS, include) of the point it removed
         self._shownPointNodes = []  # IDs of the point lists activate() showed (deactivate() hides these)
+        self._sceneObserver = None  # observes the scene's EndCloseEvent once the worker exists
         self._volume = (None, None)  # (cache key, Volume)
         self._include = True  # polarity of the next click
         self._generation = 0  # results of jobs submitted before the last deactivation are not written
@@ -250,13 +251,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onGrowClicked(self):
         """The user's growth choice is stored (it then holds for every model) and applies from the next click."""
+        previous = self._sessionOptions()
         self.scriptedEffect.setParameter(GROW, "1" if self.growCheckBox.checked else "0")
+        if self._sessionOptions() != previous:
+            self._forgetSessions()  # a server session made with the other choice is closed now, not at expiry
         self.updateMRMLFromGUI()
 
     def _usesServer(self):
         return self._parameter(DEVICE) == "server"
 
     def onTokenEdited(self):
+        """A new token is kept and the sessions opened with the old one are dropped (an unchanged one keeps them)."""
+        if (self.tokenEdit.text or "") == (self._logic().serverToken() or ""):
+            return
         self._logic().setServerToken(self.tokenEdit.text)
         self._forgetSessions()
 
@@ -408,6 +415,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._quitConnected:
             slicer.app.disconnect("aboutToQuit()", self._onQuit)
             self._quitConnected = False
+        if self._sceneObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self._sceneObserver)
+            self._sceneObserver = None
         self._stopWorker()
         self._sessions, self._baselines, self._written, self._volume = {}, {}, {}, (None, None)
 
@@ -803,7 +813,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if not self._quitConnected:
                 slicer.app.connect("aboutToQuit()", self._onQuit)
                 self._quitConnected = True
+            if self._sceneObserver is None:
+                self._sceneObserver = slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent,
+                                                                   self._onSceneClosed)
         return self._worker
+
+    def _onSceneClosed(self, caller=None, event=None):
+        """File > Close scene: nothing of the old scene is kept (sessions, their volume copies and embeddings,
+        baselines; node IDs are reused by the next scene) and a result still being computed is not written."""
+        self._forgetSessions()
+        self._baselines, self._written, self._undone = {}, {}, {}
+        self._volume, self._shownPointNodes = (None, None), []
+        self._generation += 1
 
     def _status(self, text, error=False):
         self.statusLabel.text = text
