@@ -344,6 +344,37 @@ def test_failed_first_launch_falls_back_to_torch_for_the_process(failing_triton,
     assert f"{attention.ENV_VAR}=triton" in message
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eager_accepts_half_precision_queries_with_float32_tables_as_torch_does(dtype):
+    (q, k, v), tables, pad_qkv = random_inputs(1, 512, 16, 27, seed=9)
+    low = [t.to(dtype) for t in (q, k, v)]
+    globals_ = [t[:15] for t in tables]
+    for backend in ("eager", "torch"):
+        out = attention.rel_pos_attention(*low, *globals_, (8, 8, 8), 0.25, backend=backend)
+        exact = attention.rel_pos_attention(q, k, v, *globals_, (8, 8, 8), 0.25, backend="eager")
+        assert out.dtype == dtype and float((out.float() - exact).norm() / exact.norm()) < 0.05, backend
+        window = attention.padded_window_attention(*low, pad_qkv.to(dtype), *tables, (8, 8, 8), (14, 14, 14), 0.25,
+                                                   backend=backend)
+        assert torch.isfinite(window).all() and window.dtype == dtype
+
+
+@needs_triton
+def test_a_callers_own_error_under_auto_leaves_triton_on(failing_triton, caplog):
+    """Wrong inputs raise as they would with the PyTorch backend; they are no reason to give up the GPU kernel."""
+    (q, k, v), tables, pad_qkv = random_inputs(2, 512, 16, 27, seed=8)
+    globals_ = [t[:15] for t in tables]
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        with pytest.raises(ValueError):
+            attention.rel_pos_attention(q[:, :, :500], k[:, :, :500], v[:, :, :500], *globals_, (8, 8, 8), 0.25)
+        with pytest.raises(ValueError, match="dtype"):
+            attention.rel_pos_attention(q, k.half(), v, *globals_, (8, 8, 8), 0.25)
+        with pytest.raises(ValueError):
+            attention.padded_window_attention(q[:, :, :500], k[:, :, :500], v[:, :, :500], pad_qkv, *tables,
+                                              (8, 8, 8), (14, 14, 14), 0.25)
+    assert failing_triton.attempts == 0 and attention.triton_failure() is None and not dispatch_logs(caplog)
+    assert attention.resolve_backend("auto", "cpu") == "triton"
+
+
 @needs_triton
 def test_a_click_succeeds_with_the_torch_result_when_triton_fails(failing_triton, caplog):
     """The whole encoder with the default backend: same embedding as with the PyTorch backend."""

@@ -206,6 +206,14 @@ def _run_triton(backend: Optional[str], launch, fallback):
     return fallback()
 
 
+def _check_qkv(q, k, v) -> None:
+    """ValueError unless q, k, v share one shape and one floating dtype (checked before Triton is tried)."""
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 def _disable_triton(exc: BaseException) -> None:
     """Record the failure of a Triton launch and log it once; ``"auto"`` uses PyTorch from now on."""
     global _triton_failure
@@ -251,11 +259,14 @@ def rel_pos_attention(q, k, v, rel_d, rel_h, rel_w, grid: Tuple[int, int, int], 
             return rel_pos_attention_eager(q, k, v, rel_d, rel_h, rel_w, grid, scale)
         return rel_pos_attention_masked_eager(q, k, v, rel_d, rel_h, rel_w, grid, scale, layout.token_mask())
     if name == "triton":
+        from .rel_pos import bias_factors
+
+        _check_qkv(q, k, v)  # the caller's errors are raised as such, never taken for a failing kernel
+        factors = bias_factors(q, rel_d, rel_h, rel_w, grid)
+
         def launch():
-            from .rel_pos import bias_factors
             from .triton_kernel import rel_pos_attention_triton
 
-            factors = bias_factors(q, rel_d, rel_h, rel_w, grid)
             return rel_pos_attention_triton(q, k, v, factors, scale, layout=layout)
 
         return _run_triton(backend, launch, lambda: rel_pos_attention(q, k, v, rel_d, rel_h, rel_w, grid, scale,
@@ -276,11 +287,14 @@ def padded_window_attention(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid: Tuple[i
     if name == "eager":
         return padded_window_attention_eager(q, k, v, pad_qkv, rel_d, rel_h, rel_w, grid, window, scale)
     if name == "triton":
+        from .rel_pos import bias_factors
+
+        _check_qkv(q, k, v)  # the caller's errors are raised as such, never taken for a failing kernel
+        factors = bias_factors(q, rel_d, rel_h, rel_w, grid, window, pad_qkv[0])
+
         def launch():
-            from .rel_pos import bias_factors
             from .triton_kernel import padding_logit, rel_pos_attention_triton
 
-            factors = bias_factors(q, rel_d, rel_h, rel_w, grid, window, pad_qkv[0])
             if factors.pad_log_mass is None:
                 return rel_pos_attention_triton(q, k, v, factors, scale)
             return rel_pos_attention_triton(q, k, v, factors, scale, padding_logit(q, pad_qkv[1], factors, scale),

@@ -43,9 +43,10 @@ def bias_terms(q_grid: torch.Tensor, rel_d, rel_h, rel_w, real: Grid):
     if q_grid.shape[2:5] != (s, s, s):
         raise ValueError(f"the official relative position bias is defined for cubic grids, got {tuple(q_grid.shape[2:5])}")
     d, h, w = real
-    rd = relative_table(s, s, rel_d)[:d]
-    rh = relative_table(s, s, rel_h)[:h]
-    rw = relative_table(s, s, rel_w)
+    # the tables in the queries' dtype (a bf16/fp16 model holds both so; the torch backend accepts the mix too)
+    rd = relative_table(s, s, rel_d.to(q_grid.dtype))[:d]
+    rh = relative_table(s, s, rel_h.to(q_grid.dtype))[:h]
+    rw = relative_table(s, s, rel_w.to(q_grid.dtype))
     rows = q_grid[:, :, :d, :h]
     t_d = torch.einsum("bndhwc,dkc->bndhwk", rows[:, :, :, :, :w], rd)
     t_h = torch.einsum("bndhwc,hkc->bndhwk", rows, rh)
