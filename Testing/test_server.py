@@ -540,6 +540,28 @@ def test_the_request_rate_is_limited_and_a_refusal_changes_nothing():
         assert status == 429 and int(headers["retry-after"]) >= 1
 
 
+def test_wrong_tokens_are_rate_limited_too():
+    """Guessing the token is throttled like any other request (the limit is checked first)."""
+    with Server(rate_per_s=0.5, rate_burst=3, token_sha256=hash_token(TOKEN)) as s:
+        statuses = [raw(s.url, "GET", "/v1/info", headers={"Authorization": f"Bearer guess-{n:016d}"})[0]
+                    for n in range(6)]
+    assert statuses[:3] == [401] * 3 and statuses[3:] == [429] * 3
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--port", "70000"], "port"), (["--port", "-5"], "port"), (["--max-upload-mb", "nan"], "max-upload-mb"),
+    (["--max-upload-mb", "inf"], "max-upload-mb"), (["--threads", "-1"], "threads"), (["--threads", "0"], "threads"),
+    (["--model", "nosuchmodel"], "unknown model"), (["--ray", "--replicas", "0"], "replicas"),
+    (["--ray", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"], "plain HTTP")])
+def test_the_serve_command_refuses_impossible_settings_in_one_line(options, message, capsys, monkeypatch):
+    from FastSAM3DLib.server.command import main
+
+    monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
+    assert main(["--model", "tiny-test", "--device", "cpu", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+
+
 def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server):
     rem = remote.RemoteSession(server.url, "tiny-test", phantom())
     session = rem._session_id

@@ -64,7 +64,14 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
                               media_type="application/json"))
 
     def guard(request: Request) -> None:
-        """Protocol version, token, request rate: a ServiceError for the first that fails."""
+        """Request rate, protocol version, token: a ServiceError for the first that fails (the rate first, so that
+        wrong tokens count too: guessing is throttled like any other request)."""
+        client = request.client.host if request.client else "unknown"
+        allowed, wait = limiter.allow(client)
+        if not allowed:
+            raise ServiceError("rate_limited", f"Too many requests from this computer (the server allows "
+                               f"{settings.rate_per_s:g} per second); nothing was changed. Wait a moment and click "
+                               "again.", retry_after=wait)
         version = request.headers.get(protocol.PROTOCOL_HEADER)
         if version != str(protocol.PROTOCOL_VERSION):
             raise ServiceError("protocol", f"This FastSAM3D server speaks protocol {protocol.PROTOCOL_VERSION}; the "
@@ -74,12 +81,6 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
         if not token_matches(settings.token_sha256, request.headers.get("authorization")):
             raise ServiceError("unauthorized", "The FastSAM3D server refused the token: enter the token its "
                                "administrator gave you in the FastSAM3D settings (or set FASTSAM3D_TOKEN).")
-        client = request.client.host if request.client else "unknown"
-        allowed, wait = limiter.allow(client)
-        if not allowed:
-            raise ServiceError("rate_limited", f"Too many requests from this computer (the server allows "
-                               f"{settings.rate_per_s:g} per second); nothing was changed. Wait a moment and click "
-                               "again.", retry_after=wait)
 
     async def body(request: Request) -> bytes:
         """The request body, refused (413) as soon as it is longer than the upload limit."""

@@ -5,6 +5,7 @@ One process with uvicorn by default; ``--ray`` deploys the same app on a Ray clu
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -61,6 +62,20 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     token = read_token(args.token_file)
+    if not 0 < args.max_upload_mb < math.inf:
+        raise FastSAM3DError(f"--max-upload-mb must be a positive number of MiB, got {args.max_upload_mb}.")
+    if getattr(args, "ray", False) and (args.replicas < 1 or (args.gpus_per_replica or 0) < 0):
+        raise FastSAM3DError("--replicas must be at least 1 and --gpus-per-replica at least 0.")
+    if getattr(args, "ray", False) and (args.ssl_certfile or args.ssl_keyfile):
+        raise FastSAM3DError("--ray serves plain HTTP: put a reverse proxy with the certificate in front of it "
+                             "(see the README, HTTPS), instead of --ssl-certfile/--ssl-keyfile.")
+    from ..registry import get_model_config
+
+    for spec in args.model or ("fastsam3d",):
+        try:
+            get_model_config(spec.partition("=")[0].strip())
+        except ValueError as exc:
+            raise FastSAM3DError(f"--model: {exc}") from None
     settings = ServerSettings(
         models=tuple(args.model or ("fastsam3d",)), device=check_device(device), host=args.host, port=args.port,
         token_sha256=hash_token(token) if token else None, max_sessions=args.max_sessions,

@@ -67,6 +67,11 @@ class ServerSettings:
                 raise FastSAM3DError(f"The server setting {name} must be at least 1, got {getattr(self, name)}.")
         if not 0 < self.idle_timeout_s < math.inf or not 0 < self.rate_per_s < math.inf:
             raise FastSAM3DError("The idle timeout and the request rate must be positive, finite numbers.")
+        if not 0 <= int(self.port) <= 65535:
+            raise FastSAM3DError(f"The port must be between 0 and 65535 (0: any free port), got {self.port}.")
+        if self.threads is not None and int(self.threads) < 1:
+            raise FastSAM3DError(f"--threads must be at least 1 (or left out: PyTorch's default), got "
+                                 f"{self.threads}.")
         if self.token_sha256 is None and not is_loopback(self.host):
             raise FastSAM3DError(
                 f"Refusing to listen on {self.host} without a token: anyone who reaches this machine could use "
