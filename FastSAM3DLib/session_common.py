@@ -65,8 +65,10 @@ def empty_region() -> Region:
     return (slice(0, 0), slice(0, 0), slice(0, 0))
 
 
-def union(a: Region, b: Optional[Region]) -> Region:
-    """Bounding box of two regions (an empty one, or None, is ignored)."""
+def union(a: Optional[Region], b: Optional[Region]) -> Optional[Region]:
+    """Bounding box of two regions (an empty one, or None, is ignored; None when both are None)."""
+    if a is None:
+        return b
     if b is None or all(s.stop <= s.start for s in b):
         return a
     if all(s.stop <= s.start for s in a):

@@ -11,7 +11,7 @@ import vtk  # noqa: E402
 
 from FastSAM3DLib.session_common import Click, ClickResult  # noqa: E402
 from test_effect import harness, points, ready  # noqa: E402,F401 - the fixture
-from test_scene_adapter import make_segmentation, make_volume, segment_array  # noqa: E402
+from test_scene_adapter import make_segmentation, segment_array  # noqa: E402
 
 A, B = (13.0, 11.0, 7.0), (6.0, 6.0, 7.0)
 
@@ -117,17 +117,19 @@ class _BallSession:
         self.clicks = list(saved)
 
 
+def with_ball_sessions(harness, monkeypatch):
+    """An active effect whose logic makes :class:`_BallSession` sessions (the effect's own session path)."""
+    effect, volume, segmentation, segment_id = ready(harness)
+    effect.predictorForTesting = None
+    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
+    monkeypatch.setattr(effect, "_ready", lambda: True)
+    return effect, volume, segmentation, segment_id
+
+
 def test_undoing_the_last_point_after_an_option_change_gives_the_segment_back(harness, monkeypatch):
     """A new option forgets the sessions; the new one knows no click, so it has nothing to undo: the effect
     still restores the segment as it was before the points, where they wrote."""
-    volume = make_volume(harness.scene)
-    segmentation = make_segmentation(harness.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "organ")
-    harness.select(volume, segmentation, segment_id)
-    effect = harness.create_effect()
-    effect.activate()
-    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
-    monkeypatch.setattr(effect, "_ready", lambda: True)
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
     harness.click(A)
     assert segment_array(segmentation, segment_id, volume).any()
     effect.promptCombo.setCurrentIndex(effect.promptCombo.findData("all"))  # any option: new sessions
@@ -156,14 +158,7 @@ def test_leaving_the_effect_by_choosing_another_segmentation_hides_the_points_sh
 
 def test_closing_the_scene_forgets_sessions_baselines_and_results_in_flight(harness, monkeypatch):
     """Node IDs are reused by the next scene: nothing of the old one may be written into it."""
-    volume = make_volume(harness.scene)
-    segmentation = make_segmentation(harness.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "organ")
-    harness.select(volume, segmentation, segment_id)
-    effect = harness.create_effect()
-    effect.activate()
-    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
-    monkeypatch.setattr(effect, "_ready", lambda: True)
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
     harness.click(A)
     assert effect._sessions and effect._baselines
     generation = effect._generation
@@ -174,10 +169,7 @@ def test_closing_the_scene_forgets_sessions_baselines_and_results_in_flight(harn
 
 
 def test_an_unchanged_token_keeps_the_sessions(harness, monkeypatch):
-    effect, volume, segmentation, segment_id = ready(harness)
-    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
-    effect.predictorForTesting = None
-    monkeypatch.setattr(effect, "_ready", lambda: True)
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
     harness.click(A)
     assert effect._sessions
     effect.tokenEdit.text = effect._logic().serverToken() or ""
@@ -192,10 +184,7 @@ def test_an_unchanged_token_keeps_the_sessions(harness, monkeypatch):
 
 def test_ticking_grow_drops_the_sessions_made_without_it(harness, monkeypatch):
     """So that a server's session made with the other choice is closed now rather than left to expire."""
-    effect, volume, segmentation, segment_id = ready(harness)
-    monkeypatch.setattr(effect._logic(), "createSession", lambda *args, **kwargs: _BallSession(args[3]))
-    effect.predictorForTesting = None
-    monkeypatch.setattr(effect, "_ready", lambda: True)
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
     harness.click(A)
     assert effect._sessions
     effect.growCheckBox.checked = not effect.growCheckBox.checked

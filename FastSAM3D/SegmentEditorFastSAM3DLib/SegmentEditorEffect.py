@@ -628,10 +628,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         import numpy as np
 
-        from FastSAM3DLib.session_common import union as unionOf
-
-        def union(a, b):  # either may be None
-            return b if a is None else unionOf(a, b)
+        from FastSAM3DLib.session_common import union
 
         action, segmentationNodeId, segmentId, sourceVolumeNodeId, count, _generation = tag
         region, mask = (None, None) if result is None else \

@@ -31,10 +31,7 @@ def ras_points_from_markups(point_list_node) -> Tuple[np.ndarray, np.ndarray]:
         position = [0.0, 0.0, 0.0]
         point_list_node.GetNthControlPointPositionWorld(index, position)
         points.append(position)
-        polarity = point_list_node.GetNthControlPointDescription(index)
-        include = polarity == INCLUDE if polarity in (INCLUDE, EXCLUDE) else \
-            point_list_node.GetNthControlPointSelected(index)
-        labels.append(1 if include else 0)
+        labels.append(1 if _includes(point_list_node, index) else 0)
     return np.asarray(points, dtype=np.float64).reshape(-1, 3), np.asarray(labels, dtype=np.int64)
 
 
@@ -114,11 +111,16 @@ def remove_last_prompt_point(point_list_node) -> Optional[Tuple[List[float], boo
         return None
     position = [0.0, 0.0, 0.0]
     point_list_node.GetNthControlPointPositionWorld(count - 1, position)
-    polarity = point_list_node.GetNthControlPointDescription(count - 1)
-    include = polarity == INCLUDE if polarity in (INCLUDE, EXCLUDE) else \
-        bool(point_list_node.GetNthControlPointSelected(count - 1))
+    include = _includes(point_list_node, count - 1)
     point_list_node.RemoveNthControlPoint(count - 1)
     return position, include
+
+
+def _includes(point_list_node, index: int) -> bool:
+    """A point's polarity: the one FastSAM3D wrote in its description, else its *selected* flag."""
+    polarity = point_list_node.GetNthControlPointDescription(index)
+    return polarity == INCLUDE if polarity in (INCLUDE, EXCLUDE) else bool(
+        point_list_node.GetNthControlPointSelected(index))
 
 
 def show_polarity(point_list_node) -> None:
