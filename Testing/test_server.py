@@ -25,11 +25,11 @@ uvicorn = pytest.importorskip("uvicorn", reason="the server extra is not install
 import torch  # noqa: E402
 
 from FastSAM3DLib import remote  # noqa: E402
-from FastSAM3DLib.errors import InputImageError, OutOfMemoryError, PromptError  # noqa: E402
+from FastSAM3DLib.errors import FastSAM3DError, InputImageError, OutOfMemoryError, PromptError  # noqa: E402
 from FastSAM3DLib.geometry import Volume  # noqa: E402
 from FastSAM3DLib.server import engine, protocol  # noqa: E402
 from FastSAM3DLib.server.app import LocalBackend, create_app  # noqa: E402
-from FastSAM3DLib.server.settings import ServerSettings, hash_token  # noqa: E402
+from FastSAM3DLib.server.settings import ServerSettings, hash_token, uvicorn_proxy_options  # noqa: E402
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ class Server:
         self.scheme = "https" if ssl_files else "http"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="off", timeout_keep_alive=1,
-                                                    timeout_graceful_shutdown=5, **tls))
+                                                    timeout_graceful_shutdown=5, **tls,
+                                                    **uvicorn_proxy_options(settings)))
 
     def __enter__(self):
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -540,6 +541,29 @@ def test_the_request_rate_is_limited_and_a_refusal_changes_nothing():
         assert status == 429 and int(headers["retry-after"]) >= 1
 
 
+def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy():
+    """Without --trusted-proxy a local user cannot pose as many clients to escape the limit; behind a trusted proxy
+    each forwarded client has its own allowance."""
+    def statuses(s, clients):
+        return [raw(s.url, "GET", "/v1/info", headers={"X-Forwarded-For": client})[0] for client in clients]
+
+    others = [f"198.51.100.{n}" for n in range(6)]
+    with Server(rate_per_s=0.5, rate_burst=3) as s:
+        assert statuses(s, others) == [200] * 3 + [429] * 3
+    with Server(rate_per_s=0.5, rate_burst=3, trusted_proxies=("127.0.0.1",)) as s:
+        assert statuses(s, others) == [200] * 6
+        assert statuses(s, ["203.0.113.9"] * 4) == [200] * 3 + [429]
+
+
+@pytest.mark.parametrize("address", ["localhost", "10.0.0.0/8", "*", "proxy.lab.example", ""])
+def test_a_trusted_proxy_must_be_one_ip_address(address):
+    with pytest.raises(FastSAM3DError, match="--trusted-proxy takes the IP address"):
+        ServerSettings(models=MODELS, trusted_proxies=(address,)).check()
+    settings = ServerSettings(models=MODELS, trusted_proxies=("[::1]", " 127.0.0.1 "))
+    settings.check()
+    assert settings.trusted_proxies == ("::1", "127.0.0.1")
+
+
 def test_wrong_tokens_are_rate_limited_too():
     """Guessing the token is throttled like any other request (the limit is checked first)."""
     with Server(rate_per_s=0.5, rate_burst=3, token_sha256=hash_token(TOKEN)) as s:
@@ -552,7 +576,8 @@ def test_wrong_tokens_are_rate_limited_too():
     (["--port", "70000"], "port"), (["--port", "-5"], "port"), (["--max-upload-mb", "nan"], "max-upload-mb"),
     (["--max-upload-mb", "inf"], "max-upload-mb"), (["--threads", "-1"], "threads"), (["--threads", "0"], "threads"),
     (["--model", "nosuchmodel"], "unknown model"), (["--ray", "--replicas", "0"], "replicas"),
-    (["--ray", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"], "plain HTTP")])
+    (["--ray", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"], "plain HTTP"),
+    (["--trusted-proxy", "localhost"], "trusted-proxy"), (["--ray", "--trusted-proxy", "127.0.0.1"], "trusted-proxy")])
 def test_the_serve_command_refuses_impossible_settings_in_one_line(options, message, capsys, monkeypatch):
     from FastSAM3DLib.server.command import main
 

@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import FastSAM3DError
-from .settings import TOKEN_ENV, ServerSettings, hash_token, read_token
+from .settings import TOKEN_ENV, ServerSettings, hash_token, read_token, uvicorn_proxy_options
 
 MiB = 1024 * 1024
 
@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cache-dir", default=None, help="model cache folder (default: $FASTSAM3D_CACHE or the "
                         "user cache folder)")
+    parser.add_argument("--trusted-proxy", action="append", default=None, metavar="ADDRESS",
+                        help="IP address of a reverse proxy whose X-Forwarded-For header names the real client, "
+                             "for per-user rate limits (repeatable; e.g. 127.0.0.1 for a proxy on this computer; "
+                             "default: none, the header is ignored)")
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM); a reverse "
                         "proxy is the usual way")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
@@ -66,6 +70,9 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         raise FastSAM3DError(f"--max-upload-mb must be a positive number of MiB, got {args.max_upload_mb}.")
     if getattr(args, "ray", False) and (args.replicas < 1 or (args.gpus_per_replica or 0) < 0):
         raise FastSAM3DError("--replicas must be at least 1 and --gpus-per-replica at least 0.")
+    if getattr(args, "ray", False) and getattr(args, "trusted_proxy", None):
+        raise FastSAM3DError("--ray reads X-Forwarded-For as Ray's own HTTP proxy does (from 127.0.0.1, uvicorn's "
+                             "default); leave out --trusted-proxy.")
     if getattr(args, "ray", False) and (args.ssl_certfile or args.ssl_keyfile):
         raise FastSAM3DError("--ray serves plain HTTP: put a reverse proxy with the certificate in front of it "
                              "(see the README, HTTPS), instead of --ssl-certfile/--ssl-keyfile.")
@@ -80,7 +87,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         models=tuple(args.model or ("fastsam3d",)), device=check_device(device), host=args.host, port=args.port,
         token_sha256=hash_token(token) if token else None, max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_minutes * 60, max_upload_bytes=int(args.max_upload_mb * MiB),
-        rate_per_s=args.rate, rate_burst=args.burst, threads=args.threads)
+        rate_per_s=args.rate, rate_burst=args.burst, threads=args.threads,
+        trusted_proxies=tuple(getattr(args, "trusted_proxy", None) or ()))
     if args.cache_dir:
         settings.extra["cache_dir"] = args.cache_dir
     settings.check()
@@ -113,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
     pool.load_all()
     app = create_app(settings, LocalBackend(settings, pool))
     print(f"FastSAM3D server on {where} ({auth}); Ctrl+C stops it", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", proxy_headers=True,
-                forwarded_allow_ips="127.0.0.1", timeout_keep_alive=75, ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=75,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, **uvicorn_proxy_options(settings))
     return 0
 
 

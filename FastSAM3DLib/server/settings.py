@@ -36,6 +36,7 @@ class ServerSettings:
     max_steps: int = 64  # decoder runs in one click request (a region move replays its clicks)
     max_points: int = 256  # points in one decoder run
     threads: Optional[int] = None  # torch CPU threads (default: torch's own)
+    trusted_proxies: Tuple[str, ...] = ()  # addresses whose X-Forwarded-For names the real client (none: ignored)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -47,6 +48,7 @@ class ServerSettings:
         """Settings from :meth:`to_dict`'s output (e.g. after crossing to a Ray replica)."""
         data = dict(data)
         data["models"] = tuple(data.get("models") or ())
+        data["trusted_proxies"] = tuple(data.get("trusted_proxies") or ())
         return cls(**data)
 
     def limits(self) -> dict:
@@ -72,6 +74,7 @@ class ServerSettings:
         if self.threads is not None and int(self.threads) < 1:
             raise FastSAM3DError(f"--threads must be at least 1 (or left out: PyTorch's default), got "
                                  f"{self.threads}.")
+        self.trusted_proxies = tuple(proxy_address(address) for address in self.trusted_proxies)
         if self.token_sha256 is None and not is_loopback(self.host):
             raise FastSAM3DError(
                 f"Refusing to listen on {self.host} without a token: anyone who reaches this machine could use "
@@ -88,6 +91,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def proxy_address(address: str) -> str:
+    """``address`` in its canonical spelling, or FastSAM3DError when it is not one IP address.
+
+    A trusted proxy's ``X-Forwarded-For`` header decides which client a request is counted against by the rate
+    limit, so only exact addresses are accepted (no names, no networks, no ``*``).
+    """
+    try:
+        return str(ipaddress.ip_address(str(address).strip().strip("[]")))
+    except ValueError:
+        raise FastSAM3DError(f"--trusted-proxy takes the IP address of the reverse proxy that forwards requests "
+                             f"(e.g. 127.0.0.1 when it runs on this computer), got {address!r}.") from None
+
+
+def uvicorn_proxy_options(settings: ServerSettings) -> dict:
+    """uvicorn's options for ``X-Forwarded-For``: read only from the trusted proxies, ignored without any.
+
+    Without them every request is counted against the address it came from, so a user who can reach the port
+    directly (on this computer, or through an SSH tunnel) cannot pose as other clients to escape the rate limit.
+    """
+    proxies = list(settings.trusted_proxies)
+    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
 
 
 def hash_token(token: str) -> str:
