@@ -8,6 +8,7 @@ import functools
 import http.client
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -306,6 +307,20 @@ def test_a_closed_idle_connection_is_reopened_at_once_and_a_timeout_is_reported(
         rem.add_click(ras(volume, CLICKS[2][0]), False)
     assert_unchanged(rem, before)
     assert naps == []
+
+
+def test_a_connect_timeout_is_reported_with_its_own_limit():
+    """A host that drops the connection attempt is reported after connect_timeout, not as a slow answer."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once the backlog holds one connection, Linux drops further attempts
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            client = remote.ServerClient(f"http://127.0.0.1:{port}", connect_timeout=0.3, timeout=100, retries=0)
+            started = time.monotonic()
+            with pytest.raises(remote.ServerUnavailableError, match=r"No connection .* within 0.3 s") as caught:
+                client.request("GET", "/v1/info")
+    assert time.monotonic() - started < 5 and "100" not in str(caught.value)
 
 
 def test_an_expired_session_is_reopened_transparently():

@@ -73,6 +73,10 @@ class _Missing(Exception):
         self.missing = list(missing)
 
 
+class _ConnectTimeout(TimeoutError):
+    """No connection within ``connect_timeout`` (the server's host drops the attempt, or is unreachable)."""
+
+
 def is_server_url(device) -> bool:
     """True when ``device`` names a FastSAM3D server (``http://...`` or ``https://...``) rather than a torch device."""
     return isinstance(device, str) and device.strip().lower().startswith(("http://", "https://"))
@@ -186,6 +190,11 @@ class ServerClient:
                         f"The secure connection to the FastSAM3D server at {self.url} failed ({exc}). If the server "
                         "uses a certificate of your institution, add that authority to this computer's certificates "
                         "(or give the client an ssl_context). Nothing was changed.") from None
+                if isinstance(exc, _ConnectTimeout):
+                    raise ServerUnavailableError(
+                        f"No connection to the FastSAM3D server at {self.url} within {self.connect_timeout:g} s. "
+                        "Nothing was changed; check the address, this computer's network (VPN, firewall) and that "
+                        "the server runs, then click again.") from None
                 if isinstance(exc, (TimeoutError, socket.timeout)):
                     raise ServerUnavailableError(
                         f"The FastSAM3D server at {self.url} did not answer within {timeout or self.timeout:.0f} s. "
@@ -218,7 +227,10 @@ class ServerClient:
                                                    context=context)
             else:
                 conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
-            conn.connect()
+            try:
+                conn.connect()
+            except (TimeoutError, socket.timeout) as exc:
+                raise _ConnectTimeout(str(exc)) from None
             self._conn = conn
         self._conn.sock.settimeout(timeout or self.timeout)
         self._conn.request(method, path, body=body, headers=headers)
