@@ -566,6 +566,57 @@ def test_the_guard_knows_the_bank_image_under_another_case_name(tiny, tmp_path):
     assert any(item["rows"] and "sub/a1" in item["entries"][0] for item in journal if item["case"] == "b1")
 
 
+def _write_dicom_series(image, folder: Path) -> None:
+    """``image`` as a DICOM series, one file per slice, that SimpleITK's GDCM series reader puts back together."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    image = sitk.Cast(image, sitk.sitkInt16)
+    series = "1.2.826.0.1.3680043.2.1125.1.1"
+    direction = image.GetDirection()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        for tag, value in (("0020|000e", series), ("0020|000d", series + ".9"), ("0008|0060", "CT"),
+                           ("0020|0013", str(k + 1)), ("0008|0018", f"{series}.{k + 1}"),
+                           ("0020|0032", "\\".join(f"{v:g}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0020|0037", "\\".join(f"{v:g}" for v in direction[0:7:3] + direction[1:8:3]))):
+            piece.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()  # else every slice gets a series of its own
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(piece)
+
+
+def test_a_dicom_series_is_banked_and_guarded_by_its_files(tiny, tmp_path):
+    """A case whose image is a DICOM folder gets a checksum over its files, so a copy of the series elsewhere is
+    recognised by the leakage guard (the checksum once read the folder as a file and failed)."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from FastSAM3DLib.memory.build import image_sha256
+    from FastSAM3DLib.memory.evaluation import evaluate_with_memory
+
+    made_from, test = tmp_path / "train", tmp_path / "test"
+    made_from.mkdir()
+    _write_case(made_from, "a1", 0, [((18, 20, 20), 6)])
+    _write_dicom_series(sitk.ReadImage(str(made_from / "a1.nii.gz")), made_from / "a1_series")
+    (made_from / "train.json").write_text(json.dumps([{"image": "a1_series", "label": "a1_seg.nii.gz",
+                                                        "case": "a1", "patient": "P1"}]))
+    bank = build_bank(made_from / "train.json", tiny, log=lambda s: None)
+    assert bank.cases[0]["image_sha256"] == image_sha256(made_from / "a1_series")
+    shutil.copytree(made_from / "a1_series", test / "other_series")
+    shutil.copy(made_from / "a1_seg.nii.gz", test / "b_seg.nii.gz")
+    (test / "test.json").write_text(json.dumps([{"image": "other_series", "label": "b_seg.nii.gz", "case": "b",
+                                                 "patient": "P9"}]))
+    common = dict(clicks=1, placement="gt", plots=False, progress=False, save_predictions=False, log=lambda s: None)
+    with pytest.raises(MemoryBankError, match=r"cases b\)"):
+        evaluate_with_memory(test / "test.json", tiny, tmp_path / "refused", bank=bank, **common)
+    first = sorted((test / "other_series").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:-2] + b"\x00\x01")  # one pixel differs: another image
+    assert image_sha256(test / "other_series") != bank.cases[0]["image_sha256"]
+
+
 def test_a_bank_with_a_damaged_header_is_refused_clearly(tiny, tmp_path):
     import struct
 

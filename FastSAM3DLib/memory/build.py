@@ -22,6 +22,7 @@ keys/values come from exactly the normalised input the model sees at inference.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -39,8 +40,19 @@ CROPS = ("gt", "click")
 
 def image_sha256(path) -> str:
     """The sha256 of an image file's bytes: what the evaluation's leakage guard compares, whatever the case's name
-    (a case name is relative to the folder that was scanned)."""
-    return file_sha256(Path(path))
+    (a case name is relative to the folder that was scanned).
+
+    A DICOM series (a folder) is hashed over its files' relative names and bytes, in sorted order, so a copy of
+    the series elsewhere has the same hash.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        digest.update(bytes.fromhex(file_sha256(file)))
+    return digest.hexdigest()
 
 
 def read_provenance(source) -> List[Dict[str, object]]:
