@@ -541,6 +541,26 @@ def test_intensity_range_and_inside_segment_semantics(app):
         assert np.array_equal(segment_array(segmentation, ids["A"], volume), a_before | cleared)
 
 
+@pytest.mark.parametrize("given_as", ["parameter node", "editor"])
+def test_inside_a_segment_that_is_not_chosen_is_refused_clearly(app, given_as):
+    """Slicer's editable area "inside a segment" with no segment chosen allows no edit: the write says so and
+    changes nothing (reading such a parameter node once raised a bare ValueError)."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    node = app.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    before = fingerprint(segmentation)
+    with sc.LogicEditor(app.scene) as editor:
+        if given_as == "editor":
+            editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+            options = dict(editor=editor)
+        else:
+            options = dict(editor=editor, editor_settings=node)
+        with pytest.raises(FastSAM3DError, match="no segment is chosen"):
+            sc.write_region(segmentation, ids["B"], volume, REGION, new, **options)
+        assert not editor.can_undo()
+    assert fingerprint(segmentation) == before
+
+
 def test_undo_and_redo_cover_other_segments(app):
     volume, segmentation, ids, masks, new = three_segments(app)
     before = fingerprint(segmentation)

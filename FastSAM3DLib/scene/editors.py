@@ -27,6 +27,9 @@ OVERWRITE_MODES = {
 _ADD = slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd
 _REMOVE = slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove
 
+NO_MASK_SEGMENT = ("The editable area is 'inside a segment', but no segment is chosen, so nothing could change. "
+                   "Choose the segment (or another editable area) in the Segment Editor's Masking section.")
+
 # Errors the logic reports after a successful edit (it could not re-parent the segmentation in the subject
 # hierarchy, e.g. for nodes that have no subject hierarchy item); they do not affect the segment.
 _BENIGN_LOGIC_ERRORS = ("Subject hierarchy items not found",)
@@ -60,8 +63,14 @@ class EditorSettings:
 
     @classmethod
     def from_node(cls, editor_node) -> "EditorSettings":
-        """The settings of a ``vtkMRMLSegmentEditorNode`` (the Segment Editor's parameter node)."""
+        """The settings of a ``vtkMRMLSegmentEditorNode`` (the Segment Editor's parameter node).
+
+        FastSAM3DError when its editable area is "inside a segment" that it does not name (Slicer would allow no
+        edit at all there).
+        """
         mask_mode = {v: k for k, v in MASK_MODES.items()}[editor_node.GetMaskMode()]
+        if mask_mode == "inside_segment" and not editor_node.GetMaskSegmentID():
+            raise FastSAM3DError(NO_MASK_SEGMENT)
         overwrite = {v: k for k, v in OVERWRITE_MODES.items()}[editor_node.GetOverwriteMode()]
         intensity = tuple(editor_node.GetSourceVolumeIntensityMaskRange()) \
             if editor_node.GetSourceVolumeIntensityMask() else None

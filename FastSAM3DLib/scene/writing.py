@@ -9,7 +9,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import FastSAM3DError, InputImageError
-from .editors import _ADD, _REMOVE, _SEN, _SN, EditorSettings, EffectEditor, LogicEditor
+from .editors import _ADD, _REMOVE, _SEN, _SN, NO_MASK_SEGMENT, EditorSettings, EffectEditor, LogicEditor
 from .nodes import _array_from_vtk_matrix, _vtk_matrix, node_to_world, volume_from_node_matrix
 
 Region = Tuple[slice, slice, slice]
@@ -165,6 +165,8 @@ def _checked_segmentation(segmentation_node, segment_id):
 def _check_mask_segment(editor_node, segmentation) -> None:
     if editor_node.GetMaskMode() == _SN.EditAllowedInsideSingleSegment:
         mask_segment_id = editor_node.GetMaskSegmentID() or ""
+        if not mask_segment_id:
+            raise FastSAM3DError(NO_MASK_SEGMENT)
         if segmentation.GetSegment(mask_segment_id) is None:
             raise FastSAM3DError(f"The editable area is 'inside segment {mask_segment_id}', which is not in this "
                                  "segmentation. Choose another editable area in the Segment Editor.")
