@@ -264,11 +264,26 @@ class ScriptedEffect:
     # Slicer's rules (qSlicerSegmentEditorAbstractEffect.cxx): an empty value is never stored for a parameter that
     # has none, a default is set only where no non-empty value is, and reading a parameter that has no value at all
     # logs a critical error (kept in ``critical`` here, which the harness's users check).
+    #
+    # A change is announced as Slicer does (qSlicerSegmentEditorAbstractEffect::setCommonParameter): the node's full
+    # Modified event is suppressed and EffectParameterModified is invoked, on which qMRMLSegmentEditorWidget has
+    # connected every registered effect's updateGUIFromMRML: so the effect's panel is updated synchronously inside
+    # setParameter, before the caller's next line (deferred only while the node is in StartModify/EndModify).
     def setParameter(self, name, value):
         old, value = self.node.GetAttribute(self._key(name)), str(value)
-        if old is None and value == "":
+        if (old is None and value == "") or value == (old or ""):
             return
+        disabled = self.node.GetDisableModifiedEvent()
+        self.node.SetDisableModifiedEvent(1)
         self.node.SetAttribute(self._key(name), value)
+        self.node.SetDisableModifiedEvent(disabled)
+        self.node.InvokeCustomModifiedEvent(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified)
+
+    def connect_effect(self, effect):
+        """What qMRMLSegmentEditorWidget::registerEffect does after setMRMLDefaults: parameter changes update the
+        effect's panel."""
+        self.node.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,
+                              lambda caller, event: effect.updateGUIFromMRML())
 
     def parameterDefined(self, name):
         return bool(self.node.GetAttribute(self._key(name)))
@@ -404,6 +419,7 @@ class EffectHarness:
         self.module = module
         self.effect = module.SegmentEditorEffect(self.scripted)
         self.effect.setMRMLDefaults()
+        self.scripted.connect_effect(self.effect)
         self.effect.setupOptionsFrame()
         return self.effect
 

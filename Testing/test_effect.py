@@ -66,6 +66,21 @@ def test_saved_settings_survive_the_first_activation_and_are_prefixed_once(harne
     assert node.GetAttribute("FastSAM3D.Device") == "auto"
 
 
+def test_a_parameter_change_updates_the_panel_at_once_and_the_panel_is_stored_whole(harness):
+    """As in Slicer, every changed parameter makes the Segment Editor call updateGUIFromMRML inside setParameter
+    (the harness reproduces it with the node's EffectParameterModified event). A panel with two new choices is
+    stored whole: the first stored choice must not put the second widget back before it is read."""
+    effect, *_ = ready(harness)
+    harness.scripted.setParameter("Device", "cpu")  # e.g. a script, or another effect's panel
+    assert effect.deviceCombo.currentData == "cpu"
+    for combo, value in ((effect.deviceCombo, "auto"), (effect.promptCombo, "all")):
+        was = combo.blockSignals(True)
+        combo.setCurrentIndex(combo.findData(value))
+        combo.blockSignals(was)
+    effect.updateMRMLFromGUI()
+    assert effect._options() == (effect._parameter("Model"), "auto", "all")
+
+
 def test_every_model_is_offered_and_offline_the_bundled_demo_is_the_default(harness):
     volume = make_volume(harness.scene)
     segmentation = make_segmentation(harness.scene, volume)

@@ -310,17 +310,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 names=", ".join(missing)) if missing else _("Ready: left click inside the object."))
 
     def updateMRMLFromGUI(self):
+        """Store what the panel shows. Every widget is read before the first parameter is set: each change makes
+        the Segment Editor call updateGUIFromMRML at once, which puts the widgets back to the stored values."""
         previous = self._sessionOptions()
         model = self.modelCombo.currentData or self._logic().defaultModel()
         bank = self.memoryCombo.currentData or ""
         if model != self._parameter(MODEL):
             bank = ""  # a bank belongs to one model's weights
-        self.scriptedEffect.setParameter(MEMORY_BANK, bank)
-        self.scriptedEffect.setParameter(MODEL, model)
-        self.scriptedEffect.setParameter(DEVICE, self.deviceCombo.currentData or "auto")
-        self.scriptedEffect.setParameter(PROMPT_MODE, self.promptCombo.currentData or "")
-        self.scriptedEffect.setParameter(SERVER, self.serverEdit.text.strip())
-        self.scriptedEffect.setParameter(PRECISION, self.precisionCombo.currentData or "")
+        values = ((MEMORY_BANK, bank), (MODEL, model), (DEVICE, self.deviceCombo.currentData or "auto"),
+                  (PROMPT_MODE, self.promptCombo.currentData or ""), (SERVER, self.serverEdit.text.strip()),
+                  (PRECISION, self.precisionCombo.currentData or ""))
+        for name, value in values:
+            self.scriptedEffect.setParameter(name, value)
         if self._sessionOptions() != previous:
             self._forgetSessions()  # new model/device/server/memory bank: new sessions
             if self._sessionOptions()[::3] != previous[::3]:
