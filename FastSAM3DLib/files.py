@@ -18,6 +18,7 @@ import errno
 import gzip
 import os
 import re
+import secrets
 import stat
 import struct
 import sys
@@ -45,7 +46,8 @@ STALE_TEMP_SECONDS = 15 * 60
 SHEAR_TOLERANCE = 1e-4
 
 _TEMP_NAME = re.compile(r"^\..*" + re.escape(TEMP_MARKER) + r"[a-z0-9_]{8}[^/]*$")
-_RANDOM_PART = 8  # characters tempfile adds
+_RANDOM_PART = 8  # random characters in a temporary's name
+_RANDOM_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,13 +76,10 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         with interrupts.deferred():  # a Ctrl+C waits until the temporary's name is known (and it is removed)
             try:
-                handle, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, suffix), suffix=suffix, dir=path.parent)
+                tmp = _create_temporary(path.parent, _temp_prefix(path, suffix), suffix)
             except OSError as exc:
                 raise output_error(exc, path, "write") from None
-            os.close(handle)
         yield Path(tmp)
-        with contextlib.suppress(OSError):  # e.g. a FAT disk without permissions
-            os.chmod(tmp, 0o666 & ~_umask())
         try:
             os.replace(tmp, path)
         except OSError as exc:
@@ -136,10 +135,19 @@ def remove_stale_temporaries(folder, older_than: float = STALE_TEMP_SECONDS) -> 
     return removed
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:
+    """A new empty file ``prefix + 8 random characters + suffix`` in ``folder``, with the permissions a new file
+    usually gets (``0666`` less the umask, which the system applies; ``mkstemp`` gives ``0600``). The umask is
+    never read: reading it means setting it, which would race with other threads creating files."""
+    for _attempt in range(100):
+        random_part = "".join(secrets.choice(_RANDOM_CHARACTERS) for _ in range(_RANDOM_PART))
+        name = os.path.join(folder, prefix + random_part + suffix)
+        try:
+            os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
 
 
 def _name_max(folder) -> int:

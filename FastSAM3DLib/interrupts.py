@@ -1,7 +1,7 @@
 """Stopping a command (Ctrl+C, SIGTERM) without skipping the set-up or clean-up of a file.
 
-A Python signal handler raises where the main thread happens to be. Right after ``mkstemp`` created a
-temporary (before its name is stored), or right after file descriptor 2 was redirected (before the ``try``
+A Python signal handler raises where the main thread happens to be. Right after a temporary file was created
+(before its name is stored), or right after file descriptor 2 was redirected (before the ``try``
 that restores it), that exception leaks the temporary or swallows the command's last message. The command
 line installs :func:`raise_or_defer` as its handlers' way to raise; :func:`deferred` marks the few statements
 that must run to the end: an interrupt arriving inside waits until the block is left, then is raised.

@@ -28,6 +28,21 @@ def test_atomic_output_replaces_on_success_and_keeps_the_old_file_on_error(tmp_p
     assert sorted(p.name for p in target.parent.iterdir()) == ["result.txt"]  # no temporary file left
 
 
+def test_atomic_output_never_sets_the_process_umask(tmp_path, monkeypatch):
+    """The umask is process-wide: setting it (even only to read it) lets a file another thread creates meanwhile
+    get other permissions. The usual permissions come from the system applying it at creation."""
+    mask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *args: pytest.fail("atomic_output set the umask"))
+        for name in ("a.txt", "b.nii.gz"):
+            with atomic_output(tmp_path / name, suffix=".nii.gz" if name.endswith(".gz") else "") as tmp:
+                tmp.write_bytes(b"x")
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+
+
 def test_atomic_output_keeps_the_suffix_writers_choose_the_format_by(tmp_path):
     with atomic_output(tmp_path / "label.nii.gz", suffix=".nii.gz") as tmp:
         assert tmp.name.endswith(".nii.gz")
