@@ -3,6 +3,7 @@
 Everything runs on tiny configs (``tiny-test`` student, ``tiny-test-teacher``) in seconds on a CPU.
 """
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -461,6 +462,34 @@ def test_sampler_shifts_and_augments_consistently(crop_cache):
         CropSampler(crop_cache, group_weights={"nope": 1.0})
 
 
+def test_group_weights_warn_about_unlisted_groups_and_refuse_impossible_weights(tmp_path):
+    from FastSAM3DLib.training.data import parse_group_weights
+
+    cache = prepare_crops(tmp_path / "c", [_synthetic_pair(tmp_path)], phantoms=1, per_phantom=1, margin=0,
+                          min_voxels=50, log=lambda _: None)
+    assert set(cache.groups()) == {"pairs", "phantom"}
+    with pytest.warns(UserWarning, match=r"\['phantom'\].*never drawn"):
+        sampler = CropSampler(cache, group_weights=parse_group_weights("pairs=1"))
+    assert all((p == 0) == (e.group == "phantom") for p, e in zip(sampler.probabilities, cache.entries))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a group left out with weight 0 is a choice: no warning
+        CropSampler(cache, group_weights=parse_group_weights("pairs=1,phantom=0"))
+    for text in ("pairs=-1", "pairs=nan", "pairs=inf", "pairs=many"):
+        with pytest.raises(ValueError, match="at least 0"):
+            parse_group_weights(text)
+
+
+def test_the_training_commands_refuse_impossible_group_weights_in_one_line(tmp_path, capsys):
+    from FastSAM3DLib.cli import main
+
+    for command in (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test"], ["finetune"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, str(tmp_path), "-o", str(tmp_path / "out"), "--group-weights", "pairs=-1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and "at least 0, got 'pairs=-1'" in err[-1] and "Traceback" not in err[-1]
+        assert not (tmp_path / "out").exists()
+
+
 def test_prepare_crops_skips_excluded_and_resumes(tmp_path):
     pair = _synthetic_pair(tmp_path)
     cache = prepare_crops(tmp_path / "c", [pair], margin=0, min_voxels=50, exclude=["2"], log=lambda _: None)
@@ -509,7 +538,8 @@ def test_cached_teacher_features_serve_every_stage(tmp_path, crop_cache):
     same sample is a cache hit with all its targets."""
     config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
                            stage_epochs=1, teacher_cache="memory")
-    task = DistillationTask(config, _loop(tmp_path, "cached"), torch.device("cpu"))
+    with pytest.warns(UserWarning, match="margin 4, augmentation on"):  # random windows: it would never hit
+        task = DistillationTask(config, _loop(tmp_path, "cached"), torch.device("cpu"))
     batch = _fix_batch(task)
     task.loss(0, epoch=0, rng=np.random.default_rng(0))
     assert sorted(task.cache.get(batch[2][0])) == ["neck", "t1", "t3", "t5"]
@@ -518,6 +548,7 @@ def test_cached_teacher_features_serve_every_stage(tmp_path, crop_cache):
     assert sorted(metrics) == ["loss_neck", "loss_s0-t1", "loss_s1-t3", "loss_s2-t5"]
 
 
+@pytest.mark.filterwarnings("ignore:the teacher cache hits only")
 def test_a_cached_and_a_fresh_teacher_target_are_the_same(tmp_path, crop_cache):
     """With a teacher cache the targets are its float16-rounded features whether the sample was cached or not,
     so a resumed run (its memory cache empty) gets the targets the uninterrupted run got."""

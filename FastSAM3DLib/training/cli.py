@@ -27,9 +27,19 @@ def _floats(text: str):
     return float(low), float(high)
 
 
+def _group_weights(text):
+    """``--group-weights`` parsed, or argparse's one-line error."""
+    from .data import parse_group_weights
+
+    try:
+        return parse_group_weights(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_data_arguments(parser) -> None:
     parser.add_argument("data", help="crop cache folder made by 'prepare-data'")
-    parser.add_argument("--group-weights", default=None, metavar="G=W,...",
+    parser.add_argument("--group-weights", default=None, metavar="G=W,...", type=_group_weights,
                         help="sampling weight per data group, e.g. 'phantom=1,totalseg=2' (default: every crop "
                              "equally often)")
     parser.add_argument("--no-augment", action="store_true", help="no flips and no intensity scale/shift")
@@ -111,7 +121,8 @@ def add_subcommands(subparsers) -> None:
     dist.add_argument("--keep-student-decoder", action="store_true",
                       help="do not copy the teacher's prompt encoder and mask decoder into the student")
     dist.add_argument("--teacher-cache", choices=("none", "memory", "disk"), default="none",
-                      help="keep teacher features per sample (useful with --no-augment); default none")
+                      help="keep teacher features per sample (hits only with --no-augment and a crop cache "
+                           "made with --margin 0); default none")
     dist.add_argument("--teacher-cache-items", type=int, default=256, help="memory cache size (default 256)")
     _add_loop_arguments(dist, lr=8e-4)
     dist.set_defaults(func=cmd_distill)
@@ -195,7 +206,6 @@ def cmd_prepare(args) -> int:
 
 def cmd_distill(args) -> int:
     """``distill``."""
-    from .data import parse_group_weights
     from .distill import DistillConfig, distill, parse_pairs
 
     config = DistillConfig(teacher=args.teacher, student=args.student, data=args.data,
@@ -205,21 +215,20 @@ def cmd_distill(args) -> int:
                            require_equal_widths=args.require_equal_widths,
                            decoder_from_teacher=not args.keep_student_decoder, lr=args.lr,
                            teacher_cache=args.teacher_cache, teacher_cache_items=args.teacher_cache_items,
-                           group_weights=parse_group_weights(args.group_weights), augment=_augment(args),
+                           group_weights=args.group_weights, augment=_augment(args),
                            attention=args.attention)
     return _report(distill(config, _loop(args)))
 
 
 def cmd_finetune(args) -> int:
     """``finetune``."""
-    from .data import parse_group_weights
     from .finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(model=args.model, data=args.data, checkpoint=args.checkpoint,
                             unfreeze_blocks=args.unfreeze_blocks, train_encoder=args.train_encoder, lr=args.lr,
                             decoder_lr=args.decoder_lr, clicks=args.clicks, loss_size=args.loss_size,
                             iou_weight=args.iou_weight, iou_head_only=args.iou_head_only,
-                            group_weights=parse_group_weights(args.group_weights), augment=_augment(args),
+                            group_weights=args.group_weights, augment=_augment(args),
                             attention=args.attention)
     return _report(finetune(config, _loop(args)))
 

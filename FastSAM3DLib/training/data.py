@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -298,6 +300,11 @@ class CropSampler:
             unknown = set(group_weights) - set(counts)
             if unknown:
                 raise ValueError(f"unknown group(s) {sorted(unknown)}; the cache has {sorted(counts)}")
+            unlisted = sorted(set(counts) - set(group_weights))
+            if unlisted:
+                warnings.warn(f"the group weights do not list the group(s) {unlisted} of the crop cache, so their "
+                              f"crops are never drawn; give them a weight (name=0 leaves a group out on purpose)",
+                              stacklevel=2)
             weights = np.array([group_weights.get(e.group, 0.0) / counts[e.group] for e in cache.entries])
         else:
             weights = np.ones(len(cache))
@@ -359,7 +366,13 @@ def parse_group_weights(text: Optional[str]) -> Optional[Dict[str, float]]:
         name, _, value = part.partition("=")
         if not name.strip() or not value.strip():
             raise ValueError(f"group weights must look like 'phantom=1,totalseg=2', got {text!r}")
-        weights[name.strip()] = float(value)
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not 0 <= weight < math.inf:
+            raise ValueError(f"a group weight must be a number of at least 0, got {part.strip()!r}")
+        weights[name.strip()] = weight
     return weights
 
 

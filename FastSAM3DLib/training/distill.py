@@ -36,6 +36,7 @@ loads it strictly.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,11 @@ class DistillationTask(TrainingTask):
         self.cache = TeacherFeatureCache(config.teacher_cache, Path(loop.output) / "teacher_features",
                                          config.teacher_cache_items)
         self.sampler = CropSampler(CropCache.open(config.data), config.augment, config.group_weights)
+        if config.teacher_cache != "none" and (config.augment.enabled or self.sampler.cache.margin):
+            warnings.warn(f"the teacher cache hits only when a sample repeats exactly, so it needs --no-augment and "
+                          f"a crop cache made with --margin 0 (this one has margin {self.sampler.cache.margin}, "
+                          f"augmentation {'on' if config.augment.enabled else 'off'}); here it would almost never "
+                          f"hit and only cost memory or disk", stacklevel=2)
         self.batch_size, self.loop, self.device = loop.batch_size, loop, device
         self.args = {"command": "distill", "teacher": config.teacher, "student": config.student,
                      "model_name": config.student, "distill": config, "pairs": self.pairs,
