@@ -8,7 +8,11 @@ effect's timer callback (:meth:`FastSAM3DLib.background.Worker.poll`) until the 
 
 As a script it measures one job free-running and inside the emulated loop, for ``make bench``::
 
-    python Testing/slicer_event_loop.py click|download [--mode free|slicer|slicer-no-yield] [--threads N] [--json]
+    python Testing/slicer_event_loop.py click|download|remote-grow [--mode free|slicer|slicer-no-yield] [--threads N]
+        [--json]
+
+``remote-grow`` serves the threshold stand-in from another process on 127.0.0.1 and clicks a 450 mm tube
+through it, so the click grows over several regions (one request each).
 """
 from __future__ import annotations
 
@@ -116,6 +120,62 @@ def _download_job(size_mb: int = 256):
     return job
 
 
+_SERVE_STAND_IN = """
+import sys, threading, time, uvicorn
+from FastSAM3DLib.benchmarks.threshold_model import threshold_model
+from FastSAM3DLib.server import engine
+from FastSAM3DLib.server.app import LocalBackend, create_app
+from FastSAM3DLib.server.settings import ServerSettings
+settings = ServerSettings(models=("tiny-test",), rate_per_s=1000.0, rate_burst=1000)
+model = threshold_model()
+app = create_app(settings, LocalBackend(settings, engine.ModelPool(settings, loader=lambda spec, device: model)))
+server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def announce():
+    while not server.started:
+        time.sleep(0.02)
+    print(server.servers[0].sockets[0].getsockname()[1], flush=True)
+    sys.stdin.read()
+    server.should_exit = True
+threading.Thread(target=announce, daemon=True).start()
+server.run()
+"""
+
+
+def _start_stand_in_server():
+    """A FastSAM3D server in another process (as a real one is) serving the threshold stand-in as ``tiny-test``
+    on 127.0.0.1; returns (process, url). Closing the process's stdin stops it."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", _SERVE_STAND_IN], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    port = int(process.stdout.readline())
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _remote_grow_job(url: str, threads: int = None):
+    """Through the server: a click on a 450 mm tube that grows over several regions, then a refining click (the
+    workstation's side of growth: cutting, compressing and pasting each region, one request per region)."""
+    def job():
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, tube_centre
+        from FastSAM3DLib.growth import GrowthSettings
+        from FastSAM3DLib.remote import RemoteSession
+
+        volume, _truth = curved_tube()
+        t0 = time.perf_counter()
+        session = RemoteSession(url, "tiny-test", volume, prompt_mode="newest", grow=GrowthSettings(max_regions=8))
+        first = session.add_click([0.0, *map(float, tube_centre(0.0))])
+        t1 = time.perf_counter()
+        session.add_click([10.0, *map(float, tube_centre(10.0))])
+        t2 = time.perf_counter()
+        session.close()
+        return {"regions": int(first.regions), "first_click_s": t1 - t0, "next_click_s": t2 - t1}
+    return job
+
+
 def measure(job_name: str, mode: str, threads: int = None) -> dict:
     """Run one job on the effect's worker with the main thread ``free``, ``slicer`` (the effect's poll) or
     ``slicer-no-yield`` (a poll that only collects results, as before); returns its timings. ``threads``:
@@ -123,7 +183,12 @@ def measure(job_name: str, mode: str, threads: int = None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from FastSAM3DLib.background import Worker
 
-    job = _click_job(threads) if job_name == "click" else _download_job()
+    server = None
+    if job_name == "remote-grow":
+        server, url = _start_stand_in_server()
+        job = _remote_grow_job(url, threads)
+    else:
+        job = _click_job(threads) if job_name == "click" else _download_job()
     worker = Worker()
     start = time.perf_counter()
     worker.submit(job_name, job)
@@ -135,6 +200,9 @@ def measure(job_name: str, mode: str, threads: int = None) -> dict:
         finished = run_event_loop(worker, budget=0.0 if mode == "slicer-no-yield" else None)
     wall = time.perf_counter() - start
     worker.stop(5)
+    if server is not None:
+        server.stdin.close()
+        server.wait(30)
     (result,) = finished
     if result.error is not None:
         raise result.error
@@ -143,7 +211,7 @@ def measure(job_name: str, mode: str, threads: int = None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", choices=("click", "download"))
+    parser.add_argument("job", choices=("click", "download", "remote-grow"))
     parser.add_argument("--mode", choices=("free", "slicer", "slicer-no-yield"), default="slicer")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the click (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")

@@ -108,3 +108,14 @@ def test_stop_drops_queued_jobs_and_tells_the_running_one_to_give_up():
     assert seen_cancel.is_set() and ran == []
     with pytest.raises(RuntimeError):
         worker.submit("late", lambda: None)
+
+
+def test_a_growing_click_through_a_server_in_another_process_works_under_the_emulated_loop(one_torch_thread):
+    """The make bench row: growth sends one request per region from the worker, which gets the GIL only while the
+    effect's poll yields it; the server is another process, as a real one is."""
+    pytest.importorskip("uvicorn", reason="the server extra is not installed")
+    from FastSAM3DLib.benchmarks import host
+
+    row = host._remote_growth_row("test CPU")
+    assert row["name"] == "slicer_loop_remote_grow_ratio" and row["skipped"] is None, row
+    assert row["value"] > 0 and row["note"].startswith("3 regions"), row

@@ -4,6 +4,8 @@
   the bundled CT) and a 256 MB local download run on the effect's worker, once with the main thread idle and
   once under ``Testing/slicer_event_loop.py`` (the GIL held in C between the effect's timer ticks, as in
   Slicer). The ratio is Slicer-like time / free time (goal: at most 1.2). Needs the repository's Testing/.
+  ``slicer_loop_remote_grow_ratio``: the same for a click that grows over several regions through a server in
+  another process (one request per region; needs the server extra).
 * ``click_write_peak_mib``: how far the resident memory rises while one click's result is written into a
   512 x 512 x 300 segmentation of 10 segments (see :mod:`.scene_memory`), with the library's box rollback
   and with the whole-segmentation snapshot it replaced. Needs ``slicer-core``.
@@ -51,8 +53,25 @@ def slicer_loop(plan, device_name: str) -> List[dict]:
     note = (f"free {free['first_click_s'] * 1e3:.0f} / {free['next_click_s'] * 1e3:.0f} ms, Slicer loop "
             f"{slicer['first_click_s'] * 1e3:.0f} / {slicer['next_click_s'] * 1e3:.0f} ms (first / next); download "
             f"{free_dl['download_MBps']:.0f} vs {slicer_dl['download_MBps']:.0f} MB/s")
-    return [report.measurement(name, value, unit="x", label=label, note=note, **common)
+    rows = [report.measurement(name, value, unit="x", label=label, note=note, **common)
             for (name, label), value in zip(names, values)]
+    return rows + [_remote_growth_row(device_name)]
+
+
+def _remote_growth_row(device_name: str) -> dict:
+    """A click that grows over 3 regions of a 450 mm tube through a server in another process (the threshold
+    stand-in, so the model costs nothing), Slicer-like / free-running."""
+    common = dict(model="threshold stand-in via server", device=device_name, precision="fp32", unit="x",
+                  label="growing click through a server, Slicer loop / free")
+    if not (has_module("uvicorn") and has_module("starlette")):
+        return report.measurement("slicer_loop_remote_grow_ratio", None, skipped="the server extra is not "
+                                  "installed", **common)
+    free, slicer = _loop_run("remote-grow", "free"), _loop_run("remote-grow", "slicer")
+    note = (f"{free['regions']} regions; free {free['first_click_s'] * 1e3:.0f} / {free['next_click_s'] * 1e3:.0f} "
+            f"ms, Slicer loop {slicer['first_click_s'] * 1e3:.0f} / {slicer['next_click_s'] * 1e3:.0f} ms (first / "
+            f"refining click, server on 127.0.0.1)")
+    return report.measurement("slicer_loop_remote_grow_ratio", slicer["first_click_s"] / free["first_click_s"],
+                              note=note, **common)
 
 
 def click_write_memory(plan, device_name: str) -> List[dict]:
