@@ -662,8 +662,21 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
         raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
     if resample.backend("paste") != "sitk":
         return _paste_back_torch(volume, roi, logits, threshold)
+    return paste_field_sitk(volume, roi, _model_logits(logits, roi.size), threshold)
+
+
+def paste_field_sitk(volume: Volume, roi: RegionOfInterest, field: np.ndarray, threshold: float = 0.0):
+    """:func:`paste_back` of the full-size (x, y, z) float32 ``field`` with SimpleITK's linear resampling.
+
+    Which source voxels lie inside the ROI is decided by :func:`.grid_map.inside_field`, the rule of the PyTorch
+    path, not by ITK: a voxel centre exactly on a face of the ROI (3 mm slices and a 1.5 mm model grid make that
+    common) falls either way with ITK's float noise. Their values are ITK's: the field is padded with a copy of
+    its edge voxels, which gives at the face exactly ITK's half-voxel clamp.
+    """
     import SimpleITK as sitk
-    field = _model_logits(logits, roi.size)
+
+    from .grid_map import index_map, inside_field
+
     size = np.asarray(roi.size, dtype=np.float64)
     first, stop = _source_box(volume, roi, -0.5, size - 0.5)
     region = tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
@@ -682,12 +695,16 @@ def paste_back(volume: Volume, roi: RegionOfInterest, logits, threshold: float =
     crop_first = np.maximum([p[0] - 1 for p in positive], 0)  # the model voxels those source voxels interpolate
     crop_stop = np.minimum([p[-1] + 2 for p in positive], roi.size)
     crop = field[crop_first[0]:crop_stop[0], crop_first[1]:crop_stop[1], crop_first[2]:crop_stop[2]]
-    image = _sitk_image(np.ascontiguousarray(crop.transpose(2, 1, 0)), roi.model_to_ras @ _translation(crop_first))
-    values = _resample(image, volume.ijk_to_ras @ _translation(box_first), box_stop - box_first, sitk.sitkLinear,
-                       -np.inf, sitk.sitkFloat32)
+    pad = [(int(crop_first[a] == 0), int(crop_stop[a] == roi.size[a])) for a in range(3)]  # at the ROI's faces
+    crop = np.pad(crop, pad, mode="edge")
+    crop_to_ras = roi.model_to_ras @ _translation(crop_first - np.array([before for before, _ in pad]))
+    image = _sitk_image(np.ascontiguousarray(crop.transpose(2, 1, 0)), crop_to_ras)
+    box_to_ras = volume.ijk_to_ras @ _translation(box_first)
+    values = _resample(image, box_to_ras, box_stop - box_first, sitk.sitkLinear, -np.inf, sitk.sitkFloat32)
+    inside = inside_field(index_map(roi.model_to_ras, box_to_ras), box_stop - box_first, roi.size)
     offset = box_first - first
     box = tuple(slice(int(offset[axis]), int(offset[axis] + box_stop[axis] - box_first[axis])) for axis in (2, 1, 0))
-    mask[box] = values > threshold
+    mask[box] = (values > threshold) & inside
     return region, mask
 
 

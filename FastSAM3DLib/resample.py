@@ -27,7 +27,8 @@ mathematically a whole number (ITK truncates 3.9999999999999 to 3, or gets 4), a
 two float32 numbers, or a voxel centre exactly on the ``-0.5`` / ``n - 0.5`` face. Grids whose spacings have
 simple ratios (0.75 mm to 1.5 mm) make such ties common: on an int16 MR 3 % of the model voxels differ from
 ITK's by one unit. So the model input stays with SimpleITK by default when it is installed (:func:`backend`).
-Thresholded logits are not affected: there the differences at ties are ~1e-16 of a logit.
+Thresholded logits are not affected: there the differences at ties are ~1e-16 of a logit, and which source
+voxels on a face of the model grid are inside is decided by :func:`.grid_map.inside_field` on both paths.
 
 The logits path (:func:`threshold_logits`) thresholds the official ×4 trilinear upsampling followed by this
 linear resampling without forming the 128³ field: both steps are linear along each axis, so their composition
@@ -43,17 +44,14 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .grid_map import aligned_axes, axis_coordinates, index_map, inside_range, itk_taps
+
 #: Environment variable choosing the resampling implementation: ``auto`` (default), ``torch`` or ``sitk``.
 ENV_VAR = "FASTSAM3D_RESAMPLE"
 BACKENDS = ("auto", "torch", "sitk")
 
-# An axis counts as following a single output axis when the other output axes move its continuous index by
-# less than this many voxels over the whole output grid (float noise of oblique direction matrices is ~1e-13).
-_ALIGNED_TOLERANCE = 1e-9
 # Output slices per band of the last (banded) product of the logits path.
 _BAND = 16
-# Continuous indices are snapped to multiples of 1 / _SNAP when within 1e-9 voxel of one.
-_SNAP = float(2 ** 24)
 # Elements per slab of the CPU paths (about 1 MB of float32: stays in the core's cache).
 _CACHE_ELEMENTS = 1 << 18
 # Destination voxels per chunk of the general (non-separable) gather path.
@@ -97,62 +95,9 @@ def backend(operation: str = "paste", requested: Optional[str] = None) -> str:
 # index maps
 
 
-def index_map(input_index_to_ras: np.ndarray, output_index_to_ras: np.ndarray) -> np.ndarray:
-    """4x4 float64 matrix taking an output voxel index (i, j, k, 1) to the input's continuous index."""
-    return np.linalg.inv(np.asarray(input_index_to_ras, dtype=np.float64)) @ np.asarray(output_index_to_ras,
-                                                                                        dtype=np.float64)
-
-
-def aligned_axes(mapping: np.ndarray, output_size: Sequence[int]) -> Optional[Tuple[int, int, int]]:
-    """For each input axis the one output axis its continuous index follows, or None if the map mixes axes."""
-    linear = np.asarray(mapping, dtype=np.float64)[:3, :3]
-    spans = np.maximum(np.asarray(output_size, dtype=np.float64) - 1, 0)
-    axes = []
-    for axis in range(3):
-        follows = int(np.argmax(np.abs(linear[axis])))
-        others = sum(abs(linear[axis, o]) * spans[o] for o in range(3) if o != follows)
-        if linear[axis, follows] == 0 or others > _ALIGNED_TOLERANCE:
-            return None
-        axes.append(follows)
-    return tuple(axes) if sorted(axes) == [0, 1, 2] else None
-
-
-def _axis_coordinates(mapping: np.ndarray, axis: int, follows: int, count: int) -> np.ndarray:
-    """Continuous input index along ``axis`` for output indices 0..count-1 along ``follows`` (float64).
-
-    Values within 1e-9 voxel of a multiple of 2^-24 are snapped to it: grids whose spacings have simple
-    ratios put many voxels exactly on such fractions, and the snap makes them exact whatever float noise the
-    matrices carry (so a voxel gets the same value in any box of the same grid).
-    """
-    c = mapping[axis, 3] + mapping[axis, follows] * np.arange(count, dtype=np.float64)
-    scaled = c * _SNAP
-    nearest = np.round(scaled)
-    return np.where(np.abs(scaled - nearest) <= 1e-9 * _SNAP, nearest / _SNAP, c)
-
-
 def _cache_blocking(device: torch.device) -> bool:
     """Whether to work in cache-sized blocks (the CPU) rather than in a few large kernels (GPUs)."""
     return device.type == "cpu"
-
-
-def _itk_taps(c: np.ndarray, n: int):
-    """ITK's linear taps along one axis: (inside, base, upper, d), numpy, for continuous indices ``c``."""
-    inside = (c >= -0.5) & (c < n - 0.5)
-    base = np.clip(np.floor(c), 0, n - 1)
-    d = c - base
-    upper = base + 1
-    interpolate = inside & (d > 0) & (upper <= n - 1)
-    upper = np.where(interpolate, upper, base)
-    d = np.where(interpolate, d, 0.0)
-    return inside, base.astype(np.int64), upper.astype(np.int64), d
-
-
-def _inside_range(inside: np.ndarray) -> Tuple[int, int]:
-    """The [first, stop) range of True values (a monotone map makes them contiguous); (0, 0) if none."""
-    where = np.flatnonzero(inside)
-    if where.size == 0:
-        return 0, 0
-    return int(where[0]), int(where[-1]) + 1
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -252,8 +197,8 @@ def _resample_separable(array, mapping: np.ndarray, axes, size, default: float, 
     taps, ranges = [], [None, None, None]
     for axis in range(3):
         o = axes[axis]
-        inside, base, upper, d = _itk_taps(_axis_coordinates(mapping, axis, o, size[o]), n_in[axis])
-        first, stop = _inside_range(inside)
+        inside, base, upper, d = itk_taps(axis_coordinates(mapping, axis, o, size[o]), n_in[axis])
+        first, stop = inside_range(inside)
         if stop <= first:
             return torch.full(size[::-1], float(default), dtype=torch.float64, device=device)
         ranges[o] = (first, stop)
@@ -401,8 +346,8 @@ def threshold_logits(logits, field_to_ras: np.ndarray, field_size: Sequence[int]
     weights, ranges = {}, [None, None, None]
     for m in range(3):
         s = axes[m]
-        inside, base, upper, d = _itk_taps(_axis_coordinates(mapping, m, s, box_size[s]), field_size[m])
-        first, stop = _inside_range(inside)
+        inside, base, upper, d = itk_taps(axis_coordinates(mapping, m, s, box_size[s]), field_size[m])
+        first, stop = inside_range(inside)
         if stop <= first:
             return mask
         ranges[s] = (first, stop)

@@ -208,6 +208,33 @@ def test_paste_back_equals_simpleitk_exactly(name, low_res, monkeypatch):
     assert 0 < max(filled) and min(filled) < 1
 
 
+@pytest.mark.parametrize("z0", [32.1, 15.6, -0.3, 101.7])
+def test_slices_exactly_on_the_roi_faces_are_pasted_by_one_rule_on_every_path(z0, monkeypatch):
+    """3 mm slices and a 1.5 mm model grid: slice 10 lies exactly on the ROI's -0.5 face and slice 22 on its
+    n - 0.5 face. ITK's float noise once decided such slices either way (here for z0 32.1 and 15.6, a whole
+    slice of 35 x 35 voxels); every path now counts the lower face in and the upper face out."""
+    from FastSAM3DLib import remote
+
+    ijk_to_ras = np.diag([0.8, 0.8, 3.0, 1.0])
+    ijk_to_ras[:3, 3] = (-40.37, 12.25, z0)
+    volume = Volume(np.zeros((40, 60, 60), np.int16), ijk_to_ras)
+    model_to_ras = np.diag([1.5, 1.5, 1.5, 1.0])
+    model_to_ras[:3, 3] = (-40.37 + 20.0, 12.25 + 20.0, z0 + 3.0 * 10 + 0.75)
+    roi = RegionOfInterest(model_to_ras, (24, 24, 24))
+    logits = torch.ones(6, 6, 6)  # positive everywhere: every voxel inside the ROI is in the mask
+    masks = {}
+    for path in ("torch", "sitk"):
+        monkeypatch.setenv(resample.ENV_VAR, path)
+        masks[path] = paste_back(volume, roi, logits)
+    monkeypatch.setattr(remote.cut_and_paste, "_LIBRARY_GEOMETRY", False)  # the torch-free client
+    masks["client"] = remote.cut_and_paste.paste_back(volume, roi, logits.numpy())
+    region, mask = masks["torch"]
+    for path in ("sitk", "client"):
+        assert masks[path][0] == region and np.array_equal(masks[path][1], mask), path
+    slices = np.flatnonzero(mask.any(axis=(1, 2))) + region[0].start
+    assert slices[0] == 10 and slices[-1] == 21  # the lower face in, the upper face (slice 22) out
+
+
 def test_paste_back_of_a_ct_like_volume_in_blocks_and_unblocked(monkeypatch):
     """Many more source voxels than model voxels (0.8 mm in plane), as in the benchmark's CT."""
     from FastSAM3DLib.benchmarks.pipeline import click_centre, ct_sized_volume

@@ -52,34 +52,7 @@ def paste_back(volume: Volume, roi: RegionOfInterest, low: np.ndarray):
     with :func:`upsample_logits` (the official upsampling, bit for bit as torch computes it on a CPU)."""
     if library_geometry():
         return geometry.paste_back(volume, roi, low)
-    import SimpleITK as sitk
-
-    field_ = upsample_logits(low, roi.size[0])
-    size = np.asarray(roi.size, dtype=np.float64)
-    first, stop = geometry._source_box(volume, roi, -0.5, size - 0.5)
-    region = tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
-    mask = np.zeros(tuple(int(stop[axis] - first[axis]) for axis in (2, 1, 0)), dtype=bool)
-    above = field_ > 0.0
-    positive = [np.flatnonzero(np.any(above, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if mask.size == 0 or any(len(p) == 0 for p in positive):
-        return region, mask
-    low_xyz = np.maximum([p[0] - 1.0 for p in positive], -0.5)
-    high_xyz = np.minimum([p[-1] + 1.0 for p in positive], size - 0.5)
-    box_first, box_stop = geometry._source_box(volume, roi, low_xyz, high_xyz)
-    box_first, box_stop = np.maximum(box_first, first), np.maximum(np.minimum(box_stop, stop), box_first)
-    if np.any(box_stop <= box_first):
-        return region, mask
-    crop_first = np.maximum([p[0] - 1 for p in positive], 0)
-    crop_stop = np.minimum([p[-1] + 2 for p in positive], roi.size)
-    crop = field_[crop_first[0]:crop_stop[0], crop_first[1]:crop_stop[1], crop_first[2]:crop_stop[2]]
-    image = geometry._sitk_image(np.ascontiguousarray(crop.transpose(2, 1, 0)),
-                                 roi.model_to_ras @ geometry._translation(crop_first))
-    values = geometry._resample(image, volume.ijk_to_ras @ geometry._translation(box_first), box_stop - box_first,
-                                sitk.sitkLinear, -np.inf, sitk.sitkFloat32)
-    offset = box_first - first
-    box = tuple(slice(int(offset[axis]), int(offset[axis] + box_stop[axis] - box_first[axis])) for axis in (2, 1, 0))
-    mask[box] = values > 0.0
-    return region, mask
+    return geometry.paste_field_sitk(volume, roi, upsample_logits(low, roi.size[0]))
 
 
 def upsample_logits(low: np.ndarray, size: int, fused: Optional[bool] = None) -> np.ndarray:
