@@ -122,9 +122,12 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
 
     def updateStatus(self):
         missing = self.logic.missingDependencies()
-        self.dependencyLabel.text = _("all installed") if not missing else _("missing: {packages}").format(
-            packages=", ".join(missing))
-        self.installButton.visible = bool(missing)
+        problem = None if missing else self.logic.torchProblem()
+        if missing:
+            self.dependencyLabel.text = _("missing: {packages}").format(packages=", ".join(missing))
+        else:
+            self.dependencyLabel.text = problem or _("all installed")
+        self.installButton.visible = bool(missing or problem)
 
     def onReload(self):
         """Developer mode "Reload": reload this module, the library and the effect's code."""
@@ -139,9 +142,13 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         editor.setActiveEffectByName(EFFECT_NAME)
 
     def onInstall(self):
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-            self.logic.installDependencies(askConfirmation=True)
-        self.updateStatus()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+                self.logic.installDependencies(askConfirmation=True)
+        except Exception:  # noqa: BLE001 - tryWithErrorDisplay showed it and raises it again
+            logging.info("FastSAM3D: installing the packages failed", exc_info=True)
+        finally:
+            self.updateStatus()  # what is installed now, after a failure too
 
 
 class FastSAM3DLogic(ScriptedLoadableModuleLogic):
@@ -166,10 +173,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return torch_requirement_problem()
 
     def installDependencies(self, askConfirmation=True):
-        """Install what is missing: torch through the PyTorch extension, the rest with pip. True when done."""
+        """Install what is missing: torch (also one too old for FastSAM3D) through the PyTorch extension, the rest
+        with pip. True when done."""
         from FastSAM3DLib.requirements import TORCH_REQUIREMENT
 
         missing = self.missingDependencies()
+        if "torch" not in missing and self.torchProblem():
+            missing = ["torch"] + missing  # installed, but older than FastSAM3D needs: the extension updates it
         if not missing:
             return True
         if askConfirmation and slicer.app.testingEnabled():
@@ -194,7 +204,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             if name in missing:
                 slicer.util.pip_install(requirement)
         importlib.invalidate_caches()
-        return not self.missingDependencies()
+        return not self.missingDependencies() and not self.torchProblem()
 
     # --- models and weights
     def cacheDir(self):
@@ -315,67 +325,74 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                                        "or GPU device instead of the server."))
             return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None,
                                         token=token if token is not None else self.serverToken(), grow=bool(grow))
+        from FastSAM3DLib.errors import FastSAM3DError
+        from FastSAM3DLib.quantize import ENV_VAR, resolve_precision
         from FastSAM3DLib.session import InteractiveSession
 
-        if memoryBank and precision == "fast":
-            from FastSAM3DLib.errors import FastSAM3DError
-
-            raise FastSAM3DError(_("A memory bank needs the exact precision: choose 'Exact', or no memory bank."))
+        try:
+            effective = resolve_precision(precision)
+        except ValueError as exc:
+            raise FastSAM3DError(str(exc)) from None
+        if memoryBank and effective == "fast":
+            source = "" if precision else _(" (set by the environment variable {name})").format(name=ENV_VAR)
+            raise FastSAM3DError(_("A memory bank needs the exact precision{source}: choose 'Exact', or no memory "
+                                   "bank.").format(source=source))
+        # a model per memory bank (scene.load_model keeps them apart): no session's bank changes under it
         built = scene.load_model(model, scene.resolve_device(device), "cached",
-                                 cacheDir if cacheDir is not None else self.cacheDir(), precision)
-        self._useMemoryBank(built, memoryBank)
+                                 cacheDir if cacheDir is not None else self.cacheDir(), effective, memoryBank)
         return InteractiveSession(built, volume, prompt_mode=promptMode or None, grow=bool(grow))
-
-    def _useMemoryBank(self, model, memoryBank):
-        """Attach ``memoryBank`` (or none) to ``model``, which ``scene.load_model`` shares between calls: a bank
-        attached for an earlier choice is detached first, so no session uses a bank it was not given."""
-        from FastSAM3DLib.memory import attach_memory, attached_memory
-
-        handle = attached_memory(model)
-        wanted = os.path.realpath(str(memoryBank)) if memoryBank else None
-        if handle is not None and (wanted is None or os.path.realpath(str(handle.bank.path)) != wanted):
-            handle.detach()
-            handle = None
-        if memoryBank and handle is None:
-            attach_memory(model, memoryBank)
 
     # --- batch
     def segment(self, volumeNode, pointsRas, labels=None, segmentationNode=None, segmentName="FastSAM3D",
-                model=None, device="auto", editorSettings=None, predictor=None, memoryBank=None):
+                model=None, device="auto", editorSettings=None, predictor=None, memoryBank=None, grow=None,
+                precision=None):
         """Segment one object from world-RAS clicks and write it into a segment; returns (segmentationNode, segmentId).
 
         ``labels``: 1 = include, 0 = exclude per point (default all include). ``model``: a name of
         ``modelNames()`` (default: the first whose weights are here). The segmentation is created when
         not given; the segment ``segmentName`` is reused or added. ``editorSettings``: a
         ``FastSAM3DLib.scene.EditorSettings`` (editable area, overwrite mode, intensity range). ``memoryBank``: a
-        Memorizing SAM bank file (``memoryBanks(model)`` lists them) attached to the model. Example::
+        Memorizing SAM bank file (``memoryBanks(model)`` lists them) attached to the model. ``device``: "auto",
+        "cuda", "cpu", "mps", or a FastSAM3D server's address (no PyTorch needed here then; the server session
+        is closed when the call returns). ``grow``: segments grow over several regions (None: the model's
+        default, ``growsByDefault(model)``). ``precision``: None ($FASTSAM3D_PRECISION, else exact), "exact" or
+        "fast". Example::
 
             logic = slicer.util.getModuleLogic("FastSAM3D")
             for volumeNode in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
                 segmentation, segmentId = logic.segment(volumeNode, [[-5.0, 20.0, 35.0]], segmentName="tumour")
         """
-        from FastSAM3DLib import scene
+        from FastSAM3DLib import remote, scene
 
         model = model or self.defaultModel()
         if predictor is None:
-            missing = self.missingDependencies()
-            if missing:
-                raise RuntimeError(_("Missing Python packages: {packages}. Run installDependencies() first.").format(
-                    packages=", ".join(missing)))
-            problem = self.torchProblem()
-            if problem:
-                raise RuntimeError(problem)
-            predictor = self._sessionPredictor(model, device, memoryBank)
+            if not remote.is_server_url(device):
+                missing = self.missingDependencies()
+                if missing:
+                    raise RuntimeError(_("Missing Python packages: {packages}. Run installDependencies() "
+                                         "first.").format(packages=", ".join(missing)))
+                problem = self.torchProblem()
+                if problem:
+                    raise RuntimeError(problem)
+            grow = self.growsByDefault(model) if grow is None else grow
+            predictor = self._sessionPredictor(model, device, memoryBank, grow, precision)
         return scene.segment_volume_node(volumeNode, pointsRas, labels, segmentationNode, segmentName, model,
                                          predictor, editorSettings, device, self.cacheDir())
 
-    def _sessionPredictor(self, model, device, memoryBank):
-        """``predictor(volume, points, labels)``: a fresh session per volume (with the bank or without), all clicks."""
+    def _sessionPredictor(self, model, device, memoryBank, grow, precision):
+        """``predictor(volume, points, labels)``: a fresh session per volume (with the bank or without), all
+        clicks; a server's session is closed once the result is here."""
         from FastSAM3DLib import scene
 
         def predict(volume, pointsRas, labels):
-            return scene.replay_clicks(self.createSession(model, device, None, volume, memoryBank), pointsRas, labels)
+            session = self.createSession(model, device, None, volume, memoryBank, grow, precision)
+            try:
+                return scene.replay_clicks(session, pointsRas, labels)
+            finally:
+                if hasattr(session, "close"):
+                    session.close()
 
+        predict.model_name = model
         return predict
 
 

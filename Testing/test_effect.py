@@ -322,12 +322,13 @@ def test_the_memory_bank_of_the_model_is_offered_used_by_the_session_and_dropped
     model = effect._sessions[effect._sessionKey()].model
     handle = attached_memory(model)
     assert handle is not None and handle.retrievals == 1 and str(handle.bank.path) == bank
-    effect.memoryCombo.setCurrentIndex(0)  # None: the sessions go, the shared model loses its bank
+    effect.memoryCombo.setCurrentIndex(0)  # None: the sessions go; the next one's model has no bank
     harness.run_event_loop()
     assert harness.editor_node.GetAttribute("FastSAM3D.MemoryBank") == ""
     assert harness.click((centre[0] + 1.5, centre[1], centre[2]))
     assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
-    assert effect._sessions[effect._sessionKey()].model is model and attached_memory(model) is None
+    plain = effect._sessions[effect._sessionKey()].model
+    assert attached_memory(plain) is None and attached_memory(model) is handle  # no model's bank was changed
 
 
 def test_a_memory_bank_with_a_server_or_a_missing_file_is_refused_before_the_click(harness):
@@ -357,12 +358,14 @@ def test_the_logic_segments_with_and_without_a_memory_bank(harness, one_torch_th
     centre = [13 * 1.5, 11 * 1.5, 7 * 2.0]
     node, sid = logic.segment(volume, [centre], segmentationNode=segmentation, segmentName="with",
                               model="fastsam3d-demo", device="cpu", memoryBank=bank)
-    model = scene.load_model("fastsam3d-demo", "cpu", "cached", logic.cacheDir())
+    model = scene.load_model("fastsam3d-demo", "cpu", "cached", logic.cacheDir(), "exact", bank)
     handle = attached_memory(model)
     assert handle is not None and handle.retrievals == 1 and segment_array(node, sid, volume).any()
     node, sid = logic.segment(volume, [centre], segmentationNode=segmentation, segmentName="without",
                               model="fastsam3d-demo", device="cpu")
-    assert attached_memory(model) is None and segment_array(node, sid, volume).any()
+    plain = scene.load_model("fastsam3d-demo", "cpu", "cached", logic.cacheDir(), "exact")
+    assert plain is not model and attached_memory(plain) is None and segment_array(node, sid, volume).any()
+    assert attached_memory(model) is handle and handle.retrievals == 1  # the bank's model kept it, unused
 
 
 def test_the_fast_precision_is_an_option_stored_and_used_by_the_session(harness, one_torch_thread, int8_kernel):

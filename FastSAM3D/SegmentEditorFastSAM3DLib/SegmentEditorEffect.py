@@ -551,7 +551,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
                 session = logic.createSession(options[0], options[1], options[2], volume, options[3] or None,
-                                              grow=options[4] == "1", precision=options[5] or None,
+                                              grow=options[4] == "1", precision=options[5] or "exact",
                                               cacheDir=where[0], token=where[1])
                 session.fastsam3dOptions = options
                 self._sessions[key] = session

@@ -1,0 +1,169 @@
+"""The scripted module's Logic (FastSAM3D/FastSAM3D.py): the batch call of the Slicer Python console, its sessions
+and models, and the dependency panel, on real MRML through Testing/effect_harness.py. Each test is a finding of
+a review of the module against Slicer's sources and the library."""
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
+
+import vtk  # noqa: E402
+
+from effect_harness import EffectHarness  # noqa: E402
+from test_scene_adapter import make_segmentation, make_volume, segment_array  # noqa: E402
+
+CENTRE = [13 * 1.5, 11 * 1.5, 7 * 2.0]  # inside the box of :func:`box_volume`
+
+
+@pytest.fixture
+def harness(monkeypatch, tmp_path):
+    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
+    yield h
+    h.close()
+
+
+def box_volume(harness):
+    """A bright box in a dark volume (1.5 x 1.5 x 2 mm voxels)."""
+    return make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
+                       np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+
+
+def module_logic():
+    import FastSAM3D
+
+    return FastSAM3D.FastSAM3DLogic()
+
+
+def model_tag(segmentation_node, segment_id):
+    from FastSAM3DLib import scene
+
+    tag = vtk.reference("")
+    segmentation_node.GetSegmentation().GetSegment(segment_id).GetTag(scene.MODEL_TAG, tag)
+    return str(tag)
+
+
+def test_the_console_call_grows_by_the_models_default_and_records_the_model(harness, monkeypatch, one_torch_thread):
+    """Like the library, the CLI and the effect, a model that grows by default does so from the console (it cut a
+    420 mm tube to one 192 mm region), and the segment records the model, not "custom predictor"."""
+    from FastSAM3DLib import scene
+    from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, tube_centre
+    from FastSAM3DLib.benchmarks.threshold_model import threshold_model
+
+    stand_in = threshold_model()  # segments the bright tube around its prompts, in place of fastsam3d's weights
+    monkeypatch.setattr(scene, "load_model", lambda *args, **kwargs: stand_in)
+    tube, truth = curved_tube(length=420.0)
+    volume = make_volume(harness.scene, tube.ijk_to_ras, tube.array)
+    logic = module_logic()
+    monkeypatch.setattr(logic, "torchProblem", lambda: None)
+    click = [0.0, *map(float, tube_centre(0.0, length=420.0))]
+    grown, grown_id = logic.segment(volume, [click], model="fastsam3d", device="cpu", segmentName="grown")
+    one, one_id = logic.segment(volume, [click], model="fastsam3d", device="cpu", segmentName="one", grow=False)
+    covered = segment_array(grown, grown_id, volume)[truth].mean()
+    assert covered > 0.95 and segment_array(one, one_id, volume)[truth].mean() < 0.6, covered
+    assert model_tag(grown, grown_id) == "fastsam3d"
+
+
+def test_console_calls_through_a_server_close_their_sessions_and_need_no_local_pytorch(harness, monkeypatch):
+    """Each call opened a server session and left it for 30 minutes: a loop over volumes filled the server."""
+    pytest.importorskip("uvicorn", reason="the server extra is not installed")
+    from test_server import Server
+
+    volume = box_volume(harness)
+    logic = module_logic()
+    monkeypatch.setattr(logic, "missingDependencies", lambda: ["torch"])  # a Slicer without PyTorch
+    with Server(max_sessions=2) as server:
+        for n in range(4):
+            node, segment_id = logic.segment(volume, [CENTRE], model="tiny-test", device=server.url,
+                                             segmentName=f"s{n}")
+            assert model_tag(node, segment_id) == "tiny-test"
+        assert len(server.backend.store) == 0
+
+
+def test_a_console_call_does_not_change_the_memory_bank_of_the_effects_session(harness, one_torch_thread):
+    """Models are shared between calls: the console's call without a bank detached the bank the effect's open
+    session had been given (and the reverse); now a model with another bank is another model."""
+    from FastSAM3DLib.memory import attached_memory
+    from FastSAM3DLib.registry import build_model
+    from test_effect import _write_bank
+
+    volume = box_volume(harness)
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    logic = effect._logic()
+    _write_bank(build_model("fastsam3d-demo", checkpoint="cached"),
+                Path(logic.memoryBankDir()) / "demo-bank.safetensors")
+    effect.activate()
+    effect.memoryCombo.setCurrentIndex(1)  # the user chooses the bank
+    assert harness.click(tuple(CENTRE))
+    model = effect._sessions[effect._sessionKey()].model
+    assert attached_memory(model) is not None
+    logic.segment(box_volume(harness), [CENTRE], model="fastsam3d-demo", device="cpu")  # the console, no bank
+    assert harness.click((CENTRE[0] + 1.5, CENTRE[1], CENTRE[2]))
+    assert effect._sessions[effect._sessionKey()].model is model and attached_memory(model) is not None
+
+
+def test_exact_in_the_panel_wins_over_the_environment(harness, monkeypatch, one_torch_thread, int8_kernel):
+    """``$FASTSAM3D_PRECISION=fast`` is for scripts: the panel's "Exact" choice is exact, and a bank with the
+    variable's fast precision is refused by a message that names the variable."""
+    from FastSAM3DLib.errors import FastSAM3DError
+    from FastSAM3DLib.scene import batch
+
+    monkeypatch.setenv("FASTSAM3D_PRECISION", "fast")
+    batch._cached_model.cache_clear()
+    volume = box_volume(harness)
+    segmentation = make_segmentation(harness.scene, volume)
+    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "box"))
+    effect = harness.create_effect()
+    effect.activate()
+    assert effect.precisionCombo.currentData == ""  # "Exact (the official network)"
+    assert harness.click(tuple(CENTRE))
+    assert effect._sessions[effect._sessionKey()].model.precision == "exact"
+    with pytest.raises(FastSAM3DError, match="exact precision .set by the environment variable FASTSAM3D_PRECISION"):
+        effect._logic().createSession("fastsam3d-demo", "cpu", "", None, memoryBank=__file__)
+    batch._cached_model.cache_clear()
+
+
+def test_a_pytorch_too_old_for_fastsam3d_is_shown_and_updated(harness, monkeypatch):
+    """The panel said "all installed" and the install button did nothing while every click failed."""
+    import FastSAM3D
+    from FastSAM3DLib import requirements
+
+    monkeypatch.setattr(requirements, "installed_torch_version", lambda: "2.3.1")
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)  # its panel without Slicer's GUI
+    widget.logic = FastSAM3D.FastSAM3DLogic()
+    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=False)
+    widget.updateStatus()
+    assert "PyTorch 2.3.1 is installed" in widget.dependencyLabel.text and widget.installButton.visible
+    asked = []
+    utils = types.ModuleType("PyTorchUtils")
+    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
+    monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", utils)
+    assert widget.logic.installDependencies(askConfirmation=False) is False  # still too old: not done
+    assert asked and asked[0]["torchVersionRequirement"] == requirements.TORCH_REQUIREMENT
+
+
+def test_the_panel_is_refreshed_after_a_failed_installation(harness, monkeypatch):
+    """Slicer's tryWithErrorDisplay shows the error and raises it again, which skipped the panel's refresh."""
+    import contextlib
+
+    import FastSAM3D
+
+    @contextlib.contextmanager
+    def try_with_error_display(message, waitCursor=False):  # Base/Python/slicer/util.py: display, then raise
+        try:
+            yield
+        except Exception:
+            raise
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
+    widget.logic = FastSAM3D.FastSAM3DLogic()
+    refreshed = []
+    widget.updateStatus = lambda: refreshed.append(True)
+    monkeypatch.setattr(widget.logic, "installDependencies", lambda askConfirmation: 1 / 0)
+    widget.onInstall()
+    assert refreshed == [True]
