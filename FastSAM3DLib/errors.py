@@ -25,6 +25,10 @@ class WeightsUnavailableError(CheckpointError):
     """No weights for the requested model are available on this machine."""
 
 
+class DataSourceError(FastSAM3DError, ValueError):
+    """A folder, manifest or crop cache of image/label pairs cannot be read as given (also a ValueError)."""
+
+
 class DownloadError(FastSAM3DError):
     """Downloading a model file failed; only an interrupted transfer keeps its resumable ``.part`` file."""
 

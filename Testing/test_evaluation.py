@@ -292,6 +292,68 @@ def test_evaluate_cli_end_to_end_with_resume(synthetic_folder, tiny_checkpoint, 
     assert "clicks=3" in capsys.readouterr().err
 
 
+def _single_pair_args(image, label, checkpoint, out, *extra):
+    return ["evaluate", str(image), "--label", str(label), "--model", "tiny-test", "--checkpoint", str(checkpoint),
+            "--placement", "gt", "--quiet", "--no-plots", "--no-predictions", "--structures", "1", "--output",
+            str(out), *extra]
+
+
+def test_a_refused_rerun_leaves_the_results_folder_byte_for_byte(synthetic_folder, tiny_checkpoint, tmp_path,
+                                                                  capsys):
+    """Another click count (e.g. cvpr25's default of 5 after a 10-click run) once dropped every earlier unit from
+    results.csv as 'incomplete' before the settings were refused."""
+    out = tmp_path / "eval"
+    args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
+                             out, "--clicks", "2")
+    assert main(args) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    assert main(args[:-1] + ["3"]) == 2
+    assert "clicks=2" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_a_case_skipped_for_a_broken_file_is_evaluated_once_the_file_is_fixed(synthetic_folder, tiny_checkpoint,
+                                                                                tmp_path, capsys):
+    """Skips are decided again by a rerun: a truncated image, copied again as the message said, is evaluated
+    (it used to count as done for ever), and its skip record goes."""
+    import shutil
+
+    image, out = tmp_path / "ct.nii.gz", tmp_path / "eval"
+    image.write_bytes((synthetic_folder / "ct.nii.gz").read_bytes()[:3000])
+    args = _single_pair_args(image, synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint, out, "--clicks", "2")
+    assert main(args) == 2  # the one pair given: nothing could be evaluated
+    assert "truncated" in capsys.readouterr().err
+    assert "truncated" in (out / "skipped.csv").read_text()
+    shutil.copy(synthetic_folder / "ct.nii.gz", image)
+    assert main(args) == 0
+    assert "evaluated 1 structure(s)" in capsys.readouterr().out
+    assert len(read_rows(out)) == 2 and (out / "skipped.csv").read_text().splitlines()[1:] == []
+
+
+def test_evaluate_refuses_impossible_input_in_one_line_before_writing(synthetic_folder, tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    image, label = synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text("{x")
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "afile").write_text("")
+    cases = [(_single_pair_args(image, tmp_path / "nope.nii.gz", tiny_checkpoint, tmp_path / "o1"), "does not exist"),
+             (_single_pair_args(image, label, tiny_checkpoint, tmp_path / "o2", "--clicks", "0"), "at least 1"),
+             (_single_pair_args(image, label, tiny_checkpoint, tmp_path / "o3", "--nsd-tolerance", "inf"), "mm >= 0"),
+             (["evaluate", str(tmp_path / "bad.json"), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint),
+               "--output", str(tmp_path / "o4")], "bad.json is not a readable manifest"),
+             (_single_pair_args(image, label, tiny_checkpoint, damaged), "run.json is damaged"),
+             (_single_pair_args(image, label, tiny_checkpoint, tmp_path / "afile"), "is a file, not a folder")]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    assert [f.name for f in damaged.iterdir()] == ["run.json"] and (damaged / "run.json").read_text() == "{x"
+
+
 def without_times(tree):
     if isinstance(tree, dict):
         return {k: without_times(v) for k, v in tree.items() if k != "time_s"}

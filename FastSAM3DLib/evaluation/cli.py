@@ -105,6 +105,20 @@ def _table(summary: Dict) -> str:
     return "\n".join(lines)
 
 
+def _check_label(label) -> None:
+    """ValueError saying what to do when the one label file given cannot be read (checked before any output)."""
+    from pathlib import Path
+
+    from .dataset import read_label_values
+
+    if not Path(label).is_file():
+        raise ValueError(f"the label {label} does not exist (or is not a file): give the label image of DATA")
+    try:
+        read_label_values(label)
+    except Exception as exc:  # noqa: BLE001 - SimpleITK's and the library's reasons alike, in one line
+        raise ValueError(f"cannot read the label {label}: {str(exc).strip().splitlines()[-1]}") from None
+
+
 def cmd_evaluate(args) -> int:
     """Run :func:`evaluate_dataset` from parsed arguments and print a short table; returns the exit code."""
     from .dataset import find_cases
@@ -112,6 +126,8 @@ def cmd_evaluate(args) -> int:
 
     try:
         cases = find_cases(args.data, args.label)
+        if args.label:
+            _check_label(args.label)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -119,11 +135,14 @@ def cmd_evaluate(args) -> int:
         print(f"error: no image/label pairs found in {args.data}. Name label files *_seg*/*label*/*mask*, add a "
               "labels.json, or pass a manifest (.json/.csv with image,label columns).", file=sys.stderr)
         return 2
-    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
+    if args.nsd_tolerance is not None and not 0 <= args.nsd_tolerance < float("inf"):
         print(f"error: --nsd-tolerance must be a number of mm >= 0, got {args.nsd_tolerance}", file=sys.stderr)
         return 2
     if args.clicks is None:
         args.clicks = 5 if args.protocol == "cvpr25" else 10
+    if args.clicks < 1:
+        print(f"error: --clicks must be at least 1, got {args.clicks}", file=sys.stderr)
+        return 2
     print(f"{len(cases)} case(s) in {args.data}; model {args.model}, {args.clicks} clicks, protocol {args.protocol}, "
           f"placement {args.placement}")
     common = dict(clicks=args.clicks, protocol=args.protocol, placement=args.placement,
@@ -139,6 +158,11 @@ def cmd_evaluate(args) -> int:
     skipped = summary["skipped"]
     print(f"evaluated {runtime['structures_evaluated']} structure(s) in {runtime['seconds']:.1f} s; "
           f"{len(skipped)} skipped in total (reasons in {args.output}/skipped.csv)")
+    if args.label and not summary.get("n_rows") and skipped:  # the one pair given could not be evaluated at all
+        reasons = sorted({str(record.get("reason", "")) for record in skipped})
+        print(f"error: nothing of {args.data} could be evaluated with {args.label}: {'; '.join(reasons)[:400]}",
+              file=sys.stderr)
+        return 2
     table = _table(summary)
     if table:
         print(table)

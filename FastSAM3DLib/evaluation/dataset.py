@@ -29,6 +29,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..errors import DataSourceError
+
 PathLike = Union[str, Path]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl", ".hdr", ".img.gz",
@@ -275,20 +277,27 @@ def _name_cases(pairs, root: Optional[Path]) -> List[Case]:
     return cases
 
 
+_MANIFEST_FORMS = ("a JSON list of {\"image\": ..., \"label\": ...} objects (or {\"cases\": [...]}), or a CSV "
+                   "file with image and label columns, paths relative to the manifest")
+
+
 def _read_manifest(path: Path) -> List[Case]:
     base = path.parent
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        entries = data.get("cases") if isinstance(data, dict) else data
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected a list of {{'image', 'label'}} objects or {{'cases': [...]}}")
-    else:
-        with open(path, newline="") as handle:
-            entries = list(csv.DictReader(handle))
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data.get("cases") if isinstance(data, dict) else data
+        else:
+            with open(path, newline="", encoding="utf-8") as handle:
+                entries = list(csv.DictReader(handle))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise DataSourceError(f"{path} is not a readable manifest ({exc}); write it as {_MANIFEST_FORMS}.") from None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise DataSourceError(f"{path}: expected {_MANIFEST_FORMS}.")
     cases = []
     for number, entry in enumerate(entries, 1):
         if not entry.get("image") or not entry.get("label"):
-            raise ValueError(f"{path}: entry {number} needs both 'image' and 'label'")
+            raise DataSourceError(f"{path}: entry {number} needs both 'image' and 'label' ({_MANIFEST_FORMS}).")
         image, label = base / str(entry["image"]).strip(), base / str(entry["label"]).strip()
         structures = entry.get("structures")
         if isinstance(structures, str):
@@ -314,7 +323,8 @@ def find_cases(source: PathLike, label: Optional[PathLike] = None) -> List[Case]
         return _read_manifest(source)
     if source.is_dir():
         return _name_cases(_discover(source), source)
-    raise ValueError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with a label")
+    raise DataSourceError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with a label "
+                          "(--label).")
 
 
 def as_cases(pairs) -> List[Case]:

@@ -434,14 +434,14 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             present = ds.read_label_values(case.label)
         except (FastSAM3DError, RuntimeError, OSError) as exc:
             for where in placements:
-                if not store.is_done(key(case, "*", where)):
-                    skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
+                skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
             continue
+        for where in placements:
+            store.forget_skip(key(case, "*", where))  # the label reads now
         values, missing = ds.select_structures(case, present, structures)
         for structure, value, reason in missing:
             for where in placements:
-                if not store.is_done(key(case, value or structure, where)):
-                    skip(case, structure, value or structure, where, reason)
+                skip(case, structure, value or structure, where, reason)
         todo = [(v, [w for w in placements if not store.is_done(key(case, v, w))]) for v in values]
         already += sum(len(placements) - len(w) for _, w in todo)
         todo = [(v, w) for v, w in todo if w]

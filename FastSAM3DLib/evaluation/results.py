@@ -100,7 +100,13 @@ def json_clean(value):
 
 
 class ResultStore:
-    """Rows and skips of an evaluation, kept in memory and (with a folder) on disk, resumable."""
+    """Rows and skips of an evaluation, kept in memory and (with a folder) on disk, resumable.
+
+    Reading a folder changes nothing in it: the files are rewritten (incomplete units dropped, an older header
+    updated) only once :meth:`check_settings` has accepted the new run's settings, so a refused run leaves the
+    folder as it was. A skipped unit is not done: a rerun decides it again (its input may have been fixed), and
+    its record is replaced, or removed when the unit is evaluated.
+    """
 
     def __init__(self, folder: Optional[Path], clicks: int) -> None:
         self.folder = Path(folder) if folder is not None else None
@@ -109,11 +115,13 @@ class ResultStore:
         self.skipped: List[Dict] = []
         self.settings: Dict = {}
         self.dropped_units = 0
+        self._rewrite_results = False
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._load()
+            if self.folder.exists() and not self.folder.is_dir():
+                raise EvaluationStateError(f"{self.folder} is a file, not a folder: choose another --output folder.")
+            if self.folder.is_dir():
+                self._load()
         self._done = {unit_key(r) for r in self.rows}
-        self._skipped = {unit_key(r) for r in self.skipped}
 
     # ----------------------------------------------------------------- files
     @property
@@ -133,7 +141,13 @@ class ResultStore:
 
     def _load(self) -> None:
         if self.run_json.is_file():
-            self.settings = json.loads(self.run_json.read_text())
+            try:
+                self.settings = json.loads(self.run_json.read_text(encoding="utf-8"))
+                if not isinstance(self.settings, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise EvaluationStateError(f"{self.run_json} is damaged ({exc}), so the results in {self.folder} "
+                                           "cannot be continued: choose another --output folder.") from None
         if self.results_csv.is_file():
             with open(self.results_csv, newline="") as handle:
                 reader = csv.DictReader(handle)
@@ -150,8 +164,8 @@ class ResultStore:
                         if sorted(r["click"] for r in rows) == list(range(1, self.clicks + 1))]
             self.dropped_units = len(units) - len(complete)
             self.rows = [r for rows in complete for r in rows]
-            if self.dropped_units or len(self.rows) != len(raw) or header != FIELDS:  # (older files: no nsd_full)
-                _atomic_write(self.results_csv, _csv_text(FIELDS, self.rows))
+            # (older files: no nsd_full) rewritten once the settings are accepted
+            self._rewrite_results = bool(self.dropped_units or len(self.rows) != len(raw) or header != FIELDS)
         if self.skipped_csv.is_file():
             with open(self.skipped_csv, newline="") as handle:
                 self.skipped = [r for r in csv.DictReader(handle) if r.get("reason")]
@@ -182,6 +196,11 @@ class ResultStore:
         if checkpoint or model_name not in merged["models"]:
             merged["models"][model_name] = checkpoint or "unknown"
         self.settings = merged
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        if self._rewrite_results:
+            _atomic_write(self.results_csv, _csv_text(FIELDS, self.rows))
+            self._rewrite_results = False
         self._save_settings()
 
     def record_cases(self, cases) -> None:
@@ -197,22 +216,37 @@ class ResultStore:
 
     # ----------------------------------------------------------------- units
     def is_done(self, key: tuple) -> bool:
-        """True when the unit ``key`` (see :func:`unit_key`) is already evaluated or skipped."""
-        return key in self._done or key in self._skipped
+        """True when the unit ``key`` (see :func:`unit_key`) is already evaluated (skipped ones are decided again)."""
+        return key in self._done
 
     def add_unit(self, rows: List[Dict]) -> None:
-        """Append the rows of one finished unit (all its clicks)."""
+        """Append the rows of one finished unit (all its clicks); a former skip of it is forgotten."""
         if len(rows) != self.clicks:
             raise ValueError(f"a unit has {len(rows)} rows, expected {self.clicks}")
         self.rows.extend(rows)
         self._done.add(unit_key(rows[0]))
         self._append(self.results_csv, FIELDS, rows)
+        self.forget_skip(unit_key(rows[0]))
 
     def add_skip(self, record: Dict) -> None:
-        """Record a unit that was not evaluated, with its ``reason``."""
-        self.skipped.append(dict(record))
-        self._skipped.add(unit_key(record))
-        self._append(self.skipped_csv, SKIP_FIELDS, [record])
+        """Record a unit that was not evaluated, with its ``reason`` (replacing an earlier record of it)."""
+        key = unit_key(record)
+        if any(unit_key(r) == key for r in self.skipped):
+            self.skipped = [r for r in self.skipped if unit_key(r) != key] + [dict(record)]
+            self._write_skips()
+        else:
+            self.skipped.append(dict(record))
+            self._append(self.skipped_csv, SKIP_FIELDS, [record])
+
+    def forget_skip(self, key: tuple) -> None:
+        """Remove the skip record of unit ``key``, if any (its input was fixed)."""
+        if any(unit_key(r) == key for r in self.skipped):
+            self.skipped = [r for r in self.skipped if unit_key(r) != key]
+            self._write_skips()
+
+    def _write_skips(self) -> None:
+        if self.skipped_csv is not None:
+            _atomic_write(self.skipped_csv, _csv_text(SKIP_FIELDS, self.skipped))
 
     @staticmethod
     def _append(path: Optional[Path], fields, rows) -> None:
