@@ -26,7 +26,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import interrupts
 from .errors import InputImageError, OutputFileError
@@ -219,18 +219,22 @@ def utf8_path(path) -> bool:
     return True
 
 
-def check_output_path(path, inputs: Iterable = ()) -> Path:
+def check_output_path(path, inputs: Iterable = (), extensions: Optional[Sequence[str]] = None,
+                      input_name: str = "input image") -> Path:
     """Refuse an output the label writer cannot use, before any work is done; returns it as a Path.
 
     Refused with :class:`OutputFileError`: an empty name or one ending in a slash, an existing folder, a
     device or other special file (``/dev/null``, a pipe: never written to nor replaced), any of ``inputs``
     (the same file, also through another path, a link or a hard link), an unknown extension, a name longer
     than the file system allows, a path through a file, a name that is not valid UTF-8 (:func:`utf8_path`), and a
-    folder this process cannot write in (read-only disk, no permission). An existing symbolic link is replaced by the new file; its target is not touched.
+    folder this process cannot write in (read-only disk, no permission). An existing symbolic link is replaced by
+    the new file; its target is not touched. ``extensions``: the file types allowed (default: a label's,
+    :data:`LABEL_EXTENSIONS`); ``input_name``: what the inputs are, for the message.
     """
     text = os.fspath(path)
     if not text or text.endswith(("/", os.sep)):
-        raise _refuse(f"output {text!r} is not a file name: give one, e.g. label.nii.gz.", errno.EISDIR)
+        raise _refuse(f"output {text!r} is not a file name: give one, e.g. {_example_name(extensions)}.",
+                      errno.EISDIR)
     if not utf8_path(text):
         raise _refuse(f"output {text!r} has a folder or file name that is not valid text (UTF-8), which the image "
                       "writer cannot open: choose or rename a folder whose name is plain text.")
@@ -244,16 +248,21 @@ def check_output_path(path, inputs: Iterable = ()) -> Path:
     if status is not None:
         if stat.S_ISDIR(status.st_mode):
             raise _refuse(f"output {path} is an existing folder: give a file name inside it, e.g. "
-                          f"{path / 'label.nii.gz'}.", errno.EISDIR)
+                          f"{path / _example_name(extensions)}.", errno.EISDIR)
         if not stat.S_ISREG(status.st_mode):
             raise _refuse(f"output {path} is a device or other special file, not a regular file; FastSAM3D "
-                          "neither writes to nor replaces such files: give a file name, e.g. label.nii.gz.")
+                          f"neither writes to nor replaces such files: give a file name, e.g. "
+                          f"{_example_name(extensions)}.")
         for source in inputs:
             if _same_file(status, source):
                 also = "" if os.fspath(source) == text else f" ({source})"
-                raise _refuse(f"output {path} is the input image{also}: writing the label would destroy it. "
-                              "Choose another output name, e.g. label.nii.gz.", errno.EEXIST)
-    label_extension(path)
+                raise _refuse(f"output {path} is the {input_name}{also}: writing it would destroy that file. "
+                              f"Choose another output name, e.g. {_example_name(extensions)}.", errno.EEXIST)
+    if extensions is None:
+        label_extension(path)
+    elif not any(path.name.endswith(ext) and len(path.name) > len(ext) for ext in extensions):
+        raise _refuse(f"{path}: this file must end in {' or '.join(extensions)}, e.g. "
+                      f"{path.with_name(_example_name(extensions))}.")
     folder = _nearest_existing(path.parent)
     limit = _name_max(folder)
     if len(os.fsencode(path.name)) > limit:
@@ -266,6 +275,10 @@ def check_output_path(path, inputs: Iterable = ()) -> Path:
         code = errno.EROFS if _read_only(folder) else errno.EACCES
         raise output_error(OSError(code, os.strerror(code)), path) from None
     return path
+
+
+def _example_name(extensions: Optional[Sequence[str]]) -> str:
+    return "label.nii.gz" if extensions is None else f"output{extensions[0]}"
 
 
 def _same_file(status: os.stat_result, other) -> bool:

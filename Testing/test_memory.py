@@ -490,6 +490,17 @@ def test_cli_build_and_inspect(dataset, tmp_path, capsys):
     assert "patients 1" in text and "CC0" in text and "a1 / label_1" in text and "encoder sha256" in text
     assert main(["build", str(dataset / "train.json"), "--model", "tiny-test", "--checkpoint", "random",
                  "--output", str(tmp_path / "bank.pt")]) == 2
+    import os
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    for refused, message in ((tmp_path / "fifo.safetensors", "special file"),
+                             (tmp_path / "folder.safetensors", "existing folder"),
+                             (dataset / "train.json", "is the input")):
+        capsys.readouterr()
+        assert main(["build", str(dataset / "train.json"), "--model", "tiny-test", "--checkpoint", "random",
+                     "--output", str(refused), "--quiet"]) == 2  # refused before the build, not after it
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "fifo.safetensors").is_fifo() and not any((tmp_path / "folder.safetensors").iterdir())
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     # the bank made with seed-0 random weights is accepted by a model with the same weights only
     assert load_bank(out, build_model("tiny-test", seed=0)).meta["model"] == "tiny-test"

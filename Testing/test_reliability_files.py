@@ -244,7 +244,7 @@ def test_output_equal_to_the_input_is_refused(tmp_path, sample, tiny_checkpoint,
     os.link(image, hardlink)
     for target in (image, tmp_path / "sub" / ".." / "ct.nii.gz", symlink, hardlink):
         code, _, err = run_main(capfd, segment_args(image, target, tiny_checkpoint))
-        assert "is the input image" in one_line_error(code, err), target
+        assert "is the input image" in one_line_error(code, err), target  # the segment command names it
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest and symlink.is_symlink()
 
 

@@ -3,6 +3,7 @@
 Everything runs on tiny configs (``tiny-test`` student, ``tiny-test-teacher``) in seconds on a CPU.
 """
 import json
+import os
 import warnings
 
 import numpy as np
@@ -621,7 +622,7 @@ def test_learning_rate_schedule():
     assert lr_factor(5, LoopConfig(output="x", schedule="constant")) == 1.0
 
 
-def test_cli_commands_end_to_end(tmp_path):
+def test_cli_commands_end_to_end(tmp_path, capsys):
     from FastSAM3DLib.cli import main
 
     image, label = _synthetic_pair(tmp_path)
@@ -635,7 +636,18 @@ def test_cli_commands_end_to_end(tmp_path):
                  "--output", str(tmp_path / "student"), *common]) == 0
     assert main(["finetune", str(cache), "--model", "tiny-test", "--checkpoint", str(tmp_path / "student" / "model.pth"),
                  "--clicks", "2", "--loss-size", "32", "--output", str(tmp_path / "final"), *common]) == 0
-    assert main(["export-weights", str(tmp_path / "final" / "latest.pth"), str(tmp_path / "w.pth")]) == 0
+    latest = tmp_path / "final" / "latest.pth"
+    before = latest.read_bytes()
+    os.mkfifo(tmp_path / "pipe.pth")
+    for output, message in ((latest, "is the checkpoint"), (tmp_path / "w.safetensors", "must end in .pth or .pt"),
+                            (tmp_path / "pipe.pth", "special file")):
+        capsys.readouterr()
+        assert main(["export-weights", str(latest), str(output)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert latest.read_bytes() == before and (tmp_path / "pipe.pth").is_fifo()  # the resumable run is intact
+    assert not (tmp_path / "w.safetensors").exists()
+    assert main(["export-weights", str(latest), str(tmp_path / "w.pth")]) == 0
     build_model("tiny-test", checkpoint=tmp_path / "w.pth")
     # the student started from the teacher's prompt encoder and mask decoder (same shapes)
     teacher = torch.load(tmp_path / "teacher" / "model.pth", weights_only=True)["model_state_dict"]

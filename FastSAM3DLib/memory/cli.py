@@ -77,10 +77,10 @@ def cmd_build(args) -> int:
     from .bank import file_sha256, save_bank
     from .build import build_bank, inspect_text
 
-    output = Path(args.output)
-    if output.suffix != ".safetensors":
-        print(f"error: the bank file must end in .safetensors, got {output.name}", file=sys.stderr)
-        return 2
+    from ..files import check_output_path
+
+    inputs = [Path(args.data)] + ([Path(args.label)] if args.label else [])
+    output = check_output_path(args.output, inputs, extensions=(".safetensors",), input_name="input")
     model, _, description = _resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
     if description == "cached":
         from ..registry import cached_checkpoint, get_model_config

@@ -153,7 +153,8 @@ def add_subcommands(subparsers) -> None:
 
     export = subparsers.add_parser("export-weights", help="write a checkpoint's weights without optimiser state")
     export.add_argument("checkpoint", help="training checkpoint (latest.pth or model.pth)")
-    export.add_argument("output", help="weights file to write (official format, optimizer_state_dict None)")
+    export.add_argument("output", help="weights file to write, .pth or .pt (official format, optimizer_state_dict "
+                                       "None); not the checkpoint itself")
     export.add_argument("--float16", action="store_true", help="store floating-point weights as float16")
     export.set_defaults(func=cmd_export)
 
@@ -237,8 +238,10 @@ def cmd_export(args) -> int:
     """``export-weights``."""
     import torch
 
+    from ..files import check_output_path
     from .checkpoints import export_weights
 
-    path = export_weights(args.checkpoint, args.output, torch.float16 if args.float16 else None)
+    output = check_output_path(args.output, [args.checkpoint], extensions=(".pth", ".pt"), input_name="checkpoint")
+    path = export_weights(args.checkpoint, output, torch.float16 if args.float16 else None)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
