@@ -58,11 +58,15 @@ def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, s
     ``weights`` = (model name, checkpoint, description) overrides the automatic choice (for tests);
     ``cache_dir`` is the model cache searched for the official weights (default: the user cache folder).
     """
-    from .files import write_label_atomically
+    from .files import check_output_path, write_label_atomically
     from .preview import render_preview
     from .registry import build_model
     from .session import InteractiveSession
 
+    output_dir = Path(output_dir)
+    label_path, png_path = output_dir / "demo_label.nii.gz", output_dir / "demo_preview.png"
+    check_output_path(label_path)  # before any work: a folder or a pipe of that name is refused, not half-written
+    check_output_path(png_path, extensions=(".png",))
     image, reference = Volume.from_file(sample_path(SAMPLE_IMAGE)), Volume.from_file(sample_path(SAMPLE_LABEL))
     value, name = DEMO_STRUCTURE
     truth = reference.array == value
@@ -82,8 +86,6 @@ def run_demo(output_dir: Path, log=print, weights: Optional[Tuple[str, object, s
     session = InteractiveSession(build_model(model_name, checkpoint=checkpoint), image)
     result = session.add_click(point, include=True)
     mask = session.full_mask(result)
-    output_dir = Path(output_dir)
-    label_path, png_path = output_dir / "demo_label.nii.gz", output_dir / "demo_preview.png"
     write_label_atomically(image, mask, label_path)
     render_preview(image, mask, point, png_path)
     timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())

@@ -50,7 +50,9 @@ def render_preview(volume: Volume, mask_kji: np.ndarray, point_ras, path) -> Pat
     height = max(p.shape[0] for p in panels)
     padded = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
     canvas = np.concatenate(padded, axis=1)
+    from .files import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(path))
+    with atomic_output(path, suffix=".png") as tmp:  # a reader never sees half a PNG; a failure leaves none
+        sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(tmp))
     return path

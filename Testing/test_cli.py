@@ -252,6 +252,21 @@ def test_demo_writes_label_and_preview(tmp_path, tiny_checkpoint):
     assert "Dice" in text and "preview:" in text
 
 
+def test_demo_refuses_unusable_outputs_before_it_writes_anything(tmp_path, tiny_checkpoint):
+    """A folder named like the preview left the label written and a traceback; a pipe named like it hung."""
+    import os
+
+    from FastSAM3DLib.errors import OutputFileError
+
+    for name, make in (("folder", lambda p: p.mkdir()), ("pipe", os.mkfifo)):
+        out = tmp_path / name
+        out.mkdir()
+        make(out / "demo_preview.png")
+        with pytest.raises(OutputFileError, match="demo_preview.png"):  # the CLI's one line, exit 2
+            run_demo(out, log=lambda text: None, weights=("tiny-test", tiny_checkpoint, "test"))
+        assert sorted(p.name for p in out.iterdir()) == ["demo_preview.png"]
+
+
 def test_fast_precision_segments_with_the_int8_encoder(tmp_path, sample, tiny_checkpoint, int8_kernel):
     point = kidney_point(sample)
     outs = {}
