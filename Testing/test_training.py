@@ -2,6 +2,7 @@
 
 Everything runs on tiny configs (``tiny-test`` student, ``tiny-test-teacher``) in seconds on a CPU.
 """
+import contextlib
 import json
 import os
 import warnings
@@ -489,6 +490,36 @@ def test_the_training_commands_refuse_impossible_group_weights_in_one_line(tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and "at least 0, got 'pairs=-1'" in err[-1] and "Traceback" not in err[-1]
         assert not (tmp_path / "out").exists()
+
+
+def test_prepare_data_refuses_unusable_sources_and_settings_in_one_line(tmp_path, capsys):
+    """Manifest errors, an image given as a source, a damaged cache index and impossible numbers gave tracebacks
+    (or ran and made 0 crops)."""
+    from FastSAM3DLib.cli import main
+
+    image, _label = _synthetic_pair(tmp_path)
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "obj.json").write_text('{"a": 1}')
+    (tmp_path / "cols.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "bytes.csv").write_bytes(b"\xff\xfe\x00")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "index.json").write_text("{x")
+    runs = [(["--source", str(tmp_path / "bad.json")], "bad.json is not a readable manifest"),
+            (["--source", str(tmp_path / "obj.json")], "obj.json: expected a JSON list"),
+            (["--source", str(tmp_path / "cols.csv")], "needs both 'image' and 'label'"),
+            (["--source", str(tmp_path / "bytes.csv")], "bytes.csv is not a readable manifest"),
+            (["--source", str(image)], "neither a folder"),
+            (["--phantoms", "-3"], "must be at least 0"), (["--phantoms", "1", "--margin", "-5"], "at least 0"),
+            (["--phantoms", "1", "--per-phantom", "0"], "at least 1"), ([], "give at least one --source")]
+    for options, message in runs:
+        with pytest.raises(SystemExit) if options and options[0] != "--source" else contextlib.nullcontext():
+            assert main(["prepare-data", str(tmp_path / "cache"), *options]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and message in err[-1] and "Traceback" not in "\n".join(err), (options, err)
+    assert main(["prepare-data", str(damaged), "--phantoms", "1"]) == 2
+    assert "index.json is damaged" in capsys.readouterr().err and (damaged / "index.json").read_text() == "{x"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_prepare_crops_skips_excluded_and_resumes(tmp_path):

@@ -323,8 +323,8 @@ def find_cases(source: PathLike, label: Optional[PathLike] = None) -> List[Case]
         return _read_manifest(source)
     if source.is_dir():
         return _name_cases(_discover(source), source)
-    raise DataSourceError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with a label "
-                          "(--label).")
+    raise DataSourceError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with its "
+                          "label.")
 
 
 def as_cases(pairs) -> List[Case]:

@@ -6,6 +6,7 @@ code). The work is done by :mod:`.data`, :mod:`.distill`, :mod:`.finetune` and :
 from __future__ import annotations
 
 import argparse
+import sys
 
 EXAMPLES = """examples (the demo pipeline, see Resources/Models/MODEL_CARD.md):
   python -m FastSAM3DLib prepare-data /tmp/crops --source ../shared/data/totalseg --phantoms 200 \\
@@ -25,6 +26,20 @@ OUTPUT/log.jsonl (one JSON line per step and per epoch)."""
 def _floats(text: str):
     low, _, high = text.partition(",")
     return float(low), float(high)
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (argparse's one-line error otherwise)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _group_weights(text):
@@ -86,8 +101,9 @@ def add_subcommands(subparsers) -> None:
     prep.add_argument("cache", help="crop cache folder (created; rerunning adds what is missing)")
     prep.add_argument("--source", action="append", default=[],
                       help="folder or manifest of image/label pairs (repeatable; as 'evaluate' finds them)")
-    prep.add_argument("--phantoms", type=int, default=0, help="synthetic phantoms to add (default 0)")
-    prep.add_argument("--per-phantom", type=int, default=2, help="structures cropped per phantom (default 2)")
+    prep.add_argument("--phantoms", type=_at_least(0), default=0, help="synthetic phantoms to add (default 0)")
+    prep.add_argument("--per-phantom", type=_at_least(1), default=2,
+                      help="structures cropped per phantom (default 2)")
     prep.add_argument("--structures", nargs="+", default=None, metavar="S",
                       help="label values or names to use (wildcards allowed); default: all")
     prep.add_argument("--exclude", action="append", default=[], metavar="[CASE:]S",
@@ -96,7 +112,8 @@ def add_subcommands(subparsers) -> None:
                       help="case names (wildcards allowed) never used: held-out data (repeatable)")
     prep.add_argument("--min-voxels", type=int, default=1000,
                       help="skip structures with fewer voxels in the 128^3 box (default 1000, official)")
-    prep.add_argument("--margin", type=int, default=16, help="extra voxels per side for random shifts (default 16)")
+    prep.add_argument("--margin", type=_at_least(0), default=16,
+                      help="extra voxels per side for random shifts (default 16)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the phantoms (default 0)")
     prep.set_defaults(func=cmd_prepare)
 
@@ -196,7 +213,7 @@ def cmd_prepare(args) -> int:
     from .data import prepare_crops
 
     if not args.source and not args.phantoms:
-        print("error: give at least one --source or --phantoms N")
+        print("error: give at least one --source or --phantoms N", file=sys.stderr)
         return 2
     cache = prepare_crops(args.cache, args.source, args.phantoms, margin=args.margin, min_voxels=args.min_voxels,
                           include=args.structures, exclude=args.exclude, exclude_cases=args.exclude_case,

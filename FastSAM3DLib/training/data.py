@@ -63,6 +63,22 @@ class CropEntry:
     label_file: str
 
 
+def _read_index(path: Path) -> dict:
+    """A crop cache's index, or DataSourceError saying what to do when it is damaged."""
+    from ..errors import DataSourceError
+
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        int(meta["size"]), int(meta["margin"])
+        for entry in meta["entries"]:
+            CropEntry(**entry)
+        return meta
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise DataSourceError(f"{path} is damaged ({type(exc).__name__}: {exc}), so this crop cache cannot be "
+                              f"used: build a new one in another folder with 'python -m FastSAM3DLib "
+                              f"prepare-data' (or remove {path.parent}).") from None
+
+
 class CropCache:
     """A folder of cached crops with an ``index.json``; adding is resumable (present crops are skipped)."""
 
@@ -75,7 +91,7 @@ class CropCache:
         self.entries: List[CropEntry] = []
         index = self.root / self.INDEX
         if index.is_file():
-            meta = json.loads(index.read_text())
+            meta = _read_index(index)
             if (meta["size"], meta["margin"]) != (self.size, self.margin) and meta["entries"]:
                 self.size, self.margin = int(meta["size"]), int(meta["margin"])
             self.entries = [CropEntry(**e) for e in meta["entries"]]
@@ -87,7 +103,7 @@ class CropCache:
         if not index.is_file():
             raise FileNotFoundError(f"{root} holds no crop cache ({cls.INDEX} missing); build it with "
                                     "'python -m FastSAM3DLib prepare-data'")
-        meta = json.loads(index.read_text())
+        meta = _read_index(index)
         return cls(root, meta["size"], meta["margin"])
 
     def __len__(self) -> int:
