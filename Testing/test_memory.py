@@ -501,6 +501,11 @@ def test_cli_build_and_inspect(dataset, tmp_path, capsys):
                      "--output", str(refused), "--quiet"]) == 2  # refused before the build, not after it
         assert message in capsys.readouterr().err
     assert (tmp_path / "fifo.safetensors").is_fifo() and not any((tmp_path / "folder.safetensors").iterdir())
+    capsys.readouterr()  # with --quiet nothing is logged, so the error itself says why nothing could be used
+    assert main(["build", str(dataset / "a1.nii.gz"), "--label", str(tmp_path / "nope.nii.gz"), "--model",
+                 "tiny-test", "--checkpoint", "random", "--output", str(tmp_path / "none.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.nii.gz does not exist" in err and "messages above" not in err
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     # the bank made with seed-0 random weights is accepted by a model with the same weights only
     assert load_bank(out, build_model("tiny-test", seed=0)).meta["model"] == "tiny-test"

@@ -425,7 +425,7 @@ def select_structures(case: Case, present: Iterable[int],
                 chosen.append(value)
             else:
                 missing.append((case.structure_name(value), str(value),
-                                f"missing: label value {value} has no voxels in {case.label.name}"))
+                                f"missing: label value {value} has no voxels in {case.label.name} on the image's grid"))
             continue
         pattern = selector.lower()
         named = {v: n for v, n in case.names.items() if fnmatch.fnmatchcase(n.lower(), pattern)}
@@ -437,7 +437,7 @@ def select_structures(case: Case, present: Iterable[int],
             if named:
                 values = ", ".join(str(v) for v in sorted(named))
                 missing.append((selector, ";".join(str(v) for v in sorted(named)),
-                                f"missing: '{selector}' (value {values}) has no voxels in {case.label.name}"))
+                                f"missing: '{selector}' (value {values}) has no voxels in {case.label.name} on the image's grid"))
             else:
                 source = "its label names" if case.names else "unnamed labels (no labels.json/.label file found)"
                 missing.append((selector, "", f"missing: no structure named '{selector}' in this case ({source})"))

@@ -160,6 +160,12 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
     descs, keys, values, case_index = [], [], [], []
     started = time.perf_counter()
     model.eval()
+    reasons: List[str] = []  # why structures were left out: logged, and in the error when none is left
+
+    def skip(text: str) -> None:
+        reasons.append(text)
+        log(text)
+
     for number, case in enumerate(cases):
         info = provenance[number] if provenance else {}
         patient = info.get("patient")
@@ -172,19 +178,22 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
             volume, labels, _ = ds.load_case(case)
             volume.validate()
         except Exception as exc:  # noqa: BLE001 - an unreadable case is reported and skipped, as evaluate does
-            log(f"{case.name}: skipped ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})")
+            skip(f"{case.name}: skipped ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})")
             continue
         counts = ds._value_counts(labels)
         values_, missing = ds.select_structures(case, counts, structures)
         for selector, _, reason in missing:
-            log(f"{case.name}: {selector}: {reason}")
+            skip(f"{case.name}: {selector}: {reason}")
+        if not values_ and not missing:
+            skip(f"{case.name}: no labelled voxel lies on the image's grid (is {case.label.name} the label of "
+                 f"{case.image.name}?)")
         label_volume = Volume(labels, volume.ijk_to_ras)
         case_number = len(case_list)
         added = 0
         for value in values_:
             name = case.structure_name(value)
             if counts.get(value, 0) < min_voxels:
-                log(f"{case.name}/{name}: skipped (only {counts.get(value, 0)} voxels)")
+                skip(f"{case.name}/{name}: skipped (only {counts.get(value, 0)} voxels)")
                 continue
             mask = labels == value
             if crop == "gt":
@@ -192,7 +201,7 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
             else:
                 roi = roi_around(volume, deepest_voxel_ras(volume, mask)[None], size, spacing)
             if not (extract_label(label_volume, roi) == value).any():
-                log(f"{case.name}/{name}: skipped (no voxel on the {spacing} mm model grid)")
+                skip(f"{case.name}/{name}: skipped (no voxel on the {spacing} mm model grid)")
                 continue
             image = extract_model_input(volume, roi)
             x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
@@ -212,8 +221,9 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
             case_list.append(record)
             log(f"{case.name} (patient {record['patient']}{', assumed' if not patient else ''}): {added} entries")
     if not entries:
-        raise MemoryBankError(f"no labelled structure in {source} could be used for the bank (see the messages "
-                              "above).")
+        why = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        raise MemoryBankError(f"no labelled structure in {source} could be used for the bank: "
+                              f"{why or 'no case was found'}.")
     split_sha = ""
     if isinstance(source, (str, Path)) and Path(source).is_file():
         split_sha = file_sha256(source)
