@@ -43,6 +43,23 @@ def test_atomic_output_never_sets_the_process_umask(tmp_path, monkeypatch):
         os.umask(mask)
 
 
+def test_atomic_output_never_opens_an_existing_file_as_its_temporary(tmp_path, monkeypatch):
+    """The temporary is created exclusively: a name that exists is never reused (here every random name is the
+    same and taken, so after its attempts the write is refused and the taken file is untouched)."""
+    import secrets
+
+    from FastSAM3DLib.errors import OutputFileError
+    from FastSAM3DLib.files import _temp_prefix
+
+    monkeypatch.setattr(secrets, "choice", lambda characters: "a")
+    taken = tmp_path / (_temp_prefix(tmp_path / "result.txt", ".tmp") + "aaaaaaaa.tmp")
+    taken.write_text("someone else's")
+    with pytest.raises(OutputFileError):
+        with atomic_output(tmp_path / "result.txt") as tmp:
+            tmp.write_text("new")
+    assert taken.read_text() == "someone else's" and not (tmp_path / "result.txt").exists()
+
+
 def test_atomic_output_keeps_the_suffix_writers_choose_the_format_by(tmp_path):
     with atomic_output(tmp_path / "label.nii.gz", suffix=".nii.gz") as tmp:
         assert tmp.name.endswith(".nii.gz")

@@ -104,5 +104,10 @@ def _recall(a, b) -> float:
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
+    if len(arguments) < 2 or arguments[0] in ("-h", "--help"):
+        print("usage: python -m FastSAM3DLib.benchmarks.growth_prompts IMAGE LABEL [MODEL] [VALUE ...]\n"
+              "  e.g. ../shared/data/totalseg/example_ct.nii.gz ../shared/data/totalseg/example_seg.nii.gz "
+              "fastsam3d-demo", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(measure(arguments[0], arguments[1], *(arguments[2:3] or ["fastsam3d-demo"]),
                              values=[int(v) for v in arguments[3:]] or None), indent=2))

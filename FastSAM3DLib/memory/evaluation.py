@@ -74,8 +74,8 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         raise MemoryBankError(
             "the memory bank holds the test patient(s) " + ", ".join(shared or ["-"])
             + (f" (cases {', '.join(shared_cases)})" if shared_cases else "")
-            + ": results would leak the answer. Build the bank from other patients, or pass guard='exclude' to "
-              "leave those entries out of retrieval for their own cases.")
+            + ": results would leak the answer. Build the bank from other patients, or leave those entries out "
+              "of retrieval for their own cases (--memory-guard exclude; guard='exclude' in Python).")
     handle = attach_memory(model, bank, k=k, local_ratio=local_ratio, rule=rule, retrieval_mode=retrieval_mode,
                            seed=seed_memory, allow_other_encoder=allow_other_encoder)
     folder = Path(output) if output is not None else None
