@@ -517,6 +517,9 @@ def test_prepare_data_refuses_unusable_sources_and_settings_in_one_line(tmp_path
             assert main(["prepare-data", str(tmp_path / "cache"), *options]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err and message in err[-1] and "Traceback" not in "\n".join(err), (options, err)
+    (tmp_path / "afile").write_text("")
+    assert main(["prepare-data", str(tmp_path / "afile"), "--phantoms", "1"]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
     assert main(["prepare-data", str(damaged), "--phantoms", "1"]) == 2
     assert "index.json is damaged" in capsys.readouterr().err and (damaged / "index.json").read_text() == "{x"
     assert not (tmp_path / "cache").exists()

@@ -206,8 +206,11 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
     (half the disk; relative rounding < 5e-4) unless out of range; False keeps them exact (float32).
     Rerunning continues an interrupted run.
     """
+    from ..errors import DataSourceError
     from ..evaluation.dataset import as_cases, load_case, select_structures
 
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DataSourceError(f"{cache_dir} is a file, not a folder: give a folder for the crop cache.")
     cache = CropCache(cache_dir, size, margin, float16)
     if (cache.size, cache.margin) != (size, margin):
         log(f"{cache.root} holds {cache.size}^3 crops with margin {cache.margin}: adding crops of that shape")
