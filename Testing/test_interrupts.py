@@ -50,11 +50,11 @@ def test_other_threads_do_not_defer_the_main_threads_interrupts():
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
 def test_a_signal_during_the_set_up_of_a_temporary_leaves_nothing(tmp_path, monkeypatch):
-    """SIGTERM right after mkstemp created the file (before its name was stored) still removes it."""
-    real_mkstemp = files.tempfile.mkstemp
+    """SIGTERM right after the temporary file was created (before its name was stored) still removes it."""
+    real_create = files._create_temporary
 
-    def mkstemp_then_signal(*args, **kwargs):
-        result = real_mkstemp(*args, **kwargs)
+    def create_then_signal(*args, **kwargs):
+        result = real_create(*args, **kwargs)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # handled at the next bytecode
         return result
 
@@ -62,7 +62,7 @@ def test_a_signal_during_the_set_up_of_a_temporary_leaves_nothing(tmp_path, monk
         interrupts.raise_or_defer(KeyboardInterrupt())
 
     previous = signal.signal(signal.SIGUSR1, handler)
-    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_signal)
+    monkeypatch.setattr(files, "_create_temporary", create_then_signal)
     try:
         with pytest.raises(KeyboardInterrupt):
             with files.atomic_output(tmp_path / "label.nii", suffix=".nii") as tmp:

@@ -583,7 +583,20 @@ def test_the_guard_knows_the_bank_image_under_another_case_name(tiny, tmp_path):
 
 
 def _write_dicom_series(image, folder: Path) -> None:
-    """``image`` as a DICOM series, one file per slice, that SimpleITK's GDCM series reader puts back together."""
+    """``image`` as a DICOM series, one file per slice, that SimpleITK's GDCM series reader puts back together.
+
+    GDCM's writer leaves the process's LC_CTYPE at "C" (then every later ``read_text()`` without an encoding
+    decodes ASCII): the locale is put back afterwards."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(image, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(image, folder: Path) -> None:
     import SimpleITK as sitk
 
     folder.mkdir()
