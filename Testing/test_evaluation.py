@@ -156,6 +156,27 @@ def test_find_cases_understands_labels_json_nnunet_itksnap_and_manifests(tmp_pat
     assert values == [2, 1] and missing[0][0] == "spleen" and "no structure named" in missing[0][2]
 
 
+def test_names_and_manifests_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """GDCM's DICOM writer leaves a process at LC_CTYPE "C", and Windows defaults to cp1252: files are read as
+    UTF-8 explicitly, so structure names like these stay readable."""
+    import locale
+
+    small = np.zeros((4, 5, 6), np.uint8)
+    small[1, 1, 1] = 1
+    write_image(tmp_path / "ct.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "ct_seg.nii.gz", small)
+    (tmp_path / "labels.json").write_text(json.dumps({"ct_seg.nii.gz": {"image": "ct.nii.gz", "labels": {
+        "1": {"name": "Leber – Segment IV"}}}}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "m.csv").write_text("image,label,case\nct.nii.gz,ct_seg.nii.gz,Müller\n", encoding="utf-8")
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        (folder_case,), (csv_case,) = ds.find_cases(tmp_path), ds.find_cases(tmp_path / "m.csv")
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    assert folder_case.names == {1: "Leber – Segment IV"} and csv_case.name == "Müller"
+
+
 def test_a_label_on_another_grid_is_resampled_onto_the_image(tmp_path):
     image = write_image(tmp_path / "img.nii.gz", np.arange(6 * 8 * 10, dtype=np.int16).reshape(6, 8, 10),
                         spacing=(1.0, 1.0, 2.0))

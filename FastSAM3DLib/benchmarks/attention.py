@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     result = run(args.device, args.quick, args.threads, not args.no_medim)
     text = json.dumps(result, indent=2)
     if args.output:
-        with open(args.output, "w") as handle:
+        with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
     else:
         sys.stdout.write(text + "\n")

@@ -244,7 +244,7 @@ def render_text(results: Sequence[dict]) -> str:
 # ------------------------------------------------------------------------------------------------- README
 def load(path) -> dict:
     """Read one result file; raises ValueError naming the problems when it does not follow the schema."""
-    result = json.loads(Path(path).read_text())
+    result = json.loads(Path(path).read_text(encoding="utf-8"))
     problems = validate(result)
     if problems:
         raise ValueError(f"{path} is not a benchmark result of schema {SCHEMA}: {'; '.join(problems)}")
@@ -271,7 +271,7 @@ def render_readme_block(sources: Sequence[str], root: Path = REPO_ROOT) -> str:
 
 def update_readme(readme: Path, sources: Optional[Sequence[str]] = None, root: Path = REPO_ROOT) -> bool:
     """Rewrite the README's block from ``sources`` (default: those its marker names); True if it changed."""
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     block = readme_block(text)
     if block is None:
         raise ValueError(f"{readme} has no '{BEGIN} ... {END}' block")
@@ -281,7 +281,7 @@ def update_readme(readme: Path, sources: Optional[Sequence[str]] = None, root: P
     start, stop = text.index(BEGIN), text.index(END) + len(END)
     new = text[:start] + render_readme_block(sources, root) + text[stop:]
     if new != text:
-        readme.write_text(new)
+        readme.write_text(new, encoding="utf-8")
     return new != text
 
 
@@ -295,7 +295,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
     args = parser.parse_args(argv)
     if args.update_readme or args.check:
-        text = args.readme.read_text()
+        text = args.readme.read_text(encoding="utf-8")
         block = readme_block(text)
         if block is None:
             print(f"{args.readme} has no benchmark block", file=sys.stderr)

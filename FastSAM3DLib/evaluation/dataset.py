@@ -95,7 +95,7 @@ def looks_like_label(path: PathLike) -> bool:
 
 def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, str]]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     entry = data.get(label_file) if isinstance(data, dict) else None
@@ -112,7 +112,7 @@ def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, s
 def _names_from_dataset_json(path: Path) -> Optional[Dict[int, str]]:
     """nnU-Net v1 (``{"1": "liver"}``) or v2 (``{"liver": 1}``, regions as lists ignored) label names."""
     try:
-        labels = json.loads(path.read_text()).get("labels")
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(labels, dict):
@@ -130,7 +130,7 @@ def _names_from_dataset_json(path: Path) -> Optional[Dict[int, str]]:
 def _names_from_itksnap(path: Path) -> Dict[int, str]:
     """ITK-SNAP label description: ``IDX R G B A VIS MSH "LABEL"`` per line, ``#`` comments."""
     names = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         match = re.match(r'\s*(\d+)\s+.*"(.*)"\s*$', line)
         if match and not line.lstrip().startswith("#") and int(match.group(1)) != 0:
             names[int(match.group(1))] = match.group(2)
@@ -140,7 +140,7 @@ def _names_from_itksnap(path: Path) -> Dict[int, str]:
 def _names_from_color_table(path: Path) -> Dict[int, str]:
     """Slicer colour table: ``value name R G B A`` per line, ``#`` comments."""
     names = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0].isdigit() and not line.lstrip().startswith("#") and int(parts[0]) != 0:
             names[int(parts[0])] = parts[1]
@@ -223,7 +223,7 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
     pairs, used = [], set()
     for manifest in sorted(root.rglob("labels.json")):
         try:
-            data = json.loads(manifest.read_text())
+            data = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         for label_file, entry in (data.items() if isinstance(data, dict) else []):

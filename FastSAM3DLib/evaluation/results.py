@@ -71,7 +71,7 @@ def _format(value) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     with atomic_output(path) as tmp:
-        with open(tmp, "w", newline="") as stream:
+        with open(tmp, "w", newline="", encoding="utf-8") as stream:
             stream.write(text)
 
 
@@ -149,7 +149,7 @@ class ResultStore:
                 raise EvaluationStateError(f"{self.run_json} is damaged ({exc}), so the results in {self.folder} "
                                            "cannot be continued: choose another --output folder.") from None
         if self.results_csv.is_file():
-            with open(self.results_csv, newline="") as handle:
+            with open(self.results_csv, newline="", encoding="utf-8") as handle:
                 reader = csv.DictReader(handle)
                 raw = list(reader)
                 header = list(reader.fieldnames or [])
@@ -167,7 +167,7 @@ class ResultStore:
             # (older files: no nsd_full) rewritten once the settings are accepted
             self._rewrite_results = bool(self.dropped_units or len(self.rows) != len(raw) or header != FIELDS)
         if self.skipped_csv.is_file():
-            with open(self.skipped_csv, newline="") as handle:
+            with open(self.skipped_csv, newline="", encoding="utf-8") as handle:
                 self.skipped = [r for r in csv.DictReader(handle) if r.get("reason")]
 
     def check_settings(self, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
@@ -253,7 +253,7 @@ class ResultStore:
         if path is None:
             return
         new = not path.is_file() or path.stat().st_size == 0
-        with open(path, "a", newline="") as handle:
+        with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
             if new:
                 writer.writeheader()

@@ -64,10 +64,10 @@ def read_provenance(source) -> List[Dict[str, object]]:
     if not path.is_file() or path.suffix.lower() not in (".json", ".csv"):
         return []
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         rows = data.get("cases") if isinstance(data, dict) else data
     else:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     out = []
     for row in rows or []:

@@ -85,7 +85,7 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
     def note(last):
         if journal is None:
             return
-        with open(journal, "a") as stream:
+        with open(journal, "a", encoding="utf-8") as stream:
             for item in last:
                 stream.write(json.dumps({"model": name, "case": current["case"], **item}) + "\n")
 
@@ -95,7 +95,7 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             settings = dict(handle.settings(), guard=guard, model=name)
-            with open(folder / "memory_settings.jsonl", "a") as stream:
+            with open(folder / "memory_settings.jsonl", "a", encoding="utf-8") as stream:
                 stream.write(json.dumps(settings) + "\n")
         if guard == "refuse":
             current["case"] = "*"
@@ -149,7 +149,7 @@ def _read_rows(results) -> List[Dict[str, str]]:
     path = Path(results)
     if path.is_dir():
         path = path / "results.csv"
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
 
 

@@ -151,7 +151,7 @@ class CropCache:
         text = json.dumps({"size": self.size, "margin": self.margin, "entries": [asdict(e) for e in self.entries]},
                           indent=1)
         with atomic_output(self.root / self.INDEX) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:

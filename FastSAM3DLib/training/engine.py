@@ -125,7 +125,7 @@ class JsonLog:
         if not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -133,11 +133,11 @@ class JsonLog:
             if record.get("step", 0) <= step:
                 kept.append(line)
         with atomic_output(self.path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in kept))
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
     def write(self, record: Dict[str, Any]) -> None:
         """Append one record."""
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
 
