@@ -352,6 +352,54 @@ def test_a_case_skipped_for_a_broken_file_is_evaluated_once_the_file_is_fixed(sy
     assert len(read_rows(out)) == 2 and (out / "skipped.csv").read_text().splitlines()[1:] == []
 
 
+def test_skip_records_are_decided_again_without_rewriting_the_file_per_record(tmp_path, tiny_checkpoint,
+                                                                               monkeypatch, capsys):
+    """A rerun re-decides skips: a stale record made under a selector ('kid*' -> values '1;2') goes once its
+    structures are evaluated, and skipped.csv is rewritten once per run, not once per record (quadratic)."""
+    from FastSAM3DLib.evaluation import results
+
+    small = np.zeros((12, 14, 16), np.uint8)
+    small[3:8, 4:9, 5:10] = 3
+    image = (40 + 150 * (small > 0)).astype(np.int16)
+    write_image(tmp_path / "data" / "ct.nii.gz", image)
+    write_image(tmp_path / "data" / "ct_seg.nii.gz", small)
+    (tmp_path / "data" / "labels.json").write_text(json.dumps({"ct_seg.nii.gz": {"image": "ct.nii.gz", "labels": {
+        "1": {"name": "kid_a"}, "2": {"name": "kid_b"}, "3": {"name": "other"}}}}))
+    absent = [f"nothing{n}" for n in range(40)]
+    args = ["evaluate", str(tmp_path / "data"), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint),
+            "--placement", "gt", "--quiet", "--no-plots", "--no-predictions", "--clicks", "1", "--output",
+            str(tmp_path / "out"), "--structures", "kid*", *absent]
+    assert main(args) == 0
+    skipped = {r["value"] for r in csv.DictReader(open(tmp_path / "out" / "skipped.csv"))}
+    assert "1;2" in skipped and len(skipped) == 41
+    writes = []
+    real = results._atomic_write
+    monkeypatch.setattr(results, "_atomic_write", lambda path, text: (writes.append(Path(path).name), real(path, text)))
+    small[0:3, 0:3, 0:3], small[9:12, 10:13, 11:14] = 1, 2  # the label fixed: kid_a and kid_b are there now
+    write_image(tmp_path / "data" / "ct_seg.nii.gz", small)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "evaluated 2 structure(s)" in out, out
+    records = list(csv.DictReader(open(tmp_path / "out" / "skipped.csv")))
+    assert len(records) == 40 and not any(r["value"] == "1;2" for r in records)
+    assert writes.count("skipped.csv") <= 1
+
+
+def test_a_dicom_series_folder_is_accepted_as_the_label(tmp_path, tiny_checkpoint, capsys):
+    import SimpleITK as sitk
+
+    from test_memory import _write_dicom_series
+
+    labels = np.zeros((6, 10, 12), np.uint8)
+    labels[2:5, 3:8, 3:9] = 1
+    write_image(tmp_path / "ct.nii.gz", (40 + 150 * labels).astype(np.int16))
+    _write_dicom_series(sitk.GetImageFromArray(labels), tmp_path / "seg_dicom")
+    assert main(["evaluate", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "seg_dicom"), "--model",
+                 "tiny-test", "--checkpoint", str(tiny_checkpoint), "--placement", "gt", "--quiet", "--no-plots",
+                 "--no-predictions", "--clicks", "1", "--output", str(tmp_path / "out")]) == 0
+    assert "evaluated 1 structure(s)" in capsys.readouterr().out
+
+
 def test_evaluate_refuses_impossible_input_in_one_line_before_writing(synthetic_folder, tiny_checkpoint, tmp_path,
                                                                        capsys):
     image, label = synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz"

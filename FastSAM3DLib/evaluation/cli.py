@@ -111,8 +111,8 @@ def _check_label(label) -> None:
 
     from .dataset import read_label_values
 
-    if not Path(label).is_file():
-        raise ValueError(f"the label {label} does not exist (or is not a file): give the label image of DATA")
+    if not Path(label).exists():
+        raise ValueError(f"the label {label} does not exist: give the label image (or DICOM folder) of DATA")
     try:
         read_label_values(label)
     except Exception as exc:  # noqa: BLE001 - SimpleITK's and the library's reasons alike, in one line

@@ -436,8 +436,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             for where in placements:
                 skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
             continue
-        for where in placements:
-            store.forget_skip(key(case, "*", where))  # the label reads now
+        store.forget_case_skips(model_name, protocol, placements, case.name)  # decided again below
         values, missing = ds.select_structures(case, present, structures)
         for structure, value, reason in missing:
             for where in placements:
@@ -503,6 +502,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                     bar.done(f"{text}: Dice {rows[-1]['dice_full']:.3f}")
     finally:
         bar.close()
+        store.flush()
 
     summary = summarise(store.rows, store.skipped, clicks, store.settings)
     elapsed = time.perf_counter() - started

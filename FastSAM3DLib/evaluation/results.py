@@ -122,6 +122,10 @@ class ResultStore:
             if self.folder.is_dir():
                 self._load()
         self._done = {unit_key(r) for r in self.rows}
+        self._skips: Dict[tuple, Dict] = OrderedDict((unit_key(r), r) for r in self.skipped)
+        self._skips_changed = len(self._skips) != len(self.skipped)  # duplicates in an older file
+        self._final_skips = {k for k, r in self._skips.items() if str(r.get("reason", "")).startswith("too small")}
+        self._refresh_skips()
 
     # ----------------------------------------------------------------- files
     @property
@@ -216,8 +220,9 @@ class ResultStore:
 
     # ----------------------------------------------------------------- units
     def is_done(self, key: tuple) -> bool:
-        """True when the unit ``key`` (see :func:`unit_key`) is already evaluated (skipped ones are decided again)."""
-        return key in self._done
+        """True when the unit ``key`` (see :func:`unit_key`) is already evaluated, or skipped as too small (a
+        property of the data under the run's checked ``min_voxels``); other skips are decided again."""
+        return key in self._done or key in self._final_skips
 
     def add_unit(self, rows: List[Dict]) -> None:
         """Append the rows of one finished unit (all its clicks); a former skip of it is forgotten."""
@@ -230,23 +235,41 @@ class ResultStore:
 
     def add_skip(self, record: Dict) -> None:
         """Record a unit that was not evaluated, with its ``reason`` (replacing an earlier record of it)."""
-        key = unit_key(record)
-        if any(unit_key(r) == key for r in self.skipped):
-            self.skipped = [r for r in self.skipped if unit_key(r) != key] + [dict(record)]
-            self._write_skips()
+        key, record = unit_key(record), dict(record)
+        if key in self._skips:
+            if self._skips[key] != record:
+                self._skips[key] = record
+                self._skips_changed = True
         else:
-            self.skipped.append(dict(record))
-            self._append(self.skipped_csv, SKIP_FIELDS, [record])
+            self._skips[key] = record
+            if not self._skips_changed:  # the file holds every record so far: one more line is enough
+                self._append(self.skipped_csv, SKIP_FIELDS, [record])
+        self._refresh_skips()
 
     def forget_skip(self, key: tuple) -> None:
-        """Remove the skip record of unit ``key``, if any (its input was fixed)."""
-        if any(unit_key(r) == key for r in self.skipped):
-            self.skipped = [r for r in self.skipped if unit_key(r) != key]
-            self._write_skips()
+        """Remove the skip record of unit ``key``, if any (it was evaluated, or its input was fixed)."""
+        if self._skips.pop(key, None) is not None:
+            self._skips_changed = True
+            self._refresh_skips()
 
-    def _write_skips(self) -> None:
-        if self.skipped_csv is not None:
+    def forget_case_skips(self, model: str, protocol: str, placements, case: str) -> None:
+        """Forget the skips of ``case`` that a run of ``model``/``protocol``/``placements`` decides again (all but
+        the final ones), also those recorded under a selector rather than a value."""
+        wanted = {str(p) for p in placements}
+        for key in [k for k in self._skips if k[0] == str(model) and k[1] == str(protocol) and k[2] in wanted
+                    and k[3] == str(case) and k not in self._final_skips]:
+            del self._skips[key]
+            self._skips_changed = True
+        self._refresh_skips()
+
+    def flush(self) -> None:
+        """Rewrite ``skipped.csv`` once when records were replaced or removed (appends are written at once)."""
+        if self._skips_changed and self.skipped_csv is not None:
             _atomic_write(self.skipped_csv, _csv_text(SKIP_FIELDS, self.skipped))
+        self._skips_changed = False
+
+    def _refresh_skips(self) -> None:
+        self.skipped = list(self._skips.values())
 
     @staticmethod
     def _append(path: Optional[Path], fields, rows) -> None:
