@@ -70,3 +70,15 @@ def int8_kernel(monkeypatch):
     int8_products.choose_kernel.cache_clear()
     yield kernel
     int8_products.choose_kernel.cache_clear()
+
+
+@pytest.fixture
+def harness(monkeypatch, tmp_path):
+    """The Segment Editor effect in a Slicer-like harness (Testing/effect_harness.py), closed after the test
+    (which fails it when Slicer would have logged a critical error). Needs slicer-core."""
+    pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
+    from effect_harness import EffectHarness
+
+    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
+    yield h
+    h.close()

@@ -8,17 +8,10 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
 
-from effect_harness import EffectHarness, QComboBox  # noqa: E402
+from effect_harness import QComboBox  # noqa: E402
 from test_scene_adapter import make_segmentation, make_volume, segment_array, sphere_predictor  # noqa: E402
 
 CENTRE = (13.0, 11.0, 7.0)  # RAS of voxel (i, j, k) = (13, 11, 7) of the identity-geometry test volume
-
-
-@pytest.fixture
-def harness(monkeypatch, tmp_path):
-    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
-    yield h
-    h.close()
 
 
 def ready(harness, predictor=None):

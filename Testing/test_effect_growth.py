@@ -9,7 +9,6 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
 pytest.importorskip("torch")
 
-from effect_harness import EffectHarness  # noqa: E402
 from slicer_event_loop import hold_gil  # noqa: E402
 from test_scene_adapter import make_segmentation, segment_array  # noqa: E402
 
@@ -19,13 +18,6 @@ from FastSAM3DLib.benchmarks.threshold_model import threshold_model  # noqa: E40
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def harness(monkeypatch, tmp_path):
-    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
-    yield h
-    h.close()
 
 
 def _tube_scene(harness):

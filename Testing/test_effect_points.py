@@ -10,7 +10,7 @@ pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402
 
 from FastSAM3DLib.session_common import Click, ClickResult  # noqa: E402
-from test_effect import harness, points, ready  # noqa: E402,F401 - the fixture
+from test_effect import points, ready  # noqa: E402
 from test_scene_adapter import make_segmentation, segment_array  # noqa: E402
 
 A, B = (13.0, 11.0, 7.0), (6.0, 6.0, 7.0)

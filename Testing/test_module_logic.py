@@ -11,17 +11,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 
 import vtk  # noqa: E402
 
-from effect_harness import EffectHarness  # noqa: E402
 from test_scene_adapter import make_segmentation, make_volume, segment_array  # noqa: E402
 
 CENTRE = [13 * 1.5, 11 * 1.5, 7 * 2.0]  # inside the box of :func:`box_volume`
-
-
-@pytest.fixture
-def harness(monkeypatch, tmp_path):
-    h = EffectHarness(monkeypatch, tmp_path / "slicer-cache")
-    yield h
-    h.close()
 
 
 def box_volume(harness):

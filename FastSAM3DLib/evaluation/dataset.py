@@ -281,8 +281,10 @@ _MANIFEST_FORMS = ("a JSON list of {\"image\": ..., \"label\": ...} objects (or 
                    "file with image and label columns, paths relative to the manifest")
 
 
-def _read_manifest(path: Path) -> List[Case]:
-    base = path.parent
+def manifest_entries(path: Path) -> List[Dict]:
+    """The entries (one dict per case, as written) of a ``.json`` or ``.csv`` manifest; DataSourceError naming
+    the file and the accepted forms when it cannot be read as one."""
+    path = Path(path)
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -294,6 +296,12 @@ def _read_manifest(path: Path) -> List[Case]:
         raise DataSourceError(f"{path} is not a readable manifest ({exc}); write it as {_MANIFEST_FORMS}.") from None
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise DataSourceError(f"{path}: expected {_MANIFEST_FORMS}.")
+    return entries
+
+
+def _read_manifest(path: Path) -> List[Case]:
+    base = path.parent
+    entries = manifest_entries(path)
     cases = []
     for number, entry in enumerate(entries, 1):
         if not entry.get("image") or not entry.get("label"):

@@ -23,7 +23,6 @@ keys/values come from exactly the normalised input the model sees at inference.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -58,20 +57,13 @@ def image_sha256(path) -> str:
 def read_provenance(source) -> List[Dict[str, object]]:
     """Per case of a ``.json``/``.csv`` manifest (in :func:`~FastSAM3DLib.evaluation.dataset.find_cases` order):
     ``patient``, ``licence``, ``dataset`` where given; ``[]`` for folders and other sources."""
-    import csv
+    from ..evaluation.dataset import manifest_entries
 
     path = Path(str(source))
     if not path.is_file() or path.suffix.lower() not in (".json", ".csv"):
         return []
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data.get("cases") if isinstance(data, dict) else data
-    else:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
     out = []
-    for row in rows or []:
-        row = row if isinstance(row, dict) else {}
+    for row in manifest_entries(path):
         info = {}
         for key, names in (("patient", ("patient", "patient_id")), ("licence", ("licence", "license")),
                            ("dataset", ("dataset",))):
