@@ -112,7 +112,7 @@ class ResultStore:
         self.folder = Path(folder) if folder is not None else None
         self.clicks = int(clicks)
         self.rows: List[Dict] = []
-        self.skipped: List[Dict] = []
+        loaded_skips: List[Dict] = []
         self.settings: Dict = {}
         self.dropped_units = 0
         self._rewrite_results = False
@@ -120,12 +120,16 @@ class ResultStore:
             if self.folder.exists() and not self.folder.is_dir():
                 raise EvaluationStateError(f"{self.folder} is a file, not a folder: choose another --output folder.")
             if self.folder.is_dir():
-                self._load()
+                loaded_skips = self._load()
         self._done = {unit_key(r) for r in self.rows}
-        self._skips: Dict[tuple, Dict] = OrderedDict((unit_key(r), r) for r in self.skipped)
-        self._skips_changed = len(self._skips) != len(self.skipped)  # duplicates in an older file
+        self._skips: Dict[tuple, Dict] = OrderedDict((unit_key(r), r) for r in loaded_skips)
+        self._skips_changed = len(self._skips) != len(loaded_skips)  # duplicates in an older file
         self._final_skips = {k for k, r in self._skips.items() if str(r.get("reason", "")).startswith("too small")}
-        self._refresh_skips()
+
+    @property
+    def skipped(self) -> List[Dict]:
+        """The skip records (one per unit, each with its ``reason``)."""
+        return list(self._skips.values())
 
     # ----------------------------------------------------------------- files
     @property
@@ -143,7 +147,8 @@ class ResultStore:
         """``run.json``: settings and case files (None without a folder)."""
         return self.folder / "run.json" if self.folder else None
 
-    def _load(self) -> None:
+    def _load(self) -> List[Dict]:
+        """Read the folder's settings and rows (changing nothing); returns its skip records."""
         if self.run_json.is_file():
             try:
                 self.settings = json.loads(self.run_json.read_text(encoding="utf-8"))
@@ -170,9 +175,10 @@ class ResultStore:
             self.rows = [r for rows in complete for r in rows]
             # (older files: no nsd_full) rewritten once the settings are accepted
             self._rewrite_results = bool(self.dropped_units or len(self.rows) != len(raw) or header != FIELDS)
-        if self.skipped_csv.is_file():
-            with open(self.skipped_csv, newline="", encoding="utf-8") as handle:
-                self.skipped = [r for r in csv.DictReader(handle) if r.get("reason")]
+        if not self.skipped_csv.is_file():
+            return []
+        with open(self.skipped_csv, newline="", encoding="utf-8") as handle:
+            return [r for r in csv.DictReader(handle) if r.get("reason")]
 
     def check_settings(self, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
         """Refuse to add rows made with other settings; record the settings and this model's checkpoint."""
@@ -244,13 +250,11 @@ class ResultStore:
             self._skips[key] = record
             if not self._skips_changed:  # the file holds every record so far: one more line is enough
                 self._append(self.skipped_csv, SKIP_FIELDS, [record])
-        self._refresh_skips()
 
     def forget_skip(self, key: tuple) -> None:
         """Remove the skip record of unit ``key``, if any (it was evaluated, or its input was fixed)."""
         if self._skips.pop(key, None) is not None:
             self._skips_changed = True
-            self._refresh_skips()
 
     def forget_case_skips(self, model: str, protocol: str, placements, case: str) -> None:
         """Forget the skips of ``case`` that a run of ``model``/``protocol``/``placements`` decides again (all but
@@ -260,16 +264,12 @@ class ResultStore:
                     and k[3] == str(case) and k not in self._final_skips]:
             del self._skips[key]
             self._skips_changed = True
-        self._refresh_skips()
 
     def flush(self) -> None:
         """Rewrite ``skipped.csv`` once when records were replaced or removed (appends are written at once)."""
         if self._skips_changed and self.skipped_csv is not None:
             _atomic_write(self.skipped_csv, _csv_text(SKIP_FIELDS, self.skipped))
         self._skips_changed = False
-
-    def _refresh_skips(self) -> None:
-        self.skipped = list(self._skips.values())
 
     @staticmethod
     def _append(path: Optional[Path], fields, rows) -> None:
