@@ -201,12 +201,20 @@ def _refuse(message: str, code: Optional[int] = None) -> OutputFileError:
 def label_extension(path) -> str:
     """The label file type ``path`` names (one of :data:`LABEL_EXTENSIONS`), or OutputFileError listing them."""
     name = Path(path).name
-    for extension in sorted(LABEL_EXTENSIONS, key=len, reverse=True):
-        if name.endswith(extension) and len(name) > len(extension):
-            return extension
+    extension = _matching_extension(name, LABEL_EXTENSIONS)
+    if extension:
+        return extension
     shown = "".join(Path(name).suffixes[-2:]) or "no extension"
     raise _refuse(f"{path}: unknown label file type ({shown}). End the output name with one of "
                   f"{', '.join(LABEL_EXTENSIONS)} (lowercase), e.g. {Path(path).with_name('label.nii.gz')}.")
+
+
+def _matching_extension(name: str, extensions: Sequence[str]) -> Optional[str]:
+    """The longest of ``extensions`` that ``name`` ends in after at least one other character, else None."""
+    for extension in sorted(extensions, key=len, reverse=True):
+        if name.endswith(extension) and len(name) > len(extension):
+            return extension
+    return None
 
 
 def utf8_path(path) -> bool:
@@ -260,7 +268,7 @@ def check_output_path(path, inputs: Iterable = (), extensions: Optional[Sequence
                               f"Choose another output name, e.g. {_example_name(extensions)}.", errno.EEXIST)
     if extensions is None:
         label_extension(path)
-    elif not any(path.name.endswith(ext) and len(path.name) > len(ext) for ext in extensions):
+    elif not _matching_extension(path.name, extensions):
         raise _refuse(f"{path}: this file must end in {' or '.join(extensions)}, e.g. "
                       f"{path.with_name(_example_name(extensions))}.")
     folder = _nearest_existing(path.parent)
