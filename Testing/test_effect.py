@@ -271,9 +271,15 @@ def test_the_effect_segments_through_a_server_and_keeps_the_token_out_of_the_sce
     assert harness.editor_node.GetAttribute("FastSAM3D.ServerURL") == server.url
 
 
+def box_volume(harness):
+    """A bright box in a dark volume (1.5 x 1.5 x 2 mm voxels); (13 * 1.5, 11 * 1.5, 7 * 2.0) is inside it."""
+    return make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
+                       np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+
+
 def _demo_volume(harness):
-    volume = make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
-                         np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+    """:func:`box_volume` with a segmentation and its empty segment "box" selected in the Segment Editor."""
+    volume = box_volume(harness)
     segmentation = make_segmentation(harness.scene, volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
     harness.select(volume, segmentation, segment_id)

@@ -11,15 +11,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 
 import vtk  # noqa: E402
 
-from test_scene_adapter import make_segmentation, make_volume, segment_array  # noqa: E402
+from test_effect import _demo_volume, _write_bank, box_volume  # noqa: E402
+from test_scene_adapter import make_volume, segment_array  # noqa: E402
 
-CENTRE = [13 * 1.5, 11 * 1.5, 7 * 2.0]  # inside the box of :func:`box_volume`
-
-
-def box_volume(harness):
-    """A bright box in a dark volume (1.5 x 1.5 x 2 mm voxels)."""
-    return make_volume(harness.scene, np.diag([1.5, 1.5, 2.0, 1.0]),
-                       np.pad(np.full((8, 12, 12), 300, np.int16), ((3, 3), (5, 5), (7, 7))))
+CENTRE = [13 * 1.5, 11 * 1.5, 7 * 2.0]  # inside the box of test_effect.box_volume
 
 
 def module_logic():
@@ -78,12 +73,8 @@ def test_a_console_call_does_not_change_the_memory_bank_of_the_effects_session(h
     session had been given (and the reverse); now a model with another bank is another model."""
     from FastSAM3DLib.memory import attached_memory
     from FastSAM3DLib.registry import build_model
-    from test_effect import _write_bank
 
-    volume = box_volume(harness)
-    segmentation = make_segmentation(harness.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
-    harness.select(volume, segmentation, segment_id)
+    _demo_volume(harness)
     effect = harness.create_effect()
     logic = effect._logic()
     _write_bank(build_model("fastsam3d-demo", checkpoint="cached"),
@@ -106,9 +97,7 @@ def test_exact_in_the_panel_wins_over_the_environment(harness, monkeypatch, one_
 
     monkeypatch.setenv("FASTSAM3D_PRECISION", "fast")
     batch._cached_model.cache_clear()
-    volume = box_volume(harness)
-    segmentation = make_segmentation(harness.scene, volume)
-    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "box"))
+    _demo_volume(harness)
     effect = harness.create_effect()
     effect.activate()
     assert effect.precisionCombo.currentData == ""  # "Exact (the official network)"

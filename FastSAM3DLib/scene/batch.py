@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -132,8 +133,6 @@ def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = 
     model; a model with another bank (or none) is another model, so a session never sees its model's bank
     change because another caller wanted a different one.
     """
-    import os
-
     bank = os.path.realpath(os.fspath(memory_bank)) if memory_bank else None
     return _cached_model(model, device, checkpoint, cache_dir, precision, bank)
 
