@@ -135,6 +135,17 @@ def remove_stale_temporaries(folder, older_than: float = STALE_TEMP_SECONDS) -> 
     return removed
 
 
+def open_fd(path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor from ``os.open`` for ``path``, ``flags`` and ``mode``: in binary mode, never through a symlink.
+
+    Adds ``O_BINARY`` and ``O_NOFOLLOW`` where the system has them. Windows opens an ``os.open`` descriptor in
+    text mode otherwise: every LF byte written becomes CR LF, and a read stops at the first Ctrl-Z byte, so a
+    downloaded checkpoint would never match its checksum. ``open()`` and ``tempfile`` add ``O_BINARY``
+    themselves; every ``os.open`` of this library goes through here.
+    """
+    return os.open(path, flags | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0), mode)
+
+
 def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:
     """A new empty file ``prefix + 8 random characters + suffix`` in ``folder``, with the permissions a new file
     usually gets (``0666`` less the umask, which the system applies; ``mkstemp`` gives ``0600``). The umask is
@@ -143,7 +154,7 @@ def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:
         random_part = "".join(secrets.choice(_RANDOM_CHARACTERS) for _ in range(_RANDOM_PART))
         name = os.path.join(folder, prefix + random_part + suffix)
         try:
-            os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+            os.close(open_fd(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))
             return name
         except FileExistsError:
             continue
@@ -179,9 +190,20 @@ _ADVICE = {
 }
 
 
+#: Windows refuses to delete, rename or replace a file that a program has open (Python, viewers, virus scanners
+#: and sync clients open files without FILE_SHARE_DELETE): WinError 32/33 say so, WinError 5 may mean it too.
+_WINDOWS_ADVICE = {
+    32: "another program has the file open (a viewer, a virus scanner, a sync client): close it and try again",
+    33: "another program has locked a part of the file: close it and try again",
+    5: "you have no permission to write there, or another program has the file open: close it, or choose a "
+       "folder you can write to",
+}
+
+
 def output_error(exc: OSError, path, action: str = "write") -> OutputFileError:
     """A one-line :class:`OutputFileError` for an ``OSError`` met while writing ``path``; keeps its ``errno``."""
-    advice = _ADVICE.get(exc.errno, "choose another file name or folder")
+    advice = _WINDOWS_ADVICE.get(getattr(exc, "winerror", None)) or \
+        _ADVICE.get(exc.errno, "choose another file name or folder")
     reason = exc.strerror or str(exc) or type(exc).__name__
     error = OutputFileError(f"cannot {action} {path}: {reason}; {advice}.")
     error.errno = exc.errno

@@ -44,6 +44,23 @@ def _deterministic_torch():
     torch.random.set_rng_state(state)
 
 
+@pytest.fixture(autouse=True)
+def _windows_file_rules(monkeypatch):
+    """With ``FASTSAM3D_EMULATE_WINDOWS=1``, every test runs under Windows' rules for files this process has
+    open (they cannot be deleted, renamed or replaced), for ``os.open`` (``O_BINARY``) and for the lock file's
+    probes (no ``flock``, no ``/proc``): see windows_files.py."""
+    if os.environ.get("FASTSAM3D_EMULATE_WINDOWS") != "1":
+        yield
+        return
+    from windows_files import windows_lock_probes, windows_sharing, windows_text_mode
+
+    windows_sharing(monkeypatch)
+    windows_lock_probes(monkeypatch)
+    text_mode = windows_text_mode(monkeypatch)
+    yield
+    assert [call for call in text_mode if not call[1]] == [], "os.open without O_BINARY (text mode on Windows)"
+
+
 @pytest.fixture()
 def one_torch_thread():
     """One torch thread for tiny models: on a shared machine more threads only contend."""

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from FastSAM3DLib.errors import OutputFileError
 from FastSAM3DLib.files import atomic_output
+from windows_files import windows_sharing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +69,8 @@ def test_atomic_output_keeps_the_suffix_writers_choose_the_format_by(tmp_path):
     assert (tmp_path / "label.nii.gz").read_bytes() == b"x"
 
 
-posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX semantics (open files, file size limits)")
+posix_only = pytest.mark.skipif(os.name == "nt" or os.environ.get("FASTSAM3D_EMULATE_WINDOWS") == "1",
+                                reason="POSIX semantics (open files, file size limits)")
 
 
 @posix_only
@@ -82,6 +85,22 @@ def test_a_reader_holding_the_old_file_keeps_reading_the_old_bytes(tmp_path):
             tmp.write_bytes(new)
         assert target.read_bytes() == new
         assert reader.read() == old
+
+
+def test_on_windows_a_file_another_program_has_open_is_kept_and_the_error_says_to_close_it(tmp_path,
+                                                                                          monkeypatch):
+    """Windows cannot replace a file that is open (emulated): the old file stays whole, no temporary is left,
+    and the message names the cause instead of a missing permission."""
+    refused = windows_sharing(monkeypatch)
+    target = tmp_path / "result.bin"
+    target.write_bytes(b"old")
+    with open(target, "rb"):
+        with pytest.raises(OutputFileError) as error:
+            with atomic_output(target) as tmp:
+                tmp.write_bytes(b"new")
+    assert refused and refused[0][0] == "replace"
+    assert "another program has the file open" in str(error.value) and "permission" not in str(error.value)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.bin"]
 
 
 @posix_only

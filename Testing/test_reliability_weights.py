@@ -24,11 +24,13 @@ from FastSAM3DLib.weights.cache import CacheWarning, ModelFiles
 from FastSAM3DLib.weights.catalog import find_checkpoint, model_choice
 from FastSAM3DLib.weights.commands import import_weights
 from FastSAM3DLib.weights.download import download_model, import_file
+from FastSAM3DLib.weights.filelock import FileLock
 from FastSAM3DLib.weights.loading import load_state_dict
 from FastSAM3DLib.weights.manifest import load_manifest
 from FastSAM3DLib.weights.safetensors_cache import read_metadata, tensors_sha256, write_safetensors
 from FastSAM3DLib.weights.store import resolve_checkpoint, weights_status
 from FastSAM3DLib.weights.verify import read_record
+from windows_files import windows_lock_probes, windows_sharing
 from test_weights_support import (FileServer, no_proxy_env, self_signed_tls, server, sha256,  # noqa: F401
                                   tiny_state_dict, training_checkpoint_bytes, write_manifest)
 
@@ -435,6 +437,35 @@ def test_lock_held_by_a_live_holder_is_waited_for_and_reported(tmp_path):
     assert done.returncode == 0, done.stderr
     assert seconds >= 1.5 and released.exists()
     assert done.stderr.count(f"Waiting for process {holder.pid}") == 1 and "Removed the stale lock" not in done.stderr
+
+
+def test_on_windows_a_released_lock_is_gone_and_can_be_taken_again_in_the_same_process(tmp_path, monkeypatch):
+    """Windows cannot delete an open file (emulated, with its lock probes): release closes the lock file before
+    deleting it. Before, the delete failed after every download and the next one waited for this process."""
+    refused = windows_sharing(monkeypatch)
+    windows_lock_probes(monkeypatch)
+    path = ModelFiles(tmp_path, "tiny.pth").lock
+    for _ in range(2):
+        lock = FileLock(path, timeout=5)
+        lock.acquire()
+        assert path.exists()
+        lock.release()
+        assert not path.exists()
+    assert refused == []
+
+
+def test_on_windows_a_lock_left_under_this_process_id_is_broken_once_it_is_old(tmp_path, monkeypatch):
+    """Process ids are reused on Windows, and there it cannot be told whether this process has the file open:
+    a lock naming this process is still broken once it has not been refreshed for ``stale_after``."""
+    windows_sharing(monkeypatch)
+    windows_lock_probes(monkeypatch)
+    path = ModelFiles(tmp_path, "tiny.pth").lock
+    path.write_text(_lock_body(os.getpid()))
+    time.sleep(0.6)
+    lock = FileLock(path, stale_after=0.5, timeout=10)
+    lock.acquire()
+    assert json.loads(path.read_text())["token"] != "not-yours"
+    lock.release()
 
 
 # ---------------------------------------------------------------------------------------------- unsafe pickle

@@ -17,6 +17,7 @@ from FastSAM3DLib.errors import CheckpointError, DownloadError
 from FastSAM3DLib.weights.cache import ModelFiles
 from FastSAM3DLib.weights.download import download_model, import_file
 from FastSAM3DLib.weights.verify import read_record
+from windows_files import windows_text_mode
 from test_weights_support import no_proxy_env, server, sha256, write_manifest  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,3 +341,26 @@ def test_a_resume_answered_from_the_wrong_byte_never_gives_a_corrupt_file(tmp_pa
     assert path.read_bytes() == DATA, "a corrupt file was put in place"
     record = read_record(files(cache))
     assert record.sha256 == sha256(DATA) and record.checksum_source == ("manifest" if published else "pinned")
+
+
+def test_downloads_resumes_and_imports_open_every_file_in_binary_mode(tmp_path, server, monkeypatch):
+    windows_open_flags = windows_text_mode(monkeypatch)
+    manifest, cache = setup(tmp_path, server, plan=["drop:100000"])
+    path = download_model("test-model", cache, manifest=manifest, retries=1, retry_delay=0)
+    assert path.read_bytes() == DATA
+    copy = tmp_path / "model-copy.pth"
+    copy.write_bytes(DATA)
+    other = tmp_path / "other-cache"
+    assert import_file("test-model", copy, other, manifest=manifest).read_bytes() == DATA
+    assert len(windows_open_flags) >= 6  # the lock, the .part (new, then appended), hashing, the record, the copy
+    assert [call for call in windows_open_flags if not call[1]] == []
+
+
+def test_the_library_calls_os_open_only_through_open_fd():
+    """Every descriptor the library opens gets O_BINARY and O_NOFOLLOW from files.open_fd (see its docstring)."""
+    offenders = []
+    for source in sorted((REPO / "FastSAM3DLib").rglob("*.py")):
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"\bos\.open\(", line) and not (source.name == "files.py" and "return os.open(" in line):
+                offenders.append(f"{source.relative_to(REPO)}:{number}")
+    assert offenders == []

@@ -43,6 +43,7 @@ from typing import List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
+from ..files import open_fd
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
 from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0
 _CHUNK = 1 << 20
 _USER_AGENT = "FastSAM3DLib-weights/1 (Python urllib)"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Optional[Progress] = None, *,
@@ -345,14 +345,14 @@ def _part_size(files: ModelFiles) -> int:
 def _open_part(files: ModelFiles, offset: int):
     """The ``.part`` file for writing: appended to at ``offset``, or new; never through a link."""
     if offset:
-        fd = os.open(files.part, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
+        fd = open_fd(files.part, os.O_WRONLY | os.O_APPEND)
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == offset:
             return os.fdopen(fd, "ab")
         os.close(fd)
         raise OSError(f"{files.part} changed while resuming")
     _remove(files.part)
-    return os.fdopen(os.open(files.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644), "wb")
+    return os.fdopen(open_fd(files.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
 
 
 def _hash_file(path: Path, progress: Optional[Progress] = None) -> str:
@@ -360,7 +360,7 @@ def _hash_file(path: Path, progress: Optional[Progress] = None) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb") as f:
+    with os.fdopen(open_fd(path, os.O_RDONLY), "rb") as f:
         total = os.fstat(f.fileno()).st_size
         done = 0
         for block in iter(lambda: f.read(_CHUNK), b""):
@@ -463,8 +463,7 @@ def _copy_hashing(source: Path, dest: Path, progress: Optional[Progress]) -> str
     digest = hashlib.sha256()
     total = source.stat().st_size
     done = 0
-    with open(source, "rb") as src, os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW,
-                                                      0o644), "wb") as dst:
+    with open(source, "rb") as src, os.fdopen(open_fd(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as dst:
         for block in iter(lambda: src.read(_CHUNK), b""):
             digest.update(block)
             dst.write(block)

@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+from ..files import open_fd
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -34,7 +36,6 @@ _HEARTBEAT_EVERY = 2.0
 #: Seconds a lock file may exist without a holder (between its creation and the holder's ``flock``).
 GRACE = 1.0
 _REPORT_WAIT_AFTER = 1.0
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class LockTimeout(TimeoutError):
@@ -97,15 +98,20 @@ class FileLock:
             return
         try:
             if self._read()[0].get("token") == self._token:
+                if fcntl is None:  # Windows cannot delete an open file; waiters there judge by the process id,
+                    self._close()  # which is alive, not by the lock file's flock (that it keeps to the end here)
                 try:
                     self.path.unlink()
                 except FileNotFoundError:
                     pass
         finally:
             self._token = None
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "FileLock":
         self.acquire()
@@ -119,7 +125,7 @@ class FileLock:
     def _try_create(self) -> bool:
         """Create the lock file and take its ``flock``; False if it exists (LockUnavailable if impossible)."""
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW, 0o644)
+            fd = open_fd(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         except OSError as exc:
@@ -151,7 +157,7 @@ class FileLock:
     def _read(self) -> Tuple[dict, Optional[os.stat_result]]:
         """(the lock's JSON body or {}, its stat) without following a symlink."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+            fd = open_fd(self.path, os.O_RDONLY)
         except OSError:
             return {}, None
         try:
@@ -168,7 +174,7 @@ class FileLock:
     def _inspect(self) -> Tuple[Tuple[dict, Optional[os.stat_result]], Optional[str]]:
         """((body, stat) of the current lock file, why it is stale or None while a live holder may have it)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+            fd = open_fd(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return ({}, None), None  # released meanwhile: just try again
         except OSError as exc:  # a symlink or another thing planted at the lock's name
@@ -194,9 +200,11 @@ class FileLock:
         if held is True:
             return holder, None
         if here and body.get("pid") == os.getpid():
-            if _open_in_this_process(st) is not False:
-                return holder, None  # another thread of this process (flock may not tell, e.g. on NFS)
-            return holder, f"it was left by an earlier program that had this process's id {os.getpid()}"
+            open_here = _open_in_this_process(st)
+            if open_here is False:
+                return holder, f"it was left by an earlier program that had this process's id {os.getpid()}"
+            if open_here or age <= self.stale_after:  # another thread of this process (flock may not tell, e.g.
+                return holder, None                    # on NFS); it refreshes the lock while it holds it
         if age > self.stale_after:
             return holder, f"not refreshed for {age:.0f} s"
         if body and not here:

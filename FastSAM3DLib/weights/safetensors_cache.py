@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 from ..errors import CheckpointError
+from ..files import open_fd
 
 #: Value of the "format" metadata field of the files written here.
 FORMAT_TAG = "FastSAM3DLib-weights-v1"
 _MAX_HEADER = 100 * 1024 * 1024
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class FastCopyWriteError(OSError):
@@ -111,7 +111,7 @@ def write_safetensors(state_dict, dest, source_sha: str, model: str, source_file
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     created = False
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
+        os.close(open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         created = True
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, dest)

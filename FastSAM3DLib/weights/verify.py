@@ -27,13 +27,13 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from ..files import open_fd
 from .cache import ModelFiles
 from .manifest import ModelEntry
 
 Progress = Callable[[int, Optional[int]], object]
 
 _CHUNK = 1 << 20
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def sha256_file(path: Path, progress: Optional[Progress] = None) -> str:
@@ -160,7 +160,7 @@ def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         created = True
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(json.dumps(data, indent=2) + "\n")
