@@ -311,8 +311,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         bank made by other weights, or a server device, is refused with a message saying what to do.
         ``grow``: the session's segments grow over several regions (FastSAM3DLib.growth), with a server too where
         this computer has PyTorch (else one region, and the session's ``growth_note`` says why). ``precision``:
-        None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on a CPU; not with a memory
-        bank, which fits the float weights). ``cacheDir``, ``token``: the weights cache and the server token, read
+        None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on a CPU; with a memory bank
+        too). ``cacheDir``, ``token``: the weights cache and the server token, read
         by the caller on the main thread (default: read here, which touches Qt: not on a worker thread).
         """
         from FastSAM3DLib import remote, scene
@@ -326,17 +326,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None,
                                         token=token if token is not None else self.serverToken(), grow=bool(grow))
         from FastSAM3DLib.errors import FastSAM3DError
-        from FastSAM3DLib.quantize import ENV_VAR, resolve_precision
+        from FastSAM3DLib.quantize import resolve_precision
         from FastSAM3DLib.session import InteractiveSession
 
         try:
             effective = resolve_precision(precision)
         except ValueError as exc:
             raise FastSAM3DError(str(exc)) from None
-        if memoryBank and effective == "fast":
-            source = "" if precision else _(" (set by the environment variable {name})").format(name=ENV_VAR)
-            raise FastSAM3DError(_("A memory bank needs the exact precision{source}: choose 'Exact', or no memory "
-                                   "bank.").format(source=source))
         # a model per memory bank (scene.load_model keeps them apart): no session's bank changes under it
         built = scene.load_model(model, scene.resolve_device(device), "cached",
                                  cacheDir if cacheDir is not None else self.cacheDir(), effective, memoryBank)

@@ -388,19 +388,28 @@ def test_the_fast_precision_is_an_option_stored_and_used_by_the_session(harness,
     assert segment_array(segmentation, segment_id, volume).any()
 
 
-def test_a_memory_bank_with_the_fast_precision_is_refused_before_the_click(harness, one_torch_thread):
+def test_a_memory_bank_works_with_the_fast_precision(harness, one_torch_thread, int8_kernel):
+    """Masks of the two precisions with the demo bank agree on >= 99.93 % of voxels (README, Speed options), so
+    the panel no longer refuses the pair: the session's model is int8 and retrieves from the bank."""
     pytest.importorskip("torch")
-    from FastSAM3DLib.errors import FastSAM3DError
+    from pathlib import Path
+
+    from FastSAM3DLib.memory import attached_memory
+    from FastSAM3DLib.registry import build_model
 
     volume, segmentation, segment_id = _demo_volume(harness)
     effect = harness.create_effect()
+    bank = _write_bank(build_model("fastsam3d-demo", checkpoint="cached"),
+                       Path(effect._logic().memoryBankDir()) / "demo-bank.safetensors")
     effect.activate()
-    effect.scriptedEffect.setParameter("MemoryBank", __file__)  # any existing file: refused before it is read
+    effect.scriptedEffect.setParameter("MemoryBank", bank)
     effect.scriptedEffect.setParameter("Precision", "fast")
-    assert not effect.addClick((13 * 1.5, 11 * 1.5, 7 * 2.0))
-    assert "exact precision" in effect.statusLabel.text and points(effect) == []
-    with pytest.raises(FastSAM3DError, match="exact precision"):
-        effect._logic().createSession("fastsam3d-demo", "cpu", "", None, memoryBank=__file__, precision="fast")
+    assert harness.click((13 * 1.5, 11 * 1.5, 7 * 2.0))
+    assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
+    model = effect._sessions[effect._sessionKey()].model
+    handle = attached_memory(model)
+    assert model.precision == "fast" and handle is not None and handle.retrievals == 1
+    assert segment_array(segmentation, segment_id, volume).any()
 
 
 def test_the_status_says_why_the_fast_precision_is_not_used(harness, one_torch_thread, monkeypatch):

@@ -708,10 +708,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._status(_("A memory bank needs a local model: choose 'None' as memory bank under 'Model options', "
                            "or a CPU or GPU device."), error=True)
             return False
-        if bank and self._parameter(PRECISION) == "fast":
-            self._status(_("A memory bank needs the exact precision (it was made by the float weights): choose "
-                           "'Exact' or memory bank 'None' under 'Model options'."), error=True)
-            return False
         if bank and not os.path.isfile(bank):
             self._status(_("The memory bank {path} is missing: choose another under 'Model options'.").format(
                 path=bank), error=True)

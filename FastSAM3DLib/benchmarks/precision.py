@@ -1,7 +1,7 @@
 """How close the ``fast`` precision (int8 encoder, :mod:`FastSAM3DLib.quantize`) comes to the exact network.
 
     python -m FastSAM3DLib.benchmarks.precision [--data ../shared/data] [--reference ../shared/reference]
-                                                [--model fastsam3d-demo] [--clicks 5] [--json OUT]
+                                                [--model fastsam3d-demo] [--clicks 5] [--memory BANK] [--json OUT]
 
 Three comparisons, each reporting the relative L2 difference of the low-res logits, the agreement of the
 thresholded 128³ masks (% of voxels equal, the mask the official code reports: upsampled logits > 0) and,
@@ -138,15 +138,16 @@ def _cases(data_dir: Path):
 
 @torch.no_grad()
 def data_agreement(data_dir: Path, model_name: str = "fastsam3d-demo", clicks: int = 5, structures: int = 4,
-                   min_voxels: int = 1000, log=print) -> List[Dict[str, object]]:
-    """The demo model, exact vs fast, on ``structures`` largest structures of each case of ``data_dir``."""
+                   min_voxels: int = 1000, log=print, memory=None) -> List[Dict[str, object]]:
+    """The demo model, exact vs fast, on ``structures`` largest structures of each case of ``data_dir``;
+    ``memory``: a Memorizing SAM bank attached to both (as ``build_model(memory=...)`` attaches it)."""
     from ..evaluation.clicks import next_protocol_click
     from ..evaluation.dataset import load_case
     from ..evaluation.metrics import dice
     from ..geometry import Volume, extract_label, extract_model_input, roi_centred_on_mask
     from ..registry import build_model
 
-    exact = build_model(model_name, checkpoint="cached")
+    exact = build_model(model_name, checkpoint="cached", memory=memory)
     fast = fast_copy(exact)
     rows = []
     for dataset, case in _cases(data_dir):
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--structures", type=int, default=4, help="largest structures per case")
     parser.add_argument("--no-random", action="store_true", help="skip the official-size random-weight models")
+    parser.add_argument("--memory", type=Path, default=None,
+                        help="a memory bank attached to both precisions for the real-data comparison")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     args = parser.parse_args(argv)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
         for row in result["random"]:
             print(json.dumps(row))
     if args.data.is_dir():
-        rows = data_agreement(args.data, args.model, args.clicks, args.structures)
+        rows = data_agreement(args.data, args.model, args.clicks, args.structures, memory=args.memory)
         result["data"] = rows
         result["data_summary"] = summarise_data(rows)
         for row in result["data_summary"]:
