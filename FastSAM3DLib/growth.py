@@ -323,8 +323,8 @@ def prior_for(lattice: Lattice, states: Mapping[Index, RegionState], index: Inde
         if all(s.stop > s.start for s in src):
             dst = tuple(slice(s.start - c.start, s.stop - c.start) for s, c in zip(src, cells))
             inside = covered[src]
-            prior[dst] = torch.where(inside, values[src], torch.zeros_like(values[src])).to(torch.float32)
-            known[dst] = inside
+            prior[dst] = torch.where(inside, values[src], torch.zeros_like(values[src])).to(device, torch.float32)
+            known[dst] = inside.to(device)
     return prior[None, None].contiguous(), known
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import geometry
+from .devices import float64_device
 from .geometry import RegionOfInterest, Volume
 from .session_common import crop_to, union  # noqa: F401  (regions.crop_to/union, used by growth and the session)
 
@@ -123,8 +124,9 @@ def blend(lattice: Lattice, logits: Mapping[Index, torch.Tensor], indices: Optio
 
     ``logits``: region index -> ``(..., low, low, low)`` logits; ``indices``: the regions to use (default all).
     Returns ``(first_cell, field, covered)``: the box's first low-res cell (x, y, z) counted from the lattice
-    origin, the float64 field ``(X, Y, Z)`` on the logits' device (uncovered cells filled as the module doc
-    says) and the bool tensor of covered cells. None when there is no region.
+    origin, the float64 field ``(X, Y, Z)`` (uncovered cells filled as the module doc says) and the bool tensor
+    of covered cells, on the logits' device (the CPU for MPS logits: MPS has no float64). None when there is no
+    region.
     """
     chosen = list(logits) if indices is None else [i for i in indices if i in logits]
     if not chosen:
@@ -133,7 +135,7 @@ def blend(lattice: Lattice, logits: Mapping[Index, torch.Tensor], indices: Optio
     firsts = np.array([[v * step for v in index] for index in chosen])
     first = firsts.min(axis=0)
     shape = tuple(int(v) for v in firsts.max(axis=0) - first + low)
-    device = logits[chosen[0]].device
+    device = float64_device(logits[chosen[0]].device)
     ramp = _ramp(low, low - step).to(device)
     weight = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]
     boxes = [tuple(slice(int(a - f), int(a - f) + low) for a, f in zip(corner, first)) for corner in firsts]
@@ -142,7 +144,7 @@ def blend(lattice: Lattice, logits: Mapping[Index, torch.Tensor], indices: Optio
         total[box] += weight
     field = torch.zeros(shape, dtype=torch.float64, device=device)
     for index, box in zip(chosen, boxes):
-        values = logits[index].reshape(low, low, low).to(torch.float64)
+        values = logits[index].reshape(low, low, low).to(device=device, dtype=torch.float64)
         field[box] += (weight / total[box]) * values
     covered = total > 0
     return first, _fill_outside(field, covered), covered

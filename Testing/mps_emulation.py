@@ -1,0 +1,101 @@
+"""Apple's MPS device, emulated on the CPU for tests: what fails for a Mac user fails here too.
+
+MPS has no float64: creating or converting a float64 tensor on it raises ``TypeError`` (PyTorch's
+``aten/src/ATen/mps/EmptyTensor.cpp``), and an MPS tensor has no ``.numpy()``. Inside :func:`emulated_mps`,
+tensors made with ``device="mps"`` (a factory, ``.to("mps")``) and everything computed from them are CPU tensors
+tagged as MPS (their ``.device`` says ``mps``); a float64 result or ``.numpy()`` of a tagged tensor raises as on
+a Mac, and ``.cpu()`` / ``.to("cpu")`` remove the tag. Not emulated: the rule that an op may not mix MPS and
+CPU tensors (the model's own weights stay on the CPU here), and MPS's speed.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+MPS_FLOAT64 = "Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64. " \
+              "Please use float32 instead."
+_TO_CPU = {torch.Tensor.cpu}
+
+
+class MPSTensor(torch.Tensor):
+    """A CPU tensor that says it lives on MPS (the emulation's tag)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self) -> torch.device:  # noqa: D401 - what the library reads to choose where to compute
+        return torch.device("mps")
+
+    @property
+    def is_mps(self) -> bool:
+        return True
+
+
+def _is_mps(device) -> bool:
+    if isinstance(device, torch.Tensor):
+        return isinstance(device, MPSTensor)
+    try:
+        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "mps"
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _is_cpu(device) -> bool:
+    if isinstance(device, torch.Tensor):
+        return not isinstance(device, MPSTensor)
+    try:
+        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "cpu"
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _plain(value):
+    return value.as_subclass(torch.Tensor) if isinstance(value, MPSTensor) else value
+
+
+def _device_argument(func, args, kwargs):
+    """The device a call asks for: its ``device=`` keyword, or ``Tensor.to``'s first argument after self."""
+    if "device" in kwargs:
+        return kwargs["device"]
+    if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], torch.dtype):
+        return args[1]
+    return None
+
+
+class _EmulatedMPS(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        tagged_input = any(isinstance(a, MPSTensor) for a in tree_flatten((args, kwargs))[0])
+        target = _device_argument(func, args, kwargs)
+        to_mps, to_cpu = _is_mps(target), _is_cpu(target) or func in _TO_CPU
+        if func is torch.Tensor.numpy and tagged_input:
+            raise TypeError("can't convert mps:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
+                            "to host memory first.")
+        if to_mps:  # create or move on the CPU, then tag
+            if "device" in kwargs:
+                kwargs["device"] = "cpu"
+            else:
+                args = (args[0], "cpu", *args[2:]) if not isinstance(args[1], torch.Tensor) else \
+                    (args[0], args[1].dtype, *args[2:])
+        out = func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
+        if to_cpu or not (to_mps or tagged_input):
+            return out
+
+        def tag(value):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                if value.dtype == torch.float64:
+                    raise TypeError(MPS_FLOAT64)
+                return value.as_subclass(MPSTensor)
+            return value
+        return tree_map(tag, out)
+
+
+@contextlib.contextmanager
+def emulated_mps() -> Iterator[None]:
+    """Run the block with the MPS rules above (``torch.device("mps")`` tensors are tagged CPU tensors)."""
+    with _EmulatedMPS():
+        yield
