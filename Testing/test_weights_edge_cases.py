@@ -15,6 +15,7 @@ from FastSAM3DLib.weights.loading import extract_weights
 from FastSAM3DLib.weights.verify import read_record
 from test_weights_download import files, leftovers
 from test_weights_support import no_proxy_env, sha256, write_manifest  # noqa: F401 - fixtures
+from windows_files import windows_lock_probes, windows_sharing
 
 V1, V2 = b"A" * 100_000, b"B" * 100_000
 
@@ -169,3 +170,20 @@ def test_odd_option_values_give_one_line_and_exit_code_2(tmp_path, capsys, scrip
     assert main(["segment", str(tmp_path / "missing.nii.gz"), "--point=0,0,0", "--max-image-gb", "1e300",
                  "-o", str(tmp_path / "out.nii.gz")]) == 2  # 1e300 GB: no limit, not an overflow
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_on_windows_a_refused_file_is_removed_although_loading_it_had_mapped_it(tmp_path, monkeypatch):
+    """Windows cannot delete a memory-mapped file (emulated). The refused checkpoint was still mapped by
+    torch.load(mmap=True) through the failed load's frames, so it stayed in the cache, pinned, and every later
+    load failed; the message spoke of another process."""
+    refused = windows_sharing(monkeypatch)
+    windows_lock_probes(monkeypatch)
+    source = tmp_path / "wrong.pth"
+    torch.save({"model_state_dict": {"w": torch.ones(1000)}}, source)  # weights, but of no registry model
+    manifest = write_manifest(tmp_path / "models.json", {"urls": ["https://example.org/model.pth"],
+                                                         "size": source.stat().st_size, "size_exact": True,
+                                                         "filename": "model.pth", "sha256": None})
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match="Nothing was pinned: the file was removed"):
+        import_weights("test-model", source, cache, manifest=manifest)
+    assert refused == [] and not (cache / "model.pth").exists() and read_record(files(cache)) is None

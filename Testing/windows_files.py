@@ -1,11 +1,12 @@
 """Windows' file-sharing rule, emulated on Linux for tests: an open file cannot be deleted, renamed or replaced.
 
 Python opens files on Windows without ``FILE_SHARE_DELETE`` (``open()`` and ``os.open`` both go through the C
-runtime's ``_wopen``), so while any descriptor holds a file, ``os.unlink``, ``os.remove``, ``os.rename`` and
-``os.replace`` of it (as source or as the target replaced) fail with ``PermissionError`` (WinError 32, "being used
-by another process"). Linux allows all of them, so code that deletes or replaces a file it still has open passes
-every test here and fails for every Windows user. :func:`windows_sharing` installs the rule for this process's
-own descriptors (``/proc/self/fd``); :func:`windows_text_mode` records ``os.open`` calls without ``O_BINARY``;
+runtime's ``_wopen``), so while any descriptor holds a file or any view maps it (``mmap``,
+``torch.load(mmap=True)``), ``os.unlink``, ``os.remove``, ``os.rename`` and ``os.replace`` of it (as source or as
+the target replaced) fail with ``PermissionError`` (WinError 32, "being used by another process"). Linux allows
+all of them, so code that deletes or replaces a file it still has open passes every test here and fails for every
+Windows user. :func:`windows_sharing` installs the rule for this process's own descriptors and mappings
+(``/proc/self``); :func:`windows_text_mode` records ``os.open`` calls without ``O_BINARY``;
 :func:`windows_lock_probes` gives the lock file the answers its probes get on Windows (no ``flock``, no ``/proc``).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ _SHARING_VIOLATION = 32  # winerror ERROR_SHARING_VIOLATION
 
 
 def open_in_this_process(path) -> bool:
-    """Whether a descriptor of this process has ``path`` open (the file itself, not through a symlink)."""
+    """Whether this process has ``path`` open (a descriptor) or mapped into memory (``mmap``, ``torch.load(mmap=
+    True)``): Windows refuses to delete either (DeleteFile's documentation). The file itself, not a symlink."""
     try:
         target = os.stat(path, follow_symlinks=False)
     except OSError:
@@ -33,7 +35,9 @@ def open_in_this_process(path) -> bool:
                 return True
         except OSError:
             continue
-    return False
+    mapped = f" {os.major(target.st_dev):02x}:{os.minor(target.st_dev):02x} {target.st_ino} "
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        return any(mapped in line for line in maps)
 
 
 def windows_sharing(monkeypatch) -> List[Tuple[str, str]]:

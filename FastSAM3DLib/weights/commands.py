@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -203,6 +204,9 @@ def _prepare(name: str, cache_dir, manifest, pinned_now: bool, keep_file: bool =
     try:
         path = resolve_checkpoint(name, cache_dir, manifest=manifest)
     except Exception as exc:  # noqa: BLE001 - whatever the file does wrong, a pin made for it is undone
+        # The failed load's frames still hold the checkpoint's tensors, memory-mapped from the file
+        # (torch.load(mmap=True)); Windows cannot delete a mapped file. Clearing them unmaps it.
+        traceback.clear_frames(exc.__traceback__)
         error = exc if isinstance(exc, CheckpointError) else CheckpointError(
             f"The weights file of '{name}' cannot be loaded ({type(exc).__name__}: {exc}). Download it again, or "
             "import the official file.")
