@@ -372,7 +372,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                                               _("Memory banks (*.safetensors)"))
         if not path:
             return
-        self.scriptedEffect.setParameter(MEMORY_BANK, path)
+        # Qt writes "/" on every system; the listed banks have the system's separators (Windows: "\\")
+        self.scriptedEffect.setParameter(MEMORY_BANK, os.path.normpath(path))
         self._forgetSessions()
         self.updateGUIFromMRML()
 
