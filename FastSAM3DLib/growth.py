@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry, regions
+from .devices import supported_device
 from .errors import InputImageError
 from .geometry import RegionOfInterest, Volume
 from .regions import Index, Lattice
@@ -277,14 +278,15 @@ def connected_part(logits: torch.Tensor, prior: torch.Tensor, known: torch.Tenso
     low = known.shape[-1]
     mask = logits.reshape(low, low, low) > 0
     seeds = mask & known & (prior.reshape(low, low, low) > 0)
-    grown = seeds.float()[None, None]
-    allowed = mask.float()[None, None]
+    device = supported_device(mask.device)  # max_pool3d: none on MPS before torch 2.9
+    grown = seeds.float().to(device)[None, None]
+    allowed = mask.float().to(device)[None, None]
     while True:
         step = F.max_pool3d(grown, 3, stride=1, padding=1) * allowed
         if torch.equal(step, grown):
             break
         grown = step
-    stray = (mask & ~(grown[0, 0] > 0)).reshape(logits.shape)
+    stray = (mask & ~(grown[0, 0] > 0).to(mask.device)).reshape(logits.shape)
     if not bool(stray.any()):
         return logits
     return torch.where(stray, -logits, logits)
@@ -332,6 +334,8 @@ def growth_points(prior: torch.Tensor, known: torch.Tensor, count: int) -> np.nd
     """Up to ``count`` model-space points (n, 3) deepest inside the known mask (prior > 0), highest logit first
     among equally deep cells, at least :data:`POINT_MARGIN_CELLS` cells from the region's faces and 4 apart."""
     low = known.shape[-1]
+    device = supported_device(prior.device)  # max_pool3d: none on MPS before torch 2.9
+    prior, known = prior.to(device), known.to(device)
     positive = (prior.reshape(low, low, low) > 0) & known
     inner = torch.zeros_like(positive)
     m = POINT_MARGIN_CELLS

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import geometry
-from .devices import float64_device
+from .devices import supported_device
 from .geometry import RegionOfInterest, Volume
 from .session_common import crop_to, union  # noqa: F401  (regions.crop_to/union, used by growth and the session)
 
@@ -135,7 +135,7 @@ def blend(lattice: Lattice, logits: Mapping[Index, torch.Tensor], indices: Optio
     firsts = np.array([[v * step for v in index] for index in chosen])
     first = firsts.min(axis=0)
     shape = tuple(int(v) for v in firsts.max(axis=0) - first + low)
-    device = float64_device(logits[chosen[0]].device)
+    device = supported_device(logits[chosen[0]].device)
     ramp = _ramp(low, low - step).to(device)
     weight = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]
     boxes = [tuple(slice(int(a - f), int(a - f) + low) for a, f in zip(corner, first)) for corner in firsts]

@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .devices import float64_device
+from .devices import supported_device
 from .grid_map import aligned_axes, axis_coordinates, index_map, inside_range, itk_taps
 
 #: Environment variable choosing the resampling implementation: ``auto`` (default), ``torch`` or ``sitk``.
@@ -329,7 +329,7 @@ def threshold_logits(logits, field_to_ras: np.ndarray, field_size: Sequence[int]
     tensor = tensor.reshape(shape)
     if shape != field_size and shape != tuple(n // 4 for n in field_size):
         raise ValueError(f"logits of shape {tuple(logits.shape)} fit neither the grid {field_size} nor its quarter")
-    device = float64_device(tensor.device)  # no float64 on MPS: the small logits go to the CPU
+    device = supported_device(tensor.device)  # no float64 on MPS: the small logits go to the CPU
     tensor = tensor.to(device)
     box_size = [int(n) for n in box_size]
     box_to_ras = np.asarray(volume_index_to_ras, dtype=np.float64).copy()

@@ -1,10 +1,12 @@
 """Apple's MPS device, emulated on the CPU for tests: what fails for a Mac user fails here too.
 
 MPS has no float64: creating or converting a float64 tensor on it raises ``TypeError`` (PyTorch's
-``aten/src/ATen/mps/EmptyTensor.cpp``), and an MPS tensor has no ``.numpy()``. Inside :func:`emulated_mps`,
+``aten/src/ATen/mps/EmptyTensor.cpp``), an MPS tensor has no ``.numpy()``, and torch 2.4-2.8 (the oldest this
+project supports) have no MPS kernel for ``max_pool3d`` and ``avg_pool3d`` (``NotImplementedError`` unless
+``PYTORCH_ENABLE_MPS_FALLBACK=1`` was set before torch was imported; 2.9 added both). Inside :func:`emulated_mps`,
 tensors made with ``device="mps"`` (a factory, ``.to("mps")``) and everything computed from them are CPU tensors
-tagged as MPS (their ``.device`` says ``mps``); a float64 result or ``.numpy()`` of a tagged tensor raises as on
-a Mac, and ``.cpu()`` / ``.to("cpu")`` remove the tag. Not emulated: the rule that an op may not mix MPS and
+tagged as MPS (their ``.device`` says ``mps``); a float64 result, ``.numpy()`` or one of those pooling ops on a
+tagged tensor raises as on a Mac, and ``.cpu()`` / ``.to("cpu")`` remove the tag. Not emulated: the rule that an op may not mix MPS and
 CPU tensors (the model's own weights stay on the CPU here), and MPS's speed.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 MPS_FLOAT64 = "Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64. " \
               "Please use float32 instead."
 _TO_CPU = {torch.Tensor.cpu}
+#: ops without an MPS kernel in torch 2.4-2.8 (native_functions.yaml lists CPU and CUDA only; MPS came in 2.9)
+NO_MPS_KERNEL = ("max_pool3d", "max_pool3d_with_indices", "avg_pool3d")
 
 
 class MPSTensor(torch.Tensor):
@@ -72,6 +76,11 @@ class _EmulatedMPS(TorchFunctionMode):
         tagged_input = any(isinstance(a, MPSTensor) for a in tree_flatten((args, kwargs))[0])
         target = _device_argument(func, args, kwargs)
         to_mps, to_cpu = _is_mps(target), _is_cpu(target) or func in _TO_CPU
+        name = getattr(func, "__name__", "")
+        if tagged_input and name in NO_MPS_KERNEL:
+            raise NotImplementedError(f"The operator 'aten::{name}' is not currently implemented for the MPS device. "
+                                      "As a temporary fix, you can set the environment variable "
+                                      "`PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback for this op.")
         if func is torch.Tensor.numpy and tagged_input:
             raise TypeError("can't convert mps:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor "
                             "to host memory first.")

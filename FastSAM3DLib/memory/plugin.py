@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .. import attention
-from ..devices import float64_device
+from ..devices import supported_device
 from ..errors import FastSAM3DError
 from . import retrieval
 from .bank import MemoryBank, MemoryBankError, check_fits, load_bank, model_layout
@@ -78,7 +78,7 @@ class MemoryOverflowError(FastSAM3DError):
 def memory_weights(distances: torch.Tensor, local_ratio: float, rule: str) -> torch.Tensor:
     """The per-neighbour memory weights ``(B, k)`` (float64; on the CPU for MPS distances, MPS has no float64) of
     ``rule`` for squared distances ``(B, k)``."""
-    d = distances.to(float64_device(distances.device), torch.float64)
+    d = distances.to(supported_device(distances.device), torch.float64)
     r = float(local_ratio)
     if d.shape[-1] == 0:
         return d

@@ -22,6 +22,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..devices import supported_device
+
 DESCRIPTORS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
 
 
@@ -54,7 +56,8 @@ def describe(x: torch.Tensor, name: str) -> torch.Tensor:
     """The ``name`` descriptor of a batch of encoder inputs ``(B, 1, S, S, S)``: ``(B, D)`` float32."""
     if name not in DESCRIPTORS:
         raise ValueError(f"unknown memory descriptor {name!r}; choose one of {', '.join(DESCRIPTORS)}")
-    return DESCRIPTORS[name][1](x).contiguous()
+    device = supported_device(x.device)  # avg_pool3d: none on MPS before torch 2.9
+    return DESCRIPTORS[name][1](x.to(device)).contiguous().to(x.device)
 
 
 def _exact_dtype(device: torch.device) -> torch.dtype:
