@@ -81,7 +81,7 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
                 raise output_error(exc, path, "write") from None
         yield Path(tmp)
         try:
-            os.replace(tmp, path)
+            replace_file(tmp, path)
         except OSError as exc:
             raise output_error(exc, path, "replace") from None
         done = True
@@ -144,6 +144,26 @@ def open_fd(path, flags: int, mode: int = 0o644) -> int:
     themselves; every ``os.open`` of this library goes through here.
     """
     return os.open(path, flags | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0), mode)
+
+
+#: How long a replace waits for Windows to let go of a file: a virus scanner or the search indexer opens new and
+#: replaced files for a moment (pip allows the same second for its own replaces).
+REPLACE_RETRY_SECONDS = 1.0
+_IN_USE_WINERRORS = (5, 32)  # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION
+
+
+def replace_file(source, target) -> None:
+    """Replace ``target`` by ``source`` (``os.replace``), tried again for up to :data:`REPLACE_RETRY_SECONDS` while
+    Windows reports one of the files in use (WinError 5 or 32); then the error is raised."""
+    deadline = time.monotonic() + REPLACE_RETRY_SECONDS
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError as exc:
+            if getattr(exc, "winerror", None) not in _IN_USE_WINERRORS or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.1)
 
 
 def _create_temporary(folder: Path, prefix: str, suffix: str) -> str:

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,33 @@ def test_on_windows_a_file_another_program_has_open_is_kept_and_the_error_says_t
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.bin"]
 
 
+def test_on_windows_a_file_held_for_a_moment_is_replaced_once_it_is_let_go(tmp_path, monkeypatch):
+    """A virus scanner or the search indexer opens a new file for a moment (emulated: a reader for 0.3 s): the
+    replace is tried again and succeeds, instead of failing the write."""
+    refused = windows_sharing(monkeypatch)
+    target = tmp_path / "result.bin"
+    target.write_bytes(b"old")
+    reader = open(target, "rb")
+    threading.Timer(0.3, reader.close).start()
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert reader.closed and refused and target.read_bytes() == b"new"
+
+
+def test_a_permission_error_that_is_not_a_file_in_use_is_not_tried_again(tmp_path, monkeypatch):
+    calls = []
+
+    def refuse(source, target):
+        calls.append(target)
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputFileError, match="no permission"):
+        with atomic_output(tmp_path / "result.bin") as tmp:
+            tmp.write_bytes(b"new")
+    assert len(calls) == 1
+
+
 @posix_only
 def test_a_failure_while_putting_the_new_file_in_place_leaves_the_old_one_whole(tmp_path):
     """When the disk refuses more bytes after the new file is written (a file size limit set in a child
@@ -174,3 +202,15 @@ def test_no_file_handle_is_left_open(tmp_path):
             tmp.write_text(str(n))
     assert len(os.listdir("/proc/self/fd")) < before + 10
     assert (tmp_path / "result.txt").read_text() == "49"
+
+
+def test_the_library_replaces_files_only_through_replace_file():
+    """Every write of a result, weights file, record or bank waits for Windows to let go (files.replace_file); only
+    breaking a stale lock file renames directly."""
+    offenders = []
+    for source in sorted((REPO / "FastSAM3DLib").rglob("*.py")):
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if "os.replace(" in line and not (source.name == "files.py" and line.strip() == "os.replace(source, target)") \
+                    and not (source.name == "filelock.py" and "os.replace(self.path, moved)" in line):
+                offenders.append(f"{source.relative_to(REPO)}:{number}")
+    assert offenders == []

@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..errors import FastSAM3DError
+from ..files import replace_file
 
 FORMAT = "fastsam3d-memory-bank/1"
 TENSOR_NAMES = ("descriptors", "keys", "values", "case_index")
@@ -351,7 +352,7 @@ def save_bank(bank: MemoryBank, path) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=_meta_to_strings(meta))
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
-from ..files import open_fd
+from ..files import open_fd, replace_file
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
 from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
@@ -142,7 +142,7 @@ def import_file(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
                     f"{entry.urls[0]} again (the copy may be damaged) and import that."
                     + _pin_hint(checksum_source, files))
             if not same_file:
-                os.replace(tmp, files.path)
+                replace_file(tmp, files.path)
             _discard_part(files)
             write_record(files, entry, sha, str(source.resolve()))
         except OSError as exc:
@@ -204,7 +204,7 @@ def _download_from(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLoc
         raise _Failure(url, "checksum", f"the file received has sha256 {sha}, expected {expected} "
                                         f"({_checksum_origin(source, files)}); it was deleted")
     try:
-        os.replace(files.part, files.path)
+        replace_file(files.part, files.path)
     except OSError as exc:
         _discard_part(files)
         raise _Failure(url, "disk", f"cannot put the file in place ({exc}); close programs using "

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 from ..errors import CheckpointError
-from ..files import open_fd
+from ..files import open_fd, replace_file
 
 #: Value of the "format" metadata field of the files written here.
 FORMAT_TAG = "FastSAM3DLib-weights-v1"
@@ -114,7 +114,7 @@ def write_safetensors(state_dict, dest, source_sha: str, model: str, source_file
         os.close(open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         created = True
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dest)
+        replace_file(tmp, dest)
         created = False
     except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError, not OSError, for a full disk
         raise FastCopyWriteError(f"cannot write {dest}: {_first_line(exc)}") from exc

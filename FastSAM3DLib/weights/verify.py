@@ -27,7 +27,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from ..files import open_fd
+from ..files import open_fd, replace_file
 from .cache import ModelFiles
 from .manifest import ModelEntry
 
@@ -164,7 +164,7 @@ def write_json_atomic(path: Path, data) -> None:
         created = True
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        replace_file(tmp, path)
         created = False
     finally:
         if created:
