@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -454,17 +455,57 @@ def test_on_windows_a_released_lock_is_gone_and_can_be_taken_again_in_the_same_p
     assert refused == []
 
 
-def test_on_windows_a_lock_left_under_this_process_id_is_broken_once_it_is_old(tmp_path, monkeypatch):
-    """Process ids are reused on Windows, and there it cannot be told whether this process has the file open:
-    a lock naming this process is still broken once it has not been refreshed for ``stale_after``."""
+def test_on_windows_a_lock_left_under_this_process_id_is_broken(tmp_path, monkeypatch):
+    """Process ids are reused on Windows, and there neither flock nor /proc tells whether this process holds the
+    file: a lock naming this process whose token no FileLock here holds was left by an earlier program."""
     windows_sharing(monkeypatch)
     windows_lock_probes(monkeypatch)
     path = ModelFiles(tmp_path, "tiny.pth").lock
     path.write_text(_lock_body(os.getpid()))
-    time.sleep(0.6)
-    lock = FileLock(path, stale_after=0.5, timeout=10)
+    lock = FileLock(path, timeout=5)
     lock.acquire()
     assert json.loads(path.read_text())["token"] != "not-yours"
+    lock.release()
+
+
+@pytest.mark.parametrize("emulate_windows", [False, True], ids=["linux", "windows"])
+def test_another_thread_of_this_process_waits_for_the_live_holder(tmp_path, monkeypatch, emulate_windows):
+    """A holder busy for longer than stale_after without a heartbeat (an import hashing a large file) is not
+    broken by another thread of the same process: it holds the lock's token (on Windows the break raised)."""
+    if emulate_windows:
+        windows_sharing(monkeypatch)
+        windows_lock_probes(monkeypatch)
+    path = ModelFiles(tmp_path, "tiny.pth").lock
+    holder = FileLock(path, stale_after=0.3)
+    holder.acquire()
+    token = json.loads(path.read_text())["token"]
+    releaser = threading.Timer(1.0, holder.release)
+    releaser.start()
+    time.sleep(0.5)  # older than stale_after
+    waiter = FileLock(path, stale_after=0.3, timeout=10)
+    waiter.acquire()
+    assert not releaser.is_alive() and json.loads(path.read_text())["token"] != token  # it waited
+    waiter.release()
+
+
+def test_on_windows_a_lock_another_process_still_has_open_is_waited_for_not_an_error(tmp_path, monkeypatch):
+    """A lock judged stale by its age whose file another process still has open (Windows refuses to move it) is
+    held after all: the waiter waits for it instead of failing with "cannot remove the stale lock"."""
+    windows_sharing(monkeypatch)
+    windows_lock_probes(monkeypatch)
+    path = ModelFiles(tmp_path, "tiny.pth").lock
+    path.write_text(_lock_body(os.getpid() + 1, created=time.time() - 10))  # another, live, slow process
+    handle = open(path, "rb")  # that process's descriptor (emulated here: this process's)
+
+    def holder_finishes():
+        handle.close()
+        path.unlink()
+
+    finisher = threading.Timer(0.8, holder_finishes)
+    finisher.start()
+    lock = FileLock(path, stale_after=0.3, timeout=10)
+    lock.acquire()
+    assert handle.closed and json.loads(path.read_text())["token"] != "not-yours"
     lock.release()
 
 

@@ -82,11 +82,10 @@ def windows_text_mode(monkeypatch) -> List[Tuple[str, bool]]:
 
 def windows_lock_probes(monkeypatch) -> None:
     """What :mod:`FastSAM3DLib.weights.filelock` can learn on Windows: no ``fcntl`` (so no ``flock``), no
-    ``/proc`` (whether this process has a file open, when a process started: unknown), and every process id is
-    taken as alive (``os.kill(pid, 0)`` would terminate it there)."""
+    ``/proc`` (when a process started: unknown), and every process id is taken as alive (``os.kill(pid, 0)``
+    would terminate it there)."""
     from FastSAM3DLib.weights import filelock
 
     monkeypatch.setattr(filelock, "fcntl", None)
-    monkeypatch.setattr(filelock, "_open_in_this_process", lambda status: None)
     monkeypatch.setattr(filelock, "_process_start_time", lambda pid: None)
     monkeypatch.setattr(filelock, "_pid_alive", lambda pid: True)

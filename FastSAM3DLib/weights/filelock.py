@@ -18,10 +18,11 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Set, Tuple
 
 from ..files import open_fd
 
@@ -68,9 +69,12 @@ class FileLock:
                 return
             holder, stale = self._inspect()
             if stale:
-                if self._break(holder, stale):
+                broken = self._break(holder, stale)
+                if broken:
                     log.warning("Removed the stale lock %s: %s.", self.path, stale)
-                continue
+                if broken is not None:
+                    continue
+                # None: Windows says the file is open, so a live holder has it (a long step without heartbeat)
             waited = time.monotonic() - start
             if self.timeout is not None and waited > self.timeout:
                 raise LockTimeout(f"{self.path} is held by {_describe(holder[0])}") from None
@@ -105,6 +109,7 @@ class FileLock:
                 except FileNotFoundError:
                     pass
         finally:
+            _let_go(self._token)
             self._token = None
             self._close()
 
@@ -131,6 +136,7 @@ class FileLock:
         except OSError as exc:
             raise LockUnavailable(exc.errno, f"cannot create the lock file {self.path}: "
                                              f"{exc.strerror or exc}") from exc
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
         try:
             if fcntl is not None:
                 _flock_exclusive(fd)
@@ -141,10 +147,11 @@ class FileLock:
             if not same:  # broken as stale before we held it (we were paused): start again
                 os.close(fd)
                 return False
-            token = f"{os.getpid()}-{uuid.uuid4().hex}"
+            _hold(token)  # before the file names it: a thread of this process inspecting it then sees it held
             body = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "created": time.time()}
             os.write(fd, json.dumps(body).encode())
         except OSError as exc:
+            _let_go(token)
             os.close(fd)
             try:
                 self.path.unlink()
@@ -200,11 +207,9 @@ class FileLock:
         if held is True:
             return holder, None
         if here and body.get("pid") == os.getpid():
-            open_here = _open_in_this_process(st)
-            if open_here is False:
-                return holder, f"it was left by an earlier program that had this process's id {os.getpid()}"
-            if open_here or age <= self.stale_after:  # another thread of this process (flock may not tell, e.g.
-                return holder, None                    # on NFS); it refreshes the lock while it holds it
+            if _held_here(body.get("token")):
+                return holder, None  # another thread of this process holds it (flock may not tell, e.g. on NFS)
+            return holder, f"it was left by an earlier program that had this process's id {os.getpid()}"
         if age > self.stale_after:
             return holder, f"not refreshed for {age:.0f} s"
         if body and not here:
@@ -227,14 +232,21 @@ class FileLock:
             return holder, f"process {pid} started after the lock was made (it is another program)"
         return holder, None
 
-    def _break(self, holder: Tuple[dict, Optional[os.stat_result]], why: str) -> bool:
-        """Remove the abandoned lock judged by ``holder`` without removing one that was taken since."""
+    def _break(self, holder: Tuple[dict, Optional[os.stat_result]], why: str) -> Optional[bool]:
+        """Remove the abandoned lock judged by ``holder`` without removing one that was taken since: True when
+        removed, False when another lock took its place (look again), None when Windows says that a process has
+        it open (so it is held after all: wait)."""
         judged = holder[1]
         moved = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.replace(self.path, moved)
         except FileNotFoundError:
             return False
+        except PermissionError as exc:
+            if getattr(exc, "winerror", None) in (5, 32):  # Windows: a process has it open, so it is held
+                return None
+            raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
+                                             f"{exc.strerror or exc}") from exc
         except OSError as exc:
             raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
                                              f"{exc.strerror or exc}") from exc
@@ -285,19 +297,25 @@ def _held_by_another(fd: int) -> Optional[bool]:
     return False
 
 
-def _open_in_this_process(st: os.stat_result) -> Optional[bool]:
-    """Whether this process has the file ``st`` open (Linux: /proc/self/fd), or None if that cannot be told."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    for name in names:
-        try:
-            if os.path.samestat(os.stat(f"/proc/self/fd/{name}"), st):
-                return True
-        except OSError:
-            continue
-    return False
+#: Tokens of the lock files this process's FileLock objects hold: a lock file naming this process is held by one
+#: of its threads exactly when its token is here (on every system; ``flock`` and ``/proc`` cannot always tell).
+_HELD_TOKENS: Set[str] = set()
+_HELD_TOKENS_LOCK = threading.Lock()
+
+
+def _hold(token: str) -> None:
+    with _HELD_TOKENS_LOCK:
+        _HELD_TOKENS.add(token)
+
+
+def _let_go(token: Optional[str]) -> None:
+    with _HELD_TOKENS_LOCK:
+        _HELD_TOKENS.discard(token)
+
+
+def _held_here(token) -> bool:
+    with _HELD_TOKENS_LOCK:
+        return token in _HELD_TOKENS
 
 
 def _describe(body: dict) -> str:
