@@ -1,6 +1,7 @@
 """The Segment Editor effect's own code, driven through Testing/effect_harness.py (real MRML, real worker,
 Slicer's GIL regime between timer ticks). Each test is a finding of the Slicer review that a harness can
 reach; what only a real Slicer can check is listed in the README's self-test section."""
+import os
 import sys
 import threading
 
@@ -331,9 +332,11 @@ def test_the_memory_bank_of_the_model_is_offered_used_by_the_session_and_dropped
     assert attached_memory(plain) is None and attached_memory(model) is handle  # no model's bank was changed
 
 
-def test_a_bank_chosen_in_the_file_dialog_is_the_listed_one_not_a_second_entry(harness, monkeypatch):
-    """Qt's file dialog writes "/" separators on Windows too, where the listed banks have "\\": the chosen
-    path is normalised (here: a redundant "/./"), so the menu lists the bank once and selects it."""
+@pytest.mark.parametrize("spelling", ["dialog", "cache"])
+def test_a_bank_chosen_in_the_file_dialog_is_the_listed_one_not_a_second_entry(harness, monkeypatch, spelling):
+    """Qt's file dialog writes "/" separators on Windows too, where the listed banks have "\\", and the cache
+    folder may be spelled with ".." (emulated: the dialog's "/./", or the cache's "x/.."): the bank chosen is the
+    listed one, so the menu lists it once and selects it."""
     pytest.importorskip("torch")
     from pathlib import Path
 
@@ -342,13 +345,20 @@ def test_a_bank_chosen_in_the_file_dialog_is_the_listed_one_not_a_second_entry(h
     _demo_volume(harness)
     effect = harness.create_effect()
     folder = Path(effect._logic().memoryBankDir())
-    bank = _write_bank(build_model("fastsam3d-demo", checkpoint="cached"), folder / "demo-bank.safetensors")
+    _write_bank(build_model("fastsam3d-demo", checkpoint="cached"), folder / "demo-bank.safetensors")
+    chosen = f"{folder}/demo-bank.safetensors"
+    if spelling == "dialog":
+        chosen = f"{folder}/./demo-bank.safetensors"
+    else:
+        listed_folder = f"{folder.parent}/x/../{folder.name}"
+        (folder.parent / "x").mkdir()
+        monkeypatch.setattr(type(effect._logic()), "memoryBankDir", lambda self: listed_folder)
     effect.activate()
-    monkeypatch.setattr(sys.modules["qt"].QFileDialog, "getOpenFileName",
-                        lambda *args: f"{folder}/./demo-bank.safetensors")
+    monkeypatch.setattr(sys.modules["qt"].QFileDialog, "getOpenFileName", lambda *args: chosen)
     effect.onChooseMemoryBank()
     listed = [effect.memoryCombo.itemData(i) for i in range(effect.memoryCombo.count)]
-    assert listed == ["", bank] and effect.memoryCombo.currentData == bank
+    assert len(listed) == 2 and listed[0] == "" and effect.memoryCombo.currentData == listed[1]
+    assert os.path.samefile(listed[1], folder / "demo-bank.safetensors")
 
 
 def test_a_memory_bank_with_a_server_or_a_missing_file_is_refused_before_the_click(harness):

@@ -372,8 +372,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                                               _("Memory banks (*.safetensors)"))
         if not path:
             return
-        # Qt writes "/" on every system; the listed banks have the system's separators (Windows: "\\")
-        self.scriptedEffect.setParameter(MEMORY_BANK, os.path.normpath(path))
+        # Qt writes "/" on every system (the listed banks have "\\" on Windows), and the cache folder may be
+        # spelled otherwise: a listed bank is chosen as listed, else the path with the system's separators
+        try:
+            listed = [bank for bank, _text in self._logic().memoryBanks(self._parameter(MODEL))]
+        except Exception:  # noqa: BLE001 - an unreadable folder lists nothing
+            listed = []
+        path = next((bank for bank in listed if _sameFile(bank, path)), os.path.normpath(path))
+        self.scriptedEffect.setParameter(MEMORY_BANK, path)
         self._forgetSessions()
         self.updateGUIFromMRML()
 
@@ -864,3 +870,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._volume[0] != key:
             self._volume = (key, scene.volume_from_node(volumeNode))
         return self._volume[1]
+
+
+def _sameFile(a, b):
+    """Whether paths ``a`` and ``b`` name the same existing file, however they are spelled."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
