@@ -121,13 +121,18 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         self.updateStatus()
 
     def updateStatus(self):
+        from FastSAM3DLib.requirements import no_torch_build_here
+
         missing = self.logic.missingDependencies()
         problem = None if missing else self.logic.torchProblem()
-        if missing:
+        noBuild = no_torch_build_here() if "torch" in missing or problem else None
+        if noBuild:  # an Intel Mac: installing cannot help, a server can
+            self.dependencyLabel.text = noBuild
+        elif missing:
             self.dependencyLabel.text = _("missing: {packages}").format(packages=", ".join(missing))
         else:
             self.dependencyLabel.text = problem or _("all installed")
-        self.installButton.visible = bool(missing or problem)
+        self.installButton.visible = bool(missing or problem) and not noBuild
 
     def onReload(self):
         """Developer mode "Reload": reload this module, the library and the effect's code."""
@@ -177,11 +182,15 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         with pip. True when done."""
         from FastSAM3DLib.requirements import TORCH_REQUIREMENT
 
+        from FastSAM3DLib.requirements import no_torch_build_here
+
         missing = self.missingDependencies()
         if "torch" not in missing and self.torchProblem():
             missing = ["torch"] + missing  # installed, but older than FastSAM3D needs: the extension updates it
         if not missing:
             return True
+        if "torch" in missing and no_torch_build_here():
+            raise RuntimeError(no_torch_build_here())  # no download of GBs that cannot work
         if askConfirmation and slicer.app.testingEnabled():
             logging.info("FastSAM3D: not installing %s in testing mode", ", ".join(missing))
             return False  # confirmOkCancelDisplay would answer OK by itself: never install GBs unasked

@@ -4,6 +4,7 @@ The official checkpoints store ``argparse.Namespace`` training settings; reading
 (``torch.load(weights_only=True)``) needs ``torch.serialization.add_safe_globals``, new in PyTorch 2.4
 (see :mod:`FastSAM3DLib.weights.loading`). Older versions can only read plain state dicts.
 """
+import platform
 import re
 from typing import Optional, Tuple
 
@@ -40,6 +41,19 @@ def parse_version(text: str) -> Optional[Tuple[int, int]]:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def no_torch_build_here() -> Optional[str]:
+    """Why no PyTorch new enough can be installed in this Python (a message saying what to do), else None.
+
+    PyTorch 2.2 was the last release built for macOS on Intel (x86_64) processors; an x86_64 Python on an Apple
+    Silicon Mac (an Intel build of Slicer, under Rosetta) cannot install the arm64 builds either.
+    """
+    if platform.system() == "Darwin" and platform.machine() == "x86_64":
+        return ("PyTorch %d.%d or newer has no build for macOS on Intel (x86_64) processors (the last is 2.2). On "
+                "an Intel Mac, use a FastSAM3D server: choose the server device under 'Model options'. On an Apple "
+                "Silicon Mac, install the Apple Silicon (arm64) build of Slicer." % TORCH_MINIMUM)
+    return None
+
+
 def torch_requirement_problem(version: Optional[str] = None) -> Optional[str]:
     """None when the installed PyTorch (or ``version``) is new enough, else a one-line message saying what to do.
 
@@ -48,10 +62,12 @@ def torch_requirement_problem(version: Optional[str] = None) -> Optional[str]:
     """
     version = installed_torch_version() if version is None else version
     minimum = "%d.%d" % TORCH_MINIMUM
+    parsed = parse_version(version) if version is not None else None
+    if (version is None or (parsed is not None and parsed < TORCH_MINIMUM)) and no_torch_build_here():
+        return no_torch_build_here()
     if version is None:
         return (f"PyTorch is not installed; FastSAM3D needs PyTorch {minimum} or newer. Install it: in Slicer "
                 f"with the PyTorch Utils module, elsewhere with pip install \"torch{TORCH_REQUIREMENT}\".")
-    parsed = parse_version(version)
     if parsed is None or parsed >= TORCH_MINIMUM:
         return None
     return (f"PyTorch {version} is installed, but FastSAM3D needs PyTorch {minimum} or newer to read the official "

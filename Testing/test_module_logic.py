@@ -1,6 +1,7 @@
 """The scripted module's Logic (FastSAM3D/FastSAM3D.py): the batch call of the Slicer Python console, its sessions
 and models, and the dependency panel, on real MRML through Testing/effect_harness.py. Each test is a finding of
 a review of the module against Slicer's sources and the library."""
+import sys
 import types
 from pathlib import Path
 
@@ -144,3 +145,28 @@ def test_the_panel_is_refreshed_after_a_failed_installation(harness, monkeypatch
     monkeypatch.setattr(widget.logic, "installDependencies", lambda askConfirmation: 1 / 0)
     widget.onInstall()
     assert refreshed == [True]
+
+
+def test_on_an_intel_mac_the_panel_says_to_use_a_server_and_nothing_is_downloaded(harness, monkeypatch):
+    """The panel offered to install PyTorch, which has no build there since 2.2: a download of GBs that ends in
+    "too old" or "no matching distribution"."""
+    import platform
+
+    import FastSAM3D
+    from FastSAM3DLib import requirements
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(requirements, "installed_torch_version", lambda: "2.2.2")
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
+    widget.logic = FastSAM3D.FastSAM3DLogic()
+    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=True)
+    widget.updateStatus()
+    assert "no build for macOS on Intel" in widget.dependencyLabel.text and not widget.installButton.visible
+    asked = []
+    utils = types.ModuleType("PyTorchUtils")
+    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    with pytest.raises(RuntimeError, match="FastSAM3D server"):
+        widget.logic.installDependencies(askConfirmation=False)
+    assert asked == []

@@ -91,3 +91,21 @@ def test_slicer_module_uses_the_library_requirement():
     source = (REPO / "FastSAM3D" / "FastSAM3D.py").read_text()
     assert "torch_requirement_problem" in source and "TORCH_REQUIREMENT" in source
     assert not re.search(r'["\']>=\s*2\.[0-3]\b', source), "the module states an older torch minimum"
+
+
+@pytest.mark.parametrize("version", [None, "2.2.2"])
+def test_on_an_intel_mac_the_message_says_that_no_new_pytorch_exists_and_what_to_do(monkeypatch, version):
+    """PyTorch 2.2 was the last build for macOS on x86_64: 'update it' cannot work there, a server can."""
+    monkeypatch.setattr(requirements.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(requirements.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(requirements, "installed_torch_version", lambda: version)
+    message = torch_requirement_problem()
+    assert "no build for macOS on Intel" in message and "server" in message and "Update it" not in message
+    assert torch_requirement_problem("2.5.0") is None  # a self-built new PyTorch is fine
+
+
+def test_elsewhere_no_platform_is_said_to_lack_pytorch(monkeypatch):
+    for system, machine in (("Darwin", "arm64"), ("Linux", "x86_64"), ("Windows", "AMD64")):
+        monkeypatch.setattr(requirements.platform, "system", lambda: system)
+        monkeypatch.setattr(requirements.platform, "machine", lambda: machine)
+        assert requirements.no_torch_build_here() is None
