@@ -180,17 +180,16 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def installDependencies(self, askConfirmation=True):
         """Install what is missing: torch (also one too old for FastSAM3D) through the PyTorch extension, the rest
         with pip. True when done."""
-        from FastSAM3DLib.requirements import TORCH_REQUIREMENT
-
-        from FastSAM3DLib.requirements import no_torch_build_here
+        from FastSAM3DLib.requirements import TORCH_REQUIREMENT, no_torch_build_here
 
         missing = self.missingDependencies()
         if "torch" not in missing and self.torchProblem():
             missing = ["torch"] + missing  # installed, but older than FastSAM3D needs: the extension updates it
         if not missing:
             return True
-        if "torch" in missing and no_torch_build_here():
-            raise RuntimeError(no_torch_build_here())  # no download of GBs that cannot work
+        noBuild = no_torch_build_here() if "torch" in missing else None
+        if noBuild:
+            raise RuntimeError(noBuild)  # no download of GBs that cannot work
         if askConfirmation and slicer.app.testingEnabled():
             logging.info("FastSAM3D: not installing %s in testing mode", ", ".join(missing))
             return False  # confirmOkCancelDisplay would answer OK by itself: never install GBs unasked

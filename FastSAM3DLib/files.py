@@ -149,7 +149,12 @@ def open_fd(path, flags: int, mode: int = 0o644) -> int:
 #: How long a replace waits for Windows to let go of a file: a virus scanner or the search indexer opens new and
 #: replaced files for a moment (pip allows the same second for its own replaces).
 REPLACE_RETRY_SECONDS = 1.0
-_IN_USE_WINERRORS = (5, 32)  # ERROR_ACCESS_DENIED, ERROR_SHARING_VIOLATION
+
+
+def in_use_on_windows(exc: OSError) -> bool:
+    """Whether ``exc`` is Windows refusing to move or delete a file that a process has open (WinError 32,
+    ERROR_SHARING_VIOLATION, or 5, ERROR_ACCESS_DENIED, which it also gives for that)."""
+    return getattr(exc, "winerror", None) in (5, 32)
 
 
 def replace_file(source, target) -> None:
@@ -161,7 +166,7 @@ def replace_file(source, target) -> None:
             os.replace(source, target)
             return
         except PermissionError as exc:
-            if getattr(exc, "winerror", None) not in _IN_USE_WINERRORS or time.monotonic() >= deadline:
+            if not in_use_on_windows(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.1)
 

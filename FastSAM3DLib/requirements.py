@@ -63,12 +63,13 @@ def torch_requirement_problem(version: Optional[str] = None) -> Optional[str]:
     version = installed_torch_version() if version is None else version
     minimum = "%d.%d" % TORCH_MINIMUM
     parsed = parse_version(version) if version is not None else None
-    if (version is None or (parsed is not None and parsed < TORCH_MINIMUM)) and no_torch_build_here():
-        return no_torch_build_here()
+    if version is not None and (parsed is None or parsed >= TORCH_MINIMUM):
+        return None
+    no_build = no_torch_build_here()
+    if no_build:  # installing or updating cannot help there
+        return no_build
     if version is None:
         return (f"PyTorch is not installed; FastSAM3D needs PyTorch {minimum} or newer. Install it: in Slicer "
                 f"with the PyTorch Utils module, elsewhere with pip install \"torch{TORCH_REQUIREMENT}\".")
-    if parsed is None or parsed >= TORCH_MINIMUM:
-        return None
     return (f"PyTorch {version} is installed, but FastSAM3D needs PyTorch {minimum} or newer to read the official "
             f"checkpoints safely. {_UPDATE_HINT}")

@@ -39,22 +39,14 @@ class MPSTensor(torch.Tensor):
         return True
 
 
-def _is_mps(device) -> bool:
+def _device_type(device):
+    """``"mps"``, ``"cpu"``, ... for a device argument (a tensor's: the emulated one), None for none or a dtype."""
     if isinstance(device, torch.Tensor):
-        return isinstance(device, MPSTensor)
+        return device.device.type
     try:
-        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "mps"
+        return None if device is None or isinstance(device, torch.dtype) else torch.device(device).type
     except (TypeError, RuntimeError):
-        return False
-
-
-def _is_cpu(device) -> bool:
-    if isinstance(device, torch.Tensor):
-        return not isinstance(device, MPSTensor)
-    try:
-        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "cpu"
-    except (TypeError, RuntimeError):
-        return False
+        return None
 
 
 def _plain(value):
@@ -75,7 +67,8 @@ class _EmulatedMPS(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         tagged_input = any(isinstance(a, MPSTensor) for a in tree_flatten((args, kwargs))[0])
         target = _device_argument(func, args, kwargs)
-        to_mps, to_cpu = _is_mps(target), _is_cpu(target) or func in _TO_CPU
+        kind = _device_type(target)
+        to_mps, to_cpu = kind == "mps", kind == "cpu" or func in _TO_CPU
         name = getattr(func, "__name__", "")
         if tagged_input and name in NO_MPS_KERNEL:
             raise NotImplementedError(f"The operator 'aten::{name}' is not currently implemented for the MPS device. "

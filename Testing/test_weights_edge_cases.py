@@ -127,15 +127,20 @@ def test_an_unusable_timeout_is_refused_in_one_line(tmp_path, scripted, timeout)
     assert scripted.requests == [] and leftovers(tmp_path / "cache") == []
 
 
+def unpinned_manifest(tmp_path, checkpoint):
+    """A manifest for ``checkpoint``'s size that publishes no checksum: its first verified file gets pinned."""
+    return write_manifest(tmp_path / "models.json", {"urls": ["https://example.org/model.pth"],
+                                                     "size": checkpoint.stat().st_size, "size_exact": True,
+                                                     "filename": "model.pth", "sha256": None})
+
+
 def test_importing_the_cached_file_itself_never_deletes_it(tmp_path):
     """The user's only copy already sits at the cache name and is not a FastSAM3D checkpoint."""
     cache = tmp_path / "cache"
     cache.mkdir()
     mine = cache / "model.pth"
     torch.save({"model_state_dict": {"w": torch.ones(4)}}, mine)
-    manifest = write_manifest(tmp_path / "models.json", {"urls": ["https://example.org/model.pth"],
-                                                         "size": mine.stat().st_size, "size_exact": True,
-                                                         "filename": "model.pth", "sha256": None})
+    manifest = unpinned_manifest(tmp_path, mine)
     data = mine.read_bytes()
     with pytest.raises(CheckpointError, match="checksum was not kept"):
         import_weights("test-model", mine, cache, manifest=manifest)
@@ -149,9 +154,7 @@ def test_a_checkpoint_of_something_else_than_plain_weights_is_refused_and_not_pi
     torch.save({"model_state_dict": weights}, source)
     with pytest.raises(CheckpointError, match="no model weights"):
         extract_weights(torch.load(source, weights_only=True))
-    manifest = write_manifest(tmp_path / "models.json", {"urls": ["https://example.org/model.pth"],
-                                                         "size": source.stat().st_size, "size_exact": True,
-                                                         "filename": "model.pth", "sha256": None})
+    manifest = unpinned_manifest(tmp_path, source)
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match="Nothing was pinned"):
         import_weights("test-model", source, cache, manifest=manifest)
@@ -180,9 +183,7 @@ def test_on_windows_a_refused_file_is_removed_although_loading_it_had_mapped_it(
     windows_lock_probes(monkeypatch)
     source = tmp_path / "wrong.pth"
     torch.save({"model_state_dict": {"w": torch.ones(1000)}}, source)  # weights, but of no registry model
-    manifest = write_manifest(tmp_path / "models.json", {"urls": ["https://example.org/model.pth"],
-                                                         "size": source.stat().st_size, "size_exact": True,
-                                                         "filename": "model.pth", "sha256": None})
+    manifest = unpinned_manifest(tmp_path, source)
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match="Nothing was pinned: the file was removed"):
         import_weights("test-model", source, cache, manifest=manifest)

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Set, Tuple
 
-from ..files import open_fd
+from ..files import in_use_on_windows, open_fd
 
 try:
     import fcntl
@@ -242,12 +242,9 @@ class FileLock:
             os.replace(self.path, moved)
         except FileNotFoundError:
             return False
-        except PermissionError as exc:
-            if getattr(exc, "winerror", None) in (5, 32):  # Windows: a process has it open, so it is held
-                return None
-            raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
-                                             f"{exc.strerror or exc}") from exc
         except OSError as exc:
+            if in_use_on_windows(exc):  # a process has it open, so it is held
+                return None
             raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
                                              f"{exc.strerror or exc}") from exc
         try:
