@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import geometry, growth
+from .devices import is_out_of_memory
 from .errors import FastSAM3DError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
 from .session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
@@ -374,11 +375,3 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's and the allocator's out-of-memory errors on any device."""
-    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

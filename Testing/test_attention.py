@@ -410,12 +410,17 @@ def test_explicit_triton_reports_the_launch_error(failing_triton, how, monkeypat
 
 
 @needs_triton
-def test_cuda_out_of_memory_is_not_a_triton_failure(failing_triton):
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),  # torch's allocator
+    RuntimeError("Triton Error [CUDA]: out of memory"),  # Triton's launcher (gpuAssert in its driver.c)
+], ids=["torch", "triton-driver"])
+def test_cuda_out_of_memory_is_not_a_triton_failure(failing_triton, error):
     """Out of GPU memory propagates (the PyTorch path needs more memory) and Triton stays on."""
-    failing_triton.error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    failing_triton.error = error
     (q, k, v), tables, _ = random_inputs(2, 512, 16, 15)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(type(error)) as raised:
         attention.rel_pos_attention(q, k, v, *tables, (8, 8, 8), 0.25)
+    assert raised.value is error
     assert attention.triton_failure() is None
 
 

@@ -17,8 +17,8 @@ Backends:
 
 **Fallback.** Triton compiles the kernel and a small C launcher at the first launch of each variant; that needs a
 C compiler and ``Python.h``, which Slicer 5.10-5.12 and many workstations lack. When a Triton launch chosen by
-``"auto"`` raises (compile error, missing compiler or headers, unsupported GPU, out of resources; CUDA
-out-of-memory excepted, which the PyTorch path would not cure), the call returns the PyTorch backend's result
+``"auto"`` raises (compile error, missing compiler or headers, unsupported GPU, out of resources; out of
+GPU memory excepted, torch's or the CUDA driver's under Triton, which the PyTorch path would not cure), the call returns the PyTorch backend's result
 and ``"auto"`` uses PyTorch for the rest of the process, after one ``WARNING`` on the ``FastSAM3DLib.attention``
 logger. An explicit ``"triton"`` (argument or environment variable) raises the error instead.
 
@@ -42,6 +42,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..devices import is_out_of_memory
 from .reference import padded_window_attention_eager, rel_pos_attention_eager, rel_pos_attention_masked_eager
 from .sparse_layout import BlockLayout, SparseLayout, block_layout
 
@@ -194,13 +195,14 @@ def _backend_for_call(backend: Optional[str], q: torch.Tensor, *tensors: torch.T
 def _run_triton(backend: Optional[str], launch, fallback):
     """``launch()``; if Triton was chosen by ``"auto"`` and the launch raises, turn Triton off and run ``fallback()``.
 
-    An explicit ``"triton"`` request re-raises. CUDA out-of-memory always propagates: the PyTorch path needs more
-    memory, not less, so falling back would only hide the real problem.
+    An explicit ``"triton"`` request re-raises. Out of memory always propagates, torch's or the CUDA driver's
+    under Triton's launcher: the PyTorch path needs more memory, not less, so falling back would only hide the
+    real problem and turn the kernel off for good.
     """
     try:
         return launch()
     except Exception as exc:
-        if _requested(backend) == "triton" or isinstance(exc, torch.cuda.OutOfMemoryError):
+        if _requested(backend) == "triton" or is_out_of_memory(exc):
             raise
         _disable_triton(exc)
     return fallback()

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..session import ModelOutputError, decode_prompts, encode_image, is_out_of_memory
+from ..devices import is_out_of_memory
+from ..session import ModelOutputError, decode_prompts, encode_image
 from . import protocol
 from .sessions import ServiceError, SessionState
 from .settings import ServerSettings
