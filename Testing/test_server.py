@@ -30,6 +30,7 @@ from FastSAM3DLib.errors import FastSAM3DError, InputImageError, OutOfMemoryErro
 from FastSAM3DLib.geometry import Volume  # noqa: E402
 from FastSAM3DLib.server import engine, protocol  # noqa: E402
 from FastSAM3DLib.server.app import LocalBackend, create_app  # noqa: E402
+from FastSAM3DLib.server.sessions import SignedSessionIds  # noqa: E402
 from FastSAM3DLib.server.settings import ServerSettings, hash_token, uvicorn_proxy_options  # noqa: E402
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
 
@@ -654,6 +655,17 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
     volume = phantom()
     local = InteractiveSession(local_model("tiny-test"), volume)
     assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+
+
+def test_signed_session_ids_are_recognised_only_under_their_key():
+    """A Ray deployment's replicas accept only ids it issued: invented, tampered or foreign ids are refused."""
+    ids, other = SignedSessionIds(b"k" * 32), SignedSessionIds(b"o" * 32)
+    issued = ids.new()
+    nonce, mac = issued.split(".")
+    assert ids.issued(issued) and issued != ids.new()
+    for refused in ("invented", "", ".", f"{nonce}.", f".{mac}", f"{nonce}.{mac[:-1]}0", f"{nonce}x.{mac}",
+                    other.new(), f"{nonce}.{mac}\u00e9", issued + ".x"):
+        assert not ids.issued(refused), refused
 
 
 def test_frames_round_trip_losslessly_and_never_unpickle():

@@ -119,6 +119,16 @@ def test_the_session_header_must_name_the_session(cluster):
     assert status == 400 and b"serve_multiplexed_model_id" in body
 
 
+def test_an_id_the_deployment_did_not_issue_is_refused_before_any_state_is_made(cluster):
+    """Sessions are Ray multiplexed models, made for any id: only signed ids may take a replica's place."""
+    rem = remote.RemoteSession(cluster, "tiny-test")
+    nonce, mac = rem._session_id.split(".")
+    for invented in ("invented-by-a-client", f"{nonce}.{'0' * len(mac)}", f"{nonce[::-1]}.{mac}"):
+        status, _, body = raw(cluster, "POST", f"/v1/sessions/{invented}/click", b"x",
+                              {protocol.SESSION_HEADER: invented})
+        assert status == 404 and protocol.loads_json(body)["error"] == "session_unknown", body
+
+
 def test_a_replica_killed_mid_session_costs_one_slower_click(cluster):
     volume = phantom(seed=3)
     local = InteractiveSession(local_model("tiny-test"), volume)

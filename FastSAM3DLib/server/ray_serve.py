@@ -3,6 +3,9 @@
 Each replica runs the same ASGI app (:func:`.app.create_app`); a session is a Ray Serve *multiplexed model*
 keyed by the session id: the client sends the id in the ``serve_multiplexed_model_id`` header, and Ray's router
 sends every request of a session to the replica that already holds it (its image embedding and former logits).
+Session ids are signed with a key made when the application is built and shared by its replicas
+(:class:`.sessions.SignedSessionIds`): a replica refuses an id the deployment did not issue (``session_unknown``)
+before making any state for it, so invented ids cannot crowd real sessions out of a replica.
 A replica holds at most ``max_sessions`` sessions (least recently used dropped first). When a replica dies or
 drops a session, the next click lands on a replica without it; the server answers ``missing`` and the client
 sends the region and its last logits again: one slower click, the same result. Routing is best effort: Ray's
@@ -35,8 +38,9 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
     class FastSAM3DReplica:
         """One replica: the models on its device and its sessions (multiplexed by session id)."""
 
-        def __init__(self, settings_dict: dict) -> None:
+        def __init__(self, settings_dict: dict, session_key: str) -> None:
             from . import engine
+            from .sessions import SignedSessionIds
 
             self.settings = ServerSettings.from_dict(settings_dict)
             if self.settings.threads:
@@ -46,6 +50,7 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
             self.pool = engine.ModelPool(self.settings)
             self.pool.load_all()
             self.replica = f"ray-{serve.get_replica_context().replica_id.unique_id}"
+            self.session_ids = SignedSessionIds(bytes.fromhex(session_key))
 
         @serve.multiplexed(max_num_models_per_replica=max_sessions)
         async def session_state(self, session_id: str):
@@ -64,7 +69,7 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
     if gpus_per_replica:
         options["num_gpus"] = gpus_per_replica
     return serve.deployment(ingress, name=DEPLOYMENT_NAME, num_replicas=int(replicas),
-                            ray_actor_options=options).bind(settings.to_dict())
+                            ray_actor_options=options).bind(settings.to_dict(), secrets.token_hex(32))
 
 
 class _RayBackend:
@@ -77,15 +82,19 @@ class _RayBackend:
         self.replica = replica.replica
 
     async def create(self, model: str) -> str:
-        """A new session id; the session itself is made on the replica its first request reaches."""
-        return secrets.token_urlsafe(16)
+        """A new signed session id; the session itself is made on the replica its first request reaches."""
+        return self._replica.session_ids.new()
 
     async def state(self, session_id: str, request):
-        """This replica's state of session ``session_id`` (loaded through Ray Serve's multiplexing)."""
+        """This replica's state of session ``session_id`` (loaded through Ray Serve's multiplexing); ServiceError
+        ``session_unknown`` for an id this deployment did not issue, before any state is made for it."""
         from ray import serve
 
         from .sessions import ServiceError
 
+        if not self._replica.session_ids.issued(session_id):
+            raise ServiceError("session_unknown", "This session is not open on the server (the server was "
+                               "restarted, or the id was not made by it); the client opens a new one.")
         if serve.get_multiplexed_model_id() != session_id:
             raise ServiceError("malformed", "Send the session id in the serve_multiplexed_model_id header too "
                                "(Ray Serve routes on it).")

@@ -1,9 +1,12 @@
-"""Per-session state, the session store of a single server (count limit, idle expiry) and the rate limiter.
+"""Per-session state, the session store of a single server (count limit, idle expiry), the signed session ids of
+a Ray deployment, and the rate limiter.
 
 Standard library only: the tensors a session holds are opaque here (see :mod:`.engine`).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import threading
 import time
@@ -112,6 +115,31 @@ class SessionStore:
         for session_id in [k for k, s in self._sessions.items()
                            if now - s.last_used > self.settings.idle_timeout_s and not s.lock.locked()]:
             del self._sessions[session_id]
+
+
+class SignedSessionIds:
+    """Session ids that prove the deployment issued them: a random part, a dot, and its HMAC-SHA256 under ``key``.
+
+    A Ray Serve replica makes a session's state for whatever id a request names (sessions are multiplexed models,
+    see :mod:`.ray_serve`), so an invented id would take a place in its bounded session cache and evict a real
+    session. Replicas share ``key`` and check an id before anything is made for it.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = bytes(key)
+
+    def new(self) -> str:
+        """A fresh session id signed with this deployment's key."""
+        nonce = secrets.token_urlsafe(16)
+        return f"{nonce}.{self._mac(nonce)}"
+
+    def issued(self, session_id: str) -> bool:
+        """Whether ``session_id`` was made by :meth:`new` under this key (compared in constant time)."""
+        nonce, _, mac = session_id.partition(".")
+        return bool(nonce) and hmac.compare_digest(mac.encode("utf-8", "replace"), self._mac(nonce).encode())
+
+    def _mac(self, nonce: str) -> str:
+        return hmac.new(self._key, nonce.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
 
 
 class RateLimiter:
