@@ -147,12 +147,22 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         editor.setActiveEffectByName(EFFECT_NAME)
 
     def onInstall(self):
+        """Install what is missing; a failure is shown in one dialog (pip's own where Slicer's pip shows one)."""
+        if getattr(self, "_installing", False):  # Slicer's pip keeps the GUI alive: a second press would nest
+            return
+        self._installing = True
         try:
-            with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+            with slicer.util.WaitCursor():
                 self.logic.installDependencies(askConfirmation=True)
-        except Exception:  # noqa: BLE001 - tryWithErrorDisplay showed it and raises it again
+        except Exception as exc:  # noqa: BLE001 - shown here once, the traceback in the details
             logging.info("FastSAM3D: installing the packages failed", exc_info=True)
+            if not getattr(exc, "shownBySlicer", False):
+                import traceback
+
+                slicer.util.errorDisplay(_("Installing the Python packages failed.") + f"\n\n{exc}",
+                                         detailedText=traceback.format_exc())
         finally:
+            self._installing = False
             self.updateStatus()  # what is installed now, after a failure too
 
 
@@ -164,6 +174,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     #: Packages installed with pip besides torch (numpy and SimpleITK come with Slicer).
     PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4"}
+    #: What the PyTorch extension installs PyTorch with (as its own ``_installLightTheTorch`` asks for it).
+    LIGHT_THE_TORCH = "light-the-torch>=0.5"
 
     # --- dependencies
     def missingDependencies(self):
@@ -205,14 +217,40 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             except ImportError:
                 raise RuntimeError(_("The PyTorch extension is missing. Install 'PyTorch' from the Extensions "
                                      "Manager, restart Slicer, then try again.")) from None
+            if importlib.util.find_spec("light_the_torch") is None:  # installed here, so that pip's failure
+                self.pipInstall(self.LIGHT_THE_TORCH)  # dialog is known to have been shown (or not)
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                             torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 return False
         for name, requirement in self.PIP_REQUIREMENTS.items():
             if name in missing:
-                slicer.util.pip_install(requirement)
+                self.pipInstall(requirement)
         importlib.invalidate_caches()
         return not self.missingDependencies() and not self.torchProblem()
+
+    def pipInstall(self, requirement):
+        """``slicer.util.pip_install(requirement)``, its dialogs titled FastSAM3D where Slicer shows them (5.12+).
+
+        A failure raises ``subprocess.CalledProcessError`` with ``shownBySlicer`` set when Slicer's pip already
+        showed it in its own error dialog, so that the caller does not show a second one.
+        """
+        import inspect
+        import subprocess
+
+        try:
+            from slicer import packaging
+        except ImportError:
+            packaging = None  # Slicer 5.10: pip's output goes to the log, a failure is only raised
+        ownDialogs = packaging is not None and "requester" in inspect.signature(packaging.pip_install).parameters
+        try:
+            if ownDialogs:
+                slicer.util.pip_install(requirement, requester="FastSAM3D")
+            else:
+                slicer.util.pip_install(requirement)
+        except subprocess.CalledProcessError as exc:
+            # Slicer's packaging.pip_install shows its error dialog unless testing (or off the main thread)
+            exc.shownBySlicer = ownDialogs and not slicer.app.testingEnabled()
+            raise
 
     # --- models and weights
     def cacheDir(self):

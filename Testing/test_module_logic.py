@@ -1,6 +1,7 @@
 """The scripted module's Logic (FastSAM3D/FastSAM3D.py): the batch call of the Slicer Python console, its sessions
 and models, and the dependency panel, on real MRML through Testing/effect_harness.py. Each test is a finding of
 a review of the module against Slicer's sources and the library."""
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -15,6 +16,7 @@ import vtk  # noqa: E402
 from test_effect import _demo_volume, _write_bank, box_volume  # noqa: E402
 from test_scene_adapter import make_volume, segment_array  # noqa: E402
 
+find_spec = importlib.util.find_spec
 CENTRE = [13 * 1.5, 11 * 1.5, 7 * 2.0]  # inside the box of test_effect.box_volume
 
 
@@ -120,31 +122,81 @@ def test_a_pytorch_too_old_for_fastsam3d_is_shown_and_updated(harness, monkeypat
     utils = types.ModuleType("PyTorchUtils")
     utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
     monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", utils)
+    pipped = []
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.10's pip
+    monkeypatch.setattr(slicer.util, "pip_install", pipped.append)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "light_the_torch" else
+                        find_spec(name, *a))
     assert widget.logic.installDependencies(askConfirmation=False) is False  # still too old: not done
     assert asked and asked[0]["torchVersionRequirement"] == requirements.TORCH_REQUIREMENT
+    assert pipped == [widget.logic.LIGHT_THE_TORCH]  # installed by us, before the PyTorch extension needs it
 
 
-def test_the_panel_is_refreshed_after_a_failed_installation(harness, monkeypatch):
-    """Slicer's tryWithErrorDisplay shows the error and raises it again, which skipped the panel's refresh."""
-    import contextlib
+def install_panel(harness, monkeypatch, pip_install, packaging_style: bool):
+    """The module's panel, with safetensors missing, the user answering OK, and Slicer's pip as given: 5.12+'s
+    ``slicer.packaging.pip_install`` (which shows its own error dialog) or 5.10's ``slicer.util.pip_install``.
+    Returns (widget, dialogs shown, panel refreshes)."""
+    import subprocess
 
     import FastSAM3D
 
-    @contextlib.contextmanager
-    def try_with_error_display(message, waitCursor=False):  # Base/Python/slicer/util.py: display, then raise
-        try:
-            yield
-        except Exception:
-            raise
+    harness.app.testing = False  # in testing mode the panel never installs (nor does Slicer show dialogs)
+    dialogs, refreshed = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **k: dialogs.append(text), raising=False)
+    if packaging_style:
+        packaging = types.ModuleType("slicer.packaging")
 
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
-    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
+        def pip_install_512(requirements, constraints=None, blocking=True, show_progress=True, requester=None):
+            pip_install(requirements, requester)
+            dialogs.append("Package installation failed.")  # Base/Python/slicer/packaging.py, dialog mode
+            raise subprocess.CalledProcessError(1, "pip install")
+
+        packaging.pip_install = pip_install_512
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+        monkeypatch.setattr(slicer.util, "pip_install", lambda requirements, **kwargs: packaging.pip_install(
+            requirements, **kwargs))
+    else:
+        def pip_install_510(requirements):
+            pip_install(requirements, None)
+            raise subprocess.CalledProcessError(1, "pip install")
+
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.10 has no slicer.packaging
+        monkeypatch.setattr(slicer.util, "pip_install", pip_install_510)
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)  # its panel without Slicer's GUI
     widget.logic = FastSAM3D.FastSAM3DLogic()
-    refreshed = []
     widget.updateStatus = lambda: refreshed.append(True)
-    monkeypatch.setattr(widget.logic, "installDependencies", lambda askConfirmation: 1 / 0)
+    monkeypatch.setattr(widget.logic, "missingDependencies", lambda: ["safetensors"])
+    monkeypatch.setattr(widget.logic, "torchProblem", lambda: None)
+    return widget, dialogs, refreshed
+
+
+@pytest.mark.parametrize("packaging_style", [True, False], ids=["slicer-5.12", "slicer-5.10"])
+def test_a_failed_installation_is_shown_once_and_the_panel_refreshed(harness, monkeypatch, packaging_style):
+    """Slicer 5.12's pip shows its own error dialog, and the panel's tryWithErrorDisplay showed a second one
+    (SLICER_REVIEW A7); 5.10's pip shows none, so the panel's is the only one. The panel is refreshed either way
+    (tryWithErrorDisplay raises again, which once skipped the refresh)."""
+    asked = []
+    widget, dialogs, refreshed = install_panel(harness, monkeypatch, lambda req, requester: asked.append(
+        (req, requester)), packaging_style)
     widget.onInstall()
-    assert refreshed == [True]
+    assert asked == [("safetensors>=0.4", "FastSAM3D" if packaging_style else None)]
+    assert len(dialogs) == 1 and refreshed == [True], dialogs
+    if not packaging_style:
+        assert "Installing the Python packages failed" in dialogs[0] and "pip install" in dialogs[0]
+
+
+def test_pressing_install_again_while_pip_runs_starts_nothing(harness, monkeypatch):
+    """Slicer's pip keeps the GUI responsive (processEvents), so the button can be pressed during an install."""
+    calls = []
+
+    def pip_install(requirements, requester):
+        calls.append(requirements)
+        widget.onInstall()  # the second press, from inside the first install's event processing
+
+    widget, dialogs, refreshed = install_panel(harness, monkeypatch, pip_install, True)
+    widget.onInstall()
+    assert calls == ["safetensors>=0.4"] and len(dialogs) == 1 and refreshed == [True]
 
 
 def test_on_an_intel_mac_the_panel_says_to_use_a_server_and_nothing_is_downloaded(harness, monkeypatch):
