@@ -121,11 +121,13 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
         self.updateStatus()
 
     def updateStatus(self):
-        from FastSAM3DLib.requirements import no_torch_build_here
+        from FastSAM3DLib.requirements import no_torch_build_here, torch_restart_problem
 
         missing = self.logic.missingDependencies()
         problem = None if missing else self.logic.torchProblem()
         noBuild = no_torch_build_here() if "torch" in missing or problem else None
+        if problem and torch_restart_problem():  # updated, but the old PyTorch runs: only a restart helps
+            noBuild = problem
         if noBuild:  # an Intel Mac: installing cannot help, a server can
             self.dependencyLabel.text = noBuild
         elif missing:
@@ -192,13 +194,13 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def installDependencies(self, askConfirmation=True):
         """Install what is missing: torch (also one too old for FastSAM3D) through the PyTorch extension, the rest
         with pip. True when done."""
-        from FastSAM3DLib.requirements import TORCH_REQUIREMENT, no_torch_build_here
+        from FastSAM3DLib.requirements import TORCH_REQUIREMENT, no_torch_build_here, torch_restart_problem
 
         missing = self.missingDependencies()
-        if "torch" not in missing and self.torchProblem():
+        if "torch" not in missing and self.torchProblem() and not torch_restart_problem():
             missing = ["torch"] + missing  # installed, but older than FastSAM3D needs: the extension updates it
         if not missing:
-            return True
+            return not self.torchProblem()  # False while an older PyTorch still runs: only a restart helps
         noBuild = no_torch_build_here() if "torch" in missing else None
         if noBuild:
             raise RuntimeError(noBuild)  # no download of GBs that cannot work

@@ -6,6 +6,7 @@ The official checkpoints store ``argparse.Namespace`` training settings; reading
 """
 import platform
 import re
+import sys
 from typing import Optional, Tuple
 
 #: Oldest PyTorch (major, minor) that reads the official checkpoints safely.
@@ -54,12 +55,31 @@ def no_torch_build_here() -> Optional[str]:
     return None
 
 
+def torch_restart_problem() -> Optional[str]:
+    """A message saying to restart when this process still runs a PyTorch older than :data:`TORCH_MINIMUM` that
+    was imported before a newer one was installed (e.g. by PyTorch Utils in a running Slicer), else None."""
+    loaded = getattr(sys.modules.get("torch"), "__version__", None)
+    parsed = parse_version(str(loaded)) if loaded is not None else None
+    if parsed is None or parsed >= TORCH_MINIMUM:
+        return None
+    installed = installed_torch_version()
+    if installed is None or installed == str(loaded) or (parse_version(installed) or (0, 0)) < TORCH_MINIMUM:
+        return None  # nothing newer on disk: updating is what helps (torch_requirement_problem says so)
+    return (f"PyTorch {installed} is installed, but PyTorch {loaded}, loaded before the update, still runs in "
+            "this program. Restart Slicer (or this Python program) to use the new one.")
+
+
 def torch_requirement_problem(version: Optional[str] = None) -> Optional[str]:
     """None when the installed PyTorch (or ``version``) is new enough, else a one-line message saying what to do.
 
     Pre-releases and local builds of the minimum (``2.4.0a0+git...``) are accepted; an unreadable version
-    string is not judged (None).
+    string is not judged (None). Without ``version``, an older PyTorch still loaded in this process after an
+    update asks for a restart (:func:`torch_restart_problem`).
     """
+    if version is None:
+        restart = torch_restart_problem()
+        if restart:
+            return restart
     version = installed_torch_version() if version is None else version
     minimum = "%d.%d" % TORCH_MINIMUM
     parsed = parse_version(version) if version is not None else None

@@ -199,6 +199,32 @@ def test_pressing_install_again_while_pip_runs_starts_nothing(harness, monkeypat
     assert calls == ["safetensors>=0.4"] and len(dialogs) == 1 and refreshed == [True]
 
 
+def test_after_an_update_while_an_old_pytorch_runs_the_panel_asks_for_a_restart(harness, monkeypatch):
+    """PyTorch Utils updated PyTorch while an older one was imported: the panel said "all installed" (it read
+    only the version on disk) and every click failed; pressing install again would download it again."""
+    from importlib import metadata
+
+    import FastSAM3D
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "2.6.0" if name == "torch" else real_version(name))
+    old_torch = types.ModuleType("torch")  # the one imported before the update
+    old_torch.__version__, old_torch.__spec__ = "2.2.2", find_spec("torch")
+    monkeypatch.setitem(sys.modules, "torch", old_torch)
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
+    widget.logic = FastSAM3D.FastSAM3DLogic()
+    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=True)
+    widget.updateStatus()
+    assert "Restart Slicer" in widget.dependencyLabel.text and not widget.installButton.visible
+    asked = []
+    utils = types.ModuleType("PyTorchUtils")
+    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    assert widget.logic.installDependencies(askConfirmation=False) is False and asked == []
+    with pytest.raises(RuntimeError, match="Restart Slicer"):
+        widget.logic.segment(None, [[0.0, 0.0, 0.0]])
+
+
 def test_on_an_intel_mac_the_panel_says_to_use_a_server_and_nothing_is_downloaded(harness, monkeypatch):
     """The panel offered to install PyTorch, which has no build there since 2.2: a download of GBs that ends in
     "too old" or "no matching distribution"."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from FastSAM3DLib import requirements
-from FastSAM3DLib.requirements import TORCH_MINIMUM, TORCH_REQUIREMENT, parse_version, torch_requirement_problem
+from FastSAM3DLib.requirements import (TORCH_MINIMUM, TORCH_REQUIREMENT, parse_version, torch_requirement_problem,
+                                       torch_restart_problem)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,28 @@ def test_new_enough_torch_is_accepted(monkeypatch, version):
     installed(monkeypatch, version)
     assert torch_requirement_problem() is None
     assert torch_requirement_problem(version) is None
+
+
+@pytest.mark.parametrize("loaded, on_disk, restart", [
+    ("2.2.2", "2.6.0", True),  # updated while the old one runs (PyTorch Utils in a running Slicer)
+    ("2.2.2+cu118", "2.5.1+cu121", True),
+    ("2.2.2", "2.2.2", False),  # not updated: the update message, not a restart
+    ("2.2.2", "2.3.1", False),  # updated, still too old: updating again is what helps
+    ("2.6.0", "2.6.0", False),
+    ("2.6.0", "2.2.2", False),  # a newer one runs: the installed one is judged, as before
+])
+def test_an_old_pytorch_still_loaded_after_an_update_asks_for_a_restart(monkeypatch, loaded, on_disk, restart):
+    """The panel said "all installed" after PyTorch Utils updated PyTorch while an old one was already imported,
+    and every click then failed to load the model."""
+    installed(monkeypatch, on_disk)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__=loaded))
+    problem = torch_requirement_problem()
+    assert (torch_restart_problem() is not None) == restart
+    if restart:
+        assert problem.startswith(f"PyTorch {on_disk} is installed, but PyTorch {loaded}") and "Restart" in problem
+    else:
+        assert problem is None or "Restart" not in problem
+    assert (torch_requirement_problem(on_disk) is None) == (parse_version(on_disk) >= TORCH_MINIMUM)  # as before
 
 
 def test_explicit_version_argument_needs_no_installation(monkeypatch):

@@ -759,8 +759,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         finally:
             self._installing = False
             self.updateGUIFromMRML()
-        if not installed:
-            self._status(_("FastSAM3D needs PyTorch: press 'Install PyTorch...' when you are ready."), error=True)
+        if not installed:  # declined, or updated while an older PyTorch still runs (then: restart)
+            logic = self._logic()
+            problem = None if logic.missingDependencies() else logic.torchProblem()
+            self._status(problem or _("FastSAM3D needs PyTorch: press 'Install PyTorch...' when you are ready."),
+                         error=True)
         return bool(installed)
 
     def onDownload(self):
