@@ -4,6 +4,8 @@ No MRML object is mocked: scenes, volumes, segmentations, point lists and ``vtkS
 Slicer's own C++ classes from the ``slicer-core`` wheel. The expected results of the masking and overwrite
 modes are computed by that same logic applying Paint- and Erase-like modifiers to the whole volume.
 """
+import contextlib
+import functools
 import hashlib
 import itertools
 import math
@@ -670,6 +672,38 @@ def test_an_interrupted_write_is_undone_in_every_overwrite_mode(app, overwrite, 
         sc.write_region(segmentation, ids[target], volume, REGION, new, editor=editor)
     editor.close()
     assert fingerprint(segmentation) == before
+
+
+@pytest.mark.parametrize("failing", [_FailingEditor, _FailingAfterEditor], ids=["between", "after"])
+def test_after_a_rolled_back_write_one_undo_takes_back_the_previous_write(app, failing):
+    """The state saved for the failed write stayed on the history: the first undo restored the same content.
+    And once A had taken B's voxels, the Erase step emptied B inside the region and Slicer's logic cropped B's
+    layer to what was left: the rollback refused ("rearranged ... press Ctrl+Z") and left a half-done write."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    before = fingerprint(segmentation)
+    editor = failing(app.scene)
+    try:
+        with _succeeding(editor):
+            sc.write_region(segmentation, ids["A"], volume, REGION, new, editor=editor)
+        written = fingerprint(segmentation)
+        assert written != before
+        with pytest.raises(KeyboardInterrupt):
+            sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+        assert fingerprint(segmentation) == written
+        editor.undo()
+        assert fingerprint(segmentation) == before
+    finally:
+        editor.close()
+
+
+@contextlib.contextmanager
+def _succeeding(editor):
+    """``editor`` (a failing editor) applies its steps normally inside this block."""
+    editor.modify = functools.partial(sc.LogicEditor.modify, editor)
+    try:
+        yield
+    finally:
+        del editor.modify
 
 
 @pytest.mark.parametrize("layer", ["empty", "smaller than the region"])

@@ -56,7 +56,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     if own_editor:
         editor = LogicEditor(segmentation_node.GetScene())
     geometry = _GeometryParameter(segmentation_node)
-    rollback = None
+    rollback, saved = None, False
     try:
         editor.prepare(segmentation_node, source_volume_node, segment_id, settings)
         _check_mask_segment(editor.parameter_node(), segmentation)
@@ -69,6 +69,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
         editor.save_state_for_undo()
+        saved = True
         for image, mode in ((to_remove, _REMOVE), (to_add, _ADD)):
             if image is not None and _has_voxels(image):
                 editor.modify(segmentation_node, segment_id, image, mode)
@@ -80,6 +81,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if rollback is not None:
             rollback.restore()
         geometry.restore()
+        if saved:
+            editor.drop_undo_state()  # the state saved for this write equals the rolled-back segmentation
         raise
     finally:
         if rollback is not None:
@@ -354,7 +357,8 @@ class _Rollback:
 
     The edit can change voxels only inside the modifiers' box, so each labelmap layer keeps just that box
     (and each segment's layer and label value, to check that nothing else moved). A layer whose extent the
-    edit grew gets its old extent back. Where the Segment Editor logic may move segments between layers to
+    edit changed gets its old extent back: grown by the Paint step, or cropped by the Erase step to the voxels
+    left (outside the box, the cropped voxels were empty before the edit too). Where the Segment Editor logic may move segments between layers to
     spare others (overwrite "visible" or "none"; Slicer's default is "all"), or where a layer lies on another
     voxel grid than the edit (an imported labelmap, an oblique volume's first segment: the logic resamples such a
     layer in place, so its voxels no longer sit at the saved indices), the segmentation is snapshotted whole
@@ -391,21 +395,15 @@ class _Rollback:
             if self.history.IsRestorePreviousStateAvailable():
                 self.history.RestorePreviousState()
             return
-        rearranged = FastSAM3DError("The Segment Editor rearranged the segmentation while the write failed; "
-                                    "press Ctrl+Z to undo the partial change.")
         if _segment_layers(self.segmentation) != self.segments:
-            raise rearranged
+            raise FastSAM3DError("The Segment Editor rearranged the segmentation while the write failed; press "
+                                 "Ctrl+Z to undo the partial change.")
         for image, extent, saved, values in self.boxes:
             now = tuple(image.GetExtent()) if image.GetPointData().GetScalars() is not None else _EMPTY
-            if saved is not None and _intersect_extent(now, saved) != saved:
-                raise rearranged  # the layer shrank: the saved voxels no longer fit
-            touched = _intersect_extent(now, self.box)
-            if touched is not None:
-                _write_into(image, touched, 0)  # outside the old extent the layer was empty
-            if saved is not None:
-                _write_into(image, saved, values)
-            if now != extent:  # the edit grew the layer: give it its old extent back
+            if now != extent:  # the edit grew the layer, or the Erase step cropped it to what is left
                 _reallocate(image, extent)
+            if saved is not None:
+                _write_into(image, saved, values)  # the whole box of the old extent: every voxel the edit reached
             image.Modified()
         tag = slicer.vtkSlicerSegmentationsModuleLogic.GetStatusTagName()
         for segment_id, status in self.statuses.items():
@@ -473,7 +471,8 @@ _EMPTY = (0, -1, 0, -1, 0, -1)
 
 
 def _reallocate(image, extent) -> None:
-    """Shrink ``image`` to ``extent`` (inside its current one), keeping the voxels there."""
+    """Give ``image`` the extent ``extent``, keeping the voxels inside both the old and the new extent; the rest
+    of the new one is zero (Slicer's logic crops a layer only where it is empty)."""
     values = _values_in_extent(image, extent) if extent != _EMPTY else None
     scalar_type = image.GetScalarType()
     image.SetExtent(*extent)
