@@ -195,17 +195,18 @@ def test_fast_copy_leaves_the_original_exact():
 
 
 def test_the_fast_model_of_the_memory_comparison_retrieves_from_its_own_bank(tmp_path):
-    """The --memory comparison first deep-copied the exact model with its bank: the copy's attention still read
+    """The --memory comparison deep-copies the exact model with its bank: the copy's attention once still read
     the exact model's retrieval, so it compared exact + bank with int8 and no bank."""
     from FastSAM3DLib.benchmarks.memory import synthetic_bank
     from FastSAM3DLib.memory import attached_memory, save_bank
 
     plain = build_model("tiny-test", seed=0)
     bank = save_bank(synthetic_bank(plain, 3), tmp_path / "bank.safetensors")
-    fast = agreement.fast_with_memory("tiny-test", bank, seed=0)
-    fast_plain = agreement.fast_copy(plain)
+    exact = build_model("tiny-test", seed=0, memory=bank)
+    fast, fast_plain = agreement.fast_copy(exact), agreement.fast_copy(plain)
     x = fixture_input()
     with torch.no_grad():
         with_bank, without = fast.image_encoder(x), fast_plain.image_encoder(x)
-    assert fast.precision == "fast" and attached_memory(fast).retrievals == 1
+    assert fast.precision == "fast" and exact.precision == "exact"
+    assert attached_memory(fast).retrievals == 1 and attached_memory(exact).retrievals == 0
     assert not torch.equal(with_bank, without)

@@ -398,6 +398,26 @@ def test_attach_keeps_one_handle_and_the_bank_on_the_model_device(tiny):
     attach_memory(tiny, bank).detach()
 
 
+
+def test_a_deep_copy_of_a_model_with_memory_keeps_its_own_memory(tiny, volumes):
+    """The attention block's forward captured the original plug-in in a closure: a copy's hooks filled the
+    copy's plug-in, its attention read the original's (nothing pending there) and the copy ran without memory."""
+    import copy
+
+    base = _encode(tiny, volumes)
+    with attach_memory(tiny, _random_bank(tiny)) as handle:
+        with_memory = _encode(tiny, volumes)
+        twin = copy.deepcopy(tiny)
+        twin_handle = attached_memory(twin)
+        assert twin_handle is not handle and twin_handle.attached
+        before = handle.retrievals, twin_handle.retrievals
+        assert torch.equal(_encode(twin, volumes), with_memory) and not torch.equal(with_memory, base)
+        assert (handle.retrievals, twin_handle.retrievals) == (before[0], before[1] + 1)
+        twin_handle.detach()
+        assert torch.equal(_encode(twin, volumes), base)
+        assert torch.equal(_encode(tiny, volumes), with_memory)  # the original keeps its memory
+    assert torch.equal(_encode(tiny, volumes), base)
+
 # ------------------------------------------------------------------------------------------------ real files
 def _write_case(folder: Path, name: str, seed: int, centres):
     import SimpleITK as sitk

@@ -44,24 +44,11 @@ DATA_CASES = (
 
 
 def fast_copy(model):
-    """A deep copy of ``model`` with the int8 encoder (the original stays exact); for a model with a memory bank
-    see :func:`fast_with_memory`."""
+    """A deep copy of ``model`` with the int8 encoder (the original stays exact); a memory bank attached to
+    ``model`` is copied with it and the copy retrieves from its own."""
     from ..quantize import quantize_encoder
 
     fast = copy.deepcopy(model)
-    quantize_encoder(fast.image_encoder)
-    fast.precision = "fast"
-    return fast
-
-
-def fast_with_memory(model_name: str, memory, **build_options):
-    """The model with ``memory`` attached, then its encoder in int8, as ``build_model(precision="fast",
-    memory=...)`` makes it (whatever this CPU's int8 timings say). A deep copy of an exact model with a bank would
-    not do: its attention would still read the original's retrieval (the plug-in's closures)."""
-    from ..quantize import quantize_encoder
-    from ..registry import build_model
-
-    fast = build_model(model_name, memory=memory, **build_options)
     quantize_encoder(fast.image_encoder)
     fast.precision = "fast"
     return fast
@@ -162,7 +149,7 @@ def data_agreement(data_dir: Path, model_name: str = "fastsam3d-demo", clicks: i
     from ..registry import build_model
 
     exact = build_model(model_name, checkpoint="cached", memory=memory)
-    fast = fast_copy(exact) if memory is None else fast_with_memory(model_name, memory, checkpoint="cached")
+    fast = fast_copy(exact)
     rows = []
     for dataset, case in _cases(data_dir):
         volume, labels, _ = load_case(case)

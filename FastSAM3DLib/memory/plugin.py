@@ -150,6 +150,7 @@ class MemoryHandle:
             hook.remove()
         self._hooks = []
         self.attn.__dict__.pop("forward", None)
+        self.attn.__dict__.pop(_ATTR, None)
         if getattr(self.encoder, _ATTR, None) is self:
             delattr(self.encoder, _ATTR)
         self._pending = None
@@ -165,12 +166,8 @@ class MemoryHandle:
     def _attach(self) -> None:
         self._hooks.append(self.encoder.register_forward_pre_hook(self._before_encoder))
         self._hooks.append(self.encoder.register_forward_hook(self._after_encoder, always_call=True))
-        handle = self
-
-        def forward(attn_self, x):
-            return handle._attention_forward(attn_self, x)
-
-        self.attn.forward = types.MethodType(forward, self.attn)
+        self.attn.forward = types.MethodType(_memory_attention_forward, self.attn)
+        setattr(self.attn, _ATTR, self)  # found there by the forward: a deep copy of the model uses its own copy
         setattr(self.encoder, _ATTR, self)
         self.attached = True
 
@@ -262,6 +259,12 @@ class MemoryHandle:
             out = run(q, k, v * r + (mv * wts).sum(dim=1))
         out = out.permute(0, 2, 1, 3).reshape(b, d, h, w, c)
         return attn.proj(out)
+
+
+def _memory_attention_forward(attn, x: torch.Tensor) -> torch.Tensor:
+    """The attention block's ``forward`` while a plug-in is attached: the plug-in is looked up on the block (never
+    captured in a closure), so ``copy.deepcopy`` of the model gives a copy that reads its own plug-in."""
+    return getattr(attn, _ATTR)._attention_forward(attn, x)
 
 
 def attach_memory(model, bank: Union[MemoryBank, str, "os.PathLike"], block: Optional[int] = None,
