@@ -129,6 +129,25 @@ def test_an_id_the_deployment_did_not_issue_is_refused_before_any_state_is_made(
         assert status == 404 and protocol.loads_json(body)["error"] == "session_unknown", body
 
 
+def test_a_closed_session_is_refused_and_frees_its_place(cluster):
+    """Closing did nothing under Ray: a closed session kept its embedding on its replica until evicted, and the
+    console closes one per call."""
+    volume = phantom(seed=5)
+    rem = remote.RemoteSession(cluster, "tiny-test", volume)
+    rem.add_click(ras(volume, CLICKS[0][0]), CLICKS[0][1])
+    session = rem._session_id
+    for _ in range(3):  # routing is best effort: the close and the click go where the session lives, nearly always
+        time.sleep(HUMAN_PACE_S)
+        status, _, _ = raw(cluster, "DELETE", f"/v1/sessions/{session}", b"", {protocol.SESSION_HEADER: session})
+        assert status == 204
+        time.sleep(HUMAN_PACE_S)
+        status, _, body = raw(cluster, "POST", f"/v1/sessions/{session}/click", b"x",
+                              {protocol.SESSION_HEADER: session})
+        if status == 404:
+            break
+    assert status == 404 and protocol.loads_json(body)["error"] == "session_unknown", body
+
+
 def test_a_replica_killed_mid_session_costs_one_slower_click(cluster):
     volume = phantom(seed=3)
     local = InteractiveSession(local_model("tiny-test"), volume)

@@ -20,6 +20,7 @@ application is built; replicas only ever see its hash).
 from __future__ import annotations
 
 import secrets
+import weakref
 from typing import Dict, Optional
 
 from .settings import ServerSettings, hash_token, read_token
@@ -51,13 +52,15 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
             self.pool.load_all()
             self.replica = f"ray-{serve.get_replica_context().replica_id.unique_id}"
             self.session_ids = SignedSessionIds(bytes.fromhex(session_key))
+            self.live_sessions = weakref.WeakValueDictionary()  # those Ray Serve still caches here, for close
 
         @serve.multiplexed(max_num_models_per_replica=max_sessions)
         async def session_state(self, session_id: str):
             """A fresh state for a session this replica has not seen (Ray Serve caches it by id)."""
             from .sessions import SessionState
 
-            return SessionState(None, self.settings)
+            state = self.live_sessions[session_id] = SessionState(None, self.settings)
+            return state
 
         def __serve_build_asgi_app__(self):
             from .app import create_app
@@ -98,10 +101,17 @@ class _RayBackend:
         if serve.get_multiplexed_model_id() != session_id:
             raise ServiceError("malformed", "Send the session id in the serve_multiplexed_model_id header too "
                                "(Ray Serve routes on it).")
-        return await self._replica.session_state(session_id)
+        state = await self._replica.session_state(session_id)
+        if state.closed:
+            raise ServiceError("session_unknown", "This session was closed; the client opens a new one.")
+        return state
 
     async def close(self, session_id: str) -> None:
-        """Nothing to do: the replica drops the session when it needs the room (least recently used)."""
+        """Close the session if this replica holds it (the request is routed there by its header): its tensors
+        are freed now, its place in Ray Serve's cache when that needs the room (least recently used)."""
+        state = self._replica.live_sessions.get(session_id)
+        if state is not None:
+            state.close()
 
 
 def build_app(args: Dict[str, str]):

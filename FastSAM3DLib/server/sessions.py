@@ -34,6 +34,18 @@ class SessionState:
         self.last_used = time.monotonic()
         self.embeddings: "OrderedDict[str, object]" = OrderedDict()
         self.logits: "OrderedDict[str, object]" = OrderedDict()
+        self.closed = False
+
+    def close(self) -> None:
+        """End the session: it is refused from now on, and its tensors are freed (at once, or by the click that
+        holds the session when it ends)."""
+        self.closed = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self.embeddings.clear()
+                self.logits.clear()
+            finally:
+                self.lock.release()
 
     def embedding(self, key: str):
         """The embedding stored under ``key`` (None if absent), marked recently used."""
