@@ -136,14 +136,7 @@ class LogicEditor:
         return self.logic.GetReferenceGeometryImage() if self.logic.UpdateReferenceGeometryImage() else None
 
     def save_state_for_undo(self) -> None:
-        self._saved = bool(self.logic.SaveStateForUndo())
-
-    def drop_undo_state(self) -> None:
-        """Take back the state saved for a write that was rolled back, so that the next undo is a real one (the
-        logic can only undo it: the segmentation already is that state; an identical redo state is left)."""
-        if getattr(self, "_saved", False):
-            self._saved = False
-            self.logic.Undo()
+        self.logic.SaveStateForUndo()
 
     def modify(self, segmentation_node, segment_id: str, labelmap, mode: int) -> None:
         self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode, True, False)
@@ -213,10 +206,6 @@ class EffectEditor:
 
     def save_state_for_undo(self) -> None:
         self.effect.saveStateForUndo()
-
-    def drop_undo_state(self) -> None:
-        """Nothing: an effect cannot reach the Segment Editor's history, so after a rolled-back write the first
-        Ctrl+Z restores the same content (vtkSegmentationHistory can only drop all of its states)."""
 
     def modify(self, segmentation_node, segment_id: str, labelmap, mode: int) -> None:
         effect_class = getattr(slicer, "qSlicerSegmentEditorAbstractEffect", None)

@@ -56,7 +56,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     if own_editor:
         editor = LogicEditor(segmentation_node.GetScene())
     geometry = _GeometryParameter(segmentation_node)
-    rollback, saved = None, False
+    rollback = None
     try:
         editor.prepare(segmentation_node, source_volume_node, segment_id, settings)
         _check_mask_segment(editor.parameter_node(), segmentation)
@@ -66,13 +66,15 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
         if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
+        steps = [(image, mode) for image, mode in ((to_remove, _REMOVE), (to_add, _ADD))
+                 if image is not None and _has_voxels(image)]
+        if not steps:
+            return  # nothing to erase or paint: no snapshot, no undo state that would change nothing
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
         editor.save_state_for_undo()
-        saved = True
-        for image, mode in ((to_remove, _REMOVE), (to_add, _ADD)):
-            if image is not None and _has_voxels(image):
-                editor.modify(segmentation_node, segment_id, image, mode)
+        for image, mode in steps:
+            editor.modify(segmentation_node, segment_id, image, mode)
         errors = editor.take_errors()
         if errors:
             raise FastSAM3DError("The Segment Editor could not apply the result (" + "; ".join(errors)[:500] +
@@ -81,8 +83,6 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if rollback is not None:
             rollback.restore()
         geometry.restore()
-        if saved:
-            editor.drop_undo_state()  # the state saved for this write equals the rolled-back segmentation
         raise
     finally:
         if rollback is not None:
@@ -358,11 +358,11 @@ class _Rollback:
     The edit can change voxels only inside the modifiers' box, so each labelmap layer keeps just that box
     (and each segment's layer and label value, to check that nothing else moved). A layer whose extent the
     edit changed gets its old extent back: grown by the Paint step, or cropped by the Erase step to the voxels
-    left (outside the box, the cropped voxels were empty before the edit too). Where the Segment Editor logic may move segments between layers to
-    spare others (overwrite "visible" or "none"; Slicer's default is "all"), or where a layer lies on another
-    voxel grid than the edit (an imported labelmap, an oblique volume's first segment: the logic resamples such a
-    layer in place, so its voxels no longer sit at the saved indices), the segmentation is snapshotted whole
-    instead (Slicer's segmentation history).
+    left (outside the box, the cropped voxels were empty before the edit too). Where the Segment Editor logic
+    may move segments between layers to spare others (overwrite "visible" or "none"; Slicer's default is
+    "all"), or where a layer lies on another voxel grid than the edit (an imported labelmap, an oblique volume's
+    first segment: the logic resamples such a layer in place, so its voxels no longer sit at the saved
+    indices), the segmentation is snapshotted whole instead (Slicer's segmentation history).
     """
 
     def __init__(self, segmentation_node, modifiers, editor_node) -> None:
@@ -392,6 +392,10 @@ class _Rollback:
     def restore(self) -> None:
         """Put the segmentation back as it was (raises FastSAM3DError if the logic rearranged its layers)."""
         if self.history is not None:
+            if not self.history.IsRestorePreviousStateAvailable():
+                # the failed edit changed layers without the events the history watches (Slicer's logic resamples
+                # a layer in place before it modifies it): tell it, or it would think there is nothing to restore
+                self.segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified)
             if self.history.IsRestorePreviousStateAvailable():
                 self.history.RestorePreviousState()
             return
