@@ -50,7 +50,8 @@ BACKENDS = ("torch", "triton", "eager")
 ENV_VAR = "FASTSAM3D_ATTENTION"
 # Oldest Triton every kernel variant compiles cleanly with for sm_80-sm_90 (checked ahead of time against 3.0,
 # 3.1 and 3.2: the software pipeliner of 3.0 and 3.1 reports errors on the sparse mode's nested loop; 3.6, the
-# lent GPU machines' version, and the pinned 3.9 compile every variant too).
+# lent GPU machines' version, 3.7, which PyPI's CUDA build of torch 2.13 installs, and the pinned 3.9 compile
+# every variant too).
 MIN_TRITON = (3, 2)
 _WARNED = set()
 _log = logging.getLogger(__name__)
