@@ -469,6 +469,36 @@ def test_a_refused_click_does_not_bind_a_new_replica_session_to_its_model():
     assert state.model == "tiny-test"
 
 
+def test_a_closed_session_keeps_nothing_and_is_refused(monkeypatch):
+    """Closing a session (on Ray: its replica's state) freed nothing, and a click waiting for the session's lock
+    ran on anyway; one that was running while the session closed kept its embedding."""
+    from FastSAM3DLib.server.sessions import ServiceError, SessionState
+
+    settings = ServerSettings(models=("tiny-test",))
+    pool = engine.ModelPool(settings, loader=served_model)
+    click = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [{"points": [[60.0] * 3], "labels": [1]}],
+                           "previous": None}, {"image": np.zeros((128,) * 3, np.float32)})
+    state = SessionState(None, settings)
+    engine.click(pool, state, click)
+    assert state.embeddings and state.logits
+    state.close()
+    assert not state.embeddings and not state.logits
+    with pytest.raises(ServiceError) as refused:
+        engine.click(pool, state, click)
+    assert refused.value.code == "session_unknown" and not state.embeddings
+
+    running = SessionState(None, settings)
+    real_decode = engine.decode
+
+    def decode_then_close(*args):
+        running.close()  # the close request arrives while the click holds the session's lock
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine, "decode", decode_then_close)
+    engine.click(pool, running, click)
+    assert running.closed and not running.embeddings and not running.logits
+
+
 def test_https_with_the_servers_own_certificate(tmp_path):
     import shutil
     import ssl

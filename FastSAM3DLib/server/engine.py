@@ -95,6 +95,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
     if previous_id is not None and not isinstance(previous_id, str):
         raise ServiceError("malformed", "'previous' must be a logits id or null.")
     with state.lock:
+        state.check_open()  # it may have been closed while this click waited for the previous one
         _check_model(state, name)  # again: another request may have bound the session meanwhile
         embedding = state.embedding(key)
         previous = arrays.get("previous_logits")
@@ -143,6 +144,9 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
         if encoded:
             state.keep_embedding(key, embedding)
         logits_id = state.keep_logits(result)
+        if state.closed:  # closed while this click ran: it keeps nothing
+            state.embeddings.clear()
+            state.logits.clear()
     return protocol.pack({"logits_id": logits_id, "iou": iou, "encoded": encoded, "timings": timings},
                          {"logits": result})
 

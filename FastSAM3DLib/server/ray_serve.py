@@ -102,8 +102,7 @@ class _RayBackend:
             raise ServiceError("malformed", "Send the session id in the serve_multiplexed_model_id header too "
                                "(Ray Serve routes on it).")
         state = await self._replica.session_state(session_id)
-        if state.closed:
-            raise ServiceError("session_unknown", "This session was closed; the client opens a new one.")
+        state.check_open()
         return state
 
     async def close(self, session_id: str) -> None:

@@ -47,6 +47,11 @@ class SessionState:
             finally:
                 self.lock.release()
 
+    def check_open(self) -> None:
+        """ServiceError ``session_unknown`` once the session is closed (the client then opens a new one)."""
+        if self.closed:
+            raise ServiceError("session_unknown", "This session was closed; the client opens a new one.")
+
     def embedding(self, key: str):
         """The embedding stored under ``key`` (None if absent), marked recently used."""
         value = self.embeddings.get(key)
