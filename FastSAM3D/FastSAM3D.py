@@ -250,7 +250,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             else:
                 slicer.util.pip_install(requirement)
         except subprocess.CalledProcessError as exc:
-            # Slicer's packaging.pip_install shows its error dialog unless testing (or off the main thread)
+            # Slicer's packaging.pip_install shows its error dialog unless testing (on the main thread, as here)
             exc.shownBySlicer = ownDialogs and not slicer.app.testingEnabled()
             raise
 

@@ -470,9 +470,9 @@ def test_a_refused_click_does_not_bind_a_new_replica_session_to_its_model():
 
 
 def test_a_closed_session_keeps_nothing_and_is_refused(monkeypatch):
-    """Closing a session (on Ray: its replica's state) freed nothing, and a click waiting for the session's lock
-    ran on anyway; one that was running while the session closed kept its embedding."""
-    from FastSAM3DLib.server.sessions import ServiceError, SessionState
+    """Closing a session (on Ray: its replica's state) freed nothing, and a click that already had the session
+    ran on anyway; a click running while the session closed kept its embedding."""
+    from FastSAM3DLib.server.sessions import ServiceError, SessionState, SessionStore
 
     settings = ServerSettings(models=("tiny-test",))
     pool = engine.ModelPool(settings, loader=served_model)
@@ -487,16 +487,25 @@ def test_a_closed_session_keeps_nothing_and_is_refused(monkeypatch):
         engine.click(pool, state, click)
     assert refused.value.code == "session_unknown" and not state.embeddings
 
-    running = SessionState(None, settings)
-    real_decode = engine.decode
+    store = SessionStore(settings)
+    session_id, running = store.create("tiny-test")
+    real_decode, closing = engine.decode, []
 
-    def decode_then_close(*args):
-        running.close()  # the close request arrives while the click holds the session's lock
+    def decode_then_close(*args):  # the close request arrives while the click holds the session's lock
+        closing.append(threading.Thread(target=store.close, args=(session_id,)))
+        closing[0].start()
+        deadline = time.monotonic() + 5
+        while not running.closed and time.monotonic() < deadline:
+            time.sleep(0.001)
         return real_decode(*args)
 
     monkeypatch.setattr(engine, "decode", decode_then_close)
     engine.click(pool, running, click)
-    assert running.closed and not running.embeddings and not running.logits
+    closing[0].join(timeout=10)
+    assert not closing[0].is_alive() and not running.embeddings and not running.logits
+    with pytest.raises(ServiceError) as refused:  # a click that had the state before the close
+        engine.click(pool, running, click)
+    assert refused.value.code == "session_unknown"
 
 
 def test_https_with_the_servers_own_certificate(tmp_path):
@@ -693,7 +702,8 @@ def test_signed_session_ids_are_recognised_only_under_their_key():
     issued = ids.new()
     nonce, mac = issued.split(".")
     assert ids.issued(issued) and issued != ids.new()
-    for refused in ("invented", "", ".", f"{nonce}.", f".{mac}", f"{nonce}.{mac[:-1]}0", f"{nonce}x.{mac}",
+    tampered = mac[:-1] + ("1" if mac[-1] == "0" else "0")
+    for refused in ("invented", "", ".", f"{nonce}.", f".{mac}", f"{nonce}.{tampered}", f"{nonce}x.{mac}",
                     other.new(), f"{nonce}.{mac}\u00e9", issued + ".x"):
         assert not ids.issued(refused), refused
 

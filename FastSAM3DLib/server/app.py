@@ -42,7 +42,7 @@ class LocalBackend:
 
     async def close(self, session_id: str) -> None:
         """Forget session ``session_id`` (nothing happens when it is unknown)."""
-        self.store.close(session_id)
+        await run_in_threadpool(self.store.close, session_id)  # may wait for a click the session runs
 
 
 def create_app(settings: ServerSettings, backend=None) -> Starlette:

@@ -144,9 +144,6 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
         if encoded:
             state.keep_embedding(key, embedding)
         logits_id = state.keep_logits(result)
-        if state.closed:  # closed while this click ran: it keeps nothing
-            state.embeddings.clear()
-            state.logits.clear()
     return protocol.pack({"logits_id": logits_id, "iou": iou, "encoded": encoded, "timings": timings},
                          {"logits": result})
 

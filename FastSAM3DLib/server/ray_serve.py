@@ -108,9 +108,11 @@ class _RayBackend:
     async def close(self, session_id: str) -> None:
         """Close the session if this replica holds it (the request is routed there by its header): its tensors
         are freed now, its place in Ray Serve's cache when that needs the room (least recently used)."""
+        from starlette.concurrency import run_in_threadpool
+
         state = self._replica.live_sessions.get(session_id)
         if state is not None:
-            state.close()
+            await run_in_threadpool(state.close)  # may wait for a click the session runs
 
 
 def build_app(args: Dict[str, str]):

@@ -37,15 +37,12 @@ class SessionState:
         self.closed = False
 
     def close(self) -> None:
-        """End the session: it is refused from now on, and its tensors are freed (at once, or by the click that
-        holds the session when it ends)."""
+        """End the session: it is refused from now on, and its tensors are freed (after the click that holds the
+        session, if one does: call it from a worker thread, not an event loop)."""
         self.closed = True
-        if self.lock.acquire(blocking=False):
-            try:
-                self.embeddings.clear()
-                self.logits.clear()
-            finally:
-                self.lock.release()
+        with self.lock:
+            self.embeddings.clear()
+            self.logits.clear()
 
     def check_open(self) -> None:
         """ServiceError ``session_unknown`` once the session is closed (the client then opens a new one)."""
@@ -123,9 +120,12 @@ class SessionStore:
             return state
 
     def close(self, session_id: str) -> bool:
-        """Drop session ``session_id``; whether it existed."""
+        """Drop and close session ``session_id`` (waits for a click it runs); whether it existed."""
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            state = self._sessions.pop(session_id, None)
+        if state is not None:
+            state.close()
+        return state is not None
 
     def _sweep(self) -> None:
         now = self.clock()
