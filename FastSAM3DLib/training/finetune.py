@@ -125,7 +125,8 @@ class FinetuneTask(TrainingTask):
         with torch.set_grad_enabled(self.encoder_trains):
             embedding = self.model.image_encoder(images)
         return simulate_clicks(self.model, embedding, labels, self.loss_fn, rng, self.config.clicks,
-                               loss_size=self.config.loss_size, iou_weight=self.config.iou_weight)
+                               loss_size=self.config.loss_size, iou_weight=self.config.iou_weight,
+                               mask_loss=not self.config.iou_head_only)
 
 
 def finetune(config: FinetuneConfig, loop: LoopConfig, log=print) -> Dict[str, Any]:

@@ -63,14 +63,16 @@ def next_clicks(labels: np.ndarray, upsampled_logits: Optional[np.ndarray], rng:
 
 def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, loss_fn, rng: np.random.Generator,
                     num_clicks: int = DEFAULT_CLICKS, mask_only: Optional[Sequence[int]] = None,
-                    loss_size: Optional[int] = None, iou_weight: float = 0.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+                    loss_size: Optional[int] = None, iou_weight: float = 0.0,
+                    mask_loss: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Run the official click loop on a batch; returns (summed loss, {"dice_last": ..., "clicks": n}, plus
     "iou_error", the mean absolute error of the predicted IoU, when ``iou_weight`` is set).
 
     ``model``: a Sam3D (prompt_encoder, mask_decoder); ``image_embedding`` (B, C, 8, 8, 8); ``labels``
     (B, 1, S, S, S) float {0, 1}; ``loss_fn(logits, labels)``; ``mask_only``: the mask-only steps (default:
     :func:`mask_only_steps`); ``loss_size``: side of the loss grid (default: the label's, official);
-    ``iou_weight``: weight of the IoU-prediction term (default 0, official).
+    ``iou_weight``: weight of the IoU-prediction term (default 0, official); ``mask_loss=False`` leaves out the
+    segmentation term (for training the IoU head alone, where it reaches no trainable weight).
     """
     if mask_only is None:
         mask_only = mask_only_steps(rng, num_clicks)
@@ -96,9 +98,10 @@ def simulate_clicks(model, image_embedding: torch.Tensor, labels: torch.Tensor, 
         low_res, predicted_iou = decoder(image_embeddings=image_embedding, image_pe=dense_pe,
                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                          multimask_output=False)
-        upsampled = trilinear_upsample(low_res.float(), loss_grid)
-        total = total + loss_fn(upsampled, target)
-        if loss_grid != tuple(size):
+        if mask_loss:
+            upsampled = trilinear_upsample(low_res.float(), loss_grid)
+            total = total + loss_fn(upsampled, target)
+        if not mask_loss or loss_grid != tuple(size):
             with torch.no_grad():
                 upsampled = trilinear_upsample(low_res.float(), size)
         upsampled_np = upsampled[:, 0].detach().cpu().numpy()
