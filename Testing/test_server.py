@@ -508,6 +508,89 @@ def test_a_closed_session_keeps_nothing_and_is_refused(monkeypatch):
     assert refused.value.code == "session_unknown"
 
 
+def test_a_refused_click_leaves_the_order_of_the_sessions_caches_as_it_was():
+    """The lookups marked the embedding and logits used before the click could still be refused (409 missing,
+    422): the next region then evicted another embedding than the client's mirror expected."""
+    from FastSAM3DLib.server.sessions import ServiceError, SessionState
+
+    settings = ServerSettings(models=("tiny-test",))
+    pool = engine.ModelPool(settings, loader=served_model)
+    state = SessionState(None, settings)
+    image = {"image": np.zeros((128,) * 3, np.float32)}
+    step = [{"points": [[60.0] * 3], "labels": [1]}]
+    for key in ("A", "B"):
+        engine.click(pool, state, protocol.pack({"model": "tiny-test", "embedding": key, "steps": step,
+                                                 "previous": None}, image))
+    embeddings, logits = list(state.embeddings), list(state.logits)
+    refused = protocol.pack({"model": "tiny-test", "embedding": "A", "steps": step, "previous": "dropped"}, {})
+    with pytest.raises(ServiceError) as missing:
+        engine.click(pool, state, refused)
+    assert missing.value.code == "missing"
+    assert list(state.embeddings) == embeddings and list(state.logits) == logits
+    engine.click(pool, state, protocol.pack({"model": "tiny-test", "embedding": "A", "steps": step,
+                                             "previous": logits[0]}, {}))
+    assert list(state.embeddings) == ["B", "A"] and list(state.logits)[-2] == logits[0]  # used: now the newest
+
+
+def test_a_click_with_as_many_steps_and_points_as_the_server_allows_is_read():
+    """The frame header was capped at 256 KiB, less than max_steps x max_points floats need: such a click got
+    "the frame header length ... is invalid"."""
+    settings = ServerSettings(models=("tiny-test",))
+    steps = [{"points": [[60.123456789012345, 61.98765432109876, 62.55555555555555]] * 100, "labels": [1] * 100}
+             for _ in range(settings.max_steps)]
+    frame = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": steps, "previous": None}, {})
+    assert len(frame) > protocol.MAX_HEADER_BYTES
+    header, _ = protocol.unpack(frame, {}, settings.max_header_bytes())
+    assert len(header["steps"]) == settings.max_steps
+    with pytest.raises(protocol.FrameError, match="fewer decoder steps or points"):
+        protocol.unpack(frame, {})
+
+
+def test_clicks_waiting_for_their_session_neither_pile_up_nor_hold_up_other_requests(monkeypatch):
+    """Clicks queued on one session held the threads that opening and closing sessions need (a close waited
+    12 s), and a client could queue them without end."""
+    from FastSAM3DLib.server import app as server_app
+
+    release = threading.Event()
+    real_click = engine.click
+    monkeypatch.setattr(engine, "click", lambda *args: release.wait(30) and real_click(*args))
+    with Server(ServerSettings(models=("tiny-test",), rate_per_s=1000, rate_burst=1000)) as srv:
+        sessions = [raw(srv.url, "POST", "/v1/sessions", json.dumps({"model": "tiny-test"}).encode())
+                    for _ in range(2)]
+        busy, other = (json.loads(body)["session"] for status, _, body in sessions)
+        frame = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [{"points": [[60.0] * 3],
+                               "labels": [1]}], "previous": None}, {"image": np.zeros((128,) * 3, np.float32)})
+        answers = []
+        waiting = [threading.Thread(target=lambda: answers.append(raw(srv.url, "POST", f"/v1/sessions/{busy}/click",
+                                                                      frame)))
+                   for _ in range(server_app.MAX_QUEUED_CLICKS + 2)]
+        try:
+            for thread in waiting:
+                thread.start()
+            deadline = time.monotonic() + 20
+            while len(answers) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = [json.loads(body)["error"] for status, _, body in answers]
+            assert refused == ["rate_limited"] * 2, refused  # the two beyond the limit, at once
+            start = time.monotonic()
+            status, _, _ = raw(srv.url, "DELETE", f"/v1/sessions/{other}")
+            assert status == 204 and time.monotonic() - start < 5
+        finally:
+            release.set()
+            for thread in waiting:
+                thread.join(30)
+        assert sorted(status for status, _, _ in answers) == [200] * server_app.MAX_QUEUED_CLICKS + [429] * 2
+
+
+def test_a_new_session_request_is_a_short_json_object():
+    """It parsed any JSON up to the upload limit on the event loop (24 MiB: 9 s with the server stalled)."""
+    with Server(ServerSettings(models=("tiny-test",))) as srv:
+        status, _, body = raw(srv.url, "POST", "/v1/sessions", b"[" + b"[]," * 30000 + b"[]]")
+        assert status == 413 and b"short JSON object" in body
+        status, _, _ = raw(srv.url, "POST", "/v1/sessions", json.dumps({"model": "tiny-test"}).encode())
+        assert status == 201
+
+
 def test_https_with_the_servers_own_certificate(tmp_path):
     import shutil
     import ssl

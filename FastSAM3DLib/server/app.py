@@ -10,6 +10,7 @@ import os
 import secrets
 from typing import Optional
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -45,11 +46,20 @@ class LocalBackend:
         await run_in_threadpool(self.store.close, session_id)  # may wait for a click the session runs
 
 
+#: Clicks of one session that may wait for it at once (a client sends one at a time; more only pile up threads).
+MAX_QUEUED_CLICKS = 4
+#: Largest body of a request that carries no arrays (a new session's ``{"model": ...}``).
+MAX_JSON_BODY = 64 * 1024
+
+
 def create_app(settings: ServerSettings, backend=None) -> Starlette:
     """The ASGI app; ``backend`` defaults to a :class:`LocalBackend` (models loaded on first use)."""
     settings.check()
     backend = backend or LocalBackend(settings)
     limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
+    # clicks wait for their session and model in threads of their own, so that they never take the threads
+    # that opening and closing sessions need (Starlette's default pool has 40)
+    click_threads = anyio.CapacityLimiter(40)
 
     def reply(response: Response) -> Response:
         response.headers[protocol.REPLICA_HEADER] = backend.replica
@@ -82,9 +92,9 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
             raise ServiceError("unauthorized", "The FastSAM3D server refused the token: enter the token its "
                                "administrator gave you in the FastSAM3D settings (or set FASTSAM3D_TOKEN).")
 
-    async def body(request: Request) -> bytes:
-        """The request body, refused (413) as soon as it is longer than the upload limit."""
-        limit = settings.max_upload_bytes
+    async def body(request: Request, limit: Optional[int] = None) -> bytes:
+        """The request body, refused (413) as soon as it is longer than ``limit`` (the upload limit)."""
+        limit = settings.max_upload_bytes if limit is None else min(limit, settings.max_upload_bytes)
         declared = request.headers.get("content-length")
         too_large = ServiceError("too_large", too_large_message(limit))
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -124,7 +134,13 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
 
     async def create(request: Request) -> Response:
         try:
-            data = protocol.loads_json(await body(request))
+            data = protocol.loads_json(await body(request, MAX_JSON_BODY))
+        except ServiceError as exc:
+            if exc.code != "too_large":
+                raise
+            raise ServiceError("too_large", f"A new session's request is a short JSON object such as "
+                               f"{{\"model\": \"fastsam3d\"}}, at most {MAX_JSON_BODY // 1024} KiB; nothing was "
+                               "changed.") from None
         except protocol.FrameError as exc:
             raise ServiceError("malformed", f"The request is malformed: {exc}.") from None
         name = data.get("model")
@@ -138,7 +154,15 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
     async def click(request: Request) -> Response:
         data = await body(request)
         state = await backend.state(request.path_params["session"], request)
-        reply_frame = await run_in_threadpool(engine.click, backend.pool, state, data)
+        if state.queued >= MAX_QUEUED_CLICKS:
+            raise ServiceError("rate_limited", f"{state.queued} clicks of this session are still waiting for the "
+                               "server; nothing was changed. Click again when they are answered.", retry_after=1.0)
+        state.queued += 1
+        try:
+            reply_frame = await anyio.to_thread.run_sync(engine.click, backend.pool, state, data,
+                                                         limiter=click_threads)
+        finally:
+            state.queued -= 1
         return Response(reply_frame, media_type=protocol.FRAME_TYPE)
 
     async def close(request: Request) -> Response:

@@ -97,13 +97,13 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
     with state.lock:
         state.check_open()  # it may have been closed while this click waited for the previous one
         _check_model(state, name)  # again: another request may have bound the session meanwhile
-        embedding = state.embedding(key)
+        embedding = state.embeddings.get(key)  # marked used only when the click succeeds: a refusal changes nothing
         previous = arrays.get("previous_logits")
         missing = []
         if embedding is None and "image" not in arrays:
             missing.append("image")
         if previous is None and previous_id is not None:
-            previous = state.former_logits(previous_id)
+            previous = state.logits.get(previous_id)
             if previous is None:
                 missing.append("previous_logits")
         if missing:
@@ -141,8 +141,9 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
                 raise
         encoded = "encode" in timings
         state.model = name  # a session met for the first time on this replica (Ray) runs this model from now on
-        if encoded:
-            state.keep_embedding(key, embedding)
+        state.keep_embedding(key, embedding)  # new, or marked recently used
+        if previous_id is not None and previous_id in state.logits:
+            state.logits.move_to_end(previous_id)
         logits_id = state.keep_logits(result)
     return protocol.pack({"logits_id": logits_id, "iou": iou, "encoded": encoded, "timings": timings},
                          {"logits": result})
@@ -159,27 +160,16 @@ def _parse(pool: ModelPool, body: bytes):
     from ..registry import get_model_config
 
     try:
-        name = _peek_header(body).get("model")
+        limit = pool.settings.max_header_bytes()
+        name = protocol.loads_json(protocol.frame_header(body, limit)).get("model")
         if not isinstance(name, str) or name not in pool.names:
             pool.get(str(name))  # raises model_unavailable, naming the served models
         size = get_model_config(name).image_size
         low = size // 4
         return protocol.unpack(body, {"image": ("float32", (size, size, size)),
-                                      "previous_logits": ("float32", (low, low, low))})
+                                      "previous_logits": ("float32", (low, low, low))}, limit)
     except protocol.FrameError as exc:
         raise ServiceError("malformed", f"The request is malformed: {exc}.") from None
-
-
-def _peek_header(body: bytes) -> dict:
-    """The JSON header of a frame without its arrays (to learn the model, hence the expected shapes)."""
-    import struct
-
-    if len(body) < 8 or body[:4] != protocol.MAGIC:
-        raise protocol.FrameError("the body is not a FastSAM3D frame (bad magic)")
-    (length,) = struct.unpack(">I", body[4:8])
-    if length > protocol.MAX_HEADER_BYTES or 8 + length > len(body):
-        raise protocol.FrameError(f"the frame header length {length} is invalid")
-    return protocol.loads_json(body[8:8 + length])
 
 
 def _steps(steps, size: int, settings: ServerSettings):
@@ -218,5 +208,7 @@ def decode(model, embedding: torch.Tensor, points: np.ndarray, labels, previous:
         return decode_prompts(model, embedding, points, labels, previous, device)
     except ModelOutputError:
         raise ServiceError("model_output", "The model gave invalid numbers (NaN or infinity) for this click, so "
-                           "there is no result; nothing was changed. The server's weights may be damaged, or reduced "
-                           "precision overflowed on its device: tell its administrator.") from None
+                           "there is no result; nothing was changed. The request's image or previous logits may "
+                           "hold extreme values (a client that does not normalise the image as FastSAM3D's does), "
+                           "or the server's weights are damaged or its reduced precision overflowed: tell its "
+                           "administrator.") from None

@@ -55,6 +55,19 @@ class FrameError(ValueError):
     """A frame is malformed (bad magic, header, array spec, size or compressed stream)."""
 
 
+def frame_header(body: bytes, max_header: int = MAX_HEADER_BYTES) -> bytes:
+    """The JSON header bytes of a frame (FrameError for a body that is no frame or a header over ``max_header``)."""
+    if len(body) < 8 or body[:4] != MAGIC:
+        raise FrameError("the body is not a FastSAM3D frame (bad magic)")
+    (length,) = struct.unpack(">I", body[4:8])
+    if 8 + length > len(body):
+        raise FrameError(f"the frame header length {length} is longer than the body")
+    if length > max_header:
+        raise FrameError(f"the frame header is {length} bytes, over this reader's limit of {max_header}: send "
+                         "fewer decoder steps or points per request")
+    return body[8:8 + length]
+
+
 def _shuffle(raw: bytes, itemsize: int) -> bytes:
     if itemsize == 1:
         return raw
@@ -108,19 +121,17 @@ def loads_json(data: bytes) -> dict:
     return value
 
 
-def unpack(body: bytes, expected: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> Tuple[dict, Dict[str, np.ndarray]]:
+def unpack(body: bytes, expected: Mapping[str, Tuple[str, Tuple[int, ...]]],
+           max_header: int = MAX_HEADER_BYTES) -> Tuple[dict, Dict[str, np.ndarray]]:
     """``(header, arrays)`` of a frame. ``expected``: name -> (dtype, shape) of each array the reader accepts
-    (others are refused); every array is checked against it before any byte is inflated."""
-    if len(body) < 8 or body[:4] != MAGIC:
-        raise FrameError("the body is not a FastSAM3D frame (bad magic)")
-    (length,) = struct.unpack(">I", body[4:8])
-    if length > MAX_HEADER_BYTES or 8 + length > len(body):
-        raise FrameError(f"the frame header length {length} is invalid")
-    header = loads_json(body[8:8 + length])
+    (others are refused); every array is checked against it before any byte is inflated. ``max_header``: the
+    longest JSON header accepted (bytes)."""
+    header_bytes = frame_header(body, max_header)
+    header = loads_json(header_bytes)
     specs = header.pop("arrays", {})
     if not isinstance(specs, dict):
         raise FrameError("the frame's 'arrays' must be an object")
-    payload = memoryview(body)[8 + length:]
+    payload = memoryview(body)[8 + len(header_bytes):]
     arrays = {}
     for name, spec in specs.items():
         if name not in expected:

@@ -35,6 +35,7 @@ class SessionState:
         self.embeddings: "OrderedDict[str, object]" = OrderedDict()
         self.logits: "OrderedDict[str, object]" = OrderedDict()
         self.closed = False
+        self.queued = 0  # clicks of this session admitted and not answered yet (counted on the event loop)
 
     def close(self) -> None:
         """End the session: it is refused from now on, and its tensors are freed (after the click that holds the
@@ -49,22 +50,9 @@ class SessionState:
         if self.closed:
             raise ServiceError("session_unknown", "This session was closed; the client opens a new one.")
 
-    def embedding(self, key: str):
-        """The embedding stored under ``key`` (None if absent), marked recently used."""
-        value = self.embeddings.get(key)
-        if value is not None:
-            self.embeddings.move_to_end(key)
-        return value
-
-    def former_logits(self, logits_id: str):
-        """The low-res logits kept under ``logits_id``, or None when they were dropped."""
-        value = self.logits.get(logits_id)
-        if value is not None:
-            self.logits.move_to_end(logits_id)
-        return value
-
     def keep_embedding(self, key: str, value) -> None:
-        """Keep an image embedding under ``key`` (the oldest dropped beyond the per-session limit)."""
+        """Keep an image embedding under ``key``, or mark it recently used (the oldest dropped beyond the
+        per-session limit)."""
         self.embeddings[key] = value
         self.embeddings.move_to_end(key)
         while len(self.embeddings) > self.settings.embeddings_per_session:

@@ -51,6 +51,13 @@ class ServerSettings:
         data["trusted_proxies"] = tuple(data.get("trusted_proxies") or ())
         return cls(**data)
 
+    def max_header_bytes(self) -> int:
+        """The longest click header accepted: room for ``max_steps`` x ``max_points`` points written as floats
+        (about 80 characters each with their label), plus the rest of the header."""
+        from .protocol import MAX_HEADER_BYTES
+
+        return max(MAX_HEADER_BYTES, 64 * 1024 + 80 * int(self.max_steps) * int(self.max_points))
+
     def limits(self) -> dict:
         """The limits a client may read (``/v1/info`` and a new session's reply)."""
         return {"max_sessions": self.max_sessions, "idle_timeout_s": self.idle_timeout_s,
