@@ -125,16 +125,16 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
 
         missing = self.logic.missingDependencies()
         problem = None if missing else self.logic.torchProblem()
-        noBuild = no_torch_build_here() if "torch" in missing or problem else None
-        if problem and torch_restart_problem():  # updated, but the old PyTorch runs: only a restart helps
-            noBuild = problem
-        if noBuild:  # an Intel Mac: installing cannot help, a server can
-            self.dependencyLabel.text = noBuild
+        # where installing cannot help: an old PyTorch still running (restart), an Intel Mac (use a server)
+        restart = problem if problem and problem == torch_restart_problem() else None
+        unhelped = restart or (no_torch_build_here() if "torch" in missing or problem else None)
+        if unhelped:
+            self.dependencyLabel.text = unhelped
         elif missing:
             self.dependencyLabel.text = _("missing: {packages}").format(packages=", ".join(missing))
         else:
             self.dependencyLabel.text = problem or _("all installed")
-        self.installButton.visible = bool(missing or problem) and not noBuild
+        self.installButton.visible = bool(missing or problem) and not unhelped
 
     def onReload(self):
         """Developer mode "Reload": reload this module, the library and the effect's code."""
@@ -197,10 +197,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         from FastSAM3DLib.requirements import TORCH_REQUIREMENT, no_torch_build_here, torch_restart_problem
 
         missing = self.missingDependencies()
-        if "torch" not in missing and self.torchProblem() and not torch_restart_problem():
+        problem = None if "torch" in missing else self.torchProblem()
+        if problem and problem != torch_restart_problem():
             missing = ["torch"] + missing  # installed, but older than FastSAM3D needs: the extension updates it
         if not missing:
-            return not self.torchProblem()  # False while an older PyTorch still runs: only a restart helps
+            return not problem  # False while an older PyTorch still runs: only a restart helps
         noBuild = no_torch_build_here() if "torch" in missing else None
         if noBuild:
             raise RuntimeError(noBuild)  # no download of GBs that cannot work

@@ -107,21 +107,35 @@ def test_exact_in_the_panel_wins_over_the_environment(harness, monkeypatch, one_
     batch._cached_model.cache_clear()
 
 
-def test_a_pytorch_too_old_for_fastsam3d_is_shown_and_updated(harness, monkeypatch):
-    """The panel said "all installed" and the install button did nothing while every click failed."""
+def dependency_panel(button_visible: bool):
+    """The module's dependency panel (label, install button, logic) without Slicer's GUI."""
     import FastSAM3D
-    from FastSAM3DLib import requirements
 
-    monkeypatch.setattr(requirements, "installed_torch_version", lambda: "2.3.1")
-    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)  # its panel without Slicer's GUI
+    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
     widget.logic = FastSAM3D.FastSAM3DLogic()
-    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=False)
-    widget.updateStatus()
-    assert "PyTorch 2.3.1 is installed" in widget.dependencyLabel.text and widget.installButton.visible
+    widget.dependencyLabel = types.SimpleNamespace(text="")
+    widget.installButton = types.SimpleNamespace(visible=button_visible)
+    return widget
+
+
+def fake_pytorch_utils(monkeypatch):
+    """The PyTorch extension's PyTorchUtils, recording each installTorch call's arguments (returned list)."""
     asked = []
     utils = types.ModuleType("PyTorchUtils")
     utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
-    monkeypatch.setitem(__import__("sys").modules, "PyTorchUtils", utils)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    return asked
+
+
+def test_a_pytorch_too_old_for_fastsam3d_is_shown_and_updated(harness, monkeypatch):
+    """The panel said "all installed" and the install button did nothing while every click failed."""
+    from FastSAM3DLib import requirements
+
+    monkeypatch.setattr(requirements, "installed_torch_version", lambda: "2.3.1")
+    widget = dependency_panel(button_visible=False)
+    widget.updateStatus()
+    assert "PyTorch 2.3.1 is installed" in widget.dependencyLabel.text and widget.installButton.visible
+    asked = fake_pytorch_utils(monkeypatch)
     pipped = []
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.10's pip
     monkeypatch.setattr(slicer.util, "pip_install", pipped.append)
@@ -205,22 +219,15 @@ def test_after_an_update_while_an_old_pytorch_runs_the_panel_asks_for_a_restart(
     only the version on disk) and every click failed; pressing install again would download it again."""
     from importlib import metadata
 
-    import FastSAM3D
-
     real_version = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: "2.6.0" if name == "torch" else real_version(name))
     old_torch = types.ModuleType("torch")  # the one imported before the update
     old_torch.__version__, old_torch.__spec__ = "2.2.2", find_spec("torch")
     monkeypatch.setitem(sys.modules, "torch", old_torch)
-    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
-    widget.logic = FastSAM3D.FastSAM3DLogic()
-    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=True)
+    widget = dependency_panel(button_visible=True)
     widget.updateStatus()
     assert "Restart Slicer" in widget.dependencyLabel.text and not widget.installButton.visible
-    asked = []
-    utils = types.ModuleType("PyTorchUtils")
-    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    asked = fake_pytorch_utils(monkeypatch)
     assert widget.logic.installDependencies(askConfirmation=False) is False and asked == []
     with pytest.raises(RuntimeError, match="Restart Slicer"):
         widget.logic.segment(None, [[0.0, 0.0, 0.0]])
@@ -231,21 +238,15 @@ def test_on_an_intel_mac_the_panel_says_to_use_a_server_and_nothing_is_downloade
     "too old" or "no matching distribution"."""
     import platform
 
-    import FastSAM3D
     from FastSAM3DLib import requirements
 
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(requirements, "installed_torch_version", lambda: "2.2.2")
-    widget = FastSAM3D.FastSAM3DWidget.__new__(FastSAM3D.FastSAM3DWidget)
-    widget.logic = FastSAM3D.FastSAM3DLogic()
-    widget.dependencyLabel, widget.installButton = types.SimpleNamespace(text=""), types.SimpleNamespace(visible=True)
+    widget = dependency_panel(button_visible=True)
     widget.updateStatus()
     assert "no build for macOS on Intel" in widget.dependencyLabel.text and not widget.installButton.visible
-    asked = []
-    utils = types.ModuleType("PyTorchUtils")
-    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(installTorch=lambda **kwargs: asked.append(kwargs))
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    asked = fake_pytorch_utils(monkeypatch)
     with pytest.raises(RuntimeError, match="FastSAM3D server"):
         widget.logic.installDependencies(askConfirmation=False)
     assert asked == []

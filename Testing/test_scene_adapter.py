@@ -702,13 +702,18 @@ def test_an_interrupted_write_is_undone_when_the_erase_step_cropped_a_layer(app)
     volume, segmentation, ids, masks, new = three_segments(app)
     sc.write_region(segmentation, ids["A"], volume, REGION, new)
     written = fingerprint(segmentation)
-    editor = _FailingEditor(app.scene)  # interrupted between the Erase and the Paint step: B's layer is cropped
+    # interrupted between the Erase and the Paint step: B's layer is cropped
+    _interrupted_write(_FailingEditor(app.scene), segmentation, ids["B"], volume, new)
+    assert fingerprint(segmentation) == written
+
+
+def _interrupted_write(editor, segmentation, segment_id, volume, mask):
+    """``write_region`` of ``mask`` in REGION through ``editor``, which must interrupt it; the editor is closed."""
     try:
         with pytest.raises(KeyboardInterrupt):
-            sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+            sc.write_region(segmentation, segment_id, volume, REGION, mask, editor=editor)
     finally:
         editor.close()
-    assert fingerprint(segmentation) == written
 
 
 class _SilentEditor(sc.LogicEditor):
@@ -729,12 +734,8 @@ def test_an_interrupted_write_is_undone_when_the_history_was_told_nothing(app):
     the layer stayed as the failed write left it."""
     volume, segmentation, ids, masks, new = three_segments(app)
     before = fingerprint(segmentation)
-    editor = _SilentEditor(app.scene, sc.EditorSettings(overwrite="none"))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
-    finally:
-        editor.close()
+    _interrupted_write(_SilentEditor(app.scene, sc.EditorSettings(overwrite="none")), segmentation, ids["B"], volume,
+                       new)
     assert fingerprint(segmentation) == before
 
 
