@@ -191,3 +191,28 @@ def test_ticking_grow_drops_the_sessions_made_without_it(harness, monkeypatch):
     effect.growCheckBox.emit("clicked()")
     harness.run_event_loop()
     assert not effect._sessions
+
+
+def test_points_give_another_segment_back_what_an_earlier_point_took(harness, monkeypatch):
+    """Overwrite 'all' (Slicer's default): the first point's ball takes voxels from 'other'; once the newest point
+    moves the result away, and when every point is removed, 'other' has them again."""
+    from test_scene_adapter import set_segment
+
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
+    source = effect._sourceVolume(volume)
+    around_a = newest_ball(radius=5.0)(source, [A], [1])[1]
+    other_id = set_segment(segmentation, volume, "other", around_a)
+    harness.select(volume, segmentation, segment_id)
+    harness.click(A)
+    ball_a = newest_ball()(source, [A], [1])[1]
+    assert np.array_equal(segment_array(segmentation, other_id, volume), around_a & ~ball_a)
+    harness.click(B)
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), newest_ball()(source, [B], [1])[1])
+    assert np.array_equal(segment_array(segmentation, other_id, volume), around_a)
+    effect.onUndoPoint()
+    harness.run_event_loop()
+    assert np.array_equal(segment_array(segmentation, other_id, volume), around_a & ~ball_a)
+    effect.onUndoPoint()  # no point left
+    harness.run_event_loop()
+    assert not segment_array(segmentation, segment_id, volume).any()
+    assert np.array_equal(segment_array(segmentation, other_id, volume), around_a)

@@ -649,18 +649,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if action == "click" and count == 1:  # a new series of points: remember the segment as it is
                 self._baselines[key] = scene.SegmentBaseline(segmentationNode, segmentId, sourceVolumeNode)
                 self._written.pop(key, None)
+            baseline = self._baselines.get(key)
             if count == 0:  # every point removed: give the segment back wherever the points wrote
                 region = union(region, self._written.get(key))
                 if region is None:
                     self._undone.pop(tag, None)
                     self._status(_("0 point(s): the segment is as it was."))
                     return
-                baseline = self._baselines.get(key)
                 mask = baseline.mask_in(region) if baseline is not None else \
                     np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
             with slicer.util.RenderBlocker():
                 scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
-                                   editor=scene.EffectEditor(self.scriptedEffect))
+                                   editor=scene.EffectEditor(self.scriptedEffect),
+                                   taken=baseline.taken if baseline is not None else None)
             written = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the point list is put back too
             self._failed(tag, exc)

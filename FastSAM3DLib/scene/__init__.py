@@ -11,8 +11,10 @@ It turns MRML nodes into library inputs and library results into Segment Editor 
   segment through the Segment Editor's own logic (``vtkSlicerSegmentEditorLogic``, Slicer 5.10+), so the
   editable area, the "modify other segments" (overwrite) mode and the editable intensity range apply exactly
   as they do for Paint and Erase, and the edit is one undo step.
-* :func:`segment_mask` / :class:`SegmentBaseline` - a segment's voxels on the source grid, kept before the
-  first point so that removing every point gives the segment back as it was.
+* :func:`segment_mask` - a segment's voxels on the source grid. :class:`SegmentBaseline` /
+  :class:`TakenVoxels` - what a series of points changed: the segment before its first point (removing every
+  point gives it back) and the voxels the series took from other segments (given back where a later result
+  leaves them empty).
 * :func:`segment_volume_node` - the batch call for the Slicer Python console.
 
 The write goes through an *editor*: :class:`LogicEditor` (a Segment Editor logic of its own, for scripts,
@@ -21,7 +23,7 @@ Ctrl+Z in the Segment Editor undoes the edit).
 
 One module per responsibility: :mod:`.nodes` (matrices, transforms, volumes), :mod:`.prompts` (the click
 point lists), :mod:`.editors` (settings and editors), :mod:`.writing` (writing and reading segments),
-:mod:`.batch` (the console call and model loading).
+:mod:`.series` (what a series of points changed), :mod:`.batch` (the console call and model loading).
 """
 from .batch import MODEL_TAG, Predictor, load_model, replay_clicks, resolve_device, segment_volume_node, \
     session_predictor
@@ -29,10 +31,11 @@ from .editors import MASK_MODES, OVERWRITE_MODES, EditorSettings, EffectEditor, 
 from .nodes import node_to_world, volume_from_node, volume_from_node_matrix
 from .prompts import EXCLUDE_COLOR, INCLUDE_COLOR, add_prompt_point, prompt_point_nodes, prompt_points_node, \
     ras_points_from_markups, remove_last_prompt_point, show_polarity
-from .writing import Region, SegmentBaseline, segment_mask, write_region
+from .series import SegmentBaseline, TakenVoxels
+from .writing import Region, segment_mask, write_region
 
 __all__ = ["MODEL_TAG", "Predictor", "load_model", "replay_clicks", "resolve_device", "segment_volume_node",
            "session_predictor", "MASK_MODES", "OVERWRITE_MODES", "EditorSettings", "EffectEditor", "LogicEditor",
            "node_to_world", "volume_from_node", "volume_from_node_matrix", "EXCLUDE_COLOR", "INCLUDE_COLOR",
            "add_prompt_point", "prompt_point_nodes", "prompt_points_node", "show_polarity", "ras_points_from_markups",
-           "remove_last_prompt_point", "Region", "SegmentBaseline", "segment_mask", "write_region"]
+           "remove_last_prompt_point", "Region", "SegmentBaseline", "TakenVoxels", "segment_mask", "write_region"]

@@ -21,7 +21,7 @@ _WHOLE_VOXEL_TOLERANCE = 1e-3
 
 
 def write_region(segmentation_node, segment_id: str, source_volume_node, region: Region, mask: np.ndarray,
-                 editor_settings=None, *, editor=None) -> None:
+                 editor_settings=None, *, editor=None, taken=None) -> None:
     """Make the segment equal ``mask`` inside ``region`` of the source volume grid, as one Segment Editor edit.
 
     ``region``: ``(slice_k, slice_j, slice_i)`` of the source volume array; ``mask``: bool (or 0/1 integer)
@@ -35,7 +35,10 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     ``editor_settings``: a ``vtkMRMLSegmentEditorNode``, an :class:`EditorSettings`, or None (the editor's
     own settings; Slicer's defaults - edit everywhere, overwrite all other segments, any intensity - for a
     new editor). ``editor``: a :class:`LogicEditor` (reuse one to undo/redo across writes) or an
-    :class:`EffectEditor` inside the Segment Editor; None uses a temporary :class:`LogicEditor`.
+    :class:`EffectEditor` inside the Segment Editor; None uses a temporary :class:`LogicEditor`. ``taken``: the
+    :class:`~FastSAM3DLib.scene.series.TakenVoxels` of a series of points (one per series; see
+    :class:`SegmentBaseline`): voxels earlier writes of the series took from other segments and this write
+    leaves in no segment go back to them, in the same edit.
 
     If anything fails, the segmentation node is left exactly as it was and the exception propagates
     (:class:`FastSAM3DError` subclasses carry a message for the user).
@@ -72,6 +75,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             return  # nothing to erase or paint: no snapshot, no undo state that would change nothing
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
+        before = _before_write(taken, segmentation, [to_add, to_remove])
         editor.save_state_for_undo()
         for image, mode in steps:
             editor.modify(segmentation_node, segment_id, image, mode)
@@ -79,6 +83,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if errors:
             raise FastSAM3DError("The Segment Editor could not apply the result (" + "; ".join(errors)[:500] +
                                  "). The segment was left unchanged.")
+        if before is not None and taken.after_write(segmentation, before):
+            segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified)
     except BaseException:
         if rollback is not None:
             rollback.restore()
@@ -89,6 +95,20 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             rollback.close()
         if own_editor:
             editor.close()
+
+
+def _before_write(taken, segmentation, modifiers):
+    """``taken``'s record of the other segments in the edit's box, or None (no series, or a labelmap layer on
+    another voxel grid than the edit, where voxel indices do not match: nothing is given back then)."""
+    modifiers = [m for m in modifiers if m is not None]
+    if taken is None or not modifiers or _layers_off_grid(segmentation, modifiers):
+        return None
+    box = _union_extent(modifiers)
+    if box is None:
+        return None
+    grid = vtk.vtkMatrix4x4()
+    modifiers[0].GetImageToWorldMatrix(grid)
+    return taken.before_write(segmentation, box, _array_from_vtk_matrix(grid))
 
 
 def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.ndarray:
@@ -115,38 +135,6 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
         raise FastSAM3DError("Could not map the segment onto the source volume's grid.")
     label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     return _values_in_extent(resampled, extent) == label  # the segment's layer may be shared: pick its label
-
-
-class SegmentBaseline:
-    """The segment as it was before the first point of a series, so that removing every point restores it.
-
-    Each click makes the segment equal the prediction inside the click's region; when the user then removes
-    the last remaining point, the effect writes :meth:`mask_in` of the final region instead of an empty mask,
-    so the segment's own earlier voxels come back (other segments' voxels that the prediction overwrote are
-    restored by the Segment Editor's undo, Ctrl+Z). Only the bounding box of the segment's voxels is kept.
-    """
-
-    def __init__(self, segmentation_node, segment_id: str, source_volume_node) -> None:
-        full = segment_mask(segmentation_node, segment_id, source_volume_node)
-        self.region: Optional[Region] = None
-        self.mask: Optional[np.ndarray] = None
-        if full.any():
-            nonzero = [np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-            self.region = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
-            self.mask = full[self.region].copy()
-
-    def mask_in(self, region: Region) -> np.ndarray:
-        """The baseline segment inside ``region`` (bounded (k, j, i) slices of the source grid), bool."""
-        out = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
-        if self.region is None:
-            return out
-        lo = [max(r.start, b.start) for r, b in zip(region, self.region)]
-        hi = [min(r.stop, b.stop) for r, b in zip(region, self.region)]
-        if any(l >= h for l, h in zip(lo, hi)):
-            return out
-        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
-            self.mask[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, self.region))]
-        return out
 
 
 def _checked_segmentation(segmentation_node, segment_id):

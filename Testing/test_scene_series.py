@@ -1,0 +1,93 @@
+"""A series of points ends as if only its final result had been painted: voxels an earlier result took from other
+segments go back to them when a later result (an exclude point, a removed point) leaves them empty."""
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
+
+from FastSAM3DLib import scene as sc  # noqa: E402
+from test_scene_adapter import REGION, SHAPE, app, ball, placed, segment_array, set_segment, three_segments  # noqa: E402,F401
+
+WHOLE = np.ones(tuple(s.stop - s.start for s in REGION), bool)
+SMALL = ball(WHOLE.shape, (4, 7, 8), 3)
+
+
+def series_scene(app):
+    """The three-segment scene with an empty segment T that a series of points writes into."""
+    volume, segmentation, ids, masks, _ = three_segments(app)
+    ids["T"] = segmentation.GetSegmentation().AddEmptySegment("", "T")
+    return volume, segmentation, ids, masks
+
+
+def arrays(segmentation, ids, volume):
+    return {name: segment_array(segmentation, sid, volume) for name, sid in ids.items()}
+
+
+def test_a_shrinking_result_gives_other_segments_back_what_the_series_took(app):
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, editor=editor, taken=baseline.taken)
+        after_first = arrays(segmentation, ids, volume)
+        assert not any(after_first[name][REGION].any() for name in "ABC")  # overwrite "all": taken from all
+        sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, editor=editor, taken=baseline.taken)
+        now = arrays(segmentation, ids, volume)
+        assert np.array_equal(now["T"], placed(REGION, SMALL))
+        for name in "ABC":  # C is hidden: overwrite "all" took from it too, so it gets its voxels back too
+            assert np.array_equal(now[name], masks[name] & ~placed(REGION, SMALL)), name
+        editor.undo()  # the give-back was part of the write: one undo goes back to the first result
+        assert all(np.array_equal(arrays(segmentation, ids, volume)[n], after_first[n]) for n in ids)
+        editor.redo()
+        sc.write_region(segmentation, ids["T"], volume, REGION, baseline.mask_in(REGION), editor=editor,
+                        taken=baseline.taken)  # every point removed
+    final = arrays(segmentation, ids, volume)
+    assert not final["T"].any()
+    assert all(np.array_equal(final[name], masks[name]) for name in "ABC")
+    assert baseline.taken.voxel_count() == 0
+
+
+def test_without_a_series_the_voxels_stay_with_nobody(app):
+    """The behaviour the series corrects, and what a single write (the console call) still does."""
+    volume, segmentation, ids, masks = series_scene(app)
+    sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE)
+    sc.write_region(segmentation, ids["T"], volume, REGION, SMALL)
+    assert not segment_array(segmentation, ids["A"], volume)[REGION].any()
+
+
+def test_a_voxel_filled_since_is_left_to_its_new_segment(app):
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, editor=editor, taken=baseline.taken)
+    painted = np.zeros(SHAPE, bool)
+    painted[3:5, 4:7, 5:8] = True  # inside A's old part of the region, outside SMALL: the user paints D there
+    assert (masks["A"] & painted).sum() == painted.sum() and not (placed(REGION, SMALL) & painted).any()
+    ids["D"] = set_segment(segmentation, volume, "D", painted)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, editor=editor, taken=baseline.taken)
+    now = arrays(segmentation, ids, volume)
+    assert np.array_equal(now["D"], painted)
+    assert np.array_equal(now["A"], masks["A"] & ~placed(REGION, SMALL) & ~painted)
+
+
+def test_overwrite_visible_gives_back_to_the_visible_segments_it_took_from(app):
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    settings = sc.EditorSettings(overwrite="visible")
+    for mask in (WHOLE, SMALL):
+        sc.write_region(segmentation, ids["T"], volume, REGION, mask, settings, taken=baseline.taken)
+    now = arrays(segmentation, ids, volume)
+    assert np.array_equal(now["C"], masks["C"])  # hidden: never taken (it overlaps T now)
+    assert np.array_equal(now["A"], masks["A"] & ~placed(REGION, SMALL))
+    assert np.array_equal(now["T"], placed(REGION, SMALL))
+
+
+def test_a_removed_segment_is_forgotten(app):
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, taken=baseline.taken)
+    segmentation.GetSegmentation().RemoveSegment(ids.pop("A"))
+    sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, taken=baseline.taken)
+    now = arrays(segmentation, ids, volume)
+    assert np.array_equal(now["B"], masks["B"] & ~placed(REGION, SMALL))
+    assert not (now["T"] & ~placed(REGION, SMALL)).any()
