@@ -9,6 +9,7 @@ Run the self-test without the main window (from the repository root)::
 
     Slicer --no-main-window --additional-module-paths FastSAM3D --python-script FastSAM3D/FastSAM3D.py
 """
+import contextlib
 import importlib.util
 import logging
 import os
@@ -45,6 +46,10 @@ def resourcePath(*parts):
         if os.path.isdir(folder):
             return os.path.join(folder, *parts)
     return os.path.join(MODULE_DIR, "Resources", *parts)
+
+
+#: createSession's default for values the caller did not read on the main thread: read them there.
+READ_HERE = object()
 
 
 class FastSAM3D(ScriptedLoadableModule):
@@ -150,11 +155,10 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
 
     def onInstall(self):
         """Install what is missing; a failure is shown in one dialog (pip's own where Slicer's pip shows one)."""
-        if getattr(self, "_installing", False):  # Slicer's pip keeps the GUI alive: a second press would nest
+        if self.logic.installing():  # Slicer's pip keeps the GUI alive: a second press would nest
             return
-        self._installing = True
         try:
-            with slicer.util.WaitCursor():
+            with self.logic.installation(), slicer.util.WaitCursor():
                 self.logic.installDependencies(askConfirmation=True)
         except Exception as exc:  # noqa: BLE001 - shown here once, the traceback in the details
             logging.info("FastSAM3D: installing the packages failed", exc_info=True)
@@ -164,7 +168,6 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget):
                 slicer.util.errorDisplay(_("Installing the Python packages failed.") + f"\n\n{exc}",
                                          detailedText=traceback.format_exc())
         finally:
-            self._installing = False
             self.updateStatus()  # what is installed now, after a failure too
 
 
@@ -179,7 +182,25 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     #: What the PyTorch extension installs PyTorch with (as its own ``_installLightTheTorch`` asks for it).
     LIGHT_THE_TORCH = "light-the-torch>=0.5"
 
+    _installInProgress = False  # shared by every FastSAM3D panel (module, each Segment Editor's effect)
+
     # --- dependencies
+    def installing(self):
+        """Whether a FastSAM3D panel is installing packages now (Slicer's pip keeps the GUI responsive meanwhile,
+        so another panel could otherwise start a second installation into the same site-packages)."""
+        return FastSAM3DLogic._installInProgress
+
+    @contextlib.contextmanager
+    def installation(self):
+        """The block of one panel's installation: :meth:`installing` is True for every panel meanwhile."""
+        if FastSAM3DLogic._installInProgress:
+            raise RuntimeError(_("The Python packages are being installed already; wait until that is done."))
+        FastSAM3DLogic._installInProgress = True
+        try:
+            yield
+        finally:
+            FastSAM3DLogic._installInProgress = False
+
     def missingDependencies(self):
         """Import names of the Python packages that are not installed yet (checked without importing them)."""
         names = ["torch"] + list(self.PIP_REQUIREMENTS)
@@ -343,16 +364,17 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             name=os.path.basename(str(b["path"])), entries=b["entries"], crop=b["crop"])) for b in found]
 
     def growsByDefault(self, model):
-        """Whether ``model``'s segments grow over several regions unless the user says otherwise."""
-        from FastSAM3DLib.growth import default_for
+        """Whether ``model``'s segments grow over several regions unless the user says otherwise (read without
+        PyTorch: the panel asks before PyTorch is installed, and must not load it on the main thread)."""
+        from FastSAM3DLib.model_configs import get_model_config
 
         try:
-            return default_for(model)
-        except Exception:  # noqa: BLE001 - an unknown name: the panel reports the model itself
+            return get_model_config(model).grows_by_default
+        except ValueError:  # an unknown name: the panel reports the model itself
             return True
 
     def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False, precision=None,
-                      cacheDir=None, token=None):
+                      cacheDir=None, token=READ_HERE):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
         once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.
 
@@ -361,8 +383,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         ``grow``: the session's segments grow over several regions (FastSAM3DLib.growth), with a server too where
         this computer has PyTorch (else one region, and the session's ``growth_note`` says why). ``precision``:
         None (``$FASTSAM3D_PRECISION``, else exact) or ``"fast"`` (int8 image encoder on a CPU; with a memory bank
-        too). ``cacheDir``, ``token``: the weights cache and the server token, read
-        by the caller on the main thread (default: read here, which touches Qt: not on a worker thread).
+        too). ``cacheDir``, ``token``: the weights cache and the server token (None: no token), read by the caller
+        on the main thread (default: read here, which touches Qt: not on a worker thread).
         """
         from FastSAM3DLib import remote, scene
 
@@ -373,7 +395,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
                 raise FastSAM3DError(_("A memory bank needs a local model: choose 'None' as memory bank, or a CPU "
                                        "or GPU device instead of the server."))
             return remote.RemoteSession(device, model, volume, prompt_mode=promptMode or None,
-                                        token=token if token is not None else self.serverToken(), grow=bool(grow))
+                                        token=self.serverToken() if token is READ_HERE else token, grow=bool(grow))
         from FastSAM3DLib.errors import FastSAM3DError
         from FastSAM3DLib.quantize import resolve_precision
         from FastSAM3DLib.session import InteractiveSession

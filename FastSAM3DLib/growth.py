@@ -80,7 +80,7 @@ class GrowthSettings:
 
 def default_for(model_name: str) -> bool:
     """Whether segments of ``model_name`` grow when the user did not say (its ``ModelConfig.grows_by_default``)."""
-    from .registry import get_model_config
+    from .model_configs import get_model_config
 
     return get_model_config(model_name).grows_by_default
 

@@ -7,7 +7,6 @@ The two official encoders differ in ways baked into their weights (see the proje
 * FastSAM3D: 6 blocks in its own form (``x + attn(norm1 x)``, then ``y = norm2 x; y + mlp(y)``); the first
   ``mlp_only_blocks`` have no attention at all; the rest are global.
 """
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -15,31 +14,7 @@ from torch import nn
 
 from . import attention
 from .layers import LayerNorm3d, MLPBlock
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Hyper-parameters of the image encoder."""
-
-    img_size: int = 128
-    patch_size: int = 16
-    in_chans: int = 1
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    out_chans: int = 384
-    window_size: int = 0
-    global_attn_indexes: Tuple[int, ...] = ()
-    mlp_only_blocks: int = 0
-    block_form: str = "pre_norm"  # or "fastsam3d"
-    layer_norm_eps: float = 1e-6
-
-    @property
-    def grid(self) -> Tuple[int, int, int]:
-        """Token grid of one input volume."""
-        side = self.img_size // self.patch_size
-        return (side, side, side)
+from .model_configs import EncoderConfig
 
 
 class RelPosAttention(nn.Module):

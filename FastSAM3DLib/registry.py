@@ -4,45 +4,17 @@ Like ``segment_anything``'s ``sam_model_registry``: ``build_model(name)`` return
 ``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` whose state-dict keys and shapes are exactly the
 official ones, so official checkpoints and SAM-style research code work unchanged.
 """
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import FastSAM3DError
-from .image_encoder import EncoderConfig, ImageEncoder3D
+from .image_encoder import ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
+from .model_configs import EncoderConfig, ModelConfig, get_model_config, list_models  # noqa: F401 - re-exported
 from .prompt_encoder import PromptEncoder3D
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that defines one registered model."""
-
-    name: str
-    description: str
-    encoder: EncoderConfig
-    prompt_embed_dim: int = 384
-    mask_in_chans: int = 16
-    decoder_depth: int = 2
-    decoder_heads: int = 8
-    decoder_mlp_dim: int = 2048
-    iou_head_hidden_dim: int = 256
-    num_multimask_outputs: int = 3
-    weights: Optional[str] = None  # manifest entry holding the official weights, if any
-    spacing_mm: float = 1.5  # isotropic voxel size the model was trained on
-    default_prompt_mode: str = "all"  # see session.py: "newest" (FastSAM3D's protocol) or "all"
-    # whether the effect, `segment` and segment_volume_node grow segments over several regions unless told
-    # (growth.py); off where growth was measured to give no gain
-    grows_by_default: bool = True
-    aliases: tuple = field(default=())
-
-    @property
-    def image_size(self) -> int:
-        """Side of the cubic model input in voxels."""
-        return self.encoder.img_size
 
 
 class Sam3D(nn.Module):
@@ -62,80 +34,6 @@ class Sam3D(nn.Module):
         self.mask_decoder = MaskDecoder3D(config.prompt_embed_dim, config.num_multimask_outputs, 3,
                                           config.iou_head_hidden_dim, config.decoder_depth, config.decoder_heads,
                                           config.decoder_mlp_dim)
-
-
-_SAM_MED3D_ENCODER = EncoderConfig(embed_dim=768, depth=12, num_heads=12, window_size=14,
-                                   global_attn_indexes=(2, 5, 8, 11), block_form="pre_norm")
-
-_MODELS: Dict[str, ModelConfig] = {cfg.name: cfg for cfg in [
-    ModelConfig(
-        name="fastsam3d",
-        description="FastSAM3D (Shen et al., MICCAI 2024): 6-block encoder distilled from SAM-Med3D-turbo",
-        encoder=EncoderConfig(embed_dim=768, depth=6, num_heads=6, mlp_only_blocks=2, window_size=0,
-                              block_form="fastsam3d"),
-        weights="fastsam3d",
-        default_prompt_mode="newest",
-    ),
-    ModelConfig(
-        name="sam-med3d-turbo",
-        description="SAM-Med3D-turbo (Wang et al. 2023): the 12-block teacher, fine-tuned on 44 datasets",
-        encoder=_SAM_MED3D_ENCODER,
-        weights="sam-med3d-turbo",
-    ),
-    ModelConfig(
-        name="sam-med3d",
-        description="SAM-Med3D architecture (same network as SAM-Med3D-turbo; bring your own checkpoint)",
-        encoder=_SAM_MED3D_ENCODER,
-    ),
-    ModelConfig(
-        name="tiny-test",
-        description="Random-weight miniature of the FastSAM3D code path for tests (seconds on a CPU)",
-        encoder=EncoderConfig(embed_dim=48, depth=3, num_heads=2, mlp_only_blocks=1, mlp_ratio=2.0,
-                              out_chans=48, block_form="fastsam3d"),
-        prompt_embed_dim=48, mask_in_chans=8, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-    ),
-    # Models of this project's own training pipeline (FastSAM3DLib/training, Resources/Models/MODEL_CARD.md).
-    ModelConfig(
-        name="tiny-test-teacher",
-        description="Random-weight 6-block SAM-Med3D-style miniature: the teacher of tiny-test in training tests",
-        encoder=EncoderConfig(embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0, window_size=14,
-                              global_attn_indexes=(2, 5), out_chans=48, block_form="pre_norm"),
-        prompt_embed_dim=48, mask_in_chans=8, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-    ),
-    ModelConfig(
-        name="sam-med3d-demo-teacher",
-        description="Small SAM-Med3D-style model (12 blocks, width 192) trained by this project: the demo's teacher",
-        encoder=EncoderConfig(embed_dim=192, depth=12, num_heads=6, window_size=14, global_attn_indexes=(2, 5, 8, 11),
-                              out_chans=96, block_form="pre_norm"),
-        prompt_embed_dim=96, mask_in_chans=16, decoder_heads=4, decoder_mlp_dim=384, iou_head_hidden_dim=64,
-        default_prompt_mode="newest",
-    ),
-    ModelConfig(
-        name="fastsam3d-demo",
-        description="Small FastSAM3D-style model (6 blocks, width 192) distilled and fine-tuned by this project; "
-                    "bundled in Resources/Models for offline use",
-        encoder=EncoderConfig(embed_dim=192, depth=6, num_heads=3, mlp_only_blocks=2, window_size=0,
-                              out_chans=96, block_form="fastsam3d"),
-        prompt_embed_dim=96, mask_in_chans=16, decoder_heads=4, decoder_mlp_dim=384, iou_head_hidden_dim=64,
-        default_prompt_mode="newest",
-        # measured on example_ct's structures > 150 mm: it never reaches a region's border, and keeping its
-        # earlier regions cost 0.017 Dice (README, growth)
-        grows_by_default=False,
-    ),
-]}
-
-
-def list_models() -> List[str]:
-    """Names of all registered models."""
-    return list(_MODELS)
-
-
-def get_model_config(name: str) -> ModelConfig:
-    """The :class:`ModelConfig` registered under ``name``."""
-    try:
-        return _MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}") from None
 
 
 def build_model(name: str, checkpoint=None, device=None, attention_backend: Optional[str] = None,

@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import inspect
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -160,9 +161,14 @@ class QLineEdit(QWidget):
 
 
 class QSettings:
-    """Slicer's settings (one store per harness, see :class:`EffectHarness`)."""
+    """Slicer's settings (one store per harness, see :class:`EffectHarness`); like every Qt object in Slicer,
+    only for the main thread (a worker thread reading them raises here)."""
 
     store = {}
+
+    def __init__(self):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("QSettings used on a worker thread: read settings on the main thread")
 
     def value(self, key, default=None):
         return self.store.get(key, default)

@@ -184,7 +184,7 @@ def test_installing_is_not_started_twice_and_a_failure_shows_one_message(harness
     monkeypatch.setattr(logic, "installDependencies", install)
     assert effect.onInstall() is False
     assert calls == [True]
-    assert effect.statusLabel.text.count("pip failed") == 1 and not effect._installing
+    assert effect.statusLabel.text.count("pip failed") == 1 and not effect._logic().installing()
 
 
 def test_cleanup_disconnects_the_timer_and_ends_the_worker(harness):
@@ -271,6 +271,26 @@ def test_the_effect_segments_through_a_server_and_keeps_the_token_out_of_the_sce
     names = harness.editor_node.GetAttributeNames()
     assert all(TOKEN not in (harness.editor_node.GetAttribute(n) or "") for n in names)
     assert harness.editor_node.GetAttribute("FastSAM3D.ServerURL") == server.url
+
+
+def test_a_server_without_a_token_is_reached_without_reading_settings_on_the_worker(harness, monkeypatch):
+    """With no token saved, the session factory read Slicer's settings (Qt) on the worker thread."""
+    pytest.importorskip("uvicorn", reason="the server's test dependencies are not installed")
+    from test_server import Server
+
+    monkeypatch.delenv("FASTSAM3D_TOKEN", raising=False)
+    volume = box_volume(harness)
+    segmentation = make_segmentation(harness.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "box")
+    harness.select(volume, segmentation, segment_id)
+    effect = harness.create_effect()
+    effect.activate()
+    with Server() as server:
+        effect.deviceCombo.setCurrentIndex(effect.deviceCombo.findData("server"))
+        effect.serverEdit.text = server.url
+        effect.serverEdit.emit("editingFinished()")
+        assert harness.click((13 * 1.5, 11 * 1.5, 7 * 2.0))
+        assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
 
 
 def box_volume(harness):
@@ -459,3 +479,40 @@ def test_the_status_says_why_the_fast_precision_is_not_used(harness, one_torch_t
     assert effect._sessions[effect._sessionKey()].model.precision == "exact"
     assert "exact precision: no int8 products here" in effect.statusLabel.text, effect.statusLabel.text
     batch._cached_model.cache_clear()
+
+
+_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+sys.modules["torch"] = None  # a Slicer without PyTorch: importing it fails and find_spec finds nothing
+import pytest
+from effect_harness import EffectHarness
+from test_effect import points, ready
+
+harness = EffectHarness(pytest.MonkeyPatch(), Path(sys.argv[1]))
+effect, volume, segmentation, segment_id = ready(harness)  # activation fills the panel
+effect.predictorForTesting = None
+assert effect.modelCombo.count and effect.statusLabel.text is not None
+effect.deviceCombo.setCurrentIndex(effect.deviceCombo.findData("server"))
+assert harness.editor_node.GetAttribute("FastSAM3D.Device") == "server", "the server could not be chosen"
+effect.deviceCombo.setCurrentIndex(effect.deviceCombo.findData("cpu"))
+harness.click((13.0, 11.0, 7.0))
+print(points(effect), "|", effect.statusLabel.text)
+print("torch" in sys.modules and sys.modules["torch"] is not None)
+harness.close()
+"""
+
+
+def test_without_pytorch_the_panel_works_and_a_click_says_to_install_it(tmp_path):
+    """Before PyTorch is installed (a first-time user, a server-only user, an Intel Mac) the panel must fill in,
+    the server must be selectable, and a click must say what to do, not raise from the panel's code."""
+    import subprocess
+
+    testing = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([testing, os.path.dirname(testing)]))
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "cache")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shown, loaded = out.stdout.strip().splitlines()[-2:]
+    assert shown.startswith("[] |") and "needs PyTorch" in shown, shown
+    assert loaded == "False"

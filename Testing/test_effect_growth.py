@@ -107,3 +107,25 @@ def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
     written = segment_array(segmentation, segment_id, node)
     assert written.any() and np.count_nonzero(written & truth) < 0.9 * np.count_nonzero(truth)
     assert "point(s)" in effect.statusLabel.text and not effect.stopGrowingButton.visible
+
+
+def test_leaving_the_effect_stops_a_growth_whose_result_would_be_dropped(harness, monkeypatch):
+    """Leaving the Segment Editor module, Esc or another mouse mode deactivates the effect (SegmentEditor.py
+    exit()): the result is not written then, so the growth must not run on for up to a minute meanwhile."""
+    node, segmentation, segment_id, truth = _tube_scene(harness)
+    effect = harness.create_effect()
+    effect.activate()
+    sessions = _stand_in(effect, monkeypatch, encode_seconds=0.4)
+    _choose_model(effect, harness, "fastsam3d")
+    y, z = tube_centre(0.0, 420.0)
+    assert effect.addClick((0.0, y, z))
+    start = time.perf_counter()
+    while not effect.stopGrowingButton.visible:
+        hold_gil(0.005)
+        effect._timer.emit("timeout()")
+        assert time.perf_counter() - start < 60
+    effect.deactivate()
+    harness.run_event_loop()
+    assert 1 <= len(sessions[0].region_set.regions) < 3
+    assert not segment_array(segmentation, segment_id, node).any()
+    assert "not applied" in effect.statusLabel.text

@@ -216,3 +216,27 @@ def test_points_give_another_segment_back_what_an_earlier_point_took(harness, mo
     harness.run_event_loop()
     assert not segment_array(segmentation, segment_id, volume).any()
     assert np.array_equal(segment_array(segmentation, other_id, volume), around_a)
+
+
+def test_a_result_of_a_closed_scene_leaves_the_next_scenes_points_alone(harness):
+    """vtkMRMLScene::Clear resets its unique IDs: the next scene's nodes get the old IDs, so putting the old
+    click's point list back would remove a point the user placed in the new scene."""
+    from FastSAM3DLib import scene
+
+    from test_effect import make_volume
+
+    release = threading.Event()
+    effect, volume, segmentation, segment_id = ready(harness, lambda *args: release.wait(30) and newest_ball()(*args))
+    old_ids = (volume.GetID(), segmentation.GetID())
+    assert effect.addClick(A)
+    harness.scene.Clear(0)  # File > Close scene while the click computes
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    segmentation.GetSegmentation().AddEmptySegment(segment_id, "organ")
+    assert (volume.GetID(), segmentation.GetID()) == old_ids  # the IDs are reused
+    node = scene.prompt_points_node(segmentation, segment_id)
+    scene.add_prompt_point(node, B, include=True)  # the user's point in the new scene
+    release.set()
+    harness.run_event_loop()
+    assert scene.ras_points_from_markups(node)[1].tolist() == [1]
+    assert not segment_array(segmentation, segment_id, volume).any()

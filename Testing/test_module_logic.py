@@ -250,3 +250,31 @@ def test_on_an_intel_mac_the_panel_says_to_use_a_server_and_nothing_is_downloade
     with pytest.raises(RuntimeError, match="FastSAM3D server"):
         widget.logic.installDependencies(askConfirmation=False)
     assert asked == []
+
+
+def test_while_the_module_panel_installs_the_effect_starts_no_second_installation(harness, monkeypatch):
+    """PyTorchUtils installs through light-the-torch with the GUI processing events for minutes: a press of the
+    effect's Install button (or a click) meanwhile must not start a second pip into the same site-packages."""
+    from test_effect import ready
+
+    effect = ready(harness)[0]
+    effect.predictorForTesting = None
+    widget = dependency_panel(button_visible=True)
+    widget.updateStatus = lambda: None
+    seen, started = [], []
+
+    def install(logic, askConfirmation=True):
+        started.append(askConfirmation)
+        seen.append(effect.onInstall())  # the effect's Install button, while the GUI stays responsive
+        effect.updateGUIFromMRML()
+        seen.append(effect.installButton.enabled)
+        seen.append(effect._ready())  # a click in a slice view
+        seen.append(effect.statusLabel.text)
+        return True
+
+    monkeypatch.setattr(type(widget.logic), "installDependencies", install)
+    monkeypatch.setattr(type(widget.logic), "missingDependencies", lambda logic: ["torch"])
+    widget.onInstall()
+    assert started == [True]
+    assert seen[:3] == [False, False, False] and "being installed" in seen[3]
+    assert not widget.logic.installing()

@@ -320,6 +320,18 @@ def test_prompt_points_are_kept_per_segment_with_polarity_colours(app):
     assert sc.ras_points_from_markups(node_b)[0].shape == (0, 3)
 
 
+def test_looking_up_prompt_lists_holds_no_reference_to_the_nodes(app):
+    """vtkMRMLScene::GetNodesByClass hands its collection to the caller: unreleased, every panel refresh kept
+    each point list (and its markups) alive past a scene close."""
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    node = sc.prompt_points_node(segmentation, segmentation.GetSegmentation().AddEmptySegment("", "liver"))
+    references = node.GetReferenceCount()
+    for _ in range(5):
+        assert sc.prompt_point_nodes(segmentation) == [node]
+    assert node.GetReferenceCount() == references
+
+
 def _selection_node(app):
     selection = app.app_logic.GetSelectionNode()
     assert selection is not None, "the application logic makes the selection node"

@@ -58,7 +58,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._volume = (None, None)  # (cache key, Volume)
         self._include = True  # polarity of the next click
         self._generation = 0  # results of jobs submitted before the last deactivation are not written
-        self._installing = False
+        self._sceneGeneration = 0  # the first generation of the current scene (File > Close scene starts one)
         self._downloadCancelled = False
         self._progress = None  # (done, total) of a running download, written by the worker
         self._growth = None  # GrowthProgress of a growing click, written by the worker
@@ -292,7 +292,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.serverEdit.visible = self.tokenEdit.visible = server
         missing = [] if server else self._logic().missingDependencies()
         self.installButton.visible = bool(missing)
-        self.installButton.enabled = not self._installing
+        self.installButton.enabled = not self._logic().installing()
         self.deviceWarning.text = self._deviceWarning(device) if not missing else ""
         try:
             ready, text = (True, _("on the server")) if server else self._logic().weightsStatus(model)
@@ -412,6 +412,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def deactivate(self):
         self._showPoints(False)
         self._generation += 1  # a result still being computed is not written once the effect is left
+        self._stopGrowing = True  # so a growth in progress ends now rather than running on for nothing
 
     def sourceVolumeNodeChanged(self):
         self._volume = (None, None)
@@ -607,7 +608,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.updateGUIFromMRML()
 
     def _dropStale(self, tag):
-        """A result that arrived after the effect was left: not written; the point list is put back to match."""
+        """A result that arrived after the effect was left: not written; the point list is put back to match
+        (unless the scene was closed since: its node IDs now name the next scene's nodes)."""
+        if tag[-1] < self._sceneGeneration:
+            return
         self._revertPoints(tag)
         self._status(_("The last click was not applied because the effect was left while it was computed.")
                      if tag[0] == "click" else
@@ -725,7 +729,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._status(_("Enter the FastSAM3D server's address under 'Model options'."), error=True)
                 return False
             return True
-        if self._installing:
+        if logic.installing():
             self._status(_("PyTorch is being installed; click again when it is done."))
             return False
         if logic.missingDependencies() and not self.onInstall():
@@ -746,19 +750,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onInstall(self):
         """Install the missing packages once (a second request while installing is refused); True when done."""
-        if self._installing:
+        logic = self._logic()
+        if logic.installing():  # this panel's or another's (the module's, another Segment Editor's)
             return False
-        self._installing = True
         self.installButton.enabled = False
         try:
-            with slicer.util.WaitCursor():
-                installed = self._logic().installDependencies(askConfirmation=True)
+            with logic.installation(), slicer.util.WaitCursor():
+                installed = logic.installDependencies(askConfirmation=True)
         except Exception as exc:  # noqa: BLE001 - one message, in the panel (pip may have shown its own)
             logging.error("FastSAM3D: installing the Python packages failed: %s", exc)
             self._status(_("Installing the Python packages failed: {error}").format(error=exc), error=True)
             return False
         finally:
-            self._installing = False
             self.updateGUIFromMRML()
         if not installed:  # declined, or updated while an older PyTorch still runs (then: restart)
             logic = self._logic()
@@ -830,6 +833,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._baselines, self._written, self._undone = {}, {}, {}
         self._volume, self._shownPointNodes = (None, None), []
         self._generation += 1
+        self._sceneGeneration = self._generation
 
     def _status(self, text, error=False):
         self.statusLabel.text = text

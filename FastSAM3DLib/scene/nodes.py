@@ -72,4 +72,6 @@ def volume_from_node_matrix(volume_node) -> np.ndarray:
 
 def _nodes_by_class(scene, class_name):
     collection = scene.GetNodesByClass(class_name)
-    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    collection.UnRegister(None)  # the caller owns the collection (vtkMRMLScene.h), as slicer.util releases it
+    return nodes
