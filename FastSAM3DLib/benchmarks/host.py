@@ -7,8 +7,9 @@
   ``slicer_loop_remote_grow_ratio``: the same for a click that grows over several regions through a server in
   another process (one request per region; needs the server extra).
 * ``click_write_peak_mib``: how far the resident memory rises while one click's result is written into a
-  512 x 512 x 300 segmentation of 10 segments (see :mod:`.scene_memory`), with the library's box rollback
-  and with the whole-segmentation snapshot it replaced. Needs ``slicer-core``.
+  512 x 512 x 300 segmentation of 10 segments (see :mod:`.scene_memory`), with the library's box rollback,
+  with the whole-segmentation snapshot it replaced, and inside a series of points that gives voxels back to
+  other segments. Needs ``slicer-core``.
 
 Both run on the CPU host only (they measure the workstation, not the GPU), each job in a fresh process.
 """
@@ -75,10 +76,10 @@ def _remote_growth_row(device_name: str) -> dict:
 
 
 def click_write_memory(plan, device_name: str) -> List[dict]:
-    """Peak memory above the level before one click's write, box rollback vs whole snapshot."""
+    """Peak memory above the level before one click's write: box rollback, whole snapshot, series give-back."""
     skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU") \
         or (None if has_module("slicer") else "slicer-core is not installed")
-    variants = ("box rollback", "whole snapshot")
+    from .scene_memory import VARIANTS as variants
     common = dict(model="segment editor write", device=device_name, precision="uint8", unit="MiB")
     if skipped:
         return [report.measurement("click_write_peak_mib", None, variant=v, skipped=skipped,

@@ -7,7 +7,10 @@ fresh process and reports how far the resident memory rose above its level befor
 
 * ``box rollback``: what the library does (a failed write can be undone from the edited box of each layer);
 * ``whole snapshot``: the previous rollback, a deep copy of the segmentation (Slicer's segmentation
-  history), kept for overwrite modes "visible" and "none".
+  history), kept for overwrite modes "visible" and "none";
+* ``series give-back``: the box rollback inside a series of points (:class:`~FastSAM3DLib.scene.TakenVoxels`,
+  what the effect writes with), the worst case: the previous point's result filled the box around the ball,
+  taking the voxels of four segments, and the measured write gives back all but the ball.
 
 Run: ``python -m FastSAM3DLib.benchmarks.scene_memory`` (prints JSON).
 """
@@ -20,6 +23,7 @@ import sys
 SHAPE = (300, 512, 512)  # (K, J, I)
 SEGMENTS = 10
 BOX = (slice(90, 210), slice(176, 336), slice(176, 336))
+VARIANTS = ("box rollback", "whole snapshot", "series give-back")
 
 
 def _reset_peak_rss() -> None:
@@ -97,11 +101,12 @@ def measure_variant(variant: str) -> dict:
     centre = [(s.stop - s.start) / 2 for s in BOX]
     mask = (kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 < 55 ** 2
     editor = sc.LogicEditor(volume.GetScene(), undo_states=2)
-    sc.write_region(segmentation, target, volume, BOX, ~mask, editor=editor)  # undo history has a baseline
+    taken = sc.SegmentBaseline(segmentation, target, volume).taken if variant == "series give-back" else None
+    sc.write_region(segmentation, target, volume, BOX, ~mask, editor=editor, taken=taken)  # an undo baseline
     _reset_peak_rss()
     before = _status_mb("VmRSS")
     start = time.perf_counter()
-    sc.write_region(segmentation, target, volume, BOX, mask, editor=editor)
+    sc.write_region(segmentation, target, volume, BOX, mask, editor=editor, taken=taken)
     seconds = time.perf_counter() - start
     peak = _status_mb("VmHWM") - before
     editor.close()
@@ -110,9 +115,9 @@ def measure_variant(variant: str) -> dict:
 
 
 def measure() -> list:
-    """Both variants, each in a fresh Python process (peak memory is per process)."""
+    """Every variant, each in a fresh Python process (peak memory is per process)."""
     results = []
-    for variant in ("box rollback", "whole snapshot"):
+    for variant in VARIANTS:
         out = subprocess.run([sys.executable, "-m", "FastSAM3DLib.benchmarks.scene_memory", "--variant", variant], check=True,
                              capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
