@@ -79,7 +79,9 @@ def registerEditorEffect(reload=False):
     """Register the Segment Editor effect once (at start-up, or later when the module is opened).
 
     ``reload=True`` (the module's "Reload" in developer mode) reads the effect's source again: Slicer would
-    otherwise keep the class it cached in ``sys.modules`` under the effect folder's name.
+    otherwise keep the class it cached in ``sys.modules`` under the effect folder's name. Segment Editors made
+    afterwards get the new code; one already made keeps its copy of the effect until Slicer restarts
+    (``qSlicerSegmentEditorEffectFactory::copyEffects`` adds only effects an editor does not have yet).
     """
     factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
     path = os.path.join(MODULE_DIR, "SegmentEditorFastSAM3DLib", "SegmentEditorEffect.py").replace("\\", "/")
@@ -87,7 +89,9 @@ def registerEditorEffect(reload=False):
     if reload:
         sys.modules.pop(EFFECT_PACKAGE, None)
         for effect in registered:
-            effect.setPythonSource(path)  # the factory's instance now runs the new code; editors clone it
+            effect.setPythonSource(path)  # the factory's instance now runs the new code; new editors clone it
+        logging.info("FastSAM3D: effect reloaded; a Segment Editor already shown runs the new effect code only "
+                     "after Slicer restarts")
     if registered:
         return
     import qSlicerSegmentationsEditorEffectsPythonQt as effects

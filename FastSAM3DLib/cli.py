@@ -9,6 +9,7 @@ are removed on the way out.
 Warnings met on the way are shown only when the command succeeds, so a failure prints exactly one line.
 """
 import argparse
+import builtins
 import contextlib
 import signal
 import sys
@@ -157,7 +158,7 @@ def model_weights(model_name: str, cache_dir: Optional[str] = None) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    from .registry import list_models
+    from .model_configs import list_models
 
     parser = argparse.ArgumentParser(prog="python -m FastSAM3DLib",
                                      description="FastSAM3D / SAM-Med3D interactive 3D segmentation")
@@ -273,6 +274,24 @@ def _sigterm_unwinds():
             signal.signal(signal.SIGINT, previous_int)
 
 
+@contextlib.contextmanager
+def _imports_complete():
+    """While the block runs, a Ctrl+C or SIGTERM that arrives during an ``import`` is raised once that import is
+    done: numpy or PyTorch interrupted half-way through their import broke the process (recursion errors,
+    an abort inside PyTorch, or the signal swallowed and the command finishing)."""
+    original = builtins.__import__
+
+    def importing(*args, **kwargs):
+        with interrupts.deferred():
+            return original(*args, **kwargs)
+
+    builtins.__import__ = importing
+    try:
+        yield
+    finally:
+        builtins.__import__ = original
+
+
 def _one_line(text) -> str:
     """The message on one line (lines joined by a space; spaces inside a line, e.g. in a path, are kept)."""
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -280,7 +299,7 @@ def _one_line(text) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit status."""
-    with _sigterm_unwinds():
+    with _sigterm_unwinds(), _imports_complete():
         try:
             with warnings.catch_warnings(record=True) as caught:
                 status = _run(argv)

@@ -29,6 +29,10 @@ class DataSourceError(FastSAM3DError, ValueError):
     """A folder, manifest or crop cache of image/label pairs cannot be read as given (also a ValueError)."""
 
 
+class SettingError(FastSAM3DError, ValueError):
+    """An option or environment variable has a value this version does not know (also a ValueError)."""
+
+
 class DownloadError(FastSAM3DError):
     """Downloading a model file failed; only an interrupted transfer keeps its resumable ``.part`` file."""
 

@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .errors import SettingError
+
 #: the int8 kernels, in the order preferred when they are equally fast
 KERNELS = ("int_mm", "onednn")
 #: Environment variable forcing one kernel (``int_mm`` or ``onednn``); unset or ``auto``: the fastest that pays off
@@ -177,8 +179,8 @@ def choose_kernel(device_type: str = "cpu", requested: Optional[str] = None) -> 
                       "autocast there for speed)")
     name = (requested or os.environ.get(ENV_VAR) or "auto").strip().lower()
     if name not in KERNELS + ("auto",):
-        raise ValueError(f"unknown int8 kernel {name!r} (from {'the argument' if requested else ENV_VAR}); "
-                         f"choose one of auto, {', '.join(KERNELS)}")
+        raise SettingError(f"unknown int8 kernel {name!r} (from {'the argument' if requested else ENV_VAR}); "
+                           f"choose one of auto, {', '.join(KERNELS)}")
     if name != "auto":
         works, why = kernel_works(name)
         return (name, "") if works else (None, why)

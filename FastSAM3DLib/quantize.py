@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import int8_products
+from .errors import SettingError
 
 #: Environment variable choosing the default precision of :func:`FastSAM3DLib.registry.build_model`.
 ENV_VAR = "FASTSAM3D_PRECISION"
@@ -32,11 +33,12 @@ PRECISIONS = ("exact", "fast")
 
 
 def resolve_precision(requested: Optional[str] = None) -> str:
-    """``requested``, else ``$FASTSAM3D_PRECISION``, else ``"exact"``; ValueError for an unknown name."""
+    """``requested``, else ``$FASTSAM3D_PRECISION``, else ``"exact"``; SettingError (a ValueError) for an unknown
+    name."""
     name = (requested or os.environ.get(ENV_VAR) or "exact").strip().lower()
     if name not in PRECISIONS:
-        source = "precision" if requested else f"the environment variable {ENV_VAR}"
-        raise ValueError(f"unknown {source} {name!r}: choose one of {', '.join(PRECISIONS)}")
+        source = "" if requested else f" (from the environment variable {ENV_VAR})"
+        raise SettingError(f"unknown precision {name!r}{source}: choose one of {', '.join(PRECISIONS)}")
     return name
 
 

@@ -121,6 +121,8 @@ def test_cvpr25_protocol_end_to_end(synthetic_folder, tmp_path, capsys):  # noqa
     assert block["cvpr25"]["dsc_auc"] == pytest.approx(np.mean([area_under_clicks([c[1] for c in u]) for u in curves]))
     assert block["cvpr25"]["final_nsd"] == pytest.approx(np.mean([u[-1][2] for u in curves]))
     assert block["time_s"]["per_case"] > 0
+    stated = summary["metrics"]["cvpr25"]  # the deviations from the challenge, in the file itself
+    assert all(words in stated for words in ("no bounding-box step", "not the image grid", "not capped"))
     assert json.loads((out / "run.json").read_text())["nsd_tolerance_mm"] == 2.0
     assert (out / "cvpr25_cvpr25.png").is_file() and not (out / "cvpr25_fastsam3d.png").exists()
     # the command line prints the challenge's numbers; another tolerance in the same folder is refused

@@ -287,3 +287,13 @@ def test_bad_precision_environment_variable_is_one_line_before_any_work(tmp_path
     message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "fastsam3d-demo", "-o", out,
                                      env=env))
     assert "FASTSAM3D_PRECISION" in message and "exact, fast" in message and not out.exists()
+
+
+def test_bad_int8_kernel_environment_variable_is_one_line(tmp_path, sample, tiny_checkpoint):
+    """It gave a traceback (a plain ValueError from choosing the kernel)."""
+    env, _ = clean_home(tmp_path)
+    env["FASTSAM3D_INT8_KERNEL"] = "bogus"
+    out = tmp_path / "o.nii.gz"
+    message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "tiny-test", "--checkpoint",
+                                     tiny_checkpoint, "--precision", "fast", "-o", out, env=env))
+    assert "FASTSAM3D_INT8_KERNEL" in message and "int_mm" in message and not out.exists()

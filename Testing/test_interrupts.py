@@ -99,3 +99,36 @@ def test_a_signal_while_stderr_is_redirected_leaves_it_restored(capfd):
         signal.signal(signal.SIGUSR1, previous)
     os.write(2, b"after the interrupt\n")
     assert "after the interrupt" in capfd.readouterr().err
+
+
+_SIGNAL_DURING_AN_IMPORT = """
+import signal, sys
+from FastSAM3DLib import cli
+
+def run(argv):
+    import halfway  # sends the signal to this process half-way through its own import
+    return 0
+
+cli._run = run
+status = cli.main([])
+print(status, "halfway" in sys.modules and sys.modules["halfway"].COMPLETE)
+"""
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_the_command_line_lets_an_import_finish_before_it_stops(tmp_path, signal_name, status):
+    """Ctrl+C while PyTorch or numpy imports gave recursion errors, an abort, or a finished command."""
+    import subprocess
+    import sys
+
+    (tmp_path / "halfway.py").write_text(
+        "import os, signal, time\n"
+        f"os.kill(os.getpid(), signal.{signal_name})\n"
+        "time.sleep(0.2)  # the handler runs here\n"
+        "COMPLETE = True\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root]))
+    out = subprocess.run([sys.executable, "-c", _SIGNAL_DURING_AN_IMPORT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.stdout.split() == [str(status), "True"], (out.stdout, out.stderr)
+    assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1

@@ -950,6 +950,20 @@ def sphere_predictor(radius_mm=6.0):
     return predict
 
 
+def test_segment_volume_node_offline_runs_the_bundled_demo_model(app, tmp_path, monkeypatch):
+    """The README's console loop on a fresh install: it asked for 'fastsam3d', whose weights are not there."""
+    asked = []
+    monkeypatch.setattr(sc.batch, "session_predictor", lambda model, **kwargs: asked.append(model)
+                        or sphere_predictor())
+    volume_node = make_volume(app.scene)
+    centre = (sc.volume_from_node(volume_node).ijk_to_ras @ [13, 11, 7, 1])[:3]
+    segmentation, segment_id = sc.segment_volume_node(volume_node, [centre], cache_dir=tmp_path / "empty-cache")
+    assert asked == ["fastsam3d-demo"]
+    tag = vtk.reference("")
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetTag(sc.MODEL_TAG, tag)
+    assert str(tag) == "fastsam3d-demo"
+
+
 def test_segment_volume_node_in_a_loop_over_volumes(app):
     volumes = [make_volume(app.scene, oblique_ijk_to_ras(), name="oblique"),
                make_volume(app.scene, np.diag([1.2, 1.1, 2.0, 1.0]), name="axial")]

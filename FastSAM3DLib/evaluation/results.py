@@ -367,7 +367,9 @@ def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Opti
                                 "weigh 1, see evaluation/metrics.py)",
                     "cvpr25": "CVPR 2025 interactive 3D challenge numbers: area under the per-click DSC/NSD curve "
                               "(trapezoids, one unit per click, from click 1: no bounding-box step, these models "
-                              "take points only) and final DSC/NSD; its time per case is time_s.per_case"},
+                              "take points only) and final DSC/NSD; clicks are placed on the 128^3 crop (gt) or the "
+                              "model grid (click), not the image grid; its time per case is time_s.per_case, "
+                              "measured, not capped at the challenge's 90 s per class"},
         "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
         "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
         "n_rows": len(rows),

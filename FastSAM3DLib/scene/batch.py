@@ -19,7 +19,7 @@ Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
 
 
 def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=None,
-                        segment_name: str = "FastSAM3D", model: str = "fastsam3d",
+                        segment_name: str = "FastSAM3D", model: Optional[str] = None,
                         predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto",
                         cache_dir=None, grow=None):
     """Segment one object of ``volume_node`` from clicks and write it into a segment; returns (node, segment ID).
@@ -28,7 +28,8 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     point); ``labels``: N values, 1 = include, 0 = exclude (default: all include). ``segmentation_node``:
     where to write (default: a new segmentation named after the volume); the segment named ``segment_name`` is
     reused if it exists, else added. ``predictor(volume, points_ras, labels)`` returns ``(region, mask)`` (or an
-    object with ``.region`` and ``.mask``); the default runs ``model`` on ``device`` ("auto", "cuda", "cpu",
+    object with ``.region`` and ``.mask``); the default runs ``model`` (default: the first model whose weights
+    are ready, offline the bundled demo, as the effect offers) on ``device`` ("auto", "cuda", "cpu",
     "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession` and the model's weights (bundled, or
     verified in the weights cache ``cache_dir``; default: the platform cache folder); ``grow`` (True, or a
     :class:`~FastSAM3DLib.growth.GrowthSettings`; False: one 128^3 region; None, the default: the model's own
@@ -64,6 +65,10 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     if not labels.any():
         raise PromptError("Give at least one include point (label 1) inside the object.")
     volume = volume_from_node(volume_node)
+    if predictor is None and model is None:
+        from ..weights import preferred_model
+
+        model = preferred_model(cache_dir)
     predict = predictor or session_predictor(model, device=device, cache_dir=cache_dir, grow=grow)
     result = predict(volume, points, labels)
     region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
