@@ -31,7 +31,7 @@ from FastSAM3DLib.geometry import Volume  # noqa: E402
 from FastSAM3DLib.server import engine, protocol  # noqa: E402
 from FastSAM3DLib.server.app import LocalBackend, create_app  # noqa: E402
 from FastSAM3DLib.server.sessions import SignedSessionIds  # noqa: E402
-from FastSAM3DLib.server.settings import ServerSettings, hash_token, uvicorn_proxy_options  # noqa: E402
+from FastSAM3DLib.server.settings import ServerSettings, hash_token, uvicorn_options  # noqa: E402
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="off", timeout_keep_alive=1,
                                                     timeout_graceful_shutdown=5, **tls,
-                                                    **uvicorn_proxy_options(settings)))
+                                                    **uvicorn_options(settings)))
 
     def __enter__(self):
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -715,7 +715,9 @@ def test_wrong_tokens_are_rate_limited_too():
     (["--max-upload-mb", "inf"], "max-upload-mb"), (["--threads", "-1"], "threads"), (["--threads", "0"], "threads"),
     (["--model", "nosuchmodel"], "unknown model"), (["--ray", "--replicas", "0"], "replicas"),
     (["--ray", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"], "plain HTTP"),
-    (["--trusted-proxy", "localhost"], "trusted-proxy"), (["--ray", "--trusted-proxy", "127.0.0.1"], "trusted-proxy")])
+    (["--trusted-proxy", "localhost"], "trusted-proxy"), (["--ray", "--trusted-proxy", "127.0.0.1"], "trusted-proxy"),
+    (["--ssl-keyfile", "key.pem"], "--ssl-certfile"),  # a bare AssertionError from uvicorn, after the models loaded
+    (["--ssl-certfile", "no-such-cert.pem", "--ssl-keyfile", "no-such-key.pem"], "Cannot use the certificate")])
 def test_the_serve_command_refuses_impossible_settings_in_one_line(options, message, capsys, monkeypatch):
     from FastSAM3DLib.server.command import main
 
@@ -723,6 +725,60 @@ def test_the_serve_command_refuses_impossible_settings_in_one_line(options, mess
     assert main(["--model", "tiny-test", "--device", "cpu", *options]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_a_port_in_use_is_said_in_one_line_before_the_models_load(capsys, monkeypatch):
+    """It was a 6-line uvicorn log with exit status 3, after the models had loaded and the banner said 'on'."""
+    from FastSAM3DLib.server.command import main
+
+    monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--model", "tiny-test", "--device", "cpu", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "Cannot listen on 127.0.0.1:" in err and "\n" not in err.strip() and "loading" not in out
+
+
+def _send_raw(url, data: bytes, wait_s: float = 10.0) -> bytes:
+    """What the server answers to ``data`` sent as is on a new connection, within ``wait_s``."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as conn:
+        conn.sendall(data)
+        try:
+            return conn.recv(65536)
+        except socket.timeout:
+            return b""
+
+
+def test_a_huge_request_line_or_header_is_refused_before_it_is_read(server):
+    """uvicorn's default parser read a 64 MiB URL (blocking every other request for seconds) and 200 MiB of
+    headers; the h11 parser stops at 16 KiB."""
+    huge_url = b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    huge_header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * (1 << 20) + b"\r\n\r\n"
+    for data in (huge_url, huge_header):
+        try:
+            answer = _send_raw(server.url, data)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b"HTTP/1.1 400 (closed while sending)"
+        assert answer.startswith(b"HTTP/1.1 4") or answer == b"", answer[:80]
+    assert raw(server.url, "GET", "/healthz")[0] == 200
+
+
+def test_a_stalled_upload_is_answered_408_and_frees_its_place(monkeypatch):
+    """Uploads that stop half-way (a laptop going to sleep) held their memory for as long as they stayed open."""
+    from FastSAM3DLib.server import app
+
+    monkeypatch.setattr(app, "BODY_GRACE_S", 1.0)
+    with Server() as s:
+        head = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}"
+                "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"").encode()
+        start = time.monotonic()
+        answer = _send_raw(s.url, head, wait_s=20)
+        assert answer.startswith(b"HTTP/1.1 408") and b"too slowly" in answer, answer[:300]
+        assert time.monotonic() - start < 10
+        assert raw(s.url, "GET", "/healthz")[0] == 200
 
 
 def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server):

@@ -148,6 +148,27 @@ def test_a_closed_session_is_refused_and_frees_its_place(cluster):
     assert status == 404 and protocol.loads_json(body)["error"] == "session_unknown", body
 
 
+def test_slow_uploads_do_not_silence_the_deployment(cluster):
+    """Ray's proxy hands a request to a replica before its body is read: with Ray's default of 5 requests per
+    replica, 10 uploads stuck half-way made every request of every user time out."""
+    host, port = cluster.split("//")[1].split(":")
+    head = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    stuck = []
+    try:
+        for _ in range(12):
+            conn = socket.create_connection((host, int(port)), timeout=10)
+            conn.sendall(head)
+            stuck.append(conn)
+        time.sleep(1.0)  # the proxy has routed them all
+        start = time.monotonic()
+        assert raw(cluster, "GET", "/v1/info")[0] == 200
+        assert time.monotonic() - start < 5
+    finally:
+        for conn in stuck:
+            conn.close()
+
+
 def test_a_replica_killed_mid_session_costs_one_slower_click(cluster):
     volume = phantom(seed=3)
     local = InteractiveSession(local_model("tiny-test"), volume)

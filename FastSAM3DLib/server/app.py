@@ -50,6 +50,10 @@ class LocalBackend:
 MAX_QUEUED_CLICKS = 4
 #: Largest body of a request that carries no arrays (a new session's ``{"model": ...}``).
 MAX_JSON_BODY = 64 * 1024
+#: A request body must arrive within this many seconds plus its length at this rate (bytes per second), so that
+#: uploads that stall (a laptop that sleeps, a deliberately slow client) do not hold memory for ever.
+BODY_GRACE_S = 30.0
+MIN_UPLOAD_RATE = 64 * 1024
 
 
 def create_app(settings: ServerSettings, backend=None) -> Starlette:
@@ -100,14 +104,20 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise too_large
         chunks, size = [], 0
+        expected = int(declared) if declared is not None else limit
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
+            with anyio.fail_after(BODY_GRACE_S + expected / MIN_UPLOAD_RATE):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise ServiceError("malformed", "The client disconnected while sending.") from None
+        except TimeoutError:
+            raise ServiceError("too_slow", f"The request arrived too slowly (the server waits "
+                               f"{BODY_GRACE_S:g} s plus {MIN_UPLOAD_RATE // 1024} KiB/s); nothing was changed. Check "
+                               "the network connection, then click again.") from None
         return b"".join(chunks)
 
     def endpoint(handler, checked: bool = True):

@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import FastSAM3DError
-from .settings import TOKEN_ENV, ServerSettings, hash_token, read_token, uvicorn_proxy_options
+from .settings import TOKEN_ENV, ServerSettings, hash_token, read_token, uvicorn_options
 
 MiB = 1024 * 1024
 
@@ -76,6 +76,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     if getattr(args, "ray", False) and (args.ssl_certfile or args.ssl_keyfile):
         raise FastSAM3DError("--ray serves plain HTTP: put a reverse proxy with the certificate in front of it "
                              "(see the README, HTTPS), instead of --ssl-certfile/--ssl-keyfile.")
+    check_certificate(args.ssl_certfile, args.ssl_keyfile)
     from ..registry import get_model_config
 
     for spec in args.model or ("fastsam3d",):
@@ -93,6 +94,43 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         settings.extra["cache_dir"] = args.cache_dir
     settings.check()
     return settings
+
+
+def check_certificate(certfile: Optional[str], keyfile: Optional[str]) -> None:
+    """FastSAM3DError unless both or neither are given and they are a PEM certificate and its private key."""
+    if not certfile and not keyfile:
+        return
+    if not certfile or not keyfile:
+        raise FastSAM3DError("HTTPS needs both --ssl-certfile (the certificate, PEM) and --ssl-keyfile (its private "
+                             "key, PEM).")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise FastSAM3DError(f"Cannot use the certificate {certfile} with the key {keyfile} ({why}): give a PEM "
+                             "certificate and the private key it was made with, both readable.") from None
+
+
+def listening_socket(host: str, port: int):
+    """A socket bound to ``host``:``port`` (bound before the models load, so a port in use is said at once)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise FastSAM3DError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port, or a "
+                             "--host that is an address of this computer.") from None
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,13 +154,19 @@ def run(args: argparse.Namespace) -> int:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    pool = engine.ModelPool(settings)
-    print(f"loading {', '.join(pool.names)} on {settings.device} ...", flush=True)
-    pool.load_all()
-    app = create_app(settings, LocalBackend(settings, pool))
-    print(f"FastSAM3D server on {where} ({auth}); Ctrl+C stops it", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=75,
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, **uvicorn_proxy_options(settings))
+    sock = listening_socket(settings.host, settings.port)
+    try:
+        pool = engine.ModelPool(settings)
+        print(f"loading {', '.join(pool.names)} on {settings.device} ...", flush=True)
+        pool.load_all()
+        app = create_app(settings, LocalBackend(settings, pool))
+        print(f"FastSAM3D server on {where} ({auth}); Ctrl+C stops it", flush=True)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                timeout_keep_alive=75, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                                **uvicorn_options(settings))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 

@@ -46,7 +46,7 @@ CODECS = ("shuffle-zlib", "zlib", "raw")
 #: error code -> HTTP status
 ERROR_STATUS = {
     "malformed": 400, "protocol": 400, "prompt": 422, "input_image": 422, "unauthorized": 401,
-    "not_found": 404, "session_unknown": 404, "missing": 409, "too_large": 413, "rate_limited": 429,
+    "not_found": 404, "session_unknown": 404, "too_slow": 408, "missing": 409, "too_large": 413, "rate_limited": 429,
     "model_output": 422, "model_unavailable": 422, "out_of_memory": 503, "full": 503, "internal": 500,
 }
 

@@ -28,6 +28,12 @@ from .settings import ServerSettings, hash_token, read_token
 DEPLOYMENT_NAME = "FastSAM3D"
 
 
+#: Requests a replica takes at once. Ray's default (5) let ten slow uploads - Ray's proxy hands a request over
+#: before its body is read - stop a two-replica deployment from answering anything; the app itself bounds the
+#: work (clicks one at a time per session and model, at most 4 waiting per session, bodies read within a deadline).
+MAX_ONGOING_REQUESTS = 100
+
+
 def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: float = 0.0,
                cpus_per_replica: float = 1.0):
     """The bound Ray Serve application (``serve.run(deployment(settings))``) of ``replicas`` replicas."""
@@ -71,8 +77,8 @@ def deployment(settings: ServerSettings, replicas: int = 2, gpus_per_replica: fl
     options = {"num_cpus": cpus_per_replica}
     if gpus_per_replica:
         options["num_gpus"] = gpus_per_replica
-    return serve.deployment(ingress, name=DEPLOYMENT_NAME, num_replicas=int(replicas),
-                            ray_actor_options=options).bind(settings.to_dict(), secrets.token_hex(32))
+    return serve.deployment(ingress, name=DEPLOYMENT_NAME, num_replicas=int(replicas), ray_actor_options=options,
+                            max_ongoing_requests=MAX_ONGOING_REQUESTS).bind(settings.to_dict(), secrets.token_hex(32))
 
 
 class _RayBackend:

@@ -123,6 +123,13 @@ def uvicorn_proxy_options(settings: ServerSettings) -> dict:
     return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
 
 
+def uvicorn_options(settings: ServerSettings) -> dict:
+    """uvicorn's options for this server: :func:`uvicorn_proxy_options`, and the h11 HTTP parser, which refuses
+    a request line or header block over 16 KiB (uvicorn's default parser read a 64 MiB URL, blocking every
+    other request for seconds, and 200 MiB of headers, before any token was checked)."""
+    return {"http": "h11", **uvicorn_proxy_options(settings)}
+
+
 def hash_token(token: str) -> str:
     """Hex SHA-256 of a token (what the server keeps and compares)."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
