@@ -605,12 +605,25 @@ def test_https_with_the_servers_own_certificate(tmp_path):
         assert s.url.startswith("https://")
         with pytest.raises(remote.ServerUnavailableError, match="certificate of your institution"):
             remote.RemoteSession(s.url, "tiny-test")  # an authority this computer does not trust
-        client = remote.ServerClient(s.url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        trusting = ssl.create_default_context(cafile=str(cert))
+        with pytest.raises(remote.ServerUnavailableError, match="not made for this address"):
+            remote.RemoteSession(model="tiny-test", client=remote.ServerClient(
+                s.url.replace("127.0.0.1", "localhost"), ssl_context=trusting, retries=0))
+        with pytest.raises(remote.ServerUnavailableError, match="starts with https://"):
+            remote.RemoteSession(model="tiny-test", client=remote.ServerClient(s.url.replace("https:", "http:"),
+                                                                                retries=0))
+        client = remote.ServerClient(s.url, ssl_context=trusting)
         volume = phantom()
         local = InteractiveSession(local_model("tiny-test"), volume)
         rem = remote.RemoteSession(model="tiny-test", volume=volume, client=client)
         assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
         rem.close()
+
+
+def test_https_to_a_plain_http_server_says_to_write_http(server):
+    """It advised adding a certificate authority."""
+    with pytest.raises(remote.ServerUnavailableError, match="answers plain HTTP"):
+        remote.RemoteSession(server.url.replace("http:", "https:"), "tiny-test")
 
 
 def test_settings_refuse_an_open_address_without_a_token(monkeypatch, capsys):

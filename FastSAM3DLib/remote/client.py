@@ -61,6 +61,21 @@ _ERRORS = {"protocol": ProtocolMismatchError, "not_found": ProtocolMismatchError
            "model_unavailable": ModelUnavailableError}
 
 
+def _tls_advice(exc: ssl.SSLError) -> str:
+    """What to do about a failed TLS connection, from OpenSSL's reason."""
+    code = getattr(exc, "verify_code", None)
+    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return "The server's certificate has expired: ask its administrator to renew it."
+    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH (also an IP address the certificate does not name)
+        return ("The certificate is not made for this address: use the host name it names (ask the "
+                "administrator), not an IP address or another name.")
+    if getattr(exc, "reason", None) in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                                          "HTTP_REQUEST"):
+        return "This address answers plain HTTP, not HTTPS: write it with http:// (or ask for the HTTPS address)."
+    return ("If the server uses a certificate of your institution, add that authority to this computer's "
+            "certificates (or give the client an ssl_context).")
+
+
 class _SessionLost(Exception):
     """The server no longer knows the session (restart, expiry): open a new one."""
 
@@ -187,9 +202,8 @@ class ServerClient:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if isinstance(exc, ssl.SSLError):
                     raise ServerUnavailableError(
-                        f"The secure connection to the FastSAM3D server at {self.url} failed ({exc}). If the server "
-                        "uses a certificate of your institution, add that authority to this computer's certificates "
-                        "(or give the client an ssl_context). Nothing was changed.") from None
+                        f"The secure connection to the FastSAM3D server at {self.url} failed ({exc}). "
+                        f"{_tls_advice(exc)} Nothing was changed.") from None
                 if isinstance(exc, _ConnectTimeout):
                     raise ServerUnavailableError(
                         f"No connection to the FastSAM3D server at {self.url} within {self.connect_timeout:g} s. "
@@ -216,8 +230,10 @@ class ServerClient:
                     time.sleep(self.backoff_s * attempt)
                 continue
             self._raise(status, error, path)
+        hint = " If the server serves HTTPS, the address starts with https://." if self.url.startswith("http:") and \
+            last and last.startswith(("RemoteDisconnected", "BadStatusLine", "ConnectionResetError")) else ""
         raise ServerUnavailableError(f"The FastSAM3D server at {self.url} cannot be reached ({last}). Nothing was "
-                                     "changed; check the address and that the server runs, then click again.")
+                                     f"changed; check the address and that the server runs, then click again.{hint}")
 
     def _send(self, method, path, body, headers, timeout):
         if self._conn is None:
