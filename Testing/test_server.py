@@ -582,6 +582,42 @@ def test_clicks_waiting_for_their_session_neither_pile_up_nor_hold_up_other_requ
         assert sorted(status for status, _, _ in answers) == [200] * server_app.MAX_QUEUED_CLICKS + [429] * 2
 
 
+def test_clicks_whose_client_left_are_not_computed():
+    """A client that gave up (closed Slicer, lost the network) left its queued clicks to be computed anyway: the
+    user's next click waited 10 s behind them."""
+    with Server(ServerSettings(models=("tiny-test",), rate_per_s=1000, rate_burst=1000)) as srv:
+        status, _, body = raw(srv.url, "POST", "/v1/sessions", json.dumps({"model": "tiny-test"}).encode())
+        session = json.loads(body)["session"]
+        state = srv.backend.store.get(session)
+        checked = []
+        real_check = state.check_open
+        state.check_open = lambda: checked.append(1) or real_check()  # the first step after the abandoned test
+        frame = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [{"points": [[60.0] * 3],
+                               "labels": [1]}], "previous": None}, {"image": np.zeros((128,) * 3, np.float32)})
+        request = (f"POST /v1/sessions/{session}/click HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: "
+                   f"{protocol.PROTOCOL_VERSION}\r\nContent-Type: {protocol.FRAME_TYPE}\r\n"
+                   f"Content-Length: {len(frame)}\r\n\r\n").encode() + frame
+        host, port = srv.url.split("//")[1].split(":")
+        answers = []
+        with state.lock:  # a click in progress: the next ones wait for the session
+            for sent in range(1, 4):
+                with socket.create_connection((host, int(port))) as gone:
+                    gone.sendall(request)
+                    deadline = time.monotonic() + 10
+                    while state.queued < sent and time.monotonic() < deadline:  # read, waiting for the session
+                        time.sleep(0.01)
+            live = threading.Thread(target=lambda: answers.append(raw(srv.url, "POST",
+                                                                      f"/v1/sessions/{session}/click", frame)))
+            live.start()
+            deadline = time.monotonic() + 10
+            while state.queued < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # the server notices the closed connections
+        live.join(60)
+        assert [status for status, _, _ in answers] == [200]
+        assert len(checked) == 1  # only the click someone waits for was computed
+
+
 def test_a_new_session_request_is_a_short_json_object():
     """It parsed any JSON up to the upload limit on the event loop (24 MiB: 9 s with the server stalled)."""
     with Server(ServerSettings(models=("tiny-test",))) as srv:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from typing import Optional
 
 import anyio
@@ -168,11 +169,35 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
             raise ServiceError("rate_limited", f"{state.queued} clicks of this session are still waiting for the "
                                "server; nothing was changed. Click again when they are answered.", retry_after=1.0)
         state.queued += 1
+        abandoned, done = threading.Event(), threading.Event()
+
+        async def watch_client() -> None:
+            """Tell the click when its client has gone: it disconnected, or Ray cancelled its request."""
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                abandoned.set()
+            except anyio.get_cancelled_exc_class():
+                if not done.is_set():
+                    abandoned.set()
+                raise
+
+        failure: Optional[Exception] = None
         try:
-            reply_frame = await anyio.to_thread.run_sync(engine.click, backend.pool, state, data,
-                                                         limiter=click_threads)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch_client)
+                try:
+                    reply_frame = await anyio.to_thread.run_sync(engine.click, backend.pool, state, data, abandoned,
+                                                                 limiter=click_threads)
+                except Exception as exc:  # raised below, outside the task group (which would wrap it in a group)
+                    failure = exc
+                finally:
+                    done.set()
+                    tasks.cancel_scope.cancel()
         finally:
             state.queued -= 1
+        if failure is not None:
+            raise failure
         return Response(reply_frame, media_type=protocol.FRAME_TYPE)
 
     async def close(request: Request) -> Response:

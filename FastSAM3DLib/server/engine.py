@@ -80,8 +80,11 @@ class ModelPool:
                 "default_prompt_mode": config.default_prompt_mode, "description": config.description}
 
 
-def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
-    """Run one click request (see :mod:`.protocol`) on ``state``; the reply frame, or a ServiceError."""
+def click(pool: ModelPool, state: SessionState, body: bytes, abandoned=None) -> bytes:
+    """Run one click request (see :mod:`.protocol`) on ``state``; the reply frame, or a ServiceError.
+
+    ``abandoned``: a ``threading.Event`` set when the client has gone; a click still waiting for its session then
+    changes nothing and computes nothing (the model's time goes to the clicks someone waits for)."""
     settings = pool.settings
     header, arrays = _parse(pool, body)
     name = header["model"]
@@ -95,6 +98,8 @@ def click(pool: ModelPool, state: SessionState, body: bytes) -> bytes:
     if previous_id is not None and not isinstance(previous_id, str):
         raise ServiceError("malformed", "'previous' must be a logits id or null.")
     with state.lock:
+        if abandoned is not None and abandoned.is_set():
+            raise ServiceError("malformed", "The client disconnected before its click was computed.")
         state.check_open()  # it may have been closed while this click waited for the previous one
         _check_model(state, name)  # again: another request may have bound the session meanwhile
         embedding = state.embeddings.get(key)  # marked used only when the click succeeds: a refusal changes nothing
