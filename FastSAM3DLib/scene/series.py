@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .writing import Region, _EMPTY, _image_array, _intersect_extent, _reallocate, _values_in_extent, segment_mask
+from .writing import Region, _EMPTY, _image_array, _intersect_extent, _reallocate, _values_in_extent, segment_mask, \
+    segment_voxels_on_lattice
 
 Extent = Tuple[int, int, int, int, int, int]  # i0, i1, j0, j1, k0, k1 on the edit's voxel grid (inclusive)
 
@@ -183,14 +184,18 @@ class SegmentBaseline:
     """
 
     def __init__(self, segmentation_node, segment_id: str, source_volume_node) -> None:
-        full = segment_mask(segmentation_node, segment_id, source_volume_node)
         self.region: Optional[Region] = None
         self.mask: Optional[np.ndarray] = None
         self.taken = TakenVoxels(segment_id)
-        if full.any():
-            nonzero = [np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-            self.region = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
-            self.mask = full[self.region].copy()
+        found = segment_voxels_on_lattice(segmentation_node, segment_id, source_volume_node)
+        box, voxels = found if found is not None else \
+            ((slice(None),) * 3, segment_mask(segmentation_node, segment_id, source_volume_node))
+        if voxels is None or not voxels.any():
+            return
+        nonzero = [np.flatnonzero(voxels.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        tight = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
+        self.mask = voxels[tight].copy()
+        self.region = tuple(slice((b.start or 0) + t.start, (b.start or 0) + t.stop) for b, t in zip(box, tight))
 
     def mask_in(self, region: Region) -> np.ndarray:
         """The baseline segment inside ``region`` (bounded (k, j, i) slices of the source grid), bool."""

@@ -116,8 +116,15 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
 
     Nearest-neighbour where the segmentation has another voxel lattice (exact on the same lattice).
     """
-    _checked_segmentation(segmentation_node, segment_id)
+    segmentation = _checked_segmentation(segmentation_node, segment_id)
     dims = _checked_source(source_volume_node)
+    on_lattice = segment_voxels_on_lattice(segmentation_node, segment_id, source_volume_node)
+    if on_lattice is not None:
+        region, voxels = on_lattice
+        full = np.zeros(dims[::-1], dtype=bool)
+        if region is not None:
+            full[region] = voxels
+        return full
     image = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
             segmentation_node, segment_id, image, False) or image.GetPointData().GetScalars() is None:
@@ -135,6 +142,39 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
         raise FastSAM3DError("Could not map the segment onto the source volume's grid.")
     label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     return _values_in_extent(resampled, extent) == label  # the segment's layer may be shared: pick its label
+
+
+def segment_voxels_on_lattice(segmentation_node, segment_id: str, source_volume_node):
+    """``(region, voxels)``: the segment inside its labelmap layer's box on the source volume's grid (``region``
+    (k, j, i) slices of the source array, None when the layer misses the volume or is empty), read straight
+    from the layer where it lies on the source volume's voxel lattice (shifted by whole voxels: the usual case);
+    None on another lattice (use :func:`segment_mask`). Slicer's resampling took 7-11 s for a 512 x 512 x 300
+    volume, even on the same lattice."""
+    segmentation = _checked_segmentation(segmentation_node, segment_id)
+    dims = _checked_source(source_volume_node)
+    layer_index = segmentation.GetLayerIndex(segment_id)
+    layer = segmentation.GetLayerDataObject(layer_index) if layer_index >= 0 else None
+    if layer is None or layer.GetPointData().GetScalars() is None:
+        return None, None
+    layer_to_node, ijk_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(layer_to_node)
+    source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    layer_to_volume_ijk = np.linalg.inv(node_to_world(source_volume_node) @ _array_from_vtk_matrix(ijk_to_ras)) @ \
+        node_to_world(segmentation_node) @ _array_from_vtk_matrix(layer_to_node)
+    linear, offset = layer_to_volume_ijk[:3, :3], layer_to_volume_ijk[:3, 3]
+    if not (np.allclose(linear, np.eye(3), atol=_SAME_AXES_TOLERANCE) and
+            np.allclose(offset, np.round(offset), atol=_WHOLE_VOXEL_TOLERANCE)):
+        return None
+    shift = np.round(offset).astype(int)  # layer index + shift = volume index
+    e = layer.GetExtent()
+    lo = [max(e[2 * a] + shift[a], 0) for a in range(3)]
+    hi = [min(e[2 * a + 1] + shift[a], dims[a] - 1) for a in range(3)]
+    if any(l > h for l, h in zip(lo, hi)):
+        return None, None
+    extent = [v for a in range(3) for v in (lo[a] - shift[a], hi[a] - shift[a])]
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    region = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
+    return region, _values_in_extent(layer, extent) == label
 
 
 def _checked_segmentation(segmentation_node, segment_id):
