@@ -240,3 +240,65 @@ def test_a_result_of_a_closed_scene_leaves_the_next_scenes_points_alone(harness)
     harness.run_event_loop()
     assert scene.ras_points_from_markups(node)[1].tolist() == [1]
     assert not segment_array(segmentation, segment_id, volume).any()
+
+
+def test_a_dropped_point_removal_leaves_the_session_in_step_with_the_points(harness, monkeypatch):
+    """The session had removed the point while the list got it back: the next removal found nothing to change
+    and the segment kept the two-point result (found by a randomized test of the effect)."""
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
+    source = effect._sourceVolume(volume)
+    harness.click(A)
+    harness.click(B)
+    effect.onUndoPoint()  # x, and the user leaves before its result is written
+    effect.deactivate()
+    harness.run_event_loop()
+    assert points(effect) == [1, 1]
+    effect.activate()
+    effect.onUndoPoint()
+    harness.run_event_loop()
+    assert points(effect) == [1]
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), newest_ball()(source, [A], [1])[1])
+
+
+def test_removing_every_point_after_the_source_volume_changed_gives_the_segments_back(harness, monkeypatch):
+    """The series was kept per source volume: after choosing another one, removing the last point said "as it
+    was" and wrote nothing, or wrote an empty mask over the segment's own earlier voxels."""
+    from FastSAM3DLib import scene
+    from test_effect import make_volume
+    from test_scene_adapter import set_segment
+
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
+    source = effect._sourceVolume(volume)
+    own = newest_ball(radius=2.0)(source, [B], [1])[1]  # the segment's voxels before the points
+    scene.write_region(segmentation, segment_id, volume, (slice(None),) * 3, own)
+    around_a = newest_ball(radius=5.0)(source, [A], [1])[1]
+    other_id = set_segment(segmentation, volume, "other", around_a)
+    harness.select(volume, segmentation, segment_id)
+    harness.click(A)
+    assert not np.array_equal(segment_array(segmentation, other_id, volume), around_a)
+    finer = np.diag([0.5, 0.5, 0.5, 1.0])  # another source volume whose grid holds the first one's exactly
+    kk, jj, ii = np.indices(tuple(2 * n for n in volume.GetImageData().GetDimensions()[::-1]))
+    second = make_volume(harness.scene, finer, (ii + jj).astype(np.int16), name="second")
+    harness.editor_node.SetAndObserveSourceVolumeNode(second)
+    effect.sourceVolumeNodeChanged()
+    effect.onUndoPoint()  # no point left
+    harness.run_event_loop()
+    assert points(effect) == []
+    assert np.array_equal(segment_array(segmentation, other_id, volume), around_a)
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), own)
+    assert "given back through this source volume" in effect.statusLabel.text
+
+
+def test_a_click_the_session_already_has_is_written_again(harness, monkeypatch):
+    """Point deleted in the Markups module, Ctrl+Z, the same click again: the session already had that point, so
+    the effect said "nothing to change" while the segment (undone) was empty."""
+    from FastSAM3DLib import scene
+
+    effect, volume, segmentation, segment_id = with_ball_sessions(harness, monkeypatch)
+    harness.click(A)
+    shown = segment_array(segmentation, segment_id, volume)
+    scene.prompt_points_node(segmentation, segment_id, create=False).RemoveNthControlPoint(0)  # in Markups
+    harness.scripted.undo()  # Ctrl+Z
+    assert not segment_array(segmentation, segment_id, volume).any()
+    harness.click(A)
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), shown)

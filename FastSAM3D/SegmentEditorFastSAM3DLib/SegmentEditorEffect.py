@@ -50,8 +50,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.predictorForTesting = None
         self._worker = None
         self._sessions = {}  # (segmentation ID, segment ID) -> InteractiveSession; only the worker touches them
-        self._baselines = {}  # (segmentation ID, segment ID, volume ID) -> the segment before its first point
-        self._written = {}  # the same key -> the region the series of points has written so far
+        self._baselines = {}  # (segmentation ID, segment ID) -> the segment before its first point (SegmentBaseline)
+        self._written = {}  # the same key -> {source volume ID: the region the series has written on its grid}
         self._undone = {}  # tag of a running "undo" -> (world RAS, include) of the point it removed
         self._shownPointNodes = []  # IDs of the point lists activate() showed (deactivate() hides these)
         self._sceneObserver = None  # observes the scene's EndCloseEvent once the worker exists
@@ -521,8 +521,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         node.RemoveAllControlPoints()
         key = self._sessionKey()
-        self._baselines = {k: v for k, v in self._baselines.items() if k[:2] != tuple(key)[:2]}
-        self._written = {k: v for k, v in self._written.items() if k[:2] != tuple(key)[:2]}
+        self._baselines.pop(tuple(key), None)
+        self._written.pop(tuple(key), None)
         self._ensureWorker()
         self._forgetSessions(key)
         self._status(_("Points cleared; the segment is unchanged."))
@@ -563,7 +563,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                                               cacheDir=where[0], token=where[1])
                 session.fastsam3dOptions = options
                 self._sessions[key] = session
-            return scene.replay_clicks(session, points, labels, progress=progress)
+            result = scene.replay_clicks(session, points, labels, progress=progress)
+            if result is None and len(labels):  # the session has these points already, but the segment may not
+                # show them (Ctrl+Z, the list edited in Markups): the newest point again gives its result to write
+                scene.replay_clicks(session, points[:-1], labels[:-1])
+                result = scene.replay_clicks(session, points, labels, progress=progress)
+            return result
 
         def progress(state):  # worker thread: only plain attributes, read by _poll
             self._growth = state
@@ -580,6 +585,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._timer.stop()
             return
         for tag, value, error, seconds in self._worker.poll():
+            if tag[0] in ("click", "undo"):
+                self._growth = None  # its progress ends with its result (a job queued next may be no growth)
             if tag[0] in ("click", "undo") and tag[-1] != self._generation:
                 self._dropStale(tag)
             elif error is not None:
@@ -613,6 +620,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if tag[-1] < self._sceneGeneration:
             return
         self._revertPoints(tag)
+        self._forgetSessions((tag[1], tag[2]))  # it holds the dropped action: the next one replays the points
         self._status(_("The last click was not applied because the effect was left while it was computed.")
                      if tag[0] == "click" else
                      _("The last point removal was not applied because the effect was left while it was computed; "
@@ -637,9 +645,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _apply(self, tag, result, seconds):
         from FastSAM3DLib import scene
-
-        import numpy as np
-
+        from FastSAM3DLib.errors import FastSAM3DError
         from FastSAM3DLib.session_common import union
 
         action, segmentationNodeId, segmentId, sourceVolumeNodeId, count, _generation = tag
@@ -647,7 +653,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
         segmentationNode = slicer.mrmlScene.GetNodeByID(segmentationNodeId)
         sourceVolumeNode = slicer.mrmlScene.GetNodeByID(sourceVolumeNodeId)
-        key = (segmentationNodeId, segmentId, sourceVolumeNodeId)
+        key = (segmentationNodeId, segmentId)
+        note = ""
         try:
             start = time.perf_counter()
             if action == "click" and count == 1:  # a new series of points: remember the segment as it is
@@ -655,36 +662,64 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._written.pop(key, None)
             baseline = self._baselines.get(key)
             if count == 0:  # every point removed: give the segment back wherever the points wrote
-                region = union(region, self._written.get(key))
+                if baseline is None or not self._written.get(key):
+                    self._undone.pop(tag, None)
+                    self._status(_("0 point(s): the segment is as it was.") if baseline is not None else
+                                 _("0 point(s): the segment keeps the points' result (they were placed before the "
+                                   "effect was started); Ctrl+Z undoes their edits."))
+                    return
+                baselineVolume = slicer.mrmlScene.GetNodeByID(baseline.volume_id)
+                if baselineVolume is None:
+                    raise FastSAM3DError(_("The volume the first point was placed on is gone: the segment cannot "
+                                           "be given back; Ctrl+Z undoes the points' edits."))
+                region = self._writtenOn(sourceVolumeNode, self._written[key])
                 if region is None:
                     self._undone.pop(tag, None)
                     self._status(_("0 point(s): the segment is as it was."))
                     return
-                mask = baseline.mask_in(region) if baseline is not None else \
-                    np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+                mask = baseline.mask_on(region, sourceVolumeNode, baselineVolume)
+                if baselineVolume is not sourceVolumeNode:
+                    note = _("; given back through this source volume, not the first point's: where it does not "
+                             "reach, Ctrl+Z gives the rest back")
             with slicer.util.RenderBlocker():
                 scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
                                    editor=scene.EffectEditor(self.scriptedEffect),
                                    taken=baseline.taken if baseline is not None else None)
             written = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the point list is put back too
-            self._failed(tag, exc)
+            self._failed(tag, exc, computed=True)
             return
         self._undone.pop(tag, None)
         if count == 0:
             self._baselines.pop(key, None)
             self._written.pop(key, None)
         else:
-            self._written[key] = union(region, self._written.get(key))
+            onVolumes = self._written.setdefault(key, {})
+            onVolumes[sourceVolumeNodeId] = union(region, onVolumes.get(sourceVolumeNodeId))
         iou = getattr(result, "iou", None)
         regions = getattr(result, "regions", 1)
-        text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}{growth}")
+        text = _("{count} point(s): model {model:.2f} s, writing {write:.2f} s{iou}{regions}{precision}{growth}"
+                 "{note}")
         growthNote = getattr(self._sessions.get(self._sessionKey()), "growth_note", "")
         self._status(text.format(
             count=count, model=seconds, write=written,
             iou=_(", predicted IoU {iou:.2f}").format(iou=iou) if iou is not None else "",
             regions=_(", {n} regions").format(n=regions) if regions > 1 else "",
-            precision=self._precisionNote(), growth=_("; {why}").format(why=growthNote) if growthNote else ""))
+            precision=self._precisionNote(), growth=_("; {why}").format(why=growthNote) if growthNote else "",
+            note=note))
+
+    def _writtenOn(self, volume, written):
+        """The region of ``volume``'s grid that holds every region the series wrote (``written``: source volume
+        ID -> region on its grid; the user may have changed the source volume during the series), or None."""
+        from FastSAM3DLib import scene
+        from FastSAM3DLib.session_common import union
+
+        region = None
+        for volumeId, part in written.items():
+            node = slicer.mrmlScene.GetNodeByID(volumeId)
+            if node is not None:
+                region = union(region, part if node is volume else scene.region_on(part, node, volume))
+        return region
 
     def _precisionNote(self):
         """Why the fast precision that was chosen is not used (e.g. on a GPU), or ""."""
@@ -696,10 +731,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         why = getattr(model, "precision_note", "") or _("fast is unavailable")
         return _("; exact precision: {why}").format(why=why)
 
-    def _failed(self, tag, error):
+    def _failed(self, tag, error, computed=False):
+        """Say why ``tag``'s action failed and put its point back. ``computed``: the session did the action but its
+        result could not be written, so the session is dropped (the next action replays the point list); a
+        session that refused the action kept its state."""
         from FastSAM3DLib.errors import FastSAM3DError
 
-        self._revertPoints(tag)  # the session refused the action (and kept its state), or the write failed
+        self._revertPoints(tag)
+        if computed:
+            self._forgetSessions((tag[1], tag[2]))
         if isinstance(error, FastSAM3DError):
             message = str(error)
         else:

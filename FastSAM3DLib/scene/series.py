@@ -186,6 +186,7 @@ class SegmentBaseline:
     def __init__(self, segmentation_node, segment_id: str, source_volume_node) -> None:
         self.region: Optional[Region] = None
         self.mask: Optional[np.ndarray] = None
+        self.volume_id = source_volume_node.GetID()  # the grid of region and mask (see region_on for others)
         self.taken = TakenVoxels(segment_id)
         found = segment_voxels_on_lattice(segmentation_node, segment_id, source_volume_node)
         box, voxels = found if found is not None else \
@@ -196,6 +197,29 @@ class SegmentBaseline:
         tight = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
         self.mask = voxels[tight].copy()
         self.region = tuple(slice((b.start or 0) + t.start, (b.start or 0) + t.stop) for b, t in zip(box, tight))
+
+    def mask_on(self, region: Region, volume_node, baseline_volume_node) -> np.ndarray:
+        """The baseline segment inside ``region`` of ``volume_node``'s grid, bool: :meth:`mask_in` on the
+        baseline's own volume (``baseline_volume_node``), else nearest neighbour through both volumes' geometry
+        (the source volume was changed during the series)."""
+        if volume_node.GetID() == self.volume_id:
+            return self.mask_in(region)
+        from .nodes import volume_from_node_matrix
+
+        out = np.zeros(tuple(s.stop - s.start for s in region), dtype=bool)
+        if self.region is None:
+            return out
+        to_baseline = np.linalg.inv(volume_from_node_matrix(baseline_volume_node)) @ \
+            volume_from_node_matrix(volume_node)
+        j, i = np.meshgrid(np.arange(region[1].start, region[1].stop), np.arange(region[2].start, region[2].stop),
+                           indexing="ij")
+        starts = np.array([b.start for b in self.region])
+        for n, k in enumerate(range(region[0].start, region[0].stop)):  # slice by slice: bounded memory
+            ijk = np.stack([i, j, np.full_like(i, k), np.ones_like(i)], axis=-1) @ to_baseline.T
+            kji = np.rint(ijk[..., 2::-1]).astype(np.int64) - starts
+            inside = np.all((kji >= 0) & (kji < self.mask.shape), axis=-1)
+            out[n][inside] = self.mask[tuple(kji[inside].T)]
+        return out
 
     def mask_in(self, region: Region) -> np.ndarray:
         """The baseline segment inside ``region`` (bounded (k, j, i) slices of the source grid), bool."""
@@ -209,3 +233,21 @@ class SegmentBaseline:
         out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
             self.mask[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, self.region))]
         return out
+
+
+def region_on(region: Region, from_volume_node, to_volume_node) -> Optional[Region]:
+    """The smallest box of ``to_volume_node``'s voxel grid that holds ``region`` ((k, j, i) slices) of
+    ``from_volume_node``'s grid, through both nodes' transforms, clipped to the volume; None when it misses it.
+    For a series of points whose source volume changed: what to give back on the grid its baseline is on."""
+    from .nodes import volume_from_node_matrix
+
+    from_ijk = [(r.start - 0.5, r.stop - 0.5) for r in region[::-1]]  # voxel faces, (i, j, k)
+    corners = np.array([[i, j, k, 1.0] for i in from_ijk[0] for j in from_ijk[1] for k in from_ijk[2]])
+    to_ijk = (np.linalg.inv(volume_from_node_matrix(to_volume_node)) @ volume_from_node_matrix(from_volume_node)
+              @ corners.T).T[:, :3]
+    dims = to_volume_node.GetImageData().GetDimensions()
+    lo = np.maximum(np.floor(to_ijk.min(axis=0) + 0.5 + 1e-6).astype(int), 0)  # voxels the box overlaps
+    hi = np.minimum(np.ceil(to_ijk.max(axis=0) + 0.5 - 1e-6).astype(int), dims)
+    if np.any(lo >= hi):
+        return None
+    return tuple(slice(int(lo[a]), int(hi[a])) for a in (2, 1, 0))
