@@ -618,6 +618,27 @@ def test_clicks_whose_client_left_are_not_computed():
         assert len(checked) == 1  # only the click someone waits for was computed
 
 
+def test_a_client_that_leaves_while_the_model_loads_leaves_no_session(monkeypatch):
+    """Its session counted toward --max-sessions for 30 minutes, though no one would ever use it."""
+    loading = threading.Event()
+    with Server(ServerSettings(models=("tiny-test",))) as srv:
+        real_get = srv.backend.pool.get
+        monkeypatch.setattr(srv.backend.pool, "get", lambda name: loading.wait(30) and real_get(name))
+        body = json.dumps({"model": "tiny-test"}).encode()
+        request = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: "
+                   f"{protocol.PROTOCOL_VERSION}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        host, port = srv.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as gone:
+            gone.sendall(request)
+            time.sleep(0.3)  # the server is loading the model
+        time.sleep(0.3)  # and notices the closed connection
+        loading.set()
+        time.sleep(1.0)
+        assert len(srv.backend.store) == 0
+        assert raw(srv.url, "POST", "/v1/sessions", body)[0] == 201  # a client that waits gets one
+
+
 def test_a_new_session_request_is_a_short_json_object():
     """It parsed any JSON up to the upload limit on the event loop (24 MiB: 9 s with the server stalled)."""
     with Server(ServerSettings(models=("tiny-test",))) as srv:

@@ -158,6 +158,8 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
         if not isinstance(name, str):
             raise ServiceError("malformed", "Give the model's name: {\"model\": \"fastsam3d\"}.")
         await run_in_threadpool(backend.pool.get, name)  # loads it now, not at the first click
+        if await request.is_disconnected():  # the client gave up while the model loaded: no session it never sees
+            raise ServiceError("malformed", "The client disconnected before its session was opened.")
         session_id = await backend.create(name)
         return JSONResponse({"session": session_id, "model": backend.pool.describe(name),
                              "limits": settings.limits(), "protocol": protocol.PROTOCOL_VERSION}, 201)
