@@ -86,7 +86,9 @@ def test_grow_follows_the_model_until_chosen_and_grows_the_whole_tube(harness, m
     assert effect.growCheckBox.checked
 
 
-def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
+def _growing(harness, monkeypatch):
+    """A click on the tube with a slowed stand-in, run in Slicer's loop until it shows its growth and "Stop
+    growing"; returns (effect, sessions, volume node, segmentation, segment ID, truth)."""
     node, segmentation, segment_id, truth = _tube_scene(harness)
     effect = harness.create_effect()
     effect.activate()
@@ -99,6 +101,11 @@ def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
         hold_gil(0.005)
         effect._timer.emit("timeout()")
         assert time.perf_counter() - start < 60
+    return effect, sessions, node, segmentation, segment_id, truth
+
+
+def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
+    effect, sessions, node, segmentation, segment_id, truth = _growing(harness, monkeypatch)
     assert effect.statusLabel.text.startswith("Growing")
     effect.stopGrowingButton.click()
     harness.run_event_loop()
@@ -112,18 +119,7 @@ def test_stop_growing_writes_the_regions_so_far(harness, monkeypatch):
 def test_leaving_the_effect_stops_a_growth_whose_result_would_be_dropped(harness, monkeypatch):
     """Leaving the Segment Editor module, Esc or another mouse mode deactivates the effect (SegmentEditor.py
     exit()): the result is not written then, so the growth must not run on for up to a minute meanwhile."""
-    node, segmentation, segment_id, truth = _tube_scene(harness)
-    effect = harness.create_effect()
-    effect.activate()
-    sessions = _stand_in(effect, monkeypatch, encode_seconds=0.4)
-    _choose_model(effect, harness, "fastsam3d")
-    y, z = tube_centre(0.0, 420.0)
-    assert effect.addClick((0.0, y, z))
-    start = time.perf_counter()
-    while not effect.stopGrowingButton.visible:
-        hold_gil(0.005)
-        effect._timer.emit("timeout()")
-        assert time.perf_counter() - start < 60
+    effect, sessions, node, segmentation, segment_id, truth = _growing(harness, monkeypatch)
     effect.deactivate()
     harness.run_event_loop()
     assert 1 <= len(sessions[0].region_set.regions) < 3

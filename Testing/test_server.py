@@ -127,6 +127,14 @@ def raw(url, method, path, body=b"", headers=None, protocol_header=True):
     return response.status, dict(response.getheaders()), data
 
 
+def post_bytes(path, body: bytes, content_type="application/json", length=None) -> bytes:
+    """A FastSAM3D client's POST as bytes, for a raw socket; ``length``: another Content-Length to declare (a
+    body that stops short)."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n\r\n"
+            ).encode() + body
+
+
 def same(a, b):
     """Local and remote ClickResults are bit for bit equal."""
     return (a.region == b.region and a.mask.shape == b.mask.shape and np.array_equal(a.mask, b.mask)
@@ -594,9 +602,7 @@ def test_clicks_whose_client_left_are_not_computed():
         state.check_open = lambda: checked.append(1) or real_check()  # the first step after the abandoned test
         frame = protocol.pack({"model": "tiny-test", "embedding": "e", "steps": [{"points": [[60.0] * 3],
                                "labels": [1]}], "previous": None}, {"image": np.zeros((128,) * 3, np.float32)})
-        request = (f"POST /v1/sessions/{session}/click HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: "
-                   f"{protocol.PROTOCOL_VERSION}\r\nContent-Type: {protocol.FRAME_TYPE}\r\n"
-                   f"Content-Length: {len(frame)}\r\n\r\n").encode() + frame
+        request = post_bytes(f"/v1/sessions/{session}/click", frame, protocol.FRAME_TYPE)
         host, port = srv.url.split("//")[1].split(":")
         answers = []
         with state.lock:  # a click in progress: the next ones wait for the session
@@ -625,9 +631,7 @@ def test_a_client_that_leaves_while_the_model_loads_leaves_no_session(monkeypatc
         real_get = srv.backend.pool.get
         monkeypatch.setattr(srv.backend.pool, "get", lambda name: loading.wait(30) and real_get(name))
         body = json.dumps({"model": "tiny-test"}).encode()
-        request = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: "
-                   f"{protocol.PROTOCOL_VERSION}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        request = post_bytes("/v1/sessions", body)
         host, port = srv.url.split("//")[1].split(":")
         with socket.create_connection((host, int(port))) as gone:
             gone.sendall(request)
@@ -842,8 +846,7 @@ def test_a_stalled_upload_is_answered_408_and_frees_its_place(monkeypatch):
 
     monkeypatch.setattr(app, "BODY_GRACE_S", 1.0)
     with Server() as s:
-        head = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}"
-                "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"").encode()
+        head = post_bytes("/v1/sessions", b'{"model"', length=100)
         start = time.monotonic()
         answer = _send_raw(s.url, head, wait_s=20)
         assert answer.startswith(b"HTTP/1.1 408") and b"too slowly" in answer, answer[:300]

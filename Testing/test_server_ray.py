@@ -22,7 +22,7 @@ from FastSAM3DLib.server import protocol  # noqa: E402
 from FastSAM3DLib.server.ray_serve import deployment, replica_actor_names  # noqa: E402
 from FastSAM3DLib.server.settings import ServerSettings  # noqa: E402
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
-from test_server import CLICKS, local_model, phantom, ras, raw, same  # noqa: E402
+from test_server import CLICKS, local_model, phantom, post_bytes, ras, raw, same  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -152,8 +152,7 @@ def test_slow_uploads_do_not_silence_the_deployment(cluster):
     """Ray's proxy hands a request to a replica before its body is read: with Ray's default of 5 requests per
     replica, 10 uploads stuck half-way made every request of every user time out."""
     host, port = cluster.split("//")[1].split(":")
-    head = (f"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n{protocol.PROTOCOL_HEADER}: {protocol.PROTOCOL_VERSION}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    head = post_bytes("/v1/sessions", b"{", length=1000)
     stuck = []
     try:
         for _ in range(12):

@@ -60,36 +60,42 @@ class TakenVoxels:
         cleared from the segment into no other one. Returns whether any voxel was given back (the caller
         announces the change)."""
         box, layers_before, segments = before
-        now = {}
+        now, changes = {}, {}
 
-        def held_now(segment_id):
-            segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
-            if segment is None or image is None:
-                return None
+        def values_now(image):
             key = image.GetAddressAsString("vtkObject")
             if key not in now:
                 now[key] = _values_in_extent(image, box)
-            return now[key] == segment.GetLabelValue()
+            return now[key]
+
+        def labels_changed(key, image):
+            """The labels whose voxels changed in a layer the edit kept (one comparison per layer, not per
+            segment: a segmentation may hold a hundred segments)."""
+            if key not in changes:
+                changed = layers_before[key] != values_now(image)
+                changes[key] = set(np.unique(layers_before[key][changed]).tolist()) if changed.any() else set()
+            return changes[key]
 
         cleared = None
         for segment_id, key, label in segments:
+            segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
+            if segment is None or image is None:
+                continue
+            if image.GetAddressAsString("vtkObject") == key and segment.GetLabelValue() == label:
+                if label not in labels_changed(key, image):
+                    continue  # none of its voxels changed
             held = layers_before[key] == label
-            still = held_now(segment_id) if held.any() else None
-            if still is None:
-                continue
+            lost = held & (values_now(image) != segment.GetLabelValue())
             if segment_id == self.segment_id:
-                cleared = held & ~still
-                continue
-            lost = held & ~still
-            if lost.any():
+                cleared = lost
+            elif lost.any():
                 self._add(segment_id, box, lost)
         if cleared is None or not self._taken or not cleared.any():
             return False  # a voxel taken earlier can come free only where this edit cleared the segment
         for index in range(segmentation.GetNumberOfLayers()):  # in no segment: segments that overlapped
             image = segmentation.GetLayerDataObject(index)     # before the series may overlap again
             if image is not None:
-                key = image.GetAddressAsString("vtkObject")
-                cleared &= (now[key] if key in now else _values_in_extent(image, box)) == 0
+                cleared &= values_now(image) == 0
         return self._give_back(segmentation, box, cleared)
 
     def _add(self, segment_id: str, box: Extent, lost: np.ndarray) -> None:
@@ -101,7 +107,7 @@ class TakenVoxels:
             self._taken[segment_id] = (extent, lost.copy())
             return
         old_extent, voxels = known
-        union = tuple(min(a, b) if i % 2 == 0 else max(a, b) for i, (a, b) in enumerate(zip(old_extent, extent)))
+        union = _union(old_extent, extent)
         if union != old_extent:
             grown = np.zeros(_shape(union), dtype=bool)
             grown[_slices(union, old_extent)] = voxels
@@ -132,6 +138,11 @@ class TakenVoxels:
                 del self._taken[segment_id]
             given = True
         return given
+
+
+def _union(a: Extent, b: Extent) -> Extent:
+    """The smallest extent holding both."""
+    return tuple(min(x, y) if i % 2 == 0 else max(x, y) for i, (x, y) in enumerate(zip(a, b)))
 
 
 def _shape(extent: Extent) -> Tuple[int, int, int]:
@@ -165,8 +176,7 @@ def _set_voxels(image, extent: Extent, voxels: np.ndarray, value: int) -> None:
     needed = _bounding_extent(extent, voxels)
     voxels = voxels[_slices(extent, needed)]
     current = tuple(image.GetExtent()) if image.GetPointData().GetScalars() is not None else _EMPTY
-    grown = needed if current == _EMPTY else \
-        tuple(min(a, b) if i % 2 == 0 else max(a, b) for i, (a, b) in enumerate(zip(current, needed)))
+    grown = needed if current == _EMPTY else _union(current, needed)
     if grown != current:
         _reallocate(image, grown)
     _image_array(image)[_slices(grown, needed)][voxels] = value
@@ -239,12 +249,12 @@ def region_on(region: Region, from_volume_node, to_volume_node) -> Optional[Regi
     """The smallest box of ``to_volume_node``'s voxel grid that holds ``region`` ((k, j, i) slices) of
     ``from_volume_node``'s grid, through both nodes' transforms, clipped to the volume; None when it misses it.
     For a series of points whose source volume changed: what to give back on the grid its baseline is on."""
+    from ..geometry import _apply, _box_corners
     from .nodes import volume_from_node_matrix
 
-    from_ijk = [(r.start - 0.5, r.stop - 0.5) for r in region[::-1]]  # voxel faces, (i, j, k)
-    corners = np.array([[i, j, k, 1.0] for i in from_ijk[0] for j in from_ijk[1] for k in from_ijk[2]])
-    to_ijk = (np.linalg.inv(volume_from_node_matrix(to_volume_node)) @ volume_from_node_matrix(from_volume_node)
-              @ corners.T).T[:, :3]
+    faces = _box_corners([r.start - 0.5 for r in region[::-1]], [r.stop - 0.5 for r in region[::-1]])  # (i, j, k)
+    to_ijk = _apply(np.linalg.inv(volume_from_node_matrix(to_volume_node)) @ volume_from_node_matrix(from_volume_node),
+                    faces)
     dims = to_volume_node.GetImageData().GetDimensions()
     lo = np.maximum(np.floor(to_ijk.min(axis=0) + 0.5 + 1e-6).astype(int), 0)  # voxels the box overlaps
     hi = np.minimum(np.ceil(to_ijk.max(axis=0) + 0.5 - 1e-6).astype(int), dims)

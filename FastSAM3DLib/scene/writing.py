@@ -161,11 +161,9 @@ def segment_voxels_on_lattice(segmentation_node, segment_id: str, source_volume_
     source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
     layer_to_volume_ijk = np.linalg.inv(node_to_world(source_volume_node) @ _array_from_vtk_matrix(ijk_to_ras)) @ \
         node_to_world(segmentation_node) @ _array_from_vtk_matrix(layer_to_node)
-    linear, offset = layer_to_volume_ijk[:3, :3], layer_to_volume_ijk[:3, 3]
-    if not (np.allclose(linear, np.eye(3), atol=_SAME_AXES_TOLERANCE) and
-            np.allclose(offset, np.round(offset), atol=_WHOLE_VOXEL_TOLERANCE)):
+    shift = _whole_voxel_shift(layer_to_volume_ijk)  # layer index + shift = volume index
+    if shift is None:
         return None
-    shift = np.round(offset).astype(int)  # layer index + shift = volume index
     e = layer.GetExtent()
     lo = [max(e[2 * a] + shift[a], 0) for a in range(3)]
     hi = [min(e[2 * a + 1] + shift[a], dims[a] - 1) for a in range(3)]
@@ -308,14 +306,12 @@ def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask:
     grid = _array_from_vtk_matrix(reference_to_segmentation)
     ref_extent = reference.GetExtent()
     mask_ijk_to_grid_ijk = np.linalg.inv(grid) @ mask_to_segmentation
-    linear, offset = mask_ijk_to_grid_ijk[:3, :3], mask_ijk_to_grid_ijk[:3, 3]
+    shift = _whole_voxel_shift(mask_ijk_to_grid_ijk)
     start_ijk = np.array([bounds[2].start, bounds[1].start, bounds[0].start])
     stop_ijk = np.array([bounds[2].stop, bounds[1].stop, bounds[0].stop])  # exclusive
 
-    if np.allclose(linear, np.eye(3), atol=_SAME_AXES_TOLERANCE) and \
-            np.allclose(offset, np.round(offset), atol=_WHOLE_VOXEL_TOLERANCE):
+    if shift is not None:
         # same voxel lattice (the usual case): copy, shifting by whole voxels
-        shift = np.round(offset).astype(int)
         lo = np.maximum(start_ijk + shift, [ref_extent[0], ref_extent[2], ref_extent[4]])
         hi = np.minimum(stop_ijk - 1 + shift, [ref_extent[1], ref_extent[3], ref_extent[5]])
         if np.any(lo > hi):
@@ -328,7 +324,7 @@ def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask:
         corners = np.array([[x, y, z] for x in (start_ijk[0] - 0.5, stop_ijk[0] - 0.5)
                             for y in (start_ijk[1] - 0.5, stop_ijk[1] - 0.5)
                             for z in (start_ijk[2] - 0.5, stop_ijk[2] - 0.5)])
-        mapped = corners @ linear.T + offset
+        mapped = corners @ mask_ijk_to_grid_ijk[:3, :3].T + mask_ijk_to_grid_ijk[:3, 3]
         lo = np.maximum(np.floor(mapped.min(axis=0)).astype(int), [ref_extent[0], ref_extent[2], ref_extent[4]])
         hi = np.minimum(np.ceil(mapped.max(axis=0)).astype(int), [ref_extent[1], ref_extent[3], ref_extent[5]])
         if np.any(lo > hi):
@@ -344,6 +340,16 @@ def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask:
     to_add = _oriented_image(inside, grid, extent)
     to_remove = _oriented_image(footprint.astype(bool) & ~inside.astype(bool), grid, extent)
     return to_add, to_remove
+
+
+def _whole_voxel_shift(index_to_index: np.ndarray) -> Optional[np.ndarray]:
+    """The whole-voxel (i, j, k) shift of a 4x4 voxel-index map between two grids of the same lattice (same axes
+    and spacing), or None when the lattices differ."""
+    linear, offset = index_to_index[:3, :3], index_to_index[:3, 3]
+    if np.allclose(linear, np.eye(3), atol=_SAME_AXES_TOLERANCE) and \
+            np.allclose(offset, np.round(offset), atol=_WHOLE_VOXEL_TOLERANCE):
+        return np.round(offset).astype(int)
+    return None
 
 
 def _resampled(image, target, extent) -> np.ndarray:
