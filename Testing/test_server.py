@@ -77,7 +77,7 @@ def local_model(name):
 class Server:
     """A uvicorn server on 127.0.0.1 in a thread; ``with Server(settings) as s: s.url``."""
 
-    def __init__(self, settings=None, port=0, ssl_files=None, loader=None, **overrides):
+    def __init__(self, settings=None, port=0, ssl_files=None, loader=None, keep_alive_s=1, **overrides):
         settings = settings or ServerSettings(models=MODELS)
         for key, value in overrides.items():
             setattr(settings, key, value)
@@ -87,7 +87,7 @@ class Server:
         tls = dict(ssl_certfile=ssl_files[0], ssl_keyfile=ssl_files[1]) if ssl_files else {}
         self.scheme = "https" if ssl_files else "http"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="off", timeout_keep_alive=1,
+                                                    lifespan="off", timeout_keep_alive=keep_alive_s,
                                                     timeout_graceful_shutdown=5, **tls,
                                                     **uvicorn_options(settings)))
 
@@ -826,6 +826,21 @@ def _send_raw(url, data: bytes, wait_s: float = 10.0) -> bytes:
             return b""
 
 
+def test_the_server_raises_its_open_file_limit_to_the_hard_limit():
+    """Each connection is a file descriptor: Linux's usual soft limit of 1024 refused clients early."""
+    resource = pytest.importorskip("resource", reason="no open-file limit on this platform")
+    script = ("import resource; from FastSAM3DLib.server.command import raise_open_file_limit as r; "
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "wanted = 1000 if hard == resource.RLIM_INFINITY else min(hard, 1000); "
+              "print(r(cap=1000), wanted, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit here ({hard}) leaves nothing to raise")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] == out[2], out
+
+
 def test_a_huge_request_line_or_header_is_refused_before_it_is_read(server):
     """uvicorn's default parser read a 64 MiB URL (blocking every other request for seconds) and 200 MiB of
     headers; the h11 parser stops at 16 KiB."""
@@ -838,6 +853,41 @@ def test_a_huge_request_line_or_header_is_refused_before_it_is_read(server):
             answer = b"HTTP/1.1 400 (closed while sending)"
         assert answer.startswith(b"HTTP/1.1 4") or answer == b"", answer[:80]
     assert raw(server.url, "GET", "/healthz")[0] == 200
+
+
+def _closed_within(conn, seconds: float) -> bool:
+    """True when the server closes ``conn`` (EOF or reset) within ``seconds``."""
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_connections_that_send_no_request_head_in_time_are_closed(monkeypatch):
+    """uvicorn timed out only the wait between keep-alive requests: a connection that sent nothing, or trickled
+    its headers, held a file descriptor for as long as the client liked."""
+    from FastSAM3DLib.server import http_protocol
+
+    monkeypatch.setattr(http_protocol, "REQUEST_HEAD_TIMEOUT_S", 1.0)
+    with Server(keep_alive_s=30) as s:
+        host, port = "127.0.0.1", s.port
+        with socket.create_connection((host, port)) as silent, socket.create_connection((host, port)) as trickle:
+            trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
+            start = time.monotonic()
+            assert _closed_within(silent, 10) and _closed_within(trickle, 10)
+            assert time.monotonic() - start < 8
+        with socket.create_connection((host, port)) as kept:  # a complete request is not cut; keep-alive works
+            for _ in range(2):
+                kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                kept.settimeout(10)
+                assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+                time.sleep(1.5)  # idle longer than the head deadline: keep-alive's own timeout applies
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # then a head that never ends is cut
+            assert _closed_within(kept, 10)
+        assert raw(s.url, "GET", "/healthz")[0] == 200
 
 
 def test_a_stalled_upload_is_answered_408_and_frees_its_place(monkeypatch):

@@ -113,6 +113,27 @@ def check_certificate(certfile: Optional[str], keyfile: Optional[str]) -> None:
                              "certificate and the private key it was made with, both readable.") from None
 
 
+def raise_open_file_limit(cap: int = 65536) -> int:
+    """Raise this process's soft limit on open files to its hard limit (at most ``cap``) and return it.
+
+    Each client connection holds a file descriptor; Linux's usual soft limit of 1024 would make the server refuse
+    connections long before a GPU is busy. Unchanged where the platform has no such limit (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # macOS refuses some values under its hard limit: keep the soft one
+            pass
+    return soft
+
+
 def listening_socket(host: str, port: int):
     """A socket bound to ``host``:``port`` (bound before the models load, so a port in use is said at once)."""
     import socket
@@ -145,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     scheme = "https" if args.ssl_certfile else "http"
     where = f"{scheme}://{settings.host}:{settings.port}"
     auth = "token required" if settings.token_sha256 else "no token (loopback only)"
+    raise_open_file_limit()
     if args.ray:
         return _run_ray(args, settings, where, auth)
     import torch

@@ -126,8 +126,11 @@ def uvicorn_proxy_options(settings: ServerSettings) -> dict:
 def uvicorn_options(settings: ServerSettings) -> dict:
     """uvicorn's options for this server: :func:`uvicorn_proxy_options`, and the h11 HTTP parser, which refuses
     a request line or header block over 16 KiB (uvicorn's default parser read a 64 MiB URL, blocking every
-    other request for seconds, and 200 MiB of headers, before any token was checked)."""
-    return {"http": "h11", **uvicorn_proxy_options(settings)}
+    other request for seconds, and 200 MiB of headers, before any token was checked), with a deadline for
+    each request head (:mod:`.http_protocol`)."""
+    from .http_protocol import HeadDeadlineProtocol  # imports uvicorn: only where the server runs
+
+    return {"http": HeadDeadlineProtocol, **uvicorn_proxy_options(settings)}
 
 
 def hash_token(token: str) -> str:
