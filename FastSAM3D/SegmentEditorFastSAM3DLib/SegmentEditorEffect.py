@@ -501,6 +501,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return True
 
     def onUndoPoint(self):
+        """Remove the last prompt point and compute the segment again without it (idle only)."""
         from FastSAM3DLib import scene
 
         node = self._pointsNode(create=False)
@@ -516,6 +517,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.stopGrowingButton.visible = False
 
     def onClearPoints(self):
+        """Remove every prompt point and end the series; the segment keeps its voxels (idle only)."""
         node = self._pointsNode(create=False)
         if self.busy() or node is None:
             return
@@ -528,6 +530,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._status(_("Points cleared; the segment is unchanged."))
 
     def busy(self):
+        """True while the worker thread computes, installs or downloads."""
         return self._worker is not None and self._worker.busy()
 
     # ------------------------------------------------------------------ model calls
@@ -811,6 +814,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return bool(installed)
 
     def onDownload(self):
+        """Download the selected model's weights on the worker after a confirmation; pressed again, cancel."""
         if self._progress is not None:  # the button reads "Cancel" during a download
             self._downloadCancelled = True
             return
@@ -833,6 +837,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._status(_("Downloading the weights..."))
 
     def onImport(self):
+        """Import a checkpoint file the user chooses as the selected model's weights."""
         path = qt.QFileDialog.getOpenFileName(None, _("Import model weights"), "",
                                               _("Checkpoints (*.pth *.pt *.ckpt *.safetensors);;All files (*)"))
         if not path:
