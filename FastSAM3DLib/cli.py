@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "fastsam3d-demo, where it was measured not to help; --no-grow: one region, which moves to "
                           "the newest click)")
     seg.add_argument("--max-regions", type=int, default=None, metavar="N",
-                     help="most regions one segment may grow to (default: 32; growth also stops after 60 s per click)")
+                     help="automatic growth stops once the segment has N regions (default: 32; growth also stops "
+                          "after 60 s per click); a click in a region the segment does not have still adds it")
     from .memory.cli import add_memory_arguments
 
     add_memory_arguments(seg)

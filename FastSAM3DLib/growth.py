@@ -52,7 +52,7 @@ POINT_MARGIN_CELLS = 2
 class GrowthSettings:
     """Limits and rules of growth (see the module doc). The defaults suit CT and MR organs on a CPU or GPU."""
 
-    max_regions: int = 32
+    max_regions: int = 32  # growth stops at this many regions; a click in a new region still adds that region
     time_budget_s: float = 60.0
     overlap: int = 32
     points: int = 1
