@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from FastSAM3DLib.attention.reference import official_bias
+from FastSAM3DLib.evaluation.results import EvaluationStateError
 from FastSAM3DLib.image_encoder import EncoderConfig, ImageEncoder3D
 from FastSAM3DLib.memory import (MemoryBank, MemoryBankError, MemoryOverflowError, attach_memory, attached_memory,
                                  build_bank, knn, load_bank, memory_weights, save_bank)
@@ -573,6 +574,19 @@ def test_evaluation_guard_and_journal(tiny, dataset, built, tmp_path):
             assert item["rows"] and all("patient P1" in e for e in item["entries"])
     stats = paired_comparison(out, "off", "on", clicks=(1, 2))
     assert [s["click"] for s in stats] == [1, 2] and all(s["n"] == 2 for s in stats)
+    # the warm-up on a blank input is not journalled; every line names its structure
+    plain = [json.loads(line) for line in (out / "memory_retrievals.jsonl").read_text().splitlines()]
+    assert plain and all(item["case"] == "b1" and item["structure"] and item["placement"] == "gt"
+                         for item in plain), plain[:2]
+    # the same name with other memory settings is refused before anything is written (it 'resumed' every unit
+    # and showed the first setting's numbers under the second's)
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    for other in (dict(k=1), dict(rule="released"), dict(local_ratio=0.5)):
+        with pytest.raises(EvaluationStateError, match="memory bank"):
+            evaluate_with_memory(dataset / "test.json", tiny, out, bank=built, name="on", **other, **common)
+        assert attached_memory(tiny) is None
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    evaluate_with_memory(dataset / "test.json", tiny, out, bank=built, name="on", **common)  # same: resumes
 
 
 def test_the_guard_knows_the_bank_image_under_another_case_name(tiny, tmp_path):

@@ -376,7 +376,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                      checkpoint: Optional[str] = None, device: Optional[str] = None, name: Optional[str] = None,
                      attention: Optional[str] = None, save_predictions: bool = True, plots: bool = True,
                      progress: bool = True, log: Callable[[str], None] = print,
-                     nsd_tolerance_mm: Optional[float] = None) -> Dict:
+                     nsd_tolerance_mm: Optional[float] = None,
+                     on_unit: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Evaluate ``model`` with simulated clicks on every structure of ``pairs``; return the summary dict.
 
     ``pairs``: a folder, a manifest, :class:`~.dataset.Case` objects or ``(image, label)`` tuples (see
@@ -390,7 +391,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     ``name``: the model's name in the results (default: the model name), to compare checkpoints in one folder.
     ``clicks``: per structure (default 5 for ``protocol="cvpr25"``, the challenge's budget, else 10).
     ``nsd_tolerance_mm``: compute the NSD at this tolerance after every click (default: 2 mm for cvpr25, none
-    otherwise: it costs a distance transform around the structure per click).
+    otherwise: it costs a distance transform around the structure per click). ``on_unit``: called with each
+    structure's description (model, case, structure, value, voxels, placement, protocol) before its clicks run.
 
     The summary is that of :func:`.results.summarise` over every row in the folder (all models), plus
     ``runtime`` for this call.
@@ -482,6 +484,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                         continue
                     meta = {"model": model_name, "case": case.name, "structure": structure, "value": value,
                             "voxels": voxels, "placement": where, "protocol": protocol}
+                    if on_unit is not None:
+                        on_unit(dict(meta))
                     rng = unit_rng(seed, case.name, value, protocol, where)
                     try:
                         rows, final = _RUNNERS[where](data, value, mask, voxels, clicks, rng, meta)

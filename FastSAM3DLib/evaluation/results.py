@@ -99,6 +99,30 @@ def json_clean(value):
     return value
 
 
+def _refuse_another_checkpoint(folder, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
+    """EvaluationStateError when ``settings`` (a run.json) hold ``model_name``'s results from another checkpoint."""
+    known = settings.get("models", {}).get(model_name)
+    if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
+        raise EvaluationStateError(
+            f"{folder} holds results of '{model_name}' with checkpoint {known}, not {checkpoint}. Use "
+            "another --output folder, or store these under another name (--name).")
+
+
+def check_model_checkpoint(folder: Optional[Path], model_name: str, checkpoint: Optional[str]) -> None:
+    """Refuse, as :meth:`ResultStore.check_settings` will, results of ``model_name`` from another checkpoint in
+    ``folder``; reads its run.json only and changes nothing (for checks before anything is written)."""
+    if folder is None:
+        return
+    run_json = Path(folder) / "run.json"
+    if run_json.is_file():
+        try:
+            settings = json.loads(run_json.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return  # damaged: the store says so with its own message
+        if isinstance(settings, dict):
+            _refuse_another_checkpoint(folder, settings, model_name, checkpoint)
+
+
 class ResultStore:
     """Rows and skips of an evaluation, kept in memory and (with a folder) on disk, resumable.
 
@@ -193,11 +217,7 @@ class ResultStore:
             raise EvaluationStateError(
                 f"{self.folder} holds NSD values at a tolerance of {known_tolerance} mm, not {tolerance} mm. Use "
                 "another --output folder, or the same --nsd-tolerance.")
-        known = old.get("models", {}).get(model_name)
-        if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
-            raise EvaluationStateError(
-                f"{self.folder} holds results of '{model_name}' with checkpoint {known}, not {checkpoint}. Use "
-                "another --output folder, or store these under another name (--name).")
+        _refuse_another_checkpoint(self.folder, old, model_name, checkpoint)
         merged = dict(old)
         merged.update({k: settings[k] for k in ("clicks", "seed", "min_voxels")})
         if tolerance is not None:

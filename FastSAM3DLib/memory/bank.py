@@ -128,6 +128,13 @@ class MemoryBank:
         return MemoryBank(self.descriptors.to(device), self.keys.to(device), self.values.to(device),
                           self.case_index.to(device), dict(self.meta), self.path)
 
+    def sha256(self) -> str:
+        """SHA-256 of the bank's tensors (recorded in a saved bank's header; computed for one not saved)."""
+        recorded = self.meta.get("tensors_sha256")
+        if recorded:
+            return str(recorded)
+        return _tensors_digest({name: getattr(self, name).detach().to("cpu").contiguous() for name in TENSOR_NAMES})
+
     def nbytes(self) -> int:
         """Bytes of all tensors."""
         return sum(t.numel() * t.element_size() for t in (self.descriptors, self.keys, self.values,

@@ -8,8 +8,11 @@
   Patient ids come from the manifest (``patient``/``patient_id``; else the case name stands in).
 * same cases, click seeds (the evaluation's ``unit_rng``), checkpoint, placements and protocol as the run
   without memory: give each setting its own ``name`` in one results folder.
-* every retrieval (case, structure, the entries found, distances, weights) goes to ``memory_retrievals.jsonl``
-  in the results folder, so one can check *what* was retrieved (e.g. the same organ of another patient).
+* every retrieval of the evaluated structures (model, case, structure, label value, placement, the entries
+  found, distances, weights) goes to ``memory_retrievals.jsonl`` in the results folder, so one can check *what*
+  was retrieved (e.g. the same organ of another patient); the warm-up on a blank input is not recorded.
+* the results' name stands for the model with this memory: results of that name made with another bank (by
+  its contents), rule, k, local ratio, retrieval or guard are refused, as results of another checkpoint are.
 
 :func:`paired_comparison` reads ``results.csv`` and compares two model names unit by unit: mean Dice after given
 clicks, the mean paired difference with a 95 % bootstrap interval (resampling patients, or units when there are
@@ -28,6 +31,7 @@ import numpy as np
 
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
+from ..evaluation.results import check_model_checkpoint
 from .plugin import attach_memory
 
 
@@ -79,27 +83,42 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
     handle = attach_memory(model, bank, k=k, local_ratio=local_ratio, rule=rule, retrieval_mode=retrieval_mode,
                            seed=seed_memory, allow_other_encoder=allow_other_encoder)
     folder = Path(output) if output is not None else None
+    settings = dict(handle.settings(), guard=guard, model=name)
+    # the results' name stands for the model *with this memory*: results made with another bank (by its
+    # contents), rule, k, ratio or guard are refused under that name, as another checkpoint is
+    memory = (f"memory bank {settings['bank_sha256'][:16]} ({settings['entries']} entries, block {settings['block']}, "
+              f"{settings['descriptor']}), rule {settings['rule']}, k {settings['k']}, local ratio "
+              f"{settings['local_ratio']:g}, retrieval {settings['retrieval']} (seed {settings['seed']}), guard {guard}")
+    evaluate_kwargs["checkpoint"] = f"{evaluate_kwargs.get('checkpoint') or 'unknown checkpoint'} with {memory}"
+    try:
+        check_model_checkpoint(folder, name, evaluate_kwargs["checkpoint"])
+    except BaseException:
+        handle.detach()
+        raise
     journal = folder / "memory_retrievals.jsonl" if folder is not None else None
-    current = {"case": None}
+    current: Dict[str, object] = {}  # the structure being evaluated; empty during the warm-up on a blank input
+
+    def started(meta):
+        current.clear()
+        current.update({key: meta[key] for key in ("case", "structure", "value", "placement")})
 
     def note(last):
-        if journal is None:
+        if journal is None or not current:
             return
         with open(journal, "a", encoding="utf-8") as stream:
             for item in last:
-                stream.write(json.dumps({"model": name, "case": current["case"], **item}) + "\n")
+                stream.write(json.dumps({"model": name, **current, **item}) + "\n")
 
     handle.on_retrieval = note
     plots = evaluate_kwargs.pop("plots", True)
     try:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            settings = dict(handle.settings(), guard=guard, model=name)
             with open(folder / "memory_settings.jsonl", "a", encoding="utf-8") as stream:
                 stream.write(json.dumps(settings) + "\n")
         if guard == "refuse":
-            current["case"] = "*"
-            return evaluate_dataset(cases, model, output, name=name, log=log, plots=plots, **evaluate_kwargs)
+            return evaluate_dataset(cases, model, output, name=name, log=log, plots=plots, on_unit=started,
+                                    **evaluate_kwargs)
         # case by case, each into the same folder, whose summary then covers them all (a temporary one when
         # the caller keeps results in memory)
         with tempfile.TemporaryDirectory(prefix="fastsam3d-memory-") as scratch:
@@ -108,9 +127,9 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
             for number, case in enumerate(cases):
                 handle.exclude(patients=[patients.get(case.name, case.name)],
                                cases=[case.name, *same_image.get(case.name, [])])
-                current["case"] = case.name
+                current.clear()
                 last = number == len(cases) - 1
-                summary = evaluate_dataset([case], model, into, name=name, log=log,
+                summary = evaluate_dataset([case], model, into, name=name, log=log, on_unit=started,
                                            plots=plots and last and output is not None, **evaluate_kwargs)
                 for key in totals:
                     totals[key] += summary["runtime"][key]

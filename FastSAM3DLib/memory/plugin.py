@@ -138,7 +138,8 @@ class MemoryHandle:
 
     def settings(self) -> Dict[str, object]:
         """The plug-in's settings, for results files."""
-        return {"bank": str(self.bank.path) if self.bank.path else None, "entries": len(self.bank),
+        return {"bank": str(self.bank.path) if self.bank.path else None, "bank_sha256": self.bank.sha256(),
+                "entries": len(self.bank),
                 "block": self.block, "k": self.k, "local_ratio": self.local_ratio, "rule": self.rule,
                 "retrieval": self.retrieval, "descriptor": self.bank.descriptor, "seed": self.seed}
 
