@@ -390,6 +390,33 @@ def test_bank_round_trip_and_refusals(tiny, tmp_path):
         load_bank(tmp_path / "damaged.safetensors")
 
 
+def test_a_model_kept_for_reuse_follows_its_bank_and_checkpoint_files(tiny, tmp_path):
+    """Slicer's model cache was keyed by the bank's path: a bank rebuilt there, or deleted, kept being used."""
+    from FastSAM3DLib.scene import batch
+
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"model_state_dict": tiny.state_dict()}, checkpoint)
+    path = tmp_path / "bank.safetensors"
+    save_bank(_random_bank(tiny, n=3), path)
+    batch._cached_model.cache_clear()
+    try:
+        first = batch.load_model("tiny-test", "cpu", str(checkpoint), memory_bank=path)
+        assert batch.load_model("tiny-test", "cpu", str(checkpoint), memory_bank=path) is first  # reused
+        assert len(attached_memory(first).bank) == 3
+        save_bank(_random_bank(tiny, n=2), path)  # rebuilt at the same path
+        assert len(attached_memory(batch.load_model("tiny-test", "cpu", str(checkpoint), memory_bank=path)).bank) == 2
+        path.unlink()
+        with pytest.raises(MemoryBankError, match="bank.safetensors"):
+            batch.load_model("tiny-test", "cpu", str(checkpoint), memory_bank=path)
+        other = build_model("tiny-test", seed=1)
+        torch.save({"model_state_dict": other.state_dict(), "note": "other weights"}, checkpoint)
+        reloaded = batch.load_model("tiny-test", "cpu", str(checkpoint))
+        assert torch.equal(reloaded.mask_decoder.iou_prediction_head.layers[0].weight,
+                           other.mask_decoder.iou_prediction_head.layers[0].weight)
+    finally:
+        batch._cached_model.cache_clear()
+
+
 def test_attach_keeps_one_handle_and_the_bank_on_the_model_device(tiny):
     bank = _random_bank(tiny)
     with attach_memory(tiny, bank) as handle:

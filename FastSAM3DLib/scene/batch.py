@@ -136,20 +136,36 @@ def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = 
     volumes or a series of clicks loads the weights once. ``precision``: see
     :func:`~FastSAM3DLib.registry.build_model`. ``memory_bank``: a Memorizing SAM bank file attached to the
     model; a model with another bank (or none) is another model, so a session never sees its model's bank
-    change because another caller wanted a different one.
+    change because another caller wanted a different one. A bank or checkpoint file rewritten since (same
+    path, other size or time) is loaded again; one deleted since is an error, as for a first load.
     """
-    bank = os.path.realpath(os.fspath(memory_bank)) if memory_bank else None
+    bank = _file_key(memory_bank) if memory_bank else None
+    if checkpoint not in ("cached", None) and os.path.exists(os.fspath(checkpoint)):
+        checkpoint = _file_key(checkpoint)
     return _cached_model(model, device, checkpoint, cache_dir, precision, bank)
 
 
+def _file_key(path) -> tuple:
+    """(real path, size, modification time in ns) of a file; (real path, None, None) when it is missing."""
+    real = os.path.realpath(os.fspath(path))
+    try:
+        info = os.stat(real)
+    except OSError:
+        return real, None, None
+    return real, info.st_size, info.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=2)
-def _cached_model(model: str, device: str, checkpoint: str, cache_dir, precision: Optional[str],
-                  memory_bank: Optional[str]):
-    """:func:`load_model`'s cache: one key however the arguments were passed."""
+def _cached_model(model: str, device: str, checkpoint, cache_dir, precision: Optional[str],
+                  memory_bank: Optional[tuple]):
+    """:func:`load_model`'s cache: one key however the arguments were passed (files by their path, size and
+    modification time)."""
     from ..registry import build_model
 
+    if isinstance(checkpoint, tuple):
+        checkpoint = checkpoint[0]
     return build_model(model, checkpoint=checkpoint, device=device, cache_dir=cache_dir, precision=precision,
-                       memory=memory_bank)
+                       memory=memory_bank[0] if memory_bank else None)
 
 
 def session_predictor(model: str = "fastsam3d", device: str = "auto", prompt_mode: Optional[str] = None,
