@@ -417,6 +417,59 @@ def test_a_model_kept_for_reuse_follows_its_bank_and_checkpoint_files(tiny, tmp_
         batch._cached_model.cache_clear()
 
 
+def test_two_threads_encoding_with_one_model_each_use_their_own_retrieval(tiny):
+    """The effect's worker and a console script (or two Segment Editors) share one cached model: the retrieval
+    waiting for the memory block was one attribute, so thread B could run with thread A's memory, or none."""
+    import threading
+
+    import torch.nn.functional as F
+
+    bank = _random_bank(tiny, n=4, seed=3)
+    inputs = {name: F.interpolate(bank.descriptors[row].reshape(1, 1, 32, 32, 32), scale_factor=4)
+              for name, row in (("A", 0), ("B", 2))}
+    handle = attach_memory(tiny, bank, k=1)
+    try:
+        with torch.no_grad():
+            serial = {}
+            for name, x in inputs.items():
+                serial[name] = tiny.image_encoder(x)
+                serial[name + " rows"] = handle.last[0]["rows"]
+        assert serial["A rows"] != serial["B rows"]
+        both_retrieved, a_done = threading.Barrier(2), threading.Event()
+
+        def first_block(module, args):  # both threads have retrieved before either reaches the memory block
+            both_retrieved.wait(timeout=60)
+
+        def memory_block(module, args):  # A finishes first, then B runs its memory block
+            if threading.current_thread().name == "B":
+                a_done.wait(timeout=60)
+
+        hooks = [tiny.image_encoder.blocks[0].register_forward_pre_hook(first_block),
+                 tiny.image_encoder.blocks[handle.block].register_forward_pre_hook(memory_block)]
+        out, rows = {}, {}
+
+        def run(name):
+            with torch.no_grad():
+                out[name] = tiny.image_encoder(inputs[name])
+            rows[name] = handle.last[0]["rows"]
+            if name == "A":
+                a_done.set()
+
+        threads = [threading.Thread(target=run, args=(name,), name=name) for name in inputs]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name in inputs:
+            assert torch.equal(out[name], serial[name]) and rows[name] == serial[name + " rows"], name
+    finally:
+        handle.detach()
+
+
 def test_attach_keeps_one_handle_and_the_bank_on_the_model_device(tiny):
     bank = _random_bank(tiny)
     with attach_memory(tiny, bank) as handle:

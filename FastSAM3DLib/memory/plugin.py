@@ -52,6 +52,7 @@ No global state: everything lives in the handle; one handle per model at a time.
 """
 from __future__ import annotations
 
+import threading
 import types
 import zlib
 from typing import Dict, List, Optional, Sequence, Union
@@ -111,8 +112,9 @@ class MemoryHandle:
         self.retrieval = retrieval_mode
         self.seed = int(seed)
         self.enabled = True
-        #: per batch item of the last encoder call: {"rows", "distances", "weights", "entries"}
-        self.last: List[Dict[str, object]] = []
+        # each thread's retrieval waiting for the memory block, and its last encoder call's (the effect's worker
+        # and a console script, or two Segment Editors, may encode with one cached model at once)
+        self._local = threading.local()
         self.retrievals = 0  # encoder calls that retrieved memory
         #: called with :attr:`last` after every retrieval (e.g. to log what was retrieved), or None
         self.on_retrieval = None
@@ -120,9 +122,34 @@ class MemoryHandle:
         self._row_cases = bank.entry_cases()
         self._allowed = torch.ones(len(bank), dtype=torch.bool)
         self.exclude(exclude_patients, exclude_cases)
-        self._pending = None
         self._hooks = []
         self.attached = False
+
+    @property
+    def last(self) -> List[Dict[str, object]]:
+        """Per batch item of this thread's last encoder call: {"rows", "distances", "weights", "entries"}."""
+        return getattr(self._local, "last", [])
+
+    @last.setter
+    def last(self, value: List[Dict[str, object]]) -> None:
+        self._local.last = value
+
+    @property
+    def _pending(self):
+        return getattr(self._local, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value) -> None:
+        self._local.pending = value
+
+    def __getstate__(self) -> Dict[str, object]:  # a deep copy of the model copies its handle: not the threads'
+        state = dict(self.__dict__)
+        state.pop("_local")
+        return state
+
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ public
     def exclude(self, patients: Sequence[str] = (), cases: Sequence[str] = ()) -> None:
