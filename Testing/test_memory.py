@@ -781,15 +781,35 @@ def test_a_bank_with_a_damaged_header_is_refused_clearly(tiny, tmp_path):
         out.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
         return out
 
+    entries = json.loads(header["__metadata__"]["entries"])
+    lettered = json.dumps([dict(e, case=f"a{e['case']}") for e in entries])  # was a ValueError traceback
     for changes, message in [({"grid": "abc"}, "grid"), ({"entries": "[1, 2, 3, 4, 5]"}, "records"),
+                             ({"entries": lettered}, "not the number of a case"),
                              ({"descriptor": "nonsense"}, "unknown retrieval descriptor"),
-                             ({"descriptor": "pooled16"}, "numbers"), ({"tensors_sha256": None}, "no checksum")]:
+                             ({"descriptor": "pooled16"}, "numbers"), ({"tensors_sha256": None}, "no checksum"),
+                             ({"format": "fastsam3d-memory-bank/2"}, "format 'fastsam3d-memory-bank/2'.*update")]:
         with pytest.raises(MemoryBankError, match=message):
             load_bank(edited(**changes), tiny)
         assert attached_memory(tiny) is None
     (tmp_path / "cut.safetensors").write_bytes(data[:100])
     with pytest.raises(MemoryBankError, match="damaged or truncated"):
         load_bank(tmp_path / "cut.safetensors", tiny)
+
+
+def test_an_unreadable_bank_is_said_to_be_unreadable_not_damaged(tiny, tmp_path, monkeypatch):
+    import builtins
+
+    path = save_bank(_random_bank(tiny), tmp_path / "locked.safetensors")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):  # tests run as root, which ignores file permissions
+        if Path(os.fspath(file)) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(MemoryBankError, match="cannot be opened \\(Permission denied\\).*permissions"):
+        load_bank(path, tiny)
 
 
 def test_paired_comparison_by_hand(tmp_path):

@@ -197,6 +197,8 @@ def _header_problems(meta: Dict[str, object]) -> List[str]:
     if not isinstance(meta.get("cases"), list) or not isinstance(meta.get("entries"), list) or \
             not all(isinstance(e, dict) for e in meta["entries"]):
         problems.append("its cases and entries are not lists of records")
+    elif not all(isinstance(e.get("case"), int) and not isinstance(e.get("case"), bool) for e in meta["entries"]):
+        problems.append("an entry's case is not the number of a case")
     name = meta.get("descriptor")
     if name not in DESCRIPTORS:
         problems.append(f"unknown retrieval descriptor {name!r} (known: {', '.join(DESCRIPTORS)})")
@@ -381,12 +383,23 @@ def read_bank_metadata(path) -> Dict[str, object]:
     path = Path(path)
     if not path.is_file():
         raise MemoryBankError(f"memory bank {path} does not exist.")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise MemoryBankError(f"memory bank {path} cannot be opened ({exc.strerror or exc}): check that it is "
+                              "readable (its permissions, or the drive it is on).") from None
     raw = read_metadata(path)
     if not raw:
         raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank, or its header is damaged or truncated "
                               "(no metadata could be read). Copy it again, or build one with: python -m "
                               "FastSAM3DLib memory build")
-    if raw.get("format") != FORMAT:
+    tag = str(raw.get("format", ""))
+    if tag != FORMAT and tag.startswith(FORMAT.split("/")[0] + "/"):
+        raise MemoryBankError(f"memory bank {path.name} has format {tag!r}, this version of FastSAM3D reads "
+                              f"{FORMAT!r}: update FastSAM3D, or build the bank again with this version "
+                              "(python -m FastSAM3DLib memory build).")
+    if tag != FORMAT:
         raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank (no '{FORMAT}' format tag in its "
                               "safetensors header). Build one with: python -m FastSAM3DLib memory build")
     return _meta_from_strings(raw, f"memory bank {path.name}")
