@@ -358,8 +358,9 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         return os.path.join(self.cacheDir(), "memory")
 
     def memoryBanks(self, model):
-        """(path, text for a menu) of the memory banks made by ``model``'s weights: bundled, then in
-        ``memoryBankDir()``. Only the files' headers are read."""
+        """(path, text for a menu) of the memory banks made by model ``model``: bundled, then in
+        ``memoryBankDir()``. Only the files' headers are read, so a bank made with other weights of that model
+        is listed too (the first click refuses it, saying so)."""
         from FastSAM3DLib.memory import find_banks
         from FastSAM3DLib.resources import resources_dir
 

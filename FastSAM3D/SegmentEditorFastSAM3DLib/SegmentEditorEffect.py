@@ -346,7 +346,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.start()
 
     def _fillMemoryCombo(self, model):
-        """The memory banks made by ``model``'s weights (bundled and in the cache's memory folder), the chosen
+        """The memory banks made by model ``model`` (bundled and in the cache's memory folder), the chosen
         file even if it lies elsewhere, and "None"; rebuilt without signals."""
         chosen = self._parameter(MEMORY_BANK)
         try:

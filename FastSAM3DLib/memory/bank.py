@@ -298,14 +298,15 @@ def check_fits(bank: MemoryBank, model, allow_other_encoder: bool = False) -> No
         return
     if str(bank.meta["model"]) != name:
         raise MemoryBankError(f"{where} was made by model '{bank.meta['model']}', not by the running model '{name}'. "
-                              f"{build_hint} (or pass allow_other_encoder=True / --memory-other-encoder to use "
-                              "another model's memory on purpose).")
+                              f"{build_hint}, or choose another bank. To use another model's memory on purpose: "
+                              "allow_other_encoder=True in Python, --memory-other-encoder on the command line.")
     mine_hash = encoder_sha256(model)
     if mine_hash != bank.meta["encoder_sha256"]:
         raise MemoryBankError(
             f"{where} was made with other weights of '{name}' (encoder sha256 {str(bank.meta['encoder_sha256'])[:12]}, "
-            f"the running one is {mine_hash[:12]}): its keys and values belong to those weights. {build_hint} "
-            "(or pass allow_other_encoder=True / --memory-other-encoder to use it on purpose).")
+            f"the running one is {mine_hash[:12]}): its keys and values belong to those weights. {build_hint}, or "
+            "choose another bank. To use it on purpose: allow_other_encoder=True in Python, --memory-other-encoder "
+            "on the command line.")
 
 
 def _grid_list(grid) -> List[int]:
