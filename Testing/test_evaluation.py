@@ -334,6 +334,28 @@ def test_a_refused_rerun_leaves_the_results_folder_byte_for_byte(synthetic_folde
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_other_data_under_the_same_case_names_is_refused_not_taken_as_done(synthetic_folder, tiny_checkpoint,
+                                                                          tmp_path, capsys):
+    """A unit is known by its case name: a second data folder with the same file names 'resumed' as done and
+    reported the first folder's numbers (and drew its predictions over the other images)."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_folder, other)
+    out = tmp_path / "eval"
+    args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
+                             out, "--clicks", "2")
+    assert main(args) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    moved = _single_pair_args(other / "ct.nii.gz", other / "ct_seg.nii.gz", tiny_checkpoint, out, "--clicks", "2")
+    assert main(moved) == 2
+    err = capsys.readouterr().err
+    assert "case 'ct'" in err and str(other) in err and "another --output" in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert main(args) == 0  # the same files continue
+
+
 def test_a_case_skipped_for_a_broken_file_is_evaluated_once_the_file_is_fixed(synthetic_folder, tiny_checkpoint,
                                                                                 tmp_path, capsys):
     """Skips are decided again by a rerun: a truncated image, copied again as the message said, is evaluated

@@ -414,6 +414,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     runner = ModelRunner(built)
     folder = Path(output) if output is not None else None
     store = ResultStore(folder, clicks)
+    store.check_cases(cases)
     store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
                           "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm)},
                          model_name, description)

@@ -233,6 +233,22 @@ class ResultStore:
             self._rewrite_results = False
         self._save_settings()
 
+    def check_cases(self, cases) -> None:
+        """Refuse cases whose names the folder holds for other image or label files (changing nothing): a unit is
+        known by its case name, so results of other data under the same name would count as already done."""
+        known = self.settings.get("cases", {})
+        for case in cases:
+            files = {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve())}
+            recorded = known.get(case.name)
+            if isinstance(recorded, dict):
+                other = [key for key in ("image", "label") if recorded.get(key) and recorded[key] != files[key]]
+                if other:
+                    key = other[0]
+                    raise EvaluationStateError(
+                        f"{self.folder} holds results of case '{case.name}' with the {key} {recorded[key]}, not "
+                        f"{files[key]}. Use another --output folder for other data (or give the same files "
+                        "to continue that run).")
+
     def record_cases(self, cases) -> None:
         """Remember the image and label files of the cases (the montage reads them back)."""
         known = self.settings.setdefault("cases", {})
