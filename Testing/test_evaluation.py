@@ -259,6 +259,17 @@ def check_summary_matches_csv(folder, clicks):
     return rows, summary
 
 
+def test_cases_reached_through_symbolic_links_keep_their_names(synthetic_folder, tmp_path):
+    """Names were made from resolved paths: through links they became whole paths of the link targets, so
+    --exclude-case held nothing out (held-out data went into training)."""
+    linked = tmp_path / "linked" / "sub"
+    linked.mkdir(parents=True)
+    for path in synthetic_folder.iterdir():
+        (linked / path.name).symlink_to(path)
+    assert [c.name for c in ds.find_cases(tmp_path / "linked")] == ["sub/ct"]
+    assert [c.name for c in ds.find_cases(synthetic_folder)] == ["ct"]
+
+
 def test_evaluate_cli_end_to_end_with_resume(synthetic_folder, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(synthetic_folder), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint),

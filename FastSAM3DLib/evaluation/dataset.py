@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,10 +261,13 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
 
 
 def _name_cases(pairs, root: Optional[Path]) -> List[Case]:
-    def rel(path: Path) -> str:
+    def rel(path: Path) -> str:  # as listed under the root: a symbolic link is named by its own path
         try:
-            text = str(path.resolve().relative_to(root.resolve())) if root else path.name
-        except ValueError:
+            text = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix() if root \
+                else path.name
+        except ValueError:  # another drive (Windows)
+            text = str(path)
+        if text.startswith("../"):
             text = str(path)
         parent, _, _ = text.rpartition("/")
         return f"{parent}/{image_stem(path)}" if parent else image_stem(path)
