@@ -538,6 +538,33 @@ def test_prepare_crops_skips_excluded_and_resumes(tmp_path):
     assert CropCache.open(tmp_path / "c").side == 128
 
 
+def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
+    """Folders of the same name were one group: the second site's cases of the same name counted as cached (and
+    were dropped); one unusable case stopped the whole run with a message naming no file."""
+    from FastSAM3DLib.errors import DataSourceError
+
+    sites = [tmp_path / site / "data" for site in ("siteA", "siteB")]
+    for number, site in enumerate(sites):
+        site.mkdir(parents=True)
+        _synthetic_pair(site, seed=number)
+    with pytest.raises(DataSourceError, match="both be the group 'data'.*siteA.*siteB"):
+        prepare_crops(tmp_path / "c", sites, margin=0, min_voxels=50, log=lambda _: None)
+    assert not (tmp_path / "c").exists()
+    prepare_crops(tmp_path / "c", sites[:1], margin=0, min_voxels=50, log=lambda _: None)
+    index = (tmp_path / "c" / "index.json").read_bytes()
+    with pytest.raises(DataSourceError, match="both be the group 'data'"):  # also against an earlier run
+        prepare_crops(tmp_path / "c", sites[1:], margin=0, min_voxels=50, log=lambda _: None)
+    assert (tmp_path / "c" / "index.json").read_bytes() == index
+    # a 4D image beside a good case: skipped with its file named, the good case cached
+    image = sitk.JoinSeries([sitk.ReadImage(str(sites[0] / "case_ct.nii.gz"))] * 3)
+    sitk.WriteImage(image, str(sites[0] / "a4d_ct.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(sites[0] / "case_seg.nii.gz")), str(sites[0] / "a4d_seg.nii.gz"))
+    lines = []
+    cache = prepare_crops(tmp_path / "d", sites[:1], margin=0, min_voxels=50, log=lines.append)
+    assert sorted(e.case for e in cache.entries) == ["case_ct", "case_ct"]
+    assert any("a4d_ct: skipped" in line and "a4d_ct.nii.gz" in line and "4D" in line for line in lines), lines
+
+
 def test_phantoms_are_random_labelled_volumes():
     a = make_phantom(np.random.default_rng(1), max_voxels=200_000)
     b = make_phantom(np.random.default_rng(1), max_voxels=200_000)

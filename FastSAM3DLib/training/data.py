@@ -89,12 +89,15 @@ class CropCache:
         self.root = Path(root)
         self.size, self.margin, self.float16 = int(size), int(margin), bool(float16)
         self.entries: List[CropEntry] = []
+        self.sources: Dict[str, str] = {}  # group -> the resolved folder or manifest its crops were cut from
         index = self.root / self.INDEX
         if index.is_file():
             meta = _read_index(index)
             if (meta["size"], meta["margin"]) != (self.size, self.margin) and meta["entries"]:
                 self.size, self.margin = int(meta["size"]), int(meta["margin"])
             self.entries = [CropEntry(**e) for e in meta["entries"]]
+            sources = meta.get("sources", {})
+            self.sources = {str(k): str(v) for k, v in sources.items()} if isinstance(sources, dict) else {}
 
     @classmethod
     def open(cls, root) -> "CropCache":
@@ -113,6 +116,27 @@ class CropCache:
     def side(self) -> int:
         """Side of a stored crop in voxels (``size + 2 * margin``)."""
         return self.size + 2 * self.margin
+
+    def add_sources(self, sources: Sequence) -> None:
+        """Remember which folder or manifest each group of ``sources`` comes from; DataSourceError (changing
+        nothing) when a group name would stand for two of them: their cases of the same name would be taken for
+        crops already cached."""
+        from ..errors import DataSourceError
+
+        this_run: Dict[str, str] = {}
+        cached = self.groups()
+        for source in sources:
+            if not isinstance(source, (str, Path)):
+                continue
+            group, where = source_group(source), str(Path(source).resolve())
+            known = this_run.get(group) or (self.sources.get(group) if cached.get(group) else None)
+            if known is not None and known != where:
+                raise DataSourceError(
+                    f"Two data sources would both be the group '{group}': {known} and {where}. Give one of them "
+                    "another name (a symbolic link or manifest file named differently), or use another crop "
+                    "cache folder.")
+            this_run[group] = where
+        self.sources = {**self.sources, **this_run}
 
     def has(self, group: str, case: str, value: int) -> bool:
         """Whether the crop of structure ``value`` of ``case`` in ``group`` is cached."""
@@ -148,8 +172,8 @@ class CropCache:
         return counts
 
     def _write_index(self) -> None:
-        text = json.dumps({"size": self.size, "margin": self.margin, "entries": [asdict(e) for e in self.entries]},
-                          indent=1)
+        text = json.dumps({"size": self.size, "margin": self.margin, "sources": self.sources,
+                           "entries": [asdict(e) for e in self.entries]}, indent=1)
         with atomic_output(self.root / self.INDEX) as tmp:
             tmp.write_text(text, encoding="utf-8")
 
@@ -191,6 +215,14 @@ def _matches(selector: str, case_name: str, value: int, name: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), structure.lower())
 
 
+def source_group(source) -> str:
+    """The group of a data source: its folder's or manifest's name (``pairs`` for image/label pairs)."""
+    if not isinstance(source, (str, Path)):
+        return "pairs"
+    group = Path(source).name
+    return Path(group).stem if group.endswith((".json", ".csv")) else group
+
+
 def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: int = DEFAULT_SIZE,
                   margin: int = DEFAULT_MARGIN, min_voxels: int = 1000, include: Optional[Sequence[str]] = None,
                   exclude: Sequence[str] = (), exclude_cases: Sequence[str] = (), per_phantom: int = 2,
@@ -206,7 +238,7 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
     (half the disk; relative rounding < 5e-4) unless out of range; False keeps them exact (float32).
     Rerunning continues an interrupted run.
     """
-    from ..errors import DataSourceError
+    from ..errors import DataSourceError, FastSAM3DError
     from ..evaluation.dataset import as_cases, load_case, select_structures
 
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
@@ -215,14 +247,22 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
     if (cache.size, cache.margin) != (size, margin):
         log(f"{cache.root} holds {cache.size}^3 crops with margin {cache.margin}: adding crops of that shape")
         size, margin = cache.size, cache.margin
+    cache.add_sources(sources)
+    unusable = []
     for source in sources:
-        group = Path(source).name if isinstance(source, (str, Path)) else "pairs"
-        group = Path(group).stem if group.endswith((".json", ".csv")) else group
+        group = source_group(source)
         for case in as_cases([source] if isinstance(source, (str, Path)) else [source]):
             if any(fnmatch.fnmatchcase(case.name.lower(), g.lower()) for g in exclude_cases):
                 log(f"[{group}] {case.name}: held out (excluded case)")
                 continue
-            image, labels, _ = load_case(case)
+            try:
+                image, labels, _ = load_case(case)
+                image.validate()
+            except (FastSAM3DError, OSError, RuntimeError, ValueError) as exc:  # one bad case stops nothing
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                log(f"[{group}] {case.name}: skipped, {case.image} or {case.label} cannot be used: {reason}")
+                unusable.append(case.name)
+                continue
             present = np.unique(labels)
             values, _ = select_structures(case, [int(v) for v in present if v != 0], include)
             added = 0
@@ -230,13 +270,20 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
                 name = case.structure_name(value)
                 if any(_matches(s, case.name, value, name) for s in exclude) or cache.has(group, case.name, value):
                     continue
-                crop, mask = crop_structure(image, labels, value, size, margin, spacing)
+                try:
+                    crop, mask = crop_structure(image, labels, value, size, margin, spacing)
+                except FastSAM3DError as exc:
+                    log(f"[{group}] {case.name} {name}: skipped ({str(exc).strip()})")
+                    continue
                 inner = mask[margin:margin + size, margin:margin + size, margin:margin + size].sum()
                 if inner < min_voxels:
                     continue
                 cache.add(group, case.name, value, name, crop, mask)
                 added += 1
             log(f"[{group}] {case.name}: {added} structures cached ({len(cache)} crops in all)")
+    if unusable:
+        log(f"{len(unusable)} case(s) skipped because their files cannot be used: {', '.join(unusable[:10])}"
+            + (" ..." if len(unusable) > 10 else ""))
     if phantoms:
         from .phantoms import make_phantom
 
