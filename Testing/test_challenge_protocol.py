@@ -117,12 +117,15 @@ def test_cvpr25_protocol_end_to_end(synthetic_folder, tmp_path, capsys):  # noqa
     for r in mine:
         if r["placement"] == "gt":
             units.setdefault(r["value"], []).append((int(r["click"]), float(r["dice_full"]), float(r["nsd_full"])))
-    curves = [sorted(u) for u in units.values()]
-    assert block["cvpr25"]["dsc_auc"] == pytest.approx(np.mean([area_under_clicks([c[1] for c in u]) for u in curves]))
-    assert block["cvpr25"]["final_nsd"] == pytest.approx(np.mean([u[-1][2] for u in curves]))
+    curves = [sorted(u) for u in units.values()]  # one case: the challenge's per-click means over its structures
+    case_dsc = np.mean([[c[1] for c in u] for u in curves], axis=0)
+    case_nsd = np.where(case_dsc > 0.2, np.mean([[c[2] for c in u] for u in curves], axis=0), 0.0)
+    assert block["cvpr25"]["dsc_auc"] == pytest.approx(area_under_clicks(case_dsc))
+    assert block["cvpr25"]["final_nsd"] == pytest.approx(case_nsd[-1])
     assert block["time_s"]["per_case"] > 0
     stated = summary["metrics"]["cvpr25"]  # the deviations from the challenge, in the file itself
-    assert all(words in stated for words in ("no bounding-box step", "not the image grid", "not capped"))
+    assert all(words in stated for words in ("no bounding-box step", "not the image grid", "not capped",
+                                             "then means over cases", "not as one multi-class label map"))
     assert json.loads((out / "run.json").read_text())["nsd_tolerance_mm"] == 2.0
     assert (out / "cvpr25_cvpr25.png").is_file() and not (out / "cvpr25_fastsam3d.png").exists()
     # the command line prints the challenge's numbers; another tolerance in the same folder is refused
@@ -135,3 +138,24 @@ def test_cvpr25_protocol_end_to_end(synthetic_folder, tmp_path, capsys):  # noqa
     assert main(["evaluate", str(synthetic_folder), "--model", "tiny-test", "--checkpoint", "random", "--protocol",
                  "cvpr25", "--nsd-tolerance", "1", "--placement", "gt", "--quiet", "-o", str(tmp_path / "cli")]) == 2
     assert "tolerance" in capsys.readouterr().err
+
+
+def test_the_challenge_numbers_are_means_over_cases_with_its_nsd_rule():
+    """Means over structures weighed a case of three structures three times, and NSD counted where the case's
+    DSC was 0.2 or less (CVPR25_iter_eval.py scores NSD 0 there)."""
+    from FastSAM3DLib.evaluation.results import FIELDS, summarise
+
+    def unit(case, value, dsc, nsd):
+        return [dict({f: "" for f in FIELDS}, model="m", case=case, structure=f"s{value}", value=value, voxels=100,
+                     placement="gt", protocol="cvpr25", click=click + 1, click_label=1, dice_crop=d, iou_crop=d,
+                     dice_full=d, iou_full=d, nsd_full=n, time_s=0.1, encoded=0, pred_iou=0.5)
+                for click, (d, n) in enumerate(zip(dsc, nsd))]
+
+    rows = (unit("A", 1, [0.9] * 5, [0.8] * 5) + unit("A", 2, [0.9] * 5, [0.8] * 5) + unit("A", 3, [0.9] * 5, [0.8] * 5)
+            + unit("B", 1, [0.1, 0.1, 0.1, 0.3, 0.3], [0.5] * 5))
+    numbers = summarise(rows, [], 5)["results"]["m"]["cvpr25"]["gt"]["overall"]["cvpr25"]
+    assert numbers["cases"] == 2
+    assert numbers["dsc_auc"] == pytest.approx((0.9 * 4 + area_under_clicks([0.1, 0.1, 0.1, 0.3, 0.3])) / 2)
+    assert numbers["final_dsc"] == pytest.approx((0.9 + 0.3) / 2)
+    assert numbers["nsd_auc"] == pytest.approx((0.8 * 4 + area_under_clicks([0, 0, 0, 0.5, 0.5])) / 2)
+    assert numbers["final_nsd"] == pytest.approx((0.8 + 0.5) / 2)

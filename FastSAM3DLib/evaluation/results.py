@@ -357,16 +357,33 @@ def _unit_times(units: List[Dict]) -> Dict:
             "per_case": nan_mean(per_case.values())}
 
 
+CHALLENGE_NSD_MIN_DSC = 0.2  # CVPR25_iter_eval.py: a case's NSD counts as 0 unless its DSC is above this
+
+
 def challenge_summary(units: List[Dict]) -> Dict:
-    """The CVPR 2025 challenge's numbers, means over structures (source grid): ``dsc_auc`` and ``nsd_auc`` (area
-    under the per-click curve, :func:`.metrics.area_under_clicks`) and ``final_dsc``/``final_nsd`` (after the
-    last click); NSD entries are None without NSD. Its time per case is ``time_s.per_case``."""
+    """The CVPR 2025 challenge's numbers on the source grid, scored as its ``CVPR25_iter_eval.py`` does: per case
+    and click, the mean DSC over the case's evaluated structures and their mean NSD, which counts as 0 where that
+    DSC is not above 0.2; per case the area under each per-click curve (:func:`.metrics.area_under_clicks`) and
+    the values after the last click; then means over cases: ``dsc_auc``, ``nsd_auc``, ``final_dsc``,
+    ``final_nsd`` (NSD entries None without NSD). Its time per case is ``time_s.per_case``."""
     from .metrics import area_under_clicks
 
-    return {"dsc_auc": nan_mean(area_under_clicks(u["dice_full"]) for u in units),
-            "nsd_auc": nan_mean(area_under_clicks(u["nsd_full"]) for u in units),
-            "final_dsc": nan_mean(u["dice_full"][-1] for u in units),
-            "final_nsd": nan_mean(u["nsd_full"][-1] for u in units)}
+    by_case: Dict[str, List[Dict]] = OrderedDict()
+    for unit in units:
+        by_case.setdefault(str(unit["rows"][0]["case"]), []).append(unit)
+    dsc_auc, nsd_auc, final_dsc, final_nsd = [], [], [], []
+    for members in by_case.values():
+        clicks = min(len(u["dice_full"]) for u in members)
+        dsc = [nan_mean(u["dice_full"][c] for u in members) for c in range(clicks)]
+        nsd = [nan_mean(u["nsd_full"][c] for u in members) for c in range(clicks)]
+        nsd = [value if not math.isfinite(value) or d > CHALLENGE_NSD_MIN_DSC else 0.0
+               for value, d in zip(nsd, dsc)]
+        dsc_auc.append(area_under_clicks(dsc))
+        nsd_auc.append(area_under_clicks(nsd))
+        final_dsc.append(dsc[-1] if dsc else float("nan"))
+        final_nsd.append(nsd[-1] if nsd else float("nan"))
+    return {"dsc_auc": nan_mean(dsc_auc), "nsd_auc": nan_mean(nsd_auc), "final_dsc": nan_mean(final_dsc),
+            "final_nsd": nan_mean(final_nsd), "cases": len(by_case)}
 
 
 def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Optional[Dict] = None) -> Dict:
@@ -401,11 +418,16 @@ def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Opti
                     "max": "mean over structures of the maximum over clicks (the paper's 'Dice')",
                     "nsd_full": "normalised surface Dice on the source grid at nsd_tolerance_mm (border voxels "
                                 "weigh 1, see evaluation/metrics.py)",
-                    "cvpr25": "CVPR 2025 interactive 3D challenge numbers: area under the per-click DSC/NSD curve "
-                              "(trapezoids, one unit per click, from click 1: no bounding-box step, these models "
-                              "take points only) and final DSC/NSD; clicks are placed on the 128^3 crop (gt) or the "
-                              "model grid (click), not the image grid; its time per case is time_s.per_case, "
-                              "measured, not capped at the challenge's 90 s per class"},
+                    "cvpr25": "CVPR 2025 interactive 3D challenge numbers, scored as CVPR25_iter_eval.py: per "
+                              "case the mean DSC/NSD over its structures after each click (NSD 0 where that DSC "
+                              "is not above 0.2), the area under those curves (trapezoids, one unit per click) and "
+                              "the final values, then means over cases. Deviations: from click 1 (no bounding-box "
+                              "step, these models take points only); each structure is segmented and scored on "
+                              "its own, not as one multi-class label map, and structures too small to evaluate "
+                              "are left out of their case's mean; NSD weighs border voxels equally, not surface "
+                              "elements by area; clicks are placed on the 128^3 crop (gt) or the model grid "
+                              "(click), not the image grid; its time per case is time_s.per_case, measured, not "
+                              "capped at the challenge's 90 s per class"},
         "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
         "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
         "n_rows": len(rows),
