@@ -632,7 +632,8 @@ def test_resuming_with_a_setting_that_changes_the_schedule_is_refused(tmp_path, 
 
     def run(**kw):
         config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
-                               stage_epochs=1, neck_from_start=kw.pop("neck_from_start", False))
+                               stage_epochs=1, neck_from_start=kw.pop("neck_from_start", False),
+                               lr=kw.pop("lr", 8e-4))
         return distill(config, _loop(tmp_path, "run", **kw), log=lambda _: None)
 
     run(steps=4, stop_after_steps=2)
@@ -640,6 +641,10 @@ def test_resuming_with_a_setting_that_changes_the_schedule_is_refused(tmp_path, 
         run(steps=4, resume=True, neck_from_start=True)
     with pytest.raises(FastSAM3DError, match="steps_per_epoch"):
         run(steps=4, resume=True, steps_per_epoch=2)
+    # the optimizer's settings come back from the checkpoint: other ones were silently ignored
+    for changed in (dict(lr=5e-3), dict(weight_decay=0.0), dict(warmup_steps=2), dict(schedule="constant"), dict(grad_clip=0.0)):
+        with pytest.raises(FastSAM3DError, match="optimisation"):
+            run(steps=4, resume=True, **changed)
     assert run(steps=4, resume=True)["finished"] is True
 
 

@@ -19,8 +19,8 @@ EXAMPLES = """examples (the demo pipeline, see Resources/Models/MODEL_CARD.md):
       --steps 1000 --output runs/demo
   python -m FastSAM3DLib export-weights runs/demo/latest.pth Resources/Models/fastsam3d-demo.pth
 
-Every run writes OUTPUT/latest.pth (resumable: rerun with --resume), OUTPUT/model.pth (weights only) and
-OUTPUT/log.jsonl (one JSON line per step and per epoch)."""
+Every run writes OUTPUT/latest.pth (resumable: rerun with --resume and the same settings; --steps may change),
+OUTPUT/model.pth (weights only) and OUTPUT/log.jsonl (one JSON line per step and per epoch)."""
 
 
 def _floats(text: str):

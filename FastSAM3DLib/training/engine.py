@@ -191,6 +191,11 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
         group.setdefault("base_lr", group["lr"])
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    # a resumed run restores the optimizer's own settings: asking for others would be ignored, so it is refused
+    fingerprint = dict(task.fingerprint, optimisation={
+        "lr": [float(g["base_lr"]) for g in groups], "weight_decay": float(config.weight_decay),
+        "warmup_steps": int(config.warmup_steps), "schedule": config.schedule,
+        "min_lr_ratio": float(config.min_lr_ratio), "grad_clip": float(config.grad_clip)})
     json_log = JsonLog(output / "log.jsonl")
     start_step = 0
     if latest.is_file():
@@ -199,7 +204,10 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
 
             raise FastSAM3DError(f"{latest} exists: pass --resume to continue that run, or choose another --output.")
         state = checkpoints.load_checkpoint(latest)
-        _check_fingerprint(state.get("args", {}).get("fingerprint", {}), task.fingerprint, latest)
+        _check_fingerprint(state.get("args", {}).get("fingerprint", {}), fingerprint, latest)
+        before = state.get("args", {}).get("loop", {}).get("steps")
+        if before is not None and int(before) != int(config.steps) and config.schedule != "constant":
+            log(f"the learning-rate schedule now ends at step {config.steps} (it was planned for {before})")
         task.model.load_state_dict(state["model_state_dict"], strict=True)
         if task.extra is not None and "extra_state_dict" in state:
             task.extra.load_state_dict(state["extra_state_dict"], strict=True)
@@ -212,7 +220,7 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
         json_log.write({"event": "resume", "step": start_step, "time": time.time()})
     else:
         json_log.write({"event": "start", "step": 0, "time": time.time(), "args": checkpoints.plain(task.args)})
-    args = dict(task.args, fingerprint=task.fingerprint, loop=checkpoints.plain(config))
+    args = dict(task.args, fingerprint=fingerprint, loop=checkpoints.plain(config))
 
     task.train_mode()
     progress = _Progress(config.steps, start_step, config.quiet, desc)
