@@ -565,6 +565,33 @@ def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
     assert any("a4d_ct: skipped" in line and "a4d_ct.nii.gz" in line and "4D" in line for line in lines), lines
 
 
+@pytest.mark.parametrize("options, message", [
+    (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--steps-per-epoch", "0"],
+     "--steps-per-epoch: must be at least 1"),
+    (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--pairs", "0:99"], "pair 0:99 is outside"),
+    (["finetune", "--model", "tiny-test", "--checkpoint-every", "0"], "--checkpoint-every: must be at least 1"),
+    (["finetune", "--model", "tiny-test", "--unfreeze-blocks", "9"], "unfreeze_blocks must be in 0..3"),
+    (["finetune", "--model", "tiny-test", "--clicks", "1"], "--clicks: must be at least 2"),
+])
+def test_impossible_training_options_are_one_line_errors_before_any_output(options, message, crop_cache, tmp_path,
+                                                                          capsys):
+    """They were ZeroDivisionError and ValueError tracebacks (and --clicks 1 trained without any click)."""
+    from FastSAM3DLib.cli import main
+
+    command, rest = options[0], options[1:]
+    output = tmp_path / "run"
+    argv = [command, str(crop_cache.root), "--output", str(output), "--steps", "1", "--quiet", *rest]
+    if message.startswith("--"):  # argparse's own error: usage, then one line
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    else:
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not output.exists()
+
+
 def test_phantoms_are_random_labelled_volumes():
     a = make_phantom(np.random.default_rng(1), max_voxels=200_000)
     b = make_phantom(np.random.default_rng(1), max_voxels=200_000)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SettingError
 from .augment import AugmentConfig
 from .data import CropCache, CropSampler
 from .engine import LoopConfig, TrainingTask, run_training
@@ -58,7 +59,7 @@ Pair = Tuple[int, int]
 def default_layer_pairs(student_depth: int, teacher_depth: int) -> List[Pair]:
     """Student block output ``i`` <-> teacher block output ``r (i + 1) - 1`` with ``r = teacher/student depth``."""
     if student_depth < 1 or teacher_depth < student_depth or teacher_depth % student_depth:
-        raise ValueError(f"no default pairing for a {student_depth}-block student and a {teacher_depth}-block "
+        raise SettingError(f"no default pairing for a {student_depth}-block student and a {teacher_depth}-block "
                          "teacher (the teacher depth must be a multiple of the student's); give pairs explicitly")
     ratio = teacher_depth // student_depth
     return [(i, ratio * (i + 1) - 1) for i in range(student_depth)]
@@ -74,7 +75,7 @@ def parse_pairs(text: Optional[str]) -> Optional[List[Pair]]:
         try:
             pairs.append((int(s), int(t)))
         except ValueError:
-            raise ValueError(f"pairs must look like '0:1,1:3' (student:teacher block outputs), got {text!r}") from None
+            raise SettingError(f"pairs must look like '0:1,1:3' (student:teacher block outputs), got {text!r}") from None
     return pairs
 
 
@@ -82,7 +83,7 @@ def active_pairs(epoch: int, pairs: Sequence[Pair], stage_epochs: int,
                  neck_from_start: bool = False) -> List[Union[Pair, str]]:
     """The pairs matched during ``epoch`` (0-based): the schedule of the module docstring."""
     if stage_epochs < 1:
-        raise ValueError("stage_epochs must be >= 1")
+        raise SettingError("stage_epochs must be >= 1")
     stages = list(pairs) + ([] if neck_from_start else [NECK])
     count = min(1 + epoch // stage_epochs, len(stages))
     active: List[Union[Pair, str]] = list(stages[:count])
@@ -104,9 +105,9 @@ class TeacherFeatureCache:
 
     def __init__(self, mode: str = "none", folder=None, max_items: int = 256) -> None:
         if mode not in self.MODES:
-            raise ValueError(f"teacher cache must be one of {', '.join(self.MODES)}, got {mode!r}")
+            raise SettingError(f"teacher cache must be one of {', '.join(self.MODES)}, got {mode!r}")
         if mode == "disk" and folder is None:
-            raise ValueError("a disk teacher cache needs a folder")
+            raise SettingError("a disk teacher cache needs a folder")
         self.mode, self.max_items = mode, max_items
         self.folder = Path(folder) if folder is not None else None
         self.memory: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
@@ -176,7 +177,7 @@ class DistillationTask(TrainingTask):
         self.config = config
         teacher_cfg, student_cfg = get_model_config(config.teacher), get_model_config(config.student)
         if teacher_cfg.image_size != student_cfg.image_size:
-            raise ValueError("teacher and student must take the same input size")
+            raise SettingError("teacher and student must take the same input size")
         self.teacher = build_model(config.teacher, checkpoint=config.teacher_checkpoint, device=device,
                                    attention_backend=config.attention, seed=loop.seed)
         self.teacher.eval().requires_grad_(False)
@@ -192,7 +193,7 @@ class DistillationTask(TrainingTask):
         self.pairs = list(config.pairs) if config.pairs else default_layer_pairs(s_enc.depth, t_enc.depth)
         for s, t in self.pairs:
             if not (0 <= s < s_enc.depth and 0 <= t < t_enc.depth):
-                raise ValueError(f"pair {s}:{t} is outside the student's {s_enc.depth} / teacher's {t_enc.depth} "
+                raise SettingError(f"pair {s}:{t} is outside the student's {s_enc.depth} / teacher's {t_enc.depth} "
                                  "block outputs")
         widths = {pair_name(p): (s_enc.embed_dim, t_enc.embed_dim) for p in self.pairs}
         widths[NECK] = (s_enc.out_chans, t_enc.out_chans)
@@ -202,7 +203,7 @@ class DistillationTask(TrainingTask):
             for name, (sw, tw) in widths.items():
                 if sw != tw:
                     if config.require_equal_widths:
-                        raise ValueError(f"pair {name}: student width {sw} != teacher width {tw} "
+                        raise SettingError(f"pair {name}: student width {sw} != teacher width {tw} "
                                          "(require_equal_widths is set)")
                     self.extra[name.replace("-", "_")] = nn.Linear(sw, tw)
         self.extra.to(device)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import SettingError
 from ..files import atomic_output
 from . import checkpoints
 
@@ -99,7 +100,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
 def lr_factor(step: int, config: LoopConfig) -> float:
     """Learning-rate multiplier of optimiser step ``step`` (0-based): warm-up, then cosine or constant."""
     if config.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise SettingError(f"unknown schedule {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":

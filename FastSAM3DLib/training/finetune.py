@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..errors import SettingError
 from .augment import AugmentConfig
 from .data import CropCache, CropSampler
 from .engine import LoopConfig, TrainingTask, resolve_device, run_training
@@ -58,10 +59,10 @@ def set_trainable(model, unfreeze_blocks: int = 0, train_encoder: bool = False,
     encoder = model.image_encoder
     depth = len(encoder.blocks)
     if unfreeze_blocks < 0 or unfreeze_blocks > depth:
-        raise ValueError(f"unfreeze_blocks must be in 0..{depth}, got {unfreeze_blocks}")
+        raise SettingError(f"unfreeze_blocks must be in 0..{depth}, got {unfreeze_blocks}")
     if iou_head_only:
         if unfreeze_blocks or train_encoder:
-            raise ValueError("iou_head_only trains the IoU head alone: it cannot be combined with encoder training")
+            raise SettingError("iou_head_only trains the IoU head alone: it cannot be combined with encoder training")
         model.requires_grad_(False)
         model.mask_decoder.iou_prediction_head.requires_grad_(True)
         return []
@@ -85,10 +86,13 @@ class FinetuneTask(TrainingTask):
         from ..registry import build_model
 
         self.config = config
+        if int(config.clicks) < 2:  # the last step is the mask alone: one step would never give a click
+            raise SettingError(f"clicks must be at least 2 (the last step's prompt is the mask alone), got "
+                               f"{config.clicks}")
         self.model = build_model(config.model, checkpoint=config.checkpoint, device=device,
                                  attention_backend=config.attention, seed=loop.seed)
         if config.iou_head_only and config.iou_weight <= 0:
-            raise ValueError("iou_head_only needs iou_weight > 0 (the IoU term is its only loss)")
+            raise SettingError("iou_head_only needs iou_weight > 0 (the IoU term is its only loss)")
         self.trainable_encoder = set_trainable(self.model, config.unfreeze_blocks, config.train_encoder,
                                                config.iou_head_only)
         self.encoder_trains = any(p.requires_grad for p in self.model.image_encoder.parameters())
