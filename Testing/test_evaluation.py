@@ -343,6 +343,10 @@ def test_a_refused_rerun_leaves_the_results_folder_byte_for_byte(synthetic_folde
     assert main(args[:-1] + ["3"]) == 2
     assert "clicks=2" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # NSD asked for where the units have none: they would count as done (and the settings claim NSD)
+    assert main(args + ["--nsd-tolerance", "2"]) == 2
+    assert "without NSD" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_other_data_under_the_same_case_names_is_refused_not_taken_as_done(synthetic_folder, tiny_checkpoint,

@@ -416,7 +416,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     store = ResultStore(folder, clicks)
     store.check_cases(cases)
     store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
-                          "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm)},
+                          "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm),
+                          "protocol": protocol},
                          model_name, description)
     store.record_cases(cases)
     if store.dropped_units:

@@ -217,6 +217,12 @@ class ResultStore:
             raise EvaluationStateError(
                 f"{self.folder} holds NSD values at a tolerance of {known_tolerance} mm, not {tolerance} mm. Use "
                 "another --output folder, or the same --nsd-tolerance.")
+        protocol = settings.get("protocol")
+        if tolerance is not None and protocol is not None and any(
+                r["protocol"] == protocol and not math.isfinite(r["nsd_full"]) for r in self.rows):
+            raise EvaluationStateError(
+                f"{self.folder} holds {protocol} results without NSD, which would count as done: to get NSD, use "
+                "another --output folder (or leave out --nsd-tolerance to continue this one).")
         _refuse_another_checkpoint(self.folder, old, model_name, checkpoint)
         merged = dict(old)
         merged.update({k: settings[k] for k in ("clicks", "seed", "min_voxels")})
