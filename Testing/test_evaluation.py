@@ -156,6 +156,31 @@ def test_find_cases_understands_labels_json_nnunet_itksnap_and_manifests(tmp_pat
     assert values == [2, 1] and missing[0][0] == "spleen" and "no structure named" in missing[0][2]
 
 
+def test_listed_cases_with_a_missing_file_are_reported_not_dropped_silently(tmp_path):
+    """A labels.json entry whose image is gone, or an nnU-Net training image without its label, vanished from the
+    data without a word; the orphan label must not be paired with some other image either."""
+    import warnings
+
+    small = np.zeros((4, 5, 6), np.uint8)
+    small[1, 1, 1] = 1
+    write_image(tmp_path / "a" / "ct.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "a" / "ct_seg.nii.gz", small)
+    write_image(tmp_path / "a" / "gone_seg.nii.gz", small)
+    (tmp_path / "a" / "labels.json").write_text(json.dumps({"ct_seg.nii.gz": {"image": "ct.nii.gz"},
+                                                            "gone_seg.nii.gz": {"image": "gone.nii.gz"}}))
+    write_image(tmp_path / "b" / "imagesTr" / "x_0000.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "b" / "imagesTr" / "y_0000.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "b" / "labelsTr" / "x.nii.gz", small)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cases = ds.find_cases(tmp_path)
+    assert sorted((c.name, c.label.name) for c in cases) == [("a/ct", "ct_seg.nii.gz"),
+                                                            ("b/imagesTr/x_0000", "x.nii.gz")]
+    (warning,) = [w for w in caught if issubclass(w.category, ds.IncompleteDataWarning)]
+    text = str(warning.message)
+    assert text.startswith("2 case(s)") and "gone.nii.gz" in text and "y_0000.nii.gz" in text
+
+
 def test_names_and_manifests_are_read_as_utf8_whatever_the_locale(tmp_path):
     """GDCM's DICOM writer leaves a process at LC_CTYPE "C", and Windows defaults to cp1252: files are read as
     UTF-8 explicitly, so structure names like these stay readable."""

@@ -24,6 +24,7 @@ import fnmatch
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -220,8 +221,12 @@ def _images_for_label(label: Path, images: Sequence[Path]) -> List[Path]:
     return best
 
 
+class IncompleteDataWarning(UserWarning):
+    """A labels.json entry or an nnU-Net image whose image or label file is missing was left out."""
+
+
 def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
-    pairs, used = [], set()
+    pairs, used, incomplete = [], set(), []
     for manifest in sorted(root.rglob("labels.json")):
         try:
             data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -234,6 +239,9 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
             if label.exists() and image.exists():
                 pairs.append((image, label, _names_from_labels_json(manifest, label_file) or {}))
                 used.update({label.resolve(), image.resolve()})
+            else:
+                incomplete.append(f"{label if not label.exists() else image} (listed in {manifest})")
+                used.update(path.resolve() for path in (label, image) if path.exists())  # never paired otherwise
     for images_dir in sorted(p for p in root.rglob("images*") if p.is_dir() and p.name in _NNUNET_IMAGE_DIRS):
         labels_dir = images_dir.parent / _NNUNET_IMAGE_DIRS[images_dir.name]
         if not labels_dir.is_dir():
@@ -247,6 +255,8 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
             if matches:
                 pairs.append((image, matches[0], names))
                 used.update({image.resolve(), matches[0].resolve()})
+            elif images_dir.name == "imagesTr":  # imagesTs usually has no labels
+                incomplete.append(f"the label of {image} (in {labels_dir})")
         used.update(p.resolve() for p in images_dir.iterdir())
         used.update(p.resolve() for p in labels_dir.iterdir())
     folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
@@ -257,6 +267,10 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
         for label in labels:
             for image in _images_for_label(label, images):
                 pairs.append((image, label, label_names(label)))
+    if incomplete:
+        warnings.warn(f"{len(incomplete)} case(s) of {root} left out because a file is missing: "
+                      + "; ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else ""), IncompleteDataWarning,
+                      stacklevel=3)
     return pairs
 
 
