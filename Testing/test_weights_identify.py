@@ -97,6 +97,19 @@ def test_wrong_checkpoint_for_the_model_names_what_it_is_and_what_fits():
     assert "fits model 'sam-med3d-turbo'" in message and "wrong shape" in message
 
 
+def test_a_checkpoint_of_a_registered_variant_names_that_model():
+    """The bundled demo model's file (or anything trained for it) loaded into another model was said to fit 'none
+    of the registered models'."""
+    from FastSAM3DLib.registry import build_model
+
+    demo = {k: v.to("meta") for k, v in build_model("fastsam3d-demo", seed=0).state_dict().items()}
+    assert identify_state_dict(demo).fits == ("fastsam3d-demo",)
+    with pytest.raises(CheckpointError, match="fits model 'fastsam3d-demo': choose that model"):
+        load_into_model(module_with_shapes({k: tuple(v.shape) for k, v in
+                                            build_model("tiny-test", seed=0).state_dict().items()}, device="meta"),
+                        demo, "tiny-test")
+
+
 def test_encoder_only_file_into_full_model_points_to_the_split_release():
     model = module_with_shapes(official_layout("fastsam3d"), device="meta")
     with pytest.raises(CheckpointError) as err:

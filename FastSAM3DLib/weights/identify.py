@@ -81,10 +81,11 @@ def identify_state_dict(state_dict: Mapping[str, object], manifest=None) -> Iden
             ", non-standard sizes"
     if arch is None:
         return Identification("full" if full else "encoder-only", None, "a 3D SAM-style checkpoint of an unknown "
-                              f"variant ({counts}, width {info['width']})", False, ())
+                              f"variant ({counts}, width {info['width']})", False,
+                              _registered_models_with(shapes) if full else ())
     title = ARCHITECTURE_TITLES[arch]
     if full:
-        fits = _models_for(arch, manifest) if official else ()
+        fits = _models_for(arch, manifest) if official else _registered_models_with(shapes)
         return Identification("full", arch, f"a {title} checkpoint ({counts})", official, fits)
     hint = _SPLIT_HINT if arch == "fastsam3d" else "It lacks the prompt encoder and mask decoder."
     return Identification("encoder-only", arch, f"an encoder-only {title.split(' /')[0]} file ({counts})", official,
@@ -170,6 +171,24 @@ def _architecture(info: dict) -> Optional[str]:
                 and info["heads"] == layout.num_heads):
             return arch
     return None
+
+
+def _registered_models_with(shapes: Mapping[str, tuple]) -> Tuple[str, ...]:
+    """Names of the registered models whose state dict has exactly these keys and shapes (e.g. the bundled demo
+    model, or a model trained with this library); built on PyTorch's meta device, so no weights are made."""
+    import torch
+
+    from ..model_configs import get_model_config, list_models
+    from ..registry import Sam3D
+
+    wanted = {key: tuple(shape) for key, shape in shapes.items()}
+    names = []
+    for name in list_models():
+        with torch.device("meta"):
+            model = Sam3D(get_model_config(name), "torch")
+        if {key: tuple(value.shape) for key, value in model.state_dict().items()} == wanted:
+            names.append(name)
+    return tuple(names)
 
 
 def _models_for(architecture: str, manifest) -> Tuple[str, ...]:
