@@ -396,6 +396,23 @@ def test_other_data_under_the_same_case_names_is_refused_not_taken_as_done(synth
     assert main(args) == 0  # the same files continue
 
 
+def test_evaluate_threads_are_set_and_recorded(synthetic_folder, tiny_checkpoint, tmp_path, capsys):
+    """Dice depends slightly on PyTorch's thread count (the order of sums): it is an option and in summary.json."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = tmp_path / "eval"
+    try:
+        args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
+                                 out, "--clicks", "1", "--threads", "1")
+        assert main(args) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((out / "summary.json").read_text())["runtime"]["torch_threads"] == 1
+        assert main(args[:-1] + ["0"]) == 2 and "--threads must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_case_skipped_for_a_broken_file_is_evaluated_once_the_file_is_fixed(synthetic_folder, tiny_checkpoint,
                                                                                 tmp_path, capsys):
     """Skips are decided again by a rerun: a truncated image, copied again as the message said, is evaluated

@@ -76,6 +76,9 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--no-predictions", action="store_true",
                         help="do not save the last prediction of each structure (the overlay montage needs them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="PyTorch CPU threads (default: PyTorch's). Dice can differ slightly with the count: "
+                             "sums in another order move logits near the threshold; summary.json records it")
     from ..memory.cli import add_memory_arguments
 
     add_memory_arguments(parser, evaluation=True)
@@ -143,6 +146,13 @@ def cmd_evaluate(args) -> int:
     if args.clicks < 1:
         print(f"error: --clicks must be at least 1, got {args.clicks}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"{len(cases)} case(s) in {args.data}; model {args.model}, {args.clicks} clicks, protocol {args.protocol}, "
           f"placement {args.placement}")
     common = dict(clicks=args.clicks, protocol=args.protocol, placement=args.placement,

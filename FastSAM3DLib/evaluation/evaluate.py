@@ -98,6 +98,13 @@ class ModelRunner:
         self.decode(embedding, np.full((1, 3), self.size / 2), [1])
 
 
+def _torch_threads() -> int:
+    """PyTorch's CPU thread count (results can differ slightly with it: sums in another order)."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def upsample_logits(low_res, size: int) -> np.ndarray:
     """The official ``F.interpolate(low_res, size, mode="trilinear", align_corners=False)`` as (x, y, z) numpy."""
     import torch
@@ -512,8 +519,10 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
 
     summary = summarise(store.rows, store.skipped, clicks, store.settings)
     elapsed = time.perf_counter() - started
-    summary["runtime"] = {"scope": "the call that wrote this summary", "seconds": elapsed, "structures_evaluated": evaluated, "model_clicks": clicks_run,
-                          "seconds_per_structure": elapsed / evaluated if evaluated else None}
+    summary["runtime"] = {"scope": "the call that wrote this summary", "seconds": elapsed,
+                          "structures_evaluated": evaluated, "model_clicks": clicks_run,
+                          "seconds_per_structure": elapsed / evaluated if evaluated else None,
+                          "torch_threads": _torch_threads()}
     if folder is not None:
         write_summary(folder, summary)
         if plots:

@@ -135,7 +135,8 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
                     totals[key] += summary["runtime"][key]
             if summary is not None:  # the runtime of all the calls, as one plain evaluation would report it
                 summary["runtime"] = dict(totals, scope="this evaluation, case by case", seconds_per_structure=(
-                    totals["seconds"] / totals["structures_evaluated"] if totals["structures_evaluated"] else None))
+                    totals["seconds"] / totals["structures_evaluated"] if totals["structures_evaluated"] else None),
+                    torch_threads=summary["runtime"].get("torch_threads"))
             return summary
     finally:
         handle.detach()
