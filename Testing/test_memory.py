@@ -661,9 +661,10 @@ def test_evaluation_guard_and_journal(tiny, dataset, built, tmp_path):
     # the same name with other memory settings is refused before anything is written (it 'resumed' every unit
     # and showed the first setting's numbers under the second's)
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
-    for other in (dict(k=1), dict(rule="released"), dict(local_ratio=0.5)):
-        with pytest.raises(EvaluationStateError, match="memory bank"):
-            evaluate_with_memory(dataset / "test.json", tiny, out, bank=built, name="on", **other, **common)
+    for other, match in ((dict(k=1), "memory bank"), (dict(rule="released"), "memory bank"),
+                         (dict(local_ratio=0.5), "memory bank"), (dict(clicks=3), "clicks=2")):
+        with pytest.raises(EvaluationStateError, match=match):
+            evaluate_with_memory(dataset / "test.json", tiny, out, bank=built, name="on", **{**common, **other})
         assert attached_memory(tiny) is None
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
     evaluate_with_memory(dataset / "test.json", tiny, out, bank=built, name="on", **common)  # same: resumes

@@ -29,9 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..evaluation.results import check_model_checkpoint
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
-from ..evaluation.results import check_model_checkpoint
 from .plugin import attach_memory
 
 
@@ -97,8 +97,13 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         raise
     journal = folder / "memory_retrievals.jsonl" if folder is not None else None
     current: Dict[str, object] = {}  # the structure being evaluated; empty during the warm-up on a blank input
+    recorded: List[bool] = []
 
     def started(meta):
+        if folder is not None and not recorded:  # the settings once the evaluation has begun (not on a refusal)
+            with open(folder / "memory_settings.jsonl", "a", encoding="utf-8") as stream:
+                stream.write(json.dumps(settings) + "\n")
+            recorded.append(True)
         current.clear()
         current.update({key: meta[key] for key in ("case", "structure", "value", "placement")})
 
@@ -112,10 +117,6 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
     handle.on_retrieval = note
     plots = evaluate_kwargs.pop("plots", True)
     try:
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "memory_settings.jsonl", "a", encoding="utf-8") as stream:
-                stream.write(json.dumps(settings) + "\n")
         if guard == "refuse":
             return evaluate_dataset(cases, model, output, name=name, log=log, plots=plots, on_unit=started,
                                     **evaluate_kwargs)
