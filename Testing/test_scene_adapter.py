@@ -693,6 +693,29 @@ def test_failures_leave_the_segmentation_bit_identical(app):
         assert np.array_equal(segment_array(segmentation, ids[sid], volume), mask)
 
 
+def test_a_result_reaching_outside_the_segmentations_geometry_is_refused_not_cut(app):
+    """A segmentation made for a smaller volume, or moved by a transform, cut the result off silently (to nothing
+    when moved away), and the call reported success."""
+    volume = make_volume(app.scene)
+    small = make_volume(app.scene, array=slicer.util.arrayFromVolume(volume)[:, :, :13].copy(), name="left half")
+    cropped = make_segmentation(app.scene, small, "for the left half")
+    kept = set_segment(cropped, small, "kept", np.ones((14, 22, 13), bool))
+    before = fingerprint(cropped)
+    mask = np.zeros(SHAPE, bool)
+    mask[4:10, 5:15, 8:20] = True  # columns 13-19 lie outside the left half
+    region = tuple(slice(0, n) for n in SHAPE)
+    with pytest.raises(FastSAM3DError, match="420 of the result's 720 voxels lie outside the segmentation's geometry"):
+        sc.write_region(cropped, kept, volume, region, mask)
+    assert fingerprint(cropped) == before
+    sc.write_region(cropped, kept, volume, region, mask & (np.indices(SHAPE)[2] < 13))  # inside: written
+    moved = make_segmentation(app.scene, volume, "moved")
+    moved.SetAndObserveTransformNodeID(linear_transform(app.scene, translated(np.eye(4), (60.0, 0, 0))).GetID())
+    with pytest.raises(FastSAM3DError, match="outside the segmentation's geometry"):
+        sc.segment_volume_node(volume, [(12.0, 10.0, 7.0)], segmentation_node=moved, segment_name="ball",
+                               predictor=lambda vol, points, labels: (region, mask))
+    assert moved.GetSegmentation().GetNumberOfSegments() == 0
+
+
 @pytest.mark.parametrize("failing", [_FailingEditor, _FailingAfterEditor], ids=["between", "after"])
 @pytest.mark.parametrize("overwrite", ["all", "visible", "none"])
 @pytest.mark.parametrize("target", ["B", "new"])

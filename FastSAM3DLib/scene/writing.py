@@ -66,6 +66,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         reference = editor.reference_geometry()
         if reference is None:
             raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
+        _refuse_voxels_outside(reference, mask_to_segmentation, bounds, mask)
         to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
         if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
@@ -293,6 +294,35 @@ def _values_in_extent(image, extent) -> np.ndarray:
 def _array_in_extent(image, extent) -> np.ndarray:
     """(K, J, I) uint8 mask of ``image``'s nonzero voxels over ``extent``; zero where the image does not reach."""
     return (_values_in_extent(image, extent) != 0).astype(np.uint8)
+
+
+def _refuse_voxels_outside(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray) -> None:
+    """FastSAM3DError, before anything is written, when voxels of ``mask`` lie outside the segmentation's geometry
+    (a segmentation made for a smaller volume, or moved by a transform): the edit would cut them off silently."""
+    grid = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(grid)
+    mask_ijk_to_grid_ijk = np.linalg.inv(_array_from_vtk_matrix(grid)) @ mask_to_segmentation
+    extent = np.array(reference.GetExtent()).reshape(3, 2)
+
+    def outside(ijk: np.ndarray) -> np.ndarray:
+        mapped = np.rint(ijk @ mask_ijk_to_grid_ijk[:3, :3].T + mask_ijk_to_grid_ijk[:3, 3])
+        return ((mapped < extent[:, 0]) | (mapped > extent[:, 1])).any(axis=1)
+
+    start = np.array([bounds[2].start, bounds[1].start, bounds[0].start])
+    stop = np.array([bounds[2].stop, bounds[1].stop, bounds[0].stop]) - 1
+    corners = np.array([[x, y, z] for x in (start[0], stop[0]) for y in (start[1], stop[1])
+                        for z in (start[2], stop[2])])
+    if not outside(corners).any():  # the usual case: the whole region lies inside (a box maps to a convex hull)
+        return
+    kji = np.argwhere(np.asarray(mask, dtype=bool))
+    cut = int(np.count_nonzero(outside(kji[:, ::-1] + start))) if len(kji) else 0
+    if cut:
+        raise FastSAM3DError(
+            f"{cut} of the result's {len(kji)} voxels lie outside the segmentation's geometry (it was made "
+            "for a smaller volume, or moved by a transform), and would be cut off; nothing was written. Make its "
+            "geometry cover the source volume (Segment Editor: the 'Specify geometry' button next to the source "
+            "volume; in Python: segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)), "
+            "or write into a new segmentation.")
 
 
 def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
