@@ -282,8 +282,11 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     # --- models and weights
     def cacheDir(self):
-        """Where downloaded weights are kept: a folder in Slicer's cache folder (Application settings)."""
-        return os.path.join(slicer.app.cachePath, "FastSAM3D")
+        """Where downloaded weights are kept: a folder in Slicer's cache folder (Application settings), shared
+        with the console functions of FastSAM3DLib.scene."""
+        from FastSAM3DLib.scene import slicer_cache_dir
+
+        return slicer_cache_dir()
 
     def modelNames(self):
         """Every selectable model: the downloadable ones, then the bundled demo model."""

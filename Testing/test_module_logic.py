@@ -55,6 +55,35 @@ def test_the_console_call_grows_by_the_models_default_and_records_the_model(harn
     assert model_tag(grown, grown_id) == "fastsam3d"
 
 
+def test_console_calls_use_the_weights_the_effect_downloaded(harness, monkeypatch):
+    """segment_volume_node looked in the library's platform cache, not in Slicer's folder where the effect
+    downloads: with fastsam3d downloaded it ran the demo model silently, and model="fastsam3d" said to download."""
+    from FastSAM3DLib import scene
+    from FastSAM3DLib.scene import batch
+    from FastSAM3DLib.weights.cache import model_files
+    from FastSAM3DLib.weights.manifest import load_manifest
+    from FastSAM3DLib.weights.verify import write_record
+
+    logic = module_logic()
+    assert scene.slicer_cache_dir() == logic.cacheDir()
+    monkeypatch.setenv("FASTSAM3D_CACHE", str(Path(logic.cacheDir()).parent / "elsewhere"))  # not the library's
+    entry = load_manifest(None).get("fastsam3d")
+    files = model_files(entry, logic.cacheDir())  # what the Download button leaves (contents are not read here)
+    files.path.parent.mkdir(parents=True, exist_ok=True)
+    files.path.write_bytes(b"x" * 10)
+    write_record(files, entry, entry.sha256 or "0" * 64, "download")
+    used = []
+
+    def recording_predictor(model, device="auto", cache_dir=None, grow=None, **kwargs):
+        used.append((model, cache_dir))
+        return lambda volume, points, labels: (tuple(slice(0, n) for n in volume.shape),
+                                               np.zeros(volume.shape, bool))
+
+    monkeypatch.setattr(batch, "session_predictor", recording_predictor)
+    scene.segment_volume_node(box_volume(harness), [CENTRE], segment_name="lesion")
+    assert used == [("fastsam3d", logic.cacheDir())]
+
+
 def test_console_calls_through_a_server_close_their_sessions_and_need_no_local_pytorch(harness, monkeypatch):
     """Each call opened a server session and left it for 30 minutes: a loop over volumes filled the server."""
     pytest.importorskip("uvicorn", reason="the server extra is not installed")

@@ -18,6 +18,21 @@ MODEL_TAG = "FastSAM3D.Model"  # segment tag recording which model wrote the seg
 Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
 
 
+def slicer_cache_dir() -> Optional[str]:
+    """Where Slicer keeps FastSAM3D's downloaded weights (a folder in its cache folder, Application settings),
+    or None outside a Slicer application. The effect, the module and these console calls share it."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    path = getattr(app, "cachePath", None) if app is not None else None
+    return os.path.join(path, "FastSAM3D") if path else None
+
+
+def _weights_dir(cache_dir):
+    """``cache_dir``, or Slicer's weights folder when None inside Slicer (the library's default elsewhere)."""
+    return cache_dir if cache_dir is not None else slicer_cache_dir()
+
+
 def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=None,
                         segment_name: str = "FastSAM3D", model: Optional[str] = None,
                         predictor: Optional[Predictor] = None, editor_settings=None, device: str = "auto",
@@ -31,7 +46,8 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     object with ``.region`` and ``.mask``); the default runs ``model`` (default: the first model whose weights
     are ready, offline the bundled demo, as the effect offers) on ``device`` ("auto", "cuda", "cpu",
     "mps") with an :class:`~FastSAM3DLib.session.InteractiveSession` and the model's weights (bundled, or
-    verified in the weights cache ``cache_dir``; default: the platform cache folder); ``grow`` (True, or a
+    verified in the weights cache ``cache_dir``; default: Slicer's, where the effect downloads them, or outside
+    Slicer the platform cache folder); ``grow`` (True, or a
     :class:`~FastSAM3DLib.growth.GrowthSettings`; False: one 128^3 region; None, the default: the model's own
     default, :func:`~FastSAM3DLib.growth.default_for`) keeps every clicked region and grows the segment past
     region faces, for objects larger than 192 mm. ``editor_settings``: see
@@ -65,6 +81,7 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     if not labels.any():
         raise PromptError("Give at least one include point (label 1) inside the object.")
     volume = volume_from_node(volume_node)
+    cache_dir = _weights_dir(cache_dir)
     if predictor is None and model is None:
         from ..weights import preferred_model
 
@@ -132,13 +149,14 @@ def load_model(model: str = "fastsam3d", device: str = "cpu", checkpoint: str = 
     """Build ``model`` on ``device`` (a resolved name, see :func:`resolve_device`) with its weights.
 
     ``checkpoint="cached"``: the bundled weights, or the verified download in the weights cache ``cache_dir``
-    (Slicer passes a folder under its own cache folder). The last two models built are kept, so a loop over
-    volumes or a series of clicks loads the weights once. ``precision``: see
+    (default: Slicer's weights folder inside Slicer, :func:`slicer_cache_dir`). The last two models built are kept,
+    so a loop over volumes or a series of clicks loads the weights once. ``precision``: see
     :func:`~FastSAM3DLib.registry.build_model`. ``memory_bank``: a Memorizing SAM bank file attached to the
     model; a model with another bank (or none) is another model, so a session never sees its model's bank
     change because another caller wanted a different one. A bank or checkpoint file rewritten since (same
     path, other size or time) is loaded again; one deleted since is an error, as for a first load.
     """
+    cache_dir = _weights_dir(cache_dir)
     bank = _file_key(memory_bank) if memory_bank else None
     if checkpoint not in ("cached", None) and os.path.exists(os.fspath(checkpoint)):
         checkpoint = _file_key(checkpoint)
