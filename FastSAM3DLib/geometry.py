@@ -261,6 +261,12 @@ class Volume:
                 f"The image is empty (shape {array.shape}: no voxels). Load a volume that has image data; if "
                 "it was read from DICOM, check that the folder holds the whole series."
             )
+        if 1 in array.shape:
+            size = "x".join(str(n) for n in array.shape[::-1] if n != 1)
+            raise InputImageError(
+                f"The image is a single slice ({size} pixels); FastSAM3D segments 3D volumes. Load the whole "
+                "series (for DICOM, the folder with all slices) or a 3D file."
+            )
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or np.iscomplexobj(array):
             raise InputImageError(
                 f"The image has voxels of type {array.dtype}; a real-valued scalar volume is needed. Convert it "

@@ -425,6 +425,9 @@ def test_bad_images_raise_input_image_error_saying_what_to_do(shared_data):
         Volume.from_file(shared_data / "bad_inputs" / "img4d_11f.nii.gz")
     with pytest.raises(InputImageError, match="3 components.*Convert it to a scalar"):
         Volume.from_sitk(sitk.Image([6, 6, 6], sitk.sitkVectorFloat32, 3))
+    one_slice = Volume(np.random.default_rng(0).normal(size=(1, 30, 40)).astype(np.float32), np.eye(4))
+    with pytest.raises(InputImageError, match="single slice \\(40x30 pixels\\).*Load the whole series"):
+        one_slice.validate()  # a 2D image loaded in Slicer is a 3D volume of one slice: its result was garbage
     single = Volume.from_sitk(sitk.JoinSeries(sitk_image("oblique")))  # 4D with one time point is 3D
     assert single.shape == (12, 22, 26)
     np.testing.assert_allclose(single.ijk_to_ras, Volume.from_sitk(sitk_image("oblique")).ijk_to_ras)
