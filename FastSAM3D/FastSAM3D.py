@@ -384,7 +384,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def createSession(self, model, device, promptMode, volume, memoryBank=None, grow=False, precision=None,
                       cacheDir=None, token=READ_HERE):
         """A session on ``volume`` (runs on the effect's worker thread): an InteractiveSession that loads the model
-        once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here.
+        once, or, when ``device`` is a server's address, a RemoteSession that keeps the geometry here. ``volume``:
+        a FastSAM3DLib ``Volume``, or, from the Python console, a volume node (read here: main thread only).
 
         ``memoryBank``: a Memorizing SAM bank file attached to the (local) model with the default settings; a
         bank made by other weights, or a server device, is refused with a message saying what to do.
@@ -396,6 +397,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         """
         from FastSAM3DLib import remote, scene
 
+        if hasattr(volume, "IsA"):  # a node given in the console
+            volume = scene.volume_from_node(volume)
         if remote.is_server_url(device):
             if memoryBank:
                 from FastSAM3DLib.errors import FastSAM3DError

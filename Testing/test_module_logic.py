@@ -84,6 +84,43 @@ def test_console_calls_use_the_weights_the_effect_downloaded(harness, monkeypatc
     assert used == [("fastsam3d", logic.cacheDir())]
 
 
+def test_console_mistakes_are_refused_before_the_model_runs_and_names_match_exactly(harness):
+    """A volume given as segmentation (an AttributeError) or a closed-surface segmentation was refused only after
+    the model had run; segmentName="liver" wrote into the user's "Liver" (Slicer's lookup ignores case); a point
+    list for a segment that does not exist stayed hidden in the scene; createSession took no volume node."""
+    import FastSAM3D
+    from FastSAM3DLib import scene
+    from FastSAM3DLib.errors import FastSAM3DError
+    from test_scene_adapter import make_segmentation, set_segment
+
+    logic, volume, runs = module_logic(), box_volume(harness), []
+    sphere = FastSAM3D.spherePredictor(6.0)
+
+    def counted(*args):
+        runs.append(1)
+        return sphere(*args)
+
+    with pytest.raises(FastSAM3DError, match="Give a segmentation node .*got vtkMRMLScalarVolumeNode"):
+        logic.segment(volume, [CENTRE], segmentationNode=volume, predictor=counted)
+    surface = make_segmentation(harness.scene, volume, "Surf")
+    set_segment(surface, volume, "A", np.ones((14, 22, 26), bool))
+    surface.CreateClosedSurfaceRepresentation()
+    surface.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    with pytest.raises(FastSAM3DError, match="Closed surface"):
+        logic.segment(volume, [CENTRE], segmentationNode=surface, predictor=counted)
+    assert runs == []
+    manual = make_segmentation(harness.scene, volume, "Manual")
+    users = set_segment(manual, volume, "Liver", np.zeros((14, 22, 26), bool))
+    _, written = logic.segment(volume, [CENTRE], segmentationNode=manual, segmentName="liver", predictor=counted)
+    assert written != users and manual.GetSegmentation().GetSegment(written).GetName() == "liver"
+    nodes = harness.scene.GetNumberOfNodes()
+    with pytest.raises(FastSAM3DError, match="does not exist"):
+        scene.prompt_points_node(manual, "Segment_1")
+    assert harness.scene.GetNumberOfNodes() == nodes
+    session = logic.createSession("fastsam3d-demo", "cpu", None, volume)
+    assert session.volume.shape == (14, 22, 26)
+
+
 def test_console_calls_through_a_server_close_their_sessions_and_need_no_local_pytorch(harness, monkeypatch):
     """Each call opened a server session and left it for 30 minutes: a loop over volumes filled the server."""
     pytest.importorskip("uvicorn", reason="the server extra is not installed")

@@ -10,12 +10,21 @@ import numpy as np
 from ..errors import PromptError, FastSAM3DError
 from ..geometry import Volume
 from .nodes import volume_from_node
-from .writing import _checked_mask, _checked_region, write_region
+from .writing import _checked_mask, _checked_region, check_target, write_region
 
 MODEL_TAG = "FastSAM3D.Model"  # segment tag recording which model wrote the segment
 
 
 Predictor = Callable[[Volume, np.ndarray, np.ndarray], object]
+
+
+def _segment_named(segmentation, name: str) -> str:
+    """The ID of the segment called exactly ``name`` ("" if none); Slicer's own lookup ignores case, so
+    ``"liver"`` would write into a user's "Liver"."""
+    for index in range(segmentation.GetNumberOfSegments()):
+        if segmentation.GetNthSegment(index).GetName() == name:
+            return segmentation.GetNthSegmentID(index)
+    return ""
 
 
 def slicer_cache_dir() -> Optional[str]:
@@ -81,6 +90,8 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     if not labels.any():
         raise PromptError("Give at least one include point (label 1) inside the object.")
     volume = volume_from_node(volume_node)
+    if segmentation_node is not None:
+        check_target(segmentation_node, editor_settings)  # before the model runs (seconds), not after
     cache_dir = _weights_dir(cache_dir)
     if predictor is None and model is None:
         from ..weights import preferred_model
@@ -99,7 +110,7 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
         segmentation_node.CreateDefaultDisplayNodes()
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation = segmentation_node.GetSegmentation()
-    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    segment_id = _segment_named(segmentation, segment_name)
     created_segment = not segment_id
     try:
         if created_segment:

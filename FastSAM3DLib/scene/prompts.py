@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import vtk
 
+from ..errors import FastSAM3DError
 from .nodes import _nodes_by_class
 
 INCLUDE_COLOR = (0.20, 0.85, 0.25)  # include points: the markups "selected" colour
@@ -62,7 +63,10 @@ def prompt_points_node(segmentation_node, segment_id: str, create: bool = True):
         return None
     scene = segmentation_node.GetScene()
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    name = f"FastSAM3D points {segment.GetName() if segment else segment_id}"
+    if segment is None:  # a hidden point list for nothing would stay in the scene
+        raise FastSAM3DError(f"Segment '{segment_id}' does not exist in '{segmentation_node.GetName()}'. "
+                             "Select or add a segment first.")
+    name = f"FastSAM3D points {segment.GetName()}"
     with _active_place_node_kept(scene):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
     node.SetHideFromEditors(True)

@@ -176,6 +176,24 @@ def segment_voxels_on_lattice(segmentation_node, segment_id: str, source_volume_
     return region, _values_in_extent(layer, extent) == label
 
 
+def check_target(segmentation_node, editor_settings=None) -> None:
+    """FastSAM3DError unless ``segmentation_node`` can take a result with ``editor_settings`` (a segmentation
+    node stored as binary labelmaps, whose editable-area segment exists): for checks before a model runs."""
+    if segmentation_node is None or not hasattr(segmentation_node, "IsA") or \
+            not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        kind = type(segmentation_node).__name__ if segmentation_node is None or not hasattr(
+            segmentation_node, "GetClassName") else segmentation_node.GetClassName()
+        raise FastSAM3DError(f"Give a segmentation node to write the result into (got {kind}), or none to make one.")
+    segmentation = _checked_representation(segmentation_node)
+    settings = editor_settings
+    if settings is not None and not isinstance(settings, EditorSettings):
+        settings = EditorSettings.from_node(settings)
+    if settings is not None and settings.mask_mode == "inside_segment" and \
+            segmentation.GetSegment(settings.mask_segment_id) is None:
+        raise FastSAM3DError(f"The editable area is 'inside segment {settings.mask_segment_id}', which is not in "
+                             f"'{segmentation_node.GetName()}'. Choose another editable area.")
+
+
 def _checked_segmentation(segmentation_node, segment_id):
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
         raise FastSAM3DError("Select a segmentation to write the result into.")
@@ -184,6 +202,11 @@ def _checked_segmentation(segmentation_node, segment_id):
     if segment is None:
         raise FastSAM3DError(f"Segment '{segment_id}' does not exist in '{segmentation_node.GetName()}'. "
                              "Select or add a segment first.")
+    return _checked_representation(segmentation_node)
+
+
+def _checked_representation(segmentation_node):
+    segmentation = segmentation_node.GetSegmentation()
     labelmap_name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     if segmentation.GetSourceRepresentationName() != labelmap_name:
         raise FastSAM3DError(f"'{segmentation_node.GetName()}' is stored as "
