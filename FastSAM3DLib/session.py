@@ -135,8 +135,8 @@ class InteractiveSession:
         click = Click(click_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
-            raise PromptError("Start with an include point (left click) inside the object; exclude points "
-                              "(Shift+click) only refine an existing result.")
+            raise PromptError("Start with an include point (left click; label 1 in a script) inside the object; "
+                              "exclude points (Shift+click; label 0) only refine an existing result.")
         saved = self.checkpoint()
         try:
             self.clicks.append(click)

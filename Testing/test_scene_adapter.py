@@ -1032,6 +1032,8 @@ def test_segment_volume_node_failures_add_nothing_to_the_scene(app):
         sc.segment_volume_node(volume_node, [[1.0, 2.0, 3.0]], [0], predictor=sphere_predictor())
     with pytest.raises(PromptError):
         sc.segment_volume_node(volume_node, [[1.0, 2.0]], predictor=sphere_predictor())
+    with pytest.raises(PromptError, match="No points were given"):  # it said "got shape (0,)"
+        sc.segment_volume_node(volume_node, [], predictor=sphere_predictor())
     centre = (sc.volume_from_node(volume_node).ijk_to_ras @ [13, 11, 7, 1])[:3]
     with pytest.raises(FastSAM3DError, match="inside segment"):  # fails in the write, after the node was made
         sc.segment_volume_node(volume_node, [centre], predictor=sphere_predictor(),

@@ -79,7 +79,10 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
                           ) from None
     if points.ndim == 1 and points.size == 3:
         points = points[None]
-    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or not np.all(np.isfinite(points)):
+    if points.size == 0:
+        raise PromptError("No points were given (an empty list, or a point list without placed points): give at "
+                          "least one include point inside the object, e.g. [[12.5, -30.0, 40.0]].")
+    if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
         raise PromptError(f"points_ras must be N x 3 finite RAS coordinates (got shape {points.shape}).")
     try:
         labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels).astype(np.int64).ravel()
