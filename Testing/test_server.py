@@ -187,6 +187,45 @@ def test_remote_session_equals_a_local_session_bit_for_bit(server, model_name, p
     rem.close()
 
 
+def test_a_replay_longer_than_the_servers_step_limit_is_split_and_equal():
+    """A region move replays every click inside it in one request: past --max-steps (64) the server refused it,
+    and past --max-points a prompt of every click was refused without a word on the client."""
+    volume = phantom()
+    rng = np.random.default_rng(0)
+    near_a = [ras(volume, (40 + rng.integers(-4, 5), 30 + rng.integers(-4, 5), 20 + rng.integers(-3, 4)))
+              for _ in range(7)]
+    with Server(ServerSettings(models=("tiny-test",), max_steps=3, max_points=8)) as s:
+        local = InteractiveSession(local_model("tiny-test"), volume)
+        rem = remote.RemoteSession(s.url, "tiny-test", volume)
+        for point in near_a:
+            assert same(local.add_click(point), rem.add_click(point))
+        far = ras(volume, (100, 30, 20))  # the region moves; all 8 clicks are replayed: 3 requests
+        assert same(local.add_click(far), rem.add_click(far))
+        assert_same_state(local, rem)
+        rem.close()
+        every = remote.RemoteSession(s.url, "tiny-test", volume, prompt_mode="all")
+        for point in near_a + [near_a[0]]:
+            every.add_click(point)
+        with pytest.raises(PromptError, match="at most 8 per decoder run"):
+            every.add_click(near_a[1])
+        assert len(every.clicks) == 8
+        every.close()
+
+
+def test_a_server_restarted_with_a_larger_upload_limit_is_asked_again():
+    """The client kept the limit it read when the session opened and refused every click itself."""
+    volume = phantom()
+    with Server(ServerSettings(models=("tiny-test",), max_upload_bytes=2 ** 18)) as small:
+        port = small.port
+        rem = remote.RemoteSession(small.url, "tiny-test", volume)
+        with pytest.raises(remote.ServerError, match="upload limit"):
+            rem.add_click(ras(volume, CLICKS[0][0]))
+    with Server(ServerSettings(models=("tiny-test",)), port=port):
+        local = InteractiveSession(local_model("tiny-test"), volume)
+        assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+    rem.client.close()
+
+
 def test_without_torch_geometry_the_client_equals_the_sitk_reference(server, monkeypatch):
     """The torch-free path (SimpleITK resampling, numpy upsampling) equals a local session that resamples with
     SimpleITK (``FASTSAM3D_RESAMPLE=sitk``)."""

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from FastSAM3DLib import remote  # noqa: E402
 from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, tube_centre  # noqa: E402
 from FastSAM3DLib.benchmarks.threshold_model import threshold_model  # noqa: E402
+from FastSAM3DLib.geometry import Volume  # noqa: E402
 from FastSAM3DLib.growth import GrowthSettings  # noqa: E402
 from FastSAM3DLib.session import InteractiveSession  # noqa: E402
 from FastSAM3DLib.server.settings import ServerSettings  # noqa: E402
@@ -190,3 +191,45 @@ def test_the_segment_command_grows_through_a_server(served, tmp_path, capsys):
     single = InteractiveSession(threshold_model(), read)
     assert np.array_equal(masks["--no-grow"], single.full_mask(single.add_click(point)))
     assert np.count_nonzero(masks["--grow"]) > 1.5 * np.count_nonzero(masks["--no-grow"])
+
+
+def test_a_neighbour_whose_image_cannot_be_used_is_refused_alone_as_locally(served):
+    """A region of one constant value cannot be normalised: a local session refuses that neighbour and grows on;
+    the remote click failed as a whole with InputImageError (its image was only made in the request)."""
+    rng = np.random.default_rng(0)
+    array = np.full((40, 40, 400), -1000, np.int16)  # (k, j, i): air
+    array[:, :, :60] = (100 + 30 * rng.standard_normal((40, 40, 60))).astype(np.int16)  # tissue near the click
+    array[16:24, 16:24, :] = 1000  # a bar of one value: its next regions hold nothing else above 0
+    volume = Volume(array, np.diag([1.5, 1.5, 1.5, 1.0]))
+    point, grow = (30.0, 30.0, 30.0), GrowthSettings(max_regions=6, time_budget_s=1e6)
+    model, server = served
+    local = InteractiveSession(model, volume, prompt_mode="newest", grow=grow)
+    rem = remote.RemoteSession(server.url, "tiny-test", volume, prompt_mode="newest", grow=grow)
+    a, b = local.add_click(point), rem.add_click(point)
+    assert any("cannot be used" in reason for reason in a.growth.refused.values())
+    assert same(a, b) and a.regions == b.regions and a.growth.refused == b.growth.refused
+    rem.close()
+
+
+@pytest.mark.parametrize("grow", [None, SETTINGS], ids=["one region", "growth"])
+def test_running_out_of_memory_while_pasting_changes_nothing_remotely(served, monkeypatch, grow):
+    """The remote session raised a bare MemoryError, and with growth kept the click it failed to show."""
+    from FastSAM3DLib import growth
+    from FastSAM3DLib.errors import OutOfMemoryError
+    from FastSAM3DLib.remote import session as remote_session
+
+    model, server = served
+    volume = phantom()
+    rem = remote.RemoteSession(server.url, "tiny-test", volume, grow=grow)
+    rem.add_click(ras(volume, CLICKS[0][0]))
+    before = rem.checkpoint()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(growth if grow else remote_session, "paste_result" if grow else "paste_back", out_of_memory)
+    with pytest.raises(OutOfMemoryError, match="nothing was changed"):
+        rem.add_click(ras(volume, CLICKS[1][0]))
+    after = rem.checkpoint()
+    assert after[0] == before[0] and after[2] == before[2] and after[6] == before[6]  # clicks, histories
+    rem.close()

@@ -77,6 +77,8 @@ class RemoteSession:
         self._embedding_slots = max(1, int(limits.get("embeddings_per_session", 1)))
         self._logits_slots = max(1, int(limits.get("logits_per_session", 1)))
         self._max_upload = limits.get("max_upload_bytes")
+        self._max_steps = max(1, int(limits.get("max_steps", 64)))  # decoder runs per request: longer runs are split
+        self._max_points = max(1, int(limits.get("max_points", 256)))  # points per decoder run
         self._server_embeddings: "OrderedDict[str, None]" = OrderedDict()  # mirror of the server's LRU
         self._server_logits: "OrderedDict[str, None]" = OrderedDict()
 
@@ -169,6 +171,17 @@ class RemoteSession:
         if not include and not any(c.include for c in self.clicks):
             raise PromptError("Start with an include point (left click; label 1 in a script) inside the object; "
                               "exclude points (Shift+click; label 0) only refine an existing result.")
+        saved = self.checkpoint()
+        try:
+            return self._add(click, progress)
+        except BaseException as exc:
+            self.restore(saved)
+            if isinstance(exc, MemoryError):
+                raise OutOfMemoryError("This computer ran out of memory while showing the result; nothing was "
+                                       "changed. Close other volumes or segmentations, then click again.") from exc
+            raise
+
+    def _add(self, click: Click, progress) -> ClickResult:
         if self.growth is not None:
             return self._add_grown(click, progress)
         clicks = self.clicks + [click]
@@ -282,11 +295,19 @@ class RemoteSession:
         steps = []
         for click in to_feed:
             prompt = [click] if self.prompt_mode == "newest" else fed + [click]
+            if len(prompt) > self._max_points:
+                raise PromptError(f"This region holds {len(prompt)} clicks; the server takes at most "
+                                  f"{self._max_points} per decoder run (prompt mode '{self.prompt_mode}'). Use "
+                                  "prompt mode 'newest', or start a new segment.")
             steps.append(self._step(roi, prompt))
             fed.append(click)
         if not steps:
             return base, False
-        logits, iou, logits_id, encoded = self._request(roi, steps, base.logits, base.logits_id, timings)
+        logits, iou, logits_id, encoded = base.logits, base.iou, base.logits_id, False
+        for start in range(0, len(steps), self._max_steps):  # a long replay in requests the server accepts, each
+            logits, iou, logits_id, more = self._request(  # fed the logits the previous one left on the server
+                roi, steps[start:start + self._max_steps], logits, logits_id, timings)
+            encoded = encoded or more
         return _State(roi, tuple(fed), logits, iou, logits_id), encoded
 
     @staticmethod
@@ -296,12 +317,13 @@ class RemoteSession:
         return {"points": points.tolist(), "labels": [1 if c.include else 0 for c in prompt]}
 
     def _request(self, roi: RegionOfInterest, steps: List[dict], previous: Optional[np.ndarray],
-                 previous_id: Optional[str], timings: Dict[str, float]) -> Tuple[np.ndarray, float, str, bool]:
+                 previous_id: Optional[str], timings: Dict[str, float],
+                 image: Optional[np.ndarray] = None) -> Tuple[np.ndarray, float, str, bool]:
         """Run ``steps`` on the server's embedding of ``roi``, the first fed ``previous`` (the logits of the server's
         ``previous_id`` when it still holds them; None: zeros): (logits (1, 1, n, n, n), iou, logits id, encoded).
-        Sends the region's model input and the previous logits only when the server lacks them."""
+        Sends the region's model input (``image`` when already made) and the previous logits only when the server
+        lacks them."""
         key = self._key(roi)
-        image: Optional[np.ndarray] = None
         force_image = force_logits = False
         for _ in range(MAX_ATTEMPTS):
             send_image = force_image or key not in self._server_embeddings
@@ -319,7 +341,9 @@ class RemoteSession:
             frame = protocol.pack(header, arrays, codecs={"image": "zlib"})
             timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - start
             if self._max_upload is not None and len(frame) > self._max_upload:
-                raise ServerError(_too_large(self._max_upload))
+                self._max_upload = self._current_upload_limit()  # the server may have restarted with another
+                if self._max_upload is not None and len(frame) > self._max_upload:
+                    raise ServerError(_too_large(self._max_upload))
             start = time.perf_counter()
             try:
                 reply, reply_arrays = self.client.click(self._session_id, frame, self.size)
@@ -350,6 +374,11 @@ class RemoteSession:
             return logits, iou, reply["logits_id"], bool(reply.get("encoded"))
         raise ServerUnavailableError(f"The FastSAM3D server at {self.client.url} kept losing this session's state "
                                      "(is it restarting?). Nothing was changed; click again in a moment.")
+
+    def _current_upload_limit(self) -> Optional[int]:
+        """The server's upload limit now (``/v1/info``): the one read when the session opened may be stale."""
+        limit = (self.client.info().get("limits") or {}).get("max_upload_bytes")
+        return int(limit) if isinstance(limit, (int, float)) else None
 
     # ----------------------------------------------------------------- growth
     def _add_grown(self, click: Click, progress) -> ClickResult:
@@ -416,9 +445,16 @@ class _GrowthRunner:
 
     def __init__(self, session: RemoteSession, timings: Dict[str, float]) -> None:
         self.session, self.timings, self.encoded = session, timings, False
+        self._inputs: Dict[RegionOfInterest, np.ndarray] = {}  # model inputs made here, sent with the first run
 
     def region_embedding(self, roi: RegionOfInterest, timings: Dict[str, float]) -> RegionOfInterest:
-        """The region (the server holds its embedding)."""
+        """The region (the server holds its embedding). A region the server has not encoded yet has its model
+        input made here first, so an image that cannot be used (InputImageError) refuses that region alone, as a
+        local session's encoder does, not the whole click."""
+        if self.session._key(roi) not in self.session._server_embeddings:
+            start = time.perf_counter()
+            self._inputs[roi] = model_input(self.session.volume, roi)
+            timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - start
         return roi
 
     def run_decoder(self, roi: RegionOfInterest, points_xyz: np.ndarray, labels: List[int], previous):
@@ -427,7 +463,8 @@ class _GrowthRunner:
 
         step = {"points": np.asarray(points_xyz, dtype=np.float64).tolist(), "labels": [int(v) for v in labels]}
         before = None if previous is None else previous.detach().cpu().numpy().astype(np.float32, copy=False)
-        logits, iou, _, encoded = self.session._request(roi, [step], before, None, self.timings)
+        logits, iou, _, encoded = self.session._request(roi, [step], before, None, self.timings,
+                                                        self._inputs.pop(roi, None))
         self.encoded = self.encoded or encoded
         return torch.from_numpy(np.ascontiguousarray(logits)), iou
 
