@@ -37,6 +37,10 @@ class DownloadError(FastSAM3DError):
     """Downloading a model file failed; only an interrupted transfer keeps its resumable ``.part`` file."""
 
 
+class ModelOutputError(FastSAM3DError):
+    """The model produced NaN or infinite numbers for a click; nothing was changed (local or on a server)."""
+
+
 class OutOfMemoryError(FastSAM3DError):
     """The device ran out of memory; nothing was changed."""
 

@@ -38,14 +38,10 @@ import torch
 
 from . import geometry, growth
 from .devices import is_out_of_memory
-from .errors import FastSAM3DError, OutOfMemoryError, PromptError
+from .errors import ModelOutputError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
 from .session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                              ClickResult, Region, click_point, crop_to, empty_region, union)
-
-
-class ModelOutputError(FastSAM3DError):
-    """The model produced NaN or infinite numbers for a click; nothing was changed."""
 
 
 class InteractiveSession:

@@ -226,6 +226,13 @@ def test_a_server_restarted_with_a_larger_upload_limit_is_asked_again():
     rem.client.close()
 
 
+def test_a_model_output_error_is_one_class_locally_and_through_a_server():
+    """Code catching the local session's ModelOutputError missed the remote session's, a class of its own."""
+    from FastSAM3DLib import errors, session
+
+    assert remote.ModelOutputError is session.ModelOutputError is errors.ModelOutputError
+
+
 def test_without_torch_geometry_the_client_equals_the_sitk_reference(server, monkeypatch):
     """The torch-free path (SimpleITK resampling, numpy upsampling) equals a local session that resamples with
     SimpleITK (``FASTSAM3D_RESAMPLE=sitk``)."""

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..errors import FastSAM3DError, InputImageError, OutOfMemoryError, PromptError
+from ..errors import FastSAM3DError, InputImageError, ModelOutputError, OutOfMemoryError, PromptError  # noqa: F401
 from ..server import protocol
 
 TOKEN_ENV = "FASTSAM3D_TOKEN"
@@ -49,10 +49,6 @@ class ProtocolMismatchError(ServerError):
 
 class ModelUnavailableError(ServerError):
     """The server does not serve the requested model."""
-
-
-class ModelOutputError(FastSAM3DError):
-    """The model produced NaN or infinite numbers for a click; nothing was changed."""
 
 
 _ERRORS = {"protocol": ProtocolMismatchError, "not_found": ProtocolMismatchError, "unauthorized": ServerAuthError,
