@@ -91,3 +91,57 @@ def test_a_removed_segment_is_forgotten(app):
     now = arrays(segmentation, ids, volume)
     assert np.array_equal(now["B"], masks["B"] & ~placed(REGION, SMALL))
     assert not (now["T"] & ~placed(REGION, SMALL)).any()
+
+
+def test_ctrl_z_inside_a_series_keeps_the_record_true_to_the_labels(app):
+    """The record was changed in place by every write and kept across Ctrl+Z: undoing a give-back left the taken
+    voxels unowed (a hole after the next point), and undoing a taking let a later point hand a segment voxels it
+    had lost by its own edit since."""
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        for mask in (WHOLE, SMALL):
+            sc.write_region(segmentation, ids["T"], volume, REGION, mask, editor=editor, taken=baseline.taken)
+        editor.undo()  # the give-back is undone: T holds the whole region again
+        sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, editor=editor, taken=baseline.taken)
+    now = arrays(segmentation, ids, volume)
+    for name in "ABC":
+        assert np.array_equal(now[name], masks[name] & ~placed(REGION, SMALL)), name
+
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, editor=editor, taken=baseline.taken)
+        editor.undo()  # nothing was taken after all
+    sc.write_region(segmentation, ids["A"], volume, REGION, np.zeros_like(WHOLE))  # A's own edit clears it there
+    a_alone = segment_array(segmentation, ids["A"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        for mask in (WHOLE, SMALL):
+            sc.write_region(segmentation, ids["T"], volume, REGION, mask, editor=editor, taken=baseline.taken)
+    assert np.array_equal(segment_array(segmentation, ids["A"], volume), a_alone)  # it gained nothing
+
+
+def test_a_write_that_fails_while_giving_back_leaves_the_record_as_it_was(app, monkeypatch):
+    """The record was changed before the write succeeded: after the rollback and a retry, voxels stayed unowed."""
+    from FastSAM3DLib.scene import series
+
+    volume, segmentation, ids, masks = series_scene(app)
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, taken=baseline.taken)
+    real, calls = series._set_voxels, []
+
+    def fails_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("simulated: growing the second segment's layer")
+        return real(*args)
+
+    monkeypatch.setattr(series, "_set_voxels", fails_second)
+    before = arrays(segmentation, ids, volume)
+    with pytest.raises(MemoryError):
+        sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, taken=baseline.taken)
+    assert all(np.array_equal(arrays(segmentation, ids, volume)[n], before[n]) for n in ids)
+    sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, taken=baseline.taken)  # the retry
+    now = arrays(segmentation, ids, volume)
+    for name in "ABC":
+        assert np.array_equal(now[name], masks[name] & ~placed(REGION, SMALL)), name

@@ -25,13 +25,29 @@ class TakenVoxels:
     :func:`~FastSAM3DLib.scene.write_region` calls :meth:`before_write` with the box its edit may change and
     :meth:`after_write` once the edit succeeded. Only voxels that are in no segment after the edit are given
     back: a voxel the newest result still holds stays in it, and a voxel someone else filled since is left
-    alone. Each segment's taken voxels are a boolean array over their bounding box (one byte per voxel of it).
+    alone. Each segment's taken voxels are a boolean array over their bounding box (one byte per voxel of it),
+    never changed in place, so :meth:`snapshot` is cheap and a failed write puts the record back (:meth:`restore`).
+
+    Before each write the record is brought up to date with the labels (Ctrl+Z, other effects and other series
+    change them between writes): a voxel the segment no longer holds is no longer owed to anyone (e.g. Ctrl+Z
+    undid the click that took it, and its segment may have lost it by its own edit since), and a voxel given
+    back that the segment holds again while its owner does not (Ctrl+Z undid the give-back) is owed again.
     """
 
     def __init__(self, segment_id: str) -> None:
         self.segment_id = segment_id
         self._grid: Optional[np.ndarray] = None
         self._taken: Dict[str, Tuple[Extent, np.ndarray]] = {}  # other segment ID -> (extent, (K, J, I) bool)
+        self._returned: Dict[str, Tuple[Extent, np.ndarray]] = {}  # given back by this series, same form
+
+    def snapshot(self) -> tuple:
+        """The record as it is before a write (for :meth:`restore` if the write fails)."""
+        return self._grid, dict(self._taken), dict(self._returned)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Put back a :meth:`snapshot` (a failed write's edits were rolled back: so is what it recorded)."""
+        grid, taken, returned = snapshot
+        self._grid, self._taken, self._returned = grid, dict(taken), dict(returned)
 
     def voxel_count(self) -> int:
         """How many voxels are waiting to be given back (all segments together)."""
@@ -43,6 +59,7 @@ class TakenVoxels:
         if self._grid is not None and not np.allclose(self._grid, grid, atol=1e-6):
             self._taken = {}  # another voxel grid (the reference geometry changed): indices no longer apply
         self._grid = np.array(grid, dtype=float)
+        self._reconcile(segmentation)
         layers, segments = {}, []
         for index in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(index)
@@ -100,20 +117,27 @@ class TakenVoxels:
 
     def _add(self, segment_id: str, box: Extent, lost: np.ndarray) -> None:
         """Add ``lost`` ((K, J, I) bool over ``box``) to what the series took from ``segment_id``."""
-        extent = _bounding_extent(box, lost)
-        lost = lost[_slices(box, extent)]
-        known = self._taken.get(segment_id)
-        if known is None:
-            self._taken[segment_id] = (extent, lost.copy())
+        _merge(self._taken, segment_id, box, lost)
+
+    def _reconcile(self, segmentation) -> None:
+        """Bring the record up to date with the labels as they are before a write (see the class docstring)."""
+        if not self._taken and not self._returned:
             return
-        old_extent, voxels = known
-        union = _union(old_extent, extent)
-        if union != old_extent:
-            grown = np.zeros(_shape(union), dtype=bool)
-            grown[_slices(union, old_extent)] = voxels
-            voxels = grown
-        voxels[_slices(union, extent)] |= lost
-        self._taken[segment_id] = (union, voxels)
+        held = _Holdings(segmentation)
+        taken: Dict[str, Tuple[Extent, np.ndarray]] = {}
+        for segment_id, (extent, voxels) in self._taken.items():
+            still = voxels & held(self.segment_id, extent)
+            if still.any():
+                taken[segment_id] = (extent, still)
+        returned: Dict[str, Tuple[Extent, np.ndarray]] = {}
+        for segment_id, (extent, voxels) in self._returned.items():
+            owed = voxels & held(self.segment_id, extent) & ~held(segment_id, extent)
+            if owed.any():
+                _merge(taken, segment_id, extent, owed)
+            rest = voxels & ~owed
+            if rest.any():
+                returned[segment_id] = (extent, rest)
+        self._taken, self._returned = taken, returned
 
     def _give_back(self, segmentation, box: Extent, free: np.ndarray) -> bool:
         """Give each segment the voxels of ``free`` ((K, J, I) bool over ``box``: in no segment now) that the
@@ -128,16 +152,48 @@ class TakenVoxels:
             common = _intersect_extent(extent, box)
             if common is None:
                 continue
-            taken = voxels[_slices(extent, common)]  # a view: what is given back is cleared in place
-            back = taken & free[_slices(box, common)]
+            back = voxels[_slices(extent, common)] & free[_slices(box, common)]
             if not back.any():
                 continue
             _set_voxels(image, common, back, segment.GetLabelValue())
-            taken &= ~back
-            if not voxels.any():
+            _merge(self._returned, segment_id, common, back)
+            voxels = voxels.copy()  # a new array: snapshots keep the old one
+            voxels[_slices(extent, common)] &= ~back
+            if voxels.any():
+                self._taken[segment_id] = (extent, voxels)
+            else:
                 del self._taken[segment_id]
             given = True
         return given
+
+
+def _merge(record: Dict[str, Tuple[Extent, np.ndarray]], segment_id: str, box: Extent, voxels: np.ndarray) -> None:
+    """Add ``voxels`` ((K, J, I) bool over ``box``, some True) to ``record[segment_id]``, in a new array."""
+    extent = _bounding_extent(box, voxels)
+    voxels = voxels[_slices(box, extent)]
+    known = record.get(segment_id)
+    if known is None:
+        record[segment_id] = (extent, voxels.copy())
+        return
+    old_extent, old = known
+    union = _union(old_extent, extent)
+    grown = np.zeros(_shape(union), dtype=bool)  # a new array: snapshots keep the old one
+    grown[_slices(union, old_extent)] = old
+    grown[_slices(union, extent)] |= voxels
+    record[segment_id] = (union, grown)
+
+
+class _Holdings:
+    """``held(segment_id, extent)``: the segment's voxels over ``extent`` ((K, J, I) bool; none if it is gone)."""
+
+    def __init__(self, segmentation) -> None:
+        self.segmentation = segmentation
+
+    def __call__(self, segment_id: str, extent: Extent) -> np.ndarray:
+        segment, image = self.segmentation.GetSegment(segment_id), _layer_image(self.segmentation, segment_id)
+        if segment is None or image is None:
+            return np.zeros(_shape(extent), dtype=bool)
+        return _values_in_extent(image, extent) == segment.GetLabelValue()
 
 
 def _union(a: Extent, b: Extent) -> Extent:

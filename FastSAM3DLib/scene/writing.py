@@ -59,7 +59,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     if own_editor:
         editor = LogicEditor(segmentation_node.GetScene())
     geometry = _GeometryParameter(segmentation_node)
-    rollback = None
+    rollback = record = None
     try:
         editor.prepare(segmentation_node, source_volume_node, segment_id, settings)
         _check_mask_segment(editor.parameter_node(), segmentation)
@@ -76,6 +76,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             return  # nothing to erase or paint: no snapshot, no undo state that would change nothing
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
+        record = taken.snapshot() if taken is not None else None
         before = _before_write(taken, segmentation, [to_add, to_remove])
         editor.save_state_for_undo()
         for image, mode in steps:
@@ -89,6 +90,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     except BaseException:
         if rollback is not None:
             rollback.restore()
+        if record is not None:
+            taken.restore(record)  # what the failed write recorded or gave back is undone with it
         geometry.restore()
         raise
     finally:
