@@ -40,7 +40,7 @@ from . import geometry, growth
 from .devices import is_out_of_memory
 from .errors import ModelOutputError, OutOfMemoryError, PromptError
 from .geometry import RegionOfInterest, Volume
-from .session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
+from .session_common import (EXCLUDE_FIRST, MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                              ClickResult, Region, click_point, crop_to, empty_region, union)
 
 
@@ -131,8 +131,7 @@ class InteractiveSession:
         click = Click(click_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
-            raise PromptError("Start with an include point (left click; label 1 in a script) inside the object; "
-                              "exclude points (Shift+click; label 0) only refine an existing result.")
+            raise PromptError(EXCLUDE_FIRST)
         saved = self.checkpoint()
         try:
             self.clicks.append(click)

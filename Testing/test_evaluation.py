@@ -355,16 +355,21 @@ def _single_pair_args(image, label, checkpoint, out, *extra):
             str(out), *extra]
 
 
+def _evaluated_once(synthetic_folder, tiny_checkpoint, out, capsys):
+    """(the arguments of a 2-click evaluation of the synthetic pair into ``out``, run once; the folder's bytes)."""
+    args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
+                             out, "--clicks", "2")
+    assert main(args) == 0
+    capsys.readouterr()
+    return args, {f.name: f.read_bytes() for f in out.iterdir()}
+
+
 def test_a_refused_rerun_leaves_the_results_folder_byte_for_byte(synthetic_folder, tiny_checkpoint, tmp_path,
                                                                   capsys):
     """Another click count (e.g. cvpr25's default of 5 after a 10-click run) once dropped every earlier unit from
     results.csv as 'incomplete' before the settings were refused."""
     out = tmp_path / "eval"
-    args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
-                             out, "--clicks", "2")
-    assert main(args) == 0
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
-    capsys.readouterr()
+    args, before = _evaluated_once(synthetic_folder, tiny_checkpoint, out, capsys)
     assert main(args[:-1] + ["3"]) == 2
     assert "clicks=2" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
@@ -383,11 +388,7 @@ def test_other_data_under_the_same_case_names_is_refused_not_taken_as_done(synth
     other = tmp_path / "other"
     shutil.copytree(synthetic_folder, other)
     out = tmp_path / "eval"
-    args = _single_pair_args(synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz", tiny_checkpoint,
-                             out, "--clicks", "2")
-    assert main(args) == 0
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
-    capsys.readouterr()
+    args, before = _evaluated_once(synthetic_folder, tiny_checkpoint, out, capsys)
     moved = _single_pair_args(other / "ct.nii.gz", other / "ct_seg.nii.gz", tiny_checkpoint, out, "--clicks", "2")
     assert main(moved) == 2
     err = capsys.readouterr().err

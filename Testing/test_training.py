@@ -568,7 +568,8 @@ def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--steps-per-epoch", "0"],
      "--steps-per-epoch: must be at least 1"),
-    (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--pairs", "0:99"], "pair 0:99 is outside"),
+    (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--pairs", "0:99"],
+     "pair 0:99 is outside"),
     (["finetune", "--model", "tiny-test", "--checkpoint-every", "0"], "--checkpoint-every: must be at least 1"),
     (["finetune", "--model", "tiny-test", "--unfreeze-blocks", "9"], "unfreeze_blocks must be in 0..3"),
     (["finetune", "--model", "tiny-test", "--clicks", "1"], "--clicks: must be at least 2"),
@@ -669,7 +670,8 @@ def test_resuming_with_a_setting_that_changes_the_schedule_is_refused(tmp_path, 
     with pytest.raises(FastSAM3DError, match="steps_per_epoch"):
         run(steps=4, resume=True, steps_per_epoch=2)
     # the optimizer's settings come back from the checkpoint: other ones were silently ignored
-    for changed in (dict(lr=5e-3), dict(weight_decay=0.0), dict(warmup_steps=2), dict(schedule="constant"), dict(grad_clip=0.0)):
+    for changed in (dict(lr=5e-3), dict(weight_decay=0.0), dict(warmup_steps=2), dict(schedule="constant"),
+                    dict(grad_clip=0.0)):
         with pytest.raises(FastSAM3DError, match="optimisation"):
             run(steps=4, resume=True, **changed)
     assert run(steps=4, resume=True)["finished"] is True

@@ -123,6 +123,11 @@ def check_model_checkpoint(folder: Optional[Path], model_name: str, checkpoint: 
             _refuse_another_checkpoint(folder, settings, model_name, checkpoint)
 
 
+def _case_files(case) -> Dict[str, str]:
+    """The resolved image and label files of a case, as run.json records them."""
+    return {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve())}
+
+
 class ResultStore:
     """Rows and skips of an evaluation, kept in memory and (with a folder) on disk, resumable.
 
@@ -244,7 +249,7 @@ class ResultStore:
         known by its case name, so results of other data under the same name would count as already done."""
         known = self.settings.get("cases", {})
         for case in cases:
-            files = {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve())}
+            files = _case_files(case)
             recorded = known.get(case.name)
             if isinstance(recorded, dict):
                 other = [key for key in ("image", "label") if recorded.get(key) and recorded[key] != files[key]]
@@ -259,7 +264,7 @@ class ResultStore:
         """Remember the image and label files of the cases (the montage reads them back)."""
         known = self.settings.setdefault("cases", {})
         for case in cases:
-            known[case.name] = {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve())}
+            known[case.name] = _case_files(case)
         self._save_settings()
 
     def _save_settings(self) -> None:

@@ -86,9 +86,10 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
     settings = dict(handle.settings(), guard=guard, model=name)
     # the results' name stands for the model *with this memory*: results made with another bank (by its
     # contents), rule, k, ratio or guard are refused under that name, as another checkpoint is
-    memory = (f"memory bank {settings['bank_sha256'][:16]} ({settings['entries']} entries, block {settings['block']}, "
-              f"{settings['descriptor']}), rule {settings['rule']}, k {settings['k']}, local ratio "
-              f"{settings['local_ratio']:g}, retrieval {settings['retrieval']} (seed {settings['seed']}), guard {guard}")
+    memory = (f"memory bank {settings['bank_sha256'][:16]} ({settings['entries']} entries, block "
+              f"{settings['block']}, {settings['descriptor']}), rule {settings['rule']}, k {settings['k']}, local "
+              f"ratio {settings['local_ratio']:g}, retrieval {settings['retrieval']} (seed {settings['seed']}), "
+              f"guard {guard}")
     evaluate_kwargs["checkpoint"] = f"{evaluate_kwargs.get('checkpoint') or 'unknown checkpoint'} with {memory}"
     try:
         check_model_checkpoint(folder, name, evaluate_kwargs["checkpoint"])

@@ -12,7 +12,7 @@ from .. import geometry
 from ..errors import InputImageError, OutOfMemoryError, PromptError
 from ..geometry import RegionOfInterest, Volume
 from ..server import protocol
-from ..session_common import (MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
+from ..session_common import (EXCLUDE_FIRST, MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                               ClickResult, Region, click_point, crop_to, empty_region, union)
 from .client import ModelOutputError, ServerClient, ServerError, ServerUnavailableError, _Missing, _SessionLost
 from .cut_and_paste import library_geometry, model_input, paste_back
@@ -169,17 +169,8 @@ class RemoteSession:
         click = Click(click_point(ras), bool(include))
         geometry.roi_around(self.volume, click.ras[None], self.size, self.spacing)  # validates: raises if outside
         if not include and not any(c.include for c in self.clicks):
-            raise PromptError("Start with an include point (left click; label 1 in a script) inside the object; "
-                              "exclude points (Shift+click; label 0) only refine an existing result.")
-        saved = self.checkpoint()
-        try:
-            return self._add(click, progress)
-        except BaseException as exc:
-            self.restore(saved)
-            if isinstance(exc, MemoryError):
-                raise OutOfMemoryError("This computer ran out of memory while showing the result; nothing was "
-                                       "changed. Close other volumes or segmentations, then click again.") from exc
-            raise
+            raise PromptError(EXCLUDE_FIRST)
+        return self._unchanged_on_failure(lambda: self._add(click, progress), "the result")
 
     def _add(self, click: Click, progress) -> ClickResult:
         if self.growth is not None:
@@ -213,14 +204,18 @@ class RemoteSession:
         A failure (out of memory while pasting) changes nothing."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
+        return self._unchanged_on_failure(self._undo, "the result before the last click")
+
+    def _unchanged_on_failure(self, action, showing: str) -> ClickResult:
+        """``action()``'s result; if it fails, the session is as it was (out of memory as OutOfMemoryError)."""
         saved = self.checkpoint()
         try:
-            return self._undo()
+            return action()
         except BaseException as exc:
             self.restore(saved)
             if isinstance(exc, MemoryError):
-                raise OutOfMemoryError("This computer ran out of memory while showing the result before the last "
-                                       "click; nothing was changed. Close other volumes or segmentations.") from exc
+                raise OutOfMemoryError(f"This computer ran out of memory while showing {showing}; nothing was "
+                                       "changed. Close other volumes or segmentations.") from exc
             raise
 
     def checkpoint(self) -> tuple:

@@ -35,8 +35,8 @@ from .series import SegmentBaseline, TakenVoxels, region_on
 from .writing import Region, segment_mask, write_region
 
 __all__ = ["MODEL_TAG", "Predictor", "load_model", "replay_clicks", "resolve_device", "segment_volume_node",
-           "session_predictor", "slicer_cache_dir", "MASK_MODES", "OVERWRITE_MODES", "EditorSettings", "EffectEditor", "LogicEditor",
-           "node_to_world", "volume_from_node", "volume_from_node_matrix", "EXCLUDE_COLOR", "INCLUDE_COLOR",
-           "add_prompt_point", "prompt_point_nodes", "prompt_points_node", "show_polarity", "ras_points_from_markups",
-           "remove_last_prompt_point", "Region", "SegmentBaseline", "TakenVoxels", "region_on", "segment_mask",
-           "write_region"]
+           "session_predictor", "slicer_cache_dir", "MASK_MODES", "OVERWRITE_MODES", "EditorSettings", "EffectEditor",
+           "LogicEditor", "node_to_world", "volume_from_node", "volume_from_node_matrix", "EXCLUDE_COLOR",
+           "INCLUDE_COLOR", "add_prompt_point", "prompt_point_nodes", "prompt_points_node", "show_polarity",
+           "ras_points_from_markups", "remove_last_prompt_point", "Region", "SegmentBaseline", "TakenVoxels",
+           "region_on", "segment_mask", "write_region"]

@@ -106,7 +106,7 @@ class TakenVoxels:
             if segment_id == self.segment_id:
                 cleared = lost
             elif lost.any():
-                self._add(segment_id, box, lost)
+                _merge(self._taken, segment_id, box, lost)
         if cleared is None or not self._taken or not cleared.any():
             return False  # a voxel taken earlier can come free only where this edit cleared the segment
         for index in range(segmentation.GetNumberOfLayers()):  # in no segment: segments that overlapped
@@ -115,23 +115,18 @@ class TakenVoxels:
                 cleared &= values_now(image) == 0
         return self._give_back(segmentation, box, cleared)
 
-    def _add(self, segment_id: str, box: Extent, lost: np.ndarray) -> None:
-        """Add ``lost`` ((K, J, I) bool over ``box``) to what the series took from ``segment_id``."""
-        _merge(self._taken, segment_id, box, lost)
-
     def _reconcile(self, segmentation) -> None:
         """Bring the record up to date with the labels as they are before a write (see the class docstring)."""
         if not self._taken and not self._returned:
             return
-        held = _Holdings(segmentation)
         taken: Dict[str, Tuple[Extent, np.ndarray]] = {}
         for segment_id, (extent, voxels) in self._taken.items():
-            still = voxels & held(self.segment_id, extent)
+            still = voxels & _held(segmentation, self.segment_id, extent)
             if still.any():
                 taken[segment_id] = (extent, still)
         returned: Dict[str, Tuple[Extent, np.ndarray]] = {}
         for segment_id, (extent, voxels) in self._returned.items():
-            owed = voxels & held(self.segment_id, extent) & ~held(segment_id, extent)
+            owed = voxels & _held(segmentation, self.segment_id, extent) & ~_held(segmentation, segment_id, extent)
             if owed.any():
                 _merge(taken, segment_id, extent, owed)
             rest = voxels & ~owed
@@ -183,17 +178,12 @@ def _merge(record: Dict[str, Tuple[Extent, np.ndarray]], segment_id: str, box: E
     record[segment_id] = (union, grown)
 
 
-class _Holdings:
-    """``held(segment_id, extent)``: the segment's voxels over ``extent`` ((K, J, I) bool; none if it is gone)."""
-
-    def __init__(self, segmentation) -> None:
-        self.segmentation = segmentation
-
-    def __call__(self, segment_id: str, extent: Extent) -> np.ndarray:
-        segment, image = self.segmentation.GetSegment(segment_id), _layer_image(self.segmentation, segment_id)
-        if segment is None or image is None:
-            return np.zeros(_shape(extent), dtype=bool)
-        return _values_in_extent(image, extent) == segment.GetLabelValue()
+def _held(segmentation, segment_id: str, extent: Extent) -> np.ndarray:
+    """The segment's voxels over ``extent`` ((K, J, I) bool; none when the segment or its layer is gone)."""
+    segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
+    if segment is None or image is None:
+        return np.zeros(_shape(extent), dtype=bool)
+    return _values_in_extent(image, extent) == segment.GetLabelValue()
 
 
 def _union(a: Extent, b: Extent) -> Extent:

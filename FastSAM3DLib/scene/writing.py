@@ -66,8 +66,10 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         reference = editor.reference_geometry()
         if reference is None:
             raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
-        _refuse_voxels_outside(reference, mask_to_segmentation, bounds, mask)
-        to_add, to_remove = _region_modifiers(reference, mask_to_segmentation, bounds, mask)
+        grid, mask_ijk_to_grid_ijk = _reference_grid(reference, mask_to_segmentation)
+        _refuse_voxels_outside(reference, mask_ijk_to_grid_ijk, bounds, mask)
+        to_add, to_remove = _region_modifiers(reference, grid, mask_ijk_to_grid_ijk, mask_to_segmentation, bounds,
+                                              mask)
         if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
         steps = [(image, mode) for image, mode in ((to_remove, _REMOVE), (to_add, _ADD))
@@ -182,19 +184,15 @@ def segment_voxels_on_lattice(segmentation_node, segment_id: str, source_volume_
 def check_target(segmentation_node, editor_settings=None) -> None:
     """FastSAM3DError unless ``segmentation_node`` can take a result with ``editor_settings`` (a segmentation
     node stored as binary labelmaps, whose editable-area segment exists): for checks before a model runs."""
-    if segmentation_node is None or not hasattr(segmentation_node, "IsA") or \
-            not segmentation_node.IsA("vtkMRMLSegmentationNode"):
-        kind = type(segmentation_node).__name__ if segmentation_node is None or not hasattr(
-            segmentation_node, "GetClassName") else segmentation_node.GetClassName()
+    if not hasattr(segmentation_node, "IsA") or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        kind = getattr(segmentation_node, "GetClassName", lambda: type(segmentation_node).__name__)()
         raise FastSAM3DError(f"Give a segmentation node to write the result into (got {kind}), or none to make one.")
     segmentation = _checked_representation(segmentation_node)
     settings = editor_settings
     if settings is not None and not isinstance(settings, EditorSettings):
         settings = EditorSettings.from_node(settings)
-    if settings is not None and settings.mask_mode == "inside_segment" and \
-            segmentation.GetSegment(settings.mask_segment_id) is None:
-        raise FastSAM3DError(f"The editable area is 'inside segment {settings.mask_segment_id}', which is not in "
-                             f"'{segmentation_node.GetName()}'. Choose another editable area.")
+    if settings is not None and settings.mask_mode == "inside_segment":
+        _refuse_missing_mask_segment(segmentation, settings.mask_segment_id)
 
 
 def _checked_segmentation(segmentation_node, segment_id):
@@ -223,9 +221,13 @@ def _check_mask_segment(editor_node, segmentation) -> None:
         mask_segment_id = editor_node.GetMaskSegmentID() or ""
         if not mask_segment_id:
             raise FastSAM3DError(NO_MASK_SEGMENT)
-        if segmentation.GetSegment(mask_segment_id) is None:
-            raise FastSAM3DError(f"The editable area is 'inside segment {mask_segment_id}', which is not in this "
-                                 "segmentation. Choose another editable area in the Segment Editor.")
+        _refuse_missing_mask_segment(segmentation, mask_segment_id)
+
+
+def _refuse_missing_mask_segment(segmentation, mask_segment_id: str) -> None:
+    if segmentation.GetSegment(mask_segment_id) is None:
+        raise FastSAM3DError(f"The editable area is 'inside segment {mask_segment_id}', which is not in this "
+                             "segmentation. Choose another editable area in the Segment Editor.")
 
 
 def _checked_source(volume_node):
@@ -322,12 +324,17 @@ def _array_in_extent(image, extent) -> np.ndarray:
     return (_values_in_extent(image, extent) != 0).astype(np.uint8)
 
 
-def _refuse_voxels_outside(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray) -> None:
+def _reference_grid(reference, mask_to_segmentation: np.ndarray):
+    """(the reference geometry's image-to-segmentation matrix, the map from source voxel indices to its indices)."""
+    matrix = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(matrix)
+    grid = _array_from_vtk_matrix(matrix)
+    return grid, np.linalg.inv(grid) @ mask_to_segmentation
+
+
+def _refuse_voxels_outside(reference, mask_ijk_to_grid_ijk: np.ndarray, bounds, mask: np.ndarray) -> None:
     """FastSAM3DError, before anything is written, when voxels of ``mask`` lie outside the segmentation's geometry
     (a segmentation made for a smaller volume, or moved by a transform): the edit would cut them off silently."""
-    grid = vtk.vtkMatrix4x4()
-    reference.GetImageToWorldMatrix(grid)
-    mask_ijk_to_grid_ijk = np.linalg.inv(_array_from_vtk_matrix(grid)) @ mask_to_segmentation
     extent = np.array(reference.GetExtent()).reshape(3, 2)
 
     def outside(ijk: np.ndarray) -> np.ndarray:
@@ -351,17 +358,15 @@ def _refuse_voxels_outside(reference, mask_to_segmentation: np.ndarray, bounds, 
             "or write into a new segmentation.")
 
 
-def _region_modifiers(reference, mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
+def _region_modifiers(reference, grid: np.ndarray, mask_ijk_to_grid_ijk: np.ndarray,
+                      mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
     """(add, remove) labelmaps on the segmentation's grid: voxels the region sets and clears.
 
     Each is a vtkOrientedImageData covering only the region (clipped to the segmentation's extent), or None
-    when the region misses the segmentation's extent altogether.
+    when the region misses the segmentation's extent altogether. ``grid``, ``mask_ijk_to_grid_ijk``:
+    :func:`_reference_grid`.
     """
-    reference_to_segmentation = vtk.vtkMatrix4x4()
-    reference.GetImageToWorldMatrix(reference_to_segmentation)
-    grid = _array_from_vtk_matrix(reference_to_segmentation)
     ref_extent = reference.GetExtent()
-    mask_ijk_to_grid_ijk = np.linalg.inv(grid) @ mask_to_segmentation
     shift = _whole_voxel_shift(mask_ijk_to_grid_ijk)
     start_ijk = np.array([bounds[2].start, bounds[1].start, bounds[0].start])
     stop_ijk = np.array([bounds[2].stop, bounds[1].stop, bounds[0].stop])  # exclusive

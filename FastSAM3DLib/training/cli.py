@@ -68,15 +68,18 @@ def _add_loop_arguments(parser, lr: float) -> None:
     parser.add_argument("--output", "-o", required=True, help="run folder (latest.pth, model.pth, log.jsonl)")
     parser.add_argument("--steps", type=_at_least(1), default=1000, help="optimiser steps in all (default 1000)")
     parser.add_argument("--steps-per-epoch", type=_at_least(1), default=100, help="steps per epoch (default 100)")
-    parser.add_argument("--batch-size", type=_at_least(1), default=1, help="samples per micro-batch (default 1, official)")
-    parser.add_argument("--accumulate", type=_at_least(1), default=1, help="micro-batches per optimiser step (default 1)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=1,
+                        help="samples per micro-batch (default 1, official)")
+    parser.add_argument("--accumulate", type=_at_least(1), default=1,
+                        help="micro-batches per optimiser step (default 1)")
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1, official)")
     parser.add_argument("--warmup-steps", type=_at_least(0), default=0, help="linear warm-up steps (default 0)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="learning rate after the warm-up (default cosine)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
-    parser.add_argument("--checkpoint-every", type=_at_least(1), default=50, help="steps between checkpoints (default 50)")
+    parser.add_argument("--checkpoint-every", type=_at_least(1), default=50,
+                        help="steps between checkpoints (default 50)")
     parser.add_argument("--seed", type=int, default=2023, help="random seed (default 2023, official)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA (never used on CPU)")
@@ -130,7 +133,8 @@ def add_subcommands(subparsers) -> None:
     dist.add_argument("--student-checkpoint", default=None, help="initial student weights (default: random)")
     dist.add_argument("--pairs", default=None, metavar="S:T,...",
                       help="explicit student:teacher block-output pairs (0-based), e.g. 0:1,1:3,2:5")
-    dist.add_argument("--stage-epochs", type=_at_least(1), default=3, help="epochs before the next pair is added (default 3)")
+    dist.add_argument("--stage-epochs", type=_at_least(1), default=3,
+                      help="epochs before the next pair is added (default 3)")
     dist.add_argument("--neck-from-start", action="store_true", help="match the neck output from the first epoch")
     dist.add_argument("--loss", choices=("mse", "l1", "smooth_l1", "cosine"), default="mse")
     dist.add_argument("--require-equal-widths", action="store_true",
@@ -152,7 +156,8 @@ def add_subcommands(subparsers) -> None:
     _add_data_arguments(fine)
     fine.add_argument("--model", required=True, choices=list_models())
     fine.add_argument("--checkpoint", default=None, help="initial weights (default: random, i.e. from scratch)")
-    fine.add_argument("--unfreeze-blocks", type=_at_least(0), default=0, help="also train the last K encoder blocks + neck")
+    fine.add_argument("--unfreeze-blocks", type=_at_least(0), default=0,
+                      help="also train the last K encoder blocks + neck")
     fine.add_argument("--train-encoder", action="store_true", help="train the whole encoder too (from scratch)")
     fine.add_argument("--decoder-lr", type=float, default=None,
                       help="learning rate of prompt encoder and decoder (default 0.1 * --lr, official)")

@@ -60,7 +60,7 @@ def default_layer_pairs(student_depth: int, teacher_depth: int) -> List[Pair]:
     """Student block output ``i`` <-> teacher block output ``r (i + 1) - 1`` with ``r = teacher/student depth``."""
     if student_depth < 1 or teacher_depth < student_depth or teacher_depth % student_depth:
         raise SettingError(f"no default pairing for a {student_depth}-block student and a {teacher_depth}-block "
-                         "teacher (the teacher depth must be a multiple of the student's); give pairs explicitly")
+                           "teacher (the teacher depth must be a multiple of the student's); give pairs explicitly")
     ratio = teacher_depth // student_depth
     return [(i, ratio * (i + 1) - 1) for i in range(student_depth)]
 
@@ -75,7 +75,8 @@ def parse_pairs(text: Optional[str]) -> Optional[List[Pair]]:
         try:
             pairs.append((int(s), int(t)))
         except ValueError:
-            raise SettingError(f"pairs must look like '0:1,1:3' (student:teacher block outputs), got {text!r}") from None
+            raise SettingError(f"pairs must look like '0:1,1:3' (student:teacher block outputs), got {text!r}"
+                               ) from None
     return pairs
 
 
@@ -194,7 +195,7 @@ class DistillationTask(TrainingTask):
         for s, t in self.pairs:
             if not (0 <= s < s_enc.depth and 0 <= t < t_enc.depth):
                 raise SettingError(f"pair {s}:{t} is outside the student's {s_enc.depth} / teacher's {t_enc.depth} "
-                                 "block outputs")
+                                   "block outputs")
         widths = {pair_name(p): (s_enc.embed_dim, t_enc.embed_dim) for p in self.pairs}
         widths[NECK] = (s_enc.out_chans, t_enc.out_chans)
         self.extra = nn.ModuleDict()
@@ -204,7 +205,7 @@ class DistillationTask(TrainingTask):
                 if sw != tw:
                     if config.require_equal_widths:
                         raise SettingError(f"pair {name}: student width {sw} != teacher width {tw} "
-                                         "(require_equal_widths is set)")
+                                           "(require_equal_widths is set)")
                     self.extra[name.replace("-", "_")] = nn.Linear(sw, tw)
         self.extra.to(device)
         self.loss_fn = feature_loss(config.loss)

@@ -62,7 +62,8 @@ def set_trainable(model, unfreeze_blocks: int = 0, train_encoder: bool = False,
         raise SettingError(f"unfreeze_blocks must be in 0..{depth}, got {unfreeze_blocks}")
     if iou_head_only:
         if unfreeze_blocks or train_encoder:
-            raise SettingError("iou_head_only trains the IoU head alone: it cannot be combined with encoder training")
+            raise SettingError("iou_head_only trains the IoU head alone: it cannot be combined with encoder "
+                               "training")
         model.requires_grad_(False)
         model.mask_decoder.iou_prediction_head.requires_grad_(True)
         return []
