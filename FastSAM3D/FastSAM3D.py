@@ -362,14 +362,24 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
 
     def memoryBanks(self, model):
         """(path, text for a menu) of the memory banks made by model ``model``: bundled, then in
-        ``memoryBankDir()``. Only the files' headers are read, so a bank made with other weights of that model
-        is listed too (the first click refuses it, saying so)."""
-        from FastSAM3DLib.memory import find_banks
+        ``memoryBankDir()``. Only the files' headers are read (PyTorch is not imported). A bank the model cannot
+        use says why in its text: made with other weights than the ones the model loads here, or by a newer
+        FastSAM3D (choosing it anyway, the first click refuses it with what to do)."""
+        from FastSAM3DLib.memory.header import NEWER_FORMAT, OTHER_WEIGHTS, find_banks
         from FastSAM3DLib.resources import resources_dir
+        from FastSAM3DLib.weights import weights_sha256
 
-        found = find_banks([resources_dir() / "Models", self.memoryBankDir()], model=model)
-        return [(str(b["path"]), _("{name} ({entries} entries, {crop} crops)").format(
-            name=os.path.basename(str(b["path"])), entries=b["entries"], crop=b["crop"])) for b in found]
+        try:
+            sha256 = weights_sha256(model, self.cacheDir())
+        except Exception:  # noqa: BLE001 - a broken manifest: the banks are listed unchecked
+            sha256 = None
+        found = find_banks([resources_dir() / "Models", self.memoryBankDir()], model=model, weights_sha256=sha256)
+        why = {OTHER_WEIGHTS: _("made with other weights: not usable with these"),
+               NEWER_FORMAT: _("made by a newer FastSAM3D: update the extension")}
+        return [(str(b["path"]), _("{name} ({why})").format(name=os.path.basename(str(b["path"])),
+                                                           why=why[b["problem"]]) if b["problem"] else
+                 _("{name} ({entries} entries, {crop} crops)").format(
+                     name=os.path.basename(str(b["path"])), entries=b["entries"], crop=b["crop"])) for b in found]
 
     def growsByDefault(self, model):
         """Whether ``model``'s segments grow over several regions unless the user says otherwise (read without

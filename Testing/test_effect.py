@@ -352,6 +352,33 @@ def test_the_memory_bank_of_the_model_is_offered_used_by_the_session_and_dropped
     assert attached_memory(plain) is None and attached_memory(model) is handle  # no model's bank was changed
 
 
+def test_the_bank_menu_marks_a_bank_made_with_other_weights(harness):
+    """A bank recording another checkpoint than the demo weights the effect loads is listed saying so; one
+    recording the bundled file is offered as usable (both read from headers alone)."""
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from FastSAM3DLib.benchmarks.memory import synthetic_bank
+    from FastSAM3DLib.memory import save_bank
+    from FastSAM3DLib.memory.header import file_sha256
+    from FastSAM3DLib.registry import build_model
+    from FastSAM3DLib.weights import find_checkpoint
+
+    _demo_volume(harness)
+    effect = harness.create_effect()
+    folder = Path(effect._logic().memoryBankDir())
+    folder.mkdir(parents=True)
+    model = build_model("fastsam3d-demo", checkpoint="cached")
+    for name, sha in (("same", file_sha256(find_checkpoint("fastsam3d-demo"))), ("tuned", "c" * 64)):
+        bank = synthetic_bank(model, 2)
+        bank.meta["checkpoint"] = f"{name}.pth (sha256 {sha})"
+        save_bank(bank, folder / f"{name}.safetensors")
+    effect.activate()
+    texts = [effect.memoryCombo.itemText(i) for i in range(effect.memoryCombo.count)]
+    assert texts[1:] == ["same.safetensors (2 entries, gt crops)",
+                         "tuned.safetensors (made with other weights: not usable with these)"], texts
+
+
 @pytest.mark.parametrize("spelling", ["dialog", "cache"])
 def test_a_bank_chosen_in_the_file_dialog_is_the_listed_one_not_a_second_entry(harness, monkeypatch, spelling):
     """Qt's file dialog writes "/" separators on Windows too, where the listed banks have "\\", and the cache

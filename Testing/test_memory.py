@@ -869,3 +869,46 @@ def test_benchmark_dry_run_gives_valid_measurements():
     assert all(r["value"] is not None for r in rows if r["name"] != "memory_overhead_ms")
     skipped = measure(Plan(device="cpu", precisions=("fp32",), skip={"memory": "not wanted"}), "CPU")
     assert all(r["skipped"] == "not wanted" for r in skipped)
+
+
+def test_the_bank_menu_says_which_banks_the_model_cannot_use_without_importing_torch(tiny, tmp_path):
+    """The effect's menu reads headers on Slicer's main thread: a bank that records other weights than the
+    model loads, and one of a newer format, are listed with the reason (not found out at the first click, nor
+    hidden), files that are no banks are left out, and PyTorch is not imported."""
+    from safetensors.numpy import save_file
+
+    from FastSAM3DLib.memory.header import NEWER_FORMAT, OTHER_WEIGHTS
+
+    mine, theirs = "a" * 64, "b" * 64
+    for name, sha in (("mine", mine), ("theirs", theirs), ("random", None)):
+        bank = _random_bank(tiny)
+        bank.meta["checkpoint"] = f"{name}.pth (sha256 {sha})" if sha else "random"
+        save_bank(bank, tmp_path / f"{name}.safetensors")
+    save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "newer.safetensors"),
+              metadata={"format": "fastsam3d-memory-bank/2", "model": "tiny-test"})
+    save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "newer-other-model.safetensors"),
+              metadata={"format": "fastsam3d-memory-bank/2", "model": "fastsam3d"})
+    (tmp_path / "garbage.safetensors").write_bytes(b"garbage")
+    code = textwrap.dedent(f"""
+        import json, sys
+        from FastSAM3DLib.memory.header import find_banks
+        print(json.dumps([(b["path"].stem, b["problem"], b["entries"])
+                          for b in find_banks([{str(tmp_path)!r}], model="tiny-test", weights_sha256={mine!r})]))
+        print("torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    listed, torch_loaded = out.strip().splitlines()
+    assert json.loads(listed) == [["mine", "", 5], ["newer", NEWER_FORMAT, 0], ["random", "", 5],
+                                  ["theirs", OTHER_WEIGHTS, 5]]
+    assert torch_loaded == "False"
+    from FastSAM3DLib.memory import find_banks
+    assert all(b["problem"] in ("", NEWER_FORMAT) for b in find_banks([tmp_path], model="tiny-test"))  # unchecked
+
+
+def test_the_weights_checksum_a_bank_is_compared_with(tmp_path):
+    from FastSAM3DLib.memory.header import file_sha256
+    from FastSAM3DLib.weights import find_checkpoint, weights_sha256
+
+    assert weights_sha256("fastsam3d-demo") == file_sha256(find_checkpoint("fastsam3d-demo"))
+    assert weights_sha256("no-such-model", tmp_path) is None
+    assert weights_sha256("tiny-test", tmp_path) is None  # no published weights

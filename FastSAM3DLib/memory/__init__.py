@@ -12,6 +12,7 @@ other settings); on the command line ``segment --memory BANK`` and ``evaluate --
 effect's "Memory bank" option (Model options).
 
 * :mod:`.bank`: the bank file (one ``.safetensors``, provenance in its header), loading and fit checks.
+* :mod:`.header`: the header alone, without PyTorch (the effect's bank menu).
 * :mod:`.retrieval`: descriptors and exact kNN.
 * :mod:`.plugin`: :func:`attach_memory` and the mixing rules (``"attention"``, ``"values"``, ``"released"``).
 * :mod:`.build`: making a bank from labelled data with our own encoder.
@@ -23,12 +24,13 @@ Nothing heavy is imported here until a name is used.
 
 _EXPORTS = {
     "MemoryBank": "bank",
-    "MemoryBankError": "bank",
+    "MemoryBankError": "header",
     "load_bank": "bank",
     "save_bank": "bank",
-    "read_bank_metadata": "bank",
-    "find_banks": "bank",
+    "read_bank_metadata": "header",
+    "find_banks": "header",
     "check_fits": "bank",
+    "checkpoint_sha256": "header",
     "default_block": "bank",
     "encoder_sha256": "bank",
     "attach_memory": "plugin",

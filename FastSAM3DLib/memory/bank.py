@@ -15,7 +15,8 @@ Header metadata (safetensors allows string -> string only; lists are JSON):
 ``model``           registry name of the model that made the keys/values (e.g. ``fastsam3d``)
 ``encoder_sha256``  :func:`~FastSAM3DLib.weights.safetensors_cache.tensors_sha256` of that image encoder's
                     state dict: a bank is only valid for exactly these weights
-``checkpoint``      the checkpoint it was loaded from (file name and sha256, or ``cached``/``random``)
+``checkpoint``      the checkpoint it was loaded from: ``NAME (sha256 HEX)`` for a file (``memory build``
+                    resolves ``cached`` to the file), else how the weights were made (``random``)
 ``block``           encoder block index (0-based over all blocks, MLP-only ones included)
 ``num_heads``,      head layout of that block; ``grid`` the token grid (``8,8,8``), ``embed_dim`` its width
 ``head_dim``
@@ -41,7 +42,6 @@ always; same model name and encoder hash unless ``allow_other_encoder=True`` (th
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import uuid
@@ -51,18 +51,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..errors import FastSAM3DError
 from ..files import replace_file
+from .header import (FORMAT, MemoryBankError, _meta_from_strings, file_sha256, find_banks,  # noqa: F401
+                     read_bank_metadata)
 
-FORMAT = "fastsam3d-memory-bank/1"
 TENSOR_NAMES = ("descriptors", "keys", "values", "case_index")
 _REQUIRED_META = ("format", "model", "encoder_sha256", "block", "num_heads", "head_dim", "grid", "embed_dim",
                   "descriptor", "descriptor_dim", "crop", "spacing_mm", "cases", "entries", "kv_dtype")
 KV_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class MemoryBankError(FastSAM3DError):
-    """A memory bank is unreadable, inconsistent, or does not fit the running model; the message says why."""
 
 
 @dataclass
@@ -326,26 +322,6 @@ def _meta_to_strings(meta: Dict[str, object]) -> Dict[str, str]:
     return out
 
 
-_JSON_KEYS = ("cases", "entries", "options")
-_INT_KEYS = ("block", "num_heads", "head_dim", "embed_dim", "descriptor_dim", "image_size")
-
-
-def _meta_from_strings(raw: Dict[str, str], where: str) -> Dict[str, object]:
-    meta: Dict[str, object] = dict(raw)
-    try:
-        for key in _JSON_KEYS:
-            if key in meta:
-                meta[key] = json.loads(meta[key])
-        for key in _INT_KEYS:
-            if key in meta:
-                meta[key] = int(meta[key])
-        if "spacing_mm" in meta:
-            meta["spacing_mm"] = float(meta["spacing_mm"])
-    except (TypeError, ValueError) as exc:
-        raise MemoryBankError(f"{where} has unreadable metadata ({exc}); build it again.") from None
-    return meta
-
-
 def save_bank(bank: MemoryBank, path) -> Path:
     """Write ``bank`` to ``path`` (a ``.safetensors`` file) atomically; returns the path."""
     from safetensors.torch import save_file
@@ -375,35 +351,6 @@ def _tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
     from ..weights.safetensors_cache import tensors_sha256
 
     return tensors_sha256(tensors)
-
-
-def read_bank_metadata(path) -> Dict[str, object]:
-    """The parsed header of a bank file without loading its tensors (MemoryBankError when it is not one)."""
-    from ..weights.safetensors_cache import read_metadata
-
-    path = Path(path)
-    if not path.is_file():
-        raise MemoryBankError(f"memory bank {path} does not exist.")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise MemoryBankError(f"memory bank {path} cannot be opened ({exc.strerror or exc}): check that it is "
-                              "readable (its permissions, or the drive it is on).") from None
-    raw = read_metadata(path)
-    if not raw:
-        raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank, or its header is damaged or truncated "
-                              "(no metadata could be read). Copy it again, or build one with: python -m "
-                              "FastSAM3DLib memory build")
-    tag = str(raw.get("format", ""))
-    if tag != FORMAT and tag.startswith(FORMAT.split("/")[0] + "/"):
-        raise MemoryBankError(f"memory bank {path.name} has format {tag!r}, this version of FastSAM3D reads "
-                              f"{FORMAT!r}: update FastSAM3D, or build the bank again with this version "
-                              "(python -m FastSAM3DLib memory build).")
-    if tag != FORMAT:
-        raise MemoryBankError(f"{path.name} is not a FastSAM3D memory bank (no '{FORMAT}' format tag in its "
-                              "safetensors header). Build one with: python -m FastSAM3DLib memory build")
-    return _meta_from_strings(raw, f"memory bank {path.name}")
 
 
 def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
@@ -479,35 +426,3 @@ def new_meta(model, *, model_label: str, block: int, descriptor: str, descriptor
         "created_by": f"FastSAM3DLib {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def find_banks(folders=None, model: Optional[str] = None) -> List[Dict[str, object]]:
-    """Bank files in ``folders`` (default: the bundled ``Resources/Models``), optionally only those made by model
-    ``model``: ``[{"path", "model", "entries", "descriptor", "crop", "block"}]``, sorted by file name. For the
-    effect's bank menu; nothing is loaded but the headers."""
-    from ..resources import resources_dir
-
-    folders = [resources_dir() / "Models"] if folders is None else [Path(f) for f in folders]
-    out = []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.safetensors")):
-            try:
-                meta = read_bank_metadata(path)
-            except MemoryBankError:
-                continue
-            if model is not None and meta.get("model") != model:
-                continue
-            out.append({"path": path, "model": meta.get("model"), "entries": len(meta.get("entries", [])),
-                        "descriptor": meta.get("descriptor"), "crop": meta.get("crop"), "block": meta.get("block")})
-    return out

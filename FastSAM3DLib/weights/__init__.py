@@ -36,6 +36,7 @@ _EXPORTS = {
     "preferred_model": "catalog",
     "find_checkpoint": "catalog",
     "weights_hint": "catalog",
+    "weights_sha256": "catalog",
     # commands (commands.py)
     "add_subcommands": "commands",
     "download_weights": "commands",

@@ -3,10 +3,12 @@
 Two kinds: the manifest's downloadable models (verified into the cache folder ``cache_dir``, see
 :mod:`.cache`) and the models bundled in the extension's ``Resources/`` (no download). Every function takes
 the cache folder explicitly (Slicer passes one under ``slicer.app.cachePath``); ``None`` means the default
-(``$FASTSAM3D_CACHE`` or the platform cache folder). No torch needed; nothing is hashed.
+(``$FASTSAM3D_CACHE`` or the platform cache folder). No torch needed; nothing is hashed but a bundled file
+in :func:`weights_sha256` (once per version of the file).
 """
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,35 @@ def find_checkpoint(name: str, cache_dir: Optional[PathLike] = None, *, manifest
             f"No weights for model '{name}' on this machine (cache folder {resolve_cache_dir(cache_dir)}): "
             f"{weights_hint(name, cache_dir)}.")
     return path
+
+
+def weights_sha256(name: str, cache_dir: Optional[PathLike] = None, *, manifest: ManifestLike = None) -> Optional[str]:
+    """The sha256 of the file model ``name`` loads its weights from: the bundled file's, or the checksum its
+    download is verified against; None when that is not known yet (no published checksum, nothing downloaded) or
+    ``name`` is no model with weights. A memory bank records the same checksum of the weights it was made with."""
+    bundled = bundled_model(name)
+    if bundled is not None:
+        path = bundled_path(bundled)
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return _bundled_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    loaded = load_manifest(manifest)
+    if name not in loaded.models:
+        return None
+    return weights_status(name, cache_dir, manifest=loaded).sha256
+
+
+@functools.lru_cache(maxsize=8)
+def _bundled_sha256(path: str, size: int, mtime_ns: int) -> Optional[str]:
+    """sha256 of a bundled file, hashed once per (path, size, modification time)."""
+    from .verify import sha256_file
+
+    try:
+        return sha256_file(Path(path))
+    except OSError:
+        return None
 
 
 def weights_hint(name: str, cache_dir: Optional[PathLike] = None) -> str:
