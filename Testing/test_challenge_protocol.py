@@ -20,35 +20,56 @@ def _voxels(shape, *points):
 
 
 # ------------------------------------------------------------------------------------------------ NSD by hand
-def test_nsd_of_single_voxels_is_their_distance_against_the_tolerance_in_mm():
+def test_nsd_of_single_voxels_weighs_the_surface_elements_at_their_corners():
+    """A voxel's surface elements sit at its 8 corners, equal in area: two voxels 3 mm apart have corners 2 mm
+    apart (half of each voxel's elements), 3 mm apart (the rest) and more."""
     a, b = _voxels((1, 1, 6), (0, 0, 0)), _voxels((1, 1, 6), (0, 0, 3))
-    assert normalized_surface_dice(a, b, (1, 1, 1), 2.0) == 0.0  # 3 mm apart
+    assert normalized_surface_dice(a, b, (1, 1, 1), 1.9) == 0.0
+    assert normalized_surface_dice(a, b, (1, 1, 1), 2.0) == 0.5
     assert normalized_surface_dice(a, b, (1, 1, 1), 3.0) == 1.0
-    # anisotropic: 2 voxels along axis 0 at 0.5 mm = 1 mm; along axis 1 at 1 mm = 2 mm
+    # anisotropic: 2 voxels along axis 0 at 0.5 mm (near corners 0.5 mm apart); along axis 1 at 1 mm (1 mm)
     a, b, c = _voxels((3, 3, 1), (0, 0, 0)), _voxels((3, 3, 1), (2, 0, 0)), _voxels((3, 3, 1), (0, 2, 0))
-    assert normalized_surface_dice(a, b, (0.5, 1, 1), 1.0) == 1.0
-    assert normalized_surface_dice(a, b, (0.5, 1, 1), 0.9) == 0.0
-    assert normalized_surface_dice(a, c, (0.5, 1, 1), 1.0) == 0.0
+    assert normalized_surface_dice(a, b, (0.5, 1, 1), 0.5) == 0.5
+    assert normalized_surface_dice(a, b, (0.5, 1, 1), 0.49) == 0.0
+    assert normalized_surface_dice(a, c, (0.5, 1, 1), 0.5) == 0.0
+    assert normalized_surface_dice(a, c, (0.5, 1, 1), 1.0) == 0.5
 
 
-def test_nsd_counts_border_voxels_of_both_masks():
-    # A = two voxels (both on A's border), B = one of them: A->B 1 of 2 within 0.5 mm, B->A 1 of 1: 2/3
-    a = _voxels((1, 1, 3), (0, 0, 0), (0, 0, 1))
-    b = _voxels((1, 1, 3), (0, 0, 0))
-    assert normalized_surface_dice(a, b, (1, 1, 1), 0.5) == pytest.approx(2 / 3)
-    # 3x3x3 cubes, B = A shifted one voxel along axis 0; each has 26 border voxels (its centre is inside).
-    # At 0.5 mm only shared border voxels count: the 18 shared voxels minus A's centre (3,3,3) and minus B's
-    # centre (4,3,3) = 16 each way -> 32/52. At 1 mm every border voxel has the other border 1 voxel away -> 1.
+def test_nsd_is_the_challenges_surface_dice_also_on_coarse_grids():
+    """The number the challenge's code gives (DeepMind's surface-distance on the whole arrays, as
+    ``CVPR25_iter_eval.py`` calls it), for a ball dilated by one voxel at 3 mm and at 0.75 x 0.75 x 5.5 mm in each
+    axis order: the crop around the masks and the spacing's axis order change nothing. Counting border voxels
+    gave 0.0 instead of 0.44 at 3 mm."""
+    from scipy import ndimage
+    import surface_distance
+
+    grid = np.indices((30, 30, 30)) - 14.5
+    ball = (grid ** 2).sum(0) <= 8 ** 2
+    values = {}
+    for change, prediction in (("grown", ndimage.binary_dilation(ball)), ("shifted", np.roll(ball, 1, axis=0))):
+        for spacing in ((3.0, 3.0, 3.0), (0.75, 0.75, 5.5), (5.5, 0.75, 0.75)):
+            reference = surface_distance.compute_surface_dice_at_tolerance(
+                surface_distance.compute_surface_distances(ball, prediction, spacing), 2.0)
+            values[change, spacing] = normalized_surface_dice(prediction, ball, spacing, 2.0)
+            assert values[change, spacing] == pytest.approx(reference, abs=1e-12), (change, spacing)
+    assert values["grown", (3.0, 3.0, 3.0)] > 0.4
+    # shifted along axis 0: 0.75 mm (within 2 mm everywhere) or 5.5 mm (far) along that axis
+    assert values["shifted", (0.75, 0.75, 5.5)] == 1.0 > values["shifted", (5.5, 0.75, 0.75)]
+
+
+def test_nsd_of_identical_empty_and_far_apart_masks():
     a = np.zeros((7, 7, 7), bool)
     a[2:5, 2:5, 2:5] = True
-    b = np.roll(a, 1, axis=0)
-    assert normalized_surface_dice(a, b, (1, 1, 1), 0.5) == pytest.approx(32 / 52)
-    assert normalized_surface_dice(a, b, (1, 1, 1), 1.0) == 1.0
     assert normalized_surface_dice(a, a, (2, 2, 2), 0.0) == 1.0
     assert math.isnan(normalized_surface_dice(a & False, a & False, (1, 1, 1)))
     assert normalized_surface_dice(a, a & False, (1, 1, 1)) == 0.0
+    far = np.zeros((7, 7, 30), bool)
+    far[2:5, 2:5, 2:5] = far[2:5, 2:5, 25:28] = True
+    near_only = far.copy()
+    near_only[:, :, 20:] = False
+    assert 0.0 < normalized_surface_dice(far, near_only, (1, 1, 1), 2.0) < 1.0  # the far cube matches nothing
     with pytest.raises(ValueError):
-        normalized_surface_dice(a, b, (1, 1, 1), -1.0)
+        normalized_surface_dice(a, a, (1, 1, 1), -1.0)
 
 
 def test_nsd_in_a_region_equals_nsd_on_the_whole_grid():
