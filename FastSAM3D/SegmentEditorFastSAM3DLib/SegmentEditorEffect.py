@@ -34,6 +34,9 @@ GROW = "Grow"  # "1": grow over several 128^3 regions (FastSAM3DLib.growth); "0"
 TOGGLE_POLARITY_KEY, UNDO_POINT_KEYS, CLEAR_POINTS_KEY = "e", ("x", "BackSpace"), "X"
 #: Longest wait for a running job when Slicer quits (a download is cancelled at once).
 QUIT_WAIT_SECONDS = 10.0
+#: Segments whose session (image embeddings, undo logits, a server session) is kept; the least recently clicked
+#: one's goes beyond that (its points stay: the next click on it replays them in a new session).
+MAX_SESSIONS = 8
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -53,6 +56,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._baselines = {}  # (segmentation ID, segment ID) -> the segment before its first point (SegmentBaseline)
         self._written = {}  # the same key -> {source volume ID: the region the series has written on its grid}
         self._undone = {}  # tag of a running "undo" -> (world RAS, include) of the point it removed
+        self._sessionOrder = []  # keys whose session may exist on the worker, least recently clicked first
         self._shownPointNodes = []  # IDs of the point lists activate() showed (deactivate() hides these)
         self._sceneObserver = None  # observes the scene's EndCloseEvent once the worker exists
         self._volume = (None, None)  # (cache key, Volume)
@@ -329,21 +333,36 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _forgetSessions(self, key=None):
         """Drop the sessions (of one segment, or all) on the worker; a server's sessions are closed there too."""
-        if self._worker is None:
+        self._sessionOrder = [k for k in self._sessionOrder if key is not None and k != tuple(key)]
+        if self._worker is None or self._worker.cancelled():  # stopped: its sessions go with it
             return
         sessions = self._sessions
 
         def forget():
-            for k in [k for k in sessions if key is None or k == key]:
-                session = sessions.pop(k)
-                if hasattr(session, "close"):
-                    try:
-                        session.close()
-                    except Exception:  # noqa: BLE001 - an unreachable server forgets it after its idle expiry
-                        logging.info("FastSAM3D: could not close a server session", exc_info=True)
+            for k in [k for k in sessions if key is None or k == tuple(key)]:
+                _closeSession(sessions.pop(k))
 
         self._worker.submit(("forget",), forget)
         self._timer.start()
+
+    def _keepSession(self, key):
+        """``key``'s session is the most recently clicked; the sessions beyond :data:`MAX_SESSIONS` go, and so
+        does everything kept for segments that were removed (or whose segmentation was): their sessions, series
+        records and hidden point lists (a removed segment's server session would hold a server slot until it
+        idles out)."""
+        from FastSAM3DLib import scene
+
+        for known in set(self._sessionOrder) | set(self._baselines) | set(self._written):
+            node = slicer.mrmlScene.GetNodeByID(known[0]) if known[0] else None
+            if node is None or not node.IsA("vtkMRMLSegmentationNode") or \
+                    node.GetSegmentation().GetSegment(known[1]) is None:
+                self._forgetSessions(known)
+                self._baselines.pop(known, None)
+                self._written.pop(known, None)
+        scene.remove_orphan_prompt_lists(slicer.mrmlScene)
+        self._sessionOrder = [k for k in self._sessionOrder if k != key] + [key]
+        while len(self._sessionOrder) > MAX_SESSIONS:
+            self._forgetSessions(self._sessionOrder[0])
 
     def _fillMemoryCombo(self, model):
         """The memory banks made by model ``model`` (bundled and in the cache's memory folder), the chosen
@@ -554,6 +573,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         points, labels = scene.ras_points_from_markups(pointsNode)
         key, options, logic, predictor = (self._sessionKey(), self._sessionOptions(), self._logic(),
                                           self.predictorForTesting)
+        self._ensureWorker()
+        self._keepSession(key)
         where = (logic.cacheDir(), logic.serverToken())  # read here: the worker must not touch Qt or settings
 
         def job():  # runs on the worker thread: no Qt, no MRML
@@ -561,6 +582,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 return predictor(volume, points, labels) if labels.any() else None
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
+                replaced = self._sessions.pop(key, None)
+                if replaced is not None:  # another volume copy or options: a server session is closed, not left
+                    _closeSession(replaced)
                 session = logic.createSession(options[0], options[1], options[2], volume, options[3] or None,
                                               grow=options[4] == "1", precision=options[5] or "exact",
                                               cacheDir=where[0], token=where[1])
@@ -914,15 +938,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return points
 
     def _sourceVolume(self, volumeNode):
-        """The source volume as a Volume copy, rebuilt only when the node, its voxels or its transform change."""
+        """The source volume as a Volume copy, rebuilt only when the node, its voxels, its geometry or its
+        transform change (not when it is renamed: each new copy means new sessions, which replay every point)."""
+        import vtk
         from FastSAM3DLib import scene
 
         transform = volumeNode.GetParentTransformNode()
-        key = (volumeNode.GetID(), volumeNode.GetMTime(), volumeNode.GetImageData().GetMTime(),
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        key = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(),
+               tuple(ijkToRas.GetElement(r, c) for r in range(4) for c in range(4)),
                transform.GetID() if transform else None, transform.GetTransformToWorldMTime() if transform else 0)
         if self._volume[0] != key:
             self._volume = (key, scene.volume_from_node(volumeNode))
         return self._volume[1]
+
+
+def _closeSession(session):
+    """Close a server session now (a local one has nothing to close); on the worker thread."""
+    if hasattr(session, "close"):
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - an unreachable server forgets it after its idle expiry
+            logging.info("FastSAM3D: could not close a server session", exc_info=True)
 
 
 def _sameFile(a, b):

@@ -30,7 +30,7 @@ from .batch import MODEL_TAG, Predictor, load_model, replay_clicks, resolve_devi
 from .editors import MASK_MODES, OVERWRITE_MODES, EditorSettings, EffectEditor, LogicEditor
 from .nodes import node_to_world, volume_from_node, volume_from_node_matrix
 from .prompts import EXCLUDE_COLOR, INCLUDE_COLOR, add_prompt_point, prompt_point_nodes, prompt_points_node, \
-    ras_points_from_markups, remove_last_prompt_point, show_polarity
+    ras_points_from_markups, remove_last_prompt_point, remove_orphan_prompt_lists, show_polarity
 from .series import SegmentBaseline, TakenVoxels, region_on
 from .writing import Region, segment_mask, write_region
 
@@ -38,5 +38,5 @@ __all__ = ["MODEL_TAG", "Predictor", "load_model", "replay_clicks", "resolve_dev
            "session_predictor", "slicer_cache_dir", "MASK_MODES", "OVERWRITE_MODES", "EditorSettings", "EffectEditor",
            "LogicEditor", "node_to_world", "volume_from_node", "volume_from_node_matrix", "EXCLUDE_COLOR",
            "INCLUDE_COLOR", "add_prompt_point", "prompt_point_nodes", "prompt_points_node", "show_polarity",
-           "ras_points_from_markups", "remove_last_prompt_point", "Region", "SegmentBaseline", "TakenVoxels",
+           "ras_points_from_markups", "remove_last_prompt_point", "remove_orphan_prompt_lists", "Region", "SegmentBaseline", "TakenVoxels",
            "region_on", "segment_mask", "write_region"]

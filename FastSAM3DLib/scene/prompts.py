@@ -83,6 +83,26 @@ def prompt_points_node(segmentation_node, segment_id: str, create: bool = True):
     return node
 
 
+def remove_orphan_prompt_lists(scene) -> int:
+    """Remove the prompt lists whose segment or segmentation was removed (with their display nodes); returns
+    how many. They are hidden, so nobody else would, and a saved scene would keep them."""
+    removed = 0
+    for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode"):
+        segment_id = node.GetAttribute(PROMPTS_ATTRIBUTE)
+        if segment_id is None:
+            continue
+        segmentation = node.GetNodeReference(SEGMENTATION_ROLE)
+        if segmentation is not None and segmentation.GetSegmentation().GetSegment(segment_id) is not None:
+            continue
+        for index in range(node.GetNumberOfDisplayNodes()):
+            display = node.GetNthDisplayNode(index)
+            if display is not None:
+                scene.RemoveNode(display)
+        scene.RemoveNode(node)
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def _active_place_node_kept(scene):
     """Restore every selection node's active place node (ID and class) as it was before the block."""
