@@ -1066,3 +1066,29 @@ def test_the_benchmark_measures_overhead_and_throughput(monkeypatch):
     assert values[("server_bytes_per_click_kib", "")] > 0 and values[("server_upload_mib", "")] > 0
     assert values[("server_clicks_per_s", "1 user")] > 0 and values[("server_clicks_per_s", "2 users")] > 0
     assert np.isfinite(values[("server_click_overhead_ms", "")])
+
+
+def test_a_click_longer_than_the_idle_timeout_keeps_its_session():
+    """Idle time counted from the start of a session's last click: a click (a first encode on a busy server)
+    that outlasted the timeout left its session to be closed by the next request, right after it answered."""
+    from FastSAM3DLib.server.sessions import SessionStore
+
+    now = [0.0]
+    settings = ServerSettings(models=("tiny-test",), idle_timeout_s=60.0)
+    store = SessionStore(settings, clock=lambda: now[0])
+    model = served_model("tiny-test")
+    handle = model.image_encoder.register_forward_hook(lambda *args: now.__setitem__(0, now[0] + 100.0))
+    try:
+        pool = engine.ModelPool(settings, loader=lambda spec, device="cpu": model)
+        session_id, state = store.create("tiny-test")
+        click = protocol.pack({"model": "tiny-test", "embedding": "e", "previous": None,
+                               "steps": [{"points": [[60.0] * 3], "labels": [1]}]},
+                              {"image": np.zeros((128,) * 3, np.float32)})
+        engine.click(pool, store.get(session_id), click)  # 100 s of encoding at t = 0
+    finally:
+        handle.remove()
+    now[0] += 30.0  # the next request, 30 s after the click answered
+    assert store.get(session_id) is state
+    now[0] += 61.0
+    with pytest.raises(Exception, match="not open"):
+        store.get(session_id)

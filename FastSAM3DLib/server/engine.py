@@ -97,7 +97,7 @@ def click(pool: ModelPool, state: SessionState, body: bytes, abandoned=None) -> 
         raise ServiceError("malformed", "'embedding' must be a key of 1 to 128 characters.")
     if previous_id is not None and not isinstance(previous_id, str):
         raise ServiceError("malformed", "'previous' must be a logits id or null.")
-    with state.lock:
+    with state.in_use():
         if abandoned is not None and abandoned.is_set():
             raise ServiceError("malformed", "The client disconnected before its click was computed.")
         state.check_open()  # it may have been closed while this click waited for the previous one

@@ -5,6 +5,7 @@ Standard library only: the tensors a session holds are opaque here (see :mod:`.e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -27,15 +28,27 @@ class ServiceError(Exception):
 class SessionState:
     """What the server keeps for one client session: a few image embeddings and former logits (LRU each)."""
 
-    def __init__(self, model: Optional[str], settings: ServerSettings) -> None:
+    def __init__(self, model: Optional[str], settings: ServerSettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
         self.settings = settings
+        self.clock = clock
         self.lock = threading.Lock()  # one click of a session at a time
-        self.last_used = time.monotonic()
+        self.last_used = clock()
         self.embeddings: "OrderedDict[str, object]" = OrderedDict()
         self.logits: "OrderedDict[str, object]" = OrderedDict()
         self.closed = False
         self.queued = 0  # clicks of this session admitted and not answered yet (counted on the event loop)
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Hold the session for one click; it was last used when the click ends (a click longer than the idle
+        timeout must not leave its session to be closed at once)."""
+        with self.lock:
+            try:
+                yield self
+            finally:
+                self.last_used = self.clock()
 
     def close(self) -> None:
         """End the session: it is refused from now on, and its tensors are freed (after the click that holds the
@@ -91,8 +104,7 @@ class SessionStore:
                     f"idle one closes after {self.settings.idle_timeout_s / 60:.0f} minutes). Try again later, or ask "
                     "its administrator to raise --max-sessions.", retry_after=wait)
             session_id = secrets.token_urlsafe(16)
-            state = SessionState(model, self.settings)
-            state.last_used = self.clock()
+            state = SessionState(model, self.settings, clock=self.clock)
             self._sessions[session_id] = state
             return session_id, state
 
