@@ -93,6 +93,27 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
             _remove_empty(created)
 
 
+@contextlib.contextmanager
+def temporary_beside(path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a new, empty hidden file beside ``path``, named as :func:`atomic_output` names its temporaries, and
+    remove it on leaving the block unless it was renamed away (e.g. onto ``path``).
+
+    For writers that handle their own errors: an ``OSError`` is raised as it is. Stale temporaries of killed runs
+    in that folder are removed first (:func:`remove_stale_temporaries`), so a ``kill -9`` leaves nothing for long.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
+    tmp = None
+    try:
+        with interrupts.deferred():  # a Ctrl+C waits until the temporary's name is known (and it is removed)
+            tmp = _create_temporary(path.parent, _temp_prefix(path, suffix), suffix)
+        yield Path(tmp)
+    finally:
+        if tmp is not None:
+            with interrupts.deferred(), contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
 def _remove_empty(folders) -> None:
     """Remove these folders (deepest first) where they are empty; those holding anything stay."""
     for folder in folders:
@@ -610,10 +631,10 @@ def write_label_atomically(volume, mask, output, inputs: Iterable = ()) -> Path:
             except RuntimeError as exc:
                 failure = exc
         if failure is not None:
-            raise _write_failed(output, tmp, label.nbytes, itk_reason(failure, native)) from None
+            raise write_failed(output, tmp, label.nbytes, itk_reason(failure, native)) from None
         problem = _verify_label(tmp, image, label, extension)
         if problem:
-            raise _write_failed(output, tmp, label.nbytes, "; ".join([problem, *native[:2]]))
+            raise write_failed(output, tmp, label.nbytes, "; ".join([problem, *native[:2]]))
     return output
 
 
@@ -672,8 +693,9 @@ def _stream_problem(path: Path, extension: str) -> Optional[str]:
     return None
 
 
-def _write_failed(output: Path, tmp: Path, label_bytes: int, detail: str) -> OutputFileError:
-    """The error for a label that could not be written completely: says whether the disk or a limit was full."""
+def write_failed(output: Path, tmp: Path, label_bytes: int, detail: str) -> OutputFileError:
+    """The error for a file that could not be written completely (``label_bytes``: about its size): says whether
+    the disk or a file size limit was full."""
     import shutil
 
     code, cause = None, "the file could not be written completely"
@@ -693,6 +715,18 @@ def _write_failed(output: Path, tmp: Path, label_bytes: int, detail: str) -> Out
     return error
 
 
+def library_write_error(exc: BaseException, output, tmp, nbytes: int) -> OutputFileError:
+    """One-line :class:`OutputFileError` for a non-``OSError`` a library raised while writing ``output`` through
+    ``tmp`` (safetensors' SafetensorError says "os error 28"); ``nbytes``: about the file's size."""
+    lines = str(exc).strip().splitlines()
+    detail = lines[0][:300] if lines else type(exc).__name__
+    found = re.search(r"os error (\d+)", detail)
+    if found:
+        code = int(found.group(1))
+        return output_error(OSError(code, os.strerror(code)), output)
+    return write_failed(Path(output), Path(tmp), nbytes, detail)
+
+
 def _file_size_limit() -> Optional[int]:
     try:
         import resource
@@ -710,3 +744,50 @@ def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileRead
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     return ImageHeader.from_reader(reader, slices), reader
+
+
+def _last_line_end(fd: int, size: int) -> int:
+    """The offset just after the last newline of the open file ``fd`` of ``size`` bytes (0 without one)."""
+    position, block = size, 4096
+    while position > 0:
+        start = max(0, position - block)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunk = b""
+        while len(chunk) < position - start:
+            more = os.read(fd, position - start - len(chunk))
+            if not more:
+                break
+            chunk += more
+        found = chunk.rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        position = start
+    return 0
+
+
+def append_lines(path: Path, text: str, header_lines: int = 0) -> None:
+    """Append ``text`` (whole lines) to ``path``, durably, starting on a fresh line: a cut-off last line (a torn
+    earlier write) is cut away first; the first ``header_lines`` lines of ``text`` are written only when the file
+    is empty. On a failure (full disk, ...) the file is cut back to where it ended and
+    :class:`~FastSAM3DLib.errors.OutputFileError` names it."""
+    try:
+        fd = open_fd(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise output_error(exc, path, "append to") from None
+    try:
+        end = _last_line_end(fd, os.fstat(fd).st_size)
+        if end and header_lines:
+            text = text.split("\n", header_lines)[-1]
+        data = memoryview(text.encode("utf-8"))
+        try:
+            os.ftruncate(fd, end)
+            os.lseek(fd, end, os.SEEK_SET)
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)  # no half-written line left behind
+            raise output_error(exc, path, "append to") from None
+    finally:
+        os.close(fd)

@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import interrupts
 from ..errors import FastSAM3DError, OutOfMemoryError
 from . import dataset as ds
 from .clicks import PROMPT_MODES, PROTOCOLS, next_protocol_click
@@ -384,7 +385,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                      attention: Optional[str] = None, save_predictions: bool = True, plots: bool = True,
                      progress: bool = True, log: Callable[[str], None] = print,
                      nsd_tolerance_mm: Optional[float] = None,
-                     on_unit: Optional[Callable[[Dict], None]] = None) -> Dict:
+                     on_unit: Optional[Callable[[Dict], None]] = None,
+                     on_unit_done: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Evaluate ``model`` with simulated clicks on every structure of ``pairs``; return the summary dict.
 
     ``pairs``: a folder, a manifest, :class:`~.dataset.Case` objects or ``(image, label)`` tuples (see
@@ -399,7 +401,9 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     ``clicks``: per structure (default 5 for ``protocol="cvpr25"``, the challenge's budget, else 10).
     ``nsd_tolerance_mm``: compute the NSD at this tolerance after every click (default: 2 mm for cvpr25, none
     otherwise: it costs a distance transform around the structure per click). ``on_unit``: called with each
-    structure's description (model, case, structure, value, voxels, placement, protocol) before its clicks run.
+    structure's description (model, case, structure, value, voxels, placement, protocol) before its clicks run;
+    ``on_unit_done`` with the same once its clicks are done, just before its rows are written (a Ctrl+C waits
+    until both are done; what it records of a structure whose rows are missing belongs to an unfinished one).
 
     The summary is that of :func:`.results.summarise` over every row in the folder (all models), plus
     ``runtime`` for this call.
@@ -509,7 +513,10 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
 
                         write_label_atomically(data.volume, final, prediction_path(
                             folder, model_name, protocol, where, case.name, value, structure))
-                    store.add_unit(rows)
+                    with interrupts.deferred():  # the rows and what on_unit_done records go together
+                        if on_unit_done is not None:
+                            on_unit_done(dict(meta))
+                        store.add_unit(rows)
                     evaluated += 1
                     clicks_run += sum(1 for r in rows if r["click_label"] >= 0)
                     bar.done(f"{text}: Dice {rows[-1]['dice_full']:.3f}")

@@ -21,6 +21,8 @@ import numpy as np
 REPORTED_CLICKS = (1, 3, 5, 10)
 #: the CVPR 2025 interactive 3D challenge's NSD tolerance (mm)
 NSD_TOLERANCE_MM = 2.0
+#: how the NSD is measured, recorded with results (a folder of NSD values measured otherwise is not continued)
+NSD_MEASURE = "surface elements (DeepMind surface-distance)"
 
 
 def overlap_from_counts(intersection: int, predicted: int, reference: int) -> Tuple[float, float]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .metrics import nan_mean
-from .results import PLACEMENT_TITLES, prediction_path, safe_name, unit_curves
+from .results import PLACEMENT_TITLES, challenge_summary, prediction_path, safe_name, unit_curves
 
 _LINESTYLES = {"gt": "-", "click": "--"}
 
@@ -80,10 +80,8 @@ def plot_dice_curves(rows: List[Dict], folder: Path) -> List[Path]:
 
 def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
     """``cvpr25_<protocol>.png`` for every protocol with NSD values: mean DSC and NSD (source grid) after each
-    click, one line per model and placement, the legend giving the mean area under each curve (the CVPR 2025
-    challenge's DSC_AUC / NSD_AUC)."""
-    from .metrics import area_under_clicks
-
+    click, one line per model and placement, the legend giving the CVPR 2025 challenge's DSC_AUC / NSD_AUC as
+    summary.json reports them (:func:`.results.challenge_summary`: per case, NSD 0 unless its DSC > 0.2)."""
     units = unit_curves(rows)
     written = []
     for protocol, lines in _lines_by_protocol(units):
@@ -97,9 +95,10 @@ def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
             for (model, placement), group in lines.items():
                 clicks = len(group[0][metric])
                 mean = [nan_mean(u[metric][i] for u in group) for i in range(clicks)]
-                area = nan_mean(area_under_clicks(u[metric]) for u in group)
+                area = challenge_summary(group)["dsc_auc" if metric == "dice_full" else "nsd_auc"]
                 axis.plot(range(1, clicks + 1), mean, _LINESTYLES.get(placement, ":"), marker="o", markersize=3,
-                          color=colours[model], label=f"{model}, {placement} ROI: AUC {area:.2f} (n={len(group)})")
+                          color=colours[model], label=f"{model}, {placement} ROI: challenge AUC {area:.2f} "
+                                                      f"(n={len(group)})")
             axis.set_title(f"{title} on the source grid after each click")
             axis.set_xlabel("click")
             axis.set_ylim(0, 1)
@@ -107,8 +106,8 @@ def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
             axis.xaxis.get_major_locator().set_params(integer=True)
             axis.legend(loc="best", fontsize=7)
         axes[0].set_ylabel("mean over structures")
-        figure.suptitle(f"CVPR 2025 interactive challenge metrics, {protocol} click protocol (AUC: trapezoids from "
-                        f"click 1, no box step)")
+        figure.suptitle(f"CVPR 2025 interactive challenge metrics, {protocol} click protocol (AUC as summary.json: "
+                        f"per case, trapezoids from click 1, no box step)")
         written.append(_save(figure, Path(folder) / f"cvpr25_{protocol}.png"))
     return written
 
@@ -139,8 +138,8 @@ def plot_montage(rows: List[Dict], folder: Path, cases: Dict[str, Dict], model: 
     """``montage_<model>_<protocol>_<placement>.png``: best and worst structures by Dice after the last click.
 
     Each panel is the axial slice (radiological view) through the structure with the most reference voxels,
-    cropped around it; green contour: reference, red: the saved prediction after the last click. Units whose case files or saved
-    prediction are missing are left out; returns None when none is left.
+    cropped around it; green contour: reference, red: the saved prediction after the last click. Units whose case
+    files or saved prediction are missing are left out; returns None when none is left.
     """
     from ..geometry import Volume
     from . import dataset as ds

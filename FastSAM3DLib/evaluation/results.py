@@ -5,10 +5,13 @@ Files (all in the output folder):
 * ``results.csv``: one row per (model, case, structure, placement, protocol, click) with the columns of
   :data:`FIELDS`. A *unit* (one structure of one case, with one model, protocol and placement) is written as a
   whole after its last click, so an interrupted run loses at most the unit in progress; on loading, a unit with
-  fewer rows than clicks (a torn write) is dropped and recomputed.
+  fewer rows than clicks, or a row with missing or extra fields, or a last line without its newline (a torn
+  write: full disk, a kill mid-append) is dropped and recomputed.
 * ``skipped.csv``: units not evaluated, with the reason (too small, missing, not on the model grid, ...).
 * ``run.json``: settings that must stay the same for the rows to be comparable (clicks, seed, minimum voxels,
-  the checkpoint of each model name) and the case files (for the overlay montage).
+  the checkpoint of each model name) and the case files (for the overlay montage). They bind a rerun only once
+  results exist: a run stopped before it finished any structure leaves nothing that a rerun with other settings
+  would mix with.
 * ``summary.json``: written by :func:`summarise` from all rows (see there).
 
 Rerunning with the same output folder skips every unit already in ``results.csv`` or ``skipped.csv``.
@@ -16,9 +19,10 @@ Rerunning with the same output folder skips every unit already in ``results.csv`
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
+import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,8 +30,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import FastSAM3DError
-from ..files import atomic_output
-from .metrics import click_curve_summary, nan_mean
+from ..files import append_lines, atomic_output
+from .metrics import NSD_MEASURE, click_curve_summary, nan_mean
 
 FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
           "click_s", "click_label", "dice_crop", "iou_crop", "dice_full", "iou_full", "pred_iou", "encoded",
@@ -51,6 +55,8 @@ def unit_key(row: Dict) -> tuple:
 
 
 def _parse(row: Dict[str, str]) -> Dict:
+    if None in row or any(value is None for value in row.values()):
+        raise ValueError("a row with missing or extra fields")  # cut off, or two rows glued together
     out = dict(row)
     for name in FLOAT_FIELDS:
         text = row.get(name, "")
@@ -59,6 +65,25 @@ def _parse(row: Dict[str, str]) -> Dict:
         text = row.get(name, "")
         out[name] = int(text) if text not in ("", None) else -1
     return out
+
+
+def skip_value(value):
+    """A skip record's ``value`` as one type: an int for an integer label value (also when read back from
+    ``skipped.csv`` as text), else unchanged (a selector such as ``1;2`` or ``*``)."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _complete_lines(path: Path) -> tuple:
+    """(the text of ``path`` up to its last newline, whether a cut-off last line was left out)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        text = handle.read()
+    if text and not text.endswith("\n"):
+        return text[:text.rfind("\n") + 1], True
+    return text, False
 
 
 def _format(value) -> str:
@@ -76,8 +101,6 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _csv_text(fields, rows) -> str:
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -99,9 +122,11 @@ def json_clean(value):
     return value
 
 
-def _refuse_another_checkpoint(folder, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
-    """EvaluationStateError when ``settings`` (a run.json) hold ``model_name``'s results from another checkpoint."""
-    known = settings.get("models", {}).get(model_name)
+def _refuse_another_checkpoint(folder, settings: Dict, model_name: str, checkpoint: Optional[str],
+                               stored_models) -> None:
+    """EvaluationStateError when ``settings`` (a run.json) hold ``model_name``'s results from another checkpoint
+    (only when ``stored_models`` holds that name: a run that finished no structure left nothing to mix with)."""
+    known = settings.get("models", {}).get(model_name) if model_name in stored_models else None
     if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
         raise EvaluationStateError(
             f"{folder} holds results of '{model_name}' with checkpoint {known}, not {checkpoint}. Use "
@@ -110,7 +135,8 @@ def _refuse_another_checkpoint(folder, settings: Dict, model_name: str, checkpoi
 
 def check_model_checkpoint(folder: Optional[Path], model_name: str, checkpoint: Optional[str]) -> None:
     """Refuse, as :meth:`ResultStore.check_settings` will, results of ``model_name`` from another checkpoint in
-    ``folder``; reads its run.json only and changes nothing (for checks before anything is written)."""
+    ``folder``; reads its run.json and results.csv only and changes nothing (for checks before anything is
+    written)."""
     if folder is None:
         return
     run_json = Path(folder) / "run.json"
@@ -120,7 +146,39 @@ def check_model_checkpoint(folder: Optional[Path], model_name: str, checkpoint: 
         except (ValueError, UnicodeDecodeError):
             return  # damaged: the store says so with its own message
         if isinstance(settings, dict):
-            _refuse_another_checkpoint(folder, settings, model_name, checkpoint)
+            units = _read_units(Path(folder) / "results.csv")[0]
+            clicks = settings.get("clicks")
+            stored = _stored_models(units, clicks) if isinstance(clicks, int) else {k[0] for k in units}
+            _refuse_another_checkpoint(folder, settings, model_name, checkpoint, stored)
+
+
+def _read_units(path: Path) -> tuple:
+    """(unit key -> parsed rows, number of data lines, header, whether a cut-off last line was left out) of a
+    results.csv; rows with missing or extra fields are left out of the units too."""
+    if not path.is_file():
+        return OrderedDict(), 0, list(FIELDS), False
+    text, cut = _complete_lines(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    raw = list(reader)
+    header = list(reader.fieldnames or [])
+    units: Dict[tuple, List[Dict]] = OrderedDict()
+    for row in raw:
+        try:
+            parsed = _parse(row)
+            units.setdefault(unit_key(parsed), []).append(parsed)
+        except (TypeError, ValueError, KeyError):
+            continue  # a torn or glued line: its unit is incomplete and dropped
+    return units, len(raw), header, cut
+
+
+def _complete_units(units: Dict[tuple, List[Dict]], clicks: int) -> List[List[Dict]]:
+    """The units of ``units`` holding exactly clicks 1..``clicks``."""
+    return [rows for rows in units.values() if sorted(r["click"] for r in rows) == list(range(1, clicks + 1))]
+
+
+def _stored_models(units: Dict[tuple, List[Dict]], clicks: int) -> set:
+    """Names of the models with at least one finished unit (complete under the folder's recorded ``clicks``)."""
+    return {str(rows[0]["model"]) for rows in _complete_units(units, int(clicks))}
 
 
 def _case_files(case) -> Dict[str, str]:
@@ -145,6 +203,8 @@ class ResultStore:
         self.settings: Dict = {}
         self.dropped_units = 0
         self._rewrite_results = False
+        self._stored_models: set = set()  # models with finished units in results.csv
+        self._skips_damaged = False  # skipped.csv held a cut-off or malformed line: rewritten at the next flush
         if self.folder is not None:
             if self.folder.exists() and not self.folder.is_dir():
                 raise EvaluationStateError(f"{self.folder} is a file, not a folder: choose another --output folder.")
@@ -152,7 +212,7 @@ class ResultStore:
                 loaded_skips = self._load()
         self._done = {unit_key(r) for r in self.rows}
         self._skips: Dict[tuple, Dict] = OrderedDict((unit_key(r), r) for r in loaded_skips)
-        self._skips_changed = len(self._skips) != len(loaded_skips)  # duplicates in an older file
+        self._skips_changed = len(self._skips) != len(loaded_skips) or self._skips_damaged  # duplicates, torn line
         self._final_skips = {k for k, r in self._skips.items() if str(r.get("reason", "")).startswith("too small")}
 
     @property
@@ -187,54 +247,62 @@ class ResultStore:
                 raise EvaluationStateError(f"{self.run_json} is damaged ({exc}), so the results in {self.folder} "
                                            "cannot be continued: choose another --output folder.") from None
         if self.results_csv.is_file():
-            with open(self.results_csv, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                raw = list(reader)
-                header = list(reader.fieldnames or [])
-            units: Dict[tuple, List[Dict]] = OrderedDict()
-            for row in raw:
-                try:
-                    parsed = _parse(row)
-                    units.setdefault(unit_key(parsed), []).append(parsed)
-                except (TypeError, ValueError, KeyError):
-                    continue  # a torn last line: its unit is incomplete and dropped below
-            complete = [rows for rows in units.values()
-                        if sorted(r["click"] for r in rows) == list(range(1, self.clicks + 1))]
+            units, lines, header, cut = _read_units(self.results_csv)
+            complete = _complete_units(units, self.clicks)
             self.dropped_units = len(units) - len(complete)
             self.rows = [r for rows in complete for r in rows]
+            recorded = self.settings.get("clicks")
+            self._stored_models = _stored_models(units, recorded if isinstance(recorded, int) else self.clicks)
             # (older files: no nsd_full) rewritten once the settings are accepted
-            self._rewrite_results = bool(self.dropped_units or len(self.rows) != len(raw) or header != FIELDS)
+            self._rewrite_results = bool(self.dropped_units or len(self.rows) != lines or header != FIELDS or cut)
         if not self.skipped_csv.is_file():
             return []
-        with open(self.skipped_csv, newline="", encoding="utf-8") as handle:
-            return [r for r in csv.DictReader(handle) if r.get("reason")]
+        text, cut = _complete_lines(self.skipped_csv)
+        records = list(csv.DictReader(io.StringIO(text, newline="")))
+        kept = [dict(r, value=skip_value(r.get("value"))) for r in records
+                if r.get("reason") and None not in r and all(v is not None for v in r.values())]
+        self._skips_damaged = cut or len(kept) != len(records)
+        return kept
 
     def check_settings(self, settings: Dict, model_name: str, checkpoint: Optional[str]) -> None:
-        """Refuse to add rows made with other settings; record the settings and this model's checkpoint."""
+        """Refuse to add rows made with other settings; record the settings and this model's checkpoint.
+
+        Only settings under which results were stored bind: those of a run that finished no structure (its
+        run.json alone) are replaced."""
         old = self.settings
+        has_rows = bool(self._stored_models)
+        binding = {"clicks": has_rows, "seed": has_rows, "min_voxels": has_rows or bool(self._final_skips)}
         for key in ("clicks", "seed", "min_voxels"):
-            if key in old and old[key] != settings[key]:
+            if binding[key] and key in old and old[key] != settings[key]:
                 raise EvaluationStateError(
                     f"{self.folder} holds results made with {key}={old[key]}, not {settings[key]}. Use another "
                     f"--output folder, or the same {key} to continue that run.")
-        tolerance, known_tolerance = settings.get("nsd_tolerance_mm"), old.get("nsd_tolerance_mm")
+        tolerance = settings.get("nsd_tolerance_mm")
+        known_tolerance = old.get("nsd_tolerance_mm") if has_rows else None
         if tolerance is not None and known_tolerance is not None and tolerance != known_tolerance:
             raise EvaluationStateError(
                 f"{self.folder} holds NSD values at a tolerance of {known_tolerance} mm, not {tolerance} mm. Use "
                 "another --output folder, or the same --nsd-tolerance.")
+        if tolerance is not None and known_tolerance is not None and old.get("nsd_measure") != NSD_MEASURE:
+            raise EvaluationStateError(
+                f"{self.folder} holds NSD values of an earlier measure (border voxels, before 2026-12), not the "
+                "challenge's (surface elements weighted by area): use another --output folder.")
         protocol = settings.get("protocol")
         if tolerance is not None and protocol is not None and any(
                 r["protocol"] == protocol and not math.isfinite(r["nsd_full"]) for r in self.rows):
             raise EvaluationStateError(
                 f"{self.folder} holds {protocol} results without NSD, which would count as done: to get NSD, use "
                 "another --output folder (or leave out --nsd-tolerance to continue this one).")
-        _refuse_another_checkpoint(self.folder, old, model_name, checkpoint)
+        _refuse_another_checkpoint(self.folder, old, model_name, checkpoint, self._stored_models)
         merged = dict(old)
         merged.update({k: settings[k] for k in ("clicks", "seed", "min_voxels")})
         if tolerance is not None:
-            merged["nsd_tolerance_mm"] = tolerance
-        merged.setdefault("models", {})
-        if checkpoint or model_name not in merged["models"]:
+            merged["nsd_tolerance_mm"], merged["nsd_measure"] = tolerance, NSD_MEASURE
+        elif not has_rows:
+            merged.pop("nsd_tolerance_mm", None)  # no NSD values stored under the old tolerance
+            merged.pop("nsd_measure", None)
+        merged["models"] = dict(merged.get("models") or {})
+        if checkpoint or model_name not in merged["models"] or model_name not in self._stored_models:
             merged["models"][model_name] = checkpoint or "unknown"
         self.settings = merged
         if self.folder is not None:
@@ -281,14 +349,16 @@ class ResultStore:
         """Append the rows of one finished unit (all its clicks); a former skip of it is forgotten."""
         if len(rows) != self.clicks:
             raise ValueError(f"a unit has {len(rows)} rows, expected {self.clicks}")
+        self._append(self.results_csv, FIELDS, rows)
         self.rows.extend(rows)
         self._done.add(unit_key(rows[0]))
-        self._append(self.results_csv, FIELDS, rows)
+        self._stored_models.add(str(rows[0]["model"]))
         self.forget_skip(unit_key(rows[0]))
 
     def add_skip(self, record: Dict) -> None:
         """Record a unit that was not evaluated, with its ``reason`` (replacing an earlier record of it)."""
         key, record = unit_key(record), dict(record)
+        record["value"] = skip_value(record.get("value"))
         if key in self._skips:
             if self._skips[key] != record:
                 self._skips[key] = record
@@ -320,17 +390,10 @@ class ResultStore:
 
     @staticmethod
     def _append(path: Optional[Path], fields, rows) -> None:
-        if path is None:
-            return
-        new = not path.is_file() or path.stat().st_size == 0
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-            if new:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _format(row.get(k, "")) for k in fields})
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append ``rows`` on a fresh line (a cut-off last line is cut away first); on a failure (full disk...)
+        the file is cut back to its former end and :class:`~FastSAM3DLib.errors.OutputFileError` names it."""
+        if path is not None:
+            append_lines(path, _csv_text(fields, rows), header_lines=1)
 
 
 def unit_curves(rows: List[Dict]) -> Dict[tuple, Dict]:
@@ -427,18 +490,17 @@ def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Opti
                     "dice_full/iou_full": "on the source volume's grid after paste-back",
                     "after_k": "mean after click k", "last": "mean after the last click",
                     "max": "mean over structures of the maximum over clicks (the paper's 'Dice')",
-                    "nsd_full": "normalised surface Dice on the source grid at nsd_tolerance_mm (border voxels "
-                                "weigh 1, see evaluation/metrics.py)",
+                    "nsd_full": "normalised surface Dice on the source grid at nsd_tolerance_mm, measured as "
+                                "the challenge does (nsd_measure; see evaluation/metrics.py)",
                     "cvpr25": "CVPR 2025 interactive 3D challenge numbers, scored as CVPR25_iter_eval.py: per "
                               "case the mean DSC/NSD over its structures after each click (NSD 0 where that DSC "
                               "is not above 0.2), the area under those curves (trapezoids, one unit per click) and "
                               "the final values, then means over cases. Deviations: from click 1 (no bounding-box "
                               "step, these models take points only); each structure is segmented and scored on "
                               "its own, not as one multi-class label map, and structures too small to evaluate "
-                              "are left out of their case's mean; NSD weighs border voxels equally, not surface "
-                              "elements by area; clicks are placed on the 128^3 crop (gt) or the model grid "
-                              "(click), not the image grid; its time per case is time_s.per_case, measured, not "
-                              "capped at the challenge's 90 s per class"},
+                              "are left out of their case's mean; clicks are placed on the 128^3 crop (gt) or "
+                              "the model grid (click), not the image grid; its time per case is time_s.per_case, "
+                              "measured, not capped at the challenge's 90 s per class"},
         "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
         "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
         "n_rows": len(rows),

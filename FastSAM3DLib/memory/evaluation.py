@@ -8,9 +8,11 @@
   Patient ids come from the manifest (``patient``/``patient_id``; else the case name stands in).
 * same cases, click seeds (the evaluation's ``unit_rng``), checkpoint, placements and protocol as the run
   without memory: give each setting its own ``name`` in one results folder.
-* every retrieval of the evaluated structures (model, case, structure, label value, placement, the entries
-  found, distances, weights) goes to ``memory_retrievals.jsonl`` in the results folder, so one can check *what*
-  was retrieved (e.g. the same organ of another patient); the warm-up on a blank input is not recorded.
+* every retrieval of the evaluated structures (model, protocol, case, structure, label value, placement, the
+  entries found, distances, weights) goes to ``memory_retrievals.jsonl`` in the results folder, so one can check
+  *what* was retrieved (e.g. the same organ of another patient); the warm-up on a blank input is not recorded.
+  A structure's lines are written with its results; those of a structure an interrupted run did not finish are
+  removed when it is evaluated again, so a resumed run's journal equals an uninterrupted one's.
 * the results' name stands for the model with this memory: results of that name made with another bank (by
   its contents), rule, k, local ratio, retrieval or guard are refused, as results of another checkpoint are.
 
@@ -30,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..evaluation.results import check_model_checkpoint
+from ..files import append_lines, atomic_output
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
 from .plugin import attach_memory
@@ -98,7 +101,9 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
         raise
     journal = folder / "memory_retrievals.jsonl" if folder is not None else None
     current: Dict[str, object] = {}  # the structure being evaluated; empty during the warm-up on a blank input
+    pending: List[str] = []  # its journal lines, written together with its results
     recorded: List[bool] = []
+    unfinished: List[set] = []  # journal keys already on disk (read at the first structure this run starts)
 
     def started(meta):
         if folder is not None and not recorded:  # the settings once the evaluation has begun (not on a refusal)
@@ -106,21 +111,33 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
                 stream.write(json.dumps(settings) + "\n")
             recorded.append(True)
         current.clear()
-        current.update({key: meta[key] for key in ("case", "structure", "value", "placement")})
+        current.update({key: meta[key] for key in ("protocol", "case", "structure", "value", "placement")})
+        pending.clear()
+        if journal is not None:
+            if not unfinished:
+                unfinished.append(_journal_keys(journal))
+            key = _journal_key({"model": name, **current})
+            if key in unfinished[0]:  # only structures not done yet start: these lines are of an interrupted try
+                _drop_journal_lines(journal, key)
+                unfinished[0].discard(key)
 
     def note(last):
         if journal is None or not current:
             return
-        with open(journal, "a", encoding="utf-8") as stream:
-            for item in last:
-                stream.write(json.dumps({"model": name, **current, **item}) + "\n")
+        pending.extend(json.dumps({"model": name, **current, **item}) + "\n" for item in last)
+
+    def finished(meta):
+        if journal is not None and pending:
+            append_lines(journal, "".join(pending))
+        pending.clear()
+        current.clear()
 
     handle.on_retrieval = note
     plots = evaluate_kwargs.pop("plots", True)
     try:
         if guard == "refuse":
             return evaluate_dataset(cases, model, output, name=name, log=log, plots=plots, on_unit=started,
-                                    **evaluate_kwargs)
+                                    on_unit_done=finished, **evaluate_kwargs)
         # case by case, each into the same folder, whose summary then covers them all (a temporary one when
         # the caller keeps results in memory)
         with tempfile.TemporaryDirectory(prefix="fastsam3d-memory-") as scratch:
@@ -132,7 +149,8 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
                 current.clear()
                 last = number == len(cases) - 1
                 summary = evaluate_dataset([case], model, into, name=name, log=log, on_unit=started,
-                                           plots=plots and last and output is not None, **evaluate_kwargs)
+                                           on_unit_done=finished, plots=plots and last and output is not None,
+                                           **evaluate_kwargs)
                 for key in totals:
                     totals[key] += summary["runtime"][key]
             if summary is not None:  # the runtime of all the calls, as one plain evaluation would report it
@@ -142,6 +160,41 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
             return summary
     finally:
         handle.detach()
+
+
+def _journal_key(item: Dict) -> tuple:
+    """The structure a journal line belongs to (lines written before the protocol was recorded match none)."""
+    return tuple(str(item.get(k)) for k in ("model", "protocol", "case", "value", "placement")) \
+        if item.get("protocol") is not None else ()
+
+
+def _journal_lines(journal: Path) -> List[str]:
+    """The complete lines of the retrieval journal (a cut-off last line left out)."""
+    if not journal.is_file():
+        return []
+    text = journal.read_text(encoding="utf-8")
+    return text[:text.rfind("\n") + 1].splitlines(keepends=True)
+
+
+def _line_key(line: str) -> tuple:
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return ()
+    return _journal_key(item) if isinstance(item, dict) else ()
+
+
+def _journal_keys(journal: Path) -> set:
+    """The structures with lines in the retrieval journal."""
+    return {_line_key(line) for line in _journal_lines(journal)} - {()}
+
+
+def _drop_journal_lines(journal: Path, key: tuple) -> None:
+    """Rewrite the retrieval journal without the lines of structure ``key`` (an unfinished earlier try)."""
+    kept = [line for line in _journal_lines(journal) if _line_key(line) != key]
+    with atomic_output(journal) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as stream:
+            stream.write("".join(kept))
 
 
 def _same_images(bank: MemoryBank, cases) -> Dict[str, List[str]]:
@@ -193,8 +246,9 @@ def paired_comparison(results, base: str, other: str, *, clicks: Sequence[int] =
 
     One dict per (placement, protocol, click): ``n`` paired units, ``patients``, ``base``/``other`` means,
     ``diff`` (other - base) with ``ci95`` (bootstrap over the ``patients`` (case name -> patient id) when there
-    are >= 5, else over units; without ``patients`` each case counts as its own: ``ci_over`` says which), ``wilcoxon_p`` (None without scipy or with all differences 0), ``wins``/``ties``/
-    ``losses`` (|difference| <= 0.001 is a tie).
+    are >= 5, else over units; without ``patients`` each case counts as its own: ``ci_over`` says which),
+    ``wilcoxon_p`` (None without scipy or with all differences 0), ``wins``/``ties``/``losses`` (|difference| <=
+    0.001 is a tie).
     """
     rows = _read_rows(results)
     units: Dict[tuple, Dict[str, List[Dict[str, str]]]] = {}
