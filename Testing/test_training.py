@@ -266,6 +266,43 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, crop_cache):
                  _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
 
 
+def _finetune_run(tmp_path, crop_cache, name, messages=None, **kw):
+    config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=2, loss_size=32)
+    log = (lambda _: None) if messages is None else messages.append
+    return finetune(config, _loop(tmp_path, name, **kw), log=log)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_over(tmp_path, crop_cache):
+    """No latest.pth: every step is done again, so the dead run's log lines go and --resume says so."""
+    whole = _finetune_run(tmp_path, crop_cache, "whole", steps=3, steps_per_epoch=2)
+    _finetune_run(tmp_path, crop_cache, "killed", steps=3, steps_per_epoch=2, stop_after_steps=2)
+    (tmp_path / "killed" / "latest.pth").unlink()  # what a run killed before its first checkpoint leaves
+    assert [r["step"] for r in _read_log(tmp_path / "killed") if r["event"] == "step"] == [1, 2]
+    messages = []
+    summary = _finetune_run(tmp_path, crop_cache, "killed", messages, steps=3, steps_per_epoch=2, resume=True)
+    assert summary["finished"] is True
+    assert any("nothing to resume" in m and "step 0" in m for m in messages), messages
+    records, expected = _read_log(tmp_path / "killed"), _read_log(tmp_path / "whole")
+    assert [(r["event"], r["step"]) for r in records] == [(r["event"], r["step"]) for r in expected]
+    assert [r["event"] for r in records].count("start") == 1
+    for got, want in zip(records, expected):
+        for key in ("loss", "loss_mean", "steps"):
+            assert got.get(key) == pytest.approx(want.get(key), abs=1e-6), (got, want)
+    assert _state(whole["checkpoint"])["step"] == _state(summary["checkpoint"])["step"] == 3
+
+
+def test_the_epoch_record_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, crop_cache):
+    """An epoch that spans the resume step counts the steps logged before it: same loss_mean and steps."""
+    _finetune_run(tmp_path, crop_cache, "whole", steps=4, steps_per_epoch=3)
+    _finetune_run(tmp_path, crop_cache, "parts", steps=4, steps_per_epoch=3, stop_after_steps=2)
+    _finetune_run(tmp_path, crop_cache, "parts", steps=4, steps_per_epoch=3, resume=True)
+    epochs = {name: [(r["step"], r["epoch"], r["steps"], r["loss_mean"]) for r in _read_log(tmp_path / name)
+                     if r["event"] == "epoch"] for name in ("whole", "parts")}
+    assert [e[:3] for e in epochs["whole"]] == [(3, 0, 3), (4, 1, 1)]
+    assert [e[:3] for e in epochs["parts"]] == [e[:3] for e in epochs["whole"]]
+    np.testing.assert_allclose([e[3] for e in epochs["parts"]], [e[3] for e in epochs["whole"]], rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -653,6 +690,57 @@ def test_a_cached_and_a_fresh_teacher_target_are_the_same(tmp_path, crop_cache):
     assert task.cache.misses == 1 and task.cache.hits == 1
     for name in fresh:
         assert torch.equal(fresh[name], again[name]), name
+
+
+def _teacher_file(path, seed):
+    """A tiny-test-teacher checkpoint of its own weights (official layout)."""
+    torch.save({"model_state_dict": build_model("tiny-test-teacher", seed=seed).state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:the teacher cache hits only")
+def test_a_disk_teacher_cache_serves_only_its_own_teacher(tmp_path, crop_cache):
+    """Features left on disk by a run of another teacher (killed before its first checkpoint, so no settings
+    check) are never served; the same teacher reuses its features, with or without a checkpoint."""
+    def task(teacher_checkpoint=None):
+        config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                               stage_epochs=1, teacher_cache="disk", teacher_checkpoint=teacher_checkpoint)
+        return DistillationTask(config, _loop(tmp_path, "run"), torch.device("cpu"))
+
+    first = task()
+    images, _, keys = first.sampler.batch(np.random.default_rng(0), 1)
+    features_a = first.teacher_features(images, keys)
+    assert first.cache.misses == 1
+    again = task()  # the same teacher, no checkpoint yet: its features are still good
+    again.teacher_features(images, keys)
+    assert again.cache.hits == 1 and again.cache.misses == 0
+    other = task(_teacher_file(tmp_path / "teacher_b.pth", seed=5))
+    features_b = other.teacher_features(images, keys)
+    with torch.no_grad():
+        neck_b, _ = other.teacher.image_encoder(images, return_block_outputs=True)  # teacher B's own features
+    assert not torch.allclose(features_a[NECK], neck_b, rtol=0, atol=1e-2)
+    torch.testing.assert_close(features_b[NECK], neck_b, rtol=0, atol=1e-2)
+    assert other.cache.hits == 0 and other.cache.misses == 1
+    assert again.cache.folder == first.cache.folder and not again.stale_features
+    assert other.cache.folder != first.cache.folder  # teacher A's features are removed: no checkpoint needs them
+    assert other.stale_features == [first.cache.folder.name] and not first.cache.folder.exists()
+    (tmp_path / "run" / "latest.pth").write_bytes(b"")  # a resumed run of teacher B keeps and reuses its cache
+    resumed = task(str(tmp_path / "teacher_b.pth"))
+    assert resumed.cache.folder == other.cache.folder and not resumed.stale_features
+    resumed.teacher_features(images, keys)
+    assert resumed.cache.hits == 1
+
+
+def test_resuming_with_other_teacher_weights_under_the_same_name_is_refused(tmp_path, crop_cache):
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    teacher = _teacher_file(tmp_path / "teacher.pth", seed=5)
+    config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                           stage_epochs=1, teacher_checkpoint=teacher)
+    distill(config, _loop(tmp_path, "run", steps=2, stop_after_steps=1), log=lambda _: None)
+    _teacher_file(teacher, seed=6)  # the file was replaced by another teacher
+    with pytest.raises(FastSAM3DError, match="teacher_weights"):
+        distill(config, _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
 
 
 def test_resuming_with_a_setting_that_changes_the_schedule_is_refused(tmp_path, crop_cache):

@@ -26,7 +26,10 @@ trained with the student but saved only in the resumable checkpoint's ``extra_st
 student's weights. ``require_equal_widths=True`` refuses such pairs instead.
 
 **Teacher features** are computed on the fly (no disk round trip); :class:`TeacherFeatureCache` optionally
-keeps them in memory (bounded) or on disk, keyed by the exact sample (crop, window, augmentation).
+keeps them in memory (bounded) or on disk, keyed by the exact sample (crop, window, augmentation). The disk
+cache lives in ``<output>/teacher_features/<id>/``, ``id`` a hash of what else changes the features (the teacher's
+name, architecture and weights, the attention backend, the crop cache and augmentation settings), so features of
+another teacher or crop cache are never served; a run that starts without a checkpoint removes the other ids' folders.
 
 **The student checkpoint** is a complete model of the student config: the distilled encoder plus (by default)
 the teacher's prompt encoder and mask decoder when their shapes fit (the FastSAM3D recipe assembles the
@@ -36,6 +39,8 @@ loads it strictly.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -96,6 +101,16 @@ def active_pairs(epoch: int, pairs: Sequence[Pair], stage_epochs: int,
 def pair_name(pair: Union[Pair, str]) -> str:
     """``"s0-t1"`` for a block pair, ``"neck"`` for the final embedding."""
     return pair if isinstance(pair, str) else f"s{pair[0]}-t{pair[1]}"
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of ``module``'s state (names, dtypes, shapes and values): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class TeacherFeatureCache:
@@ -209,9 +224,13 @@ class DistillationTask(TrainingTask):
                     self.extra[name.replace("-", "_")] = nn.Linear(sw, tw)
         self.extra.to(device)
         self.loss_fn = feature_loss(config.loss)
-        self.cache = TeacherFeatureCache(config.teacher_cache, Path(loop.output) / "teacher_features",
-                                         config.teacher_cache_items)
+        self.teacher_weights = state_sha256(self.teacher)
         self.sampler = CropSampler(CropCache.open(config.data), config.augment, config.group_weights)
+        self.stale_features: List[str] = []
+        folder = None
+        if config.teacher_cache == "disk":
+            folder = self._teacher_feature_folder(Path(loop.output), teacher_cfg)
+        self.cache = TeacherFeatureCache(config.teacher_cache, folder, config.teacher_cache_items)
         if config.teacher_cache != "none" and (config.augment.enabled or self.sampler.cache.margin):
             warnings.warn(f"the teacher cache hits only when a sample repeats exactly, so it needs --no-augment and "
                           f"a crop cache made with --margin 0 (this one has margin {self.sampler.cache.margin}, "
@@ -224,9 +243,43 @@ class DistillationTask(TrainingTask):
         self.fingerprint = {"teacher": config.teacher, "student": config.student, "pairs": self.pairs,
                             "seed": loop.seed, "stage_epochs": config.stage_epochs, "loss": config.loss,
                             "neck_from_start": config.neck_from_start, "teacher_checkpoint": config.teacher_checkpoint,
+                            "teacher_weights": self.teacher_weights,
                             "steps_per_epoch": loop.steps_per_epoch, "batch_size": loop.batch_size,
                             "accumulate": loop.accumulate, "group_weights": config.group_weights,
                             "augment": config.augment}
+
+    def _teacher_feature_folder(self, output: Path, teacher_cfg) -> Path:
+        """``<output>/teacher_features/<id>``, ``id`` a hash of everything but the sample key that changes the
+        teacher features; without a checkpoint in ``output`` (a new run, or one killed before its first) the
+        folders of other ids, and files of the older flat layout, are removed (``stale_features``)."""
+        from .checkpoints import CHECKPOINT_NAME, plain
+
+        crops = self.sampler.cache
+        identity = {"teacher": self.config.teacher, "teacher_config": plain(teacher_cfg),
+                    "teacher_weights": self.teacher_weights, "attention": self.config.attention,
+                    "augment": plain(self.config.augment),
+                    "crops": {"size": crops.size, "margin": crops.margin, "sources": crops.sources,
+                              "entries": plain(crops.entries)}}
+        text = json.dumps(identity, sort_keys=True, default=str)
+        root = output / "teacher_features"
+        folder = root / hashlib.sha256(text.encode()).hexdigest()[:16]
+        if root.is_dir() and not (output / CHECKPOINT_NAME).is_file():
+            for stale in sorted(root.iterdir()):
+                if stale != folder:
+                    self.stale_features.append(stale.name)
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale)
+                    else:
+                        stale.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        about = folder / "teacher.json"
+        if not about.is_file():
+            from ..files import atomic_output
+
+            summary = dict(identity, crops=dict(identity["crops"], root=str(crops.root), entries=len(crops.entries)))
+            with atomic_output(about) as tmp:
+                tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        return folder
 
     def param_groups(self):
         params = [p for p in self.model.image_encoder.parameters() if p.requires_grad] + list(self.extra.parameters())
@@ -328,6 +381,9 @@ def distill(config: DistillConfig, loop: LoopConfig, log=print) -> Dict[str, Any
 
     device = resolve_device(loop.device)
     task = DistillationTask(config, loop, device)
+    if task.stale_features:
+        log(f"removed {len(task.stale_features)} teacher feature cache(s) of another teacher, crop cache or "
+            f"augmentation from {Path(loop.output) / 'teacher_features'} (left by a run without a checkpoint)")
     log(f"distilling {config.teacher} -> {config.student} on {device}: pairs "
         f"{', '.join(pair_name(p) for p in task.pairs)} + neck, one more every {config.stage_epochs} epoch(s); "
         f"projections: {', '.join(task.extra.keys()) or 'none'}; teacher decoder copied: {task.copied_decoder}")

@@ -12,7 +12,8 @@ the same way on CPU and CUDA:
   modules, see :mod:`.checkpoints`) is written atomically every ``checkpoint_every`` steps and at the end;
   ``resume=True`` continues from it; the final weights without optimiser state go to ``<output>/model.pth``;
 * observable: a progress bar with the loss and the time left (tqdm when installed) and a JSON log,
-  ``<output>/log.jsonl``, one line per step and per epoch (a resumed run drops the lines after its checkpoint).
+  ``<output>/log.jsonl``, one line per step and per epoch (a resumed run drops the lines after its checkpoint and
+  takes the losses of its epoch's earlier steps from it; a run without a checkpoint starts the log over).
 """
 from __future__ import annotations
 
@@ -136,6 +137,27 @@ class JsonLog:
         with atomic_output(self.path) as tmp:
             tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
+    def clear(self) -> None:
+        """Start the log over (a run without a checkpoint redoes every step, so a killed run's lines go)."""
+        if self.path.is_file():
+            with atomic_output(self.path) as tmp:
+                tmp.write_text("", encoding="utf-8")
+
+    def step_losses(self, first: int, last: int) -> Dict[int, float]:
+        """The logged ``loss`` of each step ``first..last`` (1-based, inclusive) that has a step line."""
+        losses: Dict[int, float] = {}
+        if not self.path.is_file():
+            return losses
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "step" and "loss" in record and \
+                    first <= int(record.get("step", 0)) <= last:
+                losses[int(record["step"])] = float(record["loss"])
+        return losses
+
     def write(self, record: Dict[str, Any]) -> None:
         """Append one record."""
         with open(self.path, "a", encoding="utf-8") as f:
@@ -220,12 +242,17 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
         log(f"resuming {latest} at step {start_step}")
         json_log.write({"event": "resume", "step": start_step, "time": time.time()})
     else:
+        # no checkpoint: every step is done again, so the lines of a run killed before its first one go too
+        json_log.clear()
+        if config.resume:
+            log(f"nothing to resume in {output} (no {checkpoints.CHECKPOINT_NAME} yet): starting from step 0")
         json_log.write({"event": "start", "step": 0, "time": time.time(), "args": checkpoints.plain(task.args)})
     args = dict(task.args, fingerprint=fingerprint, loop=checkpoints.plain(config))
 
     task.train_mode()
     progress = _Progress(config.steps, start_step, config.quiet, desc)
-    started, epoch_losses = time.time(), []
+    started = time.time()
+    epoch_losses = _epoch_losses_so_far(json_log, start_step, config, log)
     last_loss = float("nan")
     try:
         for step in range(start_step, config.steps):
@@ -277,6 +304,24 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
     checkpoints.export_weights(latest, weights)
     json_log.write({"event": "end", "step": done, "time": time.time(), "loss": last_loss})
     return {"steps": done, "loss": last_loss, "checkpoint": str(latest), "weights": str(weights), "finished": True}
+
+
+def _epoch_losses_so_far(json_log: JsonLog, start_step: int, config: LoopConfig,
+                         log: Callable[[str], None]) -> List[float]:
+    """The losses of the steps of the current epoch done before ``start_step`` (from the log), so that a resumed
+    run's epoch record is the uninterrupted run's."""
+    if start_step >= config.steps:
+        return []
+    first = start_step // config.steps_per_epoch * config.steps_per_epoch + 1  # 1-based step numbers
+    if first > start_step:
+        return []
+    found = json_log.step_losses(first, start_step)
+    missing = [s for s in range(first, start_step + 1) if s not in found]
+    if missing:
+        epoch = start_step // config.steps_per_epoch
+        log(f"{json_log.path} lacks the losses of {len(missing)} step(s) of epoch {epoch} (from step {missing[0]}): "
+            "that epoch's record will cover only the steps it has")
+    return [found[s] for s in sorted(found)]
 
 
 def _check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
