@@ -250,9 +250,10 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds():
+def _sigterm_unwinds(entry_point: bool = False):
     """While the block runs in the main thread, SIGTERM raises :class:`_Terminated` instead of killing at once,
-    and both it and Ctrl+C wait while a file is set up or cleaned up (:mod:`.interrupts`)."""
+    and both it and Ctrl+C wait while a file is set up or cleaned up (:mod:`.interrupts`). For the command line
+    itself (``entry_point``) the handlers are not restored afterwards: :func:`_ignore_interrupts` has set them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -270,9 +271,19 @@ def _sigterm_unwinds():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if previous_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous_int)
+        if entry_point:
+            _ignore_interrupts()
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            if previous_int is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous_int)
+
+
+def _ignore_interrupts() -> None:
+    """Ignore Ctrl+C and SIGTERM from now on: the command has ended, and one arriving while Python shuts down would
+    only print a traceback or change the exit status of work that is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -299,15 +310,25 @@ def _one_line(text) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns the process exit status."""
-    with _sigterm_unwinds(), _imports_complete():
+    """Entry point; returns the process exit status.
+
+    Without ``argv`` (the command line: ``python -m FastSAM3DLib``, ``fastsam3d``) Ctrl+C and SIGTERM are ignored
+    once the command has ended; called with ``argv`` (tests, Python code) the previous handlers are restored."""
+    entry_point = argv is None and threading.current_thread() is threading.main_thread()
+    with _sigterm_unwinds(entry_point), _imports_complete():
         try:
             with warnings.catch_warnings(record=True) as caught:
                 status = _run(argv)
+                if entry_point:
+                    _ignore_interrupts()
         except KeyboardInterrupt:
+            if entry_point:
+                _ignore_interrupts()
             print("error: interrupted (Ctrl+C); the command did not finish.", file=sys.stderr)
             return 130
         except _Terminated:
+            if entry_point:
+                _ignore_interrupts()
             print("error: terminated (SIGTERM); the command did not finish.", file=sys.stderr)
             return 143
     if status == 0:  # on failure the one error line is all that is printed

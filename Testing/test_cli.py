@@ -297,3 +297,24 @@ def test_bad_int8_kernel_environment_variable_is_one_line(tmp_path, sample, tiny
     message = one_line_error(run_cli("segment", sample, "--point=0,0,0", "--model", "tiny-test", "--checkpoint",
                                      tiny_checkpoint, "--precision", "fast", "-o", out, env=env))
     assert "FASTSAM3D_INT8_KERNEL" in message and "int_mm" in message and not out.exists()
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_ended_changes_nothing(tmp_path, signum):
+    """Ctrl+C or SIGTERM arriving once main() returned (while Python shuts down) printed a KeyboardInterrupt
+    traceback or ended the finished command with -2/-15. Emulates ``python -m FastSAM3DLib`` / ``fastsam3d``."""
+    code = ("import os, signal, sys, time\nfrom FastSAM3DLib.cli import main\n"
+            "sys.argv = ['fastsam3d', 'models', '--cache-dir', sys.argv[1]]\nstatus = main()\n"
+            f"os.kill(os.getpid(), signal.{signum})\ntime.sleep(0.2)\nsys.exit(status)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "fastsam3d-demo" in proc.stdout
+
+
+def test_main_called_from_python_restores_the_signal_handlers(tmp_path, capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["models", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

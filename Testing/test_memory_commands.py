@@ -110,3 +110,54 @@ def test_segment_fast_precision_keeps_the_bank_made_with_the_float_weights(data,
                  "--memory-rule", "values", "-o", str(tmp_path / "fast.nii.gz")]) == 0
     out = capsys.readouterr().out
     assert "rule values" in out and "fast precision" in out
+
+
+def _file_size_limit(limit):
+    """For ``preexec_fn``: the disk is 'full' after ``limit`` bytes of a file (EFBIG, as the audit's full disk)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_memory_build_on_a_full_disk_is_one_error_line_and_leaves_nothing(data, tmp_path):
+    """safetensors reports a full disk as SafetensorError, not OSError: it ended in a traceback with status 1."""
+    import os
+
+    out = tmp_path / "bank.safetensors"
+    done = subprocess.run([sys.executable, "-m", "FastSAM3DLib", "memory", "build", str(data / "train.json"),
+                           "--model", "tiny-test", "--checkpoint", "random", "-o", str(out), "--quiet"],
+                          cwd=REPO, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), capture_output=True,
+                          text=True, timeout=600,
+                          preexec_fn=_file_size_limit((data / "bank.safetensors").stat().st_size // 2))
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(f"error: cannot write {out}: File too large") and "ulimit -f" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bank_temporary_left_by_a_killed_build_is_swept_by_a_later_save(data, tmp_path):
+    """``kill -9`` while a bank is written leaves its hidden temporary; a later save into the folder removes it
+    once it is stale."""
+    import os
+    import time
+
+    out = tmp_path / "bank.safetensors"
+    code = ("import os, signal, sys\nimport safetensors.torch as st\nsave = st.save_file\n"
+            "st.save_file = lambda *a, **k: (save(*a, **k), os.kill(os.getpid(), signal.SIGKILL))\n"
+            "from FastSAM3DLib.memory import load_bank, save_bank\n"
+            "save_bank(load_bank(sys.argv[1]), sys.argv[2])\n")
+    done = subprocess.run([sys.executable, "-c", code, str(data / "bank.safetensors"), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".bank.safetensors") and left[0].stat().st_size > 0
+    old = time.time() - 3600
+    os.utime(left[0], (old, old))  # an hour later
+    from FastSAM3DLib.memory import load_bank
+
+    save_bank(load_bank(data / "bank.safetensors"), out)
+    assert list(tmp_path.iterdir()) == [out]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from FastSAM3DLib.cli import _Terminated
 from FastSAM3DLib.errors import CheckpointError, DownloadError, WeightsUnavailableError
 from FastSAM3DLib.weights.cache import CacheWarning, ModelFiles
 from FastSAM3DLib.weights.catalog import find_checkpoint, model_choice
@@ -604,3 +605,113 @@ def test_manifest_entries_must_not_share_cache_files(tmp_path, second):
 def test_model_file_that_is_safetensors_keeps_a_separate_fast_copy():
     files = ModelFiles(Path("/cache"), "w.safetensors")
     assert files.safetensors != files.path and len(set(files.names())) == 6
+
+
+# --------------------------------------------------------------------------- a pin never outlives an interruption
+
+
+def wrong_model_download(tmp_path, server):
+    """A server offering a complete checkpoint of another architecture for 'tiny', whose manifest publishes no
+    checksum (the first verified file would be pinned); returns (manifest, cache, files)."""
+    data = training_checkpoint_bytes(tiny_state_dict("sam-med3d"))
+    url = server.serve("/tiny.pth", data)
+    manifest = write_manifest(tmp_path / "models.json", {"name": "tiny", "filename": "tiny.pth", "urls": [url],
+                                                         "size": len(data), "sha256": None})
+    cache = tmp_path / "cache"
+    return manifest, cache, ModelFiles(cache, "tiny.pth")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, _Terminated], ids=["ctrl-c", "sigterm"])
+def test_a_download_stopped_during_the_architecture_check_pins_nothing(tmp_path, server, monkeypatch, stop):
+    """Ctrl+C (or the command line's SIGTERM exception, a BaseException too) while the new file's architecture is
+    checked left the wrong file pinned: every later download refused it at once, without a request."""
+    from FastSAM3DLib.weights import store
+    from FastSAM3DLib.weights.commands import download_weights
+
+    manifest, cache, files = wrong_model_download(tmp_path, server)
+
+    def interrupted(entry):
+        def check(state_dict):
+            raise stop()
+        return check
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "architecture_check", interrupted)
+        with pytest.raises(stop):
+            download_weights("tiny", cache, manifest=manifest)
+    assert read_record(files) is None and not files.path.exists()
+    with pytest.raises(CheckpointError) as err:  # the next run downloads again and says what is wrong
+        download_weights("tiny", cache, manifest=manifest)
+    assert "does not hold a complete FastSAM3D model" in str(err.value) and "Nothing was pinned" in str(err.value)
+    assert len(server.gets("/tiny.pth")) == 2
+    assert read_record(files) is None and sorted(p.name for p in cache.iterdir()) == []
+
+
+def test_an_import_killed_during_the_architecture_check_pins_nothing_and_its_copy_is_swept(tmp_path):
+    """SIGKILL while an imported file's architecture is checked: nothing is pinned (the check comes before the pin),
+    and the hidden copy it leaves is removed by a later import once it is stale."""
+    manifest, cache, source = setup(tmp_path, training_checkpoint_bytes(tiny_state_dict("sam-med3d")))
+    code = ("import os, signal, sys\n"
+            "from FastSAM3DLib.weights import store\n"
+            "from FastSAM3DLib.weights.commands import import_weights\n"
+            "store.architecture_check = lambda entry: lambda sd: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "import_weights('tiny', sys.argv[1], sys.argv[2], manifest=sys.argv[3])\n")
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(cache), str(manifest)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    files = ModelFiles(cache, "tiny.pth")
+    assert read_record(files) is None and not files.path.exists()
+    left = [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert len(left) == 1 and left[0].stat().st_size == source.stat().st_size  # the complete copy
+    old = time.time() - 3600
+    os.utime(left[0], (old, old))  # an hour later
+    with pytest.raises(CheckpointError, match="does not hold a complete FastSAM3D model"):
+        import_weights("tiny", source, cache, manifest=manifest)
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
+def test_a_wrong_file_pinned_by_an_older_version_says_how_to_start_again(tmp_path):
+    """A cache wedged before this fix (a wrong file pinned): the refusal names the two files to delete."""
+    from FastSAM3DLib.weights.commands import download_weights
+    from FastSAM3DLib.weights.verify import write_record
+
+    manifest, cache, source = setup(tmp_path, training_checkpoint_bytes(tiny_state_dict("sam-med3d")))
+    files = ModelFiles(cache, "tiny.pth")
+    cache.mkdir()
+    shutil.copyfile(source, files.path)
+    write_record(files, load_manifest(manifest).get("tiny"), sha256(source.read_bytes()), "an older version")
+    with pytest.raises(CheckpointError) as err:
+        download_weights("tiny", cache, manifest=manifest)
+    message = str(err.value)
+    assert "does not hold a complete FastSAM3D model" in message
+    assert f"delete {files.path} and {files.record}" in message and "download or import the model again" in message
+    assert files.path.exists() and read_record(files) is not None  # the message tells; nothing is deleted unasked
+
+
+@pytest.mark.parametrize("killed", ["record", "fast-copy"])
+def test_temporaries_of_a_killed_import_are_swept_by_a_later_write(tmp_path, killed):
+    """A process killed while writing the verification record or the fast copy leaves its hidden temporary; the
+    next write into the cache removes it once it is stale (never a fresh one: that may be another process's)."""
+    manifest, cache, source = setup(tmp_path, training_checkpoint_bytes(tiny_state_dict("fastsam3d")))
+    kill = "lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)"
+    patch = ("from FastSAM3DLib.weights import verify\nverify.replace_file = " + kill if killed == "record" else
+             "import safetensors.torch as st\nsave = st.save_file\n"
+             "st.save_file = lambda *a, **k: (save(*a, **k), os.kill(os.getpid(), signal.SIGKILL))")
+    code = (f"import os, signal, sys\n{patch}\n"
+            "from FastSAM3DLib.weights.commands import import_weights\n"
+            "import_weights('tiny', sys.argv[1], sys.argv[2], manifest=sys.argv[3])\n")
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(cache), str(manifest)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    left = [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert len(left) == 1 and left[0].stat().st_size > 0, left
+    fresh = cache / ".tiny.pth.verified.json.fastsam3d-tmp-abcd1234.tmp"  # another process's, still writing
+    fresh.write_text("{}")
+    import_weights("tiny", source, cache, manifest=manifest)
+    assert left[0].exists() and fresh.exists()  # both too young to be called stale
+    old = time.time() - 3600
+    os.utime(left[0], (old, old))  # an hour later
+    import_weights("tiny", source, cache, manifest=manifest)
+    assert not left[0].exists() and fresh.exists()
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
+        "tiny.pth", "tiny.pth.verified.json", "tiny.safetensors"]

@@ -364,3 +364,25 @@ def test_the_library_calls_os_open_only_through_open_fd():
             if re.search(r"\bos\.open\(", line) and not (source.name == "files.py" and "return os.open(" in line):
                 offenders.append(f"{source.relative_to(REPO)}:{number}")
     assert offenders == []
+
+
+def test_a_file_to_be_pinned_is_checked_before_it_is_put_in_place(tmp_path, server):
+    """``check`` sees the complete file before the pin exists; its refusal leaves nothing, not even a .part."""
+    manifest, cache = setup(tmp_path, server, sha=False)
+    seen = []
+
+    def refuse(path, origin):
+        seen.append((path.read_bytes() == DATA, origin, read_record(files(cache)), files(cache).path.exists()))
+        raise CheckpointError("not this model")
+
+    with pytest.raises(CheckpointError, match="not this model"):
+        download_model("test-model", cache, manifest=manifest, check=refuse)
+    assert seen == [(True, server.url(PATH), None, False)] and leftovers(cache) == []
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(DATA)
+    with pytest.raises(CheckpointError, match="not this model"):
+        import_file("test-model", copy, cache, manifest=manifest, check=refuse)
+    assert seen[1] == (True, str(copy), None, False) and leftovers(cache) == []
+    published, cache = setup(tmp_path, server)  # a published checksum: nothing is pinned, nothing to check
+    download_model("test-model", cache, manifest=published, check=refuse)
+    assert len(seen) == 2

@@ -43,16 +43,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..files import replace_file
-from .header import (FORMAT, MemoryBankError, _meta_from_strings, file_sha256, find_banks,  # noqa: F401
+from ..files import atomic_output, library_write_error
+from .header import (FORMAT, MemoryBankError, file_sha256, find_banks,  # noqa: F401
                      read_bank_metadata)
 
 TENSOR_NAMES = ("descriptors", "keys", "values", "case_index")
@@ -323,7 +321,10 @@ def _meta_to_strings(meta: Dict[str, object]) -> Dict[str, str]:
 
 
 def save_bank(bank: MemoryBank, path) -> Path:
-    """Write ``bank`` to ``path`` (a ``.safetensors`` file) atomically; returns the path."""
+    """Write ``bank`` to ``path`` (a ``.safetensors`` file) atomically; returns the path.
+
+    Raises :class:`~FastSAM3DLib.errors.OutputFileError` naming the file when it cannot be written (full disk,
+    read-only folder); then neither it nor a temporary is left."""
     from safetensors.torch import save_file
 
     bank.validate()
@@ -334,14 +335,11 @@ def save_bank(bank: MemoryBank, path) -> Path:
     tensors = {name: getattr(bank, name).detach().to("cpu").contiguous() for name in TENSOR_NAMES}
     meta = dict(bank.meta)
     meta["tensors_sha256"] = _tensors_digest(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=_meta_to_strings(meta))
-        replace_file(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as tmp:  # OutputFileError (one line, nothing left) when it cannot be written
+        try:
+            save_file(tensors, str(tmp), metadata=_meta_to_strings(meta))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError, not OSError, for a full disk
+            raise library_write_error(exc, path, tmp, sum(t.nbytes for t in tensors.values())) from None
     bank.meta = meta
     bank.path = path
     return path

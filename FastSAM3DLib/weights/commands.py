@@ -30,7 +30,8 @@ def download_weights(name: str, cache_dir: Optional[PathLike] = None, progress: 
                      manifest: ManifestLike = None, timeout: float = DEFAULT_TIMEOUT) -> Path:
     """Download and verify model ``name``, then prepare its fast weights; return the file to load."""
     pinning = _will_pin(name, cache_dir, manifest)
-    download_model(name, cache_dir, progress, manifest=manifest, timeout=timeout)
+    download_model(name, cache_dir, progress, manifest=manifest, timeout=timeout,
+                   check=_pin_check(name, manifest, keep_file=False))
     return _prepare(name, cache_dir, manifest, pinning)
 
 
@@ -40,7 +41,7 @@ def import_weights(name: str, path: PathLike, cache_dir: Optional[PathLike] = No
     pinning = _will_pin(name, cache_dir, manifest)
     cached = model_files(load_manifest(manifest).get(name), cache_dir).path
     in_place = cached.exists() and Path(path).expanduser().exists() and cached.samefile(Path(path).expanduser())
-    import_file(name, path, cache_dir, progress, manifest=manifest)
+    import_file(name, path, cache_dir, progress, manifest=manifest, check=_pin_check(name, manifest, in_place))
     return _prepare(name, cache_dir, manifest, pinning, keep_file=in_place)
 
 
@@ -194,6 +195,39 @@ def _will_pin(name: str, cache_dir, manifest) -> bool:
     return expected_sha256(entry, model_files(entry, cache_dir))[0] is None
 
 
+def _pin_check(name: str, manifest, keep_file: bool):
+    """``check(path, origin)`` for download and import: refuses a file that is not a complete model of ``name``'s
+    architecture before its checksum is pinned (None without PyTorch: the first load checks it instead)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    entry = load_manifest(manifest).get(name)
+
+    def check(path: Path, origin: str) -> None:
+        try:
+            _check_architecture(entry, path)
+        except Exception as exc:  # noqa: BLE001 - whatever the file does wrong, it is not pinned
+            # Clearing the failed load's frames unmaps the file (Windows cannot delete a mapped file).
+            traceback.clear_frames(exc.__traceback__)
+            text = str(exc).replace(str(path), origin)  # name the user's file or URL, not the temporary
+            error = text if isinstance(exc, CheckpointError) else (
+                f"The weights file of '{name}' cannot be loaded ({type(exc).__name__}: {text}). Download it "
+                "again, or import the official file.")
+            what = "its checksum was not kept" if keep_file else \
+                "the file was removed from the cache and its checksum not kept"
+            raise CheckpointError(f"{error} Nothing was pinned: {what}.") from None
+    return check
+
+
+def _check_architecture(entry, path: Path) -> None:
+    """Load ``path`` and refuse it unless it holds a complete model of ``entry``'s architecture."""
+    from . import store
+    from .loading import load_state_dict
+
+    store.architecture_check(entry)(load_state_dict(path))
+
+
 def _prepare(name: str, cache_dir, manifest, pinned_now: bool, keep_file: bool = False) -> Path:
     """Check the new file's architecture and write its fast copy; undo a pin made for a wrong file (and remove
     that file from the cache, unless ``keep_file``: the user imported the cached file itself)."""
@@ -211,7 +245,7 @@ def _prepare(name: str, cache_dir, manifest, pinned_now: bool, keep_file: bool =
             f"The weights file of '{name}' cannot be loaded ({type(exc).__name__}: {exc}). Download it again, or "
             "import the official file.")
         if not pinned_now:
-            raise error from (None if error is exc else exc)
+            raise _with_pin_hint(error, name, cache_dir, manifest) from (None if error is exc else exc)
         files = model_files(load_manifest(manifest).get(name), cache_dir)
         for stale in (files.record,) if keep_file else (files.path, files.record):
             if stale.exists():
@@ -222,3 +256,15 @@ def _prepare(name: str, cache_dir, manifest, pinned_now: bool, keep_file: bool =
     if path is None:  # pragma: no cover - download/import just verified it
         raise CheckpointError(f"The weights of '{name}' were verified but cannot be found in the cache.")
     return path
+
+
+def _with_pin_hint(error: CheckpointError, name: str, cache_dir, manifest) -> CheckpointError:
+    """``error``, telling how to start again when the refused file is the one whose checksum was pinned here
+    (a cache pinned by an older version that was interrupted before it could undo a wrong file's pin)."""
+    entry = load_manifest(manifest).get(name)
+    files = model_files(entry, cache_dir)
+    if expected_sha256(entry, files)[1] != "pinned":
+        return error
+    return CheckpointError(f"{error} Its checksum was pinned on this computer ({files.record}); if it is not the "
+                           f"{name} weights file, delete {files.path} and {files.record}, then download or import "
+                           "the model again.")

@@ -10,7 +10,9 @@ What happens, in order (:func:`download_model`):
    changed file). A dropped connection is resumed automatically ``retries`` times.
 4. Check the size (``Content-Length`` against the manifest, then the bytes received) and the sha256 (the
    published one, or the one pinned by the first verified download), then ``os.replace`` the ``.part`` onto
-   the final name: a half-written file is never visible under the final name.
+   the final name: a half-written file is never visible under the final name. When no checksum is known yet,
+   ``check`` (the model's architecture) accepts the file first: the pin is written last, so an interrupted or
+   killed run can never leave a wrong file pinned.
 
 Hardening: a redirect from https to plain http (or to any address the manifest could not name) is refused;
 the ``.part`` file is opened with ``O_NOFOLLOW`` and must be a plain file with one link, so a symlink or hard
@@ -36,14 +38,14 @@ import time
 import stat
 import urllib.error
 import urllib.request
-import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
-from ..files import open_fd, replace_file
+from ..files import open_fd, replace_file, temporary_beside
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
 from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
@@ -51,6 +53,9 @@ from .verify import (Progress, expected_sha256, is_verified, read_record, sha256
                      write_record)
 
 log = logging.getLogger(__name__)
+
+#: ``check(path, origin)``: refuses (CheckpointError) a complete file that is not the model, before it is pinned.
+PinCheck = Callable[[Path, str], None]
 
 #: Seconds any single network operation (connect, or one read) may take.
 DEFAULT_TIMEOUT = 30.0
@@ -60,13 +65,16 @@ _USER_AGENT = "FastSAM3DLib-weights/1 (Python urllib)"
 
 def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Optional[Progress] = None, *,
                    manifest: ManifestLike = None, timeout: float = DEFAULT_TIMEOUT, retries: int = 3,
-                   retry_delay: float = 1.0) -> Path:
+                   retry_delay: float = 1.0, check: Optional[PinCheck] = None) -> Path:
     """Download model ``name`` into the cache (unless a verified copy is there) and return its path.
 
     ``progress(bytes_done, bytes_total)`` is called as bytes arrive (``bytes_total`` may be None when the
     server does not say); returning False from it cancels the download, keeping the resumable ``.part``.
     ``timeout`` bounds each network operation in seconds; ``retries`` is how many times a dropped
-    connection is resumed before giving up. Raises DownloadError saying what to do.
+    connection is resumed before giving up. ``check(path, url)`` is called on a complete file whose checksum
+    this download would pin, before it is put in place: the CheckpointError it raises refuses the file (deleted,
+    nothing pinned), so not even a killed process can leave a wrong file pinned. Raises DownloadError saying
+    what to do.
     """
     if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
         raise DownloadError(f"The download timeout must be a positive number of seconds, got {timeout!r} (the "
@@ -89,7 +97,7 @@ def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Op
         failures: List[_Failure] = []
         for url in entry.urls:
             try:
-                _download_from(url, entry, files, lock, progress, timeout, retries, retry_delay)
+                _download_from(url, entry, files, lock, progress, timeout, retries, retry_delay, check)
                 return files.path
             except _Failure as failure:
                 log.info("download of %s from %s failed: %s", name, url, failure.reason)  # the error says it too
@@ -103,11 +111,13 @@ def download_model(name: str, cache_dir: Optional[PathLike] = None, progress: Op
 
 
 def import_file(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
-                progress: Optional[Progress] = None, *, manifest: ManifestLike = None) -> Path:
+                progress: Optional[Progress] = None, *, manifest: ManifestLike = None,
+                check: Optional[PinCheck] = None) -> Path:
     """Put a file the user obtained by hand into the cache as model ``name``, with the download's checks.
 
     The file is copied (never moved), its size and sha256 are checked against the manifest (or the pinned
-    checksum; without either, this import pins it), and only then renamed into place. Raises CheckpointError.
+    checksum; without either, this import pins it, after ``check(copy, source)`` accepted it, as for a
+    download), and only then renamed into place. Raises CheckpointError.
     """
     entry = load_manifest(manifest).get(name)
     files = model_files(entry, cache_dir)
@@ -132,25 +142,24 @@ def import_file(name: str, path: PathLike, cache_dir: Optional[PathLike] = None,
     try:
         expected, checksum_source = expected_sha256(entry, files)
         same_file = files.path.exists() and os.path.samefile(source, files.path)
-        tmp = files.directory / f".{entry.filename}.import-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            sha = sha256_file(source, progress) if same_file else _copy_hashing(source, tmp, progress)
-            if expected is not None and sha != expected:
-                raise CheckpointError(
-                    f"{source} is not the {entry.name} weights file: its sha256 is {sha}, expected {expected} "
-                    f"({_checksum_origin(checksum_source, files)}). Nothing was imported. Download "
-                    f"{entry.urls[0]} again (the copy may be damaged) and import that."
-                    + _pin_hint(checksum_source, files))
-            if not same_file:
-                replace_file(tmp, files.path)
+            with nullcontext(files.path) if same_file else temporary_beside(files.path, ".import") as copy:
+                sha = sha256_file(source, progress) if same_file else _copy_hashing(source, copy, progress)
+                if expected is not None and sha != expected:
+                    raise CheckpointError(
+                        f"{source} is not the {entry.name} weights file: its sha256 is {sha}, expected {expected} "
+                        f"({_checksum_origin(checksum_source, files)}). Nothing was imported. Download "
+                        f"{entry.urls[0]} again (the copy may be damaged) and import that."
+                        + _pin_hint(checksum_source, files))
+                if expected is None and check is not None:  # this import pins: refuse a wrong file before that
+                    check(copy, str(source))
+                if not same_file:
+                    replace_file(copy, files.path)
             _discard_part(files)
             write_record(files, entry, sha, str(source.resolve()))
         except OSError as exc:
             raise CheckpointError(f"Cannot import {source} into {files.directory}: {exc}. Check the free disk "
                                   "space and that the cache folder is writable.") from exc
-        finally:
-            if os.path.lexists(tmp):
-                tmp.unlink()
     finally:
         lock.release()
     return files.path
@@ -176,7 +185,7 @@ class _Interrupted(Exception):
 
 
 def _download_from(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLock, progress: Optional[Progress],
-                   timeout: float, retries: int, retry_delay: float) -> None:
+                   timeout: float, retries: int, retry_delay: float, check: Optional[PinCheck]) -> None:
     """Fetch ``url`` into the .part file (resuming after drops), verify it and move it into place."""
     attempt = 0
     while True:
@@ -203,6 +212,12 @@ def _download_from(url: str, entry: ModelEntry, files: ModelFiles, lock: FileLoc
         _discard_part(files)
         raise _Failure(url, "checksum", f"the file received has sha256 {sha}, expected {expected} "
                                         f"({_checksum_origin(source, files)}); it was deleted")
+    if expected is None and check is not None:  # this download pins: refuse a wrong file before it is in place
+        try:
+            check(files.part, url)
+        except CheckpointError:
+            _discard_part(files)
+            raise
     try:
         replace_file(files.part, files.path)
     except OSError as exc:
@@ -463,7 +478,7 @@ def _copy_hashing(source: Path, dest: Path, progress: Optional[Progress]) -> str
     digest = hashlib.sha256()
     total = source.stat().st_size
     done = 0
-    with open(source, "rb") as src, os.fdopen(open_fd(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as dst:
+    with open(source, "rb") as src, os.fdopen(open_fd(dest, os.O_WRONLY | os.O_TRUNC), "wb") as dst:
         for block in iter(lambda: src.read(_CHUNK), b""):
             digest.update(block)
             dst.write(block)

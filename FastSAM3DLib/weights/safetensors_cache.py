@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import uuid
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 from ..errors import CheckpointError
-from ..files import open_fd, replace_file
+from ..files import replace_file, temporary_beside
 
 #: Value of the "format" metadata field of the files written here.
 FORMAT_TAG = "FastSAM3DLib-weights-v1"
@@ -90,7 +88,7 @@ def write_safetensors(state_dict, dest, source_sha: str, model: str, source_file
 
     Raises :class:`FastCopyWriteError` (an OSError) when the folder is read-only or the disk full; nothing is
     left behind then. The temporary file gets a random name and is created with ``O_EXCL``, so nothing planted
-    in the folder is written through.
+    in the folder is written through; one left by a killed process is removed by a later write into the folder.
     """
     from safetensors.torch import save_file
 
@@ -108,22 +106,12 @@ def write_safetensors(state_dict, dest, source_sha: str, model: str, source_file
     if source_file:
         metadata["source_file"] = source_file
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    created = False
     try:
-        os.close(open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        created = True
-        save_file(tensors, str(tmp), metadata=metadata)
-        replace_file(tmp, dest)
-        created = False
+        with temporary_beside(dest) as tmp:  # removed on any failure; a killed run's is swept by a later write
+            save_file(tensors, str(tmp), metadata=metadata)
+            replace_file(tmp, dest)
     except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError, not OSError, for a full disk
         raise FastCopyWriteError(f"cannot write {dest}: {_first_line(exc)}") from exc
-    finally:
-        if created:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
     return digest
 
 

@@ -22,12 +22,11 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from ..files import open_fd, replace_file
+from ..files import open_fd, replace_file, temporary_beside
 from .cache import ModelFiles
 from .manifest import ModelEntry
 
@@ -155,20 +154,10 @@ def is_verified(entry: ModelEntry, files: ModelFiles) -> bool:
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a new, uniquely named temporary file beside ``path`` and rename it into place.
 
-    The temporary file is created with ``O_EXCL`` (and ``O_NOFOLLOW``): nothing planted there is written through.
+    The temporary file is created with ``O_EXCL`` (and reopened with ``O_NOFOLLOW``): nothing planted there is
+    written through. One left by a killed process is removed by a later write into the folder.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    created = False
-    try:
-        fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        created = True
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+    with temporary_beside(path) as tmp:
+        with os.fdopen(open_fd(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as out:
             out.write(json.dumps(data, indent=2) + "\n")
         replace_file(tmp, path)
-        created = False
-    finally:
-        if created:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
