@@ -746,6 +746,22 @@ def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileRead
     return ImageHeader.from_reader(reader, slices), reader
 
 
+def _lock_exclusively(fd: int) -> None:
+    """Wait for an exclusive ``flock`` on ``fd`` (POSIX; elsewhere nothing is locked)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        except InterruptedError:
+            continue
+        except OSError:  # a file system without flock (some network shares): as before, unlocked
+            return
+
+
 def _last_line_end(fd: int, size: int) -> int:
     """The offset just after the last newline of the open file ``fd`` of ``size`` bytes (0 without one)."""
     position, block = size, 4096
@@ -769,12 +785,16 @@ def append_lines(path: Path, text: str, header_lines: int = 0) -> None:
     """Append ``text`` (whole lines) to ``path``, durably, starting on a fresh line: a cut-off last line (a torn
     earlier write) is cut away first; the first ``header_lines`` lines of ``text`` are written only when the file
     is empty. On a failure (full disk, ...) the file is cut back to where it ended and
-    :class:`~FastSAM3DLib.errors.OutputFileError` names it."""
+    :class:`~FastSAM3DLib.errors.OutputFileError` names it.
+
+    Processes appending to one file at once (two evaluations into one folder) take turns: each append holds an
+    exclusive ``flock`` on it (POSIX), so no one cuts away a line another is still writing."""
     try:
         fd = open_fd(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise output_error(exc, path, "append to") from None
     try:
+        _lock_exclusively(fd)  # released when fd is closed
         end = _last_line_end(fd, os.fstat(fd).st_size)
         if end and header_lines:
             text = text.split("\n", header_lines)[-1]

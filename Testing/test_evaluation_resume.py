@@ -123,7 +123,7 @@ def test_the_next_append_after_a_cut_row_starts_on_a_fresh_line(tmp_path):
 
 
 def test_append_lines_cuts_a_torn_last_line_and_writes_the_header_once(tmp_path):
-    from FastSAM3DLib.evaluation.results import append_lines
+    from FastSAM3DLib.files import append_lines
 
     path = tmp_path / "log.csv"
     append_lines(path, "a,b\n1,2\n", header_lines=1)
@@ -135,6 +135,28 @@ def test_append_lines_cuts_a_torn_last_line_and_writes_the_header_once(tmp_path)
     path.write_text("a,")  # not even the header is whole
     append_lines(path, "a,b\n7,8\n", header_lines=1)
     assert path.read_text() == "a,b\n7,8\n"
+
+
+_APPENDER = """
+import sys
+from pathlib import Path
+from FastSAM3DLib.files import append_lines
+name, path = sys.argv[1], Path(sys.argv[2])
+for i in range(400):
+    append_lines(path, "a,b\\n" + "".join(f"{name},{i},{j},{'x' * 200}\\n" for j in range(3)), header_lines=1)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="appends take turns through flock, which Windows lacks")
+def test_two_processes_appending_to_one_file_lose_no_line(tmp_path):
+    """Two evaluations into one folder append to one results.csv: cutting a torn last line must never cut a line
+    the other process is still writing (each append holds the file's flock)."""
+    path = tmp_path / "results.csv"
+    writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, name, str(path)], cwd=REPO) for name in "AB"]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0]
+    lines = path.read_text().splitlines()
+    assert lines[0] == "a,b" and len(lines) == 1 + 2 * 400 * 3
+    assert sorted(lines[1:]) == sorted(f"{n},{i},{j},{'x' * 200}" for n in "AB" for i in range(400) for j in range(3))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE (a file size limit) is POSIX")
