@@ -291,6 +291,17 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_log_over(tmp_path, 
     assert _state(whole["checkpoint"])["step"] == _state(summary["checkpoint"])["step"] == 3
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path, crop_cache):
+    """--resume on a run that has done its steps appended a second "end" event with a NaN loss."""
+    first = _finetune_run(tmp_path, crop_cache, "done", steps=2, steps_per_epoch=2)
+    log_before = (tmp_path / "done" / "log.jsonl").read_bytes()
+    messages = []
+    again = _finetune_run(tmp_path, crop_cache, "done", messages, steps=2, steps_per_epoch=2, resume=True)
+    assert (tmp_path / "done" / "log.jsonl").read_bytes() == log_before
+    assert any("nothing to resume" in m for m in messages), messages
+    assert again["finished"] is True and again["steps"] == 2 and again["loss"] == pytest.approx(first["loss"])
+
+
 def test_the_epoch_record_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path, crop_cache):
     """An epoch that spans the resume step counts the steps logged before it: same loss_mean and steps."""
     _finetune_run(tmp_path, crop_cache, "whole", steps=4, steps_per_epoch=3)

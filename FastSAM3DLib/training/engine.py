@@ -238,6 +238,13 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
         if use_amp and "scaler_state_dict" in state:
             scaler.load_state_dict(state["scaler_state_dict"])
         start_step = int(state.get("step", 0))
+        if start_step >= config.steps:  # a finished run: its log and weights stay as they are
+            log(f"{latest} has done its {start_step} steps: nothing to resume (give --steps more than {start_step} "
+                "to train on)")
+            checkpoints.export_weights(latest, weights)
+            loss = json_log.step_losses(start_step, start_step).get(start_step, float("nan"))
+            return {"steps": start_step, "loss": loss, "checkpoint": str(latest), "weights": str(weights),
+                    "finished": True}
         json_log.truncate_after(start_step)
         log(f"resuming {latest} at step {start_step}")
         json_log.write({"event": "resume", "step": start_step, "time": time.time()})
