@@ -335,6 +335,8 @@ def test_the_memory_journal_of_a_resumed_run_equals_an_uninterrupted_ones(tiny, 
         assert a.keys() == b.keys() and all(
             np.allclose(a[k], b[k]) if k in ("distances", "weights") else a[k] == b[k] for k in a)
     assert _timeless(tmp_path / "part") == _timeless(tmp_path / "whole")
+    settings = [(tmp_path / f / "memory_settings.jsonl").read_text().splitlines() for f in ("whole", "part")]
+    assert len(settings[0]) == len(settings[1]) == 1  # the resumed run's settings are recorded once
 
 
 # ------------------------------------------------------------------------------------------------------ plot

@@ -107,8 +107,7 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
 
     def started(meta):
         if folder is not None and not recorded:  # the settings once the evaluation has begun (not on a refusal)
-            with open(folder / "memory_settings.jsonl", "a", encoding="utf-8") as stream:
-                stream.write(json.dumps(settings) + "\n")
+            _record_settings(folder / "memory_settings.jsonl", settings)
             recorded.append(True)
         current.clear()
         current.update({key: meta[key] for key in ("protocol", "case", "structure", "value", "placement")})
@@ -160,6 +159,14 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
             return summary
     finally:
         handle.detach()
+
+
+def _record_settings(path: Path, settings: Dict) -> None:
+    """Add ``settings`` as a line of ``path`` unless a run with these settings is recorded there (a resumed run)."""
+    line = json.dumps(settings) + "\n"
+    known = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+    if line not in known:
+        append_lines(path, line)
 
 
 def _journal_key(item: Dict) -> tuple:
