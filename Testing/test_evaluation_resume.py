@@ -381,3 +381,26 @@ def test_nsd_values_of_the_earlier_border_voxel_measure_are_not_continued(tiny, 
         evaluate_dataset(pair, tiny, out, clicks=2, nsd_tolerance_mm=2.0, **QUIET)
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
     evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, **QUIET)  # without NSD it goes on
+
+
+def test_a_plot_that_fails_while_saving_leaves_the_former_one(tmp_path, monkeypatch):
+    """Plots were written in place: a run stopped while saving left half a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from FastSAM3DLib.evaluation import plots
+
+    path = tmp_path / "dice_vs_clicks_fastsam3d.png"
+    path.write_bytes(b"the former plot")
+    figure = plt.figure()
+
+    def cut_short(self, name, **kwargs):
+        Path(name).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(figure), "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plots._save(figure, path)
+    plt.close(figure)
+    assert path.read_bytes() == b"the former plot" and [p.name for p in tmp_path.iterdir()] == [path.name]

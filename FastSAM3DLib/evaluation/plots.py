@@ -31,8 +31,11 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(str(path), bbox_inches="tight")
+    """Write ``figure`` as the PNG ``path`` atomically (a run stopped while saving leaves the former plot)."""
+    from ..files import atomic_output
+
+    with atomic_output(path, suffix=".png") as tmp:
+        figure.savefig(str(tmp), bbox_inches="tight", format="png")
     return path
 
 
