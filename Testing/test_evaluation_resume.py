@@ -404,3 +404,35 @@ def test_a_plot_that_fails_while_saving_leaves_the_former_one(tmp_path, monkeypa
         plots._save(figure, path)
     plt.close(figure)
     assert path.read_bytes() == b"the former plot" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from FastSAM3DLib.weights.filelock import FileLock
+lock = FileLock(Path(sys.argv[1]) / ".evaluate.lock")
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_evaluation_into_a_folder_being_written_is_refused(tiny, pair, tmp_path):
+    """Two evaluations into one folder rewrote run.json and skipped.csv from their own view (one model's
+    checkpoint record was lost); the second is refused and changes nothing, and a finished one leaves no lock."""
+    out = tmp_path / "eval"
+    evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, **QUIET)
+    assert not (out / ".evaluate.lock").exists()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".evaluate.lock"}
+        with pytest.raises(EvaluationStateError, match=f"Another evaluation is writing into .*process {holder.pid}"):
+            evaluate_dataset(pair, tiny, out, clicks=2, **QUIET)
+        after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".evaluate.lock"}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+    evaluate_dataset(pair, tiny, out, clicks=2, **QUIET)  # the holder is gone: its lock is broken
+    assert not (out / ".evaluate.lock").exists()

@@ -29,6 +29,7 @@ cvpr25), the model's predicted IoU, and the seconds of the model step. Results a
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from pathlib import Path
@@ -378,6 +379,33 @@ def _resolve_model(model, checkpoint, device, name, attention):
     return model.eval(), name or model.config.name, (str(checkpoint) if checkpoint else None)
 
 
+@contextlib.contextmanager
+def _sole_writer(folder: Optional[Path]):
+    """Hold the evaluation lock of an existing output ``folder`` while the block runs: two evaluations writing
+    into one folder would each rewrite run.json and skipped.csv from their own view, losing the other's records
+    (a checkpoint that would then not be checked). A second one is refused, saying who holds the folder."""
+    if folder is None or not folder.is_dir():
+        yield  # a new folder: made by this run (two runs creating it at the same instant are not told apart)
+        return
+    from ..weights.filelock import FileLock, LockTimeout, LockUnavailable
+    from .results import EvaluationStateError
+
+    lock = FileLock(folder / ".evaluate.lock", stale_after=24 * 3600.0, timeout=2.0,  # > GRACE: a dead one goes
+                    doing="evaluating into the same folder")
+    try:
+        lock.acquire()
+    except LockTimeout as exc:
+        raise EvaluationStateError(f"Another evaluation is writing into {folder} ({str(exc).split(' is held by ')[-1]}"
+                                   "): wait until it has finished, or choose another --output folder.") from None
+    except LockUnavailable:  # a read-only folder: nobody writes there, and the store says what to do
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *, clicks: Optional[int] = None,
                      protocol: str = "fastsam3d", placement: Union[str, Sequence[str]] = "both",
                      structures: Optional[Sequence[str]] = None, seed: int = 2023, min_voxels: int = 10,
@@ -424,121 +452,122 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     built, model_name, description = _resolve_model(model, checkpoint, device, name, attention)
     runner = ModelRunner(built)
     folder = Path(output) if output is not None else None
-    store = ResultStore(folder, clicks)
-    store.check_cases(cases)
-    store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
-                          "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm),
-                          "protocol": protocol},
-                         model_name, description)
-    store.record_cases(cases)
-    if store.dropped_units:
-        log(f"dropped {store.dropped_units} incomplete structure(s) from {store.results_csv}; they are redone")
+    with _sole_writer(folder):  # a second evaluate into this folder is refused
+        store = ResultStore(folder, clicks)
+        store.check_cases(cases)
+        store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
+                              "nsd_tolerance_mm": None if nsd_tolerance_mm is None else float(nsd_tolerance_mm),
+                              "protocol": protocol},
+                             model_name, description)
+        store.record_cases(cases)
+        if store.dropped_units:
+            log(f"dropped {store.dropped_units} incomplete structure(s) from {store.results_csv}; they are redone")
 
-    def key(case, value, where):
-        return unit_key({"model": model_name, "protocol": protocol, "placement": where, "case": case.name,
-                         "value": value})
+        def key(case, value, where):
+            return unit_key({"model": model_name, "protocol": protocol, "placement": where, "case": case.name,
+                             "value": value})
 
-    def skip(case, structure, value, where, reason):
-        store.add_skip({"model": model_name, "case": case.name, "structure": structure, "value": value,
-                        "placement": where, "protocol": protocol, "reason": reason})
+        def skip(case, structure, value, where, reason):
+            store.add_skip({"model": model_name, "case": case.name, "structure": structure, "value": value,
+                            "placement": where, "protocol": protocol, "reason": reason})
 
-    # plan: which units are left (reads only the label files)
-    plan, already = [], 0
-    for case in cases:
-        try:
-            present = ds.read_label_values(case.label)
-        except (FastSAM3DError, RuntimeError, OSError) as exc:
-            for where in placements:
-                skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
-            continue
-        store.forget_case_skips(model_name, protocol, placements, case.name)  # decided again below
-        values, missing = ds.select_structures(case, present, structures)
-        for structure, value, reason in missing:
-            for where in placements:
-                skip(case, structure, value or structure, where, reason)
-        todo = [(v, [w for w in placements if not store.is_done(key(case, v, w))]) for v in values]
-        already += sum(len(placements) - len(w) for _, w in todo)
-        todo = [(v, w) for v, w in todo if w]
-        if todo:
-            plan.append((case, todo))
-    total = sum(len(w) for _, todo in plan for _, w in todo)
-    if already:
-        log(f"resuming: {already} structure evaluation(s) already in {folder}, {total} to do")
-
-    if total:
-        runner.warm_up()
-    bar = _Progress(total, progress, log)
-    evaluated = clicks_run = 0
-    try:
-        for case, todo in plan:
+        # plan: which units are left (reads only the label files)
+        plan, already = [], 0
+        for case in cases:
             try:
-                data = _CaseData(case, runner, protocol, nsd_tolerance_mm)
+                present = ds.read_label_values(case.label)
             except (FastSAM3DError, RuntimeError, OSError) as exc:
-                reason = f"cannot evaluate this case: {str(exc).strip().splitlines()[-1]}"
-                for value, wheres in todo:
-                    for where in wheres:
-                        skip(case, case.structure_name(value), value, where, reason)
-                        bar.done(f"{case.name} {case.structure_name(value)} {where}: skipped")
-                bar.note(f"{case.name}: {reason}")
+                for where in placements:
+                    skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
                 continue
-            if data.resampled:
-                bar.note(f"{case.name}: label on another grid, resampled (nearest) onto the image grid")
-            for value, wheres in todo:
-                structure = case.structure_name(value)
-                mask = data.labels == value
-                voxels = int(np.count_nonzero(mask))
-                for where in wheres:
-                    text = f"{case.name} {structure} {where}"
-                    if voxels < min_voxels:
-                        reason = (f"too small: {voxels} voxel(s) on the source grid, fewer than min_voxels "
-                                  f"{min_voxels}" if voxels else "missing: no voxels on the image grid")
-                        skip(case, structure, value, where, reason)
-                        bar.done(f"{text}: skipped ({reason.split(':')[0]})")
-                        continue
-                    meta = {"model": model_name, "case": case.name, "structure": structure, "value": value,
-                            "voxels": voxels, "placement": where, "protocol": protocol}
-                    if on_unit is not None:
-                        on_unit(dict(meta))
-                    rng = unit_rng(seed, case.name, value, protocol, where)
-                    try:
-                        rows, final = _RUNNERS[where](data, value, mask, voxels, clicks, rng, meta)
-                    except OutOfMemoryError:
-                        raise  # not a property of the structure: stop; a rerun continues from here
-                    except (_Skip, FastSAM3DError) as exc:
-                        skip(case, structure, value, where, str(exc))
-                        bar.done(f"{text}: skipped")
-                        continue
-                    if save_predictions and folder is not None:
-                        from ..files import write_label_atomically
+            store.forget_case_skips(model_name, protocol, placements, case.name)  # decided again below
+            values, missing = ds.select_structures(case, present, structures)
+            for structure, value, reason in missing:
+                for where in placements:
+                    skip(case, structure, value or structure, where, reason)
+            todo = [(v, [w for w in placements if not store.is_done(key(case, v, w))]) for v in values]
+            already += sum(len(placements) - len(w) for _, w in todo)
+            todo = [(v, w) for v, w in todo if w]
+            if todo:
+                plan.append((case, todo))
+        total = sum(len(w) for _, todo in plan for _, w in todo)
+        if already:
+            log(f"resuming: {already} structure evaluation(s) already in {folder}, {total} to do")
 
-                        write_label_atomically(data.volume, final, prediction_path(
-                            folder, model_name, protocol, where, case.name, value, structure))
-                    with interrupts.deferred():  # the rows and what on_unit_done records go together
-                        if on_unit_done is not None:
-                            on_unit_done(dict(meta))
-                        store.add_unit(rows)
-                    evaluated += 1
-                    clicks_run += sum(1 for r in rows if r["click_label"] >= 0)
-                    bar.done(f"{text}: Dice {rows[-1]['dice_full']:.3f}")
-    finally:
-        bar.close()
-        store.flush()
+        if total:
+            runner.warm_up()
+        bar = _Progress(total, progress, log)
+        evaluated = clicks_run = 0
+        try:
+            for case, todo in plan:
+                try:
+                    data = _CaseData(case, runner, protocol, nsd_tolerance_mm)
+                except (FastSAM3DError, RuntimeError, OSError) as exc:
+                    reason = f"cannot evaluate this case: {str(exc).strip().splitlines()[-1]}"
+                    for value, wheres in todo:
+                        for where in wheres:
+                            skip(case, case.structure_name(value), value, where, reason)
+                            bar.done(f"{case.name} {case.structure_name(value)} {where}: skipped")
+                    bar.note(f"{case.name}: {reason}")
+                    continue
+                if data.resampled:
+                    bar.note(f"{case.name}: label on another grid, resampled (nearest) onto the image grid")
+                for value, wheres in todo:
+                    structure = case.structure_name(value)
+                    mask = data.labels == value
+                    voxels = int(np.count_nonzero(mask))
+                    for where in wheres:
+                        text = f"{case.name} {structure} {where}"
+                        if voxels < min_voxels:
+                            reason = (f"too small: {voxels} voxel(s) on the source grid, fewer than min_voxels "
+                                      f"{min_voxels}" if voxels else "missing: no voxels on the image grid")
+                            skip(case, structure, value, where, reason)
+                            bar.done(f"{text}: skipped ({reason.split(':')[0]})")
+                            continue
+                        meta = {"model": model_name, "case": case.name, "structure": structure, "value": value,
+                                "voxels": voxels, "placement": where, "protocol": protocol}
+                        if on_unit is not None:
+                            on_unit(dict(meta))
+                        rng = unit_rng(seed, case.name, value, protocol, where)
+                        try:
+                            rows, final = _RUNNERS[where](data, value, mask, voxels, clicks, rng, meta)
+                        except OutOfMemoryError:
+                            raise  # not a property of the structure: stop; a rerun continues from here
+                        except (_Skip, FastSAM3DError) as exc:
+                            skip(case, structure, value, where, str(exc))
+                            bar.done(f"{text}: skipped")
+                            continue
+                        if save_predictions and folder is not None:
+                            from ..files import write_label_atomically
 
-    summary = summarise(store.rows, store.skipped, clicks, store.settings)
-    elapsed = time.perf_counter() - started
-    summary["runtime"] = {"scope": "the call that wrote this summary", "seconds": elapsed,
-                          "structures_evaluated": evaluated, "model_clicks": clicks_run,
-                          "seconds_per_structure": elapsed / evaluated if evaluated else None,
-                          "torch_threads": _torch_threads()}
-    if folder is not None:
-        write_summary(folder, summary)
-        if plots:
-            try:
-                from . import plots as plotting
+                            write_label_atomically(data.volume, final, prediction_path(
+                                folder, model_name, protocol, where, case.name, value, structure))
+                        with interrupts.deferred():  # the rows and what on_unit_done records go together
+                            if on_unit_done is not None:
+                                on_unit_done(dict(meta))
+                            store.add_unit(rows)
+                        evaluated += 1
+                        clicks_run += sum(1 for r in rows if r["click_label"] >= 0)
+                        bar.done(f"{text}: Dice {rows[-1]['dice_full']:.3f}")
+        finally:
+            bar.close()
+            store.flush()
 
-                written = plotting.make_plots(folder, store.rows, store.settings)
-                summary["plots"] = [str(p) for p in written]
-            except ImportError as exc:
-                log(f"no plots: {exc}")
+        summary = summarise(store.rows, store.skipped, clicks, store.settings)
+        elapsed = time.perf_counter() - started
+        summary["runtime"] = {"scope": "the call that wrote this summary", "seconds": elapsed,
+                              "structures_evaluated": evaluated, "model_clicks": clicks_run,
+                              "seconds_per_structure": elapsed / evaluated if evaluated else None,
+                              "torch_threads": _torch_threads()}
+        if folder is not None:
             write_summary(folder, summary)
-    return summary
+            if plots:
+                try:
+                    from . import plots as plotting
+
+                    written = plotting.make_plots(folder, store.rows, store.settings)
+                    summary["plots"] = [str(p) for p in written]
+                except ImportError as exc:
+                    log(f"no plots: {exc}")
+                write_summary(folder, summary)
+        return summary

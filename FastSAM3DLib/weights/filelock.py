@@ -51,8 +51,9 @@ class FileLock:
     """Exclusive lock on ``path``; use as a context manager or with :meth:`acquire` / :meth:`release`."""
 
     def __init__(self, path: Path, stale_after: float = 120.0, poll: float = 0.1,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, doing: str = "writing the same model file") -> None:
         self.path = Path(path)
+        self.doing = doing  # what the holder does, for the message of a waiter
         self.stale_after = stale_after
         self.poll = poll
         self.timeout = timeout
@@ -80,8 +81,8 @@ class FileLock:
                 raise LockTimeout(f"{self.path} is held by {_describe(holder[0])}") from None
             if not reported and waited >= _REPORT_WAIT_AFTER:
                 reported = True
-                log.warning("Waiting for %s, which is writing the same model file (lock %s; if no such program "
-                            "is running, delete that file).", _describe(holder[0]), self.path)
+                log.warning("Waiting for %s, which is %s (lock %s; if no such program is running, delete that "
+                            "file).", _describe(holder[0]), self.doing, self.path)
             if on_wait is not None:
                 on_wait()
             time.sleep(self.poll)
