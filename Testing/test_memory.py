@@ -754,7 +754,7 @@ def test_a_dicom_series_is_banked_and_guarded_by_its_files(tiny, tmp_path):
     (test / "test.json").write_text(json.dumps([{"image": "other_series", "label": "b_seg.nii.gz", "case": "b",
                                                  "patient": "P9"}]))
     common = dict(clicks=1, placement="gt", plots=False, progress=False, save_predictions=False, log=lambda s: None)
-    with pytest.raises(MemoryBankError, match=r"cases b\)"):
+    with pytest.raises(MemoryBankError, match=r"images of test case\(s\) b \(under other case names"):
         evaluate_with_memory(test / "test.json", tiny, tmp_path / "refused", bank=bank, **common)
     first = sorted((test / "other_series").iterdir())[0]
     first.write_bytes(first.read_bytes()[:-2] + b"\x00\x01")  # one pixel differs: another image
@@ -880,9 +880,11 @@ def test_the_bank_menu_says_which_banks_the_model_cannot_use_without_importing_t
     from FastSAM3DLib.memory.header import NEWER_FORMAT, OTHER_WEIGHTS
 
     mine, theirs = "a" * 64, "b" * 64
-    for name, sha in (("mine", mine), ("theirs", theirs), ("random", None)):
+    for name, label in (("mine", f"mine.pth (sha256 {mine})"), ("theirs", f"theirs.pth (sha256 {theirs})"),
+                        ("random", "random weights (seed 0)"), ("python", ""),  # python: no file named: unknown
+                        ("fast", f"fastsam3d.safetensors (sha256 {theirs})")):  # a download's fast copy: unknown
         bank = _random_bank(tiny)
-        bank.meta["checkpoint"] = f"{name}.pth (sha256 {sha})" if sha else "random"
+        bank.meta["checkpoint"] = label
         save_bank(bank, tmp_path / f"{name}.safetensors")
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "newer.safetensors"),
               metadata={"format": "fastsam3d-memory-bank/2", "model": "tiny-test"})
@@ -898,8 +900,8 @@ def test_the_bank_menu_says_which_banks_the_model_cannot_use_without_importing_t
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     listed, torch_loaded = out.strip().splitlines()
-    assert json.loads(listed) == [["mine", "", 5], ["newer", NEWER_FORMAT, 0], ["random", "", 5],
-                                  ["theirs", OTHER_WEIGHTS, 5]]
+    assert json.loads(listed) == [["fast", "", 5], ["mine", "", 5], ["newer", NEWER_FORMAT, 0], ["python", "", 5],
+                                  ["random", OTHER_WEIGHTS, 5], ["theirs", OTHER_WEIGHTS, 5]]
     assert torch_loaded == "False"
     from FastSAM3DLib.memory import find_banks
     assert all(b["problem"] in ("", NEWER_FORMAT) for b in find_banks([tmp_path], model="tiny-test"))  # unchecked
@@ -912,3 +914,20 @@ def test_the_weights_checksum_a_bank_is_compared_with(tmp_path):
     assert weights_sha256("fastsam3d-demo") == file_sha256(find_checkpoint("fastsam3d-demo"))
     assert weights_sha256("no-such-model", tmp_path) is None
     assert weights_sha256("tiny-test", tmp_path) is None  # no published weights
+
+
+def test_a_bank_built_from_cached_weights_records_the_verified_files_checksum(tmp_path):
+    """`memory build --checkpoint cached` recorded the file it loaded: for a download that is the fast
+    .safetensors copy, whose checksum is never the verified file's, so the menu called its banks unusable."""
+    from FastSAM3DLib.memory.cli import main
+    from FastSAM3DLib.memory.header import find_banks, read_bank_metadata
+    from FastSAM3DLib.weights import weights_sha256
+
+    case = _write_case(tmp_path, "a1", 0, [((18, 20, 20), 6)])
+    (tmp_path / "train.json").write_text(json.dumps([dict(case, patient="P1")]))
+    out = tmp_path / "banks" / "demo.safetensors"
+    assert main(["build", str(tmp_path / "train.json"), "--model", "fastsam3d-demo", "--checkpoint", "cached",
+                 "--output", str(out), "--quiet"]) == 0
+    sha = weights_sha256("fastsam3d-demo")
+    assert read_bank_metadata(out)["checkpoint"] == f"fastsam3d-demo weights (sha256 {sha})"
+    assert [b["problem"] for b in find_banks([out.parent], "fastsam3d-demo", weights_sha256=sha)] == [""]

@@ -82,10 +82,13 @@ def cmd_build(args) -> int:
     inputs = [Path(args.data)] + ([Path(args.label)] if args.label else [])
     output = check_output_path(args.output, inputs, extensions=(".safetensors",), input_name="input")
     model, _, description = _resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
-    if description == "cached":
+    if description == "cached":  # the verified file's checksum (a download loads its fast copy, other bytes)
         from ..registry import cached_checkpoint, get_model_config
+        from ..weights import weights_sha256
 
-        description = str(cached_checkpoint(get_model_config(args.model)))
+        config = get_model_config(args.model)
+        path, sha = cached_checkpoint(config), weights_sha256(config.weights or config.name)
+        description = f"{config.weights or config.name} weights (sha256 {sha})" if sha else str(path)
     if description and Path(description).is_file():
         description = f"{Path(description).name} (sha256 {file_sha256(description)})"
     log = (lambda text: None) if args.quiet else print

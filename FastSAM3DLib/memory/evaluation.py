@@ -78,9 +78,11 @@ def evaluate_with_memory(source, model, output, *, bank=None, name: Optional[str
     shared = sorted({patients.get(c.name, c.name) for c in cases} & bank_patients)
     shared_cases = sorted(({c.name for c in cases} & bank_cases) | set(same_image))
     if guard == "refuse" and (shared or shared_cases):
+        held = (f"the test patient(s) {', '.join(shared)}" + (f" (cases {', '.join(shared_cases)})" if shared_cases
+                                                                else "")) if shared else \
+            f"the images of test case(s) {', '.join(shared_cases)} (under other case names or patient ids)"
         raise MemoryBankError(
-            "the memory bank holds the test patient(s) " + ", ".join(shared or ["-"])
-            + (f" (cases {', '.join(shared_cases)})" if shared_cases else "")
+            f"the memory bank holds {held}"
             + ": results would leak the answer. Build the bank from other patients, or leave those entries out "
               "of retrieval for their own cases (--memory-guard exclude; guard='exclude' in Python).")
     handle = attach_memory(model, bank, k=k, local_ratio=local_ratio, rule=rule, retrieval_mode=retrieval_mode,

@@ -17,7 +17,7 @@ FORMAT = "fastsam3d-memory-bank/1"
 _JSON_KEYS = ("cases", "entries", "options")
 _INT_KEYS = ("block", "num_heads", "head_dim", "embed_dim", "descriptor_dim", "image_size")
 # ``memory build`` records a checkpoint file as "NAME (sha256 HEX)"
-_CHECKPOINT_SHA256 = re.compile(r"\(sha256 ([0-9a-f]{64})\)$")
+_CHECKPOINT_SHA256 = re.compile(r"^(.*) \(sha256 ([0-9a-f]{64})\)$")
 
 #: Why the effect cannot use a listed bank (:func:`find_banks`' ``problem``).
 OTHER_WEIGHTS = "made with other weights"
@@ -79,9 +79,12 @@ def read_bank_metadata(path) -> Dict[str, object]:
 
 def checkpoint_sha256(meta: Dict[str, object]) -> Optional[str]:
     """The sha256 of the checkpoint file a bank was made from, as ``memory build`` records it, or None (random
-    weights, or a bank built through the Python API with another description)."""
-    found = _CHECKPOINT_SHA256.search(str(meta.get("checkpoint") or ""))
-    return found.group(1) if found else None
+    weights, a bank built through the Python API with another description, or one that recorded the fast
+    ``.safetensors`` copy of a download, whose bytes are not the verified file's)."""
+    found = _CHECKPOINT_SHA256.match(str(meta.get("checkpoint") or ""))
+    if found is None or found.group(1).endswith(".safetensors"):
+        return None
+    return found.group(2)
 
 
 def file_sha256(path) -> str:
@@ -101,8 +104,8 @@ def find_banks(folders=None, model: Optional[str] = None,
 
     ``problem`` is "" for a bank the model can use, else why it cannot: :data:`OTHER_WEIGHTS` when the bank
     records the checkpoint it was made from and that is not ``weights_sha256`` (the sha256 of the file the model
-    loads; None: not checked), :data:`NEWER_FORMAT` for a bank this version cannot read. Files that are no banks
-    are left out."""
+    loads; None: not checked), or random weights, :data:`NEWER_FORMAT` for a bank this version cannot read. Files
+    that are no banks are left out."""
     from ..resources import resources_dir
     from ..weights.safetensors_cache import read_metadata
 
@@ -122,7 +125,8 @@ def find_banks(folders=None, model: Optional[str] = None,
             if model is not None and meta.get("model") != model:
                 continue
             made_with = checkpoint_sha256(meta)
-            if not problem and weights_sha256 and made_with and made_with != weights_sha256:
+            random = str(meta.get("checkpoint") or "").startswith("random")  # no file's weights: never these
+            if not problem and weights_sha256 and (random or made_with and made_with != weights_sha256):
                 problem = OTHER_WEIGHTS
             entries = meta.get("entries", [])
             out.append({"path": path, "model": meta.get("model"),
