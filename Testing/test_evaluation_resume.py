@@ -104,6 +104,18 @@ def test_a_results_file_cut_anywhere_in_its_last_unit_drops_that_unit(tmp_path):
     assert ResultStore(tmp_path, 2).is_done(last)
 
 
+def test_a_row_cut_inside_a_character_of_a_name_is_dropped_not_an_error(tmp_path):
+    """The file was decoded before its cut-off line was dropped: a cut inside "é" raised UnicodeDecodeError."""
+    store = _store(tmp_path)
+    store.add_unit(_unit("c", 1))
+    store.add_unit([dict(r, structure="rein é") for r in _unit("c", 2)])
+    data = (tmp_path / "results.csv").read_bytes()
+    (tmp_path / "results.csv").write_bytes(data[:data.rindex("é".encode()) + 1])  # half of the two bytes
+    loaded = ResultStore(tmp_path, 2)
+    assert loaded.is_done(unit_key(_row("c", 1, 1, 0.0))) and not loaded.is_done(unit_key(_row("c", 2, 1, 0.0)))
+    check_model_checkpoint(tmp_path, "m", "a.pth")
+
+
 def test_the_next_append_after_a_cut_row_starts_on_a_fresh_line(tmp_path):
     """The next unit was glued onto the cut line: its first row was lost and it was redone on every rerun."""
     store = _store(tmp_path)
@@ -436,3 +448,10 @@ def test_a_second_evaluation_into_a_folder_being_written_is_refused(tiny, pair, 
         holder.wait()
     evaluate_dataset(pair, tiny, out, clicks=2, **QUIET)  # the holder is gone: its lock is broken
     assert not (out / ".evaluate.lock").exists()
+
+
+def test_the_summary_says_when_the_auc_spans_another_number_of_clicks_than_the_challenges():
+    from FastSAM3DLib.evaluation.results import summarise
+
+    assert "with 3 clicks the AUC spans all" in summarise([], [], 3)["metrics"]["cvpr25"]
+    assert "AUC spans" not in summarise([], [], 5)["metrics"]["cvpr25"]

@@ -78,12 +78,13 @@ def skip_value(value):
 
 
 def _complete_lines(path: Path) -> tuple:
-    """(the text of ``path`` up to its last newline, whether a cut-off last line was left out)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        text = handle.read()
-    if text and not text.endswith("\n"):
-        return text[:text.rfind("\n") + 1], True
-    return text, False
+    """(the text of ``path`` up to its last newline, whether a cut-off last line was left out). The bytes are
+    cut before they are decoded: a write cut inside a character of a structure's name is not an error."""
+    data = Path(path).read_bytes()
+    cut = bool(data) and not data.endswith(b"\n")
+    if cut:
+        data = data[:data.rfind(b"\n") + 1]
+    return data.decode("utf-8"), cut
 
 
 def _format(value) -> str:
@@ -500,7 +501,9 @@ def summarise(rows: List[Dict], skipped: List[Dict], clicks: int, settings: Opti
                               "its own, not as one multi-class label map, and structures too small to evaluate "
                               "are left out of their case's mean; clicks are placed on the 128^3 crop (gt) or "
                               "the model grid (click), not the image grid; its time per case is time_s.per_case, "
-                              "measured, not capped at the challenge's 90 s per class"},
+                              "measured, not capped at the challenge's 90 s per class"
+                              + ("" if clicks == 5 else f"; with {clicks} clicks the AUC spans all of them (the "
+                                 "challenge has 5)")},
         "settings": {k: v for k, v in (settings or {}).items() if k != "cases"},
         "results": json_clean({m: {p: dict(v) for p, v in d.items()} for m, d in tree.items()}),
         "n_rows": len(rows),
