@@ -69,7 +69,7 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        _remove_empty(created)
+        remove_empty_folders(created)
         raise output_error(exc, path, "create the folder for") from None
     remove_stale_temporaries(path.parent)
     tmp, done = None, False
@@ -90,7 +90,7 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
             with interrupts.deferred(), contextlib.suppress(OSError):
                 os.remove(tmp)
         if not done:  # nothing was written: the folders made for it go too
-            _remove_empty(created)
+            remove_empty_folders(created)
 
 
 @contextlib.contextmanager
@@ -114,7 +114,7 @@ def temporary_beside(path, suffix: str = ".tmp") -> Iterator[Path]:
                 os.remove(tmp)
 
 
-def _remove_empty(folders) -> None:
+def remove_empty_folders(folders) -> None:
     """Remove these folders (deepest first) where they are empty; those holding anything stay."""
     for folder in folders:
         with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -432,9 +433,11 @@ time.sleep(120)
 def test_a_second_evaluation_into_a_folder_being_written_is_refused(tiny, pair, tmp_path):
     """Two evaluations into one folder rewrote run.json and skipped.csv from their own view (one model's
     checkpoint record was lost); the second is refused and changes nothing, and a finished one leaves no lock."""
-    out = tmp_path / "eval"
-    evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, **QUIET)
-    assert not (out / ".evaluate.lock").exists()
+    out = tmp_path / "new" / "eval"
+    locked = []  # a new folder is made and locked at once, not left open to a second run for the whole first one
+    evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, on_unit=lambda meta: locked.append(
+        (out / ".evaluate.lock").is_file()), **QUIET)
+    assert locked == [True] and not (out / ".evaluate.lock").exists()
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -446,8 +449,23 @@ def test_a_second_evaluation_into_a_folder_being_written_is_refused(tiny, pair, 
     finally:
         holder.kill()
         holder.wait()
+    if os.environ.get("FASTSAM3D_EMULATE_WINDOWS") == "1":  # no flock: a dead holder is told only by its age
+        with pytest.raises(EvaluationStateError, match=r"if none is running, delete .*\.evaluate\.lock"):
+            evaluate_dataset(pair, tiny, out, clicks=2, **QUIET)
+        return
     evaluate_dataset(pair, tiny, out, clicks=2, **QUIET)  # the holder is gone: its lock is broken
     assert not (out / ".evaluate.lock").exists()
+
+
+def test_a_refused_evaluation_into_a_new_folder_leaves_no_folder(tiny, pair, tmp_path, monkeypatch):
+    """The folder is made to be locked; a run refused before it wrote anything removes it again."""
+    def refuse(self, cases):
+        raise EvaluationStateError("refused")
+
+    monkeypatch.setattr(ResultStore, "check_cases", refuse)
+    with pytest.raises(EvaluationStateError, match="refused"):
+        evaluate_dataset(pair, tiny, tmp_path / "new" / "eval", clicks=2, **QUIET)
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_summary_says_when_the_auc_spans_another_number_of_clicks_than_the_challenges():

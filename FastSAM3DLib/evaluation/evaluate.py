@@ -30,6 +30,7 @@ cvpr25), the model's predicted IoU, and the seconds of the model step. Results a
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -379,31 +380,56 @@ def _resolve_model(model, checkpoint, device, name, attention):
     return model.eval(), name or model.config.name, (str(checkpoint) if checkpoint else None)
 
 
+#: Seconds after which an evaluation lock nobody refreshes is broken (where the system cannot tell).
+_LOCK_STALE_S = 300.0
+
+
 @contextlib.contextmanager
 def _sole_writer(folder: Optional[Path]):
-    """Hold the evaluation lock of an existing output ``folder`` while the block runs: two evaluations writing
-    into one folder would each rewrite run.json and skipped.csv from their own view, losing the other's records
-    (a checkpoint that would then not be checked). A second one is refused, saying who holds the folder."""
-    if folder is None or not folder.is_dir():
-        yield  # a new folder: made by this run (two runs creating it at the same instant are not told apart)
+    """Hold the evaluation lock of the output ``folder`` (made here when new) while the block runs: two
+    evaluations writing into one folder would each rewrite run.json and skipped.csv from their own view, losing the
+    other's records (a checkpoint that would then not be checked). A second one is refused, saying who holds the
+    folder. Where the system cannot tell that a holder died (no ``flock``: Windows), a thread refreshes the lock
+    and one not refreshed for :data:`_LOCK_STALE_S` is broken. A new folder the run leaves empty is removed."""
+    if folder is None:
+        yield
         return
+    from ..files import remove_empty_folders
     from ..weights.filelock import FileLock, LockTimeout, LockUnavailable
     from .results import EvaluationStateError
 
-    lock = FileLock(folder / ".evaluate.lock", stale_after=24 * 3600.0, timeout=2.0,  # > GRACE: a dead one goes
+    created = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a file of that name, a read-only disk: the store says what to do
+        yield
+        return
+    lock = FileLock(folder / ".evaluate.lock", stale_after=_LOCK_STALE_S, timeout=2.0,  # > GRACE: a dead one goes
                     doing="evaluating into the same folder")
     try:
         lock.acquire()
     except LockTimeout as exc:
-        raise EvaluationStateError(f"Another evaluation is writing into {folder} ({str(exc).split(' is held by ')[-1]}"
-                                   "): wait until it has finished, or choose another --output folder.") from None
-    except LockUnavailable:  # a read-only folder: nobody writes there, and the store says what to do
+        raise EvaluationStateError(
+            f"Another evaluation is writing into {folder} ({str(exc).split(' is held by ')[-1]}): wait until it has "
+            f"finished, or choose another --output folder (if none is running, delete {lock.path}).") from None
+    except LockUnavailable:  # nobody can write there: the store says what to do
         yield
         return
+    stop = threading.Event()
+
+    def refresh():
+        while not stop.wait(30.0):
+            lock.heartbeat()
+
+    beat = threading.Thread(target=refresh, name="FastSAM3D evaluation lock", daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()
         lock.release()
+        remove_empty_folders(created)
 
 
 def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *, clicks: Optional[int] = None,
@@ -452,7 +478,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     built, model_name, description = _resolve_model(model, checkpoint, device, name, attention)
     runner = ModelRunner(built)
     folder = Path(output) if output is not None else None
-    with _sole_writer(folder):  # a second evaluate into this folder is refused
+    with _sole_writer(folder):  # a second evaluation into this folder is refused
         store = ResultStore(folder, clicks)
         store.check_cases(cases)
         store.check_settings({"clicks": int(clicks), "seed": int(seed), "min_voxels": int(min_voxels),
