@@ -8,6 +8,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
 pytest.importorskip("torch")
 
+from test_effect import points  # noqa: E402
 from test_scene_adapter import make_segmentation, make_volume  # noqa: E402
 
 from FastSAM3DLib.benchmarks.threshold_model import threshold_model  # noqa: E402
@@ -57,7 +58,7 @@ def _click(harness, effect, segmentation, segment_id, volume):
     assert "point(s): model" in effect.statusLabel.text, effect.statusLabel.text
 
 
-def test_a_removed_segment_or_segmentation_leaves_no_session_record_or_point_list(harness, monkeypatch):
+def test_a_removed_segment_leaves_no_session_and_a_removed_segmentation_nothing(harness, monkeypatch):
     effect, volume, segmentation, (a, b), made = _effect(harness, monkeypatch, ["a", "b"])
     _click(harness, effect, segmentation, a, volume)
     _click(harness, effect, segmentation, b, volume)
@@ -67,8 +68,13 @@ def test_a_removed_segment_or_segmentation_leaves_no_session_record_or_point_lis
     harness.run_event_loop()
     assert made[0].closed and not made[1].closed
     assert list(effect._sessions) == [(segmentation.GetID(), b)]
-    assert (segmentation.GetID(), a) not in effect._baselines
-    assert [n.GetAttribute("FastSAM3D.PromptsForSegment") for n in prompt_point_nodes(segmentation)] == [b]
+    # its points stay with the segmentation: the Segment Editor's Ctrl+Z brings the segment back under its ID
+    assert sorted(n.GetAttribute("FastSAM3D.PromptsForSegment") for n in prompt_point_nodes(segmentation)) == \
+        sorted([a, b])
+    restored = segmentation.GetSegmentation().AddEmptySegment(a, "a")
+    assert restored == a
+    _click(harness, effect, segmentation, a, volume)  # the series goes on with its first point and this one
+    assert points(effect) == [1, 1] and len(made) == 3
     # a whole segmentation removed: its sessions and point lists go too
     other = make_segmentation(harness.scene, volume, name="Other")
     c = other.GetSegmentation().AddEmptySegment("", "c")
@@ -77,7 +83,8 @@ def test_a_removed_segment_or_segmentation_leaves_no_session_record_or_point_lis
     harness.scene.RemoveNode(other)
     _click(harness, effect, segmentation, b, volume)
     harness.run_event_loop()
-    assert made[2].closed and list(effect._sessions) == [(segmentation.GetID(), b)]
+    assert made[3].closed and sorted(effect._sessions) == sorted([(segmentation.GetID(), a),
+                                                                  (segmentation.GetID(), b)])
     assert harness.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == lists_before - 1
 
 

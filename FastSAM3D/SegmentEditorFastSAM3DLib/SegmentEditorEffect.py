@@ -346,19 +346,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.start()
 
     def _keepSession(self, key):
-        """``key``'s session is the most recently clicked; the sessions beyond :data:`MAX_SESSIONS` go, and so
-        does everything kept for segments that were removed (or whose segmentation was): their sessions, series
-        records and hidden point lists (a removed segment's server session would hold a server slot until it
-        idles out)."""
+        """``key``'s session is the most recently clicked; the sessions beyond :data:`MAX_SESSIONS` go, and so do
+        those of removed segments (a server session would hold a server slot until it idles out). What else is
+        kept for a segment (series record, hidden point list) goes with its segmentation node: Ctrl+Z in the
+        Segment Editor brings a removed segment back under its ID, and its points with it."""
         from FastSAM3DLib import scene
 
         for known in set(self._sessionOrder) | set(self._baselines) | set(self._written):
             node = slicer.mrmlScene.GetNodeByID(known[0]) if known[0] else None
-            if node is None or not node.IsA("vtkMRMLSegmentationNode") or \
-                    node.GetSegmentation().GetSegment(known[1]) is None:
+            if node is None or not node.IsA("vtkMRMLSegmentationNode"):
                 self._forgetSessions(known)
                 self._baselines.pop(known, None)
                 self._written.pop(known, None)
+            elif node.GetSegmentation().GetSegment(known[1]) is None and known in self._sessionOrder:
+                self._forgetSessions(known)
         scene.remove_orphan_prompt_lists(slicer.mrmlScene)
         self._sessionOrder = [k for k in self._sessionOrder if k != key] + [key]
         while len(self._sessionOrder) > MAX_SESSIONS:

@@ -84,15 +84,12 @@ def prompt_points_node(segmentation_node, segment_id: str, create: bool = True):
 
 
 def remove_orphan_prompt_lists(scene) -> int:
-    """Remove the prompt lists whose segment or segmentation was removed (with their display nodes); returns
-    how many. They are hidden, so nobody else would, and a saved scene would keep them."""
+    """Remove the prompt lists whose segmentation node was removed (with their display nodes); returns how many.
+    They are hidden, so nobody else would, and a saved scene would keep them. The list of a removed segment
+    stays while its segmentation does: the Segment Editor's Ctrl+Z brings the segment back under its ID."""
     removed = 0
     for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode"):
-        segment_id = node.GetAttribute(PROMPTS_ATTRIBUTE)
-        if segment_id is None:
-            continue
-        segmentation = node.GetNodeReference(SEGMENTATION_ROLE)
-        if segmentation is not None and segmentation.GetSegmentation().GetSegment(segment_id) is not None:
+        if node.GetAttribute(PROMPTS_ATTRIBUTE) is None or node.GetNodeReference(SEGMENTATION_ROLE) is not None:
             continue
         for index in range(node.GetNumberOfDisplayNodes()):
             display = node.GetNthDisplayNode(index)
