@@ -473,3 +473,14 @@ def test_the_summary_says_when_the_auc_spans_another_number_of_clicks_than_the_c
 
     assert "with 3 clicks the AUC spans all" in summarise([], [], 3)["metrics"]["cvpr25"]
     assert "AUC spans" not in summarise([], [], 5)["metrics"]["cvpr25"]
+
+
+def test_an_evaluation_with_nsd_but_without_surface_distance_stops_before_it_starts(tiny, pair, tmp_path,
+                                                                                     monkeypatch):
+    """The ImportError came at the first structure's NSD, after the model had run, as a traceback."""
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    monkeypatch.setitem(sys.modules, "surface_distance", None)
+    with pytest.raises(FastSAM3DError, match=r"pip install surface-distance"):
+        evaluate_dataset(pair, tiny, tmp_path / "eval", clicks=2, protocol="cvpr25", **QUIET)
+    assert not (tmp_path / "eval").exists()

@@ -42,7 +42,7 @@ from .. import interrupts
 from ..errors import FastSAM3DError, OutOfMemoryError
 from . import dataset as ds
 from .clicks import PROMPT_MODES, PROTOCOLS, next_protocol_click
-from .metrics import NSD_TOLERANCE_MM, dice_iou, dice_iou_in_region, nsd_in_region
+from .metrics import NSD_TOLERANCE_MM, dice_iou, dice_iou_in_region, nsd_in_region, require_nsd
 from .results import ResultStore, prediction_path, summarise, unit_key, write_summary
 
 PLACEMENTS = ("gt", "click", "grow")  # "grow": the session with growth (.growing)
@@ -472,6 +472,8 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
         nsd_tolerance_mm = NSD_TOLERANCE_MM
     if nsd_tolerance_mm is not None and not float(nsd_tolerance_mm) >= 0:
         raise ValueError(f"the NSD tolerance must be a number of mm >= 0, got {nsd_tolerance_mm}")
+    if nsd_tolerance_mm is not None:
+        require_nsd()
     started = time.perf_counter()
     placements = _placements(placement)
     cases = ds.as_cases(pairs)

@@ -105,6 +105,17 @@ def click_curve_summary(curves: Sequence[Sequence[float]], clicks: int) -> Dict[
     return out
 
 
+def require_nsd() -> None:
+    """Raise :class:`~FastSAM3DLib.errors.FastSAM3DError` saying what to install unless the NSD can be computed
+    here (checked before an evaluation starts, not at its first structure)."""
+    from ..errors import FastSAM3DError
+
+    try:
+        _surface_distance()
+    except ImportError as exc:
+        raise FastSAM3DError(f"{str(exc)[0].upper()}{str(exc)[1:]} (or: pip install -e \".[evaluation]\").") from None
+
+
 def _surface_distance():
     """DeepMind's ``surface-distance`` module, or an ImportError saying how to install it."""
     try:
