@@ -1092,3 +1092,17 @@ def test_a_click_longer_than_the_idle_timeout_keeps_its_session():
     now[0] += 61.0
     with pytest.raises(Exception, match="not open"):
         store.get(session_id)
+
+
+def test_a_session_whose_click_waits_for_its_turn_is_not_closed_as_idle():
+    """The sweep skipped sessions running a click but not those whose click waited for a click thread: such a
+    session was dropped, and its click then met 'session_unknown'."""
+    from FastSAM3DLib.server.sessions import SessionStore
+
+    now = [0.0]
+    store = SessionStore(ServerSettings(models=("tiny-test",), idle_timeout_s=60.0), clock=lambda: now[0])
+    session_id, state = store.create("tiny-test")
+    state.queued = 1  # admitted on the event loop, waiting for a click thread
+    now[0] += 120.0
+    store.create("tiny-test")  # sweeps
+    assert store.get(session_id) is state

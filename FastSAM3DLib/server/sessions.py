@@ -130,7 +130,8 @@ class SessionStore:
     def _sweep(self) -> None:
         now = self.clock()
         for session_id in [k for k, s in self._sessions.items()
-                           if now - s.last_used > self.settings.idle_timeout_s and not s.lock.locked()]:
+                           if now - s.last_used > self.settings.idle_timeout_s and not s.lock.locked()
+                           and not s.queued]:  # a click running or waiting for its turn: in use
             del self._sessions[session_id]
 
 
