@@ -746,18 +746,28 @@ def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileRead
     return ImageHeader.from_reader(reader, slices), reader
 
 
-def _lock_exclusively(fd: int) -> None:
-    """Wait for an exclusive ``flock`` on ``fd`` (POSIX; elsewhere nothing is locked)."""
+#: Longest wait for another process's append to the same file (a hung writer must not hang this one for ever).
+APPEND_WAIT_SECONDS = 60.0
+
+
+def _lock_exclusively(fd: int, path) -> None:
+    """Wait for an exclusive ``flock`` on ``fd`` (POSIX; elsewhere nothing is locked), polling so that the wait
+    stays bounded (:data:`APPEND_WAIT_SECONDS`, then :class:`OutputFileError`)."""
     try:
         import fcntl
     except ImportError:  # Windows
         return
+    deadline = time.monotonic() + APPEND_WAIT_SECONDS
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
-        except InterruptedError:
-            continue
+        except (BlockingIOError, InterruptedError):
+            if time.monotonic() > deadline:
+                raise OutputFileError(f"cannot append to {path}: another process has held it for "
+                                      f"{APPEND_WAIT_SECONDS:.0f} s (another evaluation into the same folder?). "
+                                      "Stop it, or choose another output folder.") from None
+            time.sleep(0.02)
         except OSError:  # a file system without flock (some network shares): as before, unlocked
             return
 
@@ -794,7 +804,7 @@ def append_lines(path: Path, text: str, header_lines: int = 0) -> None:
     except OSError as exc:
         raise output_error(exc, path, "append to") from None
     try:
-        _lock_exclusively(fd)  # released when fd is closed
+        _lock_exclusively(fd, path)  # released when fd is closed
         end = _last_line_end(fd, os.fstat(fd).st_size)
         if end and header_lines:
             text = text.split("\n", header_lines)[-1]

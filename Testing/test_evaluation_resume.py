@@ -484,3 +484,22 @@ def test_an_evaluation_with_nsd_but_without_surface_distance_stops_before_it_sta
     with pytest.raises(FastSAM3DError, match=r"pip install surface-distance"):
         evaluate_dataset(pair, tiny, tmp_path / "eval", clicks=2, protocol="cvpr25", **QUIET)
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="appends take turns through flock, which Windows lacks")
+def test_an_append_waits_a_bounded_time_for_a_hung_writer(tmp_path, monkeypatch):
+    """The flock wait had no end: a hung writer (or a stuck network share) hung the evaluation, and Ctrl+C,
+    deferred while the rows are written, could not stop it."""
+    import fcntl
+
+    from FastSAM3DLib import files
+
+    path = tmp_path / "results.csv"
+    path.write_text("a,b\n1,2\n")
+    monkeypatch.setattr(files, "APPEND_WAIT_SECONDS", 0.3)
+    with open(path, "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another open file of it holds the lock
+        with pytest.raises(OutputFileError, match="another process has held it"):
+            files.append_lines(path, "a,b\n3,4\n", header_lines=1)
+    files.append_lines(path, "a,b\n3,4\n", header_lines=1)
+    assert path.read_text() == "a,b\n1,2\n3,4\n"
