@@ -11,6 +11,7 @@ Warnings met on the way are shown only when the command succeeds, so a failure p
 import argparse
 import builtins
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -253,7 +254,7 @@ class _Terminated(BaseException):
 def _sigterm_unwinds(entry_point: bool = False):
     """While the block runs in the main thread, SIGTERM raises :class:`_Terminated` instead of killing at once,
     and both it and Ctrl+C wait while a file is set up or cleaned up (:mod:`.interrupts`). For the command line
-    itself (``entry_point``) the handlers are not restored afterwards: :func:`_ignore_interrupts` has set them."""
+    itself (``entry_point``) the handlers are not restored afterwards: :func:`_exit_on_interrupt` has set them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -271,19 +272,24 @@ def _sigterm_unwinds(entry_point: bool = False):
     try:
         yield
     finally:
-        if entry_point:
-            _ignore_interrupts()
-        else:
+        if not entry_point:
             signal.signal(signal.SIGTERM, previous)
             if previous_int is signal.default_int_handler:
                 signal.signal(signal.SIGINT, previous_int)
 
 
-def _ignore_interrupts() -> None:
-    """Ignore Ctrl+C and SIGTERM from now on: the command has ended, and one arriving while Python shuts down would
-    only print a traceback or change the exit status of work that is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _exit_on_interrupt(status: int) -> None:
+    """From now on Ctrl+C and SIGTERM end the process at once with ``status``: the command has ended, and one
+    arriving while Python shuts down printed a traceback or changed the exit status of work that is done (and a
+    shutdown that hangs, e.g. in a GPU driver, can still be stopped)."""
+    def leave(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    signal.signal(signal.SIGINT, leave)
+    signal.signal(signal.SIGTERM, leave)
 
 
 @contextlib.contextmanager
@@ -312,23 +318,24 @@ def _one_line(text) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the process exit status.
 
-    Without ``argv`` (the command line: ``python -m FastSAM3DLib``, ``fastsam3d``) Ctrl+C and SIGTERM are ignored
-    once the command has ended; called with ``argv`` (tests, Python code) the previous handlers are restored."""
+    Without ``argv`` (the command line: ``python -m FastSAM3DLib``, ``fastsam3d``) Ctrl+C and SIGTERM end the
+    process at once with the command's status once it has ended; called with ``argv`` (tests, Python code) the
+    previous handlers are restored."""
     entry_point = argv is None and threading.current_thread() is threading.main_thread()
     with _sigterm_unwinds(entry_point), _imports_complete():
         try:
             with warnings.catch_warnings(record=True) as caught:
                 status = _run(argv)
                 if entry_point:
-                    _ignore_interrupts()
+                    _exit_on_interrupt(status)
         except KeyboardInterrupt:
             if entry_point:
-                _ignore_interrupts()
+                _exit_on_interrupt(130)
             print("error: interrupted (Ctrl+C); the command did not finish.", file=sys.stderr)
             return 130
         except _Terminated:
             if entry_point:
-                _ignore_interrupts()
+                _exit_on_interrupt(143)
             print("error: terminated (SIGTERM); the command did not finish.", file=sys.stderr)
             return 143
     if status == 0:  # on failure the one error line is all that is printed

@@ -1,5 +1,6 @@
 """The command line: segment writes a label with the input's geometry; bad input gives a clear error and no file."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -310,6 +311,27 @@ def test_a_signal_after_the_command_ended_changes_nothing(tmp_path, signum):
                           timeout=300)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "fastsam3d-demo" in proc.stdout
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_shutdown_that_hangs_after_the_command_can_still_be_stopped_with_its_status(tmp_path, signum):
+    """Once the command had ended both signals were ignored, so a shutdown that hung (a GPU driver, a thread)
+    could only be killed; now they end it at once with the finished command's status and no traceback."""
+    code = ("import atexit, sys, time\nfrom FastSAM3DLib.cli import main\n"
+            "sys.argv = ['fastsam3d', 'models', '--cache-dir', sys.argv[1]]\nstatus = main()\n"
+            "atexit.register(lambda: (print('shutting down', flush=True), time.sleep(60)))\nsys.exit(status)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "shutting down":
+                break
+        proc.send_signal(getattr(signal, signum))
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_main_called_from_python_restores_the_signal_handlers(tmp_path, capsys):
