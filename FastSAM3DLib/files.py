@@ -723,8 +723,15 @@ def library_write_error(exc: BaseException, output, tmp, nbytes: int) -> OutputF
     found = re.search(r"os error (\d+)", detail)
     if found:
         code = int(found.group(1))
-        return output_error(OSError(code, os.strerror(code)), output)
+        if sys.platform == "win32":  # Rust reports Windows' own error codes there
+            code = _WINDOWS_ERRNO.get(code, 0)
+        if code:
+            return output_error(OSError(code, os.strerror(code)), output)
     return write_failed(Path(output), Path(tmp), nbytes, detail)
+
+
+# Windows error codes a library may report ("os error N") -> errno: disk full, access denied, in use
+_WINDOWS_ERRNO = {112: errno.ENOSPC, 39: errno.ENOSPC, 5: errno.EACCES, 32: errno.EBUSY, 3: errno.ENOENT}
 
 
 def _file_size_limit() -> Optional[int]:

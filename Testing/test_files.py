@@ -214,3 +214,16 @@ def test_the_library_replaces_files_only_through_replace_file():
                     and not (source.name == "filelock.py" and "os.replace(self.path, moved)" in line):
                 offenders.append(f"{source.relative_to(REPO)}:{number}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("platform, code, expected", [("linux", 28, "full"), ("win32", 112, "full"),
+                                                      ("win32", 5, "ermission")])
+def test_a_librarys_os_error_code_is_read_as_the_systems_own(tmp_path, monkeypatch, platform, code, expected):
+    """safetensors (Rust) reports "os error N" with the system's own code: on Windows 112 is a full disk, which
+    read as an errno was "Unknown error" with no advice."""
+    from FastSAM3DLib.files import library_write_error
+
+    monkeypatch.setattr(sys, "platform", platform)
+    error = library_write_error(RuntimeError(f"Error while serializing: IoError(Os {{ code: {code} }}) (os error "
+                                             f"{code})"), tmp_path / "bank.safetensors", tmp_path / ".tmp", 1000)
+    assert expected in str(error) and "Unknown error" not in str(error), str(error)
