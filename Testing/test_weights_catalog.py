@@ -138,7 +138,8 @@ def test_every_weights_entry_point_takes_cache_dir():
 
 
 def test_listing_models_imports_no_torch():
-    code = ("import sys; from FastSAM3DLib.weights import available_models, find_checkpoint; "
-            "available_models(); find_checkpoint('fastsam3d-demo'); print('torch' in sys.modules)")
+    code = ("import sys; from FastSAM3DLib.weights import available_models, find_checkpoint, weights_sha256; "
+            "available_models(); find_checkpoint('fastsam3d-demo'); weights_sha256('fastsam3d-demo'); "
+            "weights_sha256('fastsam3d'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
