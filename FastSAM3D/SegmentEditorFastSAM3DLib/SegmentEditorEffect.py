@@ -941,7 +941,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _sourceVolume(self, volumeNode):
         """The source volume as a Volume copy, rebuilt only when the node, its voxels, its geometry or its
         transform change (not when it is renamed: each new copy means new sessions, which replay every point)."""
-        import vtk
         from FastSAM3DLib import scene
 
         transform = volumeNode.GetParentTransformNode()
