@@ -931,3 +931,14 @@ def test_a_bank_built_from_cached_weights_records_the_verified_files_checksum(tm
     sha = weights_sha256("fastsam3d-demo")
     assert read_bank_metadata(out)["checkpoint"] == f"fastsam3d-demo weights (sha256 {sha})"
     assert [b["problem"] for b in find_banks([out.parent], "fastsam3d-demo", weights_sha256=sha)] == [""]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see open and mapped files")
+def test_a_loaded_bank_holds_its_file_neither_open_nor_mapped(tiny, tmp_path):
+    """The bank's tensors were memory-mapped from its file: on Windows a bank a model holds (Slicer's cached
+    model) could then not be rebuilt at its path, nor deleted (FASTSAM3D_EMULATE_WINDOWS showed it)."""
+    from windows_files import open_in_this_process
+
+    path = save_bank(_random_bank(tiny, n=3), tmp_path / "bank.safetensors")
+    bank = load_bank(path, tiny)
+    assert len(bank) == 3 and not open_in_this_process(path)

@@ -360,7 +360,7 @@ def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
     ``verify``: recompute the tensors' sha256 and compare it with the one written at build time (catches damage).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -368,7 +368,8 @@ def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
                               "never loaded).")
     meta = read_bank_metadata(path)
     try:
-        tensors = load_file(str(path), device="cpu")
+        with open(path, "rb") as handle:  # read whole, not mapped: on Windows a mapped file cannot be replaced
+            tensors = load(handle.read())  # or deleted while a model holds the bank (a rebuilt bank, Explorer)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise MemoryBankError(f"memory bank {path.name} cannot be read ({exc}); it is damaged or truncated. "
                               "Copy or build it again.") from None
