@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..errors import SettingError
+from ..weights.safetensors_cache import tensors_sha256
 from .augment import AugmentConfig
 from .data import CropCache, CropSampler
 from .engine import LoopConfig, TrainingTask, run_training
@@ -101,16 +102,6 @@ def active_pairs(epoch: int, pairs: Sequence[Pair], stage_epochs: int,
 def pair_name(pair: Union[Pair, str]) -> str:
     """``"s0-t1"`` for a block pair, ``"neck"`` for the final embedding."""
     return pair if isinstance(pair, str) else f"s{pair[0]}-t{pair[1]}"
-
-
-def state_sha256(module: nn.Module) -> str:
-    """sha256 of ``module``'s state (names, dtypes, shapes and values): the identity of its weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 class TeacherFeatureCache:
@@ -224,7 +215,7 @@ class DistillationTask(TrainingTask):
                     self.extra[name.replace("-", "_")] = nn.Linear(sw, tw)
         self.extra.to(device)
         self.loss_fn = feature_loss(config.loss)
-        self.teacher_weights = state_sha256(self.teacher)
+        self.teacher_weights = tensors_sha256(self.teacher.state_dict())  # the weights' identity
         self.sampler = CropSampler(CropCache.open(config.data), config.augment, config.group_weights)
         self.stale_features: List[str] = []
         folder = None
