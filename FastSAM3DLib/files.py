@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import os
 import re
 import secrets
@@ -751,6 +752,30 @@ def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileRead
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     return ImageHeader.from_reader(reader, slices), reader
+
+
+def complete_lines(path) -> Tuple[str, bool]:
+    """(the text of ``path`` up to its last newline, whether a cut-off last line was left out). The bytes are
+    cut before they are decoded: a write cut inside a UTF-8 character (a torn append) is not an error."""
+    data = Path(path).read_bytes()
+    cut = bool(data) and not data.endswith(b"\n")
+    if cut:
+        data = data[:data.rfind(b"\n") + 1]
+    return data.decode("utf-8"), cut
+
+
+def sha256_file(path, progress=None) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks; ``progress(bytes_done, bytes_total)`` if given."""
+    digest = hashlib.sha256()
+    total = os.path.getsize(path)
+    done = 0
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
 
 
 #: Longest wait for another process's append to the same file (a hung writer must not hang this one for ever).

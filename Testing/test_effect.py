@@ -360,7 +360,7 @@ def test_the_bank_menu_marks_a_bank_made_with_other_weights(harness):
 
     from FastSAM3DLib.benchmarks.memory import synthetic_bank
     from FastSAM3DLib.memory import save_bank
-    from FastSAM3DLib.memory.header import file_sha256
+    from FastSAM3DLib.files import sha256_file
     from FastSAM3DLib.registry import build_model
     from FastSAM3DLib.weights import find_checkpoint
 
@@ -369,7 +369,7 @@ def test_the_bank_menu_marks_a_bank_made_with_other_weights(harness):
     folder = Path(effect._logic().memoryBankDir())
     folder.mkdir(parents=True)
     model = build_model("fastsam3d-demo", checkpoint="cached")
-    for name, sha in (("same", file_sha256(find_checkpoint("fastsam3d-demo"))), ("tuned", "c" * 64)):
+    for name, sha in (("same", sha256_file(find_checkpoint("fastsam3d-demo"))), ("tuned", "c" * 64)):
         bank = synthetic_bank(model, 2)
         bank.meta["checkpoint"] = f"{name}.pth (sha256 {sha})"
         save_bank(bank, folder / f"{name}.safetensors")

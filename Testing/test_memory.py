@@ -908,10 +908,10 @@ def test_the_bank_menu_says_which_banks_the_model_cannot_use_without_importing_t
 
 
 def test_the_weights_checksum_a_bank_is_compared_with(tmp_path):
-    from FastSAM3DLib.memory.header import file_sha256
+    from FastSAM3DLib.files import sha256_file
     from FastSAM3DLib.weights import find_checkpoint, weights_sha256
 
-    assert weights_sha256("fastsam3d-demo") == file_sha256(find_checkpoint("fastsam3d-demo"))
+    assert weights_sha256("fastsam3d-demo") == sha256_file(find_checkpoint("fastsam3d-demo"))
     assert weights_sha256("no-such-model", tmp_path) is None
     assert weights_sha256("tiny-test", tmp_path) is None  # no published weights
 

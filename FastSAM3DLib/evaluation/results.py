@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import FastSAM3DError
-from ..files import append_lines, atomic_output
+from ..files import append_lines, atomic_output, complete_lines
 from .metrics import NSD_MEASURE, click_curve_summary, nan_mean
 
 FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
@@ -75,16 +75,6 @@ def skip_value(value):
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     return value
-
-
-def _complete_lines(path: Path) -> tuple:
-    """(the text of ``path`` up to its last newline, whether a cut-off last line was left out). The bytes are
-    cut before they are decoded: a write cut inside a character of a structure's name is not an error."""
-    data = Path(path).read_bytes()
-    cut = bool(data) and not data.endswith(b"\n")
-    if cut:
-        data = data[:data.rfind(b"\n") + 1]
-    return data.decode("utf-8"), cut
 
 
 def _format(value) -> str:
@@ -158,7 +148,7 @@ def _read_units(path: Path) -> tuple:
     results.csv; rows with missing or extra fields are left out of the units too."""
     if not path.is_file():
         return OrderedDict(), 0, list(FIELDS), False
-    text, cut = _complete_lines(path)
+    text, cut = complete_lines(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     raw = list(reader)
     header = list(reader.fieldnames or [])
@@ -258,7 +248,7 @@ class ResultStore:
             self._rewrite_results = bool(self.dropped_units or len(self.rows) != lines or header != FIELDS or cut)
         if not self.skipped_csv.is_file():
             return []
-        text, cut = _complete_lines(self.skipped_csv)
+        text, cut = complete_lines(self.skipped_csv)
         records = list(csv.DictReader(io.StringIO(text, newline="")))
         kept = [dict(r, value=skip_value(r.get("value"))) for r in records
                 if r.get("reason") and None not in r and all(v is not None for v in r.values())]

@@ -50,8 +50,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..files import atomic_output, library_write_error
-from .header import (FORMAT, MemoryBankError, file_sha256, find_banks,  # noqa: F401
-                     read_bank_metadata)
+from .header import FORMAT, MemoryBankError, find_banks, read_bank_metadata  # noqa: F401
 
 TENSOR_NAMES = ("descriptors", "keys", "values", "case_index")
 _REQUIRED_META = ("format", "model", "encoder_sha256", "block", "num_heads", "head_dim", "grid", "embed_dim",

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from . import retrieval
-from .bank import KV_DTYPES, MemoryBank, MemoryBankError, default_block, file_sha256, model_layout, new_meta
+from ..files import sha256_file
+from .bank import KV_DTYPES, MemoryBank, MemoryBankError, default_block, model_layout, new_meta
 from .plugin import attached_memory
 
 CROPS = ("gt", "click")
@@ -46,11 +47,11 @@ def image_sha256(path) -> str:
     """
     path = Path(path)
     if not path.is_dir():
-        return file_sha256(path)
+        return sha256_file(path)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
-        digest.update(bytes.fromhex(file_sha256(file)))
+        digest.update(bytes.fromhex(sha256_file(file)))
     return digest.hexdigest()
 
 
@@ -218,7 +219,7 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
                               f"{why or 'no case was found'}.")
     split_sha = ""
     if isinstance(source, (str, Path)) and Path(source).is_file():
-        split_sha = file_sha256(source)
+        split_sha = sha256_file(source)
         split = split or Path(source).name
     meta = new_meta(model, model_label=model_label or config.name, block=block, descriptor=descriptor,
                     descriptor_dim=int(descs[0].numel()), crop=crop, cases=case_list, entries=entries,

@@ -74,7 +74,8 @@ def cmd_build(args) -> int:
     from pathlib import Path
 
     from ..evaluation.evaluate import _resolve_model
-    from .bank import file_sha256, save_bank
+    from ..files import sha256_file
+    from .bank import save_bank
     from .build import build_bank, inspect_text
 
     from ..files import check_output_path
@@ -90,7 +91,7 @@ def cmd_build(args) -> int:
         path, sha = cached_checkpoint(config), weights_sha256(config.weights or config.name)
         description = f"{config.weights or config.name} weights (sha256 {sha})" if sha else str(path)
     if description and Path(description).is_file():
-        description = f"{Path(description).name} (sha256 {file_sha256(description)})"
+        description = f"{Path(description).name} (sha256 {sha256_file(description)})"
     log = (lambda text: None) if args.quiet else print
     try:
         bank = build_bank(args.data, model, label=args.label, model_label=args.model,

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..evaluation.results import check_model_checkpoint
-from ..files import append_lines, atomic_output
+from ..files import append_lines, atomic_output, complete_lines
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
 from .plugin import attach_memory
@@ -181,8 +181,7 @@ def _journal_lines(journal: Path) -> List[str]:
     """The complete lines of the retrieval journal (a cut-off last line left out)."""
     if not journal.is_file():
         return []
-    text = journal.read_text(encoding="utf-8")
-    return text[:text.rfind("\n") + 1].splitlines(keepends=True)
+    return complete_lines(journal)[0].splitlines(keepends=True)
 
 
 def _line_key(line: str) -> tuple:

@@ -5,7 +5,6 @@ Slicer's effect fills its bank menu from these headers on the main thread, where
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -85,15 +84,6 @@ def checkpoint_sha256(meta: Dict[str, object]) -> Optional[str]:
     if found is None or found.group(1).endswith(".safetensors"):
         return None
     return found.group(2)
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_banks(folders=None, model: Optional[str] = None,

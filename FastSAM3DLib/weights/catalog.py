@@ -152,7 +152,7 @@ def weights_sha256(name: str, cache_dir: Optional[PathLike] = None, *, manifest:
 @functools.lru_cache(maxsize=8)
 def _bundled_sha256(path: str, size: int, mtime_ns: int) -> Optional[str]:
     """sha256 of a bundled file, hashed once per (path, size, modification time)."""
-    from .verify import sha256_file
+    from ..files import sha256_file
 
     try:
         return sha256_file(Path(path))

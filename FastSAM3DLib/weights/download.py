@@ -45,12 +45,11 @@ from typing import Callable, List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
-from ..files import open_fd, replace_file, temporary_beside
+from ..files import open_fd, replace_file, sha256_file, temporary_beside
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
 from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
-from .verify import (Progress, expected_sha256, is_verified, read_record, sha256_file, write_json_atomic,
-                     write_record)
+from .verify import Progress, expected_sha256, is_verified, read_record, write_json_atomic, write_record
 
 log = logging.getLogger(__name__)
 

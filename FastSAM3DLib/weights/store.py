@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import CheckpointError
+from ..files import sha256_file
 from .cache import CacheWarning, ModelFiles, PathLike, model_files
 from .manifest import ManifestLike, ModelEntry, load_manifest
 from .safetensors_cache import (FORMAT_TAG, check_fast_copy, identity_matches, read_metadata, safetensors_available,
                                 write_safetensors)
-from .verify import (VerifiedRecord, expected_sha256, is_verified, read_record, record_fast_copy, sha256_file,
-                     write_record)
+from .verify import VerifiedRecord, expected_sha256, is_verified, read_record, record_fast_copy, write_record
 
 log = logging.getLogger(__name__)
 

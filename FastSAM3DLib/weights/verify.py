@@ -18,7 +18,6 @@ both times keeps passing the ``stat`` check until the file is replaced or copied
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,22 +30,6 @@ from .cache import ModelFiles
 from .manifest import ModelEntry
 
 Progress = Callable[[int, Optional[int]], object]
-
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path, progress: Optional[Progress] = None) -> str:
-    """Hex sha256 of a file, reading it in 1 MiB chunks; ``progress(bytes_done, bytes_total)`` if given."""
-    digest = hashlib.sha256()
-    total = os.path.getsize(path)
-    done = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
 
 
 def file_identity(path: Path) -> Optional[Dict[str, int]]:
