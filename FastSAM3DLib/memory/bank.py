@@ -358,8 +358,7 @@ def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
     and its tensors are moved to the model's device (else to ``device``, default CPU).
     ``verify``: recompute the tensors' sha256 and compare it with the one written at build time (catches damage).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -367,8 +366,11 @@ def load_bank(path, model=None, device=None, allow_other_encoder: bool = False,
                               "never loaded).")
     meta = read_bank_metadata(path)
     try:
-        with open(path, "rb") as handle:  # read whole, not mapped: on Windows a mapped file cannot be replaced
-            tensors = load(handle.read())  # or deleted while a model holds the bank (a rebuilt bank, Explorer)
+        # each tensor copied out of the mapping, which closes with the file: on Windows a mapped file cannot be
+        # replaced or deleted while a model holds the bank (a rebuilt bank, Explorer); reading the bytes whole
+        # instead would briefly need twice the bank's size in memory
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise MemoryBankError(f"memory bank {path.name} cannot be read ({exc}); it is damaged or truncated. "
                               "Copy or build it again.") from None
