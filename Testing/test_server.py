@@ -1106,3 +1106,47 @@ def test_a_session_whose_click_waits_for_its_turn_is_not_closed_as_idle():
     now[0] += 120.0
     store.create("tiny-test")  # sweeps
     assert store.get(session_id) is state
+
+
+def test_uploads_held_at_once_are_bounded_per_client_and_in_all():
+    """Each upload is held in memory until it is complete: one client that stalled many uploads one byte short
+    made the server hold them all for minutes (20 x 24 MiB took it from 237 to 723 MiB)."""
+    from FastSAM3DLib.server import app
+
+    limit = 64 * 1024
+    with Server(max_upload_bytes=limit, trusted_proxies=("127.0.0.1",)) as s:
+        session = remote.RemoteSession(s.url, "tiny-test", phantom())._session_id
+        opened = []
+
+        def stall(client):
+            """A click upload from ``client`` that stops one byte short; the server's answer if it gave one."""
+            conn = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            opened.append(conn)
+            head = post_bytes(f"/v1/sessions/{session}/click", b"", protocol.FRAME_TYPE, length=limit)
+            conn.sendall(head.replace(b"\r\n\r\n", f"\r\nX-Forwarded-For: {client}\r\n\r\n".encode(), 1)
+                         + b"x" * (limit - 1))
+            conn.settimeout(1.0)
+            try:
+                return conn.recv(65536)
+            except socket.timeout:
+                return b""  # held
+
+        try:
+            assert [stall("10.0.0.1") for _ in range(app.UPLOADS_AT_ONCE // 4)] == [b""] * 2
+            refused = stall("10.0.0.1")  # a quarter of the place is this client's
+            assert refused.startswith(b"HTTP/1.1 429") and b"too many uploads at once" in refused, refused[:300]
+            assert b"retry-after: 1" in refused.lower()
+            for client in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):  # the others still upload, up to the total
+                assert [stall(client) for _ in range(2)] == [b""] * 2
+            assert stall("10.0.0.5").startswith(b"HTTP/1.1 429")
+            for conn in opened:
+                conn.close()
+            opened.clear()
+            deadline = time.monotonic() + 10
+            while stall("10.0.0.5").startswith(b"HTTP/1.1 429"):  # closed uploads give their place back
+                assert time.monotonic() < deadline, "the places of closed uploads were not given back"
+                opened.pop().close()
+        finally:
+            for conn in opened:
+                conn.close()
+        assert raw(s.url, "GET", "/healthz")[0] == 200

@@ -55,6 +55,10 @@ MAX_JSON_BODY = 64 * 1024
 #: uploads that stall (a laptop that sleeps, a deliberately slow client) do not hold memory for ever.
 BODY_GRACE_S = 30.0
 MIN_UPLOAD_RATE = 64 * 1024
+#: Request bodies the server holds in memory at once, counted in uploads of the largest size allowed (smaller
+#: ones count by their length): stalled uploads must not fill the server's memory. One client address may hold
+#: a quarter of that (uploads that stall one byte short are held for minutes; they must not shut out the others).
+UPLOADS_AT_ONCE = 8
 
 
 def create_app(settings: ServerSettings, backend=None) -> Starlette:
@@ -65,6 +69,8 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
     # clicks wait for their session and model in threads of their own, so that they never take the threads
     # that opening and closing sessions need (Starlette's default pool has 40)
     click_threads = anyio.CapacityLimiter(40)
+    # bytes of request bodies being received, in all and per client address (touched on the event loop only)
+    receiving, receiving_from = [0], {}
 
     def reply(response: Response) -> Response:
         response.headers[protocol.REPLICA_HEADER] = backend.replica
@@ -78,10 +84,13 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
         return reply(Response(protocol.error_body(exc.code, exc.message, **exc.extra), status, headers,
                               media_type="application/json"))
 
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
     def guard(request: Request) -> None:
         """Request rate, protocol version, token: a ServiceError for the first that fails (the rate first, so that
         wrong tokens count too: guessing is throttled like any other request)."""
-        client = request.client.host if request.client else "unknown"
+        client = client_of(request)
         allowed, wait = limiter.allow(client)
         if not allowed:
             raise ServiceError("rate_limited", f"Too many requests from this computer (the server allows "
@@ -106,6 +115,13 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
             raise too_large
         chunks, size = [], 0
         expected = int(declared) if declared is not None else limit
+        client = client_of(request)
+        budget = UPLOADS_AT_ONCE * settings.max_upload_bytes
+        if receiving[0] + expected > budget or receiving_from.get(client, 0) + expected > budget // 4:
+            raise ServiceError("rate_limited", "The server is receiving too many uploads at once; nothing was "
+                               "changed. Click again in a moment.", retry_after=1.0)
+        receiving[0] += expected
+        receiving_from[client] = receiving_from.get(client, 0) + expected
         try:
             with anyio.fail_after(BODY_GRACE_S + expected / MIN_UPLOAD_RATE):
                 async for chunk in request.stream():
@@ -119,6 +135,11 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
             raise ServiceError("too_slow", f"The request arrived too slowly (the server waits "
                                f"{BODY_GRACE_S:g} s plus {MIN_UPLOAD_RATE // 1024} KiB/s); nothing was changed. Check "
                                "the network connection, then click again.") from None
+        finally:
+            receiving[0] -= expected
+            receiving_from[client] -= expected
+            if not receiving_from[client]:
+                del receiving_from[client]
         return b"".join(chunks)
 
     def endpoint(handler, checked: bool = True):
@@ -165,8 +186,8 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
                              "limits": settings.limits(), "protocol": protocol.PROTOCOL_VERSION}, 201)
 
     async def click(request: Request) -> Response:
-        data = await body(request)
-        state = await backend.state(request.path_params["session"], request)
+        state = await backend.state(request.path_params["session"], request)  # before the upload: an unknown id
+        data = await body(request)  # is refused without holding memory
         if state.queued >= MAX_QUEUED_CLICKS:
             raise ServiceError("rate_limited", f"{state.queued} clicks of this session are still waiting for the "
                                "server; nothing was changed. Click again when they are answered.", retry_after=1.0)
