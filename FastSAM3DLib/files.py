@@ -17,6 +17,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -752,6 +753,16 @@ def read_header(path, slices: int = 1) -> Tuple[ImageHeader, "sitk.ImageFileRead
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     return ImageHeader.from_reader(reader, slices), reader
+
+
+def parse_json(text):
+    """``json.loads(text)``, with JSON nested too deeply for Python's parser reported as a ``ValueError``, like any
+    other malformed JSON, instead of as a ``RecursionError``: a damaged or hostile file gets the caller's usual
+    message."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
 
 
 def complete_lines(path) -> Tuple[str, bool]:

@@ -227,3 +227,19 @@ def test_a_librarys_os_error_code_is_read_as_the_systems_own(tmp_path, monkeypat
     error = library_write_error(RuntimeError(f"Error while serializing: IoError(Os {{ code: {code} }}) (os error "
                                              f"{code})"), tmp_path / "bank.safetensors", tmp_path / ".tmp", 1000)
     assert expected in str(error) and "Unknown error" not in str(error), str(error)
+
+
+def test_json_nested_too_deeply_is_malformed_json_not_a_recursion_error(tmp_path):
+    """Every reader of a JSON file catches ValueError; Python's parser raises RecursionError past ~1,000 levels,
+    which escaped as a traceback (a dataset's cases.json, a bank's header, a cache record)."""
+    from FastSAM3DLib.evaluation.dataset import manifest_entries
+    from FastSAM3DLib.errors import DataSourceError
+    from FastSAM3DLib.files import parse_json
+
+    assert parse_json('{"a": [1, 2]}') == {"a": [1, 2]} and parse_json(b"[[1]]") == [[1]]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    cases = tmp_path / "cases.json"
+    cases.write_text("[" * 100_000)
+    with pytest.raises(DataSourceError, match="nested too deeply"):
+        manifest_entries(cases)

@@ -959,3 +959,22 @@ def test_loading_a_bank_does_not_hold_a_second_copy_of_its_file_in_memory(tiny, 
     finally:
         tracemalloc.stop()
     assert len(bank) == 40 and peak < size / 4, (peak, size)
+
+
+def test_a_bank_whose_header_is_nested_too_deeply_is_refused_with_the_usual_message(tiny, tmp_path, capsys):
+    """JSON nested 100,000 deep raised RecursionError, not ValueError: one such file in the bank folder broke
+    the effect's whole bank menu, and ``memory inspect`` printed a traceback."""
+    from safetensors.numpy import save_file
+
+    from FastSAM3DLib.cli import main
+    from FastSAM3DLib.memory.header import find_banks, read_bank_metadata
+
+    save_bank(_random_bank(tiny), tmp_path / "good.safetensors")
+    deep = tmp_path / "deep.safetensors"
+    save_file({"x": np.zeros(1, np.float32)}, str(deep),
+              metadata={"format": "fastsam3d-memory-bank/1", "model": "tiny-test", "entries": "[" * 100_000})
+    assert [b["path"].name for b in find_banks([tmp_path], model="tiny-test")] == ["good.safetensors"]
+    with pytest.raises(MemoryBankError, match="unreadable metadata .the JSON is nested too deeply"):
+        read_bank_metadata(deep)
+    assert main(["memory", "inspect", str(deep)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import json
 import os
 import re
 import warnings
@@ -32,6 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import DataSourceError
+from ..files import parse_json
 
 PathLike = Union[str, Path]
 
@@ -97,7 +97,7 @@ def looks_like_label(path: PathLike) -> bool:
 
 def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     entry = data.get(label_file) if isinstance(data, dict) else None
@@ -114,7 +114,7 @@ def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, s
 def _names_from_dataset_json(path: Path) -> Optional[Dict[int, str]]:
     """nnU-Net v1 (``{"1": "liver"}``) or v2 (``{"liver": 1}``, regions as lists ignored) label names."""
     try:
-        labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+        labels = parse_json(path.read_text(encoding="utf-8")).get("labels")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(labels, dict):
@@ -229,7 +229,7 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
     pairs, used, incomplete = [], set(), []
     for manifest in sorted(root.rglob("labels.json")):
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
+            data = parse_json(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         for label_file, entry in (data.items() if isinstance(data, dict) else []):
@@ -305,7 +305,7 @@ def manifest_entries(path: Path) -> List[Dict]:
     path = Path(path)
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"))
             entries = data.get("cases") if isinstance(data, dict) else data
         else:
             with open(path, newline="", encoding="utf-8") as handle:

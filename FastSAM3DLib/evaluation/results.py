@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import FastSAM3DError
-from ..files import append_lines, atomic_output, complete_lines
+from ..files import append_lines, atomic_output, complete_lines, parse_json
 from .metrics import NSD_MEASURE, click_curve_summary, nan_mean
 
 FIELDS = ["model", "case", "structure", "value", "voxels", "placement", "protocol", "click", "click_r", "click_a",
@@ -133,7 +133,7 @@ def check_model_checkpoint(folder: Optional[Path], model_name: str, checkpoint: 
     run_json = Path(folder) / "run.json"
     if run_json.is_file():
         try:
-            settings = json.loads(run_json.read_text(encoding="utf-8"))
+            settings = parse_json(run_json.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             return  # damaged: the store says so with its own message
         if isinstance(settings, dict):
@@ -231,7 +231,7 @@ class ResultStore:
         """Read the folder's settings and rows (changing nothing); returns its skip records."""
         if self.run_json.is_file():
             try:
-                self.settings = json.loads(self.run_json.read_text(encoding="utf-8"))
+                self.settings = parse_json(self.run_json.read_text(encoding="utf-8"))
                 if not isinstance(self.settings, dict):
                     raise ValueError("not a JSON object")
             except (ValueError, UnicodeDecodeError) as exc:

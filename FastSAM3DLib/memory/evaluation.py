@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..evaluation.results import check_model_checkpoint
-from ..files import append_lines, atomic_output, complete_lines
+from ..files import append_lines, atomic_output, complete_lines, parse_json
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
 from .plugin import attach_memory
@@ -186,7 +186,7 @@ def _journal_lines(journal: Path) -> List[str]:
 
 def _line_key(line: str) -> tuple:
     try:
-        item = json.loads(line)
+        item = parse_json(line)
     except ValueError:
         return ()
     return _journal_key(item) if isinstance(item, dict) else ()

@@ -5,12 +5,12 @@ Slicer's effect fills its bank menu from these headers on the main thread, where
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import FastSAM3DError
+from ..files import parse_json
 
 FORMAT = "fastsam3d-memory-bank/1"
 _JSON_KEYS = ("cases", "entries", "options")
@@ -32,7 +32,7 @@ def _meta_from_strings(raw: Dict[str, str], where: str) -> Dict[str, object]:
     try:
         for key in _JSON_KEYS:
             if key in meta:
-                meta[key] = json.loads(meta[key])
+                meta[key] = parse_json(meta[key])
         for key in _INT_KEYS:
             if key in meta:
                 meta[key] = int(meta[key])

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import SettingError
-from ..files import atomic_output
+from ..files import atomic_output, parse_json
 from . import checkpoints
 
 SCHEDULES = ("cosine", "constant")
@@ -129,8 +129,8 @@ class JsonLog:
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line)
+            except ValueError:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
@@ -150,8 +150,8 @@ class JsonLog:
             return losses
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line)
+            except ValueError:
                 continue
             if isinstance(record, dict) and record.get("event") == "step" and "loss" in record and \
                     first <= int(record.get("step", 0)) <= last:

@@ -27,7 +27,6 @@ server error or a full disk leave nothing. Every error message says what to do n
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import math
 import os
@@ -45,7 +44,7 @@ from typing import Callable, List, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import CheckpointError, DownloadError
-from ..files import open_fd, replace_file, sha256_file, temporary_beside
+from ..files import open_fd, parse_json, replace_file, sha256_file, temporary_beside
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
 from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
@@ -439,7 +438,7 @@ def _content_range(value: Optional[str]) -> Tuple[int, Optional[int]]:
 
 def _read_part_info(files: ModelFiles) -> dict:
     try:
-        data = json.loads(files.part_info.read_text(encoding="utf-8"))
+        data = parse_json(files.part_info.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Set, Tuple
 
-from ..files import in_use_on_windows, open_fd
+from ..files import in_use_on_windows, open_fd, parse_json
 
 try:
     import fcntl
@@ -174,7 +174,7 @@ class FileLock:
         finally:
             os.close(fd)
         try:
-            body = json.loads(data or b"{}")
+            body = parse_json(data or b"{}")
         except ValueError:
             body = {}
         return (body if isinstance(body, dict) else {}), st
@@ -194,7 +194,7 @@ class FileLock:
         try:
             st = os.fstat(fd)
             try:
-                body = json.loads(os.read(fd, 4096) or b"{}")
+                body = parse_json(os.read(fd, 4096) or b"{}")
             except ValueError:
                 body = {}
             body = body if isinstance(body, dict) else {}

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from ..errors import CheckpointError
+from ..files import parse_json
 
 #: Relative difference allowed between a download's size and a manifest size that is not exact.
 SIZE_TOLERANCE = 0.02
@@ -90,7 +91,7 @@ def load_manifest(path: ManifestLike = None) -> Manifest:
         return path
     path = Path(path) if path is not None else default_manifest_path()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"The model manifest {path} is missing. Reinstall the FastSAM3D extension (or, in a "
                               "source checkout, restore Resources/models.json).") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional
 
 from ..errors import CheckpointError
-from ..files import replace_file, temporary_beside
+from ..files import parse_json, replace_file, temporary_beside
 
 #: Value of the "format" metadata field of the files written here.
 FORMAT_TAG = "FastSAM3DLib-weights-v1"
@@ -40,7 +40,7 @@ def read_metadata(path) -> Dict[str, str]:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > _MAX_HEADER:
                 return {}
-            header = json.loads(f.read(length))
+            header = parse_json(f.read(length))
     except (OSError, struct.error, ValueError):
         return {}
     meta = header.get("__metadata__") if isinstance(header, dict) else None
@@ -122,7 +122,7 @@ def recorded_fast_copy(path, source_sha: Optional[str] = None) -> Optional[dict]
     if meta.get("format") != FORMAT_TAG or not isinstance(name, str) or not name or Path(name).name != name:
         return None
     try:
-        record = json.loads((Path(path).parent / (name + ".verified.json")).read_text(encoding="utf-8"))
+        record = parse_json((Path(path).parent / (name + ".verified.json")).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("sha256") != (source_sha or meta.get("source_sha256")):

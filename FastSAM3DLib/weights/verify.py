@@ -25,7 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from ..files import open_fd, replace_file, temporary_beside
+from ..files import open_fd, parse_json, replace_file, temporary_beside
 from .cache import ModelFiles
 from .manifest import ModelEntry
 
@@ -73,7 +73,7 @@ class VerifiedRecord:
 def read_record(files: ModelFiles) -> Optional[VerifiedRecord]:
     """The record beside the model file, or None when there is none or it is unreadable."""
     try:
-        data = json.loads(files.record.read_text(encoding="utf-8"))
+        data = parse_json(files.record.read_text(encoding="utf-8"))
         fields = VerifiedRecord.__dataclass_fields__
         values = {k: data[k] for k, f in fields.items()
                   if k in data or (f.default is MISSING and f.default_factory is MISSING)}  # KeyError if required
