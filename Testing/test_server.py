@@ -1150,3 +1150,94 @@ def test_uploads_held_at_once_are_bounded_per_client_and_in_all():
             for conn in opened:
                 conn.close()
         assert raw(s.url, "GET", "/healthz")[0] == 200
+
+
+class _HostileServer:
+    """A thread on 127.0.0.1 that answers every request with ``answer(conn)`` (a broken or foreign server)."""
+
+    def __init__(self, answer):
+        self.answer, self.listener = answer, socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        self.listener.settimeout(0.2)
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)  # the request (small, in one piece here)
+                    self.answer(conn)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.stopped = False
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped = True
+        self.thread.join(10)
+        self.listener.close()
+
+
+def test_a_reply_that_trickles_in_or_is_huge_is_refused_within_the_timeout():
+    """The client's timeout bounded each socket read, not the reply: a server sending one byte every 0.3 s kept
+    Slicer waiting for as long as it went on, and a reply's length had no limit."""
+    def trickle(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(40):
+            conn.sendall(b"x")
+            time.sleep(0.3)
+
+    def huge(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 65536)
+
+    def chunked_huge(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+        for _ in range(20):
+            conn.sendall(chunk)
+
+    with _HostileServer(trickle) as s:
+        start = time.monotonic()
+        with pytest.raises(remote.ServerUnavailableError, match="did not answer within 2 s"):
+            remote.ServerClient(s.url, timeout=2, retries=0).info()
+        assert time.monotonic() - start < 6
+    for answer in (huge, chunked_huge):
+        with _HostileServer(answer) as s:
+            with pytest.raises(remote.ServerError, match="over the 16 MiB a FastSAM3D reply can need"):
+                remote.ServerClient(s.url, timeout=10, retries=0).info()
+
+
+@pytest.mark.parametrize("reply, message", [
+    (b'{"protocol": 1, "session": "s"}', "no model description"),
+    (b'{"protocol": 1, "session": "s", "model": {"image_size": "128", "spacing_mm": 1.5}}', "image_size"),
+    (b'{"protocol": 1, "session": "s", "model": {"image_size": 128, "spacing_mm": 1.5, '
+     b'"default_prompt_mode": "points"}, "limits": {"max_steps": "many"}}', "limits"),
+])
+def test_a_malformed_new_session_reply_is_a_server_error(reply, message):
+    """A reply without ``model`` raised KeyError deep in RemoteSession, a string size ValueError."""
+    def answer(conn):
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(reply) + reply)
+
+    with _HostileServer(answer) as s:
+        with pytest.raises(remote.ServerError, match=f"malformed reply to a new session .*{message}"):
+            remote.RemoteSession(s.url, "tiny-test", phantom())
+
+
+def test_an_error_reply_nested_too_deeply_is_a_server_error_not_a_recursion_error():
+    body = b"[" * 100_000
+
+    def answer(conn):
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    with _HostileServer(answer) as s:
+        with pytest.raises(remote.ServerError, match="without a FastSAM3D error"):
+            remote.ServerClient(s.url, retries=0).info()

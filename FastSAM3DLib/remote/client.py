@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import FastSAM3DError, InputImageError, ModelOutputError, OutOfMemoryError, PromptError  # noqa: F401
+from ..files import parse_json
 from ..server import protocol
 
 TOKEN_ENV = "FASTSAM3D_TOKEN"
@@ -84,6 +85,11 @@ class _Missing(Exception):
         self.missing = list(missing)
 
 
+#: Longest reply body read from a server: a click's reply is about 130 KiB (the 32^3 low-resolution logits),
+#: the JSON replies a few KiB.
+MAX_REPLY_BYTES = 16 * 2 ** 20
+
+
 class _ConnectTimeout(TimeoutError):
     """No connection within ``connect_timeout`` (the server's host drops the attempt, or is unreachable)."""
 
@@ -145,6 +151,10 @@ class ServerClient:
             raise ProtocolMismatchError(f"The server at {self.url} speaks protocol {reply.get('protocol')}; this "
                                         f"client speaks {self.protocol}. Install the same FastSAM3D "
                                         "version on the workstation and on the server.")
+        problem = _session_reply_problem(reply)
+        if problem:
+            raise ServerError(f"The server at {self.url} sent a malformed reply to a new session ({problem}); "
+                              "nothing was changed. Is this the address of a FastSAM3D server of the same version?")
         return reply
 
     def click(self, session_id: str, frame: bytes, model_size: int) -> Tuple[dict, Dict[str, np.ndarray]]:
@@ -247,7 +257,11 @@ class ServerClient:
         self._conn.sock.settimeout(timeout or self.timeout)
         self._conn.request(method, path, body=body, headers=headers)
         response = self._conn.getresponse()
-        data = response.read()
+        try:
+            data = _read_reply(response, timeout or self.timeout)
+        except ServerError:
+            self.close()
+            raise
         reply_headers = {k.lower(): v for k, v in response.getheaders()}
         if response.will_close:
             self.close()
@@ -276,9 +290,60 @@ class ServerClient:
             raise ServerError(f"The server's reply is not FastSAM3D JSON ({exc}).") from None
 
 
+def _read_reply(response: http.client.HTTPResponse, seconds: float) -> bytes:
+    """The body of ``response``, read within ``seconds`` (``socket.timeout`` after that: the socket's own timeout
+    bounds each read, not a reply that trickles in for ever) and at most :data:`MAX_REPLY_BYTES` long (ServerError
+    beyond: a reply that large is no FastSAM3D reply, and reading it could fill this computer's memory)."""
+    declared = response.getheader("content-length") or ""
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise ServerError(_too_long_reply(int(declared)))
+    deadline = time.monotonic() + seconds
+    chunks, size = [], 0
+    while True:
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            response.close()  # as read() does at the end: the kept-alive connection can carry the next request
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise ServerError(_too_long_reply(size))
+        if time.monotonic() > deadline:
+            raise socket.timeout("the reply did not arrive in time")
+        chunks.append(chunk)
+
+
+def _too_long_reply(size: int) -> str:
+    return (f"The server sent a reply of {size / 2 ** 20:.0f} MiB or more, over the {MAX_REPLY_BYTES // 2 ** 20} "
+            "MiB a FastSAM3D reply can need; nothing was changed. Is this the address of a FastSAM3D server?")
+
+
+def _session_reply_problem(reply: dict) -> Optional[str]:
+    """What is wrong with a new session's reply (None: nothing), so that a broken or foreign server gives a
+    ServerError rather than a KeyError or ValueError deep in the session."""
+    model, limits = reply.get("model"), reply.get("limits", {})
+    if not isinstance(reply.get("session"), str) or not reply["session"]:
+        return "no session id"
+    if not isinstance(model, dict):
+        return "no model description"
+    size, spacing = model.get("image_size"), model.get("spacing_mm")
+    if not _is_int(size) or not 16 <= size <= 1024 or size % 4:
+        return f"image_size {size!r}"
+    if not isinstance(spacing, (int, float)) or isinstance(spacing, bool) or not 0 < spacing < 100:
+        return f"spacing_mm {spacing!r}"
+    if not isinstance(model.get("default_prompt_mode"), str):
+        return "no default prompt mode"
+    if not isinstance(limits, dict) or not all(_is_int(v) or isinstance(v, float) for v in limits.values()):
+        return "limits that are not numbers"
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _error_json(data: bytes) -> Optional[dict]:
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = parse_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) and "error" in value else None
