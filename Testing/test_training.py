@@ -882,3 +882,17 @@ def test_simulated_clicks_prompt_with_the_mask_alone_at_the_mask_only_steps():
     simulate_clicks(model, embedding[:1], labels[:1], loss_fn, np.random.default_rng(1), loss_size=32)
     mask_only = [step for step, (points, _) in enumerate(received) if points is None]
     assert len(received) == 11 and len(mask_only) == 2 and 2 <= mask_only[0] < 9 and mask_only[1] == 10
+
+
+@pytest.mark.parametrize("name", ["../outside/private.npy", "/etc/private.npy", "sub/x.npy", "..\\x.npy", ""])
+def test_a_crop_cache_whose_index_names_files_outside_its_folder_is_refused(tmp_path, name):
+    """A handed cache's ``index.json`` could make training read any ``.npy`` file the user can read."""
+    from FastSAM3DLib.errors import DataSourceError
+
+    cache = prepare_crops(tmp_path / "c", [_synthetic_pair(tmp_path)], margin=0, min_voxels=50, log=lambda _: None)
+    index = cache.root / "index.json"
+    meta = json.loads(index.read_text())
+    meta["entries"][0]["image_file"] = name
+    index.write_text(json.dumps(meta))
+    with pytest.raises(DataSourceError, match="index.json is damaged .* not a file in the cache folder"):
+        CropCache(cache.root)

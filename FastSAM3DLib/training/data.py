@@ -24,12 +24,12 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..files import atomic_output
+from ..files import atomic_output, parse_json
 from .augment import AugmentConfig, Augmentation, apply_augmentation, draw_augmentation
 
 DEFAULT_SIZE = 128
@@ -63,15 +63,25 @@ class CropEntry:
     label_file: str
 
 
+def _plain_file_name(name) -> bool:
+    """``name`` is a file name without any folder (on POSIX and Windows alike): an index must not name files
+    outside its cache folder (a handed cache whose index names ``../`` or absolute paths)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and \
+        PurePosixPath(name).name == name and PureWindowsPath(name).name == name
+
+
 def _read_index(path: Path) -> dict:
     """A crop cache's index, or DataSourceError saying what to do when it is damaged."""
     from ..errors import DataSourceError
 
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = parse_json(path.read_text(encoding="utf-8"))
         int(meta["size"]), int(meta["margin"])
         for entry in meta["entries"]:
-            CropEntry(**entry)
+            crop = CropEntry(**entry)
+            for name in (crop.image_file, crop.label_file):
+                if not _plain_file_name(name):
+                    raise ValueError(f"crop {crop.index} names {name!r}, which is not a file in the cache folder")
         return meta
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise DataSourceError(f"{path} is damaged ({type(exc).__name__}: {exc}), so this crop cache cannot be "
