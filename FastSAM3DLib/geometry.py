@@ -124,6 +124,48 @@ def _resample(image: sitk.Image, grid_to_ras: np.ndarray, size_ijk, interpolator
 # Volume
 
 
+#: A DICOM series is refused when reading it on ITK's evenly spaced grid would put a slice further than this
+#: fraction of the slice spacing from its own position (a missing or unreadable slice file, a duplicate).
+UNEVEN_SLICES_TOLERANCE = 0.1
+
+
+def _slice_positions(series_reader, count: int):
+    """Each slice's distance (mm) along the series' slice normal, in reading order, from the DICOM tags that
+    ``series_reader`` (after ``Execute`` with its metadata dictionaries) read; None when a tag is missing."""
+    try:
+        positions = [[float(v) for v in series_reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(count)]
+        cosines = [float(v) for v in series_reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError, IndexError):  # a tag missing or unreadable: nothing to check against
+        return None
+    if len(cosines) != 6 or any(len(p) != 3 for p in positions):
+        return None
+    normal = np.cross(cosines[:3], cosines[3:])
+    return np.asarray(positions) @ normal
+
+
+def _check_even_slices(distances, path) -> None:
+    """InputImageError when the slices at ``distances`` (mm, reading order) are not evenly spaced: ITK spreads
+    them evenly all the same, so the image (and every segmentation of it) would be misplaced without a word.
+    Slicer's DICOM module warns about such series and regularizes them."""
+    if distances is None or len(distances) < 3:
+        return
+    steps = np.diff(distances)
+    count = len(distances)
+    even = distances[0] + (distances[-1] - distances[0]) * np.arange(count) / (count - 1)
+    spacing = abs(distances[-1] - distances[0]) / (count - 1)
+    error = float(np.abs(distances - even).max())
+    if spacing > 0 and error <= max(0.01, UNEVEN_SLICES_TOLERANCE * spacing):
+        return
+    usual = float(np.median(np.abs(steps)))
+    odd = int(np.argmax(np.abs(np.abs(steps) - usual)))
+    raise InputImageError(
+        f"The DICOM series in {path} has unevenly spaced slices: {usual:.4g} mm apart, but {abs(steps[odd]):.4g} mm "
+        f"between slices {odd + 1} and {odd + 2} of {count} (a missing, unreadable or duplicate slice file?). Read "
+        f"as one evenly spaced volume, slices would be up to {error:.2g} mm from their place. Check that the folder "
+        "holds every slice of the series, or load it in Slicer's DICOM module (which regularizes such series) and "
+        "segment it there.")
+
+
 def _check_scalar_3d(size, components: int, pixel_type: str) -> None:
     """Raise InputImageError unless an image of this size (i, j, k...) and pixel type is a 3D scalar volume.
 
@@ -217,7 +259,9 @@ class Volume:
                     _check_scalar_3d(header.size, header.components, header.pixel_type)
                     files.check_memory_budget(header, path, max_bytes)
                     series_reader.SetFileNames(names)
+                    series_reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the check below
                     image = series_reader.Execute()
+                    _check_even_slices(_slice_positions(series_reader, len(names)), path)
                 else:
                     header, reader = files.read_header(path)
                     _check_scalar_3d(header.size, header.components, header.pixel_type)

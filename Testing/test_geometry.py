@@ -139,6 +139,40 @@ def test_from_file_reads_a_dicom_folder(shared_data):
     ct.validate()
 
 
+def test_a_dicom_series_with_a_missing_or_duplicate_slice_is_refused_not_read_on_a_distorted_grid(tmp_path):
+    """ITK spreads the slices it finds evenly: with a slice file missing (or unreadable, which GDCM skips) the
+    volume was read 2.11 mm apart instead of 2 mm plus a gap, slices sat up to 3 mm from their place, and the
+    segmentation was written on that grid without a word."""
+    import shutil
+
+    from test_memory import _write_dicom_series
+
+    array = np.random.default_rng(0).integers(0, 500, (12, 16, 16)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 0.8, 2.0))
+    image.SetOrigin((-10.0, 20.0, 30.0))
+    c, s = np.cos(0.4), np.sin(0.4)  # an oblique series: positions are measured along its own slice normal
+    image.SetDirection((1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c))
+    _write_dicom_series(image, tmp_path / "whole")
+    whole = Volume.from_file(tmp_path / "whole")
+    assert whole.shape == (12, 16, 16) and np.array_equal(whole.array, array)
+    np.testing.assert_allclose(np.linalg.norm(whole.ijk_to_ras[:3, 2]), 2.0, atol=1e-4)
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "whole", missing)
+    (missing / "005.dcm").unlink()
+    with pytest.raises(InputImageError, match=r"unevenly spaced slices: 2 mm apart, but 4 mm between slices 5 "
+                                              r"and 6 of 11 .* missing, unreadable or duplicate slice file"):
+        Volume.from_file(missing)
+    ends = tmp_path / "ends"
+    shutil.copytree(tmp_path / "whole", ends)
+    (ends / "000.dcm").unlink()  # end slices missing leave an even series: nothing is misplaced
+    (ends / "011.dcm").unlink()
+    assert Volume.from_file(ends).shape == (10, 16, 16)
+    geometry._check_even_slices(np.array([0.0, 2.0, 4.0, 6.000001, 8.0]), "x")  # rounding in the tags is fine
+    with pytest.raises(InputImageError, match="0 mm between slices 2 and 3 of 5"):
+        geometry._check_even_slices(np.array([0.0, 2.0, 2.0, 4.0, 6.0]), "x")
+
+
 # ------------------------------------------------------------------------------------------------------
 # canonical grid and model input == torchio Resample(1.5) + ToCanonical
 
