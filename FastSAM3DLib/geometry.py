@@ -201,6 +201,8 @@ class Volume:
 
     def __post_init__(self):
         self.array = np.asarray(self.array)
+        if not self.array.dtype.isnative:  # e.g. nibabel's view of a big-endian file: SimpleITK refuses it
+            self.array = self.array.astype(self.array.dtype.newbyteorder("="))
         self.ijk_to_ras = np.array(self.ijk_to_ras, dtype=np.float64)
         if self.ijk_to_ras.shape != (4, 4):
             raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {self.ijk_to_ras.shape}")

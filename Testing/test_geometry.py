@@ -562,3 +562,12 @@ def test_regions_that_cannot_be_normalised_raise_input_image_error():
     volume.array[:] = 3.0
     with pytest.raises(InputImageError, match="standard deviation 0"):
         extract_model_input(volume, roi)
+
+
+def test_a_big_endian_voxel_array_is_taken_in_native_byte_order():
+    """nibabel hands a big-endian NIfTI's voxels over as a ``>i2`` array: the first click raised SimpleITK's
+    ``TypeError: dtype: >i2 is not supported`` (the command line, where ITK swaps the bytes, was fine)."""
+    values = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+    volume = Volume(values.astype(">i2"), np.eye(4))
+    assert volume.array.dtype == np.int16 and volume.array.dtype.isnative
+    assert np.array_equal(sitk.GetArrayFromImage(volume.to_sitk()), values)
