@@ -632,14 +632,31 @@ def sitk_model_input(volume: Volume, roi: RegionOfInterest, normalize: bool = Tr
     return _finite_and_normalised(values, normalize)
 
 
+#: Normalised model input further than this many standard deviations from the mean is refused: it comes from a
+#: fill value such as -3.4e38 ("no data"), overflows the network to NaN (its layer norms square the features),
+#: and was reported as damaged weights.
+MAX_NORMALISED_MAGNITUDE = 1e12
+
+
 def _finite_and_normalised(values: np.ndarray, normalize: bool) -> np.ndarray:
     """``values`` (float32 model input) after the finiteness check, masked-z-normalised in place if asked."""
     if not np.all(np.isfinite(values)):
         raise InputImageError(
-            "The region around the points contains NaN or infinite voxels. Replace them with a finite value "
-            "(e.g. the image minimum) before segmenting."
+            "The region around the points holds NaN or infinite voxels, or values beyond the range of 32-bit "
+            "floats (+-3.4e38). Replace non-finite voxels with a finite value (e.g. the image minimum), or rescale "
+            "the image (e.g. to Hounsfield units), before segmenting."
         )
-    return _masked_z_normalise(values) if normalize else values
+    if not normalize:
+        return values
+    values = _masked_z_normalise(values)
+    low, high = float(values.min()), float(values.max())
+    if max(-low, high) > MAX_NORMALISED_MAGNITUDE:
+        raise InputImageError(
+            f"The region around the points holds extreme values ({low:.3g} to {high:.3g} standard deviations "
+            "from the tissue's mean), e.g. a 'no data' fill of -3.4e38, which would overflow the model. Replace "
+            "them with an ordinary value (e.g. the lowest value of real tissue, or 0) and segment again."
+        )
+    return values
 
 
 def extract_model_input(volume: Volume, roi: RegionOfInterest, normalize: bool = True) -> np.ndarray:

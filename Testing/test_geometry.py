@@ -571,3 +571,21 @@ def test_a_big_endian_voxel_array_is_taken_in_native_byte_order():
     volume = Volume(values.astype(">i2"), np.eye(4))
     assert volume.array.dtype == np.int16 and volume.array.dtype.isnative
     assert np.array_equal(sitk.GetArrayFromImage(volume.to_sitk()), values)
+
+
+@pytest.mark.parametrize("backend", ["sitk", "torch"])
+def test_a_fill_value_of_minus_float32_max_is_refused_as_extreme_values_not_blamed_on_the_weights(
+        backend, monkeypatch):
+    """A float32 image padded with -3.4e38 ("no data") normalised to -1e36 and overflowed the network: the
+    message said the weights might be damaged and to download them again."""
+    monkeypatch.setenv("FASTSAM3D_RESAMPLE", backend)
+    values = np.random.default_rng(1).uniform(10, 200, (40, 40, 40)).astype(np.float32)
+    volume = Volume(values, np.eye(4))
+    roi = canonical_grid(volume).sub_grid((0, 0, 0), (32, 32, 32))
+    assert np.abs(extract_model_input(volume, roi)).max() < 10  # ordinary tissue: normalised as before
+    values[:, :, :5] = -np.finfo(np.float32).max
+    with pytest.raises(InputImageError, match=r"extreme values \(-.*e\+3\d to .* standard deviations.*no data"):
+        extract_model_input(Volume(values, np.eye(4)), roi)
+    huge = Volume(values.astype(np.float64) * 1e3, np.eye(4))  # finite, beyond float32 once resampled
+    with pytest.raises(InputImageError, match="beyond the range of 32-bit floats"):
+        extract_model_input(huge, roi)
