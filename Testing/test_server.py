@@ -763,14 +763,38 @@ def test_another_protocol_version_gets_a_clear_error(server):
     assert status == 404 and "not part of the FastSAM3D protocol" in json.loads(body)["message"]
 
 
-def test_a_full_server_refuses_new_sessions_clearly():
+def test_a_full_server_refuses_new_sessions_clearly_while_all_are_in_use():
     with Server(max_sessions=2) as s:
         first = remote.RemoteSession(s.url, "tiny-test")
         remote.RemoteSession(s.url, "tiny-test")
-        with pytest.raises(remote.ServerFullError, match="server is full: 2 sessions"):
+        with pytest.raises(remote.ServerFullError, match="server is full: 2 sessions .* used within the last 60 s"):
             remote.RemoteSession(s.url, "tiny-test")
         first.close()
         remote.RemoteSession(s.url, "tiny-test")
+
+
+def test_a_full_server_replaces_the_least_recently_used_idle_session_and_its_user_carries_on():
+    """A full server refused every new session until an idle one expired (30 minutes): a team with more
+    segments open than --max-sessions was locked out, and one client could shut out the others for that long."""
+    from FastSAM3DLib.server import sessions
+
+    volume = phantom()
+    with Server(max_sessions=2) as s:
+        now = [0.0]
+        s.backend.store.clock = lambda: now[0]
+        local = InteractiveSession(local_model("tiny-test"), volume)
+        old = remote.RemoteSession(s.url, "tiny-test", volume)
+        assert same(local.add_click(ras(volume, CLICKS[0][0])), old.add_click(ras(volume, CLICKS[0][0])))
+        now[0] += 30.0
+        recent = remote.RemoteSession(s.url, "tiny-test")
+        now[0] += sessions.MIN_IDLE_TO_REPLACE_S - 29.0  # ``old`` idle for more than the minimum, ``recent`` not
+        newcomer = remote.RemoteSession(s.url, "tiny-test")
+        assert len(s.backend.store) == 2 and old._session_id not in s.backend.store._sessions
+        replaced = old._session_id
+        now[0] += sessions.MIN_IDLE_TO_REPLACE_S  # ``recent`` is now the least recently used idle session
+        a, b = local.add_click(ras(volume, CLICKS[1][0])), old.add_click(ras(volume, CLICKS[1][0]))
+        assert same(a, b) and old._session_id != replaced  # reopened transparently (replacing ``recent``)
+        assert recent._session_id not in s.backend.store._sessions and newcomer._session_id in s.backend.store._sessions
 
 
 def test_an_oversized_request_is_refused_and_the_session_unchanged():

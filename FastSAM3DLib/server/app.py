@@ -36,7 +36,7 @@ class LocalBackend:
 
     async def create(self, model: str) -> str:
         """A new session for ``model``; returns its id."""
-        return self.store.create(model)[0]
+        return (await run_in_threadpool(self.store.create, model))[0]  # may wait for a click of a replaced one
 
     async def state(self, session_id: str, request: Request):
         """The state of session ``session_id`` (a ServiceError when it is unknown or expired)."""

@@ -80,8 +80,15 @@ class SessionState:
         return logits_id
 
 
+#: When the server is full, a new session takes the place of the least recently used one that has been idle at
+#: least this long (its user's next click reopens it transparently, as after an expiry); only when every session
+#: was used more recently is a new one refused.
+MIN_IDLE_TO_REPLACE_S = 60.0
+
+
 class SessionStore:
-    """The sessions of one server: at most ``max_sessions``, each closed after ``idle_timeout_s`` unused."""
+    """The sessions of one server: at most ``max_sessions``, each closed after ``idle_timeout_s`` unused; when
+    full, a new session replaces the least recently used one idle for :data:`MIN_IDLE_TO_REPLACE_S`."""
 
     def __init__(self, settings: ServerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -93,20 +100,28 @@ class SessionStore:
         return len(self._sessions)
 
     def create(self, model: str) -> Tuple[str, SessionState]:
-        """A new session id and its state; ServiceError ``full`` when the limit is reached."""
+        """A new session id and its state; when the limit is reached it replaces the least recently used session
+        idle for :data:`MIN_IDLE_TO_REPLACE_S`, and without one a ServiceError ``full`` says how long to wait."""
+        replaced = None
         with self._lock:
             self._sweep()
             if len(self._sessions) >= self.settings.max_sessions:
-                idle = min(self.clock() - s.last_used for s in self._sessions.values())
-                wait = max(1.0, self.settings.idle_timeout_s - idle)
-                raise ServiceError(
-                    "full", f"The FastSAM3D server is full: {len(self._sessions)} sessions are open (its limit; an "
-                    f"idle one closes after {self.settings.idle_timeout_s / 60:.0f} minutes). Try again later, or ask "
-                    "its administrator to raise --max-sessions.", retry_after=wait)
+                now = self.clock()
+                idle = [(s.last_used, k) for k, s in self._sessions.items() if not s.lock.locked() and not s.queued]
+                oldest = min(idle, default=None)
+                if oldest is None or now - oldest[0] < MIN_IDLE_TO_REPLACE_S:
+                    wait = MIN_IDLE_TO_REPLACE_S - (now - oldest[0]) if oldest else MIN_IDLE_TO_REPLACE_S
+                    raise ServiceError(
+                        "full", f"The FastSAM3D server is full: {len(self._sessions)} sessions are open (its limit) "
+                        f"and all were used within the last {MIN_IDLE_TO_REPLACE_S:.0f} s. Try again in a minute, "
+                        "or ask its administrator to raise --max-sessions.", retry_after=max(1.0, wait))
+                replaced = self._sessions.pop(oldest[1])
             session_id = secrets.token_urlsafe(16)
             state = SessionState(model, self.settings, clock=self.clock)
             self._sessions[session_id] = state
-            return session_id, state
+        if replaced is not None:
+            replaced.close()  # frees its tensors; its client reopens a session at its next click
+        return session_id, state
 
     def get(self, session_id: str) -> SessionState:
         """The live session (marked used now); ServiceError ``session_unknown`` if closed, expired or never made."""
