@@ -6,8 +6,8 @@
   :data:`STALE_TEMP_SECONDS` old.
 * A label file counts as written only after it was read back: geometry, every voxel, and for compressed
   files the whole stream (NIfTI's writer does not report a full disk).
-* Input headers are read before any voxel: truncated NIfTI files and images larger than the memory budget
-  are refused before the voxels are allocated.
+* Input headers are read before any voxel: truncated NIfTI and Analyze files, damaged compressed data (their
+  checksums are verified) and images larger than the memory budget are refused before the voxels are allocated.
 * C++ libraries (ITK, niftilib, MetaIO) print to file descriptor 2; their text is collected and put into the
   error message instead, so a failing command prints exactly one ``error:`` line.
 """
@@ -521,48 +521,145 @@ def _gb(n: int) -> str:
     return f"{gb:,.0f} GB" if gb >= 10 else f"{gb:.2g} GB"
 
 
-def check_complete(path) -> None:
-    """Refuse (InputImageError) a NIfTI file holding fewer voxel bytes than its header promises.
+#: Compressed bytes read at a time when a compressed input is checked; decompressed bytes held at most.
+_READ_CHUNK = 1 << 22
+_INFLATE_CHUNK = 1 << 24
+_GZIP_MAGIC = b"\x1f\x8b"
 
-    ITK reads such a file without complaint and fills the missing part with zeros. Compression is recognised
-    by content, not name (ITK reads a plain NIfTI named ``.nii.gz`` too). NRRD and MetaImage readers report
-    truncation themselves; other formats are left to their readers.
+
+def check_complete(path) -> None:
+    """Refuse (InputImageError) an image file that is cut short or whose compressed data are damaged.
+
+    ITK reads a NIfTI or Analyze file (``.nii``, ``.nii.gz``, ``.hdr``/``.img`` pairs) holding fewer voxel bytes
+    than its header promises without complaint, filling the missing part with zeros; it reads a damaged
+    compressed stream (gzip NIfTI, NRRD ``encoding: gzip``, MetaImage ``CompressedData = True``, attached or
+    in a named data file) as garbage. So the header's promise is compared with the data, and each compressed
+    stream is decompressed once, in chunks and keeping nothing, to verify its own checksum (gzip: CRC-32 and
+    length; zlib: Adler-32). Compression is recognised by content, not name (ITK reads a plain NIfTI named
+    ``.nii.gz`` too). Other formats are left to their readers.
     """
     path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+    elif name.endswith((".hdr", ".hdr.gz", ".img", ".img.gz")):
+        _check_nifti_pair(path)
+    elif name.endswith((".mha", ".mhd")):
+        _check_metaimage(path)
+    else:
+        _check_nrrd(path)  # NRRD is recognised by its first bytes, whatever the name (.nrrd, .nhdr, .seg.nrrd)
+
+
+def _truncated(path, problem: Optional[str] = None) -> InputImageError:
+    """The refusal of a file that is cut short or damaged (``problem``: how, if known)."""
+    detail = f": {problem}" if problem else ""
+    return InputImageError(f"{path} is truncated or damaged{detail}. It was probably cut short or corrupted while "
+                           "copying or downloading; copy it again, or export it again from where it came from.")
+
+
+def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with gzip's magic bytes (whatever its name)."""
+    with open(path, "rb") as raw:
+        return raw.read(2) == _GZIP_MAGIC
+
+
+def _check_nifti(path: Path) -> None:
+    """:func:`check_complete` for a single-file NIfTI-1/2 (plain or gzip-compressed)."""
     try:
-        with open(path, "rb") as raw:
-            compressed = raw.read(2) == b"\x1f\x8b"
+        compressed = _is_gzip(path)
         with (gzip.open if compressed else open)(path, "rb") as stream:
             need = _nifti_bytes(stream.read(544))
         if need is None:
             return
-        have = _gzip_length(path, need) if compressed else path.stat().st_size
+        have, problem = _inflated_size(path) if compressed else (path.stat().st_size, None)
     except (OSError, EOFError, zlib.error):  # not even a whole header: ITK said more already, or will
-        raise _truncated(path, None, None) from None
-    if have < need:
-        raise _truncated(path, need, have)
+        raise _truncated(path) from None
+    _refuse_short(path, need, have, problem)
 
 
-def _truncated(path, need, have) -> InputImageError:
-    amount = f": the header promises {need} bytes, the file holds {have}" if need else ""
-    return InputImageError(f"{path} is truncated or damaged{amount}. It was probably cut short while copying or "
-                           "downloading; copy it again, or export it again from where it came from.")
+def _refuse_short(path: Path, need: int, have: Optional[int], problem: Optional[str],
+                  header: Optional[Path] = None) -> None:
+    """Raise :func:`_truncated` if the (decompressed) data are damaged or hold less than ``need`` bytes.
+
+    ``have``: None where unknown (corrupt data). ``header``: the separate header that promised ``need``, if any.
+    """
+    owner = f"its header {header.name}" if header is not None else "the header"
+    if have is not None and have < need:
+        problem = (f"{problem}, after {have} of the {need} bytes {owner} promises" if problem
+                   else f"{owner} promises {need} bytes, the file holds {have}")
+    if problem:
+        raise _truncated(path, problem)
 
 
-def _nifti_bytes(head: bytes) -> Optional[int]:
-    """Bytes a single-file NIfTI-1/2 must hold (voxel offset + voxel data), from its header; None if not NIfTI."""
+def _check_nifti_pair(path: Path) -> None:
+    """:func:`check_complete` for a two-file NIfTI-1/2 or Analyze 7.5 image (``.hdr`` + ``.img``, either gzipped).
+
+    The image file is found as niftilib finds it: the same name with ``.img``, then ``.img.gz``.
+    """
+    stem, ext = _split_pair_name(path.name)
+    upper = ext[:4].isupper()
+    header = _first_existing(path.parent, stem, (".HDR", ".HDR.GZ", ".hdr", ".hdr.gz") if upper
+                             else (".hdr", ".hdr.gz", ".HDR", ".HDR.GZ"))
+    if ext.lower().startswith(".hdr") and path.is_file():
+        header = path
+    image = _first_existing(path.parent, stem, (".IMG", ".IMG.GZ", ".img", ".img.gz") if upper
+                            else (".img", ".img.gz", ".IMG", ".IMG.GZ"))
+    if header is None or image is None:
+        return  # ITK says which file is missing
+    try:
+        header_gz = _is_gzip(header)
+        problem = _inflated_size(header)[1] if header_gz else None
+        if not problem:
+            with (gzip.open if header_gz else open)(header, "rb") as stream:
+                head = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        raise _truncated(header) from None
+    if problem:
+        raise _truncated(header, problem)
+    need = _nifti_bytes(head, pair=True)
+    if need is None:
+        return
+    try:
+        have, problem = _inflated_size(image) if _is_gzip(image) else (image.stat().st_size, None)
+    except OSError:
+        raise _truncated(image) from None
+    _refuse_short(image, need, have, problem, header)
+
+
+def _split_pair_name(name: str) -> Tuple[str, str]:
+    """(stem, extension) of a ``.hdr``/``.img`` name, the extension with any ``.gz``: ``a.b.HDR.gz`` -> ``a.b``."""
+    cut = 7 if name.lower().endswith(".gz") else 4
+    return name[:-cut], name[-cut:]
+
+
+def _first_existing(folder: Path, stem: str, extensions: Sequence[str]) -> Optional[Path]:
+    """The first existing file ``folder/stem+extension``, or None."""
+    for extension in extensions:
+        candidate = folder / (stem + extension)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _nifti_bytes(head: bytes, pair: bool = False) -> Optional[int]:
+    """Bytes a single-file NIfTI-1/2 must hold (voxel offset + voxel data), from its header; None if not NIfTI.
+
+    With ``pair``: bytes the image file of a two-file NIfTI-1/2 (magic ``ni1``/``ni2``) or Analyze 7.5 (no magic)
+    must hold. The byte order is the one in which the header's size field reads 348 (or 540 for NIfTI-2).
+    """
     if len(head) < 348:
         return None
+    one, two = (b"ni1\0", b"ni2\0") if pair else (b"n+1\0", b"n+2\0")
     for order in "<>":
         size = struct.unpack(order + "i", head[:4])[0]
-        if size == 348 and head[344:347] == b"n+1":
+        magic = head[344:348]
+        analyze = pair and not (magic[:1] == b"n" and magic[1:2] in b"+i" and magic[3:4] == b"\0")
+        if size == 348 and (magic == one or analyze):
             dims = struct.unpack(order + "8h", head[40:56])
             bitpix = struct.unpack(order + "h", head[72:74])[0]
             offset = int(struct.unpack(order + "f", head[108:112])[0])
             break
-        if size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+        if size == 540 and len(head) >= 540 and head[4:8] == two:
             bitpix = struct.unpack(order + "h", head[14:16])[0]
             dims = struct.unpack(order + "8q", head[16:80])
             offset = struct.unpack(order + "q", head[168:176])[0]
@@ -575,34 +672,156 @@ def _nifti_bytes(head: bytes) -> Optional[int]:
     return max(offset, 0) + count * max(int(bitpix), 0) // 8
 
 
-def _gzip_length(path: Path, need: int) -> int:
-    """Uncompressed length of a gzip file, as far as it goes (at least ``need`` if it is complete).
+def _inflated_size(path: Path, offset: int = 0, wbits: int = 31, limit: Optional[int] = None
+                   ) -> Tuple[Optional[int], Optional[str]]:
+    """Decompress the stream in ``path`` from byte ``offset`` (at most ``limit`` bytes of it) in chunks, keeping
+    nothing; returns (decompressed bytes, None if unknown; why the stream is damaged or cut short, None if sound).
 
-    The trailer's length field (modulo 2^32) answers at once for a whole single-member file; otherwise the
-    stream is decompressed until ``need`` bytes or its end.
+    ``wbits`` is zlib's: 31 gzip, 15 zlib, 47 either. zlib verifies each stream's own checksum (gzip: CRC-32
+    and length, zlib: Adler-32). gzip members that follow are checked too (a multi-member file is legal);
+    other bytes after the end are ignored, as zlib's and teem's gzip readers do.
     """
-    with open(path, "rb") as raw:
-        raw.seek(0, os.SEEK_END)
-        if raw.tell() >= 18:
-            raw.seek(-4, os.SEEK_END)
-            if struct.unpack("<I", raw.read(4))[0] == need % (1 << 32):
-                return need
     have, pending = 0, b""
-    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    left = float("inf") if limit is None else limit
+    decompressor = zlib.decompressobj(wbits)
     with open(path, "rb") as raw:
-        while have < need:
+        raw.seek(offset)
+
+        def more(n: int = _READ_CHUNK) -> bytes:
+            nonlocal left
+            data = raw.read(int(min(n, left)))
+            left -= len(data)
+            return data
+
+        while True:
             if not pending:
-                pending = raw.read(1 << 16)
+                pending = more()
                 if not pending:
-                    break
-            if decompressor.eof:  # another gzip member follows
-                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    return have, "its compressed data end early"
             try:
-                have += len(decompressor.decompress(pending, 1 << 22))
-            except zlib.error:  # damaged data or trailing garbage: count what came before
-                break
-            pending = decompressor.unused_data if decompressor.eof else decompressor.unconsumed_tail
-    return have
+                have += len(decompressor.decompress(pending, _INFLATE_CHUNK))
+            except zlib.error as exc:
+                return None, f"its compressed data are corrupt ({str(exc).split(': ', 1)[-1]})"
+            if not decompressor.eof:
+                pending = decompressor.unconsumed_tail
+                continue
+            pending = decompressor.unused_data
+            if wbits != 31:
+                return have, None
+            if len(pending) < 2:
+                pending += more(2 - len(pending))
+            if not pending.startswith(_GZIP_MAGIC):
+                return have, None
+            decompressor = zlib.decompressobj(wbits)
+
+
+def _check_nrrd(path: Path, streams: bool = True) -> None:
+    """:func:`check_complete` for a NRRD with ``encoding: gzip``, data attached or in one named data file; with
+    ``streams`` False only the named data file's kind (:func:`check_data_files`)."""
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(7) != b"NRRD000":
+                return
+            fields, start = _header_fields(raw, _NRRD_FIELD, blank_ends=True)
+    except OSError:
+        return
+    fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
+    data_file = fields.get("datafile")
+    one_file = data_file is not None and len(data_file.split()) == 1 and data_file != "LIST" and "%" not in data_file
+    if one_file:
+        _check_data_file(path, path.parent / data_file)  # relative names are beside the header
+    if not streams or start is None or fields.get("encoding", "").lower() not in ("gzip", "gz") or \
+            fields.get("lineskip", "0") != "0":  # line skip: the stream starts after lines we do not check
+        return
+    if data_file is None:
+        _check_stream(path, start, 31)
+    elif one_file:
+        _check_stream(path.parent / data_file, 0, 31)
+
+
+def _check_metaimage(path: Path, streams: bool = True) -> None:
+    """:func:`check_complete` for a MetaImage with ``CompressedData = True``, data attached or in one named file;
+    with ``streams`` False only the named data file's kind (:func:`check_data_files`)."""
+    try:
+        with open(path, "rb") as raw:
+            fields, start = _header_fields(raw, _META_FIELD, blank_ends=False)
+    except OSError:
+        return
+    fields = {key.lower(): value for key, value in fields.items()}
+    data_file = fields.get("elementdatafile")
+    if data_file is not None and data_file.upper() not in ("LOCAL", "LIST") and "%" not in data_file:
+        _check_data_file(path, path.parent / data_file)  # relative names are beside the header
+    if not streams or fields.get("compresseddata", "").lower() != "true" or data_file is None or \
+            fields.get("headersize", "0") != "0":
+        return
+    size = fields.get("compresseddatasize", "")
+    limit = int(size) if size.isdigit() and int(size) > 0 else None
+    if data_file.upper() == "LOCAL":
+        _check_stream(path, start, 47, limit)
+    elif data_file.upper() != "LIST" and "%" not in data_file:
+        _check_stream(path.parent / data_file, 0, 47, limit)  # relative names are beside the header
+
+
+def check_data_files(path) -> None:
+    """Refuse (InputImageError) a detached NRRD or MetaImage header (``.nhdr``, ``.mhd``) whose data file is a
+    pipe or a device: ITK opens it already to read the header, and would wait for ever. Reads only the header."""
+    path = Path(path)
+    if path.name.lower().endswith((".mha", ".mhd")):
+        _check_metaimage(path, streams=False)
+    elif not path.name.lower().endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")):
+        _check_nrrd(path, streams=False)
+
+
+def _check_data_file(header: Path, data: Path) -> None:
+    """Refuse a detached header whose data file exists but is no regular file: reading a pipe or a terminal
+    named there would wait for ever (the header itself is checked before)."""
+    if data.exists() and not data.is_file():
+        raise InputImageError(f"{header} names the data file {data}, which is not a regular file (a device or a "
+                              "pipe?). Point the header at the image's data file.")
+
+
+_NRRD_FIELD = re.compile(r"([A-Za-z][A-Za-z ]*):\s(.*)")  # not key:=value pairs
+_META_FIELD = re.compile(r"\s*([A-Za-z]\w*)\s*=\s*(.*)")
+
+
+def _header_fields(raw, pattern, blank_ends: bool) -> Tuple[dict, Optional[int]]:
+    """Fields of a text header (NRRD ends at a blank line or the end of a detached header, MetaImage after
+    ``ElementDataFile``) and the offset where attached data follow it (None if the header does not end within
+    16 MiB)."""
+    fields, offset = {}, raw.tell()
+    for line in iter(lambda: raw.readline(1 << 16), b""):
+        offset += len(line)
+        if offset > 1 << 24 or not line.endswith(b"\n"):
+            return fields, None
+        text = line.decode("latin-1").rstrip("\r\n")
+        if blank_ends and not text:
+            return fields, offset
+        match = pattern.fullmatch(text)
+        if match:
+            fields[match.group(1)] = match.group(2).strip()
+            if not blank_ends and match.group(1).lower() == "elementdatafile":
+                return fields, offset
+    return fields, offset if blank_ends else None  # a detached NRRD header may end without a blank line
+
+
+def _check_stream(path: Path, offset: Optional[int], wbits: int, limit: Optional[int] = None) -> None:
+    """Refuse the file whose compressed stream from ``offset`` is damaged or cut short (see :func:`_inflated_size`).
+
+    A missing or unreadable file, or a stream that does not begin with its format's magic bytes, is left to ITK.
+    """
+    if offset is None:
+        return
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            first = raw.read(2)
+        if wbits == 31 and first != _GZIP_MAGIC or len(first) < 2:
+            return
+        have, problem = _inflated_size(path, offset, wbits, limit)
+    except OSError:
+        return
+    if problem:
+        raise _truncated(path, problem)
 
 
 # ------------------------------------------------------------------------------------------------------

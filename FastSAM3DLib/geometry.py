@@ -265,12 +265,15 @@ class Volume:
                     image = series_reader.Execute()
                     _check_even_slices(_slice_positions(series_reader, len(names)), path)
                 else:
+                    files.check_data_files(path)
                     header, reader = files.read_header(path)
                     _check_scalar_3d(header.size, header.components, header.pixel_type)
                     files.check_memory_budget(header, path, max_bytes)
                     files.check_complete(path)
                     image = reader.Execute()
         except RuntimeError as error:
+            if path.is_file():
+                files.check_complete(path)  # a damaged file (ITK may stumble on it in the header): say so
             raise InputImageError(
                 f"SimpleITK cannot read {path}: {files.itk_reason(error, native)}. Use a format SimpleITK "
                 "reads (NIfTI, NRRD, MHA, a DICOM folder...) or convert the file, e.g. by saving it from Slicer."

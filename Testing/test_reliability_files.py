@@ -5,6 +5,7 @@ pipes, links to the input, truncated and sheared files, processes killed with SI
 Mounting needs root; those tests skip with the reason elsewhere and the file size limit covers the full disk.
 """
 import contextlib
+import gzip
 import hashlib
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -330,6 +332,107 @@ def test_truncated_inputs_are_refused_in_one_line(tmp_path, tiny_checkpoint, cap
         Volume.from_file(image)
 
 
+def zero_middle(path: Path, count: int = 200) -> None:
+    """Zero ``count`` bytes in the middle of ``path``: a disk or transfer error that keeps the file's length."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(count)
+    path.write_bytes(bytes(data))
+
+
+# (name written, file whose compressed data get damaged): attached data, and data in a named file beside the header
+COMPRESSED_FORMATS = [("ct.nii.gz", "ct.nii.gz"), ("ct.nrrd", "ct.nrrd"), ("ct.mha", "ct.mha"),
+                      ("ct.nhdr", "ct.raw.gz"), ("ct.mhd", "ct.zraw"), ("ct.hdr.gz", "ct.img.gz")]
+
+
+@pytest.mark.parametrize("name, data_file", COMPRESSED_FORMATS)
+def test_damaged_compressed_inputs_are_refused_and_sound_ones_read(tmp_path, tiny_checkpoint, capfd, name,
+                                                                    data_file):
+    """Zeroing 200 bytes in the middle of a .nii.gz, a gzip NRRD or a zlib MHA was segmented with exit 0: ITK
+    read half the voxels as garbage. The length in the gzip trailer was trusted and NRRD/MHA were not checked;
+    now every compressed stream's own checksum (CRC-32, Adler-32) is verified before ITK reads it. (64 voxels a
+    side: in a smaller .nii.gz the damage lies within what ITK decompresses for the header, and ITK fails itself.)"""
+    image = sphere_image(size=64)
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path), True)
+    np.testing.assert_array_equal(Volume.from_file(path).array, sitk.GetArrayFromImage(image))
+    zero_middle(tmp_path / data_file)
+    with pytest.raises(InputImageError, match=f"^{tmp_path / data_file} is truncated or damaged: its compressed "
+                                              r"data are corrupt \(.*copy it again"):
+        Volume.from_file(path)
+    code, _, err = run_main(capfd, segment_args_raw(path, tmp_path / "label.nii.gz", tiny_checkpoint))
+    assert "compressed data are corrupt" in one_line_error(code, err)
+    assert not (tmp_path / "label.nii.gz").exists()
+
+
+def test_multi_member_gzip_nifti_reads_and_a_damaged_later_member_is_refused(tmp_path):
+    """gzip files may hold several members (``cat a.gz b.gz``, pigz, bgzip) and trailing zeros: they read. Before,
+    damage in a later member was counted as missing bytes ("the file holds ...") instead of named."""
+    image = sphere_image()
+    sitk.WriteImage(image, str(tmp_path / "one.nii"))
+    raw = (tmp_path / "one.nii").read_bytes()
+    members = [gzip.compress(raw[:1000]), gzip.compress(raw[1000:60000]), gzip.compress(raw[60000:])]
+    sound = tmp_path / "members.nii.gz"
+    sound.write_bytes(b"".join(members) + bytes(16))
+    np.testing.assert_array_equal(Volume.from_file(sound).array, sitk.GetArrayFromImage(image))
+    second = bytearray(members[1])
+    second[len(second) // 2:len(second) // 2 + 200] = bytes(200)
+    damaged = tmp_path / "damaged.nii.gz"
+    damaged.write_bytes(members[0] + bytes(second) + members[2])
+    with pytest.raises(InputImageError, match="truncated or damaged: its compressed data are corrupt"):
+        Volume.from_file(damaged)
+
+
+def write_analyze_big_endian(path: Path, array: np.ndarray) -> None:
+    """A big-endian Analyze 7.5 pair (``path`` .hdr, int16 voxels in the .img beside it), as old SPM or
+    Solaris wrote them: no NIfTI magic, so only the header size (348 when read big-endian) gives the byte order."""
+    header = bytearray(348)
+    struct.pack_into(">i", header, 0, 348)
+    struct.pack_into(">ib", header, 32, 16384, ord("r"))
+    struct.pack_into(">8h", header, 40, 3, *array.shape[::-1], 1, 1, 1, 1)
+    struct.pack_into(">hh", header, 70, 4, 16)  # datatype DT_SIGNED_SHORT, bitpix
+    struct.pack_into(">8f", header, 76, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
+    path.write_bytes(bytes(header))
+    path.with_suffix(".img").write_bytes(array.astype(">i2").tobytes())
+
+
+def write_pair(folder: Path, kind: str, image: sitk.Image) -> Tuple[Path, Path]:
+    """A two-file image of ``kind``; returns (the name to read it by, the file holding its voxels)."""
+    if kind == "analyze big-endian":
+        write_analyze_big_endian(folder / "pair.hdr", sitk.GetArrayFromImage(image))
+        return folder / "pair.hdr", folder / "pair.img"
+    compressed = kind.endswith(".gz")
+    header = folder / ("pair.hdr.gz" if compressed else "pair.hdr")
+    sitk.WriteImage(image, str(header), compressed)
+    if kind == "analyze":  # NIfTI-1 pair without its magic 'ni1': Analyze 7.5 as SPM99 and older tools wrote it
+        data = bytearray(header.read_bytes())
+        assert data[344:348] == b"ni1\0"
+        data[344:348] = bytes(4)
+        header.write_bytes(bytes(data))
+    voxels = folder / ("pair.img.gz" if compressed else "pair.img")
+    return (voxels if kind.startswith("given as .img") else header), voxels
+
+
+@pytest.mark.parametrize("kind", ["nifti pair", "analyze", "analyze big-endian", "given as .img",
+                                  "given as .img.gz", "compressed .hdr.gz"])
+def test_truncated_two_file_images_are_refused_and_sound_ones_read(tmp_path, tiny_checkpoint, capfd, kind):
+    """A .hdr + .img pair (NIfTI-1 or Analyze 7.5) whose .img lost its last 40 % was segmented with exit 0: ITK
+    fills the missing voxels with zeros, and only names ending .nii/.nii.gz were compared with their header."""
+    image = sphere_image()
+    name, voxels = write_pair(tmp_path, kind, image)
+    np.testing.assert_array_equal(Volume.from_file(name).array, sitk.GetArrayFromImage(image))
+    data = voxels.read_bytes()
+    voxels.write_bytes(data[:len(data) * 6 // 10])
+    header = "pair.hdr.gz" if kind.endswith(".gz") else "pair.hdr"
+    promise = (f"its compressed data end early, after \\d+ of the 128000 bytes its header {header} promises"
+               if kind.endswith(".gz") else f"its header {header} promises 128000 bytes, the file holds 76800")
+    with pytest.raises(InputImageError, match=f"^{voxels} is truncated or damaged: {promise}\\. .*copy it again"):
+        Volume.from_file(name)
+    code, _, err = run_main(capfd, segment_args_raw(name, tmp_path / "label.nii.gz", tiny_checkpoint))
+    assert f"{voxels} is truncated or damaged" in one_line_error(code, err)
+    assert not (tmp_path / "label.nii.gz").exists()
+
+
 def test_sheared_grid_is_refused_for_nifti_and_kept_by_nrrd_and_mha(tmp_path, tiny_checkpoint, capfd, monkeypatch):
     """NIfTI would make the axes perpendicular (the label would not overlay the image); NRRD and MHA keep them."""
     axes = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -538,3 +641,35 @@ def test_segment_volume_node_with_malformed_points_raises_prompt_error(bad):
 
     with pytest.raises(PromptError):
         segment_volume_node(None, bad)  # refused before the node is used
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("header", ["NRRD0004\ntype: short\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n"
+                                    "endian: little\ndata file: {}\n\n",
+                                    "ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_SHORT\n"
+                                    "ElementDataFile = {}\n"])
+def test_a_detached_header_whose_data_file_is_a_pipe_is_refused_not_waited_on(tmp_path, header):
+    """The input itself was checked to be a file, but not the data file its header names: ITK opened the pipe
+    and ``segment`` waited for ever."""
+    import threading
+
+    os.mkfifo(tmp_path / "data.raw")
+    path = tmp_path / ("ct.nhdr" if header.startswith("NRRD") else "ct.mhd")
+    path.write_text(header.format("data.raw"))
+    failure = []
+    reader = threading.Thread(target=lambda: failure.append(pytest.raises(InputImageError, Volume.from_file, path)),
+                              daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "Volume.from_file waits on the pipe"
+    assert "names the data file" in str(failure[0].value) and "not a regular file" in str(failure[0].value)
+
+
+def test_a_small_damaged_nifti_that_itk_cannot_even_open_is_named_damaged(tmp_path):
+    """In a small .nii.gz the damage lies within what ITK decompresses for the header: its own vague error
+    ("Unable to determine ImageIO reader") was shown instead of the checksum's."""
+    path = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sphere_image(size=24), str(path), True)
+    zero_middle(path)
+    with pytest.raises(InputImageError, match="small.nii.gz is truncated or damaged: its compressed data"):
+        Volume.from_file(path)
