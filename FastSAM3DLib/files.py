@@ -1012,26 +1012,57 @@ def sha256_file(path, progress=None) -> str:
 APPEND_WAIT_SECONDS = 60.0
 
 
-def _lock_exclusively(fd: int, path) -> None:
-    """Wait for an exclusive ``flock`` on ``fd`` (POSIX; elsewhere nothing is locked), polling so that the wait
-    stays bounded (:data:`APPEND_WAIT_SECONDS`, then :class:`OutputFileError`)."""
+#: Where Windows' lock of a file being appended to lies: one byte far past any real end of file. Windows' byte
+#: locks are mandatory (a locked byte cannot be read by others), so readers of the file must never meet it.
+WINDOWS_LOCK_OFFSET = 1 << 40
+
+
+@contextlib.contextmanager
+def _locked_exclusively(fd: int, path) -> Iterator[None]:
+    """Hold an exclusive lock on the open file ``fd``: ``flock`` on POSIX, ``msvcrt.locking`` of one byte at
+    :data:`WINDOWS_LOCK_OFFSET` on Windows. The wait polls, so it stays bounded (:data:`APPEND_WAIT_SECONDS`, then
+    :class:`OutputFileError`); a file system that cannot lock (some network shares) is written unlocked."""
     try:
         import fcntl
-    except ImportError:  # Windows
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        _wait_for_lock(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), path)
+        yield  # flock is released when fd is closed
         return
+    import msvcrt
+
+    def lock(mode: int) -> None:
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, mode, 1)
+
+    locked = _wait_for_lock(lambda: lock(msvcrt.LK_NBLCK), path)
+    try:
+        yield
+    finally:
+        if locked:
+            with contextlib.suppress(OSError):
+                lock(msvcrt.LK_UNLCK)
+
+
+def _wait_for_lock(take, path) -> bool:
+    """Call ``take`` (a non-blocking lock) until it succeeds (True), or False when locks are not supported here;
+    :class:`OutputFileError` after :data:`APPEND_WAIT_SECONDS` of another process holding it."""
     deadline = time.monotonic() + APPEND_WAIT_SECONDS
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except (BlockingIOError, InterruptedError):
+            take()
+            return True
+        except OSError as exc:
+            held = isinstance(exc, (BlockingIOError, InterruptedError)) or \
+                exc.errno in (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))  # Windows: held
+            if not held:  # a file system without locks: as before, unlocked
+                return False
             if time.monotonic() > deadline:
                 raise OutputFileError(f"cannot append to {path}: another process has held it for "
                                       f"{APPEND_WAIT_SECONDS:.0f} s (another evaluation into the same folder?). "
                                       "Stop it, or choose another output folder.") from None
             time.sleep(0.02)
-        except OSError:  # a file system without flock (some network shares): as before, unlocked
-            return
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -1060,26 +1091,32 @@ def append_lines(path: Path, text: str, header_lines: int = 0) -> None:
     :class:`~FastSAM3DLib.errors.OutputFileError` names it.
 
     Processes appending to one file at once (two evaluations into one folder) take turns: each append holds an
-    exclusive ``flock`` on it (POSIX), so no one cuts away a line another is still writing."""
+    exclusive lock on it (``flock``; on Windows a byte lock past its end), so no one cuts away a line another is
+    still writing."""
     try:
         fd = open_fd(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise output_error(exc, path, "append to") from None
     try:
-        _lock_exclusively(fd, path)  # released when fd is closed
-        end = _last_line_end(fd, os.fstat(fd).st_size)
-        if end and header_lines:
-            text = text.split("\n", header_lines)[-1]
-        data = memoryview(text.encode("utf-8"))
-        try:
-            os.ftruncate(fd, end)
-            os.lseek(fd, end, os.SEEK_SET)
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, end)  # no half-written line left behind
-            raise output_error(exc, path, "append to") from None
+        with _locked_exclusively(fd, path):
+            _append_at_line_end(fd, path, text, header_lines)
     finally:
         os.close(fd)
+
+
+def _append_at_line_end(fd: int, path, text: str, header_lines: int) -> None:
+    """:func:`append_lines`' work on the open, locked file ``fd``."""
+    end = _last_line_end(fd, os.fstat(fd).st_size)
+    if end and header_lines:
+        text = text.split("\n", header_lines)[-1]
+    data = memoryview(text.encode("utf-8"))
+    try:
+        os.ftruncate(fd, end)
+        os.lseek(fd, end, os.SEEK_SET)
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)  # no half-written line left behind
+        raise output_error(exc, path, "append to") from None

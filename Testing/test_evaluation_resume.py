@@ -153,6 +153,10 @@ def test_append_lines_cuts_a_torn_last_line_and_writes_the_header_once(tmp_path)
 _APPENDER = """
 import sys
 from pathlib import Path
+if sys.argv[3] == "windows":
+    sys.path.insert(0, sys.argv[4])
+    from windows_files import windows_byte_locks
+    windows_byte_locks()
 from FastSAM3DLib.files import append_lines
 name, path = sys.argv[1], Path(sys.argv[2])
 for i in range(400):
@@ -160,12 +164,15 @@ for i in range(400):
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="appends take turns through flock, which Windows lacks")
-def test_two_processes_appending_to_one_file_lose_no_line(tmp_path):
+@pytest.mark.skipif(sys.platform == "win32", reason="the test emulates Windows' byte locks with POSIX ones")
+@pytest.mark.parametrize("platform", ["posix", "windows"])
+def test_two_processes_appending_to_one_file_lose_no_line(tmp_path, platform):
     """Two evaluations into one folder append to one results.csv: cutting a torn last line must never cut a line
-    the other process is still writing (each append holds the file's flock)."""
+    the other process is still writing (each append holds the file's lock: flock, or on Windows, which has none
+    and where appends went unlocked, a byte lock through msvcrt)."""
     path = tmp_path / "results.csv"
-    writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, name, str(path)], cwd=REPO) for name in "AB"]
+    writers = [subprocess.Popen([sys.executable, "-c", _APPENDER, name, str(path), platform,
+                                 str(Path(__file__).parent)], cwd=REPO) for name in "AB"]
     assert [w.wait(timeout=300) for w in writers] == [0, 0]
     lines = path.read_text().splitlines()
     assert lines[0] == "a,b" and len(lines) == 1 + 2 * 400 * 3

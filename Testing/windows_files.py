@@ -7,7 +7,8 @@ the target replaced) fail with ``PermissionError`` (WinError 32, "being used by 
 all of them, so code that deletes or replaces a file it still has open passes every test here and fails for every
 Windows user. :func:`windows_sharing` installs the rule for this process's own descriptors and mappings
 (``/proc/self``); :func:`windows_text_mode` records ``os.open`` calls without ``O_BINARY``;
-:func:`windows_lock_probes` gives the lock file the answers its probes get on Windows (no ``flock``, no ``/proc``).
+:func:`windows_lock_probes` gives the lock file the answers its probes get on Windows (no ``flock``, no ``/proc``);
+:func:`windows_byte_locks` replaces ``fcntl`` by ``msvcrt``'s byte locks.
 """
 from __future__ import annotations
 
@@ -89,3 +90,26 @@ def windows_lock_probes(monkeypatch) -> None:
     monkeypatch.setattr(filelock, "fcntl", None)
     monkeypatch.setattr(filelock, "_process_start_time", lambda pid: None)
     monkeypatch.setattr(filelock, "_pid_alive", lambda pid: True)
+
+
+def windows_byte_locks() -> None:
+    """This process from now on has no ``fcntl`` (as on Windows) and an ``msvcrt`` whose ``locking`` behaves as
+    the C runtime's ``_locking``: it locks (``LK_NBLCK``) or unlocks (``LK_UNLCK``) ``nbytes`` from the file's
+    current position against other processes, and a byte another process holds raises ``PermissionError``
+    (EACCES) at once. Emulated with POSIX record locks, which are also per process. For a subprocess of a test:
+    importing ``fcntl`` fails everywhere in the process afterwards."""
+    import fcntl
+    import types
+
+    def locking(fd: int, mode: int, nbytes: int) -> None:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_UN if mode == msvcrt.LK_UNLCK else fcntl.LOCK_EX | fcntl.LOCK_NB, nbytes, start)
+        except BlockingIOError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+
+    msvcrt = types.ModuleType("msvcrt")
+    msvcrt.LK_UNLCK, msvcrt.LK_LOCK, msvcrt.LK_NBLCK = 0, 1, 2
+    msvcrt.locking = locking
+    sys.modules["msvcrt"] = msvcrt
+    sys.modules["fcntl"] = None  # ``import fcntl`` raises ImportError
