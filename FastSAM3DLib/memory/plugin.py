@@ -55,6 +55,7 @@ from __future__ import annotations
 import threading
 import types
 import zlib
+from os import PathLike
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -295,7 +296,7 @@ def _memory_attention_forward(attn, x: torch.Tensor) -> torch.Tensor:
     return getattr(attn, _ATTR)._attention_forward(attn, x)
 
 
-def attach_memory(model, bank: Union[MemoryBank, str, "os.PathLike"], block: Optional[int] = None,
+def attach_memory(model, bank: Union[MemoryBank, str, PathLike], block: Optional[int] = None,
                   k: int = DEFAULT_K, local_ratio: float = DEFAULT_LOCAL_RATIO, rule: str = "attention",
                   retrieval_mode: str = "knn", seed: int = 0, exclude_patients: Sequence[str] = (),
                   exclude_cases: Sequence[str] = (), allow_other_encoder: bool = False) -> MemoryHandle:
