@@ -550,6 +550,35 @@ def check_complete(path) -> None:
         _check_nrrd(path)  # NRRD is recognised by its first bytes, whatever the name (.nrrd, .nhdr, .seg.nrrd)
 
 
+@contextlib.contextmanager
+def checked_complete(path) -> Iterator[None]:
+    """Run :func:`check_complete` in a thread while the body reads ``path`` (ITK decompresses the file as well: on
+    a computer with more than one core the check then adds little time). Its refusal is raised when the body
+    ends, also in place of the body's own error, which a damaged file causes and explains less well."""
+    import threading
+
+    failure: List[BaseException] = []
+
+    def check() -> None:
+        try:
+            check_complete(path)
+        except BaseException as exc:  # handed over to the reading thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=check, name="FastSAM3D input check", daemon=True)
+    thread.start()
+    try:
+        yield
+    except Exception:
+        thread.join()
+        if failure:
+            raise failure[0] from None
+        raise
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def _truncated(path, problem: Optional[str] = None) -> InputImageError:
     """The refusal of a file that is cut short or damaged (``problem``: how, if known)."""
     detail = f": {problem}" if problem else ""

@@ -269,8 +269,8 @@ class Volume:
                     header, reader = files.read_header(path)
                     _check_scalar_3d(header.size, header.components, header.pixel_type)
                     files.check_memory_budget(header, path, max_bytes)
-                    files.check_complete(path)
-                    image = reader.Execute()
+                    with files.checked_complete(path):
+                        image = reader.Execute()
         except RuntimeError as error:
             if path.is_file():
                 files.check_complete(path)  # a damaged file (ITK may stumble on it in the header): say so

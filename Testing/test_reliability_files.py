@@ -673,3 +673,30 @@ def test_a_small_damaged_nifti_that_itk_cannot_even_open_is_named_damaged(tmp_pa
     zero_middle(path)
     with pytest.raises(InputImageError, match="small.nii.gz is truncated or damaged: its compressed data"):
         Volume.from_file(path)
+
+
+def test_the_input_check_runs_beside_the_read_and_its_refusal_wins(tmp_path):
+    """The checksum is verified in a thread while ITK reads the file (both decompress it: on several cores the
+    check then costs little). A damaged file's refusal replaces the error the damage caused in the reader; a
+    sound file lets the reader's own errors through, and Ctrl+C is not held up."""
+    from FastSAM3DLib.files import checked_complete
+
+    sound, damaged = tmp_path / "sound.nii.gz", tmp_path / "damaged.nii.gz"
+    sitk.WriteImage(sphere_image(size=64), str(sound), True)
+    sitk.WriteImage(sphere_image(size=64), str(damaged), True)
+    zero_middle(damaged)
+    with checked_complete(sound):
+        image = sitk.ReadImage(str(sound))
+    assert image.GetSize() == (64, 64, 64)
+    with pytest.raises(InputImageError, match="damaged.nii.gz is truncated or damaged: its compressed data"):
+        with checked_complete(damaged):
+            raise RuntimeError("ITK's own error about the garbage it read")
+    with pytest.raises(InputImageError, match="compressed data are corrupt"):
+        with checked_complete(damaged):
+            pass  # the reader read garbage without a word
+    with pytest.raises(RuntimeError, match="ITK's own"):
+        with checked_complete(sound):
+            raise RuntimeError("ITK's own error")
+    with pytest.raises(KeyboardInterrupt):
+        with checked_complete(damaged):
+            raise KeyboardInterrupt
