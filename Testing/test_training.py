@@ -896,3 +896,37 @@ def test_a_crop_cache_whose_index_names_files_outside_its_folder_is_refused(tmp_
     index.write_text(json.dumps(meta))
     with pytest.raises(DataSourceError, match="index.json is damaged .* not a file in the cache folder"):
         CropCache(cache.root)
+
+
+def _as_older_checkpoint(path, *unrecorded):
+    """Rewrite the checkpoint at ``path`` as a version that did not record the fingerprint keys ``unrecorded``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in unrecorded:
+        del state["args"]["fingerprint"][key]
+    torch.save(state, path)
+
+
+def test_an_older_checkpoint_is_resumed_with_its_own_optimiser_settings_checked_and_unrecorded_ones_said(
+        tmp_path, crop_cache):
+    """A checkpoint made before the fingerprint recorded the optimiser's settings and the teacher's weights was
+    resumed with any --lr or --weight-decay (the saved optimiser silently kept its own, while the new checkpoint
+    recorded the new ones) and with a replaced teacher file, without a word."""
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    teacher = _teacher_file(tmp_path / "teacher.pth", seed=5)
+
+    def run(**kw):
+        config = DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root),
+                               stage_epochs=1, teacher_checkpoint=teacher, lr=kw.pop("lr", 8e-4))
+        return distill(config, _loop(tmp_path, "run", **kw), log=lambda _: None)
+
+    run(steps=3, stop_after_steps=1)
+    _as_older_checkpoint(tmp_path / "run" / "latest.pth", "optimisation", "teacher_weights")
+    for changed in (dict(lr=5e-3), dict(weight_decay=0.0)):
+        with pytest.raises(FastSAM3DError, match="optimisation"):
+            run(steps=3, resume=True, stop_after_steps=2, **changed)
+    with pytest.warns(UserWarning, match="older FastSAM3D that did not record teacher_weights.*another --output"):
+        run(steps=3, resume=True, stop_after_steps=2)
+    _teacher_file(teacher, seed=6)  # the checkpoint it wrote records everything: the teacher file is checked
+    with pytest.raises(FastSAM3DError, match="teacher_weights"):
+        run(steps=3, resume=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -227,7 +228,7 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
 
             raise FastSAM3DError(f"{latest} exists: pass --resume to continue that run, or choose another --output.")
         state = checkpoints.load_checkpoint(latest)
-        _check_fingerprint(state.get("args", {}).get("fingerprint", {}), fingerprint, latest)
+        _check_fingerprint(_recorded_fingerprint(state, fingerprint, latest), fingerprint, latest)
         before = state.get("args", {}).get("loop", {}).get("steps")
         if before is not None and int(before) != int(config.steps) and config.schedule != "constant":
             log(f"the learning-rate schedule now ends at step {config.steps} (it was planned for {before})")
@@ -329,6 +330,32 @@ def _epoch_losses_so_far(json_log: JsonLog, start_step: int, config: LoopConfig,
         log(f"{json_log.path} lacks the losses of {len(missing)} step(s) of epoch {epoch} (from step {missing[0]}): "
             "that epoch's record will cover only the steps it has")
     return [found[s] for s in sorted(found)]
+
+
+def _recorded_fingerprint(state: Dict[str, Any], current: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """The settings the checkpoint ``state`` was made with. A checkpoint of an older version lacks settings it did
+    not record yet: the optimizer's are read from its saved optimizer state (which wins on resume), and the
+    others are named in a warning, as the run goes on with them as given now."""
+    saved = dict(checkpoints.plain(state.get("args", {}).get("fingerprint", {})))
+    if "optimisation" not in saved and "optimisation" in current:
+        known = _optimisation_in(state)
+        if known:
+            saved["optimisation"] = dict(checkpoints.plain(current["optimisation"]), **known)
+    unrecorded = [k for k in current if k not in saved]
+    if unrecorded:
+        warnings.warn(f"{path} was made by an older FastSAM3D that did not record {', '.join(unrecorded)}: the run "
+                      "goes on with the settings (and files) given now; if they are not the ones the run started "
+                      "with (a teacher file replaced since), start a new run with another --output", stacklevel=3)
+    return saved
+
+
+def _optimisation_in(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The learning rates and weight decay of a checkpoint's saved optimizer state (the values a resumed optimizer
+    uses), as in the fingerprint's ``optimisation``; empty when its groups did not keep their base rates."""
+    groups = (state.get("optimizer_state_dict") or {}).get("param_groups") or []
+    if not groups or not all("base_lr" in g and "weight_decay" in g for g in groups):
+        return {}
+    return {"lr": [float(g["base_lr"]) for g in groups], "weight_decay": float(groups[0]["weight_decay"])}
 
 
 def _check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
