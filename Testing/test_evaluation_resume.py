@@ -389,7 +389,9 @@ def test_the_cvpr25_plot_legend_gives_the_summarys_challenge_auc(tmp_path, monke
 
 def test_nsd_values_of_the_earlier_border_voxel_measure_are_not_continued(tiny, pair, tmp_path):
     """A folder whose NSD values were measured by border voxels (run.json without nsd_measure, before 2026-12)
-    must not get values of the challenge's measure beside them; the folder is left as it was."""
+    must not get values of the challenge's measure beside them, nor any other run: one without NSD (another
+    protocol) rewrote the summary, which then reported the old values as the challenge's NSD. The folder is
+    left as it was."""
     out = tmp_path / "eval"
     evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, nsd_tolerance_mm=2.0, **QUIET)
     settings = json.loads((out / "run.json").read_text())
@@ -397,10 +399,10 @@ def test_nsd_values_of_the_earlier_border_voxel_measure_are_not_continued(tiny, 
     del settings["nsd_measure"]
     (out / "run.json").write_text(json.dumps(settings))
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
-    with pytest.raises(EvaluationStateError, match="earlier measure"):
-        evaluate_dataset(pair, tiny, out, clicks=2, nsd_tolerance_mm=2.0, **QUIET)
-    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
-    evaluate_dataset(pair, tiny, out, structures=["1"], clicks=2, **QUIET)  # without NSD it goes on
+    for nsd in ({"nsd_tolerance_mm": 2.0}, {}):
+        with pytest.raises(EvaluationStateError, match="earlier measure"):
+            evaluate_dataset(pair, tiny, out, clicks=2, **nsd, **QUIET)
+        assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
 
 
 def test_a_plot_that_fails_while_saving_leaves_the_former_one(tmp_path, monkeypatch):
@@ -510,3 +512,16 @@ def test_an_append_waits_a_bounded_time_for_a_hung_writer(tmp_path, monkeypatch)
             files.append_lines(path, "a,b\n3,4\n", header_lines=1)
     files.append_lines(path, "a,b\n3,4\n", header_lines=1)
     assert path.read_text() == "a,b\n1,2\n3,4\n"
+
+
+def test_memory_results_of_a_version_that_did_not_record_the_bank_are_refused_for_what_they_are(tmp_path):
+    """Such a folder records the checkpoint alone ("cached"): continuing it with the same bank was refused as
+    results "with checkpoint cached, not cached with memory bank ...", which reads as if they had no bank."""
+    from FastSAM3DLib.evaluation.results import _refuse_another_checkpoint
+
+    settings = {"models": {"fastsam3d-demo+memory": "cached"}}
+    now = "cached with memory bank 0123456789abcdef (3 entries, block 4, pooled32), rule attention, k 5"
+    with pytest.raises(EvaluationStateError, match="older FastSAM3D that did not record which memory bank"):
+        _refuse_another_checkpoint(tmp_path, settings, "fastsam3d-demo+memory", now, {"fastsam3d-demo+memory"})
+    with pytest.raises(EvaluationStateError, match="with checkpoint other.pth, not cached"):  # as before
+        _refuse_another_checkpoint(tmp_path, {"models": {"m": "other.pth"}}, "m", "cached", {"m"})

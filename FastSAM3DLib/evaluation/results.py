@@ -119,6 +119,11 @@ def _refuse_another_checkpoint(folder, settings: Dict, model_name: str, checkpoi
     (only when ``stored_models`` holds that name: a run that finished no structure left nothing to mix with)."""
     known = settings.get("models", {}).get(model_name) if model_name in stored_models else None
     if known and checkpoint and known != "unknown" and checkpoint != "unknown" and known != checkpoint:
+        if " with memory bank " in checkpoint and " with memory bank " not in known:
+            raise EvaluationStateError(
+                f"{folder} holds results of '{model_name}' written by an older FastSAM3D that did not record which "
+                "memory bank and memory settings made them, so they cannot be continued: use another --output "
+                "folder.")
         raise EvaluationStateError(
             f"{folder} holds results of '{model_name}' with checkpoint {known}, not {checkpoint}. Use "
             "another --output folder, or store these under another name (--name).")
@@ -274,8 +279,8 @@ class ResultStore:
             raise EvaluationStateError(
                 f"{self.folder} holds NSD values at a tolerance of {known_tolerance} mm, not {tolerance} mm. Use "
                 "another --output folder, or the same --nsd-tolerance.")
-        if tolerance is not None and known_tolerance is not None and old.get("nsd_measure") != NSD_MEASURE:
-            raise EvaluationStateError(
+        if known_tolerance is not None and old.get("nsd_measure") != NSD_MEASURE:  # whatever this run measures:
+            raise EvaluationStateError(  # its summary would report those values as the challenge's NSD
                 f"{self.folder} holds NSD values of an earlier measure (border voxels, before 2026-12), not the "
                 "challenge's (surface elements weighted by area): use another --output folder.")
         protocol = settings.get("protocol")
