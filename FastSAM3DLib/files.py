@@ -871,7 +871,9 @@ def write_label_atomically(volume, mask, output, inputs: Iterable = ()) -> Path:
     output = check_output_path(output, inputs)
     extension = label_extension(output)
     check_format_keeps_geometry(volume.ijk_to_ras, output)
-    label = np.ascontiguousarray(np.asarray(mask), dtype=np.uint8)
+    mask = np.asarray(mask)
+    label = mask.view(np.uint8) if mask.dtype == np.bool_ and mask.flags.c_contiguous else \
+        np.ascontiguousarray(mask, dtype=np.uint8)  # a bool mask is taken as it is: no copy of the volume's size
     image = volume.to_sitk(label)
     with atomic_output(output, suffix=extension) as tmp:
         with native_stderr_captured() as native:
@@ -909,16 +911,33 @@ def _verify_label(path: Path, expected: "sitk.Image", label, extension: str) -> 
                 scale = max(1.0, float(np.max(np.abs(want))))
                 if not np.allclose(got, want, rtol=0, atol=tol * scale):
                     return f"its header has another {what} ({np.round(got, 5).tolist()}) than the image"
-            stream = _stream_problem(path, extension)
-            if stream:
-                return stream
-            written = reader.Execute()
+            import threading
+
+            stream: List[Optional[str]] = []  # the stream is checked while ITK reads it (both decompress it)
+            checker = threading.Thread(target=lambda: stream.append(_stream_problem(path, extension)),
+                                       name="FastSAM3D label check", daemon=True)
+            checker.start()
+            try:
+                written = reader.Execute()
+            finally:
+                checker.join()
+            if not stream or stream[0]:
+                return stream[0] if stream else "its compressed stream could not be checked"
         except RuntimeError as exc:
             return f"it cannot be read back ({itk_reason(exc, native)})"
     back = sitk.GetArrayViewFromImage(written)  # a view: valid while ``written`` lives
-    if back.shape != label.shape or not np.array_equal(back, label):
+    if back.shape != label.shape or not _equal_in_slabs(back, label):
         return "its voxels differ from the label"
     return None
+
+
+def _equal_in_slabs(a, b, voxels: int = 1 << 24) -> bool:
+    """``np.array_equal`` of two arrays of one shape, a slab of about ``voxels`` at a time: no temporary of the
+    whole volume's size."""
+    import numpy as np
+
+    step = max(1, voxels // max(1, int(np.prod(a.shape[1:]))))
+    return all(np.array_equal(a[k:k + step], b[k:k + step]) for k in range(0, a.shape[0], step))
 
 
 def _stream_problem(path: Path, extension: str) -> Optional[str]:
