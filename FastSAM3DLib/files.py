@@ -884,14 +884,18 @@ def write_label_atomically(volume, mask, output, inputs: Iterable = ()) -> Path:
                 failure = exc
         if failure is not None:
             raise write_failed(output, tmp, label.nbytes, itk_reason(failure, native)) from None
-        problem = _verify_label(tmp, image, label, extension)
+        geometry = {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+                    "direction": image.GetDirection()}
+        del image  # its voxels, a copy of the label, are not needed while the file is read back
+        problem = _verify_label(tmp, geometry, label, extension)
         if problem:
             raise write_failed(output, tmp, label.nbytes, "; ".join([problem, *native[:2]]))
     return output
 
 
-def _verify_label(path: Path, expected: "sitk.Image", label, extension: str) -> Optional[str]:
-    """Why the label file at ``path`` is not ``expected`` (size, header, stream, voxels), or None if it is."""
+def _verify_label(path: Path, expected: dict, label, extension: str) -> Optional[str]:
+    """Why the label file at ``path`` is not ``label`` with the ``expected`` geometry (``size``, ``spacing``,
+    ``origin``, ``direction`` as SimpleITK gives them): size, header, stream, voxels; None if it is."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -903,11 +907,11 @@ def _verify_label(path: Path, expected: "sitk.Image", label, extension: str) -> 
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            if reader.GetSize() != expected.GetSize() or reader.GetNumberOfComponents() != 1:
-                return f"its header says size {reader.GetSize()}, expected {expected.GetSize()}"
-            for what, got, want, tol in (("spacing", reader.GetSpacing(), expected.GetSpacing(), 1e-5),
-                                         ("origin", reader.GetOrigin(), expected.GetOrigin(), 1e-4),
-                                         ("direction", reader.GetDirection(), expected.GetDirection(), 1e-4)):
+            if reader.GetSize() != expected["size"] or reader.GetNumberOfComponents() != 1:
+                return f"its header says size {reader.GetSize()}, expected {expected['size']}"
+            for what, got, want, tol in (("spacing", reader.GetSpacing(), expected["spacing"], 1e-5),
+                                         ("origin", reader.GetOrigin(), expected["origin"], 1e-4),
+                                         ("direction", reader.GetDirection(), expected["direction"], 1e-4)):
                 scale = max(1.0, float(np.max(np.abs(want))))
                 if not np.allclose(got, want, rtol=0, atol=tol * scale):
                     return f"its header has another {what} ({np.round(got, 5).tolist()}) than the image"
