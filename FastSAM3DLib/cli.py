@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", "-o", required=True,
                      help="label image to write: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha (e.g. out.nii.gz)")
     seg.add_argument("--max-image-gb", type=_positive_float, default=None, metavar="GB",
-                     help="refuse images whose voxels need more memory than this (default: a quarter of this "
-                          "computer's memory)")
+                     help="refuse images whose voxels need more memory than this (default: refuse images whose "
+                          "segmentation would need more than two thirds of this computer's memory, about 1.5 times "
+                          "the image plus 2.5 bytes a voxel)")
     seg.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                      help="keep every region clicked and grow the segment into neighbouring 128^3 regions while it "
                           "touches their faces, for objects larger than one region (default: on, except for "

@@ -226,9 +226,9 @@ class Volume:
         """Read any image SimpleITK reads; a directory is read as a DICOM series (the largest one in it).
 
         The header is read first, and these are refused with InputImageError before any voxel is allocated:
-        images that are not 3D scalar volumes, images whose voxels need more than ``max_bytes`` (default
-        :func:`FastSAM3DLib.files.memory_budget`, a quarter of this computer's memory), truncated files, and
-        paths that are neither a file nor a folder (devices, pipes).
+        images that are not 3D scalar volumes, images whose voxels need more than ``max_bytes`` (by default, whose
+        segmentation would need more than two thirds of this computer's memory: :func:`FastSAM3DLib.files.run_bytes`),
+        truncated or damaged files, and paths that are neither a file nor a folder (devices, pipes).
         """
         import SimpleITK as sitk
 

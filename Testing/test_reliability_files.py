@@ -743,3 +743,23 @@ def test_a_label_whose_last_voxel_was_written_wrong_is_refused(tmp_path, monkeyp
     with pytest.raises(OutputFileError, match="voxels differ from the label"):
         write_label_atomically(volume, np.ones(volume.shape, bool), tmp_path / "label.nrrd")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_default_budget_counts_what_the_whole_run_needs_not_the_image_alone(tmp_path, monkeypatch):
+    """The default refused images over a quarter of the memory by their voxels alone, while a run needs about
+    1.5 times the image plus 2.5 bytes a voxel: an 8-bit image just under the limit needed more memory than the
+    computer had (6x its size before the label's copies were cut, 4x now)."""
+    from FastSAM3DLib import files
+
+    monkeypatch.setattr(files, "memory_budget", lambda: 10 ** 9)
+    huge = tmp_path / "huge.nii"
+    write_nifti_claiming(huge, (1000, 1000, 120))  # 120 M int16 voxels: 0.24 GB, a run of about 0.66 GB
+    header, _ = files.read_header(huge)
+    assert files.run_bytes(header) == int(1.5 * 240e6 + 2.5 * 120e6)
+    files.check_memory_budget(header, huge)
+    write_nifti_claiming(huge, (1000, 1000, 200))  # 0.4 GB of voxels, well under the budget; a run of 1.1 GB
+    header, _ = files.read_header(huge)
+    with pytest.raises(InputImageError, match=r"\(0.4 GB in memory\); segmenting it needs about 1.1 GB, more "
+                                              r"than the 1 GB a run may take .*--max-image-gb"):
+        files.check_memory_budget(header, huge)
+    files.check_memory_budget(header, huge, max_bytes=int(0.5e9))  # an explicit limit is on the voxels, as asked
