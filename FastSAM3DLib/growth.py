@@ -223,7 +223,8 @@ def paste_result(volume: Volume, before: RegionSet, current: RegionSet, shown):
     extent = regions.source_extent(volume, lattice, list(before.regions)) if lattice is not None and \
         before.regions else empty_region()
     box = union(union(region, extent), shown)
-    return box, crop_to(region, mask, box), (region if mask is not None else None)
+    full = mask if mask is not None and box == region else crop_to(region, mask, box)  # no copy when it fits
+    return box, full, (region if mask is not None else None)
 
 
 def _grow(current: RegionSet, sources: List[Index], runner, settings: GrowthSettings, started: float,

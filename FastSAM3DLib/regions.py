@@ -191,7 +191,8 @@ def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray,
     """Set False, in place, the mask voxels whose centre lies in a low-res cell of ``roi`` no region covers.
 
     Only uncovered cells whose field is not OUTSIDE_LOGIT, and their neighbours, can hold a positive voxel; the
-    voxels of the source box around them are tested one by one.
+    voxels of the source box around them are tested: slab by slab where each model axis follows one source axis
+    (:func:`_clear_aligned`), else one by one (:func:`_clear_voxels`). Both give the same mask.
     """
     risky = ~covered & _dilate(field > OUTSIDE_LOGIT / 2)
     if not risky.any():
@@ -205,9 +206,61 @@ def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray,
     sub = mask[first[2]:stop[2], first[1]:stop[1], first[0]:stop[0]]
     to_model = np.linalg.inv(roi.model_to_ras) @ volume.ijk_to_ras
     offset = first + [region[2].start, region[1].start, region[0].start]
+    axes = _axis_cells(to_model, offset, sub.shape[::-1], covered.shape)
+    if axes is None:
+        _clear_voxels(to_model, covered, offset, sub)
+    else:
+        _clear_aligned(axes, covered, sub)
+
+
+def _axis_cells(to_model: np.ndarray, offset, counts, cells) -> Optional[list]:
+    """Per source axis (i, j, k): ``(model axis, low-res cell of each voxel)`` for ``counts`` voxels from ``offset``,
+    or None unless each model axis follows one source axis exactly (the other two matrix entries 0).
+
+    The cell of a voxel is the one :func:`_clear_voxels` computes (``affine_rows`` adds the zero terms, which
+    change nothing): ``floor((x + 0.5) / 4)`` of ``x = index * scale + shift``, clipped to the cells.
+    """
+    linear = np.asarray(to_model, dtype=np.float64)[:3, :3]
+    nonzero = linear != 0
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    axes = []
+    for source in range(3):
+        model = int(np.flatnonzero(nonzero[:, source])[0])
+        index = np.arange(offset[source], offset[source] + counts[source], dtype=np.float64)
+        x = index * linear[model, source] + to_model[model, 3]
+        axes.append((model, np.clip(np.floor((x + 0.5) / 4.0).astype(np.int64), 0, cells[model] - 1)))
+    return axes
+
+
+def _clear_aligned(axes: list, covered: np.ndarray, sub: np.ndarray) -> None:
+    """Set False, in place, the voxels of ``sub`` (k, j, i) in uncovered cells, given :func:`_axis_cells`'s ``axes``:
+    each run of k-slices in one cell layer is ANDed with that layer's coverage, only over the (j, i) box of its
+    uncovered cells."""
+    (model_i, cell_i), (model_j, cell_j), (model_k, cell_k) = axes
+    layers = np.transpose(covered, (model_k, model_j, model_i))  # covered[cell along k, cell along j, cell along i]
+    used_j, used_i = np.unique(cell_j), np.unique(cell_i)
+    starts = np.flatnonzero(np.diff(cell_k, prepend=cell_k[0] - 1))  # runs of k-slices in one cell
+    for k0, k1 in zip(starts, list(starts[1:]) + [len(cell_k)]):
+        layer = layers[cell_k[k0]]
+        uncovered = ~layer[np.ix_(used_j, used_i)]
+        if not uncovered.any():
+            continue
+        rows = np.flatnonzero(np.isin(cell_j, used_j[uncovered.any(axis=1)]))
+        columns = np.flatnonzero(np.isin(cell_i, used_i[uncovered.any(axis=0)]))
+        j0, j1, i0, i1 = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+        keep = layer[cell_j[j0:j1]][:, cell_i[i0:i1]]
+        block = sub[k0:k1, j0:j1, i0:i1]
+        np.logical_and(block, keep, out=block)
+
+
+def _clear_voxels(to_model: np.ndarray, covered: np.ndarray, offset, sub: np.ndarray) -> None:
+    """Set False, in place, the True voxels of ``sub`` (k, j, i; its voxel 0 is source voxel ``offset``) whose
+    centre lies in an uncovered cell: any grid, voxel by voxel, in chunks of about :data:`_CHUNK` voxels."""
     last = np.array(covered.shape) - 1
-    for k0 in range(0, sub.shape[0], max(1, _CHUNK // max(sub[0].size, 1))):
-        part = sub[k0:k0 + max(1, _CHUNK // max(sub[0].size, 1))]
+    step = max(1, _CHUNK // max(sub[0].size, 1))
+    for k0 in range(0, sub.shape[0], step):
+        part = sub[k0:k0 + step]
         k, j, i = np.nonzero(part)
         if k.size == 0:
             continue

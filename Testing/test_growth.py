@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from FastSAM3DLib import build_model, geometry, regions
+from FastSAM3DLib import build_model, geometry, growth, regions
 from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, long_bone, tube_centre
 from FastSAM3DLib.benchmarks.threshold_model import threshold_model
 from FastSAM3DLib.geometry import Volume
+from FastSAM3DLib.errors import PromptError
 from FastSAM3DLib.growth import GrowthSettings
 from FastSAM3DLib.session import InteractiveSession, ModelOutputError
+from FastSAM3DLib.session_common import crop_to, empty_region, union
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -255,6 +257,117 @@ def test_no_voxel_outside_every_region_is_set():
     assert full[:, :128, :128].all()  # (k, j, i): region (0, 0, 0) covers i, j < 128
     assert not full[:, 128:, 128:].any()  # the corner no region covers
     assert full[:, :128, 128:].all() and full[:, 128:, :128].all()
+
+
+def _rotated(degrees: float) -> np.ndarray:
+    """A rotation about S by ``degrees`` (3x3)."""
+    a = np.deg2rad(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+SWAP_JK = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])  # j and k swapped, one axis flipped
+#: Volumes for the paste-back comparisons: isotropic, thick slices, permuted and flipped (axis-aligned), oblique.
+GRIDS = {"tube 2 mm": dict(spacing=(2.0, 2.0, 2.0)), "tube 3 mm": dict(spacing=(3.0, 3.0, 3.0)),
+         "tube swapped anisotropic": dict(spacing=(1.6, 2.5, 1.2), direction=SWAP_JK),
+         "tube oblique anisotropic": dict(spacing=(1.6, 2.5, 1.2), direction=_rotated(20) @ SWAP_JK)}
+
+
+def _repaste_everything(volume, before, current, shown):
+    """The reference for :func:`growth.paste_result`: every region of ``current`` blended and pasted over their
+    whole box (:func:`regions.paste`), the uncovered cells cleared voxel by voxel (the general path), cropped to
+    the box of both region sets and what was shown."""
+    lattice = current.lattice or before.lattice
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(regions, "_axis_cells", lambda *args: None)
+        region, mask = regions.paste(volume, lattice, current.logits()) if current.regions else \
+            (empty_region(), None)
+    extent = regions.source_extent(volume, lattice, list(before.regions)) if before.regions else None
+    box = union(union(region, extent), shown)
+    return box, crop_to(region, mask, box), (region if mask is not None else None)
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_grown_results_equal_a_full_repaste_over_clicks_and_undos(grid, monkeypatch):
+    """Random clicks (growing or stopped, include or exclude, on and off the tube) and undos: every result of
+    the session is bit for bit the reference full re-paste, including the clearing of voxels in cells no region
+    covers (a region off the tube leaves such cells next to the tube's end: some voxels must be cleared)."""
+    volume, _ = curved_tube(**GRIDS[grid])
+    compared, cleared = [], []
+    clear = regions._clear_uncovered
+
+    def counting_clear(volume, roi, covered, field, region, mask):
+        count = int(mask.sum())
+        clear(volume, roi, covered, field, region, mask)
+        cleared.append(count - int(mask.sum()))
+
+    def checked(volume, before, current, shown):
+        box, mask, region = paste_result(volume, before, current, shown)
+        want_box, want_mask, want_region = _repaste_everything(volume, before, current, shown)
+        assert box == want_box and region == want_region and mask.shape == want_mask.shape
+        assert np.array_equal(mask, want_mask), f"{np.count_nonzero(mask != want_mask)} voxels differ"
+        compared.append(len(current.regions))
+        return box, mask, region
+
+    paste_result = growth.paste_result
+    monkeypatch.setattr(growth, "paste_result", checked)
+    monkeypatch.setattr(regions, "_clear_uncovered", counting_clear)
+    session = InteractiveSession(threshold_model(), volume, grow=True)
+    stop = lambda progress: False  # noqa: E731 - a click without growth: gaps between regions stay
+    session.add_click(tube_click(0.0), progress=stop)  # the tube reaches the region's faces
+    y, z = tube_centre(150.0)
+    session.add_click([150.0, y - 80.0, z], progress=stop)  # a diagonal region: the cells beside the end are empty
+    rng = np.random.default_rng(sorted(GRIDS).index(grid))
+    for _ in range(12):
+        if session.clicks and rng.random() < 0.3:
+            session.undo()
+            continue
+        point = np.asarray(tube_click(rng.uniform(-220.0, 220.0))) + \
+            (rng.choice([-1.0, 1.0], 3) * [0.0, 80.0, 25.0] * (rng.random(3) < 0.5) if rng.random() < 0.3 else 0.0)
+        try:
+            session.add_click(point, include=rng.random() < 0.75, progress=stop if rng.random() < 0.4 else None)
+        except PromptError:  # off the tube and outside the volume, or an exclude point first: nothing changed
+            continue
+    while session.clicks:
+        session.undo()
+    assert len(compared) >= 10 and max(compared) >= 3 and sum(cleared) > 0
+
+
+@pytest.mark.parametrize("grid", sorted(name for name in GRIDS if "oblique" not in name))
+def test_uncovered_cells_are_cleared_slab_by_slab_as_voxel_by_voxel(grid):
+    """The axis-aligned clearing and the voxel-by-voxel one give the same mask, on any mask (random voxels) over
+    lattices of diagonal and L-shaped regions reaching past the volume's faces."""
+    volume = curved_tube(length=200.0, **GRIDS[grid])[0]
+    grid_box = geometry.canonical_grid(volume)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for origin in ((0, 0, 0), (-40, 8, -20), (grid_box.size[0] - 100, -64, 12)):
+        lattice = regions.Lattice(grid_box, origin, 128, 96)
+        for indices in ([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, 0, 0), (1, 1, 1)], [(0, 0, 0), (1, 1, 0), (-1, 0, 1)]):
+            first, field, covered = regions.blend(lattice, {i: torch.ones(1, 1, 32, 32, 32) for i in indices})
+            roi = lattice.grid.sub_grid(np.asarray(origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
+            region = regions.source_extent(volume, lattice, indices)
+            mask = rng.random(tuple(s.stop - s.start for s in region)) < 0.7
+            slabs, voxels = mask.copy(), mask.copy()
+            regions._clear_uncovered(volume, roi, covered.numpy(), field.numpy(), region, slabs)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(regions, "_axis_cells", lambda *args: None)
+                regions._clear_uncovered(volume, roi, covered.numpy(), field.numpy(), region, voxels)
+            np.testing.assert_array_equal(slabs, voxels)
+            changed += np.count_nonzero(mask != voxels)
+            to_model = np.linalg.inv(roi.model_to_ras) @ volume.ijk_to_ras
+            assert regions._axis_cells(to_model, (0, 0, 0), (1, 1, 1), covered.shape) is not None  # slab path
+    assert changed > 10000  # the comparison saw many cleared voxels
+
+
+def test_oblique_grids_are_cleared_voxel_by_voxel():
+    """A volume rotated against the model grid mixes axes: no slab path (its cells would be wrong)."""
+    volume = curved_tube(length=200.0, **GRIDS["tube oblique anisotropic"])[0]
+    grid = geometry.canonical_grid(volume)
+    to_model = np.linalg.inv(grid.model_to_ras) @ volume.ijk_to_ras
+    assert regions._axis_cells(to_model, (0, 0, 0), (1, 1, 1), (32, 32, 32)) is None
+    aligned = curved_tube(length=200.0, **GRIDS["tube swapped anisotropic"])[0]
+    to_model = np.linalg.inv(geometry.canonical_grid(aligned).model_to_ras) @ aligned.ijk_to_ras
+    assert regions._axis_cells(to_model, (0, 0, 0), (1, 1, 1), (32, 32, 32)) is not None
 
 
 def test_settings_are_checked_with_one_line_errors():
