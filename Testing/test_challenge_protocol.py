@@ -9,6 +9,7 @@ import pytest
 
 from FastSAM3DLib.evaluation.clicks import largest_error_click, protocol_click
 from FastSAM3DLib.evaluation.metrics import area_under_clicks, normalized_surface_dice, nsd_in_region
+from test_clicks import error_box_cases, same_click, whole_grid_largest_error_click
 from test_evaluation import synthetic_folder  # noqa: F401 - the fixture
 
 
@@ -105,6 +106,51 @@ def test_the_challenge_click_is_the_centre_of_the_largest_error_component():
     point, label = protocol_click("cvpr25", 3, truth, prediction, rng)
     assert point.tolist() == [13, 4, 13] and label == 0
     assert largest_error_click(truth, truth, rng) is None
+
+
+def tight_box_largest_error_click(truth, prediction, rng):
+    """A wrong crop, to show the cases can tell: the box without margin, its border not background."""
+    import edt
+    from scipy import ndimage
+
+    from FastSAM3DLib.evaluation.clicks import error_box
+
+    box = error_box(truth, prediction, margin=0)
+    if box is None:
+        return None
+    truth, prediction = truth[box].astype(bool), prediction[box].astype(bool)
+    labels, count = ndimage.label(truth != prediction, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    dist = edt.edt(np.ascontiguousarray(labels == int(np.argmax(sizes)), dtype=np.uint8), black_border=False)
+    candidates = np.argwhere(dist == dist.max())
+    point = candidates[rng.integers(len(candidates))]
+    return (point + [s.start for s in box]).astype(np.float64), int(truth[tuple(point)])
+
+
+def test_the_challenge_click_on_the_error_box_is_the_whole_volume_click():
+    """Components (numbered in scan order: equal sizes pick the first), distances and ties on the box around
+    truth ∪ prediction give the whole-volume click; a tight box whose border is not background would not."""
+    clicks = wrong = 0
+    for number, (truth, prediction) in enumerate(error_box_cases(seed=12)):
+        for seed in range(3):
+            reference = whole_grid_largest_error_click(truth, prediction, np.random.default_rng(seed))
+            got = largest_error_click(truth, prediction, np.random.default_rng(seed))
+            assert same_click(got, reference), (number, seed, got, reference)
+            wrong += not same_click(tight_box_largest_error_click(truth, prediction, np.random.default_rng(seed)),
+                                    reference)
+            clicks += reference is not None
+    assert clicks > 300 and wrong > 30
+    # two equal components: the first in scan order wins, also when the box starts after the volume's origin
+    truth = np.zeros((30, 30, 30), bool)
+    truth[20:23, 5:8, 25:28] = truth[22:25, 15:18, 3:6] = True
+    for seed in range(3):
+        point, label = largest_error_click(truth, np.zeros_like(truth), np.random.default_rng(seed))
+        assert point.tolist() == [21, 6, 26] and label == 1
+        assert same_click((point, label), whole_grid_largest_error_click(truth, np.zeros_like(truth),
+                                                                         np.random.default_rng(seed)))
 
 
 # ------------------------------------------------------------------------------------------------ end to end

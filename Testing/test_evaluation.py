@@ -213,6 +213,81 @@ def test_a_label_on_another_grid_is_resampled_onto_the_image(tmp_path):
     assert np.count_nonzero(labels == 3) == 2 * 3 * 4
 
 
+def whole_array_value_counts(array):
+    """``_value_counts`` before it counted in pieces (the reference): one bincount (an int64 copy of the whole
+    label) for uint8/uint16, np.unique otherwise."""
+    if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize <= 2:
+        counts = np.bincount(array.ravel())
+        values = np.flatnonzero(counts)
+        counts = counts[values]
+    else:
+        values, counts = np.unique(array, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+
+
+@pytest.mark.parametrize("chunk", [5, 1000, 1 << 20])
+def test_label_values_counted_in_pieces_are_the_whole_array_counts(monkeypatch, chunk):
+    """Every dtype (signed ones too, with their extreme values), layout (C, Fortran, strided views) and size
+    (empty, one voxel, pieces that do not divide it): the same values, counts and order as before."""
+    monkeypatch.setattr(ds, "_COUNT_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    for dtype in (np.uint8, np.uint16, np.int8, np.int16, np.int32, np.uint32, np.int64, np.bool_):
+        for shape in ((0,), (4, 0, 3), (), (1, 1, 1), (13, 7, 5), (31, 17, 9)):
+            if dtype is np.bool_:
+                array = rng.random(shape) < 0.3
+            else:
+                info = np.iinfo(dtype)
+                array = rng.integers(max(info.min, -40000), min(info.max, 70000), size=shape, endpoint=True)
+                array = np.where(rng.random(shape) < 0.5, 0, array).astype(dtype)
+                if array.size > 1:
+                    array.reshape(-1)[[0, -1]] = info.max, info.min
+            views = [array, np.asfortranarray(array), array.T]
+            if array.ndim == 3:
+                views.append(array[::2, :, ::-1])
+            for view in views:
+                got, reference = ds._value_counts(view), whole_array_value_counts(view)
+                assert got == reference and list(got) == list(reference), (dtype, shape, view.strides)
+
+
+def test_counting_label_values_does_not_copy_the_label_to_int64():
+    """np.bincount on the whole uint8 label made an int64 copy: 8 times the label (1.7 GB for a 0.2 GB
+    whole-body label, 50 GB at the image budget); in pieces it needs a few MB."""
+    import tracemalloc
+
+    label = np.zeros((32, 1024, 1024), np.uint8)
+    label[3:9, 100:400, 200:300] = 5
+    label[-1, -1, -1] = 255
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        counts = ds._value_counts(label)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counts == {5: 6 * 300 * 100, 255: 1}
+    assert peak < label.nbytes / 2, f"counting took {peak / 1e6:.0f} MB for a {label.nbytes / 1e6:.0f} MB label"
+
+
+def test_a_label_read_once_loads_as_read_twice(tmp_path):
+    """load_case with the label already read (evaluate's plan reads it) gives what reading it again gives, on the
+    image's grid and on another grid (resampled)."""
+    image = write_image(tmp_path / "img.nii.gz", np.arange(6 * 8 * 10, dtype=np.int16).reshape(6, 8, 10),
+                        spacing=(1.0, 1.0, 2.0))
+    fine = np.zeros((12, 8, 10), np.uint8)
+    fine[4:8, 2:5, 3:7] = 3
+    other = write_image(tmp_path / "other.nii.gz", fine, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, -0.5))
+    same = write_image(tmp_path / "same.nii.gz", fine[::2].copy(), spacing=(1.0, 1.0, 2.0))
+    for label in (other, same):
+        case = ds.Case("x", image, label)
+        read = ds.read_label(label)
+        assert ds.label_values(read) == ds.read_label_values(label)
+        volume, labels, resampled = ds.load_case(case, read)
+        volume2, labels2, resampled2 = ds.load_case(case)
+        assert resampled == resampled2 == (label == other)
+        np.testing.assert_array_equal(labels, labels2)
+        np.testing.assert_array_equal(volume.array, volume2.array)
+
+
 # ------------------------------------------------------------------------------------------------------ end to end
 
 
@@ -525,6 +600,32 @@ def test_evaluate_dataset_python_api_sam_med3d_protocol(synthetic_folder, monkey
     again = evaluate_dataset(synthetic_folder, model, None, clicks=2, protocol="sam-med3d", placement="click",
                              structures=["box"], seed=3, plots=False, progress=False)
     assert without_times(again["results"]) == without_times(summary["results"])  # reproducible
+
+
+def test_evaluate_reads_the_label_of_its_first_case_once(synthetic_folder, monkeypatch, tmp_path):
+    """The plan read every label to count its values and each case's evaluation read it again: the first case's
+    label (a single case: the only one) is now read once; later cases' labels are not kept meanwhile."""
+    reads = []
+    original = Volume.from_file.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(Volume, "from_file", classmethod(counting))
+    model = build_model("tiny-test", seed=1)
+    image, label = synthetic_folder / "ct.nii.gz", synthetic_folder / "ct_seg.nii.gz"
+    cases = [ds.Case(name, image, label) for name in ("a", "b")]
+    settings = dict(clicks=2, placement="gt", structures=["2"], plots=False, progress=False, save_predictions=False)
+    evaluate_dataset(cases[:1], model, tmp_path / "one", **settings)
+    assert sorted(reads) == ["ct.nii.gz", "ct_seg.nii.gz"]
+    reads.clear()
+    evaluate_dataset(cases, model, tmp_path / "two", **settings)
+    assert reads == ["ct_seg.nii.gz", "ct_seg.nii.gz", "ct.nii.gz", "ct.nii.gz", "ct_seg.nii.gz"]
+    one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+    assert len(one) == 2 and len(two) == 4
+    for a, b in zip(one, two):  # case a: the same clicks and Dice whether its label was kept or read again
+        assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
 
 
 def test_evaluate_on_the_shared_totalseg_ct(shared_data, tmp_path):

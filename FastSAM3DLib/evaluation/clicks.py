@@ -14,6 +14,11 @@ takes a ``numpy.random.Generator`` so runs are seeded and reproducible.
   Segmentation" challenge, ``CVPR25_iter_eval.py``, every click): in the largest 26-connected component of the
   errors (FN and FP together), the voxel farthest from the component's border (Euclidean distance in voxels;
   uniform among ties); include when the reference holds it, else exclude.
+
+Every click is computed on the bounding box of truth ∪ prediction (:func:`error_box`, grown by one voxel for the
+distance transforms): outside it there is no error, so the distances, components, ties, candidate lists and
+random choices are those of the whole volume (the chosen voxel is the same), at a cost that follows the
+structure, not the volume.
 """
 from typing import Optional, Tuple
 
@@ -36,35 +41,90 @@ def _errors(truth: np.ndarray, prediction: np.ndarray):
     return truth & ~prediction, ~truth & prediction
 
 
+def _nonzero_span(mask: np.ndarray, axis: int) -> Optional[Tuple[int, int]]:
+    """First and last index along ``axis`` of the nonzero voxels of ``mask``; ``None`` when it has none."""
+    hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+    return (int(hits[0]), int(hits[-1])) if len(hits) else None
+
+
+def error_box(*masks: np.ndarray, margin: int = 1) -> Optional[Tuple[slice, ...]]:
+    """Slices of the bounding box of the union of ``masks`` (truth, prediction: their nonzero voxels, on one
+    grid) grown by ``margin`` voxels and clipped to the volume; ``None`` when all are empty (then no error).
+
+    Every error (FN or FP) lies inside the box, so inside it an error region's distance to its nearest non-error
+    voxel (the crop's border counted as one, as the volume's border is with ``black_border``) and its connected
+    components are those of the whole volume; a margin of one voxel makes the crop's border background.
+    """
+    masks = [np.asarray(mask) for mask in masks]
+    box = []
+    for axis, size in enumerate(masks[0].shape):
+        spans = [s for s in (_nonzero_span(mask, axis) for mask in masks) if s is not None]
+        if not spans:
+            return None
+        low, high = min(s[0] for s in spans), max(s[1] for s in spans)
+        box.append(slice(max(low - margin, 0), min(high + 1 + margin, size)))
+    return tuple(box)
+
+
+def _box_start(box: Tuple[slice, ...]) -> np.ndarray:
+    return np.array([s.start for s in box], dtype=np.int64)
+
+
 def interior_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
-    """The official "ritm" click; ``None`` when the prediction is perfect."""
-    false_neg, false_pos = _errors(truth, prediction)
+    """The official "ritm" click; ``None`` when the prediction is perfect.
+
+    Computed on :func:`error_box` (the same voxel as on the whole volume: the candidates are error voxels, all in
+    the box, listed in the same order).
+    """
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    box = error_box(truth, prediction)
+    if box is None:
+        return None
+    false_neg, false_pos = _errors(truth[box], prediction[box])
     if not false_neg.any() and not false_pos.any():
         return None
     dist_fn, dist_fp = _distance_inside(false_neg), _distance_inside(false_pos)
     use_fn = bool(dist_fn.max() > dist_fp.max())  # strictly, as the official code: a tie clicks the false positive
     dist = dist_fn if use_fn else dist_fp
     candidates = np.argwhere(dist > dist.max() / 2.0)
-    point = candidates[rng.integers(len(candidates))]
+    point = candidates[rng.integers(len(candidates))] + _box_start(box)
     return point.astype(np.float64), int(use_fn)
 
 
 def random_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
-    """A uniformly random voxel of FN ∪ FP, labelled include if it is a false negative; ``None`` if no error."""
-    false_neg, false_pos = _errors(truth, prediction)
+    """A uniformly random voxel of FN ∪ FP, labelled include if it is a false negative; ``None`` if no error.
+
+    Listed on :func:`error_box` (the errors in the same order as on the whole volume: the same voxel).
+    """
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    box = error_box(truth, prediction, margin=0)
+    if box is None:
+        return None
+    false_neg, false_pos = _errors(truth[box], prediction[box])
     candidates = np.argwhere(false_neg | false_pos)
     if len(candidates) == 0:
         return None
     point = candidates[rng.integers(len(candidates))]
-    return point.astype(np.float64), int(false_neg[tuple(point)])
+    return (point + _box_start(box)).astype(np.float64), int(false_neg[tuple(point)])
 
 
 def random_object_click(truth: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
-    """A uniformly random voxel of the object (include); ``None`` for an empty object."""
-    candidates = np.argwhere(truth.astype(bool))
+    """A uniformly random voxel of the object (include); ``None`` for an empty object.
+
+    Listed on the object's bounding box (its voxels in the same order as on the whole volume: the same voxel).
+    """
+    truth = np.asarray(truth)
+    box = error_box(truth, margin=0)
+    if box is None:
+        return None
+    candidates = np.argwhere(truth[box].astype(bool))
     if len(candidates) == 0:
         return None
-    return candidates[rng.integers(len(candidates))].astype(np.float64), 1
+    return (candidates[rng.integers(len(candidates))] + _box_start(box)).astype(np.float64), 1
 
 
 def _largest_component(region: np.ndarray) -> np.ndarray:
@@ -82,8 +142,18 @@ def _largest_component(region: np.ndarray) -> np.ndarray:
 
 
 def largest_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
-    """The CVPR 2025 challenge click (module docstring); ``None`` when the prediction is perfect."""
-    truth, prediction = truth.astype(bool), prediction.astype(bool)
+    """The CVPR 2025 challenge click (module docstring); ``None`` when the prediction is perfect.
+
+    Computed on :func:`error_box`: the components (numbered in scan order, which the box keeps), the distances
+    and the ties are those of the whole volume, so the voxel is the same.
+    """
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    box = error_box(truth, prediction)
+    if box is None:
+        return None
+    truth, prediction = truth[box].astype(bool), prediction[box].astype(bool)
     errors = truth != prediction
     if not errors.any():
         return None
@@ -91,7 +161,7 @@ def largest_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.rando
     dist = _distance_inside(component)
     candidates = np.argwhere(dist == dist.max())
     point = candidates[rng.integers(len(candidates))]
-    return point.astype(np.float64), int(truth[tuple(point)])
+    return (point + _box_start(box)).astype(np.float64), int(truth[tuple(point)])
 
 
 def protocol_click(protocol: str, index: int, truth: np.ndarray, prediction: np.ndarray,

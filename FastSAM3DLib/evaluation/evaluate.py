@@ -157,14 +157,14 @@ class _CaseData:
     """The loaded image and label of a case, with the lazily built pieces the placements need."""
 
     def __init__(self, case: ds.Case, runner: ModelRunner, protocol: str,
-                 nsd_tolerance_mm: Optional[float] = None) -> None:
+                 nsd_tolerance_mm: Optional[float] = None, label=None) -> None:
         from ..geometry import Volume
 
         self.case = case
         self.runner = runner
         self.protocol = protocol
         self.nsd_tolerance_mm = nsd_tolerance_mm
-        self.volume, self.labels, self.resampled = ds.load_case(case)
+        self.volume, self.labels, self.resampled = ds.load_case(case, label)  # label: case.label already read
         self.volume.validate()
         self.label_volume = Volume(self.labels, self.volume.ijk_to_ras)
         self._grid = self._label_grid = self._session = None
@@ -499,11 +499,14 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             store.add_skip({"model": model_name, "case": case.name, "structure": structure, "value": value,
                             "placement": where, "protocol": protocol, "reason": reason})
 
-        # plan: which units are left (reads only the label files)
-        plan, already = [], 0
+        # plan: which units are left (reads only the label files). The label of the first case with work is kept
+        # for its evaluation, which comes next (a single case's label is then read once, not twice).
+        plan, already, first_label = [], 0, None
         for case in cases:
+            label = None
             try:
-                present = ds.read_label_values(case.label)
+                label = ds.read_label(case.label)
+                present = ds.label_values(label)
             except (FastSAM3DError, RuntimeError, OSError) as exc:
                 for where in placements:
                     skip(case, "*", "*", where, f"unreadable label: {str(exc).strip().splitlines()[-1]}")
@@ -517,7 +520,10 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             already += sum(len(placements) - len(w) for _, w in todo)
             todo = [(v, w) for v, w in todo if w]
             if todo:
+                if not plan:
+                    first_label = label
                 plan.append((case, todo))
+        label = None
         total = sum(len(w) for _, todo in plan for _, w in todo)
         if already:
             log(f"resuming: {already} structure evaluation(s) already in {folder}, {total} to do")
@@ -528,9 +534,11 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
         evaluated = clicks_run = 0
         try:
             for case, todo in plan:
+                label, first_label = first_label, None
                 try:
-                    data = _CaseData(case, runner, protocol, nsd_tolerance_mm)
+                    data = _CaseData(case, runner, protocol, nsd_tolerance_mm, label)
                 except (FastSAM3DError, RuntimeError, OSError) as exc:
+                    label = None
                     reason = f"cannot evaluate this case: {str(exc).strip().splitlines()[-1]}"
                     for value, wheres in todo:
                         for where in wheres:
@@ -538,6 +546,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                             bar.done(f"{case.name} {case.structure_name(value)} {where}: skipped")
                     bar.note(f"{case.name}: {reason}")
                     continue
+                label = None  # a label on another grid was resampled: the one read is no longer needed
                 if data.resampled:
                     bar.note(f"{case.name}: label on another grid, resampled (nearest) onto the image grid")
                 for value, wheres in todo:
