@@ -662,3 +662,19 @@ def test_demo_heldout_manifest_names_real_structures(shared_data):
         for value in values:
             if own:
                 assert own[str(value)]["name"] == case.structure_name(value)
+
+
+def test_a_structure_whose_parts_lie_further_apart_than_the_crop_is_skipped_for_that_reason():
+    """Both kidneys under one value, 300 mm apart: the crop centred on their bounding box holds neither, and the
+    skip said "too thin or small" of a 6.4 million voxel structure."""
+    from FastSAM3DLib.evaluation.dataset import empty_crop_reason
+    from FastSAM3DLib.geometry import Volume
+
+    volume = Volume(np.zeros((40, 40, 400), np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    apart = np.zeros(volume.shape, bool)
+    apart[10:30, 10:30, 20:50] = apart[10:30, 10:30, 330:360] = True
+    assert "spans 340 mm" in empty_crop_reason(volume, apart, 128, 1.5)
+    assert "give each part a value of its own" in empty_crop_reason(volume, apart, 128, 1.5)
+    thin = np.zeros(volume.shape, bool)
+    thin[20, 20, 100:110] = True
+    assert "too thin or small" in empty_crop_reason(volume, thin, 128, 1.5)

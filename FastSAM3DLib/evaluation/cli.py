@@ -112,12 +112,12 @@ def _check_label(label) -> None:
     """ValueError saying what to do when the one label file given cannot be read (checked before any output)."""
     from pathlib import Path
 
-    from .dataset import read_label_values
+    from .dataset import read_label
 
     if not Path(label).exists():
         raise ValueError(f"the label {label} does not exist: give the label image (or DICOM folder) of DATA")
     try:
-        read_label_values(label)
+        read_label(label)  # readable; its values are counted when the evaluation plans its structures
     except Exception as exc:  # noqa: BLE001 - SimpleITK's and the library's reasons alike, in one line
         raise ValueError(f"cannot read the label {label}: {str(exc).strip().splitlines()[-1]}") from None
 

@@ -515,3 +515,20 @@ def select_structures(case: Case, present: Iterable[int],
                 source = "its label names" if case.names else "unnamed labels (no labels.json/.label file found)"
                 missing.append((selector, "", f"missing: no structure named '{selector}' in this case ({source})"))
     return list(dict.fromkeys(chosen)), missing
+
+
+def empty_crop_reason(volume, mask: np.ndarray, size: int, spacing: float) -> str:
+    """Why a crop of ``size`` voxels of ``spacing`` mm centred on the bounding box of ``mask`` (a structure on
+    ``volume``'s grid) holds none of it: its parts lie further apart than the crop is wide (left and right organs
+    under one value), or it is too thin or small for the model grid."""
+    hits = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    spans = [(h[-1] - h[0] + 1) if len(h) else 0 for h in hits]  # voxels along k, j, i
+    voxel_mm = np.linalg.norm(np.asarray(volume.ijk_to_ras)[:3, :3], axis=0)[::-1]  # k, j, i
+    extent = float(max(n * mm for n, mm in zip(spans, voxel_mm)))
+    crop = size * spacing
+    if extent > crop:
+        return (f"not in its crop: the {crop:.0f} mm crop centred on its bounding box holds none of it, as it spans "
+                f"{extent:.0f} mm (parts far apart under one value, e.g. left and right organs): give each part a "
+                "value of its own")
+    return (f"not on the model grid: the structure has no voxel after nearest-neighbour resampling to {spacing} mm "
+            "(too thin or small)")

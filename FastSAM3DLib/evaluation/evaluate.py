@@ -210,8 +210,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
     roi = roi_centred_on_mask(data.volume, mask, runner.size, runner.spacing)
     truth = extract_label(data.label_volume, roi) == value
     if not truth.any():
-        raise _Skip("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
-                    f"{runner.spacing} mm (too thin or small)")
+        raise _Skip(ds.empty_crop_reason(data.volume, mask, runner.size, runner.spacing))
     start = time.perf_counter()
     embedding = runner.encode(extract_model_input(data.volume, roi))
     encode_time = time.perf_counter() - start

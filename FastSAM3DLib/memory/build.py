@@ -194,7 +194,9 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
             else:
                 roi = roi_around(volume, deepest_voxel_ras(volume, mask)[None], size, spacing)
             if not (extract_label(label_volume, roi) == value).any():
-                skip(f"{case.name}/{name}: skipped (no voxel on the {spacing} mm model grid)")
+                reason = ds.empty_crop_reason(volume, mask, size, spacing) if crop == "gt" else \
+                    f"no voxel on the {spacing} mm model grid"
+                skip(f"{case.name}/{name}: skipped ({reason})")
                 continue
             image = extract_model_input(volume, roi)
             x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
