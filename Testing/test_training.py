@@ -906,6 +906,7 @@ def _as_older_checkpoint(path, *unrecorded):
     torch.save(state, path)
 
 
+@pytest.mark.filterwarnings("ignore:.*did not record teacher_weights")  # said before each refusal below too
 def test_an_older_checkpoint_is_resumed_with_its_own_optimiser_settings_checked_and_unrecorded_ones_said(
         tmp_path, crop_cache):
     """A checkpoint made before the fingerprint recorded the optimiser's settings and the teacher's weights was
