@@ -9,7 +9,7 @@ import pytest
 
 from FastSAM3DLib.evaluation.clicks import largest_error_click, protocol_click
 from FastSAM3DLib.evaluation.metrics import area_under_clicks, normalized_surface_dice, nsd_in_region
-from test_clicks import error_box_cases, same_click, whole_grid_largest_error_click
+from test_clicks import compare_with_whole_grid, error_box_cases, same_click, whole_grid_largest_error_click
 from test_evaluation import synthetic_folder  # noqa: F401 - the fixture
 
 
@@ -133,15 +133,8 @@ def tight_box_largest_error_click(truth, prediction, rng):
 def test_the_challenge_click_on_the_error_box_is_the_whole_volume_click():
     """Components (numbered in scan order: equal sizes pick the first), distances and ties on the box around
     truth ∪ prediction give the whole-volume click; a tight box whose border is not background would not."""
-    clicks = wrong = 0
-    for number, (truth, prediction) in enumerate(error_box_cases(seed=12)):
-        for seed in range(3):
-            reference = whole_grid_largest_error_click(truth, prediction, np.random.default_rng(seed))
-            got = largest_error_click(truth, prediction, np.random.default_rng(seed))
-            assert same_click(got, reference), (number, seed, got, reference)
-            wrong += not same_click(tight_box_largest_error_click(truth, prediction, np.random.default_rng(seed)),
-                                    reference)
-            clicks += reference is not None
+    clicks, wrong = compare_with_whole_grid(error_box_cases(seed=12), largest_error_click,
+                                            whole_grid_largest_error_click, tight_box_largest_error_click)
     assert clicks > 300 and wrong > 30
     # two equal components: the first in scan order wins, also when the box starts after the volume's origin
     truth = np.zeros((30, 30, 30), bool)

@@ -223,20 +223,26 @@ def same_click(a, b):
     return a[0].dtype == b[0].dtype and np.array_equal(a[0], b[0]) and a[1] == b[1]
 
 
+def compare_with_whole_grid(cases, boxed, whole_grid, tight_box):
+    """Over ``cases`` and three seeds, assert that ``boxed`` gives ``whole_grid``'s click; returns (clicks made,
+    how many clicks ``tight_box`` got wrong)."""
+    clicks = wrong = 0
+    for number, (truth, prediction) in enumerate(cases):
+        for seed in range(3):
+            reference = whole_grid(truth, prediction, np.random.default_rng(seed))
+            got = boxed(truth, prediction, np.random.default_rng(seed))
+            assert same_click(got, reference), (number, seed, got, reference)
+            wrong += not same_click(tight_box(truth, prediction, np.random.default_rng(seed)), reference)
+            clicks += reference is not None
+    return clicks, wrong
+
+
 def test_interior_click_on_the_error_box_is_the_whole_volume_click():
     """The box (truth ∪ prediction grown by one voxel) gives the click of the whole-volume distance transforms:
     same side, same candidates in the same order, same random pick; a tight box whose border is not background
     gives other clicks on these cases, so they test the border."""
-    pairs = clicks = wrong = 0
-    for truth, prediction in error_box_cases(seed=11):
-        pairs += 1
-        for seed in range(3):
-            reference = whole_grid_interior_click(truth, prediction, np.random.default_rng(seed))
-            got = interior_click(truth, prediction, np.random.default_rng(seed))
-            assert same_click(got, reference), (pairs, seed, got, reference)
-            wrong += not same_click(tight_box_interior_click(truth, prediction, np.random.default_rng(seed)),
-                                    reference)
-            clicks += reference is not None
+    clicks, wrong = compare_with_whole_grid(error_box_cases(seed=11), interior_click, whole_grid_interior_click,
+                                            tight_box_interior_click)
     assert clicks > 300 and wrong > 30
 
 

@@ -70,19 +70,27 @@ def _box_start(box: Tuple[slice, ...]) -> np.ndarray:
     return np.array([s.start for s in box], dtype=np.int64)
 
 
+def _on_error_box(truth, prediction, margin: int = 1):
+    """``(box, truth[box], prediction[box])`` on :func:`error_box` (grown by ``margin``), or None when both are
+    empty; ValueError when their shapes differ."""
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    box = error_box(truth, prediction, margin=margin)
+    return None if box is None else (box, truth[box], prediction[box])
+
+
 def interior_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[Click]:
     """The official "ritm" click; ``None`` when the prediction is perfect.
 
     Computed on :func:`error_box` (the same voxel as on the whole volume: the candidates are error voxels, all in
     the box, listed in the same order).
     """
-    truth, prediction = np.asarray(truth), np.asarray(prediction)
-    if truth.shape != prediction.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
-    box = error_box(truth, prediction)
-    if box is None:
+    boxed = _on_error_box(truth, prediction)
+    if boxed is None:
         return None
-    false_neg, false_pos = _errors(truth[box], prediction[box])
+    box, truth, prediction = boxed
+    false_neg, false_pos = _errors(truth, prediction)
     if not false_neg.any() and not false_pos.any():
         return None
     dist_fn, dist_fp = _distance_inside(false_neg), _distance_inside(false_pos)
@@ -98,13 +106,11 @@ def random_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.random
 
     Listed on :func:`error_box` (the errors in the same order as on the whole volume: the same voxel).
     """
-    truth, prediction = np.asarray(truth), np.asarray(prediction)
-    if truth.shape != prediction.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
-    box = error_box(truth, prediction, margin=0)
-    if box is None:
+    boxed = _on_error_box(truth, prediction, margin=0)
+    if boxed is None:
         return None
-    false_neg, false_pos = _errors(truth[box], prediction[box])
+    box, truth, prediction = boxed
+    false_neg, false_pos = _errors(truth, prediction)
     candidates = np.argwhere(false_neg | false_pos)
     if len(candidates) == 0:
         return None
@@ -147,13 +153,11 @@ def largest_error_click(truth: np.ndarray, prediction: np.ndarray, rng: np.rando
     Computed on :func:`error_box`: the components (numbered in scan order, which the box keeps), the distances
     and the ties are those of the whole volume, so the voxel is the same.
     """
-    truth, prediction = np.asarray(truth), np.asarray(prediction)
-    if truth.shape != prediction.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
-    box = error_box(truth, prediction)
-    if box is None:
+    boxed = _on_error_box(truth, prediction)
+    if boxed is None:
         return None
-    truth, prediction = truth[box].astype(bool), prediction[box].astype(bool)
+    box, truth, prediction = boxed
+    truth, prediction = truth.astype(bool), prediction.astype(bool)
     errors = truth != prediction
     if not errors.any():
         return None

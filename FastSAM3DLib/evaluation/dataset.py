@@ -521,10 +521,10 @@ def empty_crop_reason(volume, mask: np.ndarray, size: int, spacing: float) -> st
     """Why a crop of ``size`` voxels of ``spacing`` mm centred on the bounding box of ``mask`` (a structure on
     ``volume``'s grid) holds none of it: its parts lie further apart than the crop is wide (left and right organs
     under one value), or it is too thin or small for the model grid."""
-    hits = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    spans = [(h[-1] - h[0] + 1) if len(h) else 0 for h in hits]  # voxels along k, j, i
-    voxel_mm = np.linalg.norm(np.asarray(volume.ijk_to_ras)[:3, :3], axis=0)[::-1]  # k, j, i
-    extent = float(max(n * mm for n, mm in zip(spans, voxel_mm)))
+    from .clicks import error_box
+
+    box = error_box(mask, margin=0) or (slice(0, 0),) * 3  # the bounding box, k, j, i
+    extent = float(max((s.stop - s.start) * mm for s, mm in zip(box, volume.spacing[::-1])))
     crop = size * spacing
     if extent > crop:
         return (f"not in its crop: the {crop:.0f} mm crop centred on its bounding box holds none of it, as it spans "
