@@ -18,6 +18,7 @@ import errno
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -504,8 +505,7 @@ def run_bytes(header: ImageHeader) -> int:
     voxels (read, SimpleITK's buffer and the array overlap briefly) plus 2.5 bytes a voxel (mask, label, the
     label read back). Measured (one click, demo model, peak above the loaded model): 5.1 bytes a voxel for a
     0.43 GB int16 CT, 4.0 for its uint8 copy, where this says 5.5 and 4."""
-    voxels = header.voxel_bytes // max(header.bytes_per_component * header.components, 1)
-    return int(1.5 * header.voxel_bytes + 2.5 * voxels)
+    return int(1.5 * header.voxel_bytes + 2.5 * math.prod(header.size))
 
 
 def check_memory_budget(header: ImageHeader, path, max_bytes: Optional[int] = None) -> None:
@@ -559,33 +559,42 @@ def check_complete(path) -> None:
         _check_nrrd(path)  # NRRD is recognised by its first bytes, whatever the name (.nrrd, .nhdr, .seg.nrrd)
 
 
+def checked_complete(path):
+    """A context: :func:`check_complete` runs in a thread while the body reads ``path``, and its refusal is raised
+    when the body ends (see :func:`_beside`)."""
+    return _beside(check_complete, path)
+
+
 @contextlib.contextmanager
-def checked_complete(path) -> Iterator[None]:
-    """Run :func:`check_complete` in a thread while the body reads ``path`` (ITK decompresses the file as well: on
-    a computer with more than one core the check then adds little time). Its refusal is raised when the body
-    ends, also in place of the body's own error, which a damaged file causes and explains less well."""
+def _beside(check, *args) -> Iterator[List]:
+    """Run ``check(*args)`` in a thread while the body reads the same file (ITK decompresses it as well: on a
+    computer with more than one core the check then adds little time). Yields a list that holds its result once
+    the body has ended; its exception is raised then, also in place of the body's own error, which a damaged
+    file causes and explains less well (Ctrl+C is not held up)."""
     import threading
 
-    failure: List[BaseException] = []
+    outcome: List = []
 
-    def check() -> None:
+    def run() -> None:
         try:
-            check_complete(path)
+            outcome.append(check(*args))
         except BaseException as exc:  # handed over to the reading thread
-            failure.append(exc)
+            outcome.append(exc)
 
-    thread = threading.Thread(target=check, name="FastSAM3D input check", daemon=True)
+    thread = threading.Thread(target=run, name="FastSAM3D file check", daemon=True)
     thread.start()
+    result: List = []
     try:
-        yield
+        yield result
     except Exception:
         thread.join()
-        if failure:
-            raise failure[0] from None
+        if outcome and isinstance(outcome[0], BaseException):
+            raise outcome[0] from None
         raise
     thread.join()
-    if failure:
-        raise failure[0]
+    if outcome and isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    result.extend(outcome)
 
 
 def _truncated(path, problem: Optional[str] = None) -> InputImageError:
@@ -603,30 +612,35 @@ def _is_gzip(path: Path) -> bool:
 
 def _check_nifti(path: Path) -> None:
     """:func:`check_complete` for a single-file NIfTI-1/2 (plain or gzip-compressed)."""
+    problem = _nifti_problem(path)
+    if problem:
+        raise _truncated(path, problem)
+
+
+def _nifti_problem(path: Path) -> Optional[str]:
+    """Why a single-file NIfTI-1/2 (plain or gzip-compressed) is cut short or damaged; None when it is whole (or
+    no NIfTI). For inputs (:func:`check_complete`) and for written labels (:func:`_verify_label`) alike."""
     try:
         compressed = _is_gzip(path)
         with (gzip.open if compressed else open)(path, "rb") as stream:
             need = _nifti_bytes(stream.read(544))
         if need is None:
-            return
+            return None
         have, problem = _inflated_size(path) if compressed else (path.stat().st_size, None)
-    except (OSError, EOFError, zlib.error):  # not even a whole header: ITK said more already, or will
-        raise _truncated(path) from None
-    _refuse_short(path, need, have, problem)
+    except (OSError, EOFError, zlib.error):  # not even a whole header
+        return "not even its header is whole"
+    return _short_problem(need, have, problem)
 
 
-def _refuse_short(path: Path, need: int, have: Optional[int], problem: Optional[str],
-                  header: Optional[Path] = None) -> None:
-    """Raise :func:`_truncated` if the (decompressed) data are damaged or hold less than ``need`` bytes.
-
-    ``have``: None where unknown (corrupt data). ``header``: the separate header that promised ``need``, if any.
-    """
+def _short_problem(need: int, have: Optional[int], problem: Optional[str],
+                   header: Optional[Path] = None) -> Optional[str]:
+    """Why data that must hold ``need`` bytes are damaged (``problem``) or hold fewer (``have``; None where
+    unknown: corrupt data); None if neither. ``header``: the separate header that promised ``need``, if any."""
     owner = f"its header {header.name}" if header is not None else "the header"
     if have is not None and have < need:
-        problem = (f"{problem}, after {have} of the {need} bytes {owner} promises" if problem
-                   else f"{owner} promises {need} bytes, the file holds {have}")
-    if problem:
-        raise _truncated(path, problem)
+        return (f"{problem}, after {have} of the {need} bytes {owner} promises" if problem
+                else f"{owner} promises {need} bytes, the file holds {have}")
+    return problem
 
 
 def _check_nifti_pair(path: Path) -> None:
@@ -661,7 +675,9 @@ def _check_nifti_pair(path: Path) -> None:
         have, problem = _inflated_size(image) if _is_gzip(image) else (image.stat().st_size, None)
     except OSError:
         raise _truncated(image) from None
-    _refuse_short(image, need, have, problem, header)
+    problem = _short_problem(need, have, problem, header)
+    if problem:
+        raise _truncated(image, problem)
 
 
 def _split_pair_name(name: str) -> Tuple[str, str]:
@@ -764,17 +780,15 @@ def _check_nrrd(path: Path, streams: bool = True) -> None:
     except OSError:
         return
     fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
-    data_file = fields.get("datafile")
-    one_file = data_file is not None and len(data_file.split()) == 1 and data_file != "LIST" and "%" not in data_file
-    if one_file:
-        _check_data_file(path, path.parent / data_file)  # relative names are beside the header
+    name = fields.get("datafile")
+    data = _data_file(path, name) if name is None or len(name.split()) == 1 else None  # else "NAME MIN MAX STEP"
     if not streams or start is None or fields.get("encoding", "").lower() not in ("gzip", "gz") or \
             fields.get("lineskip", "0") != "0":  # line skip: the stream starts after lines we do not check
         return
-    if data_file is None:
+    if name is None:
         _check_stream(path, start, 31)
-    elif one_file:
-        _check_stream(path.parent / data_file, 0, 31)
+    elif data is not None:
+        _check_stream(data, 0, 31)
 
 
 def _check_metaimage(path: Path, streams: bool = True) -> None:
@@ -786,18 +800,17 @@ def _check_metaimage(path: Path, streams: bool = True) -> None:
     except OSError:
         return
     fields = {key.lower(): value for key, value in fields.items()}
-    data_file = fields.get("elementdatafile")
-    if data_file is not None and data_file.upper() not in ("LOCAL", "LIST") and "%" not in data_file:
-        _check_data_file(path, path.parent / data_file)  # relative names are beside the header
-    if not streams or fields.get("compresseddata", "").lower() != "true" or data_file is None or \
+    name = fields.get("elementdatafile")
+    data = _data_file(path, name)
+    if not streams or fields.get("compresseddata", "").lower() != "true" or name is None or \
             fields.get("headersize", "0") != "0":
         return
     size = fields.get("compresseddatasize", "")
     limit = int(size) if size.isdigit() and int(size) > 0 else None
-    if data_file.upper() == "LOCAL":
+    if name.upper() == "LOCAL":
         _check_stream(path, start, 47, limit)
-    elif data_file.upper() != "LIST" and "%" not in data_file:
-        _check_stream(path.parent / data_file, 0, 47, limit)  # relative names are beside the header
+    elif data is not None:
+        _check_stream(data, 0, 47, limit)
 
 
 def check_data_files(path) -> None:
@@ -810,12 +823,17 @@ def check_data_files(path) -> None:
         _check_nrrd(path, streams=False)
 
 
-def _check_data_file(header: Path, data: Path) -> None:
-    """Refuse a detached header whose data file exists but is no regular file: reading a pipe or a terminal
-    named there would wait for ever (the header itself is checked before)."""
+def _data_file(header: Path, name: Optional[str]) -> Optional[Path]:
+    """The one data file ``name`` that a detached header names (relative names lie beside it), or None: attached
+    data (none, ``LOCAL``), a ``LIST`` or a ``%d`` pattern of files. InputImageError for one that exists but is no
+    regular file: reading a pipe or a terminal named there would wait for ever."""
+    if name is None or name.upper() in ("LOCAL", "LIST") or "%" in name:
+        return None
+    data = header.parent / name
     if data.exists() and not data.is_file():
         raise InputImageError(f"{header} names the data file {data}, which is not a regular file (a device or a "
                               "pipe?). Point the header at the image's data file.")
+    return data
 
 
 _NRRD_FIELD = re.compile(r"([A-Za-z][A-Za-z ]*):\s(.*)")  # not key:=value pairs
@@ -924,18 +942,10 @@ def _verify_label(path: Path, expected: dict, label, extension: str) -> Optional
                 scale = max(1.0, float(np.max(np.abs(want))))
                 if not np.allclose(got, want, rtol=0, atol=tol * scale):
                     return f"its header has another {what} ({np.round(got, 5).tolist()}) than the image"
-            import threading
-
-            stream: List[Optional[str]] = []  # the stream is checked while ITK reads it (both decompress it)
-            checker = threading.Thread(target=lambda: stream.append(_stream_problem(path, extension)),
-                                       name="FastSAM3D label check", daemon=True)
-            checker.start()
-            try:
+            with _beside(_stream_problem, path, extension) as stream:
                 written = reader.Execute()
-            finally:
-                checker.join()
-            if not stream or stream[0]:
-                return stream[0] if stream else "its compressed stream could not be checked"
+            if stream[0]:
+                return stream[0]
         except RuntimeError as exc:
             return f"it cannot be read back ({itk_reason(exc, native)})"
     back = sitk.GetArrayViewFromImage(written)  # a view: valid while ``written`` lives
@@ -954,25 +964,11 @@ def _equal_in_slabs(a, b, voxels: int = 1 << 24) -> bool:
 
 
 def _stream_problem(path: Path, extension: str) -> Optional[str]:
-    """Why a NIfTI file is incomplete (the whole gzip stream and its checksum are read), or None."""
+    """Why a written NIfTI file is incomplete (the whole gzip stream and its checksum are read), or None."""
     if extension not in NIFTI_EXTENSIONS:
         return None  # NRRD and MetaImage readers check their own data length and compression
-    opener = gzip.open if extension.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            head = stream.read(544)
-            have = len(head)
-            while True:
-                chunk = stream.read(1 << 22)
-                if not chunk:
-                    break
-                have += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        return f"the file is cut short ({exc})"
-    need = _nifti_bytes(head)
-    if need is not None and have < need:
-        return f"the file holds {have} of its {need} bytes"
-    return None
+    problem = _nifti_problem(path)
+    return f"the file is cut short or damaged: {problem}" if problem else None
 
 
 def write_failed(output: Path, tmp: Path, label_bytes: int, detail: str) -> OutputFileError:
