@@ -74,11 +74,9 @@ def cmd_build(args) -> int:
     from pathlib import Path
 
     from ..evaluation.evaluate import _resolve_model
-    from ..files import sha256_file
+    from ..files import check_output_path, sha256_file
     from .bank import save_bank
     from .build import build_bank, inspect_text
-
-    from ..files import check_output_path
 
     inputs = [Path(args.data)] + ([Path(args.label)] if args.label else [])
     output = check_output_path(args.output, inputs, extensions=(".safetensors",), input_name="input")

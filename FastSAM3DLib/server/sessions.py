@@ -50,6 +50,10 @@ class SessionState:
             finally:
                 self.last_used = self.clock()
 
+    def busy(self) -> bool:
+        """A click of this session runs, or waits for its turn: it is in use, whatever its idle time says."""
+        return self.lock.locked() or bool(self.queued)
+
     def close(self) -> None:
         """End the session: it is refused from now on, and its tensors are freed (after the click that holds the
         session, if one does: call it from a worker thread, not an event loop)."""
@@ -107,7 +111,7 @@ class SessionStore:
             self._sweep()
             if len(self._sessions) >= self.settings.max_sessions:
                 now = self.clock()
-                idle = [(s.last_used, k) for k, s in self._sessions.items() if not s.lock.locked() and not s.queued]
+                idle = [(s.last_used, k) for k, s in self._sessions.items() if not s.busy()]
                 oldest = min(idle, default=None)
                 if oldest is None or now - oldest[0] < MIN_IDLE_TO_REPLACE_S:
                     wait = MIN_IDLE_TO_REPLACE_S - (now - oldest[0]) if oldest else MIN_IDLE_TO_REPLACE_S
@@ -145,8 +149,7 @@ class SessionStore:
     def _sweep(self) -> None:
         now = self.clock()
         for session_id in [k for k, s in self._sessions.items()
-                           if now - s.last_used > self.settings.idle_timeout_s and not s.lock.locked()
-                           and not s.queued]:  # a click running or waiting for its turn: in use
+                           if now - s.last_used > self.settings.idle_timeout_s and not s.busy()]:
             del self._sessions[session_id]
 
 
