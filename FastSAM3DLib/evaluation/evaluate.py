@@ -168,6 +168,7 @@ class _CaseData:
         self.volume.validate()
         self.label_volume = Volume(self.labels, self.volume.ijk_to_ras)
         self._grid = self._label_grid = self._session = None
+        self._reference_surface = None  # (weak reference to a mask, its Surface): the structure scored last
 
     def grid(self):
         """The whole volume on the model grid (1.5 mm, canonical order) and the labels resampled onto it."""
@@ -183,7 +184,15 @@ class _CaseData:
         if self.nsd_tolerance_mm is None:
             return float("nan")
         spacing_kji = np.linalg.norm(np.asarray(self.volume.ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)[::-1]
-        return nsd_in_region(region, mask, reference, spacing_kji, self.nsd_tolerance_mm)
+        if self._reference_surface is None or self._reference_surface[0]() is not reference:
+            import weakref
+
+            from .surfaces import Surface
+
+            # once per structure; the weak reference does not keep a structure's mask alive after it is done
+            self._reference_surface = (weakref.ref(reference), Surface.of(reference, spacing_kji))
+        return nsd_in_region(region, mask, reference, spacing_kji, self.nsd_tolerance_mm,
+                             self._reference_surface[1])
 
     def session(self):
         """An interactive session on this volume with the protocol's prompting mode."""

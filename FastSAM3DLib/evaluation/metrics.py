@@ -12,7 +12,6 @@ NSD = (area of A's surface within τ of B's + area of B's within τ of A's) / (a
 both masks are empty, 0 when exactly one is. (Counting border voxels instead, as this project did until
 2026-12, gave values up to 0.48 lower at 3 mm spacing.)
 """
-import warnings
 from typing import Dict, Iterable, Sequence, Tuple
 
 import numpy as np
@@ -110,69 +109,61 @@ def require_nsd() -> None:
     here (checked before an evaluation starts, not at its first structure)."""
     from ..errors import FastSAM3DError
 
+    from .surfaces import surface_distance_package
+
     try:
-        _surface_distance()
+        surface_distance_package()
     except ImportError as exc:
         raise FastSAM3DError(f"{str(exc)[0].upper()}{str(exc)[1:]} (or: pip install -e \".[evaluation]\").") from None
-
-
-def _surface_distance():
-    """DeepMind's ``surface-distance`` module, or an ImportError saying how to install it."""
-    try:
-        import surface_distance
-    except ImportError as exc:
-        raise ImportError("the normalised surface Dice needs DeepMind's 'surface-distance' package (the CVPR 2025 "
-                          "challenge's implementation): pip install surface-distance") from exc
-    return surface_distance
 
 
 def normalized_surface_dice(prediction: np.ndarray, reference: np.ndarray, spacing,
                             tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
     """NSD of two boolean masks (module docstring); ``spacing``: mm per voxel along the arrays' three axes.
 
-    Only the box around both masks is processed (outside the array counts as outside the masks), so a small
-    structure in a large volume is cheap.
+    Only the masks' surfaces are measured (:mod:`.surfaces`), so a small structure in a large volume is cheap.
     """
-    prediction, reference = np.asarray(prediction) != 0, np.asarray(reference) != 0
+    prediction, reference = np.asarray(prediction), np.asarray(reference)
     if prediction.shape != reference.shape or prediction.ndim != 3:
         raise ValueError(f"NSD needs two 3D masks of one shape, got {prediction.shape} and {reference.shape}")
-    if not float(tolerance_mm) >= 0:
-        raise ValueError(f"the NSD tolerance must be a number of mm >= 0, got {tolerance_mm}")
-    has_p, has_r = prediction.any(), reference.any()
-    if not has_p and not has_r:
-        return float("nan")
-    if not has_p or not has_r:
-        return 0.0
-    library = _surface_distance()
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(prediction | reference))
-    with warnings.catch_warnings():  # it calls scipy.ndimage.filters, a deprecated alias of scipy.ndimage
-        warnings.simplefilter("ignore", DeprecationWarning)
-        distances = library.compute_surface_distances(np.ascontiguousarray(reference[box]),
-                                                      np.ascontiguousarray(prediction[box]),
-                                                      tuple(float(s) for s in spacing))
-        return float(library.compute_surface_dice_at_tolerance(distances, float(tolerance_mm)))
+    from .surfaces import Surface
+
+    return surface_dice(Surface.of(prediction, spacing), Surface.of(reference, spacing), tolerance_mm)
 
 
 def nsd_in_region(region, mask: np.ndarray, reference: np.ndarray, spacing,
-                  tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
-    """NSD of a prediction given as ``mask`` inside ``region`` (slices of ``reference``), False elsewhere."""
+                  tolerance_mm: float = NSD_TOLERANCE_MM, reference_surface=None) -> float:
+    """NSD of a prediction given as ``mask`` inside ``region`` (slices of ``reference``), False elsewhere.
+
+    ``reference_surface``: ``reference``'s :class:`~.surfaces.Surface` when already built (it is the same for
+    every prediction scored against that reference).
+    """
+    from .surfaces import Surface
+
     region = tuple(region)
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != np.asarray(reference[region]).shape:
-        raise ValueError(f"region of shape {np.asarray(reference[region]).shape} does not match the mask's "
-                         f"{mask.shape}")
-    reference = np.asarray(reference) != 0
-    lows = [r.start or 0 for r in region]
-    highs = [r.stop if r.stop is not None else n for r, n in zip(region, reference.shape)]
-    found = np.nonzero(reference)
-    if len(found[0]):
-        lows = [min(lo, int(i.min())) for lo, i in zip(lows, found)]
-        highs = [max(hi, int(i.max()) + 1) for hi, i in zip(highs, found)]
-    box = tuple(slice(lo, hi) for lo, hi in zip(lows, highs))
-    prediction = np.zeros([hi - lo for lo, hi in zip(lows, highs)], dtype=bool)
-    inner = tuple(slice((r.start or 0) - lo, (r.start or 0) - lo + n) for r, lo, n in zip(region, lows, mask.shape))
-    prediction[inner] = mask
-    return normalized_surface_dice(prediction, reference[box], spacing, tolerance_mm)
+    mask = np.asarray(mask)
+    inside = np.asarray(reference)[region]
+    if mask.shape != inside.shape:
+        raise ValueError(f"region of shape {inside.shape} does not match the mask's {mask.shape}")
+    if reference_surface is None:
+        reference_surface = Surface.of(reference, spacing)
+    offset = [r.start or 0 for r in region]
+    return surface_dice(Surface.of(mask, spacing, offset), reference_surface, tolerance_mm)
+
+
+def surface_dice(prediction, reference, tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """NSD of two :class:`~.surfaces.Surface`: NaN when both masks are empty, 0 when exactly one is, otherwise
+    ``surface_distance.compute_surface_dice_at_tolerance`` of their distances."""
+    if not float(tolerance_mm) >= 0:
+        raise ValueError(f"the NSD tolerance must be a number of mm >= 0, got {tolerance_mm}")
+    if not len(prediction) and not len(reference):
+        return float("nan")
+    if not len(prediction) or not len(reference):
+        return 0.0
+    from .surfaces import surface_distance_package, surface_distances
+
+    distances = surface_distances(reference, prediction)
+    return float(surface_distance_package().compute_surface_dice_at_tolerance(distances, float(tolerance_mm)))
 
 
 def area_under_clicks(values: Sequence[float]) -> float:
