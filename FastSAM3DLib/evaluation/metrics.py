@@ -5,8 +5,9 @@ Dice = 2|A∩B| / (|A| + |B|) and IoU = |A∩B| / |A∪B| on boolean masks; both
 NaN values (``nanmean``/``nanmax``) and are NaN when every value is NaN.
 
 NSD (normalised surface Dice at a tolerance of τ mm, the CVPR 2025 interactive challenge's second metric, τ =
-:data:`NSD_TOLERANCE_MM`) is computed by DeepMind's ``surface-distance`` package, the implementation the
-challenge's ``SurfaceDice.py`` carries (Nikolov et al. 2021): each mask's surface is cut into surface elements at
+:data:`NSD_TOLERANCE_MM`) is that of DeepMind's ``surface-distance`` package, the implementation the challenge's
+``SurfaceDice.py`` carries (Nikolov et al. 2021), with the distances between the surfaces found as in
+:mod:`.surfaces` (the same values, far cheaper on large structures): each mask's surface is cut into surface elements at
 the corners between voxels, each weighted by its area (marching-cubes triangles, anisotropic spacing honoured);
 NSD = (area of A's surface within τ of B's + area of B's within τ of A's) / (area of A's + area of B's). NaN when
 both masks are empty, 0 when exactly one is. (Counting border voxels instead, as this project did until
