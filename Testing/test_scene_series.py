@@ -46,6 +46,31 @@ def test_a_shrinking_result_gives_other_segments_back_what_the_series_took(app):
     assert baseline.taken.voxel_count() == 0
 
 
+def test_giving_back_keeps_the_3d_surfaces_of_the_segments_it_does_not_change(app):
+    """Slicer shows segments in 3D as closed surfaces, rebuilt on the main thread for every segment whose surface
+    is dropped; a write into a labelmap layer followed by ``Modified()`` drops them all (``vtkSegmentation::
+    OnSourceRepresentationModified``). The give-back goes through Slicer's segmentation modifier instead: only the
+    segments that get voxels back have their surfaces updated, the others keep theirs."""
+    volume, segmentation, ids, masks = series_scene(app)
+    far = np.zeros(SHAPE, bool)
+    far[0:2, 18:21, 20:24] = True  # away from the region: no write of the series touches it
+    ids["D"] = set_segment(segmentation, volume, "D", far)
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    assert segmentation.CreateClosedSurfaceRepresentation()
+    seg = segmentation.GetSegmentation()
+    kept = {name: seg.GetSegment(ids[name]).GetRepresentation(surface) for name in ("D",)}
+    baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+    with sc.LogicEditor(app.scene) as editor:
+        sc.write_region(segmentation, ids["T"], volume, REGION, WHOLE, editor=editor, taken=baseline.taken)
+        sc.write_region(segmentation, ids["T"], volume, REGION, SMALL, editor=editor, taken=baseline.taken)
+    assert np.array_equal(segment_array(segmentation, ids["A"], volume), masks["A"] & ~placed(REGION, SMALL))
+    for name in ("D",):
+        assert seg.GetSegment(ids[name]).GetRepresentation(surface) is kept[name], name
+    for name in "ABC":  # given back: their surfaces follow their new voxels
+        poly = seg.GetSegment(ids[name]).GetRepresentation(surface)
+        assert poly is not None and poly.GetNumberOfPoints() > 0, name
+
+
 def test_without_a_series_the_voxels_stay_with_nobody(app):
     """The behaviour the series corrects, and what a single write (the console call) still does."""
     volume, segmentation, ids, masks = series_scene(app)

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .writing import Region, _EMPTY, _image_array, _intersect_extent, _reallocate, _values_in_extent, segment_mask, \
+from ..errors import FastSAM3DError
+from .writing import Region, _intersect_extent, _oriented_image, _values_in_extent, segment_mask, \
     segment_voxels_on_lattice
 
 Extent = Tuple[int, int, int, int, int, int]  # i0, i1, j0, j1, k0, k1 on the edit's voxel grid (inclusive)
@@ -72,10 +73,10 @@ class TakenVoxels:
             segments.append((segment_id, key, segmentation.GetSegment(segment_id).GetLabelValue()))
         return tuple(box), layers, segments
 
-    def after_write(self, segmentation, before) -> bool:
+    def after_write(self, segmentation_node, before) -> bool:
         """Record what the edit took from other segments and give back what the series took and the edit
-        cleared from the segment into no other one. Returns whether any voxel was given back (the caller
-        announces the change)."""
+        cleared from the segment into no other one. Returns whether any voxel was given back."""
+        segmentation = segmentation_node.GetSegmentation()
         box, layers_before, segments = before
         now, changes = {}, {}
 
@@ -113,7 +114,7 @@ class TakenVoxels:
             image = segmentation.GetLayerDataObject(index)     # before the series may overlap again
             if image is not None:
                 cleared &= values_now(image) == 0
-        return self._give_back(segmentation, box, cleared)
+        return self._give_back(segmentation_node, box, cleared)
 
     def _reconcile(self, segmentation) -> None:
         """Bring the record up to date with the labels as they are before a write (see the class docstring)."""
@@ -134,9 +135,10 @@ class TakenVoxels:
                 returned[segment_id] = (extent, rest)
         self._taken, self._returned = taken, returned
 
-    def _give_back(self, segmentation, box: Extent, free: np.ndarray) -> bool:
+    def _give_back(self, segmentation_node, box: Extent, free: np.ndarray) -> bool:
         """Give each segment the voxels of ``free`` ((K, J, I) bool over ``box``: in no segment now) that the
         series took from it."""
+        segmentation = segmentation_node.GetSegmentation()
         given = False
         for segment_id in list(self._taken):
             segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
@@ -150,7 +152,7 @@ class TakenVoxels:
             back = voxels[_slices(extent, common)] & free[_slices(box, common)]
             if not back.any():
                 continue
-            _set_voxels(image, common, back, segment.GetLabelValue())
+            _set_voxels(segmentation_node, segment_id, self._grid, common, back)
             _merge(self._returned, segment_id, common, back)
             voxels = voxels.copy()  # a new array: snapshots keep the old one
             voxels[_slices(extent, common)] &= ~back
@@ -216,17 +218,21 @@ def _layer_image(segmentation, segment_id: str):
     return segmentation.GetLayerDataObject(layer) if layer >= 0 else None
 
 
-def _set_voxels(image, extent: Extent, voxels: np.ndarray, value: int) -> None:
-    """Set ``image``'s voxels where ``voxels`` ((K, J, I) bool over ``extent``) is True to ``value``, growing the
-    image's extent to reach them."""
+def _set_voxels(segmentation_node, segment_id: str, grid: np.ndarray, extent: Extent, voxels: np.ndarray) -> None:
+    """Add to segment ``segment_id`` the voxels where ``voxels`` ((K, J, I) bool over ``extent`` of the grid whose
+    image-to-world matrix is ``grid``) is True.
+
+    Through Slicer's segmentation modifier, as the Segment Editor's own edits: it announces the change for this
+    segment alone, so Slicer updates this segment's 3D surface only. (Writing into the labelmap layer and calling
+    ``Modified()`` makes Slicer drop every segment's surface and rebuild them all when 3D is shown.)
+    """
+    import slicer
+
     needed = _bounding_extent(extent, voxels)
-    voxels = voxels[_slices(extent, needed)]
-    current = tuple(image.GetExtent()) if image.GetPointData().GetScalars() is not None else _EMPTY
-    grown = needed if current == _EMPTY else _union(current, needed)
-    if grown != current:
-        _reallocate(image, grown)
-    _image_array(image)[_slices(grown, needed)][voxels] = value
-    image.Modified()
+    image = _oriented_image(voxels[_slices(extent, needed)], grid, needed)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_MERGE_MASK, needed):
+        raise FastSAM3DError(f"Slicer could not give segment '{segment_id}' back its voxels.")
 
 
 class SegmentBaseline:

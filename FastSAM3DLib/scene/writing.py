@@ -87,8 +87,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if errors:
             raise FastSAM3DError("The Segment Editor could not apply the result (" + "; ".join(errors)[:500] +
                                  "). The segment was left unchanged.")
-        if before is not None and taken.after_write(segmentation, before):
-            segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified)
+        if before is not None:
+            taken.after_write(segmentation_node, before)
     except BaseException:
         if rollback is not None:
             rollback.restore()
