@@ -125,6 +125,10 @@ class QComboBox(QWidget):
     def currentData(self):
         return self._items[self._index][1] if self._index >= 0 else None
 
+    @property
+    def currentText(self):
+        return self._items[self._index][0] if self._index >= 0 else ""
+
     def currentIndex(self):
         return self._index
 
@@ -460,6 +464,12 @@ class EffectHarness:
     def mouse_press(self, xy, shift=False, control=False, alt=False):
         self.view.position, self.view.shift, self.view.control, self.view.alt = xy, shift, control, alt
         return self.effect.processInteractionEvents(self.view, vtk.vtkCommand.LeftButtonPressEvent, self.view)
+
+    def mouse_double_click(self, xy, shift=False, control=False, alt=False):
+        """A second press soon after the first: VTK's Qt adapter (QVTKInteractorAdapter) turns Qt's
+        MouseButtonDblClick into LeftButtonDoubleClickEvent and sends no press for it."""
+        self.view.position, self.view.shift, self.view.control, self.view.alt = xy, shift, control, alt
+        return self.effect.processInteractionEvents(self.view, vtk.vtkCommand.LeftButtonDoubleClickEvent, self.view)
 
     def close(self):
         worker = getattr(self.effect, "_worker", None) if hasattr(self, "effect") else None

@@ -125,6 +125,37 @@ def test_polarity_is_a_toggle_and_shift_ctrl_alt_clicks_stay_slicers(harness):
     assert points(effect) == [1]
 
 
+def test_a_quick_second_click_adds_its_point_and_does_not_reach_the_view(harness):
+    """Slicer's slice views maximise (or restore) on a double click, and the second press of a quick pair comes
+    as a double click alone: taken as a click, it adds its point and is consumed; Ctrl + double click (reset
+    window/level) stays Slicer's."""
+    effect, volume, segmentation, segment_id = ready(harness)
+    harness.view.xy_to_ras = lambda xy: CENTRE if xy == (1, 1) else (CENTRE[0] + 3.0, CENTRE[1], CENTRE[2])
+    assert harness.mouse_press((1, 1)) is True
+    harness.run_event_loop()
+    assert harness.mouse_double_click((2, 2)) is True
+    harness.run_event_loop()
+    assert points(effect) == [1, 1]
+    assert harness.mouse_double_click((2, 2), control=True) is False
+    assert points(effect) == [1, 1]
+
+
+def test_a_saved_model_this_installation_does_not_list_is_shown_as_the_one_used(harness):
+    """A scene saved by another version may name a model this one lacks: the panel shows that name (the clicks
+    use it and say it has no weights), and choosing a listed model replaces it."""
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "organ"))
+    harness.editor_node.SetAttribute("FastSAM3D.Model", "fastsam3d-v9")
+    effect = harness.create_effect()
+    effect.activate()
+    assert effect.modelCombo.currentData == effect._options()[0] == "fastsam3d-v9"
+    assert "fastsam3d-v9" in effect.modelCombo.currentText
+    effect.modelCombo.setCurrentIndex(effect.modelCombo.findData("fastsam3d-demo"))
+    harness.run_event_loop()
+    assert effect._options()[0] == "fastsam3d-demo"
+
+
 def test_a_result_that_arrives_after_the_effect_was_left_is_not_written(harness):
     release = threading.Event()
     stand_in = sphere_predictor(4.0)

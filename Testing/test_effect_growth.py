@@ -125,3 +125,14 @@ def test_leaving_the_effect_stops_a_growth_whose_result_would_be_dropped(harness
     assert 1 <= len(sessions[0].region_set.regions) < 3
     assert not segment_array(segmentation, segment_id, node).any()
     assert "not applied" in effect.statusLabel.text
+
+
+def test_quitting_from_python_stops_a_growth_at_once(harness, monkeypatch):
+    """``slicer.util.exit()`` (a script, the self-test) and destroying the editor do not deactivate the effect
+    first, as closing the main window does: quitting must stop the growth itself, or the quit waits the worker's
+    full timeout and leaves it running in the model while Python shuts down."""
+    effect, sessions, node, segmentation, segment_id, truth = _growing(harness, monkeypatch)
+    worker = effect._worker
+    harness.app.quit()
+    assert not worker._thread.is_alive()
+    assert 1 <= len(sessions[0].region_set.regions) < 3

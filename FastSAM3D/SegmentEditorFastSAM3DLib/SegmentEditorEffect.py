@@ -283,6 +283,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._status(_("Cannot list the models: {error}").format(error=exc), error=True)
             finally:
                 self.modelCombo.blockSignals(wasBlocked)
+        if model and self.modelCombo.findData(model) < 0:  # e.g. a scene saved by another version: shown as used
+            wasBlocked = self.modelCombo.blockSignals(True)
+            self.modelCombo.addItem(_("{name} (not installed here)").format(name=model), model)
+            self.modelCombo.blockSignals(wasBlocked)
         self._fillMemoryCombo(model)
         for combo, value in ((self.modelCombo, model), (self.deviceCombo, device), (self.promptCombo, promptMode),
                              (self.memoryCombo, self._parameter(MEMORY_BANK)),
@@ -455,9 +459,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._stopWorker()
 
     def _stopWorker(self):
-        """End the worker thread; a download notices at once, a click is waited for (bounded)."""
+        """End the worker thread; a download or a growth notices at once, a click is waited for (bounded)."""
         if self._worker is not None:
             self._downloadCancelled = True
+            self._stopGrowing = True  # quitting from Python or destroying the editor does not deactivate first
             if not self._worker.stop(QUIT_WAIT_SECONDS):
                 logging.warning("FastSAM3D: a computation was still running when the worker was stopped")
             self._worker = None
@@ -496,9 +501,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.onClearPoints()
                 return True
             return False
-        if eventId != vtk.vtkCommand.LeftButtonPressEvent or callerInteractor.GetControlKey() \
-                or callerInteractor.GetAltKey() or callerInteractor.GetShiftKey():
-            return False  # Slicer's own gestures (Shift: pan and crosshair, Ctrl: blend) keep working
+        # a quick second click arrives as a double click alone (VTK's Qt adapter sends no press for it); taken
+        # as a press, so that it adds its point and does not maximise the view (Slicer's double click)
+        if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent) \
+                or callerInteractor.GetControlKey() or callerInteractor.GetAltKey() or callerInteractor.GetShiftKey():
+            return False  # Slicer's own gestures (Shift: pan and crosshair, Ctrl: blend and reset) keep working
         confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
         if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
             return True  # the dialog consumed the button release: do not start an action
