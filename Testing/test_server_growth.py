@@ -193,6 +193,37 @@ def test_the_segment_command_grows_through_a_server(served, tmp_path, capsys):
     assert np.count_nonzero(masks["--grow"]) > 1.5 * np.count_nonzero(masks["--no-grow"])
 
 
+def test_the_command_line_runs_without_torch_and_says_why_it_does_not_grow(served, tmp_path):
+    """A workstation that only talks to a server needs no PyTorch: every command's help, and ``segment --device
+    http://... --grow`` segments one region per click and says why (growth's bookkeeping needs PyTorch)."""
+    import os
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    from conftest import REPO_ROOT
+    from FastSAM3DLib.memory import retrieval, settings
+
+    assert tuple(retrieval.DESCRIPTORS) == settings.DESCRIPTOR_NAMES  # what the torch-free options offer
+    _, server = served
+    volume, _ = curved_tube(length=420.0, spacing=(3.0, 3.0, 3.0))
+    image, out = tmp_path / "tube.nii.gz", tmp_path / "out.nii.gz"
+    sitk.WriteImage(volume.to_sitk(), str(image))
+    y, z = tube_centre(-150.0, 420.0)
+    runs = [[command, "--help"] for command in ("segment", "evaluate", "memory", "serve", "distill", "finetune", "demo",
+                                                "prepare-data", "export-weights", "models", "download", "import")]
+    runs += [["--help"], ["segment", str(image), f"--point=-150,{y},{z}", "--model", "tiny-test", "--device",
+                          server.url, "--grow", "-o", str(out)]]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    for argv in runs:
+        code = f"import sys; sys.modules['torch'] = None; from FastSAM3DLib.cli import main; sys.exit(main({argv!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+    assert "note:" in proc.stdout and "PyTorch" in proc.stdout, proc.stdout
+    assert np.count_nonzero(Volume.from_file(out).array) > 0
+
+
 def test_a_neighbour_whose_image_cannot_be_used_is_refused_alone_as_locally(served):
     """A region of one constant value cannot be normalised: a local session refuses that neighbour and grows on;
     the remote click failed as a whole with InputImageError (its image was only made in the request)."""

@@ -32,7 +32,7 @@ def add_subcommand(subparsers) -> None:
     """Register ``evaluate`` on an argparse subparsers object."""
     import argparse
 
-    from ..registry import list_models
+    from ..model_configs import list_models
     from .clicks import PROTOCOLS
 
     parser = subparsers.add_parser(

@@ -14,6 +14,7 @@ effect's "Memory bank" option (Model options).
 * :mod:`.bank`: the bank file (one ``.safetensors``, provenance in its header), loading and fit checks.
 * :mod:`.header`: the header alone, without PyTorch (the effect's bank menu).
 * :mod:`.retrieval`: descriptors and exact kNN.
+* :mod:`.settings`: the plug-in's choices and defaults, without PyTorch.
 * :mod:`.plugin`: :func:`attach_memory` and the mixing rules (``"attention"``, ``"values"``, ``"released"``).
 * :mod:`.build`: making a bank from labelled data with our own encoder.
 * :mod:`.evaluation`: memory on/off evaluation with the leakage guard, and the paired statistics.
@@ -39,7 +40,7 @@ _EXPORTS = {
     "MemoryHandle": "plugin",
     "MemoryOverflowError": "plugin",
     "memory_weights": "plugin",
-    "RULES": "plugin",
+    "RULES": "settings",
     "knn": "retrieval",
     "describe": "retrieval",
     "DESCRIPTORS": "retrieval",

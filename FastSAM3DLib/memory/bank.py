@@ -51,11 +51,12 @@ import torch
 
 from ..files import atomic_output, library_write_error
 from .header import FORMAT, MemoryBankError, find_banks, read_bank_metadata  # noqa: F401
+from .settings import KV_DTYPE_NAMES
 
 TENSOR_NAMES = ("descriptors", "keys", "values", "case_index")
 _REQUIRED_META = ("format", "model", "encoder_sha256", "block", "num_heads", "head_dim", "grid", "embed_dim",
                   "descriptor", "descriptor_dim", "crop", "spacing_mm", "cases", "entries", "kv_dtype")
-KV_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_DTYPES = {name: getattr(torch, name) for name in KV_DTYPE_NAMES}
 
 
 @dataclass

@@ -34,8 +34,7 @@ from . import retrieval
 from ..files import sha256_file
 from .bank import KV_DTYPES, MemoryBank, MemoryBankError, default_block, model_layout, new_meta
 from .plugin import attached_memory
-
-CROPS = ("gt", "click")
+from .settings import CROPS
 
 
 def image_sha256(path) -> str:

@@ -22,10 +22,8 @@ evaluation never retrieves entries of the patient it is testing."""
 
 def add_subcommands(subparsers) -> None:
     """Register ``memory build`` and ``memory inspect`` on an argparse subparsers object."""
-    from ..registry import list_models
-    from .build import CROPS
-    from .bank import KV_DTYPES
-    from .retrieval import DESCRIPTORS
+    from ..model_configs import list_models
+    from .settings import CROPS, DESCRIPTOR_NAMES, KV_DTYPE_NAMES
 
     memory = subparsers.add_parser(
         "memory", help="Memorizing SAM memory banks: build one from labelled data, inspect one",
@@ -47,14 +45,14 @@ def add_subcommands(subparsers) -> None:
     build.add_argument("--output", "-o", required=True, help="bank file to write (.safetensors)")
     build.add_argument("--block", type=int, default=None,
                        help="encoder block (default: the second-to-last global-attention block, 4 for FastSAM3D)")
-    build.add_argument("--descriptor", choices=list(DESCRIPTORS), default="pooled32",
+    build.add_argument("--descriptor", choices=DESCRIPTOR_NAMES, default="pooled32",
                        help="retrieval descriptor of the normalised input (default: pooled32)")
     build.add_argument("--crop", choices=CROPS, default="gt",
                        help="gt: crop centred on the label (the papers' protocol, default); click: the session's "
                             "region around the structure's deepest voxel")
     build.add_argument("--structures", nargs="+", metavar="S", help="label values or names to use (default: all)")
     build.add_argument("--min-voxels", type=int, default=10, help="skip smaller structures (default: 10)")
-    build.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="float16",
+    build.add_argument("--kv-dtype", choices=KV_DTYPE_NAMES, default="float16",
                        help="storage of keys and values (default: float16)")
     build.add_argument("--licence", default="unknown", help="licence of cases whose manifest entry names none")
     build.add_argument("--dataset", default="", help="data set name of cases whose manifest entry names none")
@@ -124,7 +122,7 @@ def add_memory_arguments(parser, evaluation: bool = False) -> None:
 
     ``evaluation``: also ``--memory-guard refuse|exclude`` (what to do when a test patient is in the bank).
     """
-    from .plugin import DEFAULT_K, DEFAULT_LOCAL_RATIO, RETRIEVALS, RULES
+    from .settings import DEFAULT_K, DEFAULT_LOCAL_RATIO, RETRIEVALS, RULES
 
     group = parser.add_argument_group("memory (Memorizing SAM)")
     group.add_argument("--memory", metavar="BANK", default=None,

@@ -65,11 +65,8 @@ from ..devices import supported_device
 from ..errors import FastSAM3DError
 from . import retrieval
 from .bank import MemoryBank, MemoryBankError, check_fits, load_bank, model_layout
+from .settings import DEFAULT_K, DEFAULT_LOCAL_RATIO, RETRIEVALS, RULES
 
-RULES = ("attention", "values", "released")
-RETRIEVALS = ("knn", "random")
-DEFAULT_K = 3
-DEFAULT_LOCAL_RATIO = 0.3
 _ATTR = "_fastsam3d_memory_handle"
 
 

@@ -23,11 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import supported_device
+from .settings import DESCRIPTOR_NAMES
 
 DESCRIPTORS: Dict[str, Tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {}
 
 
 def _register(name: str, dim_for_128: int):
+    if name not in DESCRIPTOR_NAMES:  # the command line offers settings.DESCRIPTOR_NAMES without PyTorch
+        raise ValueError(f"descriptor {name!r} is not listed in memory.settings.DESCRIPTOR_NAMES")
+
     def wrap(fn):
         DESCRIPTORS[name] = (dim_for_128, fn)
         return fn

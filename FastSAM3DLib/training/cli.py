@@ -93,7 +93,7 @@ def _add_loop_arguments(parser, lr: float) -> None:
 
 def add_subcommands(subparsers) -> None:
     """Register ``prepare-data``, ``distill``, ``finetune`` and ``export-weights``."""
-    from ..registry import list_models
+    from ..model_configs import list_models
 
     fmt = argparse.RawDescriptionHelpFormatter
     prep = subparsers.add_parser(
