@@ -17,8 +17,9 @@ PROMPT_MODES = ("newest", "all")
 ROI_MARGIN_VOXELS = 8.0  # a click closer than this to the ROI border moves the ROI
 #: Most ROIs whose last state (clicks fed, logits) a session keeps, to continue there without a replay.
 MAX_CACHED_REGIONS = 8
-EXCLUDE_FIRST = ("Start with an include point (left click; label 1 in a script) inside the object; exclude "
-                 "points (Shift+click; label 0) only refine an existing result.")
+EXCLUDE_FIRST = ("Start with an include point (a left click; label 1 in a script) inside the object; exclude "
+                 "points (after pressing e or Exclude; a trailing '-' on the command line; label 0 in a script) "
+                 "only refine an existing result.")
 
 
 @dataclass

@@ -140,6 +140,20 @@ def test_a_quick_second_click_adds_its_point_and_does_not_reach_the_view(harness
     assert points(effect) == [1, 1]
 
 
+def test_an_exclude_point_first_says_how_to_place_an_include_point_in_slicer(harness):
+    """Shift is Slicer's crosshair and pan in the views, so the message must not send users to Shift+click."""
+    volume, segmentation, segment_id = _demo_volume(harness)  # the bundled model through a real session
+    effect = harness.create_effect()
+    effect.activate()
+    harness.view.xy_to_ras = lambda xy: (13 * 1.5, 11 * 1.5, 7 * 2.0)
+    assert harness.key("e") is True
+    assert harness.mouse_press((1, 1)) is True
+    harness.run_event_loop()
+    text = effect.statusLabel.text
+    assert "include point" in text and "pressing e" in text and "Shift" not in text, text
+    assert not segment_array(segmentation, segment_id, volume).any()
+
+
 def test_a_saved_model_this_installation_does_not_list_is_shown_as_the_one_used(harness):
     """A scene saved by another version may name a model this one lacks: the panel shows that name (the clicks
     use it and say it has no weights), and choosing a listed model replaces it."""
