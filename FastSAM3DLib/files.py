@@ -604,6 +604,17 @@ def _truncated(path, problem: Optional[str] = None) -> InputImageError:
                            "copying or downloading; copy it again, or export it again from where it came from.")
 
 
+#: what ITK's readers say when a file's data end before the voxels its header promises (raw NRRD, MetaImage)
+_SHORT_DATA = ("fread got only", "data not read completely")
+
+
+def short_data_refusal(path, reason: str) -> Optional[InputImageError]:
+    """The refusal of ``path`` when ITK's failure ``reason`` (:func:`itk_reason`) says its data end too early: the
+    reader's own words on it, without the noise around them; None for other failures."""
+    said = [part.strip() for part in reason.split(";") if any(words in part for words in _SHORT_DATA)]
+    return _truncated(path, "; ".join(said)) if said else None
+
+
 def _is_gzip(path: Path) -> bool:
     """Whether ``path`` starts with gzip's magic bytes (whatever its name)."""
     with open(path, "rb") as raw:

@@ -274,8 +274,12 @@ class Volume:
         except RuntimeError as error:
             if path.is_file():
                 files.check_complete(path)  # a damaged file (ITK may stumble on it in the header): say so
+            reason = files.itk_reason(error, native)
+            short = files.short_data_refusal(path, reason)  # a raw NRRD or MetaImage cut short
+            if short is not None:
+                raise short from error
             raise InputImageError(
-                f"SimpleITK cannot read {path}: {files.itk_reason(error, native)}. Use a format SimpleITK "
+                f"SimpleITK cannot read {path}: {reason}. Use a format SimpleITK "
                 "reads (NIfTI, NRRD, MHA, a DICOM folder...) or convert the file, e.g. by saving it from Slicer."
             ) from error
         return cls.from_sitk(image)
