@@ -168,6 +168,20 @@ def parse_lines(spec: str) -> Set[int]:
     return chosen
 
 
+def function_lines(source: str, name: str) -> Set[int]:
+    """The lines of every function or method called ``name`` in ``source`` (its ``def`` to its last line);
+    ValueError when there is none."""
+    import ast
+
+    chosen: Set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            chosen.update(range(node.lineno, node.end_lineno + 1))
+    if not chosen:
+        raise ValueError(f"no function named {name!r}")
+    return chosen
+
+
 def changed_lines(path: Path) -> Set[int]:
     """Lines of ``path`` added or changed since the last commit (``git diff HEAD``); all lines if untracked."""
     relative = path.relative_to(REPO)
@@ -229,6 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      usage="%(prog)s FILE [options] -- PYTEST_ARGS...")
     parser.add_argument("file", help="the file to mutate, e.g. FastSAM3DLib/files.py")
     parser.add_argument("--lines", help="only these lines, e.g. 10-40,55")
+    parser.add_argument("--function", help="only the lines of this function or method, e.g. _create_temporary")
     parser.add_argument("--changed", action="store_true", help="only lines changed since the last commit")
     parser.add_argument("--max-mutants", type=int, default=40, help="at most this many (default 40)")
     parser.add_argument("--timeout", type=float,
@@ -243,8 +258,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     relative = path.relative_to(REPO)
     source = path.read_text(encoding="utf-8")
     candidates = mutants(source)
-    if args.lines or args.changed:
+    if args.lines or args.changed or args.function:
         wanted = (parse_lines(args.lines) if args.lines else set()) | (changed_lines(path) if args.changed else set())
+        if args.function:
+            try:
+                wanted |= function_lines(source, args.function)
+            except ValueError as exc:
+                parser.error(f"{relative}: {exc}")
         candidates = [m for m in candidates if m.line in wanted]
     total = len(candidates)
     if total > args.max_mutants:

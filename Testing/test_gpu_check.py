@@ -282,3 +282,14 @@ def test_real_check_without_a_gpu_says_to_dry_run_and_keeps_the_diagnostics(tmp_
     assert proc.returncode == 2 and "--dry-run" in proc.stdout
     saved = json.loads(next(tmp_path.glob("gpu-check-no-gpu-*.json")).read_text())["no_gpu"]
     assert saved["torch"] == torch.__version__ and "nvidia_smi" in saved
+
+
+def test_a_python_without_torch_gets_one_line_saying_which_python_to_use(monkeypatch, capsys):
+    """``make gpu-check`` runs the machine's ``python3``; where that one has no PyTorch (a workstation whose
+    PyTorch is in ``.venv``), one line says so instead of a traceback."""
+    from FastSAM3DLib.benchmarks import gpu_check
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as when it is not installed
+    assert gpu_check.main(["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "has no PyTorch" in err and "PYTHON=.venv/bin/python" in err and "Traceback" not in err

@@ -308,7 +308,13 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     else:  # a hang must not take the results with it: end with a traceback before the caller's kill
         faulthandler.dump_traceback_later(args.budget_s + 70, exit=True)
-    import torch
+    try:
+        import torch
+    except ImportError:
+        faulthandler.cancel_dump_traceback_later()
+        print(f"gpu-check: this Python ({sys.executable}) has no PyTorch; run it with one that has, e.g. "
+              "make gpu-check PYTHON=.venv/bin/python (make test builds .venv)", file=sys.stderr)
+        return 2
 
     from . import suite
 
