@@ -329,7 +329,7 @@ class ScriptedEffect:
         self.logic.SaveStateForUndo()
 
     def modifySegmentByLabelmap(self, segmentation_node, segment_id, labelmap, mode):
-        self.logic.SetCurrentSegmentID(segment_id)
+        # as qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap: the selection is left as it is
         self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode, True, False)
 
     def undo(self):
