@@ -264,6 +264,7 @@ class ScriptedEffect:
         self.logic.SetSegmentEditorNode(editor_node)
         self.options = []
         self.critical = []  # what Slicer would log as critical errors
+        self.active = False  # the C++ effect's active(): see follow_activation
 
     def parameterSetNode(self):
         return self.node
@@ -293,7 +294,24 @@ class ScriptedEffect:
         """What qMRMLSegmentEditorWidget::registerEffect does after setMRMLDefaults: parameter changes update the
         effect's panel."""
         self.node.AddObserver(slicer.vtkMRMLSegmentEditorNode.EffectParameterModified,
-                              lambda caller, event: effect.updateGUIFromMRML())
+                              lambda caller, event: self.active and effect.updateGUIFromMRML())
+
+    def follow_activation(self, effect):
+        """What qSlicerSegmentEditorScriptedEffect adds around the effect's activate/deactivate: the C++ effect is
+        active from just before its panel is updated and the Python activate() runs, until deactivate() runs; its
+        updateGUIFromMRML does nothing while inactive (``if (!this->active()) return;``)."""
+        activate, deactivate = effect.activate, effect.deactivate
+
+        def activated():
+            self.active = True
+            effect.updateGUIFromMRML()
+            activate()
+
+        def deactivated():
+            self.active = False
+            deactivate()
+
+        effect.activate, effect.deactivate = activated, deactivated
 
     def parameterDefined(self, name):
         return bool(self.node.GetAttribute(self._key(name)))
@@ -430,6 +448,7 @@ class EffectHarness:
         self.effect = module.SegmentEditorEffect(self.scripted)
         self.effect.setMRMLDefaults()
         self.scripted.connect_effect(self.effect)
+        self.scripted.follow_activation(self.effect)
         self.effect.setupOptionsFrame()
         return self.effect
 
