@@ -11,10 +11,16 @@ tree over the other surface's elements, so the cost follows the number of surfac
 a reference's surface is built once for all the clicks scored against it (:class:`Surface`). A distance is
 the package's formula, ``sqrt((a·s0)² + (b·s1)² + (c·s2)²)`` in ``scipy``'s order of operations, applied to
 the integer offset to the nearest element, and the lists are sorted by (distance, area) as the package sorts
-them, so the dictionary is the package's, value for value. The one possible difference: where two elements
-of the other surface are at exactly the same true distance, the two searches may pick different ones, whose
-computed distances can differ in the last bit (never with spacings that are sums of powers of two, such as
-0.5, 1 or 1.5 mm).
+them, so the dictionary is the package's, value for value, with one exception. Where several elements of the
+other surface are at exactly the same true distance, their computed distances can differ in the last bit
+(never with spacings that are sums of powers of two, such as 0.5, 1 or 1.5 mm), and the package keeps
+whichever its distance transform met; here the smallest of them is kept, which is the package's value in
+most such cases but not all. Where it is not, the areas are summed in another order (the NSD differs in the
+last bit), and if the tolerance is exactly that distance the element counts on one side and not the other
+(the NSD differs by that element's area). At 0.8 x 0.6 x 3.3 mm, for example, 3 x 0.8 and 4 x 0.6 mm are both
+2.4 mm in exact arithmetic but not in floating point, so a tolerance of 2.4 mm can meet such a tie. Of 3199
+random pairs of small masks on such spacings, 29 gave a dictionary that differs from the package's in the
+last bit somewhere (28 % did when the tree's first pick was kept).
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ import numpy as np
 
 #: the neighbourhood code of a corner whose eight voxels are all inside the mask
 _ALL_INSIDE = 0b11111111
+#: nearest elements compared per surface element (ties: see :func:`_distances_to`)
+CANDIDATES = 8
+#: surface elements whose distances are computed at once
+_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +99,13 @@ def _bounding_box(mask: np.ndarray):
 
 
 def _distances_to(points: np.ndarray, other: np.ndarray, spacing) -> np.ndarray:
-    """Distance (mm) from each of ``points`` to the nearest of ``other``; inf for all when ``other`` is empty."""
+    """Distance (mm) from each of ``points`` to the nearest of ``other``; inf for all when ``other`` is empty.
+
+    Each distance is the package's formula on the offset to the element the k-d tree finds nearest; where a
+    second one is as near (to rounding), the smallest formula value among the :data:`CANDIDATES` nearest:
+    elements at the same true distance may compute to values that differ in the last bit, and the smallest is
+    the package's pick in most cases (see the module docstring).
+    """
     if len(other) == 0:
         return np.full(len(points), np.inf)
     if len(points) == 0:
@@ -98,10 +114,28 @@ def _distances_to(points: np.ndarray, other: np.ndarray, spacing) -> np.ndarray:
 
     scale = np.asarray(spacing, dtype=np.float64)
     tree = cKDTree(other * scale)
-    _, nearest = tree.query(points * scale, k=1)
-    offsets = (other[nearest] - points).astype(np.float64)
-    # scipy's distance_transform_edt: each offset times its spacing, squared, summed over the axes in order
-    d0, d1, d2 = (offsets[:, axis] * scale[axis] for axis in range(3))
+    out = np.empty(len(points), dtype=np.float64)
+    for first in range(0, len(points), _CHUNK):
+        chunk = points[first:first + _CHUNK]
+        found, nearest = tree.query(chunk * scale, k=min(2, len(other)))
+        found, nearest = found.reshape(len(chunk), -1), nearest.reshape(len(chunk), -1)
+        distances = _formula(other[nearest[:, 0]] - chunk, scale)
+        if found.shape[1] > 1:  # a second element as near, to rounding: compare the nearest few
+            tied = np.flatnonzero(found[:, 1] - found[:, 0] <= 1e-9 * np.maximum(found[:, 0], 1.0))
+            if tied.size:
+                k = min(CANDIDATES, len(other))
+                _, near = tree.query(chunk[tied] * scale, k=k)
+                offsets = other[near.reshape(tied.size, k)] - chunk[tied][:, None, :]
+                distances[tied] = _formula(offsets, scale).min(axis=1)
+        out[first:first + len(chunk)] = distances
+    return out
+
+
+def _formula(offsets: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """scipy's distance_transform_edt on integer offsets (..., 3): each times its spacing, squared, summed over
+    the axes in order, square root."""
+    offsets = offsets.astype(np.float64)
+    d0, d1, d2 = (offsets[..., axis] * scale[axis] for axis in range(3))
     return np.sqrt((d0 * d0 + d1 * d1) + d2 * d2)
 
 
