@@ -612,7 +612,25 @@ def short_data_refusal(path, reason: str) -> Optional[InputImageError]:
     """The refusal of ``path`` when ITK's failure ``reason`` (:func:`itk_reason`) says its data end too early: the
     reader's own words on it, without the noise around them; None for other failures."""
     said = [part.strip() for part in reason.split(";") if any(words in part for words in _SHORT_DATA)]
-    return _truncated(path, "; ".join(said)) if said else None
+    if not said:
+        return None
+    data = _named_data_file(Path(path))
+    return _truncated(path if data is None else f"{data} (the data file of {path})", "; ".join(said))
+
+
+def _named_data_file(path: Path) -> Optional[Path]:
+    """The one data file a detached NRRD or MetaImage header names (:func:`_data_file`), or None."""
+    try:
+        with open(path, "rb") as raw:
+            metaimage = path.name.lower().endswith((".mha", ".mhd"))
+            if not metaimage and raw.read(7) != b"NRRD000":
+                return None
+            fields, _ = _header_fields(raw, _META_FIELD if metaimage else _NRRD_FIELD, blank_ends=not metaimage)
+    except (OSError, InputImageError):
+        return None
+    fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
+    name = fields.get("elementdatafile" if metaimage else "datafile")
+    return _data_file(path, name) if name is not None and len(name.split()) == 1 else None
 
 
 def _is_gzip(path: Path) -> bool:

@@ -170,6 +170,22 @@ def test_a_saved_model_this_installation_does_not_list_is_shown_as_the_one_used(
     assert effect._options()[0] == "fastsam3d-demo"
 
 
+def test_a_model_list_that_cannot_be_read_is_read_again_and_no_model_is_marked_missing(harness, monkeypatch):
+    volume = make_volume(harness.scene)
+    segmentation = make_segmentation(harness.scene, volume)
+    harness.select(volume, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "organ"))
+    effect = harness.create_effect()
+    logic = effect._logic()
+    real = logic.modelChoices
+    monkeypatch.setattr(logic, "modelChoices", lambda: (_ for _ in ()).throw(ValueError("models.json: broken")))
+    effect.activate()
+    assert effect.modelCombo.count == 0 and "Cannot list the models" in effect.statusLabel.text
+    monkeypatch.setattr(logic, "modelChoices", real)  # e.g. the file repaired
+    effect.updateGUIFromMRML()
+    names = [effect.modelCombo.itemText(i) for i in range(effect.modelCombo.count)]
+    assert effect.modelCombo.count > 1 and not [n for n in names if "not installed" in n], names
+
+
 def test_a_result_that_arrives_after_the_effect_was_left_is_not_written(harness):
     release = threading.Event()
     stand_in = sphere_predictor(4.0)

@@ -290,6 +290,7 @@ def test_a_python_without_torch_gets_one_line_saying_which_python_to_use(monkeyp
     from FastSAM3DLib.benchmarks import gpu_check
 
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as when it is not installed
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what --dry-run sets: undone after the test
     assert gpu_check.main(["--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "has no PyTorch" in err and "PYTHON=.venv/bin/python" in err and "Traceback" not in err

@@ -333,6 +333,18 @@ def test_truncated_inputs_are_refused_in_one_line(tmp_path, tiny_checkpoint, cap
         Volume.from_file(image)
 
 
+@pytest.mark.parametrize("header", [".nhdr", ".mhd"])
+def test_a_detached_header_whose_raw_data_file_is_cut_short_names_that_file(tmp_path, header):
+    """Copying the header again would not help: the message names the data file that is short."""
+    image = tmp_path / f"ct{header}"
+    sitk.WriteImage(sphere_image(), str(image), False)
+    data = next(p for p in tmp_path.iterdir() if p != image)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size * 2 // 3])
+    with pytest.raises(InputImageError, match="truncated or damaged") as caught:
+        Volume.from_file(image)
+    assert str(caught.value).startswith(f"{data} (the data file of {image})"), caught.value
+
+
 def zero_middle(path: Path, count: int = 200) -> None:
     """Zero ``count`` bytes in the middle of ``path``: a disk or transfer error that keeps the file's length."""
     data = bytearray(path.read_bytes())

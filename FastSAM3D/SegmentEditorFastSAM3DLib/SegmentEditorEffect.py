@@ -283,7 +283,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self._status(_("Cannot list the models: {error}").format(error=exc), error=True)
             finally:
                 self.modelCombo.blockSignals(wasBlocked)
-        if model and self.modelCombo.findData(model) < 0:  # e.g. a scene saved by another version: shown as used
+        if model and self.modelCombo.count and self.modelCombo.findData(model) < 0:  # e.g. saved by another
+            # version: shown as the one used (not when the list could not be read: it is read again next time)
             wasBlocked = self.modelCombo.blockSignals(True)
             self.modelCombo.addItem(_("{name} (not installed here)").format(name=model), model)
             self.modelCombo.blockSignals(wasBlocked)
