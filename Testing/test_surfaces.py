@@ -141,6 +141,9 @@ def test_an_evaluation_builds_each_references_surface_once_and_does_not_keep_its
         mask = rng.random((12, 14, 16)) > 0.3
         assert data.nsd(region, mask, reference) == nsd_in_region(region, mask, reference, spacing_kji, 2.0)
     assert built.count(reference.shape) == 1 + 3  # the cached one, then one per direct nsd_in_region above
+    tree = data._reference_surface[1].tree
+    data.nsd(region, mask, reference)
+    assert data._reference_surface[1].tree is tree  # its k-d tree, too, is built once
     second = reference.copy()  # the next structure, equal but another array
     data.nsd(region, mask, second)
     assert built.count(reference.shape) == 5

@@ -24,6 +24,7 @@ last bit somewhere (28 % did when the tree's first pick was kept).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
@@ -75,6 +76,13 @@ class Surface:
     def __len__(self) -> int:
         return len(self.points)
 
+    @functools.cached_property
+    def tree(self):
+        """A k-d tree over the elements in mm, built once (a reference's serves every click scored against it)."""
+        from scipy.spatial import cKDTree
+
+        return cKDTree(self.points * np.asarray(self.spacing, dtype=np.float64))
+
 
 def surface_distance_package():
     """DeepMind's ``surface-distance`` module, or an ImportError saying how to install it."""
@@ -98,8 +106,9 @@ def _bounding_box(mask: np.ndarray):
     return np.asarray(first, dtype=np.int64), np.asarray(stop, dtype=np.int64)
 
 
-def _distances_to(points: np.ndarray, other: np.ndarray, spacing) -> np.ndarray:
-    """Distance (mm) from each of ``points`` to the nearest of ``other``; inf for all when ``other`` is empty.
+def _distances_to(points: np.ndarray, other: np.ndarray, spacing, tree=None) -> np.ndarray:
+    """Distance (mm) from each of ``points`` to the nearest of ``other`` (``tree``: a k-d tree over ``other`` in mm,
+    if one is built); inf for all when ``other`` is empty.
 
     Each distance is the package's formula on the offset to the element the k-d tree finds nearest; where a
     second one is as near (to rounding), the smallest formula value among the :data:`CANDIDATES` nearest:
@@ -113,7 +122,7 @@ def _distances_to(points: np.ndarray, other: np.ndarray, spacing) -> np.ndarray:
     from scipy.spatial import cKDTree
 
     scale = np.asarray(spacing, dtype=np.float64)
-    tree = cKDTree(other * scale)
+    tree = cKDTree(other * scale) if tree is None else tree
     out = np.empty(len(points), dtype=np.float64)
     for first in range(0, len(points), _CHUNK):
         chunk = points[first:first + _CHUNK]
@@ -151,8 +160,10 @@ def surface_distances(reference: Surface, prediction: Surface) -> Dict[str, np.n
     if reference.spacing != prediction.spacing:
         raise ValueError(f"the surfaces have different spacings: {reference.spacing} and {prediction.spacing}")
     to_prediction, reference_areas = _sorted(
-        _distances_to(reference.points, prediction.points, reference.spacing), reference.areas)
+        _distances_to(reference.points, prediction.points, reference.spacing, prediction.tree if len(prediction)
+                      else None), reference.areas)
     to_reference, prediction_areas = _sorted(
-        _distances_to(prediction.points, reference.points, reference.spacing), prediction.areas)
+        _distances_to(prediction.points, reference.points, reference.spacing, reference.tree if len(reference)
+                      else None), prediction.areas)
     return {"distances_gt_to_pred": to_prediction, "distances_pred_to_gt": to_reference,
             "surfel_areas_gt": reference_areas, "surfel_areas_pred": prediction_areas}
