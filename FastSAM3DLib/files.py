@@ -621,16 +621,10 @@ def short_data_refusal(path, reason: str) -> Optional[InputImageError]:
 def _named_data_file(path: Path) -> Optional[Path]:
     """The one data file a detached NRRD or MetaImage header names (:func:`_data_file`), or None."""
     try:
-        with open(path, "rb") as raw:
-            metaimage = path.name.lower().endswith((".mha", ".mhd"))
-            if not metaimage and raw.read(7) != b"NRRD000":
-                return None
-            fields, _ = _header_fields(raw, _META_FIELD if metaimage else _NRRD_FIELD, blank_ends=not metaimage)
-    except (OSError, InputImageError):
+        header = _metaimage_header(path) if path.name.lower().endswith((".mha", ".mhd")) else _nrrd_header(path)
+    except InputImageError:  # it names a device or a pipe: not a file cut short
         return None
-    fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
-    name = fields.get("elementdatafile" if metaimage else "datafile")
-    return _data_file(path, name) if name is not None and len(name.split()) == 1 else None
+    return header[3] if header is not None else None
 
 
 def _is_gzip(path: Path) -> bool:
@@ -801,16 +795,10 @@ def _inflated_size(path: Path, offset: int = 0, wbits: int = 31, limit: Optional
 def _check_nrrd(path: Path, streams: bool = True) -> None:
     """:func:`check_complete` for a NRRD with ``encoding: gzip``, data attached or in one named data file; with
     ``streams`` False only the named data file's kind (:func:`check_data_files`)."""
-    try:
-        with open(path, "rb") as raw:
-            if raw.read(7) != b"NRRD000":
-                return
-            fields, start = _header_fields(raw, _NRRD_FIELD, blank_ends=True)
-    except OSError:
+    header = _nrrd_header(path)
+    if header is None:
         return
-    fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
-    name = fields.get("datafile")
-    data = _data_file(path, name) if name is None or len(name.split()) == 1 else None  # else "NAME MIN MAX STEP"
+    fields, start, name, data = header
     if not streams or start is None or fields.get("encoding", "").lower() not in ("gzip", "gz") or \
             fields.get("lineskip", "0") != "0":  # line skip: the stream starts after lines we do not check
         return
@@ -823,14 +811,10 @@ def _check_nrrd(path: Path, streams: bool = True) -> None:
 def _check_metaimage(path: Path, streams: bool = True) -> None:
     """:func:`check_complete` for a MetaImage with ``CompressedData = True``, data attached or in one named file;
     with ``streams`` False only the named data file's kind (:func:`check_data_files`)."""
-    try:
-        with open(path, "rb") as raw:
-            fields, start = _header_fields(raw, _META_FIELD, blank_ends=False)
-    except OSError:
+    header = _metaimage_header(path)
+    if header is None:
         return
-    fields = {key.lower(): value for key, value in fields.items()}
-    name = fields.get("elementdatafile")
-    data = _data_file(path, name)
+    fields, start, name, data = header
     if not streams or fields.get("compresseddata", "").lower() != "true" or name is None or \
             fields.get("headersize", "0") != "0":
         return
@@ -840,6 +824,35 @@ def _check_metaimage(path: Path, streams: bool = True) -> None:
         _check_stream(path, start, 47, limit)
     elif data is not None:
         _check_stream(data, 0, 47, limit)
+
+
+def _nrrd_header(path: Path):
+    """``(fields, start, name, data)`` of a NRRD header: its fields (keys lower case, without spaces), the offset of
+    attached data (None if unknown), the data file it names and that file (:func:`_data_file`; None for a list
+    ``NAME MIN MAX STEP``); None for a file that is not a readable NRRD."""
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(7) != b"NRRD000":
+                return None
+            fields, start = _header_fields(raw, _NRRD_FIELD, blank_ends=True)
+    except OSError:
+        return None
+    fields = {key.lower().replace(" ", ""): value for key, value in fields.items()}
+    name = fields.get("datafile")
+    return fields, start, name, _data_file(path, name) if name is None or len(name.split()) == 1 else None
+
+
+def _metaimage_header(path: Path):
+    """``(fields, start, name, data)`` of a MetaImage header, as :func:`_nrrd_header` (keys lower case); None for a
+    file that cannot be read."""
+    try:
+        with open(path, "rb") as raw:
+            fields, start = _header_fields(raw, _META_FIELD, blank_ends=False)
+    except OSError:
+        return None
+    fields = {key.lower(): value for key, value in fields.items()}
+    name = fields.get("elementdatafile")
+    return fields, start, name, _data_file(path, name)
 
 
 def check_data_files(path) -> None:

@@ -14,6 +14,7 @@ from FastSAM3DLib.evaluation import evaluate  # noqa: E402
 from FastSAM3DLib.evaluation import surfaces  # noqa: E402
 from FastSAM3DLib.evaluation.metrics import nsd_in_region  # noqa: E402
 from FastSAM3DLib.evaluation.surfaces import Surface, surface_distances  # noqa: E402
+from FastSAM3DLib.geometry import Volume  # noqa: E402
 
 #: spacings whose products with integers are exact: the distances must be the package's to the bit
 DYADIC_SPACINGS = [(1.0, 1.0, 1.0), (0.5, 1.5, 2.0), (0.3125, 0.3125, 1.25), (3.0, 0.75, 0.75)]
@@ -122,7 +123,7 @@ def test_surfaces_of_different_spacings_are_refused():
 def test_an_evaluation_builds_each_references_surface_once_and_does_not_keep_its_mask(monkeypatch):
     rng = np.random.default_rng(5)
     data = evaluate._CaseData.__new__(evaluate._CaseData)  # only what nsd() reads
-    data.volume = type("V", (), {"ijk_to_ras": np.diag([0.8, 0.6, 3.3, 1.0])})()
+    data.volume = Volume(np.zeros((20, 22, 24), np.float32), np.diag([0.8, 0.6, 3.3, 1.0]))
     data.nsd_tolerance_mm = 2.0
     data._reference_surface = None
     built = []
@@ -180,4 +181,5 @@ def test_a_distance_is_the_smallest_computed_distance_to_the_nearest_elements(sp
         offsets = (other[None, :, :] - points[:, None, :]).astype(np.float64) * scale
         d0, d1, d2 = offsets[..., 0], offsets[..., 1], offsets[..., 2]
         expected = np.sqrt((d0 * d0 + d1 * d1) + d2 * d2).min(axis=1)
-        np.testing.assert_array_equal(surfaces._distances_to(points, other, spacing), expected)
+        surface = Surface(other, np.zeros(len(other)), tuple(spacing))
+        np.testing.assert_array_equal(surfaces._distances_to(points, surface), expected)

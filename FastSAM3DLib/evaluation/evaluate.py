@@ -183,7 +183,7 @@ class _CaseData:
         """NSD on the source grid of a prediction inside ``region`` (NaN when no tolerance is set)."""
         if self.nsd_tolerance_mm is None:
             return float("nan")
-        spacing_kji = np.linalg.norm(np.asarray(self.volume.ijk_to_ras, dtype=np.float64)[:3, :3], axis=0)[::-1]
+        spacing_kji = self.volume.spacing[::-1]
         if self._reference_surface is None or self._reference_surface[0]() is not reference:
             import weakref
 

@@ -58,19 +58,21 @@ class Surface:
         if mask.ndim != 3 or len(spacing) != 3:
             raise ValueError(f"a surface needs a 3D mask and 3 spacings, got shape {mask.shape} and {tuple(spacing)}")
         spacing = tuple(float(s) for s in spacing)
-        first, stop = _bounding_box(mask)
-        if first is None:
+        from .clicks import error_box
+
+        bounds = error_box(mask, margin=0)  # the bounding box of the nonzero voxels
+        if bounds is None:
             return cls(np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.float64), spacing)
         # one zero layer beyond the box's far faces, as the package pads it: the codes are those of the corners
         # between voxels, corner c sitting between voxels c - 1 and c along each axis (outside counts as out)
-        box = np.zeros(tuple(int(n) + 1 for n in stop - first), dtype=np.uint8)
-        box[:-1, :-1, :-1] = mask[tuple(slice(int(a), int(b)) for a, b in zip(first, stop))] != 0
+        box = np.zeros(tuple(b.stop - b.start + 1 for b in bounds), dtype=np.uint8)
+        box[:-1, :-1, :-1] = mask[bounds] != 0
         codes = ndimage.correlate(box, lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant", cval=0)
         del box
         border = (codes != 0) & (codes != _ALL_INSIDE)
         points = np.argwhere(border).astype(np.int64)
         areas = lookup_tables.create_table_neighbour_code_to_surface_area(spacing)[codes[border]]
-        points += first + np.asarray(offset, dtype=np.int64)
+        points += np.array([b.start for b in bounds], dtype=np.int64) + np.asarray(offset, dtype=np.int64)
         return cls(points, np.asarray(areas, dtype=np.float64), spacing)
 
     def __len__(self) -> int:
@@ -94,21 +96,9 @@ def surface_distance_package():
     return surface_distance
 
 
-def _bounding_box(mask: np.ndarray):
-    """(first, stop) voxel of the nonzero part along each axis, or (None, None) when there is none."""
-    first, stop = [], []
-    for axis in range(3):
-        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-        if present.size == 0:
-            return None, None
-        first.append(int(present[0]))
-        stop.append(int(present[-1]) + 1)
-    return np.asarray(first, dtype=np.int64), np.asarray(stop, dtype=np.int64)
-
-
-def _distances_to(points: np.ndarray, other: np.ndarray, spacing, tree=None) -> np.ndarray:
-    """Distance (mm) from each of ``points`` to the nearest of ``other`` (``tree``: a k-d tree over ``other`` in mm,
-    if one is built); inf for all when ``other`` is empty.
+def _distances_to(points: np.ndarray, other: Surface) -> np.ndarray:
+    """Distance (mm) from each of ``points`` (n, 3) to the nearest element of ``other``; inf for all when ``other``
+    is empty.
 
     Each distance is the package's formula on the offset to the element the k-d tree finds nearest; where a
     second one is as near (to rounding), the smallest formula value among the :data:`CANDIDATES` nearest:
@@ -119,10 +109,8 @@ def _distances_to(points: np.ndarray, other: np.ndarray, spacing, tree=None) -> 
         return np.full(len(points), np.inf)
     if len(points) == 0:
         return np.zeros(0, dtype=np.float64)
-    from scipy.spatial import cKDTree
-
-    scale = np.asarray(spacing, dtype=np.float64)
-    tree = cKDTree(other * scale) if tree is None else tree
+    scale = np.asarray(other.spacing, dtype=np.float64)
+    tree, other = other.tree, other.points
     out = np.empty(len(points), dtype=np.float64)
     for first in range(0, len(points), _CHUNK):
         chunk = points[first:first + _CHUNK]
@@ -159,11 +147,7 @@ def surface_distances(reference: Surface, prediction: Surface) -> Dict[str, np.n
     surfaces: distances each way, sorted, with the surface areas in the same order."""
     if reference.spacing != prediction.spacing:
         raise ValueError(f"the surfaces have different spacings: {reference.spacing} and {prediction.spacing}")
-    to_prediction, reference_areas = _sorted(
-        _distances_to(reference.points, prediction.points, reference.spacing, prediction.tree if len(prediction)
-                      else None), reference.areas)
-    to_reference, prediction_areas = _sorted(
-        _distances_to(prediction.points, reference.points, reference.spacing, reference.tree if len(reference)
-                      else None), prediction.areas)
+    to_prediction, reference_areas = _sorted(_distances_to(reference.points, prediction), reference.areas)
+    to_reference, prediction_areas = _sorted(_distances_to(prediction.points, reference), prediction.areas)
     return {"distances_gt_to_pred": to_prediction, "distances_pred_to_gt": to_reference,
             "surfel_areas_gt": reference_areas, "surfel_areas_pred": prediction_areas}

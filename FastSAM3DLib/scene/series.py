@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+import slicer
 
 from ..errors import FastSAM3DError
 from .writing import Region, _intersect_extent, _oriented_image, _values_in_extent, segment_mask, \
@@ -73,9 +74,9 @@ class TakenVoxels:
             segments.append((segment_id, key, segmentation.GetSegment(segment_id).GetLabelValue()))
         return tuple(box), layers, segments
 
-    def after_write(self, segmentation_node, before) -> bool:
+    def after_write(self, segmentation_node, before) -> None:
         """Record what the edit took from other segments and give back what the series took and the edit
-        cleared from the segment into no other one. Returns whether any voxel was given back."""
+        cleared from the segment into no other one."""
         segmentation = segmentation_node.GetSegmentation()
         box, layers_before, segments = before
         now, changes = {}, {}
@@ -109,12 +110,12 @@ class TakenVoxels:
             elif lost.any():
                 _merge(self._taken, segment_id, box, lost)
         if cleared is None or not self._taken or not cleared.any():
-            return False  # a voxel taken earlier can come free only where this edit cleared the segment
+            return  # a voxel taken earlier can come free only where this edit cleared the segment
         for index in range(segmentation.GetNumberOfLayers()):  # in no segment: segments that overlapped
             image = segmentation.GetLayerDataObject(index)     # before the series may overlap again
             if image is not None:
                 cleared &= values_now(image) == 0
-        return self._give_back(segmentation_node, box, cleared)
+        self._give_back(segmentation_node, box, cleared)
 
     def _reconcile(self, segmentation) -> None:
         """Bring the record up to date with the labels as they are before a write (see the class docstring)."""
@@ -135,11 +136,10 @@ class TakenVoxels:
                 returned[segment_id] = (extent, rest)
         self._taken, self._returned = taken, returned
 
-    def _give_back(self, segmentation_node, box: Extent, free: np.ndarray) -> bool:
+    def _give_back(self, segmentation_node, box: Extent, free: np.ndarray) -> None:
         """Give each segment the voxels of ``free`` ((K, J, I) bool over ``box``: in no segment now) that the
         series took from it."""
         segmentation = segmentation_node.GetSegmentation()
-        given = False
         for segment_id in list(self._taken):
             segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
             if segment is None or image is None:
@@ -160,8 +160,6 @@ class TakenVoxels:
                 self._taken[segment_id] = (extent, voxels)
             else:
                 del self._taken[segment_id]
-            given = True
-        return given
 
 
 def _merge(record: Dict[str, Tuple[Extent, np.ndarray]], segment_id: str, box: Extent, voxels: np.ndarray) -> None:
@@ -226,8 +224,6 @@ def _set_voxels(segmentation_node, segment_id: str, grid: np.ndarray, extent: Ex
     segment alone, so Slicer updates this segment's 3D surface only. (Writing into the labelmap layer and calling
     ``Modified()`` makes Slicer drop every segment's surface and rebuild them all when 3D is shown.)
     """
-    import slicer
-
     needed = _bounding_extent(extent, voxels)
     image = _oriented_image(voxels[_slices(extent, needed)], grid, needed)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
