@@ -218,19 +218,39 @@ def test_a_failed_write_leaves_the_segment_and_removes_its_point(harness):
     assert effect.statusLabel.styleSheet  # shown as an error
 
 
+def shrinking_predictor(volume, points_ras, labels):
+    """The stand-in ball around the first include point, 1 mm smaller for each exclude point."""
+    return sphere_predictor(4.0 - np.count_nonzero(np.asarray(labels) == 0))(volume, points_ras, labels)
+
+
 def test_ctrl_z_reverts_the_segment_and_the_next_click_uses_every_point(harness):
-    effect, volume, segmentation, segment_id = ready(harness)
+    effect, volume, segmentation, segment_id = ready(harness, shrinking_predictor)
     assert harness.click(CENTRE)
     first = segment_array(segmentation, segment_id, volume)
     exclude = (CENTRE[0] + 4.0, CENTRE[1], CENTRE[2])
     assert harness.click(exclude, include=False)
+    assert segment_array(segmentation, segment_id, volume).sum() < first.sum()
     harness.scripted.undo()  # Ctrl+Z: the segment goes back, the points stay
     assert np.array_equal(segment_array(segmentation, segment_id, volume), first)
     assert points(effect) == [1, 0]
     assert harness.click((CENTRE[0], CENTRE[1] + 1.0, CENTRE[2]))
-    _, mask = sphere_predictor(4.0)(effect._sourceVolume(volume), [CENTRE], [1])
-    assert points(effect) == [1, 0, 1]  # the stand-in follows the first include point: same ball again
-    assert segment_array(segmentation, segment_id, volume).sum() == mask.sum()
+    region, mask = sphere_predictor(3.0)(effect._sourceVolume(volume), [CENTRE], [1])
+    assert points(effect) == [1, 0, 1]  # the next click is computed from every point: the exclude point counts
+    expected = first.copy()
+    expected[region] = mask  # the segment becomes the result inside the result's region
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), expected)
+
+
+def test_a_click_that_changes_nothing_adds_no_undo_step(harness):
+    """As in Slicer's segmentation history, which merges a saved state nothing changed since: Ctrl+Z after a
+    click whose result the segment already shows undoes the last click that changed it."""
+    effect, volume, segmentation, segment_id = ready(harness)
+    assert harness.click(CENTRE)
+    first = segment_array(segmentation, segment_id, volume)
+    assert harness.click((CENTRE[0], CENTRE[1] + 1.0, CENTRE[2]))  # the stand-in follows the first point
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), first)
+    harness.scripted.undo()
+    assert not segment_array(segmentation, segment_id, volume).any()
 
 
 def test_installing_is_not_started_twice_and_a_failure_shows_one_message(harness, monkeypatch):

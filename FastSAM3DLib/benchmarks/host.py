@@ -10,6 +10,9 @@
   512 x 512 x 300 segmentation of 10 segments (see :mod:`.scene_memory`), with the library's box rollback,
   with the whole-segmentation snapshot it replaced, and inside a series of points that gives voxels back to
   other segments. Needs ``slicer-core``.
+* ``refine_write_ms``: a refining click's write (its result differs from the segment in one place), cut to the
+  box of what changes as the library does, and over the whole region as before; for one region and for a
+  segment grown over the whole 512 x 512 x 300 volume (see :func:`.scene_memory.measure_refine`).
 
 Both run on the CPU host only (they measure the workstation, not the GPU), each job in a fresh process.
 """
@@ -94,3 +97,20 @@ def click_write_memory(plan, device_name: str) -> List[dict]:
             + (f" (+{row['series_start_s'] * 1e3:.0f} ms at a series' first)" if "series_start_s" in row else "")
             + "; 512x512x300, 10 segments in one layer", **common))
     return rows
+
+
+def refining_write(plan, device_name: str) -> List[dict]:
+    """Time of a refining click's write: cut to what changes, and over the whole region; one region and grown."""
+    skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU") \
+        or (None if has_module("slicer") else "slicer-core is not installed")
+    from .scene_memory import REFINE_VARIANTS as variants
+    common = dict(model="segment editor write", device=device_name, precision="uint8", unit="ms",
+                  label="a refining click's write")
+    if skipped:
+        return [report.measurement("refine_write_ms", None, variant=v, skipped=skipped, **common) for v in variants]
+    from .scene_memory import measure_refine
+
+    return [report.measurement("refine_write_ms", row["write_s"] * 1e3, variant=row["variant"],
+                               note=f"a {row['region_voxels'] / 1e6:.1f}-million-voxel region of a 512x512x300 "
+                               "segmentation; the result differs from the segment in one place", **common)
+            for row in measure_refine()]

@@ -13,7 +13,12 @@ fresh process and reports how far the resident memory rose above its level befor
   taking the voxels of four segments, and the measured write gives back all but the ball; ``series_start_s``
   is the time the series' first write adds (remembering the segment as it was, :class:`SegmentBaseline`).
 
-Run: ``python -m FastSAM3DLib.benchmarks.scene_memory`` (prints JSON).
+The time of a refining click's write (:func:`measure_refine`): the previous result is in the segment and the new
+one differs in one place (a 24-voxel bump on its surface), written with the library's cut to the changed box and
+over the whole region (as before the cut), for a single region (``BOX``) and for a segment grown over the whole
+volume (a 78.6-million-voxel region).
+
+Run: ``python -m FastSAM3DLib.benchmarks.scene_memory`` (prints JSON; ``--refine`` for the refining writes).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ SHAPE = (300, 512, 512)  # (K, J, I)
 SEGMENTS = 10
 BOX = (slice(90, 210), slice(176, 336), slice(176, 336))
 VARIANTS = ("box rollback", "whole snapshot", "series give-back")
+REFINE_VARIANTS = ("one region", "one region, whole region written", "grown over the volume",
+                   "grown over the volume, whole region written")
 
 
 def _reset_peak_rss() -> None:
@@ -120,18 +127,61 @@ def measure_variant(variant: str) -> dict:
     return row
 
 
+def measure_refine_variant(variant: str) -> dict:
+    """Time (s) of a refining click's write in this process (see the module doc)."""
+    import time
+
+    import numpy as np
+
+    from .. import scene as sc
+    from ..scene import writing
+
+    if variant.endswith("whole region written"):
+        writing._changed_part = lambda segmentation, segment_id, grid, *edit: edit
+    keep, volume, segmentation = _scene()
+    target = segmentation.GetSegmentation().GetNthSegmentID(3)
+    box = BOX if variant.startswith("one region") else (slice(0, SHAPE[0]), slice(0, SHAPE[1]), slice(0, SHAPE[2]))
+    shape = tuple(s.stop - s.start for s in box)
+    kk, jj, ii = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    centre = [n / 2 for n in shape]
+    if variant.startswith("one region"):
+        previous = (kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 < 55 ** 2
+        bump = (centre[0], centre[1], centre[2] + 55)
+    else:  # a long object through every slice, as a segment grown region by region
+        previous = np.broadcast_to((jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 < 90 ** 2, shape)
+        bump = (centre[0], centre[1], centre[2] + 90)
+    refined = previous | ((kk - bump[0]) ** 2 + (jj - bump[1]) ** 2 + (ii - bump[2]) ** 2 < 12 ** 2)
+    editor = sc.LogicEditor(volume.GetScene(), undo_states=2)
+    taken = sc.SegmentBaseline(segmentation, target, volume).taken
+    sc.write_region(segmentation, target, volume, box, previous, editor=editor, taken=taken)
+    start = time.perf_counter()
+    sc.write_region(segmentation, target, volume, box, refined, editor=editor, taken=taken)
+    seconds = time.perf_counter() - start
+    editor.close()
+    del keep
+    return {"variant": variant, "write_s": round(seconds, 3), "region_voxels": int(np.prod(shape))}
+
+
+def measure_refine() -> list:
+    """Every refining-write variant, each in a fresh Python process."""
+    return [_in_subprocess("--refine-variant", variant) for variant in REFINE_VARIANTS]
+
+
+def _in_subprocess(flag: str, variant: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "FastSAM3DLib.benchmarks.scene_memory", flag, variant], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def measure() -> list:
     """Every variant, each in a fresh Python process (peak memory is per process)."""
-    results = []
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, "-m", "FastSAM3DLib.benchmarks.scene_memory", "--variant", variant], check=True,
-                             capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return [_in_subprocess("--variant", variant) for variant in VARIANTS]
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--variant":
         print(json.dumps(measure_variant(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--refine-variant":
+        print(json.dumps(measure_refine_variant(sys.argv[2])))
     else:
-        print(json.dumps(measure(), indent=1))
+        print(json.dumps(measure_refine() if sys.argv[1:] == ["--refine"] else measure(), indent=1))

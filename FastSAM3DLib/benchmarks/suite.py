@@ -31,8 +31,8 @@ def extra_benchmarks() -> Tuple[Callable[["Plan", str], List[dict]], ...]:
     exception becomes a reported problem, not a crash. (Plan.skip["host"] skips the host ones.)"""
     from . import growth, host, int8_kernels, memory, server, session_memory
 
-    return (host.slicer_loop, host.click_write_memory, int8_kernels.bench_rows, session_memory.bench_rows,
-            growth.bench_rows, server.measure, memory.measure)
+    return (host.slicer_loop, host.click_write_memory, host.refining_write, int8_kernels.bench_rows,
+            session_memory.bench_rows, growth.bench_rows, server.measure, memory.measure)
 
 
 @dataclass

@@ -18,6 +18,8 @@ Region = Tuple[slice, slice, slice]
 # (voxel units); any other grid is resampled nearest-neighbour.
 _SAME_AXES_TOLERANCE = 1e-4
 _WHOLE_VOXEL_TOLERANCE = 1e-3
+# Voxels per slab when finding what an edit changes (a few MB of temporaries, reused from the cache).
+_SLAB_VOXELS = 1 << 20
 
 
 def write_region(segmentation_node, segment_id: str, source_volume_node, region: Region, mask: np.ndarray,
@@ -31,6 +33,10 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     after one saved undo state: the editable area, the editable intensity range and the overwrite mode
     ("modify other segments") apply exactly as they do for them. In particular, as for Erase, a segment's own
     voxels may always be cleared, and with the editable area "inside segment X" cleared voxels go back to X.
+    Only the box of the voxels where the segmentation changes is edited (a refining click's write costs what
+    it changes, not its region's size), with the same result as editing the whole region. A result that
+    changes nothing edits nothing and saves no undo state (Slicer's segmentation history would merge it with
+    the previous one anyway: Ctrl+Z undoes the last write that changed something).
 
     ``editor_settings``: a ``vtkMRMLSegmentEditorNode``, an :class:`EditorSettings`, or None (the editor's
     own settings; Slicer's defaults - edit everywhere, overwrite all other segments, any intensity - for a
@@ -68,8 +74,13 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
             raise FastSAM3DError("The segmentation has no geometry; select a source volume in the Segment Editor.")
         grid, mask_ijk_to_grid_ijk = _reference_grid(reference, mask_to_segmentation)
         _refuse_voxels_outside(reference, mask_ijk_to_grid_ijk, bounds, mask)
-        to_add, to_remove = _region_modifiers(reference, grid, mask_ijk_to_grid_ijk, mask_to_segmentation, bounds,
-                                              mask)
+        on_grid = _region_on_grid(reference, grid, mask_ijk_to_grid_ijk, mask_to_segmentation, bounds, mask)
+        if on_grid is None:
+            return  # the region misses the segmentation's geometry: nothing to write
+        edit = _changed_part(segmentation, segment_id, grid, *on_grid)
+        if edit is None:
+            return  # the segmentation already shows the result: no edit, no undo state that changes nothing
+        to_add, to_remove = _modifiers(grid, *edit)
         if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
         steps = [(image, mode) for image, mode in ((to_remove, _REMOVE), (to_add, _ADD))
@@ -358,12 +369,11 @@ def _refuse_voxels_outside(reference, mask_ijk_to_grid_ijk: np.ndarray, bounds, 
             "or write into a new segmentation.")
 
 
-def _region_modifiers(reference, grid: np.ndarray, mask_ijk_to_grid_ijk: np.ndarray,
-                      mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
-    """(add, remove) labelmaps on the segmentation's grid: voxels the region sets and clears.
-
-    Each is a vtkOrientedImageData covering only the region (clipped to the segmentation's extent), or None
-    when the region misses the segmentation's extent altogether. ``grid``, ``mask_ijk_to_grid_ijk``:
+def _region_on_grid(reference, grid: np.ndarray, mask_ijk_to_grid_ijk: np.ndarray,
+                    mask_to_segmentation: np.ndarray, bounds, mask: np.ndarray):
+    """The region on the segmentation's grid: (extent, voxels the result sets, the region's footprint), the arrays
+    (K, J, I) bool over ``extent`` (clipped to the segmentation's extent), the footprint None where it is the whole
+    extent; or None when the region misses the segmentation's extent. ``grid``, ``mask_ijk_to_grid_ijk``:
     :func:`_reference_grid`.
     """
     ref_extent = reference.GetExtent()
@@ -376,31 +386,76 @@ def _region_modifiers(reference, grid: np.ndarray, mask_ijk_to_grid_ijk: np.ndar
         lo = np.maximum(start_ijk + shift, [ref_extent[0], ref_extent[2], ref_extent[4]])
         hi = np.minimum(stop_ijk - 1 + shift, [ref_extent[1], ref_extent[3], ref_extent[5]])
         if np.any(lo > hi):
-            return None, None
+            return None
         crop = tuple(slice(lo[a] - shift[a] - start_ijk[a], hi[a] - shift[a] - start_ijk[a] + 1) for a in (2, 1, 0))
-        inside = mask[crop]
-        footprint = np.ones_like(inside)
-    else:
-        # another lattice (oversampled segmentation, other reference volume): nearest-neighbour resampling
-        corners = np.array([[x, y, z] for x in (start_ijk[0] - 0.5, stop_ijk[0] - 0.5)
-                            for y in (start_ijk[1] - 0.5, stop_ijk[1] - 0.5)
-                            for z in (start_ijk[2] - 0.5, stop_ijk[2] - 0.5)])
-        mapped = corners @ mask_ijk_to_grid_ijk[:3, :3].T + mask_ijk_to_grid_ijk[:3, 3]
-        lo = np.maximum(np.floor(mapped.min(axis=0)).astype(int), [ref_extent[0], ref_extent[2], ref_extent[4]])
-        hi = np.minimum(np.ceil(mapped.max(axis=0)).astype(int), [ref_extent[1], ref_extent[3], ref_extent[5]])
-        if np.any(lo > hi):
-            return None, None
-        extent = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
-        source_extent = [start_ijk[0], stop_ijk[0] - 1, start_ijk[1], stop_ijk[1] - 1, start_ijk[2], stop_ijk[2] - 1]
-        target = _oriented_image(None, grid, extent)
-        inside, footprint = (
-            _resampled(_oriented_image(values, mask_to_segmentation, source_extent), target, extent)
-            for values in (mask, np.ones(mask.shape, np.uint8)))
-        inside &= footprint.astype(bool)
+        return [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]], mask[crop], None
+    # another lattice (oversampled segmentation, other reference volume): nearest-neighbour resampling
+    corners = np.array([[x, y, z] for x in (start_ijk[0] - 0.5, stop_ijk[0] - 0.5)
+                        for y in (start_ijk[1] - 0.5, stop_ijk[1] - 0.5)
+                        for z in (start_ijk[2] - 0.5, stop_ijk[2] - 0.5)])
+    mapped = corners @ mask_ijk_to_grid_ijk[:3, :3].T + mask_ijk_to_grid_ijk[:3, 3]
+    lo = np.maximum(np.floor(mapped.min(axis=0)).astype(int), [ref_extent[0], ref_extent[2], ref_extent[4]])
+    hi = np.minimum(np.ceil(mapped.max(axis=0)).astype(int), [ref_extent[1], ref_extent[3], ref_extent[5]])
+    if np.any(lo > hi):
+        return None
     extent = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
-    to_add = _oriented_image(inside, grid, extent)
-    to_remove = _oriented_image(footprint.astype(bool) & ~inside.astype(bool), grid, extent)
-    return to_add, to_remove
+    source_extent = [start_ijk[0], stop_ijk[0] - 1, start_ijk[1], stop_ijk[1] - 1, start_ijk[2], stop_ijk[2] - 1]
+    target = _oriented_image(None, grid, extent)
+    inside, footprint = (
+        _resampled(_oriented_image(values, mask_to_segmentation, source_extent), target, extent)
+        for values in (mask, np.ones(mask.shape, np.uint8)))
+    return extent, inside & footprint, footprint
+
+
+def _changed_part(segmentation, segment_id: str, grid: np.ndarray, extent, inside: np.ndarray, footprint):
+    """The region (:func:`_region_on_grid`'s extent, set voxels, footprint) cut to the box of the voxels whose edit
+    changes the segmentation, or None when none does.
+
+    Writing a voxel changes something only where the segment gains it (set, not held), loses it (in the
+    footprint, not set, held), or keeps it while a segment of another labelmap layer holds it too (Paint takes
+    it from that one, as the overwrite mode allows). Elsewhere the segmentation already shows the result, so a
+    click that moves the boundary in one place edits that place alone: Slicer's logic, the undo state and the
+    rollback then work on that box, not the whole region (seconds for a segment grown over many regions). The
+    edit is the same as the whole region's. Where a labelmap layer lies on another voxel grid (Slicer's logic
+    resamples it), nothing is cut.
+    """
+    if _layers_off(segmentation, grid):
+        return extent, inside, footprint
+    own_layer = segmentation.GetLayerIndex(segment_id)
+    own_image = segmentation.GetLayerDataObject(own_layer) if own_layer >= 0 else None
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    others = [segmentation.GetLayerDataObject(index) for index in range(segmentation.GetNumberOfLayers())
+              if index != own_layer and segmentation.GetLayerDataObject(index) is not None]
+    shape = inside.shape
+    changed_k, changed_j, changed_i = (np.zeros(n, dtype=bool) for n in shape)
+    step = max(1, _SLAB_VOXELS // (shape[1] * shape[2]))  # slabs of k: the temporaries stay small and cached
+    for k0 in range(0, shape[0], step):
+        k1 = min(k0 + step, shape[0])
+        slab = (extent[0], extent[1], extent[2], extent[3], extent[4] + k0, extent[4] + k1 - 1)
+        own = _values_in_extent(own_image, slab) == label
+        changed = inside[k0:k1] != own
+        if footprint is not None:
+            changed &= footprint[k0:k1]
+        kept = inside[k0:k1] & own if others else None
+        if kept is not None and kept.any():
+            for image in others:
+                changed |= kept & (_values_in_extent(image, slab) != 0)
+        rows = changed.any(axis=2)
+        changed_k[k0:k1] = rows.any(axis=1)
+        changed_j |= rows.any(axis=0)
+        changed_i |= changed.any(axis=(0, 1))
+    if not changed_k.any():
+        return None
+    box = tuple(slice(int(np.flatnonzero(c)[0]), int(np.flatnonzero(c)[-1]) + 1)
+                for c in (changed_k, changed_j, changed_i))
+    cut = [extent[2 * a] + (box[2 - a].start if b == 0 else box[2 - a].stop - 1) for a in range(3) for b in (0, 1)]
+    return cut, inside[box], footprint[box] if footprint is not None else None
+
+
+def _modifiers(grid: np.ndarray, extent, inside: np.ndarray, footprint):
+    """(add, remove) labelmaps on the segmentation's grid over ``extent``: the voxels the edit sets and clears."""
+    to_remove = ~inside if footprint is None else footprint & ~inside
+    return _oriented_image(inside, grid, extent), _oriented_image(to_remove, grid, extent)
 
 
 def _whole_voxel_shift(index_to_index: np.ndarray) -> Optional[np.ndarray]:
@@ -524,7 +579,11 @@ def _layers_off_grid(segmentation, modifiers) -> bool:
         return False
     modifier_to_world = vtk.vtkMatrix4x4()
     modifiers[0].GetImageToWorldMatrix(modifier_to_world)
-    grid = _array_from_vtk_matrix(modifier_to_world)
+    return _layers_off(segmentation, _array_from_vtk_matrix(modifier_to_world))
+
+
+def _layers_off(segmentation, grid: np.ndarray) -> bool:
+    """Whether a labelmap layer's voxel grid differs from ``grid`` (an image-to-world matrix)."""
     layer_to_world = vtk.vtkMatrix4x4()
     for index in range(segmentation.GetNumberOfLayers()):
         image = segmentation.GetLayerDataObject(index)
