@@ -424,8 +424,10 @@ def _changed_part(segmentation, segment_id: str, grid: np.ndarray, extent, insid
     own_layer = segmentation.GetLayerIndex(segment_id)
     own_image = segmentation.GetLayerDataObject(own_layer) if own_layer >= 0 else None
     label = segmentation.GetSegment(segment_id).GetLabelValue()
-    others = [segmentation.GetLayerDataObject(index) for index in range(segmentation.GetNumberOfLayers())
-              if index != own_layer and segmentation.GetLayerDataObject(index) is not None]
+    others = [image for image in (segmentation.GetLayerDataObject(index)
+                                  for index in range(segmentation.GetNumberOfLayers()) if index != own_layer)
+              if image is not None and image.GetPointData().GetScalars() is not None
+              and _intersect_extent(tuple(image.GetExtent()), tuple(extent)) is not None]  # layers that reach the box
     shape = inside.shape
     changed_k, changed_j, changed_i = (np.zeros(n, dtype=bool) for n in shape)
     step = max(1, _SLAB_VOXELS // (shape[1] * shape[2]))  # slabs of k: the temporaries stay small and cached
