@@ -247,8 +247,10 @@ def test_a_click_that_changes_nothing_adds_no_undo_step(harness):
     effect, volume, segmentation, segment_id = ready(harness)
     assert harness.click(CENTRE)
     first = segment_array(segmentation, segment_id, volume)
+    assert "already showed" not in effect.statusLabel.text
     assert harness.click((CENTRE[0], CENTRE[1] + 1.0, CENTRE[2]))  # the stand-in follows the first point
     assert np.array_equal(segment_array(segmentation, segment_id, volume), first)
+    assert "2 point(s)" in effect.statusLabel.text and "already showed this result" in effect.statusLabel.text
     harness.scripted.undo()
     assert not segment_array(segmentation, segment_id, volume).any()
 

@@ -115,7 +115,7 @@ def test_a_refining_write_edits_only_the_box_of_its_changes(app):
         editor.extents.clear()
         refined = new.copy()
         refined[1:3, 2:4, 10:13] = ~refined[1:3, 2:4, 10:13]  # flip a 2x2x3 block
-        sc.write_region(segmentation, ids["B"], volume, REGION, refined, editor=editor)
+        assert sc.write_region(segmentation, ids["B"], volume, REGION, refined, editor=editor) is True
         box = (REGION[2].start + 10, REGION[2].start + 12, REGION[1].start + 2, REGION[1].start + 3,
                REGION[0].start + 1, REGION[0].start + 2)
         assert editor.extents and set(editor.extents) == {box}  # erase and paint, each over the block alone
@@ -123,7 +123,8 @@ def test_a_refining_write_edits_only_the_box_of_its_changes(app):
 
         editor.extents.clear()
         states = editor.undo_states
-        sc.write_region(segmentation, ids["B"], volume, REGION, refined, editor=editor)  # the same result again
+        edited = sc.write_region(segmentation, ids["B"], volume, REGION, refined, editor=editor)  # the same again
+        assert edited is False
         assert editor.extents == [] and editor.undo_states == states  # nothing to change: no edit, no undo state
 
 

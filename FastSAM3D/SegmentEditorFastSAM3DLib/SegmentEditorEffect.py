@@ -718,10 +718,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     note = _("; given back through this source volume, not the first point's: where it does not "
                              "reach, Ctrl+Z gives the rest back")
             with slicer.util.RenderBlocker():
-                scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
-                                   editor=scene.EffectEditor(self.scriptedEffect),
-                                   taken=baseline.taken if baseline is not None else None)
+                edited = scene.write_region(segmentationNode, segmentId, sourceVolumeNode, region, mask,
+                                            editor=scene.EffectEditor(self.scriptedEffect),
+                                            taken=baseline.taken if baseline is not None else None)
             written = time.perf_counter() - start
+            if not edited and count > 0:
+                note += _("; the segment already showed this result (no change, no undo step)")
         except Exception as exc:  # noqa: BLE001 - the segment is unchanged; the point list is put back too
             self._failed(tag, exc, computed=True)
             return

@@ -23,7 +23,7 @@ _SLAB_VOXELS = 1 << 20
 
 
 def write_region(segmentation_node, segment_id: str, source_volume_node, region: Region, mask: np.ndarray,
-                 editor_settings=None, *, editor=None, taken=None) -> None:
+                 editor_settings=None, *, editor=None, taken=None) -> bool:
     """Make the segment equal ``mask`` inside ``region`` of the source volume grid, as one Segment Editor edit.
 
     ``region``: ``(slice_k, slice_j, slice_i)`` of the source volume array; ``mask``: bool (or 0/1 integer)
@@ -46,7 +46,8 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     :class:`SegmentBaseline`): voxels earlier writes of the series took from other segments and this write
     leaves in no segment go back to them, in the same edit.
 
-    If anything fails, the segmentation node is left exactly as it was and the exception propagates
+    Returns whether the segmentation was edited (False: it already showed the result in the region). If
+    anything fails, the segmentation node is left exactly as it was and the exception propagates
     (:class:`FastSAM3DError` subclasses carry a message for the user).
     """
     segmentation = _checked_segmentation(segmentation_node, segment_id)
@@ -59,7 +60,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     mask_to_segmentation = np.linalg.inv(node_to_world(segmentation_node)) @ \
         volume_from_node_matrix(source_volume_node)
     if any(s.stop <= s.start for s in bounds):
-        return  # an empty region changes nothing
+        return False  # an empty region changes nothing
 
     own_editor = editor is None
     if own_editor:
@@ -76,17 +77,17 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         _refuse_voxels_outside(reference, mask_ijk_to_grid_ijk, bounds, mask)
         on_grid = _region_on_grid(reference, grid, mask_ijk_to_grid_ijk, mask_to_segmentation, bounds, mask)
         if on_grid is None:
-            return  # the region misses the segmentation's geometry: nothing to write
+            return False  # the region misses the segmentation's geometry: nothing to write
         edit = _changed_part(segmentation, segment_id, grid, *on_grid)
         if edit is None:
-            return  # the segmentation already shows the result: no edit, no undo state that changes nothing
+            return False  # the segmentation already shows the result: no edit, no undo state that changes nothing
         to_add, to_remove = _modifiers(grid, *edit)
-        if to_remove is not None and not _segment_has_voxels_in(segmentation, segment_id, to_remove):
+        if not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
         steps = [(image, mode) for image, mode in ((to_remove, _REMOVE), (to_add, _ADD))
                  if image is not None and _has_voxels(image)]
         if not steps:
-            return  # nothing to erase or paint: no snapshot, no undo state that would change nothing
+            return False  # nothing to erase or paint: no snapshot, no undo state that would change nothing
         editor.take_errors()
         rollback = _Rollback(segmentation_node, [to_add, to_remove], editor.parameter_node())
         record = taken.snapshot() if taken is not None else None
@@ -100,6 +101,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
                                  "). The segment was left unchanged.")
         if before is not None:
             taken.after_write(segmentation_node, before)
+        return True
     except BaseException:
         if rollback is not None:
             rollback.restore()
