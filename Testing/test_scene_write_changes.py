@@ -13,8 +13,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 
 from FastSAM3DLib import scene as sc  # noqa: E402
 from FastSAM3DLib.scene import writing  # noqa: E402
-from test_scene_adapter import (REGION, SHAPE, Logic, app, all_segments, ball, placed, segment_array,  # noqa: E402,F401
-                                set_segment, three_segments)
+from test_scene_adapter import (REGION, SHAPE, Logic, app, all_segments, ball, make_segmentation,  # noqa: E402,F401
+                                make_volume, placed, segment_array, set_segment, three_segments)
 
 MASK_MODES = ["everywhere", "inside_all_segments", "outside_visible_segments", "inside_segment"]
 
@@ -143,3 +143,68 @@ def test_a_voxel_the_segment_keeps_is_still_taken_from_an_overlapping_segment(ap
         sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)  # the same result again
     assert not segment_array(segmentation, ids["O"], volume).any()
     assert np.array_equal(segment_array(segmentation, ids["B"], volume)[REGION], new)
+
+
+def _series_around_a_repeated_result(app, monkeypatch, cut):
+    """T takes voxel v from O; another edit takes v from T; T's result is written again (nothing changes); another
+    edit gives v back to T; the next result clears v. Returns whether O holds v at the end."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    with monkeypatch.context() as patch:
+        if not cut:
+            patch.setattr(writing, "_changed_part", whole_region)
+        volume, segmentation, ids, masks, new = three_segments(app)
+        ids["O"] = set_segment(segmentation, volume, "O", ball(SHAPE, (7, 11, 13), 2.5))
+        ids["T"] = segmentation.GetSegmentation().AddEmptySegment("", "T")
+        v = (7, 11, 13)
+
+        def by_hand(segment_id, voxels, mode):
+            image = writing._oriented_image(voxels.astype(np.uint8), np.eye(4),
+                                            [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1])
+            assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, mode, image.GetExtent())
+
+        baseline = sc.SegmentBaseline(segmentation, ids["T"], volume)
+        with sc.LogicEditor(app.scene) as editor:
+            first = placed(REGION, np.zeros_like(new))
+            first[6:9, 10:13, 12:15] = True
+            sc.write_region(segmentation, ids["T"], volume, REGION, first[REGION], editor=editor, taken=baseline.taken)
+            lost = segment_array(segmentation, ids["T"], volume)
+            lost[v] = False
+            by_hand(ids["T"], lost, logic.MODE_REPLACE)
+            sc.write_region(segmentation, ids["T"], volume, REGION, lost[REGION], editor=editor, taken=baseline.taken)
+            regained = np.zeros(SHAPE, bool)
+            regained[v] = True
+            by_hand(ids["T"], regained, logic.MODE_MERGE_MASK)
+            sc.write_region(segmentation, ids["T"], volume, REGION, lost[REGION], editor=editor, taken=baseline.taken)
+        return bool(segment_array(segmentation, ids["O"], volume)[v])
+
+
+def test_a_write_that_changes_nothing_still_brings_the_series_record_up_to_date(app, monkeypatch):
+    """What a series owes other segments follows the labels at every write (a voxel the segment lost by
+    another edit is owed to no one any more), also at a write the cut finds nothing to do for."""
+    assert _series_around_a_repeated_result(app, monkeypatch, cut=False) is False
+    assert _series_around_a_repeated_result(app, monkeypatch, cut=True) is False
+
+
+def test_overwrite_visible_takes_the_painted_voxels_from_a_visible_segment(app):
+    """A visible segment O shares its layer with a visible E and a hidden H that lies in the region but away from
+    the change. Slicer's logic looks for segments it may not overwrite across the whole edit's extent: over the
+    whole region it found H, moved E to a new layer and left O the voxels overwrite "visible" should take (the
+    exception in write_region's docstring). Cut to the change, the edit takes them from O, as documented."""
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    masks = {"E": np.zeros(SHAPE, bool), "O": np.zeros(SHAPE, bool), "H": np.zeros(SHAPE, bool),
+             "T": np.zeros(SHAPE, bool)}
+    masks["O"][4:8, 4:8, 4:8] = True
+    masks["H"][10:12, 15:18, 18:22] = True
+    masks["T"][2:6, 2:6, 2:6] = True  # overlaps O: T gets a layer of its own
+    ids = {name: segmentation.GetSegmentation().AddEmptySegment("", name) if not mask.any() else
+           set_segment(segmentation, volume, name, mask) for name, mask in masks.items()}
+    segmentation.GetDisplayNode().SetSegmentVisibility(ids["H"], False)
+    result = masks["T"].copy()
+    result[6:8, 6:8, 6:8] = True  # T grows into O
+    whole = (slice(0, SHAPE[0]), slice(0, SHAPE[1]), slice(0, SHAPE[2]))
+    with sc.LogicEditor(app.scene, sc.EditorSettings(overwrite="visible")) as editor:
+        assert sc.write_region(segmentation, ids["T"], volume, whole, result, editor=editor)
+    assert not segment_array(segmentation, ids["O"], volume)[6:8, 6:8, 6:8].any()
+    assert np.array_equal(segment_array(segmentation, ids["T"], volume), result)
+    assert np.array_equal(segment_array(segmentation, ids["H"], volume), masks["H"])

@@ -55,13 +55,20 @@ class TakenVoxels:
         """How many voxels are waiting to be given back (all segments together)."""
         return int(sum(np.count_nonzero(voxels) for _, voxels in self._taken.values()))
 
-    def before_write(self, segmentation, box, grid: np.ndarray):
-        """What every segment holds in ``box`` (extent i0, i1, j0, j1, k0, k1 on the grid whose image-to-world
-        matrix is ``grid``) before the edit; pass it to :meth:`after_write`."""
+    def catch_up(self, segmentation, grid: np.ndarray) -> None:
+        """Bring the record up to date with the labels as they are now, for a write on the grid whose
+        image-to-world matrix is ``grid`` (see the class docstring); every write of the series calls it, also
+        one that finds nothing to change."""
         if self._grid is not None and not np.allclose(self._grid, grid, atol=1e-6):
             self._taken = {}  # another voxel grid (the reference geometry changed): indices no longer apply
         self._grid = np.array(grid, dtype=float)
         self._reconcile(segmentation)
+
+    def before_write(self, segmentation, box, grid: np.ndarray):
+        """What every segment holds in ``box`` (extent i0, i1, j0, j1, k0, k1 on the grid whose image-to-world
+        matrix is ``grid``) before the edit, the record brought up to date first (:meth:`catch_up`); pass it to
+        :meth:`after_write`."""
+        self.catch_up(segmentation, grid)
         layers, segments = {}, []
         for index in range(segmentation.GetNumberOfSegments()):
             segment_id = segmentation.GetNthSegmentID(index)

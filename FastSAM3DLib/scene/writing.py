@@ -34,9 +34,12 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
     ("modify other segments") apply exactly as they do for them. In particular, as for Erase, a segment's own
     voxels may always be cleared, and with the editable area "inside segment X" cleared voxels go back to X.
     Only the box of the voxels where the segmentation changes is edited (a refining click's write costs what
-    it changes, not its region's size), with the same result as editing the whole region. A result that
-    changes nothing edits nothing and saves no undo state (Slicer's segmentation history would merge it with
-    the previous one anyway: Ctrl+Z undoes the last write that changed something).
+    it changes, not its region's size), with the same result as editing the whole region, except where
+    Slicer's logic itself depends on the edit's extent: with overwrite "visible", a hidden segment in the
+    region but outside the changed box made it move a visible segment to a new layer and leave voxels it
+    should have taken (the cut edit takes them). A result that changes nothing edits nothing and saves no undo
+    state (Slicer's segmentation history would merge it with the previous one anyway: Ctrl+Z undoes the last
+    write that changed something).
 
     ``editor_settings``: a ``vtkMRMLSegmentEditorNode``, an :class:`EditorSettings`, or None (the editor's
     own settings; Slicer's defaults - edit everywhere, overwrite all other segments, any intensity - for a
@@ -79,8 +82,10 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         if on_grid is None:
             return False  # the region misses the segmentation's geometry: nothing to write
         edit = _changed_part(segmentation, segment_id, grid, *on_grid)
-        if edit is None:
-            return False  # the segmentation already shows the result: no edit, no undo state that changes nothing
+        if edit is None:  # the segmentation already shows the result: no edit, no undo state that changes nothing
+            if taken is not None:
+                taken.catch_up(segmentation, grid)  # what the series owes follows the labels, as after any write
+            return False
         to_add, to_remove = _modifiers(grid, *edit)
         if not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
