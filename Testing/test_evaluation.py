@@ -181,6 +181,38 @@ def test_listed_cases_with_a_missing_file_are_reported_not_dropped_silently(tmp_
     assert text.startswith("2 case(s)") and "gone.nii.gz" in text and "y_0000.nii.gz" in text
 
 
+def test_labels_in_a_folder_are_paired_by_whole_name_parts_then_by_grid(tmp_path):
+    """ct_1_seg shared its longest name prefix ("ct_1") with ct_10 too, so ct_10 was also scored against ct_1's
+    label; a label named unlike every image was paired with every image of its grid, even one with its own."""
+    import warnings
+
+    small = np.zeros((4, 5, 6), np.uint8)
+    small[1, 1, 1] = 1
+    other_grid = np.zeros((4, 5, 7), np.uint8)
+    other_grid[1, 1, 1] = 1
+    for name in ("ct_1", "ct_10"):  # same grid, so only the names can tell them apart
+        write_image(tmp_path / "numbered" / f"{name}.nii.gz", small.astype(np.int16))
+        write_image(tmp_path / "numbered" / f"{name}_seg.nii.gz", small)
+    for name in ("patientA", "patientB"):
+        write_image(tmp_path / "patients" / f"{name}.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "patients" / "patientA_seg.nii.gz", small)
+    write_image(tmp_path / "patients" / "patientC_seg.nii.gz", other_grid)  # patientC's image is missing
+    write_image(tmp_path / "lits" / "volume-0.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "lits" / "volume-1.nii.gz", other_grid.astype(np.int16))
+    write_image(tmp_path / "lits" / "segmentation-1.nii.gz", other_grid)  # no common name part: by its grid
+    write_image(tmp_path / "brats" / "brats_t1.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "brats" / "brats_t2.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "brats" / "brats_seg.nii.gz", small)  # one label for both modalities
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pairs = sorted((c.image.name, c.label.name) for c in ds.find_cases(tmp_path))
+    assert pairs == [("brats_t1.nii.gz", "brats_seg.nii.gz"), ("brats_t2.nii.gz", "brats_seg.nii.gz"),
+                     ("ct_1.nii.gz", "ct_1_seg.nii.gz"), ("ct_10.nii.gz", "ct_10_seg.nii.gz"),
+                     ("patientA.nii.gz", "patientA_seg.nii.gz"), ("volume-1.nii.gz", "segmentation-1.nii.gz")]
+    (warning,) = [w for w in caught if issubclass(w.category, ds.IncompleteDataWarning)]
+    assert "patientC_seg.nii.gz" in str(warning.message) and "lies on its grid" in str(warning.message)
+
+
 def test_names_and_manifests_are_read_as_utf8_whatever_the_locale(tmp_path):
     """GDCM's DICOM writer leaves a process at LC_CTYPE "C", and Windows defaults to cp1252: files are read as
     UTF-8 explicitly, so structure names like these stay readable."""

@@ -7,7 +7,9 @@ A :class:`Case` is one image with one label image. :func:`find_cases` accepts
   nnU-Net folders (``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, names from
   ``dataset.json``), then, per folder, every remaining file whose name says it is a label (``seg``, ``label``,
   ``mask``, ``gt``, ``truth``, ``annot``, ``multiclass``) paired with the image(s) of that folder sharing the
-  longest name prefix with it, preferring those on the same voxel grid;
+  longest name prefix with it that ends where a name part ends (``ct_1_seg``: ``ct_1``, not ``ct_10``),
+  preferring those on the same voxel grid; a label named unlike every image (``segmentation-0``) is paired
+  only with an image on its grid that no other label is named like;
 * a **manifest**: a ``.json`` list of ``{"image", "label", "structures"?, "names"?, "case"?}`` objects (or
   ``{"cases": [...]}``), or a ``.csv`` with columns ``image,label[,structures][,case]`` (structures separated
   by ``;``). Relative paths are relative to the manifest;
@@ -198,6 +200,9 @@ def _same_grid(a, b) -> bool:
         np.allclose(x, y, atol=1e-3) for x, y in zip(a[1:], b[1:]))
 
 
+_SEPARATORS = "_-. "
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a.lower(), b.lower()):
@@ -207,18 +212,54 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
-def _images_for_label(label: Path, images: Sequence[Path]) -> List[Path]:
-    """The images of a folder a label belongs to: longest common name prefix, same grid preferred."""
-    if len(images) <= 1:
+def _pairs_by_name(labels: Sequence[Path], images: Sequence[Path]) -> List[Tuple[Path, Path]]:
+    """(image, label) pairs of one folder's files by name (see the module doc); labels no image fits are left out.
+
+    A label belongs to the images whose names share the longest prefix with its own that ends where a name part
+    ends (``ct_1_seg`` to ``ct_1``, not ``ct_10``; ``brats_seg`` to ``brats_t1`` and ``brats_t2``), those on
+    its voxel grid preferred. A label no image fits that way (``segmentation-0`` beside ``volume-0``) takes,
+    among the images no other label fits that way, those sharing its longest prefix and lying on its grid (any
+    grid when the folder holds one image).
+    """
+    fits = {label: _name_fits(label, images) for label in labels}
+    claimed = {image for found in fits.values() for image in found}
+    pairs = []
+    for label in labels:
+        found = fits[label] or _grid_fits(label, [i for i in images if i not in claimed], len(images) == 1)
+        pairs += [(image, label) for image in found]
+    return pairs
+
+
+def _name_fits(label: Path, images: Sequence[Path]) -> List[Path]:
+    stem = image_stem(label)
+    scores = [_common_parts(stem, image_stem(i)) for i in images]
+    best = [i for i, score in zip(images, scores) if score and score == max(scores)]
+    return _on_the_grid_of(label, best) if len(best) > 1 else best
+
+
+def _grid_fits(label: Path, images: Sequence[Path], only_image: bool) -> List[Path]:
+    if only_image or not images:
         return list(images)
     stem = image_stem(label)
     scores = [_common_prefix(stem, image_stem(i)) for i in images]
-    best = [i for i, s in zip(images, scores) if s == max(scores)]
-    if len(best) > 1:
-        grid = _grid_signature(label)
-        same = [i for i in best if _same_grid(grid, _grid_signature(i))]
-        best = same or best
-    return best
+    best = [i for i, score in zip(images, scores) if score == max(scores)]
+    grid = _grid_signature(label)
+    return [i for i in best if _same_grid(grid, _grid_signature(i))]
+
+
+def _on_the_grid_of(label: Path, images: Sequence[Path]) -> List[Path]:
+    grid = _grid_signature(label)
+    return [i for i in images if _same_grid(grid, _grid_signature(i))] or list(images)
+
+
+def _common_parts(a: str, b: str) -> int:
+    """The length of the longest common prefix of the names ``a`` and ``b`` that ends where a part of each ends
+    (at a separator, or the name's end): 4 for ``ct_1_seg`` and ``ct_1``, 3 (``ct_``) for ``ct_1_seg`` and
+    ``ct_10``, 0 for ``patientC_seg`` and ``patientA``."""
+    n = _common_prefix(a, b)
+    if all(n == len(x) or x[n] in _SEPARATORS for x in (a, b)):
+        return n
+    return max((i + 1 for i in range(n) if a[i] in _SEPARATORS), default=0)
 
 
 class IncompleteDataWarning(UserWarning):
@@ -264,9 +305,10 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
         files = sorted(p for p in folder.iterdir() if is_image_file(p) and p.resolve() not in used)
         labels = [p for p in files if looks_like_label(p)]
         images = [p for p in files if not looks_like_label(p)]
-        for label in labels:
-            for image in _images_for_label(label, images):
-                pairs.append((image, label, label_names(label)))
+        found = _pairs_by_name(labels, images)
+        pairs += [(image, label, label_names(label)) for image, label in found]
+        incomplete += [f"the image of {label} (none in its folder is named like it or lies on its grid)"
+                       for label in labels if images and label not in {lab for _, lab in found}]
     if incomplete:
         warnings.warn(f"{len(incomplete)} case(s) of {root} left out because a file is missing: "
                       + "; ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else ""), IncompleteDataWarning,
