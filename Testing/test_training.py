@@ -266,6 +266,45 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, crop_cache):
                  _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
 
 
+_LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from FastSAM3DLib.weights.filelock import FileLock
+FileLock(Path(sys.argv[1]) / ".train.lock").acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_folder_being_trained_is_refused(tmp_path, crop_cache):
+    """A --resume started while the run still trained trained a second copy from step 0 into the same folder:
+    an interleaved log and two processes overwriting latest.pth. It is refused, changing nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from FastSAM3DLib.errors import FastSAM3DError
+
+    _finetune_run(tmp_path, crop_cache, "run", steps=2, stop_after_steps=1)
+    folder = tmp_path / "run"
+    assert not (folder / ".train.lock").exists()  # a finished or stopped run leaves no lock
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    repo = Path(__file__).resolve().parent.parent
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder)], cwd=repo, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FastSAM3DError, match=f"Another training run is writing into .*process {holder.pid}"):
+            _finetune_run(tmp_path, crop_cache, "run", steps=2, resume=True)
+        assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".train.lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    if os.environ.get("FASTSAM3D_EMULATE_WINDOWS") == "1":  # no flock: a dead holder is told only by its age
+        return
+    assert _finetune_run(tmp_path, crop_cache, "run", steps=2, resume=True)["finished"] is True
+
+
 def _finetune_run(tmp_path, crop_cache, name, messages=None, **kw):
     config = FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=2, loss_size=32)
     log = (lambda _: None) if messages is None else messages.append

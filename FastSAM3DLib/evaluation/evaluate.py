@@ -29,8 +29,6 @@ cvpr25), the model's predicted IoU, and the seconds of the model step. Results a
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -388,56 +386,19 @@ def _resolve_model(model, checkpoint, device, name, attention):
     return model.eval(), name or model.config.name, (str(checkpoint) if checkpoint else None)
 
 
-#: Seconds after which an evaluation lock nobody refreshes is broken (where the system cannot tell).
-_LOCK_STALE_S = 300.0
-
-
-@contextlib.contextmanager
 def _sole_writer(folder: Optional[Path]):
-    """Hold the evaluation lock of the output ``folder`` (made here when new) while the block runs: two
-    evaluations writing into one folder would each rewrite run.json and skipped.csv from their own view, losing the
-    other's records (a checkpoint that would then not be checked). A second one is refused, saying who holds the
-    folder. Where the system cannot tell that a holder died (no ``flock``: Windows), a thread refreshes the lock
-    and one not refreshed for :data:`_LOCK_STALE_S` is broken. A new folder the run leaves empty is removed."""
-    if folder is None:
-        yield
-        return
-    from ..files import remove_empty_folders
-    from ..weights.filelock import FileLock, LockTimeout, LockUnavailable
+    """Hold the evaluation lock of the output ``folder`` while the block runs (:func:`..sole_writer.sole_writer`):
+    two evaluations writing into one folder would each rewrite run.json and skipped.csv from their own view,
+    losing the other's records (a checkpoint that would then not be checked); a second one is refused."""
+    from ..sole_writer import sole_writer
     from .results import EvaluationStateError
 
-    created = [f for f in (folder, *folder.parents) if not f.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a file of that name, a read-only disk: the store says what to do
-        yield
-        return
-    lock = FileLock(folder / ".evaluate.lock", stale_after=_LOCK_STALE_S, timeout=2.0,  # > GRACE: a dead one goes
-                    doing="evaluating into the same folder")
-    try:
-        lock.acquire()
-    except LockTimeout as exc:
-        raise EvaluationStateError(
-            f"Another evaluation is writing into {folder} ({str(exc).split(' is held by ')[-1]}): wait until it has "
-            f"finished, or choose another --output folder (if none is running, delete {lock.path}).") from None
-    except LockUnavailable:  # nobody can write there: the store says what to do
-        yield
-        return
-    stop = threading.Event()
+    def refusal(holder: str, lock_path: Path) -> Exception:
+        return EvaluationStateError(
+            f"Another evaluation is writing into {folder} ({holder}): wait until it has finished, or choose another "
+            f"--output folder (if none is running, delete {lock_path}).")
 
-    def refresh():
-        while not stop.wait(30.0):
-            lock.heartbeat()
-
-    beat = threading.Thread(target=refresh, name="FastSAM3D evaluation lock", daemon=True)
-    beat.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beat.join()
-        lock.release()
-        remove_empty_folders(created)
+    return sole_writer(folder, ".evaluate.lock", "evaluating into the same folder", refusal)
 
 
 def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *, clicks: Optional[int] = None,

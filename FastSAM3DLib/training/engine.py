@@ -201,10 +201,29 @@ class _Progress:
 
 def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], None] = print,
                  desc: str = "training") -> Dict[str, Any]:
-    """Train ``task`` as configured; returns a summary (steps done, last loss, checkpoint and weights paths)."""
+    """Train ``task`` as configured; returns a summary (steps done, last loss, checkpoint and weights paths).
+
+    The run holds its output folder's lock: a second run into the same folder (a ``--resume`` started while
+    the first still trains) is refused, instead of training a second copy that interleaves the log and
+    overwrites the checkpoint."""
+    from ..errors import FastSAM3DError
+    from ..sole_writer import sole_writer
+
+    output = Path(config.output)
+
+    def refusal(holder: str, lock_path: Path) -> Exception:
+        return FastSAM3DError(f"Another training run is writing into {output} ({holder}): wait until it has "
+                              f"finished (then --resume it if it stopped early), or choose another --output "
+                              f"folder (if none is running, delete {lock_path}).")
+
+    with sole_writer(output, ".train.lock", "training into the same folder", refusal):
+        return _train(task, config, log, desc, output)
+
+
+def _train(task: TrainingTask, config: LoopConfig, log: Callable[[str], None], desc: str,
+           output: Path) -> Dict[str, Any]:
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     latest, weights = output / checkpoints.CHECKPOINT_NAME, output / checkpoints.WEIGHTS_NAME
     device = next(task.model.parameters()).device
