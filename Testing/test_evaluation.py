@@ -539,6 +539,23 @@ def test_a_case_skipped_for_a_broken_file_is_evaluated_once_the_file_is_fixed(sy
     assert len(read_rows(out)) == 2 and (out / "skipped.csv").read_text().splitlines()[1:] == []
 
 
+def test_a_folder_whose_only_label_is_empty_is_an_error_with_its_reason(synthetic_folder, tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    """An empty label was passed over in silence: "evaluated 0 structure(s); 0 skipped (reasons in skipped.csv)",
+    no skipped.csv, exit status 0."""
+    folder, out = tmp_path / "data", tmp_path / "eval"
+    folder.mkdir()
+    (folder / "ct.nii.gz").write_bytes((synthetic_folder / "ct.nii.gz").read_bytes())
+    label = sitk.ReadImage(str(synthetic_folder / "ct_seg.nii.gz"))
+    sitk.WriteImage(label * 0, str(folder / "ct_seg.nii.gz"))
+    args = ["evaluate", str(folder), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint), "--placement",
+            "gt", "--quiet", "--no-plots", "--clicks", "2", "--output", str(out)]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "empty label: no labelled voxel" in captured.err.strip().splitlines()[-1]
+    assert "empty label" in (out / "skipped.csv").read_text()
+
+
 def test_skip_records_are_decided_again_without_rewriting_the_file_per_record(tmp_path, tiny_checkpoint,
                                                                                monkeypatch, capsys):
     """A rerun re-decides skips: a stale record made under a selector ('kid*' -> values '1;2') goes once its
@@ -556,7 +573,8 @@ def test_skip_records_are_decided_again_without_rewriting_the_file_per_record(tm
     args = ["evaluate", str(tmp_path / "data"), "--model", "tiny-test", "--checkpoint", str(tiny_checkpoint),
             "--placement", "gt", "--quiet", "--no-plots", "--no-predictions", "--clicks", "1", "--output",
             str(tmp_path / "out"), "--structures", "kid*", *absent]
-    assert main(args) == 0
+    assert main(args) == 2  # nothing asked for is there: an error, its reasons recorded
+    assert "nothing of" in capsys.readouterr().err
     skipped = {r["value"] for r in csv.DictReader(open(tmp_path / "out" / "skipped.csv"))}
     assert "1;2" in skipped and len(skipped) == 41
     writes = []

@@ -261,6 +261,13 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, crop_cache):
     finetune(config, _loop(tmp_path, "run", steps=1), log=lambda _: None)
     with pytest.raises(FastSAM3DError, match="--resume"):
         finetune(config, _loop(tmp_path, "run", steps=2), log=lambda _: None)
+    with pytest.raises(FastSAM3DError, match="it is a finetune run, not a distill run"):
+        distill(DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root)),
+                _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FastSAM3DError, match="afile is a file, not a folder"):
+        finetune(config, _loop(tmp_path, "afile", steps=1), log=lambda _: None)
+    assert (tmp_path / "afile").read_text() == "mine"
     with pytest.raises(FastSAM3DError, match="other settings"):
         finetune(FinetuneConfig(model="tiny-test", data=str(crop_cache.root), clicks=3, loss_size=32),
                  _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
@@ -549,7 +556,7 @@ def test_sampler_shifts_and_augments_consistently(crop_cache):
     assert draw_augmentation(np.random.default_rng(0), AugmentConfig(enabled=False)) == Augmentation()
     a, b = apply_augmentation(np.ones((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), Augmentation((True, False, False)))
     assert a.dtype == np.float32 and a.flags.c_contiguous and b.flags.c_contiguous
-    with pytest.raises(ValueError, match="unknown group"):
+    with pytest.raises(ValueError, match="names group.*that the crop cache does not hold"):
         CropSampler(crop_cache, group_weights={"nope": 1.0})
 
 
@@ -625,6 +632,18 @@ def test_prepare_crops_skips_excluded_and_resumes(tmp_path):
     assert CropCache.open(tmp_path / "c").side == 128
 
 
+def test_prepare_data_that_makes_no_crop_is_an_error_that_says_why(tmp_path, capsys):
+    """It printed "0 crops in CACHE" and exited 0 (the folder was never made); finetune then asked for an
+    index.json."""
+    from FastSAM3DLib.cli import main
+
+    (tmp_path / "nopairs").mkdir()
+    assert main(["prepare-data", str(tmp_path / "cache"), "--source", str(tmp_path / "nopairs")]) == 2
+    captured = capsys.readouterr()
+    assert "no image/label pairs found" in captured.out
+    assert "error: no crop was made" in captured.err.strip().splitlines()[-1]
+
+
 def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
     """Folders of the same name were one group: the second site's cases of the same name counted as cached (and
     were dropped); one unusable case stopped the whole run with a message naming no file."""
@@ -658,8 +677,15 @@ def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
     (["distill", "--teacher", "tiny-test-teacher", "--student", "tiny-test", "--pairs", "0:99"],
      "pair 0:99 is outside"),
     (["finetune", "--model", "tiny-test", "--checkpoint-every", "0"], "--checkpoint-every: must be at least 1"),
-    (["finetune", "--model", "tiny-test", "--unfreeze-blocks", "9"], "unfreeze_blocks must be in 0..3"),
+    (["finetune", "--model", "tiny-test", "--unfreeze-blocks", "9"], "(unfreeze_blocks) must be in 0..3"),
     (["finetune", "--model", "tiny-test", "--clicks", "1"], "--clicks: must be at least 2"),
+    (["finetune", "--model", "tiny-test", "--intensity-scale", "2,1"], "--intensity-scale: LOW must not exceed HIGH"),
+    (["finetune", "--model", "tiny-test", "--intensity-shift", "0.1"], "--intensity-shift: expected two numbers LOW,HIGH"),
+    (["finetune", "--model", "tiny-test", "--lr", "-1"], "--lr: must be above 0"),
+    (["finetune", "--model", "tiny-test", "--loss-size", "0"], "--loss-size: must be at least 1"),
+    (["finetune", "--model", "tiny-test", "--weight-decay", "nan"], "--weight-decay: must be at least 0"),
+    (["finetune", "--model", "tiny-test", "--group-weights", "elsewhere=1"],
+     "names group(s) ['elsewhere'] that the crop cache does not hold"),
 ])
 def test_impossible_training_options_are_one_line_errors_before_any_output(options, message, crop_cache, tmp_path,
                                                                           capsys):

@@ -113,5 +113,8 @@ def bench_rows(plan, device_name: str) -> list:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
                              max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))

@@ -179,7 +179,9 @@ def measure() -> list:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--variant":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+    elif len(sys.argv) == 3 and sys.argv[1] == "--variant":
         print(json.dumps(measure_variant(sys.argv[2])))
     elif len(sys.argv) == 3 and sys.argv[1] == "--refine-variant":
         print(json.dumps(measure_refine_variant(sys.argv[2])))

@@ -167,10 +167,11 @@ def cmd_evaluate(args) -> int:
     runtime = summary["runtime"]
     skipped = summary["skipped"]
     print(f"evaluated {runtime['structures_evaluated']} structure(s) in {runtime['seconds']:.1f} s; "
-          f"{len(skipped)} skipped in total (reasons in {args.output}/skipped.csv)")
-    if args.label and not summary.get("n_rows") and skipped:  # the one pair given could not be evaluated at all
+          f"{len(skipped)} skipped in total" + (f" (reasons in {args.output}/skipped.csv)" if skipped else ""))
+    if not summary.get("n_rows") and skipped:  # nothing could be evaluated at all: an error, with the reasons
         reasons = sorted({str(record.get("reason", "")) for record in skipped})
-        print(f"error: nothing of {args.data} could be evaluated with {args.label}: {'; '.join(reasons)[:400]}",
+        given = f" with {args.label}" if args.label else ""
+        print(f"error: nothing of {args.data}{given} could be evaluated: {'; '.join(reasons)[:400]}",
               file=sys.stderr)
         return 2
     table = _table(summary)

@@ -485,6 +485,9 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             for structure, value, reason in missing:
                 for where in placements:
                     skip(case, structure, value or structure, where, reason)
+            if not values and not missing:  # an empty label: said, not passed over in silence
+                for where in placements:
+                    skip(case, "*", "*", where, "empty label: no labelled voxel")
             todo = [(v, [w for w in placements if not store.is_done(key(case, v, w))]) for v in values]
             already += sum(len(placements) - len(w) for _, w in todo)
             todo = [(v, w) for v, w in todo if w]

@@ -6,6 +6,7 @@ code). The work is done by :mod:`.data`, :mod:`.distill`, :mod:`.finetune` and :
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 EXAMPLES = """examples (the demo pipeline, see Resources/Models/MODEL_CARD.md):
@@ -19,13 +20,37 @@ EXAMPLES = """examples (the demo pipeline, see Resources/Models/MODEL_CARD.md):
       --steps 1000 --output runs/demo
   python -m FastSAM3DLib export-weights runs/demo/latest.pth Resources/Models/fastsam3d-demo.pth
 
-Every run writes OUTPUT/latest.pth (resumable: rerun with --resume and the same settings; --steps may change),
-OUTPUT/model.pth (weights only) and OUTPUT/log.jsonl (one JSON line per step and per epoch)."""
+Every run writes OUTPUT/latest.pth (resumable: rerun with --resume and the same settings; --steps may change)
+and OUTPUT/log.jsonl (one JSON line per step and per epoch); a finished run also OUTPUT/model.pth (weights only)."""
 
 
 def _floats(text: str):
-    low, _, high = text.partition(",")
-    return float(low), float(high)
+    """``LOW,HIGH`` parsed (finite, LOW <= HIGH), or argparse's one-line error."""
+    low, comma, high = text.partition(",")
+    try:
+        values = float(low), float(high)
+    except ValueError:
+        values = None
+    if not comma or values is None or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected two numbers LOW,HIGH, got {text!r}")
+    if values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"LOW must not exceed HIGH, got {text!r}")
+    return values
+
+
+def _number(minimum: float, inclusive: bool = True):
+    """An argparse type: a finite number of at least (or, not inclusive, above) ``minimum``."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum:g}, "
+                                             f"got {text}")
+        return value
+
+    return parse
 
 
 def _at_least(minimum: int):
@@ -72,12 +97,13 @@ def _add_loop_arguments(parser, lr: float) -> None:
                         help="samples per micro-batch (default 1, official)")
     parser.add_argument("--accumulate", type=_at_least(1), default=1,
                         help="micro-batches per optimiser step (default 1)")
-    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1, official)")
+    parser.add_argument("--lr", type=_number(0, inclusive=False), default=lr, help=f"learning rate (default {lr:g})")
+    parser.add_argument("--weight-decay", type=_number(0), default=0.1,
+                        help="AdamW weight decay (default 0.1, official)")
     parser.add_argument("--warmup-steps", type=_at_least(0), default=0, help="linear warm-up steps (default 0)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="learning rate after the warm-up (default cosine)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    parser.add_argument("--grad-clip", type=_number(0), default=1.0, help="max gradient norm, 0 = off (default 1)")
     parser.add_argument("--checkpoint-every", type=_at_least(1), default=50,
                         help="steps between checkpoints (default 50)")
     parser.add_argument("--seed", type=int, default=2023, help="random seed (default 2023, official)")
@@ -85,7 +111,7 @@ def _add_loop_arguments(parser, lr: float) -> None:
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA (never used on CPU)")
     parser.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
     parser.add_argument("--attention", default=None, help="attention backend (default: automatic)")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--max-minutes", type=_number(0, inclusive=False), default=None,
                         help="stop after this many minutes with a checkpoint (continue later with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from latest.pth")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -159,15 +185,15 @@ def add_subcommands(subparsers) -> None:
     fine.add_argument("--unfreeze-blocks", type=_at_least(0), default=0,
                       help="also train the last K encoder blocks + neck")
     fine.add_argument("--train-encoder", action="store_true", help="train the whole encoder too (from scratch)")
-    fine.add_argument("--decoder-lr", type=float, default=None,
+    fine.add_argument("--decoder-lr", type=_number(0, inclusive=False), default=None,
                       help="learning rate of prompt encoder and decoder (default 0.1 * --lr, official)")
     fine.add_argument("--clicks", type=_at_least(2), default=11,
                       help="simulated clicks per sample, at least 2: the last step is always the mask alone "
                            "(default 11)")
-    fine.add_argument("--loss-size", type=int, default=None,
+    fine.add_argument("--loss-size", type=_at_least(1), default=None,
                       help="compute the loss on a SIZE^3 grid (label area-averaged) instead of the full 128^3 "
                            "(official); e.g. 64 makes CPU runs several times faster")
-    fine.add_argument("--iou-weight", type=float, default=0.0,
+    fine.add_argument("--iou-weight", type=_number(0), default=0.0,
                       help="also train the predicted IoU: this weight times the squared error to each click's "
                            "actual IoU (default 0: the official loss has no IoU term)")
     fine.add_argument("--iou-head-only", action="store_true",
@@ -212,6 +238,10 @@ def _teacher_checkpoint(name: str, given):
 
 def _report(summary) -> int:
     """Print a training run's summary; the exit code."""
+    if not summary.get("finished", True):  # --max-minutes: stopped with a checkpoint, no weights yet
+        print(f"stopped: {summary['steps']} steps, last loss {summary['loss']:.4f}; checkpoint "
+              f"{summary['checkpoint']} (continue with --resume; model.pth is written when the run finishes)")
+        return 0
     print(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; weights {summary.get('weights')}")
     return 0
 
@@ -226,6 +256,11 @@ def cmd_prepare(args) -> int:
     cache = prepare_crops(args.cache, args.source, args.phantoms, margin=args.margin, min_voxels=args.min_voxels,
                           include=args.structures, exclude=args.exclude, exclude_cases=args.exclude_case,
                           per_phantom=args.per_phantom, seed=args.seed)
+    if not len(cache):
+        print(f"error: no crop was made (the lines above say why: no image/label pairs in the sources, every case "
+              f"held out or unusable, or every structure under --min-voxels {args.min_voxels}); {cache.root} holds "
+              "nothing to train on", file=sys.stderr)
+        return 2
     print(f"{len(cache)} crops in {cache.root}: " + ", ".join(f"{g} {n}" for g, n in cache.groups().items()))
     return 0
 

@@ -261,7 +261,10 @@ def prepare_crops(cache_dir, sources: Sequence = (), phantoms: int = 0, size: in
     unusable = []
     for source in sources:
         group = source_group(source)
-        for case in as_cases([source] if isinstance(source, (str, Path)) else [source]):
+        cases = as_cases([source] if isinstance(source, (str, Path)) else [source])
+        if not cases:
+            log(f"[{group}] {source}: no image/label pairs found")
+        for case in cases:
             if any(fnmatch.fnmatchcase(case.name.lower(), g.lower()) for g in exclude_cases):
                 log(f"[{group}] {case.name}: held out (excluded case)")
                 continue
@@ -368,14 +371,17 @@ class CropSampler:
 
     def __init__(self, cache: CropCache, augment: AugmentConfig = AugmentConfig(),
                  group_weights: Optional[Dict[str, float]] = None, shift: bool = True) -> None:
+        from ..errors import DataSourceError, SettingError
+
         if not len(cache):
-            raise ValueError(f"the crop cache {cache.root} is empty; add data with 'prepare-data'")
+            raise DataSourceError(f"the crop cache {cache.root} is empty; add data with 'prepare-data'")
         self.cache, self.augment, self.shift = cache, augment, shift
         counts = cache.groups()
         if group_weights:
             unknown = set(group_weights) - set(counts)
             if unknown:
-                raise ValueError(f"unknown group(s) {sorted(unknown)}; the cache has {sorted(counts)}")
+                raise SettingError(f"--group-weights names group(s) {sorted(unknown)} that the crop cache does not "
+                                   f"hold; its groups are {sorted(counts)}")
             unlisted = sorted(set(counts) - set(group_weights))
             if unlisted:
                 warnings.warn(f"the group weights do not list the group(s) {unlisted} of the crop cache, so their "

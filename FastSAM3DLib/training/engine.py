@@ -210,6 +210,9 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
     from ..sole_writer import sole_writer
 
     output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise FastSAM3DError(f"{output} is a file, not a folder: give --output a folder for the run (its "
+                             "checkpoint, weights and log).")
 
     def refusal(holder: str, lock_path: Path) -> Exception:
         return FastSAM3DError(f"Another training run is writing into {output} ({holder}): wait until it has "
@@ -222,6 +225,8 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
 
 def _train(task: TrainingTask, config: LoopConfig, log: Callable[[str], None], desc: str,
            output: Path) -> Dict[str, Any]:
+    from ..errors import FastSAM3DError
+
     if config.threads:
         torch.set_num_threads(int(config.threads))
     output.mkdir(parents=True, exist_ok=True)
@@ -243,10 +248,12 @@ def _train(task: TrainingTask, config: LoopConfig, log: Callable[[str], None], d
     start_step = 0
     if latest.is_file():
         if not config.resume:
-            from ..errors import FastSAM3DError
-
             raise FastSAM3DError(f"{latest} exists: pass --resume to continue that run, or choose another --output.")
         state = checkpoints.load_checkpoint(latest)
+        made_by, now = state.get("args", {}).get("command"), task.args.get("command")
+        if made_by and now and made_by != now:
+            raise FastSAM3DError(f"Cannot resume {latest}: it is a {made_by} run, not a {now} run. Resume it with "
+                                 f"'{made_by} --resume', or give this {now} run another --output.")
         _check_fingerprint(_recorded_fingerprint(state, fingerprint, latest), fingerprint, latest)
         before = state.get("args", {}).get("loop", {}).get("steps")
         if before is not None and int(before) != int(config.steps) and config.schedule != "constant":

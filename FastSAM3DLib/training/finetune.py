@@ -59,7 +59,7 @@ def set_trainable(model, unfreeze_blocks: int = 0, train_encoder: bool = False,
     encoder = model.image_encoder
     depth = len(encoder.blocks)
     if unfreeze_blocks < 0 or unfreeze_blocks > depth:
-        raise SettingError(f"unfreeze_blocks must be in 0..{depth}, got {unfreeze_blocks}")
+        raise SettingError(f"--unfreeze-blocks (unfreeze_blocks) must be in 0..{depth}, got {unfreeze_blocks}")
     if iou_head_only:
         if unfreeze_blocks or train_encoder:
             raise SettingError("iou_head_only trains the IoU head alone: it cannot be combined with encoder "
@@ -93,7 +93,8 @@ class FinetuneTask(TrainingTask):
         self.model = build_model(config.model, checkpoint=config.checkpoint, device=device,
                                  attention_backend=config.attention, seed=loop.seed)
         if config.iou_head_only and config.iou_weight <= 0:
-            raise SettingError("iou_head_only needs iou_weight > 0 (the IoU term is its only loss)")
+            raise SettingError("--iou-head-only needs --iou-weight above 0 (iou_head_only, iou_weight: the IoU term is "
+                               "its only loss)")
         self.trainable_encoder = set_trainable(self.model, config.unfreeze_blocks, config.train_encoder,
                                                config.iou_head_only)
         self.encoder_trains = any(p.requires_grad for p in self.model.image_encoder.parameters())

@@ -46,7 +46,8 @@ def load_state_dict(path) -> Dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint file {path} does not exist. Download the model or import the file.")
+        raise CheckpointError(f"Checkpoint file {path} does not exist. Check the path; for a published model, "
+                              "download it (python -m FastSAM3DLib download NAME) or import the file.")
     kind = sniff_format(path)
     if kind == "safetensors":
         from .safetensors_cache import check_fast_copy
