@@ -203,14 +203,27 @@ def test_labels_in_a_folder_are_paired_by_whole_name_parts_then_by_grid(tmp_path
     write_image(tmp_path / "brats" / "brats_t1.nii.gz", small.astype(np.int16))
     write_image(tmp_path / "brats" / "brats_t2.nii.gz", small.astype(np.int16))
     write_image(tmp_path / "brats" / "brats_seg.nii.gz", small)  # one label for both modalities
+    for name in ("case_1", "case_10", "İZMİR_01", "İZMİR_010"):  # label words stuck on; a name lower() lengthens
+        write_image(tmp_path / "stuck" / f"{name}.nii.gz", small.astype(np.int16))
+        write_image(tmp_path / "stuck" / f"{name}seg.nii.gz", small)
+    write_image(tmp_path / "pet" / "patient1.nii.gz", small.astype(np.int16))
+    write_image(tmp_path / "pet" / "patient1_pet.nii.gz", other_grid.astype(np.int16))
+    write_image(tmp_path / "pet" / "patient1_seg.nii.gz", small)  # its own name first, not the longer one
+    write_image(tmp_path / "organs" / "ct.nii.gz", small.astype(np.int16))
+    for name in ("ct_seg", "liver_mask"):  # one image: every label is its
+        write_image(tmp_path / "organs" / f"{name}.nii.gz", small)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pairs = sorted((c.image.name, c.label.name) for c in ds.find_cases(tmp_path))
-    assert pairs == [("brats_t1.nii.gz", "brats_seg.nii.gz"), ("brats_t2.nii.gz", "brats_seg.nii.gz"),
-                     ("ct_1.nii.gz", "ct_1_seg.nii.gz"), ("ct_10.nii.gz", "ct_10_seg.nii.gz"),
-                     ("patientA.nii.gz", "patientA_seg.nii.gz"), ("volume-1.nii.gz", "segmentation-1.nii.gz")]
+    assert pairs == sorted([
+        ("brats_t1.nii.gz", "brats_seg.nii.gz"), ("brats_t2.nii.gz", "brats_seg.nii.gz"),
+        ("ct_1.nii.gz", "ct_1_seg.nii.gz"), ("ct_10.nii.gz", "ct_10_seg.nii.gz"),
+        ("patientA.nii.gz", "patientA_seg.nii.gz"), ("volume-1.nii.gz", "segmentation-1.nii.gz"),
+        ("case_1.nii.gz", "case_1seg.nii.gz"), ("case_10.nii.gz", "case_10seg.nii.gz"),
+        ("İZMİR_01.nii.gz", "İZMİR_01seg.nii.gz"), ("İZMİR_010.nii.gz", "İZMİR_010seg.nii.gz"),
+        ("patient1.nii.gz", "patient1_seg.nii.gz"), ("ct.nii.gz", "ct_seg.nii.gz"), ("ct.nii.gz", "liver_mask.nii.gz")])
     (warning,) = [w for w in caught if issubclass(w.category, ds.IncompleteDataWarning)]
-    assert "patientC_seg.nii.gz" in str(warning.message) and "lies on its grid" in str(warning.message)
+    assert "patientC_seg.nii.gz" in str(warning.message) and "nor one on its grid" in str(warning.message)
 
 
 def test_names_and_manifests_are_read_as_utf8_whatever_the_locale(tmp_path):

@@ -283,7 +283,7 @@ time.sleep(120)
 """
 
 
-def test_a_second_run_into_a_folder_being_trained_is_refused(tmp_path, crop_cache):
+def test_a_second_run_into_a_folder_being_trained_is_refused(tmp_path, crop_cache, monkeypatch):
     """A --resume started while the run still trained trained a second copy from step 0 into the same folder:
     an interleaved log and two processes overwriting latest.pth. It is refused, changing nothing."""
     import subprocess
@@ -291,6 +291,7 @@ def test_a_second_run_into_a_folder_being_trained_is_refused(tmp_path, crop_cach
     from pathlib import Path
 
     from FastSAM3DLib.errors import FastSAM3DError
+    from FastSAM3DLib.training import distill as distill_module
 
     _finetune_run(tmp_path, crop_cache, "run", steps=2, stop_after_steps=1)
     folder = tmp_path / "run"
@@ -303,6 +304,12 @@ def test_a_second_run_into_a_folder_being_trained_is_refused(tmp_path, crop_cach
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FastSAM3DError, match=f"Another training run is writing into .*process {holder.pid}"):
             _finetune_run(tmp_path, crop_cache, "run", steps=2, resume=True)
+        built = []  # a distill task removes other runs' teacher features when it is built: refused before that
+        monkeypatch.setattr(distill_module, "DistillationTask", lambda *args: built.append(args))
+        with pytest.raises(FastSAM3DError, match="Another training run is writing into"):
+            distill(DistillConfig(teacher="tiny-test-teacher", student="tiny-test", data=str(crop_cache.root)),
+                    _loop(tmp_path, "run", steps=2, resume=True), log=lambda _: None)
+        assert built == []
         assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != ".train.lock"} == before
     finally:
         holder.kill()

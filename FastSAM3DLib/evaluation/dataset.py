@@ -7,9 +7,10 @@ A :class:`Case` is one image with one label image. :func:`find_cases` accepts
   nnU-Net folders (``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``, names from
   ``dataset.json``), then, per folder, every remaining file whose name says it is a label (``seg``, ``label``,
   ``mask``, ``gt``, ``truth``, ``annot``, ``multiclass``) paired with the image(s) of that folder sharing the
-  longest name prefix with it that ends where a name part ends (``ct_1_seg``: ``ct_1``, not ``ct_10``),
-  preferring those on the same voxel grid; a label named unlike every image (``segmentation-0``) is paired
-  only with an image on its grid that no other label is named like;
+  longest name prefix with it that ends where a name part ends (``ct_1_seg``: ``ct_1``, not ``ct_10``; the image
+  named exactly as the label without its label word first), preferring those on the same voxel grid; a label
+  named unlike every image (``segmentation-0``) is paired only with an image on its grid that no other label
+  is named like; in a folder with one image, every label is paired with it;
 * a **manifest**: a ``.json`` list of ``{"image", "label", "structures"?, "names"?, "case"?}`` objects (or
   ``{"cases": [...]}``), or a ``.csv`` with columns ``image,label[,structures][,case]`` (structures separated
   by ``;``). Relative paths are relative to the manifest;
@@ -204,9 +205,10 @@ _SEPARATORS = "_-. "
 
 
 def _common_prefix(a: str, b: str) -> int:
+    """Characters ``a`` and ``b`` share from the start, ignoring case (an index into both)."""
     n = 0
-    for x, y in zip(a.lower(), b.lower()):
-        if x != y:
+    for x, y in zip(a, b):
+        if x.casefold() != y.casefold():
             break
         n += 1
     return n
@@ -215,31 +217,39 @@ def _common_prefix(a: str, b: str) -> int:
 def _pairs_by_name(labels: Sequence[Path], images: Sequence[Path]) -> List[Tuple[Path, Path]]:
     """(image, label) pairs of one folder's files by name (see the module doc); labels no image fits are left out.
 
-    A label belongs to the images whose names share the longest prefix with its own that ends where a name part
-    ends (``ct_1_seg`` to ``ct_1``, not ``ct_10``; ``brats_seg`` to ``brats_t1`` and ``brats_t2``), those on
-    its voxel grid preferred. A label no image fits that way (``segmentation-0`` beside ``volume-0``) takes,
-    among the images no other label fits that way, those sharing its longest prefix and lying on its grid (any
-    grid when the folder holds one image).
+    In a folder with one image every label is its own (``ct`` with ``liver_mask`` and ``spleen_mask``). Else a
+    label belongs to the image named as the label without its label word (``case_10seg``: ``case_10``), else
+    to the images whose names share the longest prefix with its own that ends where a name part ends
+    (``ct_1_seg``: ``ct_1``, not ``ct_10``; ``brats_seg``: ``brats_t1`` and ``brats_t2``), those on its voxel
+    grid preferred. A label no image fits by name (``segmentation-0`` beside ``volume-0``) takes, among the
+    images no other label fits by name, those sharing its longest prefix and lying on its grid.
     """
+    if len(images) == 1:
+        return [(images[0], label) for label in labels]
     fits = {label: _name_fits(label, images) for label in labels}
     claimed = {image for found in fits.values() for image in found}
     pairs = []
     for label in labels:
-        found = fits[label] or _grid_fits(label, [i for i in images if i not in claimed], len(images) == 1)
+        found = fits[label] or _grid_fits(label, [i for i in images if i not in claimed])
         pairs += [(image, label) for image in found]
     return pairs
 
 
 def _name_fits(label: Path, images: Sequence[Path]) -> List[Path]:
     stem = image_stem(label)
+    word = _LABEL_WORDS.search(stem)
+    case = (stem[:word.start()] if word else stem).rstrip(_SEPARATORS).casefold()
+    exact = [i for i in images if case and image_stem(i).casefold() == case]
+    if exact:
+        return exact
     scores = [_common_parts(stem, image_stem(i)) for i in images]
     best = [i for i, score in zip(images, scores) if score and score == max(scores)]
     return _on_the_grid_of(label, best) if len(best) > 1 else best
 
 
-def _grid_fits(label: Path, images: Sequence[Path], only_image: bool) -> List[Path]:
-    if only_image or not images:
-        return list(images)
+def _grid_fits(label: Path, images: Sequence[Path]) -> List[Path]:
+    if not images:
+        return []
     stem = image_stem(label)
     scores = [_common_prefix(stem, image_stem(i)) for i in images]
     best = [i for i, score in zip(images, scores) if score == max(scores)]
@@ -307,7 +317,8 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
         images = [p for p in files if not looks_like_label(p)]
         found = _pairs_by_name(labels, images)
         pairs += [(image, label, label_names(label)) for image, label in found]
-        incomplete += [f"the image of {label} (none in its folder is named like it or lies on its grid)"
+        incomplete += [f"the image of {label} (its folder holds none named like it, nor one on its grid that no "
+                       "other label is named like)"
                        for label in labels if images and label not in {lab for _, lab in found}]
     if incomplete:
         warnings.warn(f"{len(incomplete)} case(s) of {root} left out because a file is missing: "

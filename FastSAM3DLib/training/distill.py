@@ -368,14 +368,15 @@ def distill(config: DistillConfig, loop: LoopConfig, log=print) -> Dict[str, Any
     Writes ``<loop.output>/latest.pth`` (resumable) and ``<loop.output>/model.pth`` (the student's weights:
     ``build_model(config.student, checkpoint=...)`` loads either).
     """
-    from .engine import resolve_device
+    from .engine import holding_output, resolve_device
 
     device = resolve_device(loop.device)
-    task = DistillationTask(config, loop, device)
-    if task.stale_features:
-        log(f"removed {len(task.stale_features)} teacher feature cache(s) of another teacher, crop cache or "
-            f"augmentation from {Path(loop.output) / 'teacher_features'} (left by a run without a checkpoint)")
-    log(f"distilling {config.teacher} -> {config.student} on {device}: pairs "
-        f"{', '.join(pair_name(p) for p in task.pairs)} + neck, one more every {config.stage_epochs} epoch(s); "
-        f"projections: {', '.join(task.extra.keys()) or 'none'}; teacher decoder copied: {task.copied_decoder}")
-    return run_training(task, loop, log, desc="distill")
+    with holding_output(loop):  # before the task removes another run's teacher features
+        task = DistillationTask(config, loop, device)
+        if task.stale_features:
+            log(f"removed {len(task.stale_features)} teacher feature cache(s) of another teacher, crop cache or "
+                f"augmentation from {Path(loop.output) / 'teacher_features'} (left by a run without a checkpoint)")
+        log(f"distilling {config.teacher} -> {config.student} on {device}: pairs "
+            f"{', '.join(pair_name(p) for p in task.pairs)} + neck, one more every {config.stage_epochs} epoch(s); "
+            f"projections: {', '.join(task.extra.keys()) or 'none'}; teacher decoder copied: {task.copied_decoder}")
+        return run_training(task, loop, log, desc="distill")

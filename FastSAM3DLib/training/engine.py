@@ -199,13 +199,11 @@ class _Progress:
             self.bar.close()
 
 
-def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], None] = print,
-                 desc: str = "training") -> Dict[str, Any]:
-    """Train ``task`` as configured; returns a summary (steps done, last loss, checkpoint and weights paths).
-
-    The run holds its output folder's lock: a second run into the same folder (a ``--resume`` started while
-    the first still trains) is refused, instead of training a second copy that interleaves the log and
-    overwrites the checkpoint."""
+def holding_output(config: LoopConfig):
+    """A context holding the run folder ``config.output`` (made when new) for one run: build the task and call
+    :func:`run_training` inside it. A second run into the same folder (a ``--resume`` started while the first
+    still trains) is refused before it builds or deletes anything, instead of training a second copy that
+    interleaves the log and overwrites the checkpoint (or removing the first one's teacher features)."""
     from ..errors import FastSAM3DError
     from ..sole_writer import sole_writer
 
@@ -219,14 +217,16 @@ def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], No
                               f"finished (then --resume it if it stopped early), or choose another --output "
                               f"folder (if none is running, delete {lock_path}).")
 
-    with sole_writer(output, ".train.lock", "training into the same folder", refusal):
-        return _train(task, config, log, desc, output)
+    return sole_writer(output, ".train.lock", "training into the same folder", refusal)
 
 
-def _train(task: TrainingTask, config: LoopConfig, log: Callable[[str], None], desc: str,
-           output: Path) -> Dict[str, Any]:
+def run_training(task: TrainingTask, config: LoopConfig, log: Callable[[str], None] = print,
+                 desc: str = "training") -> Dict[str, Any]:
+    """Train ``task`` as configured (inside :func:`holding_output`); returns a summary (steps done, last loss,
+    checkpoint and weights paths)."""
     from ..errors import FastSAM3DError
 
+    output = Path(config.output)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     output.mkdir(parents=True, exist_ok=True)

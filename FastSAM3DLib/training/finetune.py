@@ -27,7 +27,7 @@ import torch
 from ..errors import SettingError
 from .augment import AugmentConfig
 from .data import CropCache, CropSampler
-from .engine import LoopConfig, TrainingTask, resolve_device, run_training
+from .engine import LoopConfig, TrainingTask, holding_output, resolve_device, run_training
 from .interaction import DEFAULT_CLICKS, simulate_clicks
 from .losses import DiceCELoss
 
@@ -142,9 +142,10 @@ def finetune(config: FinetuneConfig, loop: LoopConfig, log=print) -> Dict[str, A
     with ``build_model(config.model, checkpoint=...)``.
     """
     device = resolve_device(loop.device)
-    task = FinetuneTask(config, loop, device)
-    what = "whole model" if config.train_encoder else "IoU prediction head only" if config.iou_head_only else (
-        f"prompt encoder + mask decoder + {', '.join(task.trainable_encoder)}" if task.trainable_encoder
-        else "prompt encoder + mask decoder (encoder frozen)")
-    log(f"fine-tuning {config.model} on {device}: {what}; {config.clicks} simulated clicks per sample")
-    return run_training(task, loop, log, desc="finetune")
+    with holding_output(loop):
+        task = FinetuneTask(config, loop, device)
+        what = "whole model" if config.train_encoder else "IoU prediction head only" if config.iou_head_only else (
+            f"prompt encoder + mask decoder + {', '.join(task.trainable_encoder)}" if task.trainable_encoder
+            else "prompt encoder + mask decoder (encoder frozen)")
+        log(f"fine-tuning {config.model} on {device}: {what}; {config.clicks} simulated clicks per sample")
+        return run_training(task, loop, log, desc="finetune")
