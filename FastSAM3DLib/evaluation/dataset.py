@@ -226,16 +226,24 @@ def _pairs_by_name(labels: Sequence[Path], images: Sequence[Path]) -> List[Tuple
     """
     if len(images) == 1:
         return [(images[0], label) for label in labels]
-    fits = {label: _name_fits(label, images) for label in labels}
+    grids: Dict[Path, object] = {}  # each header read once per folder
+
+    def on_its_grid(label: Path, candidates: Sequence[Path]) -> List[Path]:
+        for path in (label, *candidates):
+            if path not in grids:
+                grids[path] = _grid_signature(path)
+        return [i for i in candidates if _same_grid(grids[label], grids[i])]
+
+    fits = {label: _name_fits(label, images, on_its_grid) for label in labels}
     claimed = {image for found in fits.values() for image in found}
     pairs = []
     for label in labels:
-        found = fits[label] or _grid_fits(label, [i for i in images if i not in claimed])
+        found = fits[label] or on_its_grid(label, _longest_prefix(label, [i for i in images if i not in claimed]))
         pairs += [(image, label) for image in found]
     return pairs
 
 
-def _name_fits(label: Path, images: Sequence[Path]) -> List[Path]:
+def _name_fits(label: Path, images: Sequence[Path], on_its_grid) -> List[Path]:
     stem = image_stem(label)
     word = _LABEL_WORDS.search(stem)
     case = (stem[:word.start()] if word else stem).rstrip(_SEPARATORS).casefold()
@@ -244,22 +252,14 @@ def _name_fits(label: Path, images: Sequence[Path]) -> List[Path]:
         return exact
     scores = [_common_parts(stem, image_stem(i)) for i in images]
     best = [i for i, score in zip(images, scores) if score and score == max(scores)]
-    return _on_the_grid_of(label, best) if len(best) > 1 else best
+    return (on_its_grid(label, best) or best) if len(best) > 1 else best
 
 
-def _grid_fits(label: Path, images: Sequence[Path]) -> List[Path]:
-    if not images:
-        return []
+def _longest_prefix(label: Path, images: Sequence[Path]) -> List[Path]:
+    """The images sharing the longest name prefix with the label (all of them when none shares any)."""
     stem = image_stem(label)
     scores = [_common_prefix(stem, image_stem(i)) for i in images]
-    best = [i for i, score in zip(images, scores) if score == max(scores)]
-    grid = _grid_signature(label)
-    return [i for i in best if _same_grid(grid, _grid_signature(i))]
-
-
-def _on_the_grid_of(label: Path, images: Sequence[Path]) -> List[Path]:
-    grid = _grid_signature(label)
-    return [i for i in images if _same_grid(grid, _grid_signature(i))] or list(images)
+    return [i for i, score in zip(images, scores) if score == max(scores, default=0)]
 
 
 def _common_parts(a: str, b: str) -> int:
@@ -317,9 +317,9 @@ def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
         images = [p for p in files if not looks_like_label(p)]
         found = _pairs_by_name(labels, images)
         pairs += [(image, label, label_names(label)) for image, label in found]
+        paired = {label for _, label in found}
         incomplete += [f"the image of {label} (its folder holds none named like it, nor one on its grid that no "
-                       "other label is named like)"
-                       for label in labels if images and label not in {lab for _, lab in found}]
+                       "other label is named like)" for label in labels if images and label not in paired]
     if incomplete:
         warnings.warn(f"{len(incomplete)} case(s) of {root} left out because a file is missing: "
                       + "; ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else ""), IncompleteDataWarning,

@@ -445,18 +445,19 @@ def _changed_part(segmentation, segment_id: str, grid: np.ndarray, extent, insid
         changed = inside[k0:k1] != own
         if footprint is not None:
             changed &= footprint[k0:k1]
-        kept = inside[k0:k1] & own if others else None
-        if kept is not None and kept.any():
-            for image in others:
-                changed |= kept & (_values_in_extent(image, slab) != 0)
+        if others:
+            kept = inside[k0:k1] & own
+            if kept.any():
+                for image in others:
+                    changed |= kept & (_values_in_extent(image, slab) != 0)
         rows = changed.any(axis=2)
         changed_k[k0:k1] = rows.any(axis=1)
         changed_j |= rows.any(axis=0)
         changed_i |= changed.any(axis=(0, 1))
     if not changed_k.any():
         return None
-    box = tuple(slice(int(np.flatnonzero(c)[0]), int(np.flatnonzero(c)[-1]) + 1)
-                for c in (changed_k, changed_j, changed_i))
+    box = tuple(slice(int(found[0]), int(found[-1]) + 1)
+                for found in (np.flatnonzero(c) for c in (changed_k, changed_j, changed_i)))
     cut = [extent[2 * a] + (box[2 - a].start if b == 0 else box[2 - a].stop - 1) for a in range(3) for b in (0, 1)]
     return cut, inside[box], footprint[box] if footprint is not None else None
 
