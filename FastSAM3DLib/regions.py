@@ -18,6 +18,11 @@ Paste-back: the blended cells form one low-res field over the regions' bounding 
 the source voxels). Cells no region covers get, next to covered cells, the value of that neighbour (what the
 upsampling's edge clamping gives a lone region) and a large negative value further out; source voxels outside
 every region's extent are False, exactly as outside a single region.
+
+Re-paste: when only some regions' logits change (a refining click), :func:`repaste` thresholds again only the
+source voxels those regions' cells can reach and keeps the rest of the last paste. Its mask is :func:`paste`'s
+except at ties (a voxel whose value is the threshold to float64 rounding: the products are summed in another
+blocking of the matrix products).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ Region = Tuple[slice, slice, slice]
 OUTSIDE_LOGIT = -1.0e4
 #: Source voxels per chunk of the coverage test of the paste-back.
 _CHUNK = 1 << 22
+#: Low-res cells around changed regions whose source voxels :func:`repaste` computes again (fill + interpolation).
+_REPASTE_MARGIN = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +191,47 @@ def paste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tensor]
     if not bool(covered.all()) and mask.any():
         _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), region, mask)
     return region, mask
+
+
+def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tensor], changed: Iterable[Index],
+            pasted: Tuple[Region, np.ndarray], threshold: float = 0.0):
+    """:func:`paste` of ``logits`` given ``pasted``, the ``(region, mask)`` :func:`paste` gave for logits of the
+    same regions that differ only in the regions ``changed``: only the source voxels those regions' cells can
+    reach are thresholded again, the rest is copied from ``pasted`` (a new mask; ``pasted`` is not modified).
+
+    The blended field differs only in the changed regions' cells and, through the fill of uncovered cells, one
+    cell around them; a source voxel's value reads the low-res cells within one cell of its model position
+    (trilinear upsampling, then linear resampling). So the voxels within :data:`_REPASTE_MARGIN` cells of the
+    changed regions are computed again, with the whole field and ROI as :func:`paste` uses them.
+    """
+    blended = blend(lattice, logits)
+    changed = [index for index in changed if index in logits]
+    if blended is None or not changed:
+        raise ValueError("repaste needs the regions of a paste and at least one of them changed")
+    first, field, covered = blended
+    roi = lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
+    region, mask = pasted
+    cells = [region_cells(lattice, first, index) for index in changed]
+    low = np.maximum([min(c[axis].start for c in cells) - _REPASTE_MARGIN for axis in range(3)], 0)
+    high = np.minimum([max(c[axis].stop for c in cells) + _REPASTE_MARGIN for axis in range(3)], field.shape)
+    box_first, box_stop = geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5)
+    region_first = np.array([region[2].start, region[1].start, region[0].start])
+    region_stop = np.array([region[2].stop, region[1].stop, region[0].stop])
+    box_first, box_stop = np.maximum(box_first, region_first), np.minimum(box_stop, region_stop)
+    out = mask.copy()
+    if np.any(box_stop <= box_first):
+        return region, out
+    from . import resample
+
+    values = resample.threshold_logits(field, roi.model_to_ras, roi.size, volume.ijk_to_ras, box_first,
+                                       box_stop - box_first, threshold).cpu().numpy()
+    inner = tuple(slice(int(a), int(b))
+                  for a, b in zip((box_first - region_first)[::-1], (box_stop - region_first)[::-1]))
+    out[inner] = values
+    if not bool(covered.all()) and values.any():
+        sub_region = tuple(slice(int(a), int(b)) for a, b in zip(box_first[::-1], box_stop[::-1]))
+        _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), sub_region, out[inner])
+    return region, out
 
 
 def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray, field: np.ndarray,

@@ -82,6 +82,7 @@ class InteractiveSession:
         self._multi = growth.RegionSet()
         self._multi_history: List[growth.RegionSet] = []
         self._embeddings: "OrderedDict[RegionOfInterest, torch.Tensor]" = OrderedDict()
+        self._pasted: Optional[growth.Pasted] = None  # the last paste, which the next one may start from
 
     @property
     def roi(self) -> Optional[RegionOfInterest]:
@@ -164,8 +165,9 @@ class InteractiveSession:
         raise exc
 
     def undo(self) -> ClickResult:
-        """Remove the last click; the result is the mask exactly as it was before that click. A failure (out of
-        memory while pasting) changes nothing."""
+        """Remove the last click; the result is the mask exactly as it was before that click (with growth: up to
+        voxels whose logit ties with the threshold, see :func:`.regions.repaste`). A failure (out of memory while
+        pasting) changes nothing."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
         saved = self.checkpoint()
@@ -210,7 +212,8 @@ class InteractiveSession:
                       report: Optional["growth.GrowthReport"]) -> ClickResult:
         """The blended regions pasted back over every region before and after, and what was shown before."""
         start = time.perf_counter()
-        box, full, self._shown_region = growth.paste_result(self.volume, before, self._multi, self._shown_region)
+        box, full, self._shown_region, self._pasted = growth.paste_result(
+            self.volume, before, self._multi, self._shown_region, self._pasted)
         timings["paste"] = time.perf_counter() - start
         newest = self._newest_region()
         iou = newest.iou if newest is not None else float("nan")

@@ -5,18 +5,21 @@ growth forced to go everywhere (``max_fill=1``, ``min_agreement=0``: every neigh
 regions is set by ``regions``, not by what the model sees) builds a ``regions``-region segment with the real
 encoder of ``model_name``; then ``clicks`` more clicks land in other regions. Reported:
 
-* ``retained_mb``: bytes of every tensor storage the session holds (regions' logits, undo history, cached
-  embeddings), each counted once (:func:`.session_memory.retained_bytes`);
+* ``retained_mb``: bytes of every tensor storage and NumPy array the session holds (regions' logits, undo
+  history, cached embeddings, the last mask), each counted once (:func:`.session_memory.retained_bytes`);
 * ``embeddings``: how many region embeddings are cached (at most ``max_embeddings``) and the bytes of one;
 * ``logits_mb``: the logits of the regions and of the undo history;
 * ``grow_s``: seconds of the growing click; ``click_ms``: median of the later clicks;
 * ``embedding_kb_per_model``: the size of one region's embedding for every registered model (from its
   configuration), to scale ``retained_mb`` to another model: embeddings dominate, logits are 131 kB a region.
 
+:func:`measure_paste` times a refining click's paste on a segment grown through a CT-sized volume, pasted
+whole or only where the click changed it (``--paste``).
+
 The random-weight ``tiny-test`` model is the default because its masks reach every face, so the forced growth
 really makes ``regions`` regions (the demo model's ~40 mm blob reaches none: it stays at one region).
 
-Run: ``python -m FastSAM3DLib.benchmarks.growth [MODEL] [MAX_EMBEDDINGS]`` (prints JSON).
+Run: ``python -m FastSAM3DLib.benchmarks.growth [MODEL] [MAX_EMBEDDINGS]`` or ``... growth --paste`` (prints JSON).
 """
 from __future__ import annotations
 
@@ -77,6 +80,69 @@ def measure(model_name: Optional[str] = None, regions: int = 20, max_embeddings:
     }
 
 
+#: The variants of :func:`measure_paste`: the whole segment pasted again, or only the regions the click changed.
+PASTE_VARIANTS = ("whole segment pasted", "changed regions pasted")
+
+
+def measure_paste(shape=(300, 512, 512), spacing=(0.7, 0.7, 1.0), repeats: int = 3) -> dict:
+    """Time of a refining click's paste on a segment grown through a CT-sized volume, both ways.
+
+    The volume (k, j, i ``shape``, ``spacing`` mm) is covered by every region of its lattice; their logits are a
+    smooth ellipsoid nearly as large as the volume (so every region holds part of the object). The click
+    refines the central region (its logits shifted by 2 cells). Timed: :func:`growth.paste_result` from the
+    previous paste (only that region's reach pasted again) and without it (the whole segment), median of
+    ``repeats``; ``differ`` counts the voxels where the two masks differ (only ties may).
+    """
+    import numpy as np
+    import torch
+
+    from .. import geometry, growth, regions
+    from ..geometry import Volume
+
+    matrix = np.diag([*spacing, 1.0])
+    volume = Volume(np.zeros(shape, dtype=np.int16), matrix)
+    centre = (volume.ijk_to_ras @ np.r_[(np.array(shape[::-1]) - 1) / 2.0, 1.0])[:3]
+    roi = geometry.roi_around(volume, centre[None], 128, 1.5)
+    lattice = regions.Lattice.around(volume, roi, 128, 1.5, 32)
+    indices = _covering(lattice)
+    radii = np.array(lattice.grid.size) * 0.45 / 4  # in low-res cells
+
+    def ellipsoid(index, shift=0.0):
+        cells = np.stack(np.meshgrid(*[np.arange(32) + 0.5] * 3, indexing="ij"), -1)
+        model = cells * 4 + lattice.start(index) - 0.5  # grid voxel of each cell centre (x, y, z)
+        offset = (model - np.array(lattice.grid.size) / 2.0) / 4 - [shift, 0.0, 0.0]
+        return torch.from_numpy((4.0 * (1.0 - np.sqrt(((offset / radii) ** 2).sum(-1)))).astype(np.float32)[None, None])
+
+    states = {index: growth.RegionState(lattice.roi(index), ellipsoid(index), 0.9) for index in indices}
+    before = growth.RegionSet(lattice, states)
+    central = lattice.central_index(centre)
+    refined = before.with_region(central, growth.RegionState(lattice.roi(central), ellipsoid(central, 2.0), 0.9))
+    box, mask, shown, pasted = growth.paste_result(volume, growth.RegionSet(lattice), before, None)
+    times = {variant: [] for variant in PASTE_VARIANTS}
+    masks = {}
+    for _ in range(repeats):
+        for variant in PASTE_VARIANTS:
+            start = time.perf_counter()
+            masks[variant] = growth.paste_result(volume, before, refined, shown,
+                                                 pasted if variant.startswith("changed") else None)[1]
+            times[variant].append(time.perf_counter() - start)
+    return {"regions": len(indices), "shape": list(shape), "voxels": int(mask.size),
+            "segment_voxels": int(np.count_nonzero(mask)),
+            "differ": int(np.count_nonzero(masks[PASTE_VARIANTS[0]] != masks[PASTE_VARIANTS[1]])),
+            **{variant: round(statistics.median(seconds) * 1e3, 1) for variant, seconds in times.items()}}
+
+
+def _covering(lattice, min_inside: int = 32) -> list:
+    """The lattice's regions holding at least ``min_inside`` voxels of its grid along every axis."""
+    axes = []
+    for axis, size in enumerate(lattice.grid.size):
+        origin = lattice.origin[axis]
+        steps = range((-lattice.size - origin) // lattice.stride, (size - origin) // lattice.stride + 1)
+        axes.append([n for n in steps if min(origin + lattice.stride * n + lattice.size, size)
+                     - max(origin + lattice.stride * n, 0) >= min_inside])
+    return [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
+
+
 def _embedding_bytes(config) -> int:
     """Bytes of one float32 image embedding of a model: out_chans x (image_size / 16)^3."""
     return int(config.encoder.out_chans) * (int(config.image_size) // 16) ** 3 * 4
@@ -109,12 +175,30 @@ def bench_rows(plan, device_name: str) -> list:
                            **common),
         report.measurement("growth_click_ms", figures["click_ms"], label=labels[1][1], unit="ms",
                            note=f"growing click {figures['grow_s']} s (20 regions encoded)", **common),
-    ]
+    ] + paste_rows(plan, device_name)
+
+
+def paste_rows(plan, device_name: str) -> list:
+    """``make bench`` rows: a refining click's paste on a segment grown through a 512x512x300 CT, both ways."""
+    from . import report
+
+    common = dict(model="grown segment, 512x512x300 CT", device=device_name, precision="fp64", unit="ms",
+                  label="a refining click's paste")
+    skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU")
+    if skipped:
+        return [report.measurement("growth_paste_ms", None, variant=v, skipped=skipped, **common)
+                for v in PASTE_VARIANTS]
+    figures = measure_paste()
+    note = (f"{figures['regions']} regions, a {figures['segment_voxels'] / 1e6:.1f}-million-voxel segment, the "
+            f"central region refined; the two masks differ in {figures['differ']} voxels")
+    return [report.measurement("growth_paste_ms", figures[v], variant=v, note=note, **common) for v in PASTE_VARIANTS]
 
 
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
-        sys.exit(0)
-    print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
-                             max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))
+    elif sys.argv[1:] == ["--paste"]:
+        print(json.dumps(measure_paste(), indent=2))
+    else:
+        print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
+                                 max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))

@@ -7,8 +7,8 @@ is one compact 32^3 logit grid, and its per-region cache holds at most
 (1 mm voxels) with clicks alternating between x = 40 mm and x = 260 mm (each a little jittered, so no two clicks
 are at the same point):
 
-* ``retained_mb``: the bytes of every tensor storage the session holds after the clicks (undo history, caches,
-  current embedding), counted once each, and the same per click;
+* ``retained_mb``: the bytes of every tensor storage and NumPy array the session holds after the clicks (undo
+  history, caches, current embedding), counted once each, and the same per click;
 * ``rss_growth_mb``: how far the process's resident memory rose during the clicks (Linux; None elsewhere);
 * ``first_clicks_ms`` / ``last_clicks_ms``: median wall time of the first and the last ten region moves.
 
@@ -37,7 +37,9 @@ def _rss_mb() -> Optional[float]:
 
 
 def retained_bytes(session) -> int:
-    """Bytes of the distinct tensor storages reachable from ``session``'s attributes (not the model's)."""
+    """Bytes of the distinct tensor storages and NumPy arrays (their buffers) reachable from ``session``'s
+    attributes (not the model's, not the volume's)."""
+    import numpy as np
     import torch
 
     seen, total, stack, visited = set(), 0, [vars(session)], set()
@@ -52,6 +54,12 @@ def retained_bytes(session) -> int:
             if key not in seen:
                 seen.add(key)
                 total += storage.nbytes()
+        elif isinstance(obj, np.ndarray):
+            while isinstance(obj.base, np.ndarray):  # a view: count the array that owns the buffer
+                obj = obj.base
+            if ("numpy", id(obj)) not in seen:
+                seen.add(("numpy", id(obj)))
+                total += obj.nbytes
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set, frozenset)):

@@ -126,6 +126,7 @@ class RemoteSession:
 
             self._multi = RegionSet()
             self._multi_history: list = []
+            self._pasted = None  # the last paste, which the next one may start from
 
     @property
     def roi(self) -> Optional[RegionOfInterest]:
@@ -200,8 +201,9 @@ class RemoteSession:
         return result
 
     def undo(self) -> ClickResult:
-        """Remove the last click; the result is the mask exactly as it was before that click (no server call).
-        A failure (out of memory while pasting) changes nothing."""
+        """Remove the last click; the result is the mask exactly as it was before that click (no server call;
+        with growth: up to voxels whose logit ties with the threshold, see :func:`..regions.repaste`). A failure
+        (out of memory while pasting) changes nothing."""
         if not self.clicks:
             raise PromptError("There is no click to undo.")
         return self._unchanged_on_failure(self._undo, "the result before the last click")
@@ -401,7 +403,8 @@ class RemoteSession:
         from .. import growth
 
         start = time.perf_counter()
-        box, full, self._shown_region = growth.paste_result(self.volume, before, self._multi, self._shown_region)
+        box, full, self._shown_region, self._pasted = growth.paste_result(
+            self.volume, before, self._multi, self._shown_region, self._pasted)
         timings["paste"] = time.perf_counter() - start
         newest = self._newest_region()
         return ClickResult(box, full, newest.iou if newest is not None else float("nan"), encoded, timings,
