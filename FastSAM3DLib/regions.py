@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import geometry
+from . import geometry, resample
 from .devices import supported_device
 from .geometry import RegionOfInterest, Volume
 from .session_common import crop_to, union  # noqa: F401  (regions.crop_to/union, used by growth and the session)
@@ -209,6 +209,8 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     if blended is None or not changed:
         raise ValueError("repaste needs the regions of a paste and at least one of them changed")
     first, field, covered = blended
+    if not bool(torch.isfinite(field).all()):
+        raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
     roi = lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
     region, mask = pasted
     cells = [region_cells(lattice, first, index) for index in changed]
@@ -221,8 +223,6 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     out = mask.copy()
     if np.any(box_stop <= box_first):
         return region, out
-    from . import resample
-
     values = resample.threshold_logits(field, roi.model_to_ras, roi.size, volume.ijk_to_ras, box_first,
                                        box_stop - box_first, threshold).cpu().numpy()
     inner = tuple(slice(int(a), int(b))

@@ -372,6 +372,9 @@ def test_repasting_the_changed_regions_gives_the_whole_paste(grid):
         assert np.count_nonzero(want != pasted[1]) > 100 and np.count_nonzero(differ) <= 2, np.count_nonzero(differ)
         assert not np.any(differ & ~_ties(volume, lattice, logits, region))
         pasted = (region, mask)
+    logits[(1, 0, 0)] = torch.full((1, 1, 32, 32, 32), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):  # refused as the whole paste refuses it
+        regions.repaste(volume, lattice, logits, [(1, 0, 0)], pasted)
 
 
 @pytest.mark.parametrize("grid", sorted(name for name in GRIDS if "oblique" not in name))
