@@ -784,6 +784,25 @@ def paste_field_sitk(volume: Volume, roi: RegionOfInterest, field: np.ndarray, t
     return region, mask
 
 
+def positive_model_box(spans, shape, size):
+    """The model-voxel box ``(low, high)`` (x, y, z) outside which a field cannot exceed a threshold.
+
+    ``spans``: per axis the first and last index of the field's (``shape``) slabs holding a value above it;
+    the field is upsampled linearly to ``size`` (when smaller) and then interpolated linearly: an upsampled
+    voxel can exceed the threshold only where it reads such a slab, and an interpolated position only within one
+    model voxel of such a voxel.
+    """
+    from . import resample
+
+    low, high = [], []
+    for axis in range(3):
+        weights = resample._upsample_matrix(shape[axis], size[axis])[:, spans[axis][0]:spans[axis][1] + 1]
+        touched = np.flatnonzero(np.any(weights != 0, axis=1))
+        low.append(max(touched[0] - 1.0, -0.5))
+        high.append(min(touched[-1] + 1.0, size[axis] - 0.5))
+    return np.array(low), np.array(high)
+
+
 def _paste_back_torch(volume: Volume, roi: RegionOfInterest, logits, threshold: float):
     """:func:`paste_back` in PyTorch: the same region and mask, without forming the upsampled 128³ field."""
     import torch
@@ -806,15 +825,7 @@ def _paste_back_torch(volume: Volume, roi: RegionOfInterest, logits, threshold: 
                 for a, b in ((1, 2), (0, 2), (0, 1))]
     if int(np.prod(region_shape)) == 0 or any(len(p) == 0 for p in positive):
         return region, np.zeros(region_shape, dtype=bool)
-    # the model voxels of the (upsampled) field that can exceed the threshold: those interpolating a low-res
-    # slab that does; a linear interpolant exceeds it only within one model voxel of such a voxel
-    spans = []
-    for axis in range(3):
-        weights = resample._upsample_matrix(shape[axis], roi.size[axis])[:, positive[axis][0]:positive[axis][-1] + 1]
-        touched = np.flatnonzero(np.any(weights != 0, axis=1))
-        spans.append((touched[0], touched[-1]))
-    low = np.maximum([s[0] - 1.0 for s in spans], -0.5)
-    high = np.minimum([s[1] + 1.0 for s in spans], size - 0.5)
+    low, high = positive_model_box([(p[0], p[-1]) for p in positive], shape, roi.size)
     box_first, box_stop = _source_box(volume, roi, low, high)
     box_first, box_stop = np.maximum(box_first, first), np.maximum(np.minimum(box_stop, stop), box_first)
     if np.any(box_stop <= box_first):

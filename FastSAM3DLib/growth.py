@@ -213,22 +213,28 @@ def newest_region(current: RegionSet, clicks) -> Optional[RegionState]:
 
 @dataclass(frozen=True, eq=False)
 class Pasted:
-    """What :func:`paste_result` last pasted: the regions, their source box and the read-only mask (None: none)."""
+    """What :func:`paste_result` last pasted: the region set, the source box of its regions and the read-only
+    mask over that box (None when there was no region)."""
 
-    regions: RegionSet
-    region: regions.Region
+    region_set: RegionSet
+    box: regions.Region
     mask: Optional[np.ndarray]
+
+    @property
+    def shown(self) -> Optional[regions.Region]:
+        """The box the segment may now hold voxels in, or None when nothing was pasted."""
+        return self.box if self.mask is not None else None
 
 
 def paste_result(volume: Volume, before: RegionSet, current: RegionSet, shown, pasted: Optional[Pasted] = None):
-    """The blended regions of ``current`` pasted back: (box, mask over the box, region now shown or None, and
-    the :class:`Pasted` to give the next call).
+    """The blended regions of ``current`` pasted back: ``(box, mask over the box, Pasted)``, the last to give
+    the next call (its ``shown`` is the next call's ``shown``).
 
     The box covers the pasted regions, every region of ``before`` and ``shown`` (what was shown before), so
     that what the click removed is cleared too. ``pasted``, this function's last paste, spares work: when
     ``current`` has the same regions and only some of their logits changed (a refining click, its undo), only
-    the voxels those regions reach are pasted again (:func:`regions.repaste`); unchanged, the mask is reused.
-    The mask is read-only (it may be the next call's starting point).
+    the voxels those regions reach are pasted again where that is cheaper (:func:`regions.repaste`); unchanged,
+    the mask is reused. The mask is read-only (the next call may start from it): copy it to change it.
     """
     lattice = current.lattice or before.lattice
     region, mask = _paste(volume, current, pasted)
@@ -238,22 +244,23 @@ def paste_result(volume: Volume, before: RegionSet, current: RegionSet, shown, p
         before.regions else empty_region()
     box = union(union(region, extent), shown)
     full = mask if mask is not None and box == region else crop_to(region, mask, box)  # no copy when it fits
-    return box, full, (region if mask is not None else None), Pasted(current, region, mask)
+    full.flags.writeable = False
+    return box, full, Pasted(current, region, mask)
 
 
 def _paste(volume: Volume, current: RegionSet, pasted: Optional[Pasted]):
-    """``regions.paste`` of ``current``, or the cheaper :func:`regions.repaste` from ``pasted`` where it applies."""
+    """``regions.paste`` of ``current``, or :func:`regions.repaste` from ``pasted`` where it applies."""
     if not current.regions:
         return empty_region(), None
     lattice = current.lattice
-    if pasted is not None and pasted.mask is not None and pasted.regions.lattice is lattice and \
-            pasted.regions.regions.keys() == current.regions.keys():
-        old = pasted.regions.regions
+    if pasted is not None and pasted.mask is not None and pasted.region_set.lattice is lattice and \
+            pasted.region_set.regions.keys() == current.regions.keys():
+        old = pasted.region_set.regions
         changed = [index for index, state in current.regions.items() if state.logits is not old[index].logits]
         if not changed:
-            return pasted.region, pasted.mask
-        if len(changed) * 2 < len(current.regions) and resample.backend("paste") != "sitk":
-            return regions.repaste(volume, lattice, current.logits(), changed, (pasted.region, pasted.mask))
+            return pasted.box, pasted.mask
+        if resample.backend("paste") != "sitk":  # SimpleITK's sums would tie otherwise than the repaste's
+            return regions.repaste(volume, lattice, current.logits(), changed, (pasted.box, pasted.mask))
     return regions.paste(volume, lattice, current.logits())
 
 

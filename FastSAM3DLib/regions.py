@@ -20,9 +20,10 @@ upsampling's edge clamping gives a lone region) and a large negative value furth
 every region's extent are False, exactly as outside a single region.
 
 Re-paste: when only some regions' logits change (a refining click), :func:`repaste` thresholds again only the
-source voxels those regions' cells can reach and keeps the rest of the last paste. Its mask is :func:`paste`'s
-except at ties (a voxel whose value is the threshold to float64 rounding: the products are summed in another
-blocking of the matrix products).
+source voxels those regions' cells can reach, and of those only the ones near a cell above the threshold, and
+keeps the rest of the last paste; where that costs more than :func:`paste` (a thin segment) it pastes whole.
+Its mask is :func:`paste`'s except at ties (a voxel whose value is the threshold to float64 rounding: the
+products are summed in another blocking of the matrix products).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ OUTSIDE_LOGIT = -1.0e4
 _CHUNK = 1 << 22
 #: Low-res cells around changed regions whose source voxels :func:`repaste` computes again (fill + interpolation).
 _REPASTE_MARGIN = 2
+#: What copying a voxel of the last mask costs :func:`repaste`, against thresholding one voxel (~1/20 measured).
+_COPY_COST = 1 / 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,8 +188,18 @@ def paste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tensor]
     blended = blend(lattice, logits)
     if blended is None:
         return (slice(0, 0), slice(0, 0), slice(0, 0)), None
-    first, field, covered = blended
-    roi = lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
+    return _paste_blended(volume, lattice, *blended, threshold)
+
+
+def _field_roi(lattice: Lattice, first: np.ndarray, field: torch.Tensor) -> RegionOfInterest:
+    """The model-grid box of a blended field whose first low-res cell is ``first``."""
+    return lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
+
+
+def _paste_blended(volume: Volume, lattice: Lattice, first: np.ndarray, field: torch.Tensor, covered: torch.Tensor,
+                   threshold: float):
+    """:func:`paste` of the field :func:`blend` gave."""
+    roi = _field_roi(lattice, first, field)
     region, mask = geometry.paste_back(volume, roi, field, threshold)
     if not bool(covered.all()) and mask.any():
         _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), region, mask)
@@ -202,36 +215,96 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     The blended field differs only in the changed regions' cells and, through the fill of uncovered cells, one
     cell around them; a source voxel's value reads the low-res cells within one cell of its model position
     (trilinear upsampling, then linear resampling). So the voxels within :data:`_REPASTE_MARGIN` cells of the
-    changed regions are computed again, with the whole field and ROI as :func:`paste` uses them.
+    changed regions are computed again, with the whole field and ROI as :func:`paste` uses them, and of those
+    only the ones near a cell above the threshold (the others are False, as :func:`paste` leaves them). Where
+    that and the copy cost more than the whole paste (a thin segment: :func:`paste` thresholds only around its
+    positive cells), the whole paste is made instead (:data:`_COPY_COST`).
     """
     blended = blend(lattice, logits)
     changed = [index for index in changed if index in logits]
     if blended is None or not changed:
         raise ValueError("repaste needs the regions of a paste and at least one of them changed")
     first, field, covered = blended
+    roi = _field_roi(lattice, first, field)
+    region, mask = pasted
+    if mask.shape != tuple(s.stop - s.start for s in region):
+        raise ValueError(f"the pasted mask {mask.shape} does not fit its region {region}")
+    region_first = np.array([region[2].start, region[1].start, region[0].start])
+    region_stop = np.array([region[2].stop, region[1].stop, region[0].stop])
+    whole = _voxels(_positive_box(volume, roi, field, threshold, region_first, region_stop, region))
+    if whole <= mask.size * _COPY_COST:  # a thin segment: the whole paste costs less than the copy
+        return _paste_blended(volume, lattice, first, field, covered, threshold)
     if not bool(torch.isfinite(field).all()):
         raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
-    roi = lattice.grid.sub_grid(np.asarray(lattice.origin) + 4 * np.asarray(first), tuple(4 * n for n in field.shape))
-    region, mask = pasted
     cells = [region_cells(lattice, first, index) for index in changed]
     low = np.maximum([min(c[axis].start for c in cells) - _REPASTE_MARGIN for axis in range(3)], 0)
     high = np.minimum([max(c[axis].stop for c in cells) + _REPASTE_MARGIN for axis in range(3)], field.shape)
-    box_first, box_stop = geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5)
-    region_first = np.array([region[2].start, region[1].start, region[0].start])
-    region_stop = np.array([region[2].stop, region[1].stop, region[0].stop])
-    box_first, box_stop = np.maximum(box_first, region_first), np.minimum(box_stop, region_stop)
+    box_first, box_stop = _within(geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5), region)
+    near = _positive_box(volume, roi, field, threshold, box_first, box_stop, region)
+    near_voxels = _voxels(near)
+    if near_voxels + mask.size * _COPY_COST >= whole:
+        return _paste_blended(volume, lattice, first, field, covered, threshold)
     out = mask.copy()
-    if np.any(box_stop <= box_first):
+    if np.all(box_stop > box_first):
+        out[_local(box_first, box_stop, region_first)] = False
+    if near_voxels == 0:
         return region, out
-    values = resample.threshold_logits(field, roi.model_to_ras, roi.size, volume.ijk_to_ras, box_first,
-                                       box_stop - box_first, threshold).cpu().numpy()
-    inner = tuple(slice(int(a), int(b))
-                  for a, b in zip((box_first - region_first)[::-1], (box_stop - region_first)[::-1]))
+    values = resample.threshold_logits(field, roi.model_to_ras, roi.size, volume.ijk_to_ras, near[0],
+                                       near[1] - near[0], threshold).cpu().numpy()
+    inner = _local(near[0], near[1], region_first)
     out[inner] = values
     if not bool(covered.all()) and values.any():
-        sub_region = tuple(slice(int(a), int(b)) for a, b in zip(box_first[::-1], box_stop[::-1]))
+        sub_region = tuple(slice(int(a), int(b)) for a, b in zip(near[0][::-1], near[1][::-1]))
         _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), sub_region, out[inner])
     return region, out
+
+
+def _voxels(box) -> int:
+    """Voxels of the source box ``(first, stop)``; 0 for None or an empty box."""
+    return 0 if box is None else int(np.prod(np.maximum(box[1] - box[0], 0)))
+
+
+def _within(box, region: Region, first=None, stop=None):
+    """The source box ``(first, stop)`` (i, j, k) clipped to ``region`` (k, j, i slices) and to ``first``/``stop``."""
+    lower = np.array([region[2].start, region[1].start, region[0].start])
+    upper = np.array([region[2].stop, region[1].stop, region[0].stop])
+    if first is not None:
+        lower, upper = np.maximum(lower, first), np.minimum(upper, stop)
+    return np.maximum(box[0], lower), np.minimum(box[1], upper)
+
+
+def _local(first: np.ndarray, stop: np.ndarray, offset: np.ndarray) -> Region:
+    """The (k, j, i) slices of the source box ``first``..``stop`` (i, j, k) in an array starting at ``offset``."""
+    return tuple(slice(int(a), int(b)) for a, b in zip((first - offset)[::-1], (stop - offset)[::-1]))
+
+
+def _positive_box(volume: Volume, roi: RegionOfInterest, field: torch.Tensor, threshold: float,
+                  box_first: np.ndarray, box_stop: np.ndarray, region: Region):
+    """The part of the source box ``box_first``..``box_stop`` (within ``region``) where a voxel may exceed
+    ``threshold`` in the low-res ``field`` pasted on ``roi``: ``(first, stop)``, or None when none can.
+
+    The voxels' model positions read cells within one cell of theirs; among those cells (two more on each side,
+    for rounding), the ones above the threshold bound the box (:func:`geometry.positive_model_box`).
+    """
+    if np.any(box_stop <= box_first):
+        return None
+    to_model = np.linalg.inv(roi.model_to_ras) @ volume.ijk_to_ras
+    corners = geometry._box_corners(box_first, box_stop - 1)
+    model = corners @ to_model[:3, :3].T + to_model[:3, 3]
+    reach_first = np.maximum(np.floor(model.min(axis=0) / 4).astype(int) - 2, 0)
+    reach_stop = np.minimum(np.floor(model.max(axis=0) / 4).astype(int) + 3, field.shape)
+    if np.any(reach_stop <= reach_first):
+        return None
+    reach = tuple(slice(int(a), int(b)) for a, b in zip(reach_first, reach_stop))
+    above = (field[reach] > threshold).cpu().numpy()
+    spans = []
+    for axis in range(3):
+        hits = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(hits) == 0:
+            return None
+        spans.append((int(reach_first[axis] + hits[0]), int(reach_first[axis] + hits[-1])))
+    low, high = geometry.positive_model_box(spans, field.shape, roi.size)
+    return _within(geometry._source_box(volume, roi, low, high), region, box_first, box_stop)
 
 
 def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray, field: np.ndarray,

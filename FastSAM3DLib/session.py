@@ -84,6 +84,12 @@ class InteractiveSession:
         self._embeddings: "OrderedDict[RegionOfInterest, torch.Tensor]" = OrderedDict()
         self._pasted: Optional[growth.Pasted] = None  # the last paste, which the next one may start from
 
+    def forget_last_paste(self) -> None:
+        """Free the mask kept from a grown segment's last paste (a byte per voxel of its regions' box, 79 MB
+        for a whole 512x512x300 CT); the next click then pastes the segment whole. For a caller holding many
+        sessions: the Segment Editor effect keeps it for the segment clicked last only."""
+        self._pasted = None
+
     @property
     def roi(self) -> Optional[RegionOfInterest]:
         """The region of interest the model currently sees (None before the first click).
@@ -212,8 +218,9 @@ class InteractiveSession:
                       report: Optional["growth.GrowthReport"]) -> ClickResult:
         """The blended regions pasted back over every region before and after, and what was shown before."""
         start = time.perf_counter()
-        box, full, self._shown_region, self._pasted = growth.paste_result(
-            self.volume, before, self._multi, self._shown_region, self._pasted)
+        box, full, self._pasted = growth.paste_result(self.volume, before, self._multi, self._shown_region,
+                                                      self._pasted)
+        self._shown_region = self._pasted.shown
         timings["paste"] = time.perf_counter() - start
         newest = self._newest_region()
         iou = newest.iou if newest is not None else float("nan")

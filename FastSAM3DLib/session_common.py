@@ -32,7 +32,10 @@ class Click:
 
 @dataclass
 class ClickResult:
-    """What a click changed: the segment inside ``region`` (k, j, i slices of the source array) becomes ``mask``."""
+    """What a click changed: the segment inside ``region`` (k, j, i slices of the source array) becomes ``mask``.
+
+    With growth ``mask`` is read-only (the session may paste the next click from it): copy it to change it.
+    """
 
     region: Region
     mask: np.ndarray

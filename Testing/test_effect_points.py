@@ -107,6 +107,9 @@ class _BallSession:
         self.clicks.pop()
         return self._result()
 
+    def forget_last_paste(self):
+        pass  # nothing kept
+
     def reset(self):
         self.clicks = []
 

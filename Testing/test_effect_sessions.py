@@ -44,7 +44,7 @@ def _effect(harness, monkeypatch, segment_names):
 
     def create(model, device, prompt_mode, volume, memory_bank=None, grow=False, precision=None, cacheDir=None,
                token=None):
-        made.append(_ClosableSession(threshold_model(), volume))
+        made.append(_ClosableSession(threshold_model(), volume, grow=grow))
         return made[-1]
 
     monkeypatch.setattr(effect._logic(), "createSession", create)
@@ -102,6 +102,22 @@ def test_only_the_most_recently_clicked_segments_keep_a_session(harness, monkeyp
     harness.run_event_loop()
     assert len(made) == MAX_SESSIONS + 3 and made[2].closed
     assert len(effect._sessions) == MAX_SESSIONS
+
+
+def test_only_the_segment_clicked_last_keeps_its_last_paste(harness, monkeypatch):
+    """A grown segment's session keeps its last mask (the next click repastes from it: up to a byte per voxel of
+    a whole CT); with up to MAX_SESSIONS sessions, only the segment clicked last keeps it."""
+    effect, volume, segmentation, (a, b), made = _effect(harness, monkeypatch, ["a", "b"])
+    effect.growCheckBox.checked = True
+    effect.growCheckBox.emit("clicked()")
+    _click(harness, effect, segmentation, a, volume)
+    assert made[0].growth is not None and made[0]._pasted is not None and made[0]._pasted.mask is not None
+    _click(harness, effect, segmentation, b, volume)
+    harness.run_event_loop()
+    assert made[0]._pasted is None and made[1]._pasted is not None and not made[0].closed
+    _click(harness, effect, segmentation, a, volume)  # the first segment again: its session pastes whole, the same
+    harness.run_event_loop()
+    assert len(made) == 2 and made[0]._pasted is not None and made[1]._pasted is None
 
 
 def test_a_renamed_volume_keeps_the_session_and_a_new_geometry_closes_the_old_one(harness, monkeypatch):

@@ -8,6 +8,7 @@ also tested with the random-weight ``tiny-test`` model and an over-segmenting st
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from FastSAM3DLib import build_model, geometry, growth, regions
 from FastSAM3DLib.benchmarks.long_phantoms import curved_tube, long_bone, tube_centre
@@ -312,22 +313,27 @@ def test_grown_results_equal_a_full_repaste_over_clicks_and_undos(grid, monkeypa
 
     def checked(volume, before, current, shown, pasted):
         calls = len(repasted)
-        box, mask, region, now_pasted = paste_result(volume, before, current, shown, pasted)
+        box, mask, now_pasted = paste_result(volume, before, current, shown, pasted)
+        region = now_pasted.shown
         want_box, want_mask, want_region = _repaste_everything(volume, before, current, shown)
         assert box == want_box and region == want_region and mask.shape == want_mask.shape
-        if len(repasted) == calls:  # pasted whole, or the last paste reused
+        if len(repasted) == calls or not repasted[-1]:  # pasted whole, or the last paste reused
             assert np.array_equal(mask, want_mask), f"{np.count_nonzero(mask != want_mask)} voxels differ"
         else:  # only the changed regions pasted again: the same products summed in another blocking
             differ = mask != want_mask
             assert not np.any(differ & ~_ties(volume, current.lattice, current.logits(), box)), "not ties"
         compared.append(len(current.regions))
-        return box, mask, region, now_pasted
+        return box, mask, now_pasted
 
     def counting_repaste(*args, **kwargs):
-        repasted.append(len(args[3]))
-        return repaste(*args, **kwargs)
+        whole = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(regions, "_paste_blended", lambda *a: whole.append(1) or paste_blended(*a))
+            result = repaste(*args, **kwargs)
+        repasted.append(not whole)  # True: only the changed regions' reach was pasted again
+        return result
 
-    paste_result, repaste, repasted = growth.paste_result, regions.repaste, []
+    paste_result, repaste, paste_blended, repasted = growth.paste_result, regions.repaste, regions._paste_blended, []
     monkeypatch.setattr(growth, "paste_result", checked)
     monkeypatch.setattr(regions, "repaste", counting_repaste)
     monkeypatch.setattr(regions, "_clear_uncovered", counting_clear)
@@ -350,7 +356,14 @@ def test_grown_results_equal_a_full_repaste_over_clicks_and_undos(grid, monkeypa
     while session.clicks:
         session.undo()
     assert len(compared) >= 10 and max(compared) >= 3 and sum(cleared) > 0
-    assert len(repasted) >= 3  # refining clicks and their undos pasted only the regions they changed
+    assert sum(repasted) >= 3  # refining clicks and their undos pasted only the regions they changed
+
+
+def _repaste_in_part(*args):
+    """:func:`regions.repaste`, failing if it made the whole paste instead: the tests below check its own path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(regions, "_paste_blended", lambda *_: pytest.fail("the whole paste was made instead"))
+        return regions.repaste(*args)
 
 
 @pytest.mark.parametrize("grid", sorted(GRIDS))
@@ -363,9 +376,9 @@ def test_repasting_the_changed_regions_gives_the_whole_paste(grid):
     random = lambda: torch.from_numpy(rng.normal(0.0, 1.0, (1, 1, 32, 32, 32)).astype(np.float32))  # noqa: E731
     logits = {index: random() for index in [(0, 0, 0), (1, 0, 0), (2, 0, 0), (1, 1, 0), (0, 0, 1), (2, 1, 1)]}
     pasted = regions.paste(volume, lattice, logits)
-    for changed in ([(1, 0, 0)], [(2, 1, 1)], [(0, 0, 0), (1, 1, 0)]):
+    for changed in ([(1, 0, 0)], [(2, 1, 1)], [(2, 0, 0), (2, 1, 1)]):
         logits.update({index: random() for index in changed})
-        region, mask = regions.repaste(volume, lattice, logits, changed, pasted)
+        region, mask = _repaste_in_part(volume, lattice, logits, changed, pasted)
         want_region, want = regions.paste(volume, lattice, logits)
         assert region == want_region and mask is not pasted[1]
         differ = mask != want
@@ -375,6 +388,71 @@ def test_repasting_the_changed_regions_gives_the_whole_paste(grid):
     logits[(1, 0, 0)] = torch.full((1, 1, 32, 32, 32), float("nan"))
     with pytest.raises(ValueError, match="NaN"):  # refused as the whole paste refuses it
         regions.repaste(volume, lattice, logits, [(1, 0, 0)], pasted)
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_repasting_a_sparse_segment_gives_the_whole_paste(grid, monkeypatch):
+    """Logits mostly below the threshold with a few positive blobs (a small or thin segment): the repaste
+    thresholds only near positive cells and clears the rest of what it recomputes, so a region that loses its
+    blobs, one that gains some and one that moves them all give the whole paste's mask. (The copy's cost is
+    taken as nothing, so that the repaste does not hand such small volumes to the whole paste.)"""
+    monkeypatch.setattr(regions, "_COPY_COST", 0.0)
+    volume = curved_tube(length=200.0, **GRIDS[grid])[0]
+    lattice = regions.Lattice(geometry.canonical_grid(volume), (-40, 8, -20), 128, 96)
+    rng = np.random.default_rng(10 + sorted(GRIDS).index(grid))
+
+    def sparse(blobs=4):
+        cells = rng.normal(-3.0, 0.5, (32, 32, 32))
+        for _ in range(blobs):
+            x, y, z = rng.integers(0, 28, 3)
+            cells[x:x + 4, y:y + 4, z:z + 4] = rng.normal(2.0, 0.5, (4, 4, 4))
+        return torch.from_numpy(cells.astype(np.float32)[None, None])
+
+    logits = {index: sparse() for index in [(0, 0, 0), (1, 0, 0), (2, 0, 0), (1, 1, 0), (0, 0, 1), (2, 1, 1)]}
+    pasted, changes = regions.paste(volume, lattice, logits), []
+    for changed, blobs in (([(1, 0, 0)], 0), ([(1, 0, 0)], 6), ([(1, 0, 0), (1, 1, 0)], 3)):
+        logits.update({index: sparse(blobs) for index in changed})
+        region, mask = _repaste_in_part(volume, lattice, logits, changed, pasted)
+        want_region, want = regions.paste(volume, lattice, logits)
+        assert region == want_region and np.array_equal(mask, want), f"{np.count_nonzero(mask != want)} differ"
+        changes.append(int(np.count_nonzero(want != pasted[1])))
+        pasted = (region, mask)
+    assert min(changes) > 0 and sum(changes) > 1000, changes
+
+
+def test_repasting_a_thin_segment_makes_the_whole_paste(monkeypatch):
+    """Where the segment's positive cells span less than a copy of the last mask would cost (a vessel, a small
+    lesion in a grown segment), the repaste makes the whole paste instead: the same mask, exactly."""
+    volume = curved_tube(length=200.0, **GRIDS["tube 2 mm"])[0]
+    lattice = regions.Lattice(geometry.canonical_grid(volume), (-40, 8, -20), 128, 96)
+    logits = {index: torch.full((1, 1, 32, 32, 32), -3.0) for index in [(0, 0, 0), (1, 0, 0), (1, 1, 0)]}
+    logits[(0, 0, 0)][..., 16:18, 10:12, 10:12] = 2.0  # two small lesions, 18 cells apart
+    logits[(1, 0, 0)][..., 10:12, 10:12, 10:12] = 2.0
+    pasted = regions.paste(volume, lattice, logits)
+    assert ndimage.label(pasted[1])[1] == 2
+    logits[(1, 0, 0)] = logits[(1, 0, 0)].roll(1, dims=2)
+    whole, paste_blended = [], regions._paste_blended
+    monkeypatch.setattr(regions, "_paste_blended", lambda *args: whole.append(1) or paste_blended(*args))
+    region, mask = regions.repaste(volume, lattice, logits, [(1, 0, 0)], pasted)
+    assert whole == [1] and np.array_equal(mask, regions.paste(volume, lattice, logits)[1])
+    assert 0 < np.count_nonzero(mask != pasted[1])
+
+
+def test_repaste_reaches_two_cells_beyond_the_changed_regions():
+    """A refined region's logits reach source voxels two low-res cells beyond it (the fill of the uncovered
+    cells next to it, then the interpolation): a repaste that thresholded only one cell around it misses
+    some of them (about 300 voxels here)."""
+    volume = curved_tube(length=200.0, **GRIDS["tube 2 mm"])[0]
+    lattice = regions.Lattice(geometry.canonical_grid(volume), (-40, 8, -20), 128, 96)
+    rng = np.random.default_rng(3)
+    logits = {index: torch.from_numpy(rng.normal(0.0, 0.05, (1, 1, 32, 32, 32)).astype(np.float32))
+              for index in [(0, 0, 0), (1, 1, 0)]}
+    logits[(1, 1, 0)] = torch.full((1, 1, 32, 32, 32), -3.0)
+    pasted = regions.paste(volume, lattice, logits)
+    logits[(1, 1, 0)] = torch.full((1, 1, 32, 32, 32), 3.0)
+    region, mask = _repaste_in_part(volume, lattice, logits, [(1, 1, 0)], pasted)
+    want = regions.paste(volume, lattice, logits)[1]
+    assert np.array_equal(mask, want), f"{np.count_nonzero(mask != want)} voxels differ"
 
 
 @pytest.mark.parametrize("grid", sorted(name for name in GRIDS if "oblique" not in name))
@@ -466,12 +544,14 @@ def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, cap
     assert "--max-regions" in error and "\n" not in error and not (tmp_path / "x.nii.gz").exists()
 
 
-def test_make_bench_reports_the_memory_of_a_20_region_segment(one_torch_thread):
+def test_make_bench_reports_the_memory_of_a_20_region_segment(one_torch_thread, monkeypatch):
     """The make bench rows: 20 regions grown and 10 more clicks keep the logits and at most 32 embeddings; a
-    refining click's paste on a segment grown through a CT, whole and where the click changed it."""
+    refining click's paste on a segment grown through a volume (here a small one: 256x256x150), for an
+    ellipsoid and a thin tube, whole and where the click changed it; every row says why in a dry run."""
     from FastSAM3DLib.benchmarks import growth as growth_bench
     from FastSAM3DLib.benchmarks.suite import Plan, extra_benchmarks
 
+    monkeypatch.setattr(growth_bench, "PASTE_VOLUME", ((150, 256, 256), (1.2, 1.2, 2.0)))
     assert growth_bench.bench_rows in extra_benchmarks()
     measured = growth_bench.bench_rows(Plan(), "test CPU")
     rows = {r["name"]: r for r in measured}
@@ -480,8 +560,11 @@ def test_make_bench_reports_the_memory_of_a_20_region_segment(one_torch_thread):
     last_mask = 112 * 112 * 256 / 1e6  # at most one byte per voxel of the benchmark's volume
     assert logits_floor < retained < logits_floor * 3 + 32 * 0.1 + last_mask + 1  # undo copies, <= 32 embeddings
     assert rows["growth_click_ms"]["value"] > 0 and "20 regions" in rows["growth_click_ms"]["note"]
-    paste = {r["variant"]: r for r in measured if r["name"] == "growth_paste_ms"}
-    assert set(paste) == set(growth_bench.PASTE_VARIANTS) and all(r["value"] > 0 for r in paste.values())
-    assert "27 regions" in paste["changed regions pasted"]["note"]  # 3 x 3 x 3 regions cover the CT
+    paste = {(r["model"], r["variant"]): r for r in measured if r["name"] == "growth_paste_ms"}
+    assert set(paste) == {(f"grown {segment}, 256x256x150 CT", variant) for segment in growth_bench.PASTE_SEGMENTS
+                          for variant in growth_bench.PASTE_VARIANTS}
+    assert all(r["value"] > 0 and "27 regions" in r["note"] for r in paste.values())  # 3 x 3 x 3 regions
+    assert all("differ in 0 voxels" in r["note"] for r in paste.values())
     skipped = growth_bench.bench_rows(Plan(skip={"host": "dry run"}), "test CPU")
+    assert {r["name"] for r in skipped} == {r["name"] for r in measured} and len(skipped) == len(measured)
     assert all(r["value"] is None and r["skipped"] == "dry run" for r in skipped)

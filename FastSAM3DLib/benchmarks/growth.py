@@ -13,13 +13,14 @@ encoder of ``model_name``; then ``clicks`` more clicks land in other regions. Re
 * ``embedding_kb_per_model``: the size of one region's embedding for every registered model (from its
   configuration), to scale ``retained_mb`` to another model: embeddings dominate, logits are 131 kB a region.
 
-:func:`measure_paste` times a refining click's paste on a segment grown through a CT-sized volume, pasted
-whole or only where the click changed it (``--paste``).
+:func:`measure_paste` times a refining click's paste on a segment (a large ellipsoid, a thin tube) grown
+through a CT-sized volume, pasted whole or only where the click changed it (``--paste``).
 
 The random-weight ``tiny-test`` model is the default because its masks reach every face, so the forced growth
 really makes ``regions`` regions (the demo model's ~40 mm blob reaches none: it stays at one region).
 
-Run: ``python -m FastSAM3DLib.benchmarks.growth [MODEL] [MAX_EMBEDDINGS]`` or ``... growth --paste`` (prints JSON).
+Run: ``python -m FastSAM3DLib.benchmarks.growth [MODEL] [MAX_EMBEDDINGS]`` or ``... growth --paste [SEGMENT ...]``
+(prints JSON).
 """
 from __future__ import annotations
 
@@ -82,16 +83,23 @@ def measure(model_name: Optional[str] = None, regions: int = 20, max_embeddings:
 
 #: The variants of :func:`measure_paste`: the whole segment pasted again, or only the regions the click changed.
 PASTE_VARIANTS = ("whole segment pasted", "changed regions pasted")
+#: The segments of :func:`measure_paste`: a large organ, a thin vessel.
+PASTE_SEGMENTS = ("ellipsoid", "thin tube")
+#: The volume of the ``make bench`` paste rows: (k, j, i) shape and (i, j, k) spacing in mm of a 512x512x300 CT.
+PASTE_VOLUME = ((300, 512, 512), (0.7, 0.7, 1.0))
 
 
-def measure_paste(shape=(300, 512, 512), spacing=(0.7, 0.7, 1.0), repeats: int = 3) -> dict:
+def measure_paste(shape=PASTE_VOLUME[0], spacing=PASTE_VOLUME[1], segment: str = "ellipsoid",
+                  repeats: int = 3) -> dict:
     """Time of a refining click's paste on a segment grown through a CT-sized volume, both ways.
 
-    The volume (k, j, i ``shape``, ``spacing`` mm) is covered by every region of its lattice; their logits are a
-    smooth ellipsoid nearly as large as the volume (so every region holds part of the object). The click
-    refines the central region (its logits shifted by 2 cells). Timed: :func:`growth.paste_result` from the
-    previous paste (only that region's reach pasted again) and without it (the whole segment), median of
-    ``repeats``; ``differ`` counts the voxels where the two masks differ (only ties may).
+    The volume (k, j, i ``shape``, ``spacing`` mm) is covered by every region of its lattice; their logits are
+    a smooth ``segment``: an ellipsoid nearly as large as the volume (every region holds part of it) or a tube
+    of 10 mm radius along S through the centre (a vessel: most regions hold none of it, the others a thin
+    column). The click refines the central region (its logits shifted by 2 cells along R). Timed:
+    :func:`growth.paste_result` from the previous paste (only that region's reach pasted again) and without it
+    (the whole segment), median of ``repeats``; ``differ`` counts the voxels where the two masks differ (only
+    ties may).
     """
     import numpy as np
     import torch
@@ -99,34 +107,41 @@ def measure_paste(shape=(300, 512, 512), spacing=(0.7, 0.7, 1.0), repeats: int =
     from .. import geometry, growth, regions
     from ..geometry import Volume
 
+    if segment not in PASTE_SEGMENTS:
+        raise ValueError(f"unknown segment {segment!r}; one of {', '.join(PASTE_SEGMENTS)}")
     matrix = np.diag([*spacing, 1.0])
     volume = Volume(np.zeros(shape, dtype=np.int16), matrix)
     centre = (volume.ijk_to_ras @ np.r_[(np.array(shape[::-1]) - 1) / 2.0, 1.0])[:3]
     roi = geometry.roi_around(volume, centre[None], 128, 1.5)
     lattice = regions.Lattice.around(volume, roi, 128, 1.5, 32)
     indices = _covering(lattice)
-    radii = np.array(lattice.grid.size) * 0.45 / 4  # in low-res cells
+    middle = np.array(lattice.grid.size) / 2.0
+    radii = np.array(lattice.grid.size) * 0.45 / 4  # the ellipsoid's, in low-res cells
 
-    def ellipsoid(index, shift=0.0):
+    def logits(index, shift=0.0):
         cells = np.stack(np.meshgrid(*[np.arange(32) + 0.5] * 3, indexing="ij"), -1)
         model = cells * 4 + lattice.start(index) - 0.5  # grid voxel of each cell centre (x, y, z)
-        offset = (model - np.array(lattice.grid.size) / 2.0) / 4 - [shift, 0.0, 0.0]
-        return torch.from_numpy((4.0 * (1.0 - np.sqrt(((offset / radii) ** 2).sum(-1)))).astype(np.float32)[None, None])
+        offset = (model - middle) / 4 - [shift, 0.0, 0.0]  # in low-res cells
+        if segment == "ellipsoid":
+            inside = 1.0 - np.sqrt(((offset / radii) ** 2).sum(-1))
+        else:  # 10 mm = 10 / 6 cells of 4 x 1.5 mm
+            inside = 1.0 - np.hypot(offset[..., 0], offset[..., 1]) / (10.0 / 6.0)
+        return torch.from_numpy((4.0 * inside).astype(np.float32)[None, None])
 
-    states = {index: growth.RegionState(lattice.roi(index), ellipsoid(index), 0.9) for index in indices}
+    states = {index: growth.RegionState(lattice.roi(index), logits(index), 0.9) for index in indices}
     before = growth.RegionSet(lattice, states)
     central = lattice.central_index(centre)
-    refined = before.with_region(central, growth.RegionState(lattice.roi(central), ellipsoid(central, 2.0), 0.9))
-    box, mask, shown, pasted = growth.paste_result(volume, growth.RegionSet(lattice), before, None)
+    refined = before.with_region(central, growth.RegionState(lattice.roi(central), logits(central, 2.0), 0.9))
+    box, mask, pasted = growth.paste_result(volume, growth.RegionSet(lattice), before, None)
     times = {variant: [] for variant in PASTE_VARIANTS}
     masks = {}
     for _ in range(repeats):
         for variant in PASTE_VARIANTS:
             start = time.perf_counter()
-            masks[variant] = growth.paste_result(volume, before, refined, shown,
-                                                 pasted if variant.startswith("changed") else None)[1]
+            masks[variant] = growth.paste_result(volume, before, refined, pasted.shown,
+                                                 pasted if variant == PASTE_VARIANTS[1] else None)[1]
             times[variant].append(time.perf_counter() - start)
-    return {"regions": len(indices), "shape": list(shape), "voxels": int(mask.size),
+    return {"segment": segment, "regions": len(indices), "shape": list(shape), "voxels": int(mask.size),
             "segment_voxels": int(np.count_nonzero(mask)),
             "differ": int(np.count_nonzero(masks[PASTE_VARIANTS[0]] != masks[PASTE_VARIANTS[1]])),
             **{variant: round(statistics.median(seconds) * 1e3, 1) for variant, seconds in times.items()}}
@@ -149,7 +164,8 @@ def _embedding_bytes(config) -> int:
 
 
 def bench_rows(plan, device_name: str) -> list:
-    """``make bench`` rows: memory kept by a 20-region grown segment after 10 more clicks, and those clicks' time."""
+    """``make bench`` rows: memory kept by a 20-region grown segment after 10 more clicks, those clicks' time, and
+    the refining paste of :func:`paste_rows`; rows without a value, each saying why, in a dry run or on a GPU."""
     from . import report
 
     common = dict(model="grown segment, 20 regions (tiny-test)", device=device_name, precision="fp32")
@@ -158,7 +174,7 @@ def bench_rows(plan, device_name: str) -> list:
     skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU")
     if skipped:
         return [report.measurement(name, None, label=label, unit=unit, skipped=skipped, **common)
-                for name, label, unit in labels]
+                for name, label, unit in labels] + paste_rows(plan, device_name)
     import torch
 
     threads = torch.get_num_threads()
@@ -179,26 +195,33 @@ def bench_rows(plan, device_name: str) -> list:
 
 
 def paste_rows(plan, device_name: str) -> list:
-    """``make bench`` rows: a refining click's paste on a segment grown through a 512x512x300 CT, both ways."""
+    """``make bench`` rows: a refining click's paste on a segment grown through :data:`PASTE_VOLUME`, both ways,
+    for each of :data:`PASTE_SEGMENTS`."""
     from . import report
 
-    common = dict(model="grown segment, 512x512x300 CT", device=device_name, precision="fp64", unit="ms",
-                  label="a refining click's paste")
+    shape, spacing = PASTE_VOLUME
     skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "measured by make bench on the CPU")
-    if skipped:
-        return [report.measurement("growth_paste_ms", None, variant=v, skipped=skipped, **common)
-                for v in PASTE_VARIANTS]
-    figures = measure_paste()
-    note = (f"{figures['regions']} regions, a {figures['segment_voxels'] / 1e6:.1f}-million-voxel segment, the "
-            f"central region refined; the two masks differ in {figures['differ']} voxels")
-    return [report.measurement("growth_paste_ms", figures[v], variant=v, note=note, **common) for v in PASTE_VARIANTS]
+    rows = []
+    for segment in PASTE_SEGMENTS:
+        common = dict(model=f"grown {segment}, {'x'.join(str(n) for n in shape[::-1])} CT", device=device_name,
+                      precision="fp64", unit="ms", label="a refining click's paste")
+        if skipped:
+            rows += [report.measurement("growth_paste_ms", None, variant=v, skipped=skipped, **common)
+                     for v in PASTE_VARIANTS]
+            continue
+        figures = measure_paste(shape, spacing, segment)
+        note = (f"{figures['regions']} regions, a {figures['segment_voxels'] / 1e6:.2f}-million-voxel segment, "
+                f"the central region refined; the two masks differ in {figures['differ']} voxels")
+        rows += [report.measurement("growth_paste_ms", figures[v], variant=v, note=note, **common)
+                 for v in PASTE_VARIANTS]
+    return rows
 
 
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__)
-    elif sys.argv[1:] == ["--paste"]:
-        print(json.dumps(measure_paste(), indent=2))
+    elif sys.argv[1:2] == ["--paste"]:
+        print(json.dumps([measure_paste(segment=segment) for segment in sys.argv[2:] or PASTE_SEGMENTS], indent=2))
     else:
         print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else None,
                                  max_embeddings=int(sys.argv[2]) if len(sys.argv) > 2 else None), indent=2))

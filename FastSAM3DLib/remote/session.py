@@ -128,6 +128,12 @@ class RemoteSession:
             self._multi_history: list = []
             self._pasted = None  # the last paste, which the next one may start from
 
+    def forget_last_paste(self) -> None:
+        """Free the mask kept from a grown segment's last paste (a byte per voxel of its regions' box, 79 MB
+        for a whole 512x512x300 CT); the next click then pastes the segment whole. For a caller holding many
+        sessions: the Segment Editor effect keeps it for the segment clicked last only."""
+        self._pasted = None
+
     @property
     def roi(self) -> Optional[RegionOfInterest]:
         """The region of interest the model currently sees (None before the first click).
@@ -403,8 +409,9 @@ class RemoteSession:
         from .. import growth
 
         start = time.perf_counter()
-        box, full, self._shown_region, self._pasted = growth.paste_result(
-            self.volume, before, self._multi, self._shown_region, self._pasted)
+        box, full, self._pasted = growth.paste_result(self.volume, before, self._multi, self._shown_region,
+                                                      self._pasted)
+        self._shown_region = self._pasted.shown
         timings["paste"] = time.perf_counter() - start
         newest = self._newest_region()
         return ClickResult(box, full, newest.iou if newest is not None else float("nan"), encoded, timings,
