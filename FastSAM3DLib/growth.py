@@ -213,17 +213,17 @@ def newest_region(current: RegionSet, clicks) -> Optional[RegionState]:
 
 @dataclass(frozen=True, eq=False)
 class Pasted:
-    """What :func:`paste_result` last pasted: the region set, the source box of its regions and the read-only
-    mask over that box (None when there was no region)."""
+    """What :func:`paste_result` last pasted: the region set, the source box of its regions (``region``) and
+    the read-only mask over that box (None when there was no region)."""
 
     region_set: RegionSet
-    box: regions.Region
+    region: regions.Region
     mask: Optional[np.ndarray]
 
     @property
     def shown(self) -> Optional[regions.Region]:
         """The box the segment may now hold voxels in, or None when nothing was pasted."""
-        return self.box if self.mask is not None else None
+        return self.region if self.mask is not None else None
 
 
 def paste_result(volume: Volume, before: RegionSet, current: RegionSet, shown, pasted: Optional[Pasted] = None):
@@ -258,9 +258,9 @@ def _paste(volume: Volume, current: RegionSet, pasted: Optional[Pasted]):
         old = pasted.region_set.regions
         changed = [index for index, state in current.regions.items() if state.logits is not old[index].logits]
         if not changed:
-            return pasted.box, pasted.mask
+            return pasted.region, pasted.mask
         if resample.backend("paste") != "sitk":  # SimpleITK's sums would tie otherwise than the repaste's
-            return regions.repaste(volume, lattice, current.logits(), changed, (pasted.box, pasted.mask))
+            return regions.repaste(volume, lattice, current.logits(), changed, (pasted.region, pasted.mask))
     return regions.paste(volume, lattice, current.logits())
 
 

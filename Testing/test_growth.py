@@ -385,6 +385,9 @@ def test_repasting_the_changed_regions_gives_the_whole_paste(grid):
         assert np.count_nonzero(want != pasted[1]) > 100 and np.count_nonzero(differ) <= 2, np.count_nonzero(differ)
         assert not np.any(differ & ~_ties(volume, lattice, logits, region))
         pasted = (region, mask)
+    fewer = {index: logits[index] for index in [(0, 0, 0), (1, 0, 0)]}
+    with pytest.raises(ValueError, match="not a paste of these regions"):  # the last paste of other regions
+        regions.repaste(volume, lattice, fewer, [(1, 0, 0)], pasted)
     logits[(1, 0, 0)] = torch.full((1, 1, 32, 32, 32), float("nan"))
     with pytest.raises(ValueError, match="NaN"):  # refused as the whole paste refuses it
         regions.repaste(volume, lattice, logits, [(1, 0, 0)], pasted)
@@ -565,6 +568,8 @@ def test_make_bench_reports_the_memory_of_a_20_region_segment(one_torch_thread, 
                           for variant in growth_bench.PASTE_VARIANTS}
     assert all(r["value"] > 0 and "27 regions" in r["note"] for r in paste.values())  # 3 x 3 x 3 regions
     assert all("differ in 0 voxels" in r["note"] for r in paste.values())
+    handed_over = {model for (model, variant), r in paste.items() if "made the whole paste" in r["note"]}
+    assert handed_over == {"grown thin tube, 256x256x150 CT"}  # a thin segment is cheaper pasted whole
     skipped = growth_bench.bench_rows(Plan(skip={"host": "dry run"}), "test CPU")
     assert {r["name"] for r in skipped} == {r["name"] for r in measured} and len(skipped) == len(measured)
     assert all(r["value"] is None and r["skipped"] == "dry run" for r in skipped)

@@ -590,7 +590,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if predictor is not None:
                 return predictor(volume, points, labels) if labels.any() else None
             for other in [s for k, s in self._sessions.items() if k != key]:
-                other.forget_last_paste()  # only the segment clicked now keeps its last mask (up to 79 MB each)
+                forget = getattr(other, "forget_last_paste", None)  # a session made in the console may lack it
+                if forget is not None:
+                    forget()  # only the segment clicked now keeps its last mask (up to 79 MB each)
             session = self._sessions.get(key)
             if session is None or session.volume is not volume or getattr(session, "fastsam3dOptions", None) != options:
                 replaced = self._sessions.pop(key, None)
