@@ -99,8 +99,9 @@ def measure_paste(shape=PASTE_VOLUME[0], spacing=PASTE_VOLUME[1], segment: str =
     of 10 mm radius along S through the centre (a vessel: most regions hold none of it, the others a thin
     column). The click refines the central region (its logits shifted by 2 cells along R). Timed:
     :func:`growth.paste_result` from the previous paste (only that region's reach pasted again, or the whole
-    segment where that is cheaper) and without it (the whole segment), median of ``repeats``; ``differ`` counts the voxels where the two masks differ (only
-    ties may); ``handed_over``: the repaste found the whole paste cheaper and made it (the thin tube).
+    segment where that is cheaper) and without it (the whole segment), median of ``repeats``; ``differ``
+    counts the voxels where the two masks differ (only ties may); ``handed_over``: the repaste found the whole
+    paste cheaper and made it (the thin tube).
     """
     import numpy as np
     import torch
