@@ -232,59 +232,52 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     if region != tuple(slice(int(first_voxel[a]), int(stop_voxel[a])) for a in (2, 1, 0)) or \
             mask.shape != tuple(s.stop - s.start for s in region):
         raise ValueError(f"the pasted mask {mask.shape} of {region} is not a paste of these regions")
-    region_first = np.array([region[2].start, region[1].start, region[0].start])
-    region_stop = np.array([region[2].stop, region[1].stop, region[0].stop])
-    whole = _voxels(_positive_box(volume, roi, field, threshold, region_first, region_stop, region))
-    if whole <= mask.size * _COPY_COST:  # a thin segment: the whole paste costs less than the copy
-        return _paste_blended(volume, lattice, first, field, covered, threshold)
-    if not bool(torch.isfinite(field).all()):
-        raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
+    above = (field > threshold).cpu().numpy()
+    whole = _voxels(_positive_box(volume, roi, above, first_voxel, stop_voxel))
     cells = [region_cells(lattice, first, index) for index in changed]
     low = np.maximum([min(c[axis].start for c in cells) - _REPASTE_MARGIN for axis in range(3)], 0)
     high = np.minimum([max(c[axis].stop for c in cells) + _REPASTE_MARGIN for axis in range(3)], field.shape)
-    box_first, box_stop = _within(geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5), region)
-    near = _positive_box(volume, roi, field, threshold, box_first, box_stop, region)
-    near_voxels = _voxels(near)
-    if near_voxels + mask.size * _COPY_COST >= whole:
+    box_first, box_stop = _within(geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5), first_voxel,
+                                  stop_voxel)
+    near = _positive_box(volume, roi, above, box_first, box_stop)
+    if _voxels(near) + mask.size * _COPY_COST >= whole:  # a thin segment, or a change reaching most of it
         return _paste_blended(volume, lattice, first, field, covered, threshold)
+    if not bool(torch.isfinite(field).all()):
+        raise ValueError("the logits hold NaN or infinite values; a model output like that has no mask")
     out = mask.copy()
     if np.all(box_stop > box_first):
-        out[_local(box_first, box_stop, region_first)] = False
-    if near_voxels == 0:
+        out[_local(box_first, box_stop, first_voxel)] = False
+    if near is None:
         return region, out
     values = resample.threshold_logits(field, roi.model_to_ras, roi.size, volume.ijk_to_ras, near[0],
                                        near[1] - near[0], threshold).cpu().numpy()
-    inner = _local(near[0], near[1], region_first)
+    inner = _local(near[0], near[1], first_voxel)
     out[inner] = values
     if not bool(covered.all()) and values.any():
-        sub_region = tuple(slice(int(a), int(b)) for a, b in zip(near[0][::-1], near[1][::-1]))
-        _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), sub_region, out[inner])
+        _clear_uncovered(volume, roi, covered.cpu().numpy(), field.cpu().numpy(), _local(near[0], near[1], 0),
+                         out[inner])
     return region, out
 
 
 def _voxels(box) -> int:
-    """Voxels of the source box ``(first, stop)``; 0 for None or an empty box."""
-    return 0 if box is None else int(np.prod(np.maximum(box[1] - box[0], 0)))
+    """Voxels of the source box ``(first, stop)``; 0 for None."""
+    return 0 if box is None else int(np.prod(box[1] - box[0]))
 
 
-def _within(box, region: Region, first=None, stop=None):
-    """The source box ``(first, stop)`` (i, j, k) clipped to ``region`` (k, j, i slices) and to ``first``/``stop``."""
-    lower = np.array([region[2].start, region[1].start, region[0].start])
-    upper = np.array([region[2].stop, region[1].stop, region[0].stop])
-    if first is not None:
-        lower, upper = np.maximum(lower, first), np.minimum(upper, stop)
+def _within(box, lower: np.ndarray, upper: np.ndarray):
+    """The source box ``(first, stop)`` (i, j, k) clipped to ``lower``..``upper``."""
     return np.maximum(box[0], lower), np.minimum(box[1], upper)
 
 
-def _local(first: np.ndarray, stop: np.ndarray, offset: np.ndarray) -> Region:
+def _local(first: np.ndarray, stop: np.ndarray, offset) -> Region:
     """The (k, j, i) slices of the source box ``first``..``stop`` (i, j, k) in an array starting at ``offset``."""
     return tuple(slice(int(a), int(b)) for a, b in zip((first - offset)[::-1], (stop - offset)[::-1]))
 
 
-def _positive_box(volume: Volume, roi: RegionOfInterest, field: torch.Tensor, threshold: float,
-                  box_first: np.ndarray, box_stop: np.ndarray, region: Region):
-    """The part of the source box ``box_first``..``box_stop`` (within ``region``) where a voxel may exceed
-    ``threshold`` in the low-res ``field`` pasted on ``roi``: ``(first, stop)``, or None when none can.
+def _positive_box(volume: Volume, roi: RegionOfInterest, above: np.ndarray, box_first: np.ndarray,
+                  box_stop: np.ndarray):
+    """The part of the source box ``box_first``..``box_stop`` where a voxel may exceed the threshold, given
+    ``above``, the low-res cells of the field pasted on ``roi`` that do: ``(first, stop)``, or None when none can.
 
     The voxels' model positions read cells within one cell of theirs; among those cells (and one more on each
     side, for rounding), the ones above the threshold bound the box (:func:`geometry.positive_model_box`).
@@ -295,19 +288,19 @@ def _positive_box(volume: Volume, roi: RegionOfInterest, field: torch.Tensor, th
     corners = geometry._box_corners(box_first, box_stop - 1)
     model = corners @ to_model[:3, :3].T + to_model[:3, 3]
     reach_first = np.maximum(np.floor(model.min(axis=0) / 4).astype(int) - 2, 0)
-    reach_stop = np.minimum(np.floor(model.max(axis=0) / 4).astype(int) + 3, field.shape)
+    reach_stop = np.minimum(np.floor(model.max(axis=0) / 4).astype(int) + 3, above.shape)
     if np.any(reach_stop <= reach_first):
         return None
-    reach = tuple(slice(int(a), int(b)) for a, b in zip(reach_first, reach_stop))
-    above = (field[reach] > threshold).cpu().numpy()
+    reached = above[tuple(slice(int(a), int(b)) for a, b in zip(reach_first, reach_stop))]
     spans = []
     for axis in range(3):
-        hits = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis)))
+        hits = np.flatnonzero(reached.any(axis=tuple(a for a in range(3) if a != axis)))
         if len(hits) == 0:
             return None
         spans.append((int(reach_first[axis] + hits[0]), int(reach_first[axis] + hits[-1])))
-    low, high = geometry.positive_model_box(spans, field.shape, roi.size)
-    return _within(geometry._source_box(volume, roi, low, high), region, box_first, box_stop)
+    low, high = geometry.positive_model_box(spans, above.shape, roi.size)
+    near = _within(geometry._source_box(volume, roi, low, high), box_first, box_stop)
+    return near if np.all(near[1] > near[0]) else None
 
 
 def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray, field: np.ndarray,
