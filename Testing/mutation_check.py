@@ -11,7 +11,7 @@ A line ending in ``# pragma: no mutate`` is left alone.
 
 Usage (from the repository root, with the project's venv)::
 
-    .venv/bin/python Testing/mutation_check.py FastSAM3DLib/files.py -- Testing/test_files.py
+    .venv/bin/python Testing/mutation_check.py FastSAM3DLib/files/atomic.py -- Testing/test_files.py
     .venv/bin/python Testing/mutation_check.py FastSAM3DLib/session.py --changed --max-mutants 20 \\
         -- Testing/test_session.py -k "border or coming_back"
 
@@ -241,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      usage="%(prog)s FILE [options] -- PYTEST_ARGS...")
-    parser.add_argument("file", help="the file to mutate, e.g. FastSAM3DLib/files.py")
+    parser.add_argument("file", help="the file to mutate, e.g. FastSAM3DLib/files/atomic.py")
     parser.add_argument("--lines", help="only these lines, e.g. 10-40,55")
     parser.add_argument("--function", help="only the lines of this function or method, e.g. _create_temporary")
     parser.add_argument("--changed", action="store_true", help="only lines changed since the last commit")

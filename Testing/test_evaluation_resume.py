@@ -505,7 +505,7 @@ def test_an_append_waits_a_bounded_time_for_a_hung_writer(tmp_path, monkeypatch)
 
     path = tmp_path / "results.csv"
     path.write_text("a,b\n1,2\n")
-    monkeypatch.setattr(files, "APPEND_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(files.records, "APPEND_WAIT_SECONDS", 0.3)
     with open(path, "rb") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another open file of it holds the lock
         with pytest.raises(OutputFileError, match="another process has held it"):

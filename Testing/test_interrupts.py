@@ -51,7 +51,7 @@ def test_other_threads_do_not_defer_the_main_threads_interrupts():
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
 def test_a_signal_during_the_set_up_of_a_temporary_leaves_nothing(tmp_path, monkeypatch):
     """SIGTERM right after the temporary file was created (before its name was stored) still removes it."""
-    real_create = files._create_temporary
+    real_create = files.atomic._create_temporary
 
     def create_then_signal(*args, **kwargs):
         result = real_create(*args, **kwargs)
@@ -62,7 +62,7 @@ def test_a_signal_during_the_set_up_of_a_temporary_leaves_nothing(tmp_path, monk
         interrupts.raise_or_defer(KeyboardInterrupt())
 
     previous = signal.signal(signal.SIGUSR1, handler)
-    monkeypatch.setattr(files, "_create_temporary", create_then_signal)
+    monkeypatch.setattr(files.atomic, "_create_temporary", create_then_signal)
     try:
         with pytest.raises(KeyboardInterrupt):
             with files.atomic_output(tmp_path / "label.nii", suffix=".nii") as tmp:
@@ -75,7 +75,7 @@ def test_a_signal_during_the_set_up_of_a_temporary_leaves_nothing(tmp_path, monk
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
 def test_a_signal_while_stderr_is_redirected_leaves_it_restored(capfd):
     """SIGTERM right after descriptor 2 was redirected: the message printed after the interrupt still shows."""
-    real_dup2 = files.os.dup2
+    real_dup2 = files.native_stderr.os.dup2
 
     def dup2_then_signal(fd, fd2, *args):
         result = real_dup2(fd, fd2, *args)
@@ -89,13 +89,13 @@ def test_a_signal_while_stderr_is_redirected_leaves_it_restored(capfd):
 
     signalled = []
     previous = signal.signal(signal.SIGUSR1, handler)
-    files.os.dup2 = dup2_then_signal
+    files.native_stderr.os.dup2 = dup2_then_signal
     try:
         with pytest.raises(KeyboardInterrupt):
             with files.native_stderr_captured():
                 pass
     finally:
-        files.os.dup2 = real_dup2
+        files.native_stderr.os.dup2 = real_dup2
         signal.signal(signal.SIGUSR1, previous)
     os.write(2, b"after the interrupt\n")
     assert "after the interrupt" in capfd.readouterr().err

@@ -130,18 +130,18 @@ def sphere_image(size=40, spacing=(1.0, 1.0, 1.0), direction=None, pixel=sitk.si
 
 
 # ------------------------------------------------------------------------------------------------------
-# item 1: the writer lives in files.py
+# item 1: the writer lives in the files package
 
 
 def test_files_imports_neither_the_cli_nor_simpleitk():
-    """``write_label_atomically`` moved to files.py: importing it pulls in no CLI (the old import circle)."""
+    """``write_label_atomically`` moved to the files package: importing it pulls in no CLI (the old import circle)."""
     code = ("import sys; from FastSAM3DLib.files import write_label_atomically\n"
             "import FastSAM3DLib.demo, FastSAM3DLib.evaluation.evaluate\n"
             "bad = [m for m in ('FastSAM3DLib.cli', 'SimpleITK') if m in sys.modules]\n"
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-500:]
-    assert write_label_atomically.__module__ == "FastSAM3DLib.files"
+    assert write_label_atomically.__module__ == "FastSAM3DLib.files.label_writing"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -747,10 +747,10 @@ def test_a_label_whose_last_voxel_was_written_wrong_is_refused(tmp_path, monkeyp
         wrong.CopyInformation(image)
         real_write(wrong, name, *args)
 
-    assert files._equal_in_slabs(np.zeros((9, 3, 3)), np.zeros((9, 3, 3)), voxels=7)
+    assert files.label_writing._equal_in_slabs(np.zeros((9, 3, 3)), np.zeros((9, 3, 3)), voxels=7)
     other = np.zeros((9, 3, 3))
     other[-1, -1, -1] = 1
-    assert not files._equal_in_slabs(np.zeros((9, 3, 3)), other, voxels=7)
+    assert not files.label_writing._equal_in_slabs(np.zeros((9, 3, 3)), other, voxels=7)
     monkeypatch.setattr(sitk, "WriteImage", last_voxel_flipped)
     volume = Volume.from_sitk(sphere_image(size=24))
     with pytest.raises(OutputFileError, match="voxels differ from the label"):
@@ -764,7 +764,7 @@ def test_the_default_budget_counts_what_the_whole_run_needs_not_the_image_alone(
     computer had (6x its size before the label's copies were cut, 4x now)."""
     from FastSAM3DLib import files
 
-    monkeypatch.setattr(files, "memory_budget", lambda: 10 ** 9)
+    monkeypatch.setattr(files.image_header, "memory_budget", lambda: 10 ** 9)
     huge = tmp_path / "huge.nii"
     write_nifti_claiming(huge, (1000, 1000, 120))  # 120 M int16 voxels: 0.24 GB, a run of about 0.66 GB
     header, _ = files.read_header(huge)
