@@ -480,13 +480,21 @@ def test_another_thread_of_this_process_waits_for_the_live_holder(tmp_path, monk
     holder = FileLock(path, stale_after=0.3)
     holder.acquire()
     token = json.loads(path.read_text())["token"]
-    releaser = threading.Timer(1.0, holder.release)
+    releasing = threading.Event()  # set as the holder starts to release (set after the release, a waiter that
+    # waited could still see it unset; and the Timer thread may still be alive after its release returned)
+
+    def release() -> None:
+        releasing.set()
+        holder.release()
+
+    releaser = threading.Timer(1.0, release)
     releaser.start()
     time.sleep(0.5)  # older than stale_after
     waiter = FileLock(path, stale_after=0.3, timeout=10)
     waiter.acquire()
-    assert not releaser.is_alive() and json.loads(path.read_text())["token"] != token  # it waited
+    assert releasing.is_set() and json.loads(path.read_text())["token"] != token  # it waited for the release
     waiter.release()
+    releaser.join()
 
 
 def test_on_windows_a_lock_another_process_still_has_open_is_waited_for_not_an_error(tmp_path, monkeypatch):
