@@ -43,7 +43,7 @@ def _flip_xy(matrix: np.ndarray) -> np.ndarray:
     return flipped
 
 
-def _box_corners(low, high) -> np.ndarray:
+def box_corners(low, high) -> np.ndarray:
     """The 8 corners (8, 3) of the axis-aligned box [low, high]."""
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     return np.array([np.where(bits, high, low) for bits in np.ndindex(2, 2, 2)])
@@ -56,7 +56,7 @@ def _translation(offset) -> np.ndarray:
     return matrix
 
 
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 affine matrix to points of shape (..., 3); returns float64 of the same shape."""
     points = np.asarray(points, dtype=np.float64)
     if points.shape[-1:] != (3,):
@@ -368,7 +368,7 @@ def _value_range(array: np.ndarray):
 
 def ras_to_ijk(volume: Volume, ras: np.ndarray) -> np.ndarray:
     """Convert RAS points (N, 3) in mm to continuous voxel indices (i, j, k) of ``volume``."""
-    return _apply(np.linalg.inv(volume.ijk_to_ras), ras)
+    return apply_affine(np.linalg.inv(volume.ijk_to_ras), ras)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -403,11 +403,11 @@ class RegionOfInterest:
 
     def ras_to_model(self, ras: np.ndarray) -> np.ndarray:
         """Convert RAS points (N, 3) to continuous model voxel coordinates (x, y, z) of this box."""
-        return _apply(np.linalg.inv(self.model_to_ras), ras)
+        return apply_affine(np.linalg.inv(self.model_to_ras), ras)
 
     def model_to_ras_points(self, xyz: np.ndarray) -> np.ndarray:
         """Convert model voxel coordinates (N, 3) in (x, y, z) order to RAS points."""
-        return _apply(self.model_to_ras, xyz)
+        return apply_affine(self.model_to_ras, xyz)
 
     def contains(self, ras: np.ndarray, margin: float = 0.0) -> np.ndarray:
         """True for each RAS point inside the box shrunk by ``margin`` model voxels (the box spans -0.5..size-0.5)."""
@@ -422,7 +422,7 @@ class RegionOfInterest:
 
     def extent_corners_ras(self) -> np.ndarray:
         """RAS positions (8, 3) of the corners of the box's extent (half a voxel beyond the outer centres)."""
-        return self.model_to_ras_points(_box_corners(-0.5, np.asarray(self.size) - 0.5))
+        return self.model_to_ras_points(box_corners(-0.5, np.asarray(self.size) - 0.5))
 
 
 def _closest_ras_axes(directions: np.ndarray):
@@ -449,7 +449,7 @@ def canonical_grid(volume: Volume, spacing: float = MODEL_SPACING) -> RegionOfIn
     size_ijk = np.array(volume.shape[::-1], dtype=np.float64)
     old_spacing = volume.spacing
     directions = volume.ijk_to_ras[:3, :3] / old_spacing
-    centre = _apply(volume.ijk_to_ras, (size_ijk - 1) / 2)
+    centre = apply_affine(volume.ijk_to_ras, (size_ijk - 1) / 2)
     # torchio: floor(old_size * old_spacing / new_spacing); snap float noise of the spacing (a column norm
     # here) so that an exact multiple stays exact.
     ratio = size_ijk * old_spacing / spacing
@@ -711,9 +711,9 @@ def _model_logits(logits, size) -> np.ndarray:
     return tensor.float().cpu().numpy()
 
 
-def _source_box(volume: Volume, roi: RegionOfInterest, low_xyz, high_xyz):
+def source_box(volume: Volume, roi: RegionOfInterest, low_xyz, high_xyz):
     """Source voxels (first, stop) in (i, j, k), clipped to the volume, whose centres may lie in the model box."""
-    ijk = ras_to_ijk(volume, roi.model_to_ras_points(_box_corners(low_xyz, high_xyz)))
+    ijk = ras_to_ijk(volume, roi.model_to_ras_points(box_corners(low_xyz, high_xyz)))
     last = np.array(volume.shape[::-1]) - 1
     first = np.maximum(np.ceil(ijk.min(axis=0) - 1e-6).astype(int), 0)
     stop = np.minimum(np.floor(ijk.max(axis=0) + 1e-6).astype(int), last) + 1
@@ -754,7 +754,7 @@ def paste_field_sitk(volume: Volume, roi: RegionOfInterest, field: np.ndarray, t
     from .grid_map import index_map, inside_field
 
     size = np.asarray(roi.size, dtype=np.float64)
-    first, stop = _source_box(volume, roi, -0.5, size - 0.5)
+    first, stop = source_box(volume, roi, -0.5, size - 0.5)
     region = tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
     mask = np.zeros(tuple(int(stop[axis] - first[axis]) for axis in (2, 1, 0)), dtype=bool)
     above = field > threshold
@@ -764,7 +764,7 @@ def paste_field_sitk(volume: Volume, roi: RegionOfInterest, field: np.ndarray, t
     # a linear interpolant exceeds the threshold only within one model voxel of a voxel that does
     low = np.maximum([p[0] - 1.0 for p in positive], -0.5)
     high = np.minimum([p[-1] + 1.0 for p in positive], size - 0.5)
-    box_first, box_stop = _source_box(volume, roi, low, high)
+    box_first, box_stop = source_box(volume, roi, low, high)
     box_first, box_stop = np.maximum(box_first, first), np.maximum(np.minimum(box_stop, stop), box_first)
     if np.any(box_stop <= box_first):
         return region, mask
@@ -796,7 +796,7 @@ def positive_model_box(spans, shape, size):
 
     low, high = [], []
     for axis in range(3):
-        weights = resample._upsample_matrix(shape[axis], size[axis])[:, spans[axis][0]:spans[axis][1] + 1]
+        weights = resample.upsample_matrix(shape[axis], size[axis])[:, spans[axis][0]:spans[axis][1] + 1]
         touched = np.flatnonzero(np.any(weights != 0, axis=1))
         low.append(max(touched[0] - 1.0, -0.5))
         high.append(min(touched[-1] + 1.0, size[axis] - 0.5))
@@ -817,7 +817,7 @@ def _paste_back_torch(volume: Volume, roi: RegionOfInterest, logits, threshold: 
         raise ValueError(f"logits of shape {tuple(logits.shape)} fit neither the ROI {roi.size} nor its quarter")
     tensor = tensor.detach().reshape(shape)
     size = np.asarray(roi.size, dtype=np.float64)
-    first, stop = _source_box(volume, roi, -0.5, size - 0.5)
+    first, stop = source_box(volume, roi, -0.5, size - 0.5)
     region = tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
     region_shape = tuple(int(stop[axis] - first[axis]) for axis in (2, 1, 0))
     above = tensor > threshold
@@ -826,7 +826,7 @@ def _paste_back_torch(volume: Volume, roi: RegionOfInterest, logits, threshold: 
     if int(np.prod(region_shape)) == 0 or any(len(p) == 0 for p in positive):
         return region, np.zeros(region_shape, dtype=bool)
     low, high = positive_model_box([(p[0], p[-1]) for p in positive], shape, roi.size)
-    box_first, box_stop = _source_box(volume, roi, low, high)
+    box_first, box_stop = source_box(volume, roi, low, high)
     box_first, box_stop = np.maximum(box_first, first), np.maximum(np.minimum(box_stop, stop), box_first)
     if np.any(box_stop <= box_first):
         return region, np.zeros(region_shape, dtype=bool)

@@ -228,7 +228,7 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     first, field, covered = blended
     roi = _field_roi(lattice, first, field)
     region, mask = pasted
-    first_voxel, stop_voxel = geometry._source_box(volume, roi, -0.5, np.asarray(roi.size) - 0.5)
+    first_voxel, stop_voxel = geometry.source_box(volume, roi, -0.5, np.asarray(roi.size) - 0.5)
     if region != tuple(slice(int(first_voxel[a]), int(stop_voxel[a])) for a in (2, 1, 0)) or \
             mask.shape != tuple(s.stop - s.start for s in region):
         raise ValueError(f"the pasted mask {mask.shape} of {region} is not a paste of these regions")
@@ -237,7 +237,7 @@ def repaste(volume: Volume, lattice: Lattice, logits: Mapping[Index, torch.Tenso
     cells = [region_cells(lattice, first, index) for index in changed]
     low = np.maximum([min(c[axis].start for c in cells) - _REPASTE_MARGIN for axis in range(3)], 0)
     high = np.minimum([max(c[axis].stop for c in cells) + _REPASTE_MARGIN for axis in range(3)], field.shape)
-    box_first, box_stop = _within(geometry._source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5), first_voxel,
+    box_first, box_stop = _within(geometry.source_box(volume, roi, 4 * low - 0.5, 4 * high - 0.5), first_voxel,
                                   stop_voxel)
     near = _positive_box(volume, roi, above, box_first, box_stop)
     if _voxels(near) + mask.size * _COPY_COST >= whole:  # a thin segment, or a change reaching most of it
@@ -285,7 +285,7 @@ def _positive_box(volume: Volume, roi: RegionOfInterest, above: np.ndarray, box_
     if np.any(box_stop <= box_first):
         return None
     to_model = np.linalg.inv(roi.model_to_ras) @ volume.ijk_to_ras
-    corners = geometry._box_corners(box_first, box_stop - 1)
+    corners = geometry.box_corners(box_first, box_stop - 1)
     model = corners @ to_model[:3, :3].T + to_model[:3, 3]
     reach_first = np.maximum(np.floor(model.min(axis=0) / 4).astype(int) - 2, 0)
     reach_stop = np.minimum(np.floor(model.max(axis=0) / 4).astype(int) + 3, above.shape)
@@ -299,7 +299,7 @@ def _positive_box(volume: Volume, roi: RegionOfInterest, above: np.ndarray, box_
             return None
         spans.append((int(reach_first[axis] + hits[0]), int(reach_first[axis] + hits[-1])))
     low, high = geometry.positive_model_box(spans, above.shape, roi.size)
-    near = _within(geometry._source_box(volume, roi, low, high), box_first, box_stop)
+    near = _within(geometry.source_box(volume, roi, low, high), box_first, box_stop)
     return near if np.all(near[1] > near[0]) else None
 
 
@@ -315,7 +315,7 @@ def _clear_uncovered(volume: Volume, roi: RegionOfInterest, covered: np.ndarray,
     if not risky.any():
         return
     cells = np.argwhere(risky)
-    box_first, box_stop = geometry._source_box(volume, roi, 4 * cells.min(axis=0) - 0.5, 4 * cells.max(axis=0) + 3.5)
+    box_first, box_stop = geometry.source_box(volume, roi, 4 * cells.min(axis=0) - 0.5, 4 * cells.max(axis=0) + 3.5)
     first = np.maximum(box_first - [region[2].start, region[1].start, region[0].start], 0)
     stop = np.minimum(box_stop - [region[2].start, region[1].start, region[0].start], mask.shape[::-1])
     if np.any(stop <= first):
@@ -408,7 +408,7 @@ def source_extent(volume: Volume, lattice: Lattice, indices: Sequence[Index]) ->
         return (slice(0, 0), slice(0, 0), slice(0, 0))
     starts = np.array([lattice.start(i) for i in indices])
     low, high = starts.min(axis=0), starts.max(axis=0) + lattice.size
-    first, stop = geometry._source_box(volume, lattice.grid, low - 0.5, high - 0.5)
+    first, stop = geometry.source_box(volume, lattice.grid, low - 0.5, high - 0.5)
     return tuple(slice(int(first[axis]), int(stop[axis])) for axis in (2, 1, 0))
 
 

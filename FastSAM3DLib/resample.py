@@ -39,7 +39,7 @@ differ only where a logit is within that rounding (~1e-7 relative) of the thresh
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -302,7 +302,7 @@ def _resample_general(source: torch.Tensor, mapping: np.ndarray, size, default: 
 # logits -> thresholded mask on the source grid
 
 
-def _upsample_matrix(n_low: int, n_high: int) -> np.ndarray:
+def upsample_matrix(n_low: int, n_high: int) -> np.ndarray:
     """(n_high, n_low) float64 weights of torch's linear resize with ``align_corners=False``."""
     if n_low == n_high:
         return np.eye(n_high)
@@ -353,7 +353,7 @@ def threshold_logits(logits, field_to_ras: np.ndarray, field_size: Sequence[int]
         ranges[s] = (first, stop)
         # row r: (1 - d) * upsample[base] + d * upsample[upper], composed from the two taps rather than by a
         # matrix product, which NumPy would hand to OpenBLAS threads that busy-wait on the other cores afterwards
-        upsample = _upsample_matrix(shape[m], field_size[m])
+        upsample = upsample_matrix(shape[m], field_size[m])
         fraction = d[first:stop, None]
         weights[s] = (1.0 - fraction) * upsample[base[first:stop]] + fraction * upsample[upper[first:stop]]
     # the low-res columns any weight touches, per model axis

@@ -259,7 +259,7 @@ def test_a_label_on_another_grid_is_resampled_onto_the_image(tmp_path):
 
 
 def whole_array_value_counts(array):
-    """``_value_counts`` before it counted in pieces (the reference): one bincount (an int64 copy of the whole
+    """``value_counts`` before it counted in pieces (the reference): one bincount (an int64 copy of the whole
     label) for uint8/uint16, np.unique otherwise."""
     if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize <= 2:
         counts = np.bincount(array.ravel())
@@ -290,7 +290,7 @@ def test_label_values_counted_in_pieces_are_the_whole_array_counts(monkeypatch, 
             if array.ndim == 3:
                 views.append(array[::2, :, ::-1])
             for view in views:
-                got, reference = ds._value_counts(view), whole_array_value_counts(view)
+                got, reference = ds.value_counts(view), whole_array_value_counts(view)
                 assert got == reference and list(got) == list(reference), (dtype, shape, view.strides)
 
 
@@ -305,7 +305,7 @@ def test_counting_label_values_does_not_copy_the_label_to_int64():
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        counts = ds._value_counts(label)
+        counts = ds.value_counts(label)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -60,7 +60,7 @@ def ct_like_volume() -> Volume:
 
 def centre(volume: Volume) -> np.ndarray:
     """RAS of the volume's central voxel, as (1, 3)."""
-    return geometry._apply(volume.ijk_to_ras, np.array([[150.0, 150.0, 80.0]]))
+    return geometry.apply_affine(volume.ijk_to_ras, np.array([[150.0, 150.0, 80.0]]))
 
 
 def test_paste_back_leaves_no_core_busy(busy_wait_after_blas):

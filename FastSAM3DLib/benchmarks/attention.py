@@ -25,12 +25,13 @@ DEFAULT_SPARSE = {8: ((2, 2, 4), 1), 16: ((4, 4, 4), 1)}
 
 
 # --------------------------------------------------------------------------------------------- measurement
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` before a clock is read (CUDA runs asynchronously; a CPU needs no wait)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of live tensor bytes allocated during ``fn()`` (profiler estimate, CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -50,12 +51,12 @@ def measure(fn: Callable[[], object], device, repeats: int = 5, warmup: int = 1,
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        _sync(device)
+        sync_device(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times.append((time.perf_counter() - start) * 1e3)
         result = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
                   "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0, "repeats": repeats,
@@ -65,10 +66,10 @@ def measure(fn: Callable[[], object], device, repeats: int = 5, warmup: int = 1,
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
                 fn()
-                _sync(device)
+                sync_device(device)
                 result["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
             elif device.type == "cpu":
-                result["peak_mem_mib"] = _cpu_peak_bytes(fn) / 2 ** 20
+                result["peak_mem_mib"] = cpu_peak_bytes(fn) / 2 ** 20
     return result
 
 
@@ -87,11 +88,12 @@ def environment(device, threads: Optional[int] = None) -> Dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        info["cpu"] = _cpu_name()
+        info["cpu"] = cpu_name()
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one), for naming result files and rows."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

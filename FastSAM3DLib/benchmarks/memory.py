@@ -62,7 +62,7 @@ def measure(plan, device_name: str, model_name: Optional[str] = None, entries: O
     """The measurements of the module docstring for ``plan.device`` and each of ``plan.precisions``."""
     from ..memory import attach_memory
     from ..registry import build_model
-    from .attention import _sync
+    from .attention import sync_device
     from .attention import measure as time_it
     from .pipeline import MissingDependency, autocast, encoder_input, model_for
 
@@ -121,7 +121,7 @@ def measure(plan, device_name: str, model_name: Optional[str] = None, entries: O
                     try:
                         start = time.perf_counter()
                         encode()
-                        _sync(device)
+                        sync_device(device)
                         if rep:
                             times[variant].append((time.perf_counter() - start) * 1e3)
                     except Exception as exc:  # the released formula may overflow: say so, keep the rest

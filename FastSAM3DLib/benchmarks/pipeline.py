@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..geometry import Volume
-from .attention import _cpu_peak_bytes, _sync, measure
+from .attention import cpu_peak_bytes, measure, sync_device
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 #: the precision measured on the int8-encoder copy of a model (FastSAM3DLib.quantize), float32 elsewhere
@@ -106,7 +106,7 @@ def cuda_graph_time(fn: Callable[[], torch.Tensor], device, repeats: int) -> Dic
         with torch.cuda.graph(graph):
             static_out = fn()
         graph.replay()
-        _sync(device)
+        sync_device(device)
         diff = _rel_diff(static_out, expected)
     timing = measure(graph.replay, device, repeats, warmup=1, memory=False)
     del graph, static_out
@@ -189,17 +189,17 @@ def bench_session(model, volume: Volume, device, precision: str = "fp32", repeat
 
     with torch.inference_mode():  # the memory run doubles as the warm-up of the first click
         if device.type == "cuda":
-            _sync(device)
+            sync_device(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device) / 2 ** 20
             one_session(memory_clicks)
-            _sync(device)
+            sync_device(device)
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
             method = "torch.cuda.max_memory_allocated (weights included)"
         else:
             base = _param_mib(model)
-            peak = base + _cpu_peak_bytes(lambda: one_session(memory_clicks)) / 2 ** 20
+            peak = base + cpu_peak_bytes(lambda: one_session(memory_clicks)) / 2 ** 20
             method = "weights + profiler peak of live CPU tensors"
     first = measure(lambda: one_session(0), device, repeats, warmup=0, memory=False)
     with torch.inference_mode():

@@ -211,6 +211,8 @@ def summarise_data(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
 
 
 def main(argv=None) -> int:
+    """Command line: compare the fast (int8) precision with the exact one; prints a JSON line per comparison and
+    writes every row to ``--json`` when given."""
     parser = argparse.ArgumentParser(description="fast (int8) vs exact precision: logits, masks, Dice")
     parser.add_argument("--data", type=Path, default=DEFAULT_SHARED / "data")
     parser.add_argument("--reference", type=Path, default=DEFAULT_SHARED / "reference")

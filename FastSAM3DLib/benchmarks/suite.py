@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import report, steadiness
-from .attention import _cpu_name
+from .attention import cpu_name
 
 # the model a dry run uses in place of each official model (same code paths, seconds on a CPU)
 DRY_RUN_MODELS = {"fastsam3d": "tiny-test", "sam-med3d": "tiny-test-teacher"}
@@ -74,7 +74,7 @@ def environment(device, threads: Optional[int] = None) -> Dict[str, object]:
     for package in ("triton", "numpy", "SimpleITK", "medim", "segment-anything", "pytest"):
         versions[package] = _version(package)
     info = {"machine": socket.gethostname(), "platform": platform.platform(), "device": device.type,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads or torch.get_num_threads(),
             "versions": versions, "cuda": torch.version.cuda,
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if device.type == "cpu":  # the int8 products' speed depends on the instruction set (int8_products)

@@ -191,9 +191,9 @@ def _evaluate_with_memory(args, cases, common) -> Dict:
     from ..errors import FastSAM3DError
     from ..memory.cli import memory_options
     from ..memory.evaluation import case_patients, evaluate_with_memory
-    from .evaluate import _resolve_model
+    from .evaluate import resolve_model
 
-    model, _, description = _resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
+    model, _, description = resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
     patients = case_patients(args.data if not args.label else None, cases)
     if args.memory_k < 1 or not 0.0 <= args.memory_local_ratio <= 1.0:
         raise FastSAM3DError(f"--memory-k must be at least 1 and --memory-local-ratio between 0 and 1 (got "

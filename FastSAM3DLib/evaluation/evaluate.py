@@ -46,7 +46,7 @@ from .results import ResultStore, prediction_path, summarise, unit_key, write_su
 PLACEMENTS = ("gt", "click", "grow")  # "grow": the session with growth (.growing)
 
 
-class _Skip(Exception):
+class CaseSkipped(Exception):
     """A unit that cannot be evaluated; the message is the recorded reason."""
 
 
@@ -201,7 +201,8 @@ class _CaseData:
         return self._session
 
 
-def _click_fields(point_ras, label) -> Dict:
+def click_fields(point_ras, label) -> Dict:
+    """The click columns of a result row: RAS position and label, NaN and -1 for a row without a click."""
     if point_ras is None:
         return {"click_r": float("nan"), "click_a": float("nan"), "click_s": float("nan"), "click_label": -1}
     r, a, s = (float(v) for v in point_ras)
@@ -217,7 +218,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
     roi = roi_centred_on_mask(data.volume, mask, runner.size, runner.spacing)
     truth = extract_label(data.label_volume, roi) == value
     if not truth.any():
-        raise _Skip(ds.empty_crop_reason(data.volume, mask, runner.size, runner.spacing))
+        raise CaseSkipped(ds.empty_crop_reason(data.volume, mask, runner.size, runner.spacing))
     start = time.perf_counter()
     embedding = runner.encode(extract_model_input(data.volume, roi))
     encode_time = time.perf_counter() - start
@@ -229,7 +230,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, up, rng)
         if click is None:  # the prediction the generator sees is perfect: nothing to click, nothing changes
-            rows.append({**meta, "click": index + 1, **_click_fields(None, None), **previous, "encoded": 0,
+            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
                          "time_s": 0.0})
             continue
         point, label = click
@@ -245,7 +246,7 @@ def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int
         dice_full, iou_full = dice_iou_in_region(region, full, mask, voxels)
         previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
                     "nsd_full": data.nsd(region, full, mask), "pred_iou": pred_iou}
-        rows.append({**meta, "click": index + 1, **_click_fields(roi.model_to_ras_points(point), label), **previous,
+        rows.append({**meta, "click": index + 1, **click_fields(roi.model_to_ras_points(point), label), **previous,
                      "encoded": int(index == 0), "time_s": spent})
     final = np.zeros(data.volume.shape, dtype=bool)
     if region is not None:
@@ -262,7 +263,7 @@ def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: 
     grid, label_grid = data.grid()
     truth = label_grid == value
     if not truth.any():
-        raise _Skip("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
+        raise CaseSkipped("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
                     f"{runner.spacing} mm (too thin or small)")
     session = data.session()
     session.reset()
@@ -275,7 +276,7 @@ def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: 
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, field if have_logits else None, rng)
         if click is None:
-            rows.append({**meta, "click": index + 1, **_click_fields(None, None), **previous, "encoded": 0,
+            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
                          "time_s": 0.0})
             continue
         point, label = click
@@ -294,7 +295,7 @@ def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: 
         previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
                     "nsd_full": data.nsd(result.region, result.mask, mask), "pred_iou": float(result.iou),
                     "recall_full": float(np.count_nonzero(result.mask & (mask[result.region] != 0)) / voxels)}
-        rows.append({**meta, "click": index + 1, **_click_fields(ras, label), **previous,
+        rows.append({**meta, "click": index + 1, **click_fields(ras, label), **previous,
                      "encoded": int(result.encoded), "time_s": spent})
     final = session.full_mask(result) if result is not None else np.zeros(data.volume.shape, dtype=bool)
     return rows, final
@@ -368,7 +369,7 @@ def _placements(placement: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
-def _resolve_model(model, checkpoint, device, name, attention):
+def resolve_model(model, checkpoint, device, name, attention):
     """(model, name under which results are stored, checkpoint description)."""
     from ..registry import build_model
 
@@ -446,7 +447,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     started = time.perf_counter()
     placements = _placements(placement)
     cases = ds.as_cases(pairs)
-    built, model_name, description = _resolve_model(model, checkpoint, device, name, attention)
+    built, model_name, description = resolve_model(model, checkpoint, device, name, attention)
     runner = ModelRunner(built)
     folder = Path(output) if output is not None else None
     with _sole_writer(folder):  # a second evaluation into this folder is refused
@@ -542,7 +543,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                             rows, final = _RUNNERS[where](data, value, mask, voxels, clicks, rng, meta)
                         except OutOfMemoryError:
                             raise  # not a property of the structure: stop; a rerun continues from here
-                        except (_Skip, FastSAM3DError) as exc:
+                        except (CaseSkipped, FastSAM3DError) as exc:
                             skip(case, structure, value, where, str(exc))
                             bar.done(f"{text}: skipped")
                             continue

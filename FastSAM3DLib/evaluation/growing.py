@@ -60,14 +60,14 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     from .. import regions
     from ..geometry import extract_label
     from .clicks import next_protocol_click
-    from .evaluate import _click_fields, _Skip, upsample_logits
+    from .evaluate import CaseSkipped, click_fields, upsample_logits
     from .metrics import dice_iou, dice_iou_in_region
 
     runner, protocol = data.runner, data.protocol
     grid, label_grid = data.grid()
     truth = label_grid == value
     if not truth.any():
-        raise _Skip("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
+        raise CaseSkipped("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
                     f"{runner.spacing} mm (too thin or small)")
     session = grow_session(data)
     session.reset()
@@ -80,7 +80,7 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, field, rng)
         if click is None:
-            rows.append({**meta, "click": index + 1, **_click_fields(None, None), **previous, "encoded": 0,
+            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
                          "time_s": 0.0})
             continue
         point, label = click
@@ -105,7 +105,7 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
                     "recall_full": float(found / voxels),
                     "coverage": float(regions.coverage_fraction(data.volume, state.lattice, list(state.regions), mask)),
                     "regions": len(state.regions)}
-        rows.append({**meta, "click": index + 1, **_click_fields(ras, label), **previous,
+        rows.append({**meta, "click": index + 1, **click_fields(ras, label), **previous,
                      "encoded": int(result.encoded), "time_s": spent})
     final = session.full_mask(result) if result is not None else np.zeros(data.volume.shape, dtype=bool)
     return rows, final

@@ -23,6 +23,7 @@ class ImageHeader:
 
     @property
     def dimension(self) -> int:
+        """Number of axes."""
         return len(self.size)
 
     @property

@@ -76,22 +76,27 @@ class MemoryBank:
 
     @property
     def cases(self) -> List[Dict[str, object]]:
+        """The cases the bank was built from (header ``cases``)."""
         return list(self.meta.get("cases", []))
 
     @property
     def entries(self) -> List[Dict[str, object]]:
+        """One record per row: its case, structure, label value and voxels (header ``entries``)."""
         return list(self.meta.get("entries", []))
 
     @property
     def block(self) -> int:
+        """Index of the encoder's attention block whose keys and values are stored."""
         return int(self.meta["block"])
 
     @property
     def descriptor(self) -> str:
+        """Name of the case descriptor retrieval compares (header ``descriptor``)."""
         return str(self.meta["descriptor"])
 
     @property
     def device(self) -> torch.device:
+        """Where the bank's tensors are."""
         return self.keys.device
 
     def entry_patients(self) -> List[str]:
@@ -265,6 +270,7 @@ def default_block(model) -> int:
 
 
 def model_name(model) -> str:
+    """The registry name of ``model`` (its config's), or its class name for a model without one."""
     config = getattr(model, "config", None)
     return str(getattr(config, "name", type(model).__name__))
 

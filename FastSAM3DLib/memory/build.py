@@ -172,7 +172,7 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
         except Exception as exc:  # noqa: BLE001 - an unreadable case is reported and skipped, as evaluate does
             skip(f"{case.name}: skipped ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})")
             continue
-        counts = ds._value_counts(labels)
+        counts = ds.value_counts(labels)
         values_, missing = ds.select_structures(case, counts, structures)
         for selector, _, reason in missing:
             skip(f"{case.name}: {selector}: {reason}")

@@ -71,14 +71,14 @@ def cmd_build(args) -> int:
     """Build and save a bank; returns the exit code."""
     from pathlib import Path
 
-    from ..evaluation.evaluate import _resolve_model
+    from ..evaluation.evaluate import resolve_model
     from ..files import check_output_path, sha256_file
     from .bank import save_bank
     from .build import build_bank, inspect_text
 
     inputs = [Path(args.data)] + ([Path(args.label)] if args.label else [])
     output = check_output_path(args.output, inputs, extensions=(".safetensors",), input_name="input")
-    model, _, description = _resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
+    model, _, description = resolve_model(args.model, args.checkpoint, args.device, None, args.attention)
     if description == "cached":  # the verified file's checksum (a download loads its fast copy, other bytes)
         from ..registry import cached_checkpoint, get_model_config
         from ..weights import weights_sha256

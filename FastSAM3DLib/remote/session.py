@@ -9,12 +9,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import geometry
-from ..errors import InputImageError, OutOfMemoryError, PromptError
+from ..errors import OutOfMemoryError, PromptError
 from ..geometry import RegionOfInterest, Volume
 from ..server import protocol
 from ..session_common import (EXCLUDE_FIRST, MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                               ClickResult, Region, click_point, crop_to, empty_region, union)
-from .client import ModelOutputError, ServerClient, ServerError, ServerUnavailableError, _Missing, _SessionLost
+from .client import ServerClient, ServerError, ServerUnavailableError, _Missing, _SessionLost
 from .cut_and_paste import library_geometry, model_input, paste_back
 
 MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends

@@ -130,18 +130,23 @@ class LogicEditor:
         self.logic.SetCurrentSegmentID(segment_id)
 
     def parameter_node(self):
+        """The Segment Editor parameter node whose masking and overwrite settings the write honours."""
         return self.node
 
     def reference_geometry(self):
+        """The segmentation's reference geometry as an image (the grid edits are made on), or None."""
         return self.logic.GetReferenceGeometryImage() if self.logic.UpdateReferenceGeometryImage() else None
 
     def save_state_for_undo(self) -> None:
+        """Record the segmentation as it is now: the next edit becomes one undo step."""
         self.logic.SaveStateForUndo()
 
     def modify(self, segmentation_node, segment_id: str, labelmap, mode: int) -> None:
+        """Add (``mode`` set) or remove (erase) ``labelmap``'s voxels in the segment, as Paint and Erase do."""
         self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode, True, False)
 
     def take_errors(self):
+        """The logic's error messages since the last call (benign ones left out); the list is emptied."""
         errors, self._errors = self._errors, []
         return errors
 
@@ -151,9 +156,11 @@ class LogicEditor:
         self.logic.Undo()
 
     def redo(self) -> None:
+        """Apply the last undone write again (Segment Editor redo)."""
         self.logic.Redo()
 
     def can_undo(self) -> bool:
+        """Whether there is a write to undo."""
         return bool(self.logic.CanUndo())
 
     def close(self) -> None:
@@ -187,6 +194,8 @@ class EffectEditor:
         self.effect = scripted_effect
 
     def prepare(self, segmentation_node, source_volume_node, segment_id: str, settings) -> None:
+        """Check that the Segment Editor still shows these nodes and this segment (the user may have changed them
+        while the model worked); its own settings apply, so other ``settings`` are refused."""
         node = self.effect.parameterSetNode()
         if settings is not None and settings is not node:
             raise ValueError("Inside the Segment Editor the editable area and overwrite settings are the "
@@ -199,19 +208,25 @@ class EffectEditor:
                                  "written. Click again.")
 
     def parameter_node(self):
+        """The Segment Editor's own parameter node."""
         return self.effect.parameterSetNode()
 
     def reference_geometry(self):
+        """The Segment Editor's reference geometry image."""
         return self.effect.referenceGeometryImage()
 
     def save_state_for_undo(self) -> None:
+        """Record an undo state on the Segment Editor's own stack (Ctrl+Z there undoes the write)."""
         self.effect.saveStateForUndo()
 
     def modify(self, segmentation_node, segment_id: str, labelmap, mode: int) -> None:
+        """Add or remove ``labelmap``'s voxels through the effect, as :meth:`LogicEditor.modify`."""
         effect_class = getattr(slicer, "qSlicerSegmentEditorAbstractEffect", None)
         if effect_class is not None:  # same values as the logic's enum, typed for PythonQt
             mode = effect_class.ModificationModeAdd if mode == _ADD else effect_class.ModificationModeRemove
         self.effect.modifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode)
 
     def take_errors(self):
+        """Always empty: the effect's logic belongs to the Segment Editor, whose error events this editor does not
+        observe (Slicer logs them)."""
         return []

@@ -304,12 +304,12 @@ def region_on(region: Region, from_volume_node, to_volume_node) -> Optional[Regi
     """The smallest box of ``to_volume_node``'s voxel grid that holds ``region`` ((k, j, i) slices) of
     ``from_volume_node``'s grid, through both nodes' transforms, clipped to the volume; None when it misses it.
     For a series of points whose source volume changed: what to give back on the grid its baseline is on."""
-    from ..geometry import _apply, _box_corners
+    from ..geometry import apply_affine, box_corners
     from .nodes import volume_from_node_matrix
 
-    faces = _box_corners([r.start - 0.5 for r in region[::-1]], [r.stop - 0.5 for r in region[::-1]])  # (i, j, k)
-    to_ijk = _apply(np.linalg.inv(volume_from_node_matrix(to_volume_node)) @ volume_from_node_matrix(from_volume_node),
-                    faces)
+    faces = box_corners([r.start - 0.5 for r in region[::-1]], [r.stop - 0.5 for r in region[::-1]])  # (i, j, k)
+    from_to = np.linalg.inv(volume_from_node_matrix(to_volume_node)) @ volume_from_node_matrix(from_volume_node)
+    to_ijk = apply_affine(from_to, faces)
     dims = to_volume_node.GetImageData().GetDimensions()
     lo = np.maximum(np.floor(to_ijk.min(axis=0) + 0.5 + 1e-6).astype(int), 0)  # voxels the box overlaps
     hi = np.minimum(np.ceil(to_ijk.max(axis=0) + 0.5 - 1e-6).astype(int), dims)

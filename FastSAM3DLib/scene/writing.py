@@ -140,7 +140,7 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
 
     Nearest-neighbour where the segmentation has another voxel lattice (exact on the same lattice).
     """
-    segmentation = _checked_segmentation(segmentation_node, segment_id)
+    _checked_segmentation(segmentation_node, segment_id)  # refuses a missing node or segment with a message
     dims = _checked_source(source_volume_node)
     on_lattice = segment_voxels_on_lattice(segmentation_node, segment_id, source_volume_node)
     if on_lattice is not None:

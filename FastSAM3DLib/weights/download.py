@@ -47,7 +47,7 @@ from ..errors import CheckpointError, DownloadError
 from ..files import open_fd, parse_json, replace_file, sha256_file, temporary_beside
 from .cache import ModelFiles, PathLike, model_files
 from .filelock import FileLock, LockUnavailable
-from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, _url_allowed, load_manifest
+from .manifest import SIZE_TOLERANCE, ManifestLike, ModelEntry, url_allowed, load_manifest
 from .verify import Progress, expected_sha256, is_verified, read_record, write_json_atomic, write_record
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         target = urljoin(req.full_url, newurl)
         if urlsplit(req.full_url).scheme == "https" and urlsplit(target).scheme != "https" \
-                or not _url_allowed(target):
+                or not url_allowed(target):
             fp.close()
             raise _Failure(req.full_url, "insecure", f"the server redirected to {target}, which is not a secure "
                                                      "(https) address; refused, nothing was downloaded")

@@ -145,7 +145,7 @@ def parse_manifest(data, source: str = "manifest") -> Dict[str, ModelEntry]:
         if not item["urls"]:
             raise bad(f"{where}: urls is empty")
         for url in item["urls"]:
-            if not isinstance(url, str) or not _url_allowed(url):
+            if not isinstance(url, str) or not url_allowed(url):
                 raise bad(f"{where}: {url!r} is not an https URL")
         entries[item["name"]] = ModelEntry(
             name=item["name"], architecture=item["architecture"], title=item["title"], filename=item["filename"],
@@ -163,7 +163,7 @@ def _cache_names(filename: str) -> Tuple[str, ...]:
     return ModelFiles(Path("."), filename).names()
 
 
-def _url_allowed(url: str) -> bool:
+def url_allowed(url: str) -> bool:
     """https everywhere; plain http only for this machine (test servers)."""
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
