@@ -168,9 +168,9 @@ def test_a_dicom_series_with_a_missing_or_duplicate_slice_is_refused_not_read_on
     (ends / "000.dcm").unlink()  # end slices missing leave an even series: nothing is misplaced
     (ends / "011.dcm").unlink()
     assert Volume.from_file(ends).shape == (10, 16, 16)
-    geometry._check_even_slices(np.array([0.0, 2.0, 4.0, 6.000001, 8.0]), "x")  # rounding in the tags is fine
+    geometry.volume._check_even_slices(np.array([0.0, 2.0, 4.0, 6.000001, 8.0]), "x")  # rounding in the tags is fine
     with pytest.raises(InputImageError, match="0 mm between slices 2 and 3 of 5"):
-        geometry._check_even_slices(np.array([0.0, 2.0, 2.0, 4.0, 6.0]), "x")
+        geometry.volume._check_even_slices(np.array([0.0, 2.0, 2.0, 4.0, 6.0]), "x")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -540,14 +540,14 @@ def test_model_input_layout_and_normalisation_equal_numpys(dtype):
     kji = rng.uniform(low, high, (7, 9, 11)).astype(dtype)
     if np.dtype(dtype).kind in "iu":
         kji[0, 0, :3] = [info.min, info.max, 0]
-    xyz = geometry._float32_xyz(kji)
+    xyz = geometry.model_input._float32_xyz(kji)
     assert xyz.dtype == np.float32 and xyz.flags.c_contiguous and xyz.shape == (11, 9, 7)
     expected = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=np.float32)
     np.testing.assert_array_equal(xyz, expected)
     foreground = expected[expected > 0]
     mean, std = foreground.mean(dtype=np.float64), foreground.std(dtype=np.float64, ddof=1)
     reference = (expected - np.float32(mean)) / np.float32(std)
-    normalised = geometry._masked_z_normalise(xyz)
+    normalised = geometry.model_input._masked_z_normalise(xyz)
     assert normalised is xyz  # in place
     np.testing.assert_array_equal(normalised, reference)
 

@@ -43,8 +43,8 @@ def point_in(volume, fraction=0.4):
 
 def sitk_resampled(image_array, image_to_ras, grid_to_ras, size, default=0.0, pixel=None):
     """SimpleITK's linear resampling, the reference (geometry's own helpers)."""
-    image = geometry._sitk_image(image_array, image_to_ras)
-    return geometry._resample(image, grid_to_ras, size, sitk.sitkLinear, default, pixel)
+    image = geometry.matrices.sitk_image(image_array, image_to_ras)
+    return geometry.matrices.sitk_resample(image, grid_to_ras, size, sitk.sitkLinear, default, pixel)
 
 
 def assert_equal_but_ties(mine, reference, exact64, kind):

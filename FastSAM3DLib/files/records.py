@@ -1,5 +1,5 @@
-"""Small files read and appended whole: JSON documents, line logs that several processes append to (each
-append durable, locked, never leaving a torn line), checksums of whole files."""
+"""Records: JSON documents, line logs that several processes append to (each append durable, locked, never
+leaving a torn line), checksums of whole files."""
 from __future__ import annotations
 
 import contextlib
