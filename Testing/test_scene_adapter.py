@@ -100,7 +100,7 @@ def set_segment(segmentation_node, volume, name, mask_kji):
     segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
     ijk = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijk)
-    image = sc.writing._oriented_image(mask_kji.astype(np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
+    image = sc.oriented_images.oriented_image(mask_kji.astype(np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
                                [0, mask_kji.shape[2] - 1, 0, mask_kji.shape[1] - 1, 0, mask_kji.shape[0] - 1])
     L = slicer.vtkSlicerSegmentationsModuleLogic
     assert L.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, L.MODE_REPLACE, image.GetExtent())
@@ -116,7 +116,7 @@ def segment_array(segmentation_node, segment_id, volume):
     volume.GetIJKToRASMatrix(ijk)
     dims = volume.GetImageData().GetDimensions()
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
-    reference = sc.writing._oriented_image(None, sc.nodes._array_from_vtk_matrix(ijk), extent)
+    reference = sc.oriented_images.oriented_image(None, sc.nodes._array_from_vtk_matrix(ijk), extent)
     seg_to_volume = np.linalg.inv(sc.node_to_world(volume)) @ sc.node_to_world(segmentation_node)
     transform = vtk.vtkTransform()
     transform.SetMatrix(sc.nodes._vtk_matrix(seg_to_volume))
@@ -452,7 +452,7 @@ def test_oversampled_segmentation_is_resampled_nearest_neighbour(app):
     ijk = sc.volume_from_node_matrix(volume)
     fine = ijk @ np.diag([0.5, 0.5, 0.5, 1.0])
     fine[:3, 3] = ijk[:3, :3] @ [-0.25, -0.25, -0.25] + ijk[:3, 3]  # same bounds, twice the voxels per axis
-    geometry = sc.writing._oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
+    geometry = sc.oriented_images.oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
     segmentation.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
         slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
@@ -597,7 +597,7 @@ def test_a_write_with_nothing_to_erase_or_paint_saves_no_undo_state(app, monkeyp
     empty_corner = (slice(0, 3), slice(0, 3), slice(14, 20))  # no voxel of B there, and nothing to paint
     assert not segment_array(segmentation, ids["B"], volume)[empty_corner].any()
     snapshots = []
-    monkeypatch.setattr(sc.writing, "_Rollback", lambda *args: snapshots.append(args) or _NoRollback())
+    monkeypatch.setattr(sc.writing, "Rollback", lambda *args: snapshots.append(args) or _NoRollback())
     with sc.LogicEditor(app.scene, sc.EditorSettings(overwrite="none")) as editor:
         before = fingerprint(segmentation)
         sc.write_region(segmentation, ids["B"], volume, empty_corner, np.zeros((3, 3, 6), bool), editor=editor)
@@ -760,7 +760,7 @@ class _SilentEditor(sc.LogicEditor):
     def modify(self, segmentation_node, segment_id, labelmap, mode):
         segmentation = segmentation_node.GetSegmentation()
         layer = segmentation.GetLayerDataObject(segmentation.GetLayerIndex(segment_id))
-        sc.writing._image_array(layer)[:] = segmentation.GetSegment(segment_id).GetLabelValue()  # no Modified()
+        sc.oriented_images.image_array(layer)[:] = segmentation.GetSegment(segment_id).GetLabelValue()  # no Modified()
         raise KeyboardInterrupt("interrupted after a change the segmentation did not announce")
 
 
@@ -784,7 +784,7 @@ def test_an_interrupted_write_that_grew_a_layer_gives_it_its_extent_back(app, la
         segment_id = segmentation.GetSegmentation().AddEmptySegment("", "small")
         ijk = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijk)
-        small = sc.writing._oriented_image(np.ones((2, 3, 4), np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
+        small = sc.oriented_images.oriented_image(np.ones((2, 3, 4), np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
                                            [6, 9, 7, 9, 4, 5])
         L = slicer.vtkSlicerSegmentationsModuleLogic
         assert L.SetBinaryLabelmapToSegment(small, segmentation, segment_id, L.MODE_REPLACE, small.GetExtent())
@@ -827,8 +827,8 @@ def test_a_write_keeps_only_the_edited_box_for_its_rollback(app, monkeypatch):
     """Memory per click: the rollback copies the region's box of each layer, not the segmentation."""
     volume, segmentation, ids, masks, new = three_segments(app)
     kept = []
-    original = sc.writing._values_in_extent
-    monkeypatch.setattr(sc.writing, "_values_in_extent",
+    original = sc.rollback.values_in_extent
+    monkeypatch.setattr(sc.rollback, "values_in_extent",
                         lambda image, extent: kept.append(extent) or original(image, extent))
     sc.write_region(segmentation, ids["B"], volume, REGION, new)
     box = tuple(v for s in reversed(REGION) for v in (s.start, s.stop - 1))  # (i0, i1, j0, j1, k0, k1)
@@ -1142,15 +1142,15 @@ def test_reading_a_segment_from_its_layer_equals_slicers_resampling(app, monkeyp
     fast = {name: sc.segment_mask(segmentation, sid, volume) for name, sid in ids.items()}
     assert all(np.array_equal(fast[name], masks[name]) for name in ids)
     segmentation.SetAndObserveTransformNodeID(mover.GetID())  # whole voxels (1 mm): still the same lattice
-    assert sc.writing.segment_voxels_on_lattice(segmentation, ids["A"], volume) is not None
+    assert sc.reading.segment_voxels_on_lattice(segmentation, ids["A"], volume) is not None
     fast = {name: sc.segment_mask(segmentation, sid, volume) for name, sid in ids.items()}
-    monkeypatch.setattr(sc.writing, "segment_voxels_on_lattice", lambda *args: None)  # Slicer's resampling
+    monkeypatch.setattr(sc.reading, "segment_voxels_on_lattice", lambda *args: None)  # Slicer's resampling
     slow = {name: sc.segment_mask(segmentation, sid, volume) for name, sid in ids.items()}
     assert all(np.array_equal(fast[name], slow[name]) and slow[name].any() for name in ids)
     assert not all(np.array_equal(slow[name], masks[name]) for name in ids)  # the move did change them
     monkeypatch.undo()
     segmentation.SetAndObserveTransformNodeID(linear_transform(app.scene, rotation(2, 10)).GetID())
-    assert sc.writing.segment_voxels_on_lattice(segmentation, ids["A"], volume) is None  # another lattice
+    assert sc.reading.segment_voxels_on_lattice(segmentation, ids["A"], volume) is None  # another lattice
 
 
 def test_removing_every_point_gives_the_segment_back(app, tiny_model):

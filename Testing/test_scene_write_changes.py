@@ -13,6 +13,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 
 from FastSAM3DLib import scene as sc  # noqa: E402
 from FastSAM3DLib.scene import writing  # noqa: E402
+from FastSAM3DLib.scene.oriented_images import oriented_image  # noqa: E402
 from test_scene_adapter import (REGION, SHAPE, Logic, app, all_segments, ball, make_segmentation,  # noqa: E402,F401
                                 make_volume, placed, segment_array, set_segment, three_segments)
 
@@ -59,7 +60,7 @@ def _by_hand(segmentation, volume, ids, step):
     grown_a = segment_array(segmentation, ids["A"], volume)
     grown_a[4:8, 8:14, 6:14] = True
     for name, mask in (("T", erased), ("A", grown_a)):
-        image = writing._oriented_image(mask.astype(np.uint8), np.eye(4),
+        image = oriented_image(mask.astype(np.uint8), np.eye(4),
                                         [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1])
         assert logic.SetBinaryLabelmapToSegment(image, segmentation, ids[name], logic.MODE_REPLACE, image.GetExtent())
 
@@ -158,7 +159,7 @@ def _series_around_a_repeated_result(app, monkeypatch, cut):
         v = (7, 11, 13)
 
         def by_hand(segment_id, voxels, mode):
-            image = writing._oriented_image(voxels.astype(np.uint8), np.eye(4),
+            image = oriented_image(voxels.astype(np.uint8), np.eye(4),
                                             [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1])
             assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, mode, image.GetExtent())
 

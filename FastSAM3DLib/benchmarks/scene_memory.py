@@ -55,7 +55,7 @@ def _scene():
     import vtk
 
     from ..scene.nodes import _vtk_matrix
-    from ..scene.writing import _oriented_image
+    from ..scene.oriented_images import oriented_image
 
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
@@ -80,7 +80,7 @@ def _scene():
         segment_id = segmentation.GetSegmentation().AddEmptySegment("", f"organ {index}")
         slab = np.zeros(SHAPE, np.uint8)
         slab[:, :, 40 + 40 * index:70 + 40 * index] = 1
-        image = _oriented_image(slab, matrix, [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1])
+        image = oriented_image(slab, matrix, [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1])
         logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE, image.GetExtent())
     return (scene, app_logic, logics), volume, segmentation
 
@@ -92,19 +92,19 @@ def measure_variant(variant: str) -> dict:
     import numpy as np
 
     from .. import scene as sc
-    from ..scene import writing
+    from ..scene import rollback
 
     keep, volume, segmentation = _scene()
     target = segmentation.GetSegmentation().GetNthSegmentID(3)
     if variant == "whole snapshot":
-        original = writing._Rollback.__init__
+        original = rollback.Rollback.__init__
 
         def whole(self, segmentation_node, modifiers, editor_node):
             editor_node.SetOverwriteMode(editor_node.OverwriteNone)  # takes the whole-segmentation snapshot
             original(self, segmentation_node, modifiers, editor_node)
             editor_node.SetOverwriteMode(editor_node.OverwriteAllSegments)
 
-        writing._Rollback.__init__ = whole
+        rollback.Rollback.__init__ = whole
     kk, jj, ii = np.indices(tuple(s.stop - s.start for s in BOX))
     centre = [(s.stop - s.start) / 2 for s in BOX]
     mask = (kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 < 55 ** 2

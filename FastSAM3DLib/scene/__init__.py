@@ -22,8 +22,11 @@ batch use and tests) or :class:`EffectEditor` (the Segment Editor effect's own l
 Ctrl+Z in the Segment Editor undoes the edit).
 
 One module per responsibility: :mod:`.nodes` (matrices, transforms, volumes), :mod:`.prompts` (the click
-point lists), :mod:`.editors` (settings and editors), :mod:`.writing` (writing and reading segments),
-:mod:`.series` (what a series of points changed), :mod:`.batch` (the console call and model loading).
+point lists), :mod:`.editors` (settings and editors), :mod:`.target_checks` (refusing a bad target or result
+before anything is written), :mod:`.writing` (one edit of the box a result changes), :mod:`.rollback` (a failed
+write leaves the segmentation as it was), :mod:`.reading` (a segment on the source grid), :mod:`.oriented_images`
+(voxels of VTK images over extents), :mod:`.series` (what a series of points changed), :mod:`.batch` (the console
+call and model loading).
 """
 from .batch import MODEL_TAG, Predictor, load_model, replay_clicks, resolve_device, segment_volume_node, \
     session_predictor, slicer_cache_dir
@@ -32,11 +35,12 @@ from .nodes import node_to_world, volume_from_node, volume_from_node_matrix
 from .prompts import EXCLUDE_COLOR, INCLUDE_COLOR, add_prompt_point, prompt_point_nodes, prompt_points_node, \
     ras_points_from_markups, remove_last_prompt_point, remove_orphan_prompt_lists, show_polarity
 from .series import SegmentBaseline, TakenVoxels, region_on
-from .writing import Region, segment_mask, write_region
+from .reading import segment_mask
+from .writing import Region, write_region
 
 __all__ = ["MODEL_TAG", "Predictor", "load_model", "replay_clicks", "resolve_device", "segment_volume_node",
            "session_predictor", "slicer_cache_dir", "MASK_MODES", "OVERWRITE_MODES", "EditorSettings", "EffectEditor",
            "LogicEditor", "node_to_world", "volume_from_node", "volume_from_node_matrix", "EXCLUDE_COLOR",
            "INCLUDE_COLOR", "add_prompt_point", "prompt_point_nodes", "prompt_points_node", "show_polarity",
-           "ras_points_from_markups", "remove_last_prompt_point", "remove_orphan_prompt_lists", "Region", "SegmentBaseline", "TakenVoxels",
-           "region_on", "segment_mask", "write_region"]
+           "ras_points_from_markups", "remove_last_prompt_point", "remove_orphan_prompt_lists", "Region",
+           "SegmentBaseline", "TakenVoxels", "region_on", "segment_mask", "write_region"]

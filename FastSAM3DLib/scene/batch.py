@@ -10,7 +10,8 @@ import numpy as np
 from ..errors import PromptError, FastSAM3DError
 from ..geometry import Volume
 from .nodes import volume_from_node
-from .writing import _checked_mask, _checked_region, check_target, write_region
+from .target_checks import check_target, checked_mask, checked_region
+from .writing import write_region
 
 MODEL_TAG = "FastSAM3D.Model"  # segment tag recording which model wrote the segment
 
@@ -103,7 +104,7 @@ def segment_volume_node(volume_node, points_ras, labels=None, segmentation_node=
     predict = predictor or session_predictor(model, device=device, cache_dir=cache_dir, grow=grow)
     result = predict(volume, points, labels)
     region, mask = (result.region, result.mask) if hasattr(result, "region") else tuple(result)[:2]
-    _checked_mask(mask, _checked_region(region, volume.shape[::-1]))  # a bad result adds nothing to the scene
+    checked_mask(mask, checked_region(region, volume.shape[::-1]))  # a bad result adds nothing to the scene
 
     scene = volume_node.GetScene()
     created_node = segmentation_node is None

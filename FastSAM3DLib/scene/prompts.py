@@ -149,5 +149,6 @@ def show_polarity(point_list_node) -> None:
     pressed "select all" in the Markups module."""
     for index in range(point_list_node.GetNumberOfControlPoints()):
         polarity = point_list_node.GetNthControlPointDescription(index)
-        if polarity in (INCLUDE, EXCLUDE) and point_list_node.GetNthControlPointSelected(index) != (polarity == INCLUDE):
-            point_list_node.SetNthControlPointSelected(index, polarity == INCLUDE)
+        include = polarity == INCLUDE
+        if polarity in (INCLUDE, EXCLUDE) and point_list_node.GetNthControlPointSelected(index) != include:
+            point_list_node.SetNthControlPointSelected(index, include)

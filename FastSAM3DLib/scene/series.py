@@ -15,8 +15,9 @@ import numpy as np
 import slicer
 
 from ..errors import FastSAM3DError
-from .writing import Region, _intersect_extent, _oriented_image, _values_in_extent, segment_mask, \
-    segment_voxels_on_lattice
+from .oriented_images import intersect_extent, oriented_image, values_in_extent
+from .reading import segment_mask, segment_voxels_on_lattice
+from .writing import Region
 
 Extent = Tuple[int, int, int, int, int, int]  # i0, i1, j0, j1, k0, k1 on the edit's voxel grid (inclusive)
 
@@ -77,7 +78,7 @@ class TakenVoxels:
                 continue
             key = image.GetAddressAsString("vtkObject")
             if key not in layers:
-                layers[key] = _values_in_extent(image, box)
+                layers[key] = values_in_extent(image, box)
             segments.append((segment_id, key, segmentation.GetSegment(segment_id).GetLabelValue()))
         return tuple(box), layers, segments
 
@@ -91,7 +92,7 @@ class TakenVoxels:
         def values_now(image):
             key = image.GetAddressAsString("vtkObject")
             if key not in now:
-                now[key] = _values_in_extent(image, box)
+                now[key] = values_in_extent(image, box)
             return now[key]
 
         def labels_changed(key, image):
@@ -153,7 +154,7 @@ class TakenVoxels:
                 del self._taken[segment_id]  # the segment was removed (or lost its layer)
                 continue
             extent, voxels = self._taken[segment_id]
-            common = _intersect_extent(extent, box)
+            common = intersect_extent(extent, box)
             if common is None:
                 continue
             back = voxels[_slices(extent, common)] & free[_slices(box, common)]
@@ -190,7 +191,7 @@ def _held(segmentation, segment_id: str, extent: Extent) -> np.ndarray:
     segment, image = segmentation.GetSegment(segment_id), _layer_image(segmentation, segment_id)
     if segment is None or image is None:
         return np.zeros(_shape(extent), dtype=bool)
-    return _values_in_extent(image, extent) == segment.GetLabelValue()
+    return values_in_extent(image, extent) == segment.GetLabelValue()
 
 
 def _union(a: Extent, b: Extent) -> Extent:
@@ -232,7 +233,7 @@ def _set_voxels(segmentation_node, segment_id: str, grid: np.ndarray, extent: Ex
     ``Modified()`` makes Slicer drop every segment's surface and rebuild them all when 3D is shown.)
     """
     needed = _bounding_extent(extent, voxels)
-    image = _oriented_image(voxels[_slices(extent, needed)], grid, needed)
+    image = oriented_image(voxels[_slices(extent, needed)], grid, needed)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_MERGE_MASK, needed):
         raise FastSAM3DError(f"Slicer could not give segment '{segment_id}' back its voxels.")
