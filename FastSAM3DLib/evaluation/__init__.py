@@ -2,7 +2,8 @@
 
 * :mod:`.clicks`: the click-simulation protocols (FastSAM3D, SAM-Med3D, the CVPR 2025 interactive challenge).
 * :mod:`.metrics`: Dice, IoU, the normalised surface Dice (NSD) and their per-click aggregates.
-* :mod:`.dataset`: finding image/label pairs (folders, manifests) and label names; choosing structures.
+* :mod:`.dataset`: cases from folders, manifests or files; loading them; choosing structures. Folders are searched
+  by :mod:`.discovery`, file names read by :mod:`.file_names`, structure names by :mod:`.label_names`.
 * :mod:`.evaluate`: the loop, :func:`~FastSAM3DLib.evaluation.evaluate.evaluate_dataset`.
 * :mod:`.results`: the resumable results folder (CSV, skips, JSON summary).
 * :mod:`.plots`: Dice-versus-clicks curves and overlay montages (matplotlib, imported lazily).

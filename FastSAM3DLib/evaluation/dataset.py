@@ -16,7 +16,8 @@ A :class:`Case` is one image with one label image. :func:`find_cases` accepts
   by ``;``). Relative paths are relative to the manifest;
 * an **image** file together with ``label=``.
 
-Label names come from ``labels.json``, nnU-Net ``dataset.json``, an ITK-SNAP ``.label`` description or a
+Folders are searched by :mod:`.discovery`, file names read by :mod:`.file_names`. Label names
+(:mod:`.label_names`) come from ``labels.json``, nnU-Net ``dataset.json``, an ITK-SNAP ``.label`` description or a
 Slicer colour table (``.ctbl`` / ``*ColorTable.txt``) beside the label file; unnamed values are called
 ``label_<value>``.
 """
@@ -26,22 +27,21 @@ import csv
 import fnmatch
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import DataSourceError
 from ..files import parse_json
+from .discovery import IncompleteDataWarning, discover_pairs
+from .file_names import IMAGE_SUFFIXES, PathLike, image_stem, is_image_file, looks_like_label
+from .label_names import label_names
 
-PathLike = Union[str, Path]
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl", ".hdr", ".img.gz",
-                  ".img", ".mnc", ".vtk", ".tif", ".tiff")
-_LABEL_WORDS = re.compile(r"seg|label|mask|truth|annot|multiclass|(^|[^a-z])gt([^a-z]|$)", re.IGNORECASE)
-_NNUNET_IMAGE_DIRS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs", "imagesVal": "labelsVal"}
+__all__ = ["Case", "IMAGE_SUFFIXES", "IncompleteDataWarning", "as_cases", "empty_crop_reason", "find_cases",
+           "image_stem", "is_image_file", "label_names", "label_values", "load_case", "looks_like_label",
+           "manifest_entries", "read_label", "read_label_values", "select_structures", "value_counts"]
 
 
 @dataclass
@@ -63,268 +63,6 @@ class Case:
     def structure_name(self, value: int) -> str:
         """The name of label ``value`` (``label_<value>`` when unnamed)."""
         return self.names.get(int(value)) or f"label_{int(value)}"
-
-
-# ------------------------------------------------------------------------------------------------------
-# file names
-
-
-def image_stem(path: PathLike) -> str:
-    """File name without its image extension (``a.nii.gz`` -> ``a``); a folder keeps its name."""
-    name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a file with an extension SimpleITK reads as an image (``.raw``/``.img`` data files excluded
-    when a header beside them names them)."""
-    name = path.name.lower()
-    if not path.is_file() or not any(name.endswith(s) for s in IMAGE_SUFFIXES):
-        return False
-    if name.endswith((".img", ".img.gz")) and path.with_name(image_stem(path) + ".hdr").exists():
-        return False
-    return True
-
-
-def looks_like_label(path: PathLike) -> bool:
-    """True when the file name says it holds labels (seg, label, mask, gt, truth, annot, multiclass)."""
-    return bool(_LABEL_WORDS.search(image_stem(path)))
-
-
-# ------------------------------------------------------------------------------------------------------
-# label names
-
-
-def _names_from_labels_json(path: Path, label_file: str) -> Optional[Dict[int, str]]:
-    try:
-        data = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    entry = data.get(label_file) if isinstance(data, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("labels"), dict):
-        return None
-    names = {}
-    for value, info in entry["labels"].items():
-        name = info.get("name") if isinstance(info, dict) else info
-        if str(value).lstrip("-").isdigit() and name:
-            names[int(value)] = str(name)
-    return names
-
-
-def _names_from_dataset_json(path: Path) -> Optional[Dict[int, str]]:
-    """nnU-Net v1 (``{"1": "liver"}``) or v2 (``{"liver": 1}``, regions as lists ignored) label names."""
-    try:
-        labels = parse_json(path.read_text(encoding="utf-8")).get("labels")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(labels, dict):
-        return None
-    names = {}
-    for key, value in labels.items():
-        if str(key).isdigit():
-            names[int(key)] = str(value)
-        elif isinstance(value, int):
-            names[value] = str(key)
-    names.pop(0, None)
-    return names
-
-
-def _names_from_itksnap(path: Path) -> Dict[int, str]:
-    """ITK-SNAP label description: ``IDX R G B A VIS MSH "LABEL"`` per line, ``#`` comments."""
-    names = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = re.match(r'\s*(\d+)\s+.*"(.*)"\s*$', line)
-        if match and not line.lstrip().startswith("#") and int(match.group(1)) != 0:
-            names[int(match.group(1))] = match.group(2)
-    return names
-
-
-def _names_from_color_table(path: Path) -> Dict[int, str]:
-    """Slicer colour table: ``value name R G B A`` per line, ``#`` comments."""
-    names = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit() and not line.lstrip().startswith("#") and int(parts[0]) != 0:
-            names[int(parts[0])] = parts[1]
-    return names
-
-
-def label_names(label: PathLike) -> Dict[int, str]:
-    """Names of the values of ``label``, from the description files beside it ({} when there are none)."""
-    label = Path(label)
-    folder, stem = label.parent, image_stem(label)
-    for candidate in (folder / "labels.json",):
-        if candidate.is_file():
-            names = _names_from_labels_json(candidate, label.name)
-            if names:
-                return names
-    snap = [folder / f"{stem}.label"] + sorted(folder.glob("*.label"))
-    snap = [p for p in dict.fromkeys(snap) if p.is_file()]
-    if snap and (snap[0].stem == stem or len(snap) == 1):
-        return _names_from_itksnap(snap[0])
-    for candidate in (folder / f"{stem}.ctbl", folder / f"{stem}_ColorTable.txt", folder / f"{stem}.txt"):
-        if candidate.is_file():
-            names = _names_from_color_table(candidate)
-            if names:
-                return names
-    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
-        if candidate.is_file():
-            names = _names_from_dataset_json(candidate)
-            if names:
-                return names
-    return {}
-
-
-# ------------------------------------------------------------------------------------------------------
-# finding cases
-
-
-def _grid_signature(path: Path):
-    """(size, origin, spacing, direction) of an image file from its header only; None if unreadable."""
-    import SimpleITK as sitk
-
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        return (reader.GetSize(), np.array(reader.GetOrigin()), np.array(reader.GetSpacing()),
-                np.array(reader.GetDirection()))
-    except RuntimeError:
-        return None
-
-
-def _same_grid(a, b) -> bool:
-    return a is not None and b is not None and a[0] == b[0] and all(
-        np.allclose(x, y, atol=1e-3) for x, y in zip(a[1:], b[1:]))
-
-
-_SEPARATORS = "_-. "
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """Characters ``a`` and ``b`` share from the start, ignoring case (an index into both)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x.casefold() != y.casefold():
-            break
-        n += 1
-    return n
-
-
-def _pairs_by_name(labels: Sequence[Path], images: Sequence[Path]) -> List[Tuple[Path, Path]]:
-    """(image, label) pairs of one folder's files by name (see the module doc); labels no image fits are left out.
-
-    In a folder with one image every label is its own (``ct`` with ``liver_mask`` and ``spleen_mask``). Else a
-    label belongs to the image named as the label without its label word (``case_10seg``: ``case_10``), else
-    to the images whose names share the longest prefix with its own that ends where a name part ends
-    (``ct_1_seg``: ``ct_1``, not ``ct_10``; ``brats_seg``: ``brats_t1`` and ``brats_t2``), those on its voxel
-    grid preferred. A label no image fits by name (``segmentation-0`` beside ``volume-0``) takes, among the
-    images no other label fits by name, those sharing its longest prefix and lying on its grid.
-    """
-    if len(images) == 1:
-        return [(images[0], label) for label in labels]
-    grids: Dict[Path, object] = {}  # each header read once per folder
-
-    def on_its_grid(label: Path, candidates: Sequence[Path]) -> List[Path]:
-        for path in (label, *candidates):
-            if path not in grids:
-                grids[path] = _grid_signature(path)
-        return [i for i in candidates if _same_grid(grids[label], grids[i])]
-
-    fits = {label: _name_fits(label, images, on_its_grid) for label in labels}
-    claimed = {image for found in fits.values() for image in found}
-    pairs = []
-    for label in labels:
-        found = fits[label] or on_its_grid(label, _longest_prefix(label, [i for i in images if i not in claimed]))
-        pairs += [(image, label) for image in found]
-    return pairs
-
-
-def _name_fits(label: Path, images: Sequence[Path], on_its_grid) -> List[Path]:
-    stem = image_stem(label)
-    word = _LABEL_WORDS.search(stem)
-    case = (stem[:word.start()] if word else stem).rstrip(_SEPARATORS).casefold()
-    exact = [i for i in images if case and image_stem(i).casefold() == case]
-    if exact:
-        return exact
-    scores = [_common_parts(stem, image_stem(i)) for i in images]
-    best = [i for i, score in zip(images, scores) if score and score == max(scores)]
-    return (on_its_grid(label, best) or best) if len(best) > 1 else best
-
-
-def _longest_prefix(label: Path, images: Sequence[Path]) -> List[Path]:
-    """The images sharing the longest name prefix with the label (all of them when none shares any)."""
-    stem = image_stem(label)
-    scores = [_common_prefix(stem, image_stem(i)) for i in images]
-    return [i for i, score in zip(images, scores) if score == max(scores, default=0)]
-
-
-def _common_parts(a: str, b: str) -> int:
-    """The length of the longest common prefix of the names ``a`` and ``b`` that ends where a part of each ends
-    (at a separator, or the name's end): 4 for ``ct_1_seg`` and ``ct_1``, 3 (``ct_``) for ``ct_1_seg`` and
-    ``ct_10``, 0 for ``patientC_seg`` and ``patientA``."""
-    n = _common_prefix(a, b)
-    if all(n == len(x) or x[n] in _SEPARATORS for x in (a, b)):
-        return n
-    return max((i + 1 for i in range(n) if a[i] in _SEPARATORS), default=0)
-
-
-class IncompleteDataWarning(UserWarning):
-    """A labels.json entry or an nnU-Net image whose image or label file is missing was left out."""
-
-
-def _discover(root: Path) -> List[Tuple[Path, Path, Dict[int, str]]]:
-    pairs, used, incomplete = [], set(), []
-    for manifest in sorted(root.rglob("labels.json")):
-        try:
-            data = parse_json(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for label_file, entry in (data.items() if isinstance(data, dict) else []):
-            if not isinstance(entry, dict) or "image" not in entry:
-                continue
-            label, image = manifest.parent / label_file, manifest.parent / entry["image"]
-            if label.exists() and image.exists():
-                pairs.append((image, label, _names_from_labels_json(manifest, label_file) or {}))
-                used.update({label.resolve(), image.resolve()})
-            else:
-                incomplete.append(f"{label if not label.exists() else image} (listed in {manifest})")
-                used.update(path.resolve() for path in (label, image) if path.exists())  # never paired otherwise
-    for images_dir in sorted(p for p in root.rglob("images*") if p.is_dir() and p.name in _NNUNET_IMAGE_DIRS):
-        labels_dir = images_dir.parent / _NNUNET_IMAGE_DIRS[images_dir.name]
-        if not labels_dir.is_dir():
-            continue
-        names = _names_from_dataset_json(images_dir.parent / "dataset.json") or {}
-        for image in sorted(p for p in images_dir.iterdir() if is_image_file(p)):
-            stem = image_stem(image)
-            if not re.search(r"_0000$", stem):
-                continue
-            matches = [p for p in labels_dir.iterdir() if is_image_file(p) and image_stem(p) == stem[:-5]]
-            if matches:
-                pairs.append((image, matches[0], names))
-                used.update({image.resolve(), matches[0].resolve()})
-            elif images_dir.name == "imagesTr":  # imagesTs usually has no labels
-                incomplete.append(f"the label of {image} (in {labels_dir})")
-        used.update(p.resolve() for p in images_dir.iterdir())
-        used.update(p.resolve() for p in labels_dir.iterdir())
-    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-    for folder in folders:
-        files = sorted(p for p in folder.iterdir() if is_image_file(p) and p.resolve() not in used)
-        labels = [p for p in files if looks_like_label(p)]
-        images = [p for p in files if not looks_like_label(p)]
-        found = _pairs_by_name(labels, images)
-        pairs += [(image, label, label_names(label)) for image, label in found]
-        paired = {label for _, label in found}
-        incomplete += [f"the image of {label} (its folder holds none named like it, nor one on its grid that no "
-                       "other label is named like)" for label in labels if images and label not in paired]
-    if incomplete:
-        warnings.warn(f"{len(incomplete)} case(s) of {root} left out because a file is missing: "
-                      + "; ".join(incomplete[:5]) + (" ..." if len(incomplete) > 5 else ""), IncompleteDataWarning,
-                      stacklevel=3)
-    return pairs
 
 
 def _name_cases(pairs, root: Optional[Path]) -> List[Case]:
@@ -401,7 +139,7 @@ def find_cases(source: PathLike, label: Optional[PathLike] = None) -> List[Case]
     if source.is_file() and source.suffix.lower() in (".json", ".csv"):
         return _read_manifest(source)
     if source.is_dir():
-        return _name_cases(_discover(source), source)
+        return _name_cases(discover_pairs(source), source)
     raise DataSourceError(f"{source} is neither a folder, a .json/.csv manifest, nor an image given with its "
                           "label.")
 
