@@ -203,7 +203,8 @@ def test_cvpr25_protocol_end_to_end(synthetic_folder, tmp_path, capsys):  # noqa
 def test_the_challenge_numbers_are_means_over_cases_with_its_nsd_rule():
     """Means over structures weighed a case of three structures three times, and NSD counted where the case's
     DSC was 0.2 or less (CVPR25_iter_eval.py scores NSD 0 there)."""
-    from FastSAM3DLib.evaluation.results import FIELDS, summarise
+    from FastSAM3DLib.evaluation.results import FIELDS
+    from FastSAM3DLib.evaluation.summary import summarise
 
     def unit(case, value, dsc, nsd):
         return [dict({f: "" for f in FIELDS}, model="m", case=case, structure=f"s{value}", value=value, voxels=100,

@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from FastSAM3DLib import build_model
 from FastSAM3DLib.errors import OutputFileError
 from FastSAM3DLib.evaluation.evaluate import evaluate_dataset
-from FastSAM3DLib.evaluation.results import (FIELDS, EvaluationStateError, ResultStore, check_model_checkpoint,
-                                             summarise, unit_key)
+from FastSAM3DLib.evaluation.results import FIELDS, EvaluationStateError, ResultStore, check_model_checkpoint, unit_key
+from FastSAM3DLib.evaluation.summary import summarise
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(placement="gt", plots=False, progress=False, save_predictions=False, log=lambda s: None)
@@ -478,8 +478,6 @@ def test_a_refused_evaluation_into_a_new_folder_leaves_no_folder(tiny, pair, tmp
 
 
 def test_the_summary_says_when_the_auc_spans_another_number_of_clicks_than_the_challenges():
-    from FastSAM3DLib.evaluation.results import summarise
-
     assert "with 3 clicks the AUC spans all" in summarise([], [], 3)["metrics"]["cvpr25"]
     assert "AUC spans" not in summarise([], [], 5)["metrics"]["cvpr25"]
 

@@ -5,7 +5,8 @@
 * :mod:`.dataset`: cases from folders, manifests or files; loading them; choosing structures. Folders are searched
   by :mod:`.discovery`, file names read by :mod:`.file_names`, structure names by :mod:`.label_names`.
 * :mod:`.evaluate`: the loop, :func:`~FastSAM3DLib.evaluation.evaluate.evaluate_dataset`.
-* :mod:`.results`: the resumable results folder (CSV, skips, JSON summary).
+* :mod:`.results`: the resumable results folder (per-click CSV, skips, run settings).
+* :mod:`.summary`: the JSON summary (means per structure, the CVPR 2025 challenge's numbers).
 * :mod:`.plots`: Dice-versus-clicks curves and overlay montages (matplotlib, imported lazily).
 * :mod:`.cli`: the ``python -m FastSAM3DLib evaluate`` command.
 

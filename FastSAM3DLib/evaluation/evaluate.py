@@ -41,7 +41,8 @@ from ..errors import FastSAM3DError, OutOfMemoryError
 from . import dataset as ds
 from .clicks import PROMPT_MODES, PROTOCOLS, next_protocol_click
 from .metrics import NSD_TOLERANCE_MM, dice_iou, dice_iou_in_region, nsd_in_region, require_nsd
-from .results import ResultStore, prediction_path, summarise, unit_key, write_summary
+from .results import ResultStore, prediction_path, unit_key
+from .summary import summarise, write_summary
 
 PLACEMENTS = ("gt", "click", "grow")  # "grow": the session with growth (.growing)
 
@@ -429,7 +430,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
     ``on_unit_done`` with the same once its clicks are done, just before its rows are written (a Ctrl+C waits
     until both are done; what it records of a structure whose rows are missing belongs to an unfinished one).
 
-    The summary is that of :func:`.results.summarise` over every row in the folder (all models), plus
+    The summary is that of :func:`.summary.summarise` over every row in the folder (all models), plus
     ``runtime`` for this call.
     """
     if protocol not in PROTOCOLS:

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .metrics import nan_mean
-from .results import PLACEMENT_TITLES, challenge_summary, prediction_path, safe_name, unit_curves
+from .results import PLACEMENT_TITLES, prediction_path, safe_name
+from .summary import challenge_summary, unit_curves
 
 _LINESTYLES = {"gt": "-", "click": "--"}
 
@@ -84,7 +85,7 @@ def plot_dice_curves(rows: List[Dict], folder: Path) -> List[Path]:
 def plot_challenge_curves(rows: List[Dict], folder: Path) -> List[Path]:
     """``cvpr25_<protocol>.png`` for every protocol with NSD values: mean DSC and NSD (source grid) after each
     click, one line per model and placement, the legend giving the CVPR 2025 challenge's DSC_AUC / NSD_AUC as
-    summary.json reports them (:func:`.results.challenge_summary`: per case, NSD 0 unless its DSC > 0.2)."""
+    summary.json reports them (:func:`.summary.challenge_summary`: per case, NSD 0 unless its DSC > 0.2)."""
     units = unit_curves(rows)
     written = []
     for protocol, lines in _lines_by_protocol(units):

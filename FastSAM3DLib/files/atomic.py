@@ -70,6 +70,14 @@ def atomic_output(path, suffix: str = ".tmp") -> Iterator[Path]:
             remove_empty_folders(created)
 
 
+def write_text_atomically(path, text: str) -> None:
+    """Write ``text`` (UTF-8, line ends as given) to ``path`` through :func:`atomic_output`: readers see the old
+    file or the new one, never a part."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as stream:
+            stream.write(text)
+
+
 @contextlib.contextmanager
 def temporary_beside(path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a new, empty hidden file beside ``path``, named as :func:`atomic_output` names its temporaries, and
