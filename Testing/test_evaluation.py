@@ -13,7 +13,8 @@ from FastSAM3DLib import build_model, geometry
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.evaluation import dataset as ds
 from FastSAM3DLib.evaluation.clicks import next_protocol_click, prediction_for_clicks
-from FastSAM3DLib.evaluation.evaluate import ModelRunner, evaluate_dataset, upsample_logits
+from FastSAM3DLib.evaluation.evaluate import evaluate_dataset
+from FastSAM3DLib.evaluation.model_runner import ModelRunner, upsample_logits
 from FastSAM3DLib.evaluation.metrics import (click_curve_summary, dice, dice_iou, dice_iou_in_region, iou,
                                              overlap_from_counts)
 from FastSAM3DLib.evaluation.results import prediction_path

@@ -10,7 +10,7 @@ import pytest
 surface_distance = pytest.importorskip("surface_distance")
 from scipy import ndimage  # noqa: E402
 
-from FastSAM3DLib.evaluation import evaluate  # noqa: E402
+from FastSAM3DLib.evaluation import placements  # noqa: E402
 from FastSAM3DLib.evaluation import surfaces  # noqa: E402
 from FastSAM3DLib.evaluation.metrics import nsd_in_region  # noqa: E402
 from FastSAM3DLib.evaluation.surfaces import Surface, surface_distances  # noqa: E402
@@ -122,7 +122,7 @@ def test_surfaces_of_different_spacings_are_refused():
 
 def test_an_evaluation_builds_each_references_surface_once_and_does_not_keep_its_mask(monkeypatch):
     rng = np.random.default_rng(5)
-    data = evaluate._CaseData.__new__(evaluate._CaseData)  # only what nsd() reads
+    data = placements.CaseData.__new__(placements.CaseData)  # only what nsd() reads
     data.volume = Volume(np.zeros((20, 22, 24), np.float32), np.diag([0.8, 0.6, 3.3, 1.0]))
     data.nsd_tolerance_mm = 2.0
     data._reference_surface = None

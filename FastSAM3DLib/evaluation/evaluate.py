@@ -39,65 +39,12 @@ import numpy as np
 from .. import interrupts
 from ..errors import FastSAM3DError, OutOfMemoryError
 from . import dataset as ds
-from .clicks import PROMPT_MODES, PROTOCOLS, next_protocol_click
-from .metrics import NSD_TOLERANCE_MM, dice_iou, dice_iou_in_region, nsd_in_region, require_nsd
+from .clicks import PROTOCOLS
+from .metrics import NSD_TOLERANCE_MM, require_nsd
+from .model_runner import ModelRunner
+from .placements import PLACEMENTS, CaseData, CaseSkipped, run_placement
 from .results import ResultStore, prediction_path, unit_key
 from .summary import summarise, write_summary
-
-PLACEMENTS = ("gt", "click", "grow")  # "grow": the session with growth (.growing)
-
-
-class CaseSkipped(Exception):
-    """A unit that cannot be evaluated; the message is the recorded reason."""
-
-
-# ------------------------------------------------------------------------------------------------------
-# the model, spelled out as the official evaluation calls it
-
-
-class ModelRunner:
-    """Image encoder once, then prompt encoder + mask decoder per click, as ``validation_student.py`` does."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.size = int(model.config.image_size)
-        self.spacing = float(model.config.spacing_mm)
-
-    @property
-    def device(self):
-        """Device of the model's weights."""
-        return next(self.model.parameters()).device
-
-    def encode(self, image_xyz: np.ndarray):
-        """Image embedding of a (x, y, z) float32 model input."""
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(image_xyz, dtype=np.float32))[None, None].to(self.device)
-        with torch.no_grad():
-            return self.model.image_encoder(tensor)
-
-    def decode(self, embedding, points_xyz: np.ndarray, labels: Sequence[int], previous=None):
-        """(low-res logits (1, 1, s/4, s/4, s/4), predicted IoU) for the given points and previous logits."""
-        import torch
-
-        low = self.size // 4
-        with torch.no_grad():
-            coords = torch.as_tensor(np.asarray(points_xyz), dtype=torch.float32, device=self.device)[None]
-            label_t = torch.as_tensor(list(labels), dtype=torch.int64, device=self.device)[None]
-            if previous is None:
-                previous = torch.zeros(1, 1, low, low, low, device=self.device)
-            prompt, decoder = self.model.prompt_encoder, self.model.mask_decoder
-            sparse, dense = prompt(points=(coords, label_t), boxes=None, masks=previous)
-            logits, iou = decoder(image_embeddings=embedding, image_pe=prompt.get_dense_pe(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
-        return logits, float(iou[0, 0])
-
-
-    def warm_up(self) -> None:
-        """One encode and decode on a blank input, so that one-off start-up costs do not count in the timings."""
-        embedding = self.encode(np.zeros((self.size,) * 3, dtype=np.float32))
-        self.decode(embedding, np.full((1, 3), self.size / 2), [1])
 
 
 def _torch_threads() -> int:
@@ -105,211 +52,6 @@ def _torch_threads() -> int:
     import torch
 
     return int(torch.get_num_threads())
-
-
-def upsample_logits(low_res, size: int) -> np.ndarray:
-    """The official ``F.interpolate(low_res, size, mode="trilinear", align_corners=False)`` as (x, y, z) numpy."""
-    import torch
-    import torch.nn.functional as F
-
-    tensor = torch.as_tensor(low_res).detach().float()
-    while tensor.dim() < 5:
-        tensor = tensor[None]
-    with torch.no_grad():
-        up = F.interpolate(tensor, size=(size, size, size), mode="trilinear", align_corners=False)
-    return up[0, 0].cpu().numpy()
-
-
-def _session_logits(session):
-    """The session's current low-res logits."""
-    if session.low_res_logits is None:
-        raise RuntimeError("the session has no prediction yet")
-    return session.low_res_logits
-
-
-def _offset_in_grid(roi, grid) -> np.ndarray:
-    """Integer position of ``roi``'s voxel 0 in ``grid`` (ROIs of the session are sub-grids of the canonical grid)."""
-    relative = np.linalg.inv(grid.model_to_ras) @ roi.model_to_ras
-    start = np.rint(relative[:3, 3])
-    if not (np.allclose(relative[:3, :3], np.eye(3), atol=1e-6) and np.allclose(relative[:3, 3], start, atol=1e-4)):
-        raise RuntimeError("the session's ROI is not a sub-grid of the volume's canonical model grid")
-    return start.astype(int)
-
-
-def _paste_into_grid(buffer: np.ndarray, values: np.ndarray, start: np.ndarray) -> None:
-    """Fill ``buffer`` with -inf, then copy ``values`` (placed at ``start``, clipped) into it."""
-    buffer.fill(-np.inf)
-    low = np.maximum(start, 0)
-    high = np.minimum(start + np.array(values.shape), buffer.shape)
-    if np.any(high <= low):
-        return
-    dst = tuple(slice(a, b) for a, b in zip(low, high))
-    src = tuple(slice(a - s, b - s) for a, b, s in zip(low, high, start))
-    buffer[dst] = values[src]
-
-
-# ------------------------------------------------------------------------------------------------------
-# one case: everything shared by its structures
-
-
-class _CaseData:
-    """The loaded image and label of a case, with the lazily built pieces the placements need."""
-
-    def __init__(self, case: ds.Case, runner: ModelRunner, protocol: str,
-                 nsd_tolerance_mm: Optional[float] = None, label=None) -> None:
-        from ..geometry import Volume
-
-        self.case = case
-        self.runner = runner
-        self.protocol = protocol
-        self.nsd_tolerance_mm = nsd_tolerance_mm
-        self.volume, self.labels, self.resampled = ds.load_case(case, label)  # label: case.label already read
-        self.volume.validate()
-        self.label_volume = Volume(self.labels, self.volume.ijk_to_ras)
-        self._grid = self._label_grid = self._session = None
-        self._reference_surface = None  # (weak reference to a mask, its Surface): the structure scored last
-
-    def grid(self):
-        """The whole volume on the model grid (1.5 mm, canonical order) and the labels resampled onto it."""
-        if self._grid is None:
-            from ..geometry import canonical_grid, extract_label
-
-            self._grid = canonical_grid(self.volume, self.runner.spacing)
-            self._label_grid = extract_label(self.label_volume, self._grid)
-        return self._grid, self._label_grid
-
-    def nsd(self, region, mask: np.ndarray, reference: np.ndarray) -> float:
-        """NSD on the source grid of a prediction inside ``region`` (NaN when no tolerance is set)."""
-        if self.nsd_tolerance_mm is None:
-            return float("nan")
-        spacing_kji = self.volume.spacing[::-1]
-        if self._reference_surface is None or self._reference_surface[0]() is not reference:
-            import weakref
-
-            from .surfaces import Surface
-
-            # once per structure; the weak reference does not keep a structure's mask alive after it is done
-            self._reference_surface = (weakref.ref(reference), Surface.of(reference, spacing_kji))
-        return nsd_in_region(region, mask, reference, spacing_kji, self.nsd_tolerance_mm,
-                             self._reference_surface[1])
-
-    def session(self):
-        """An interactive session on this volume with the protocol's prompting mode."""
-        if self._session is None:
-            from ..session import InteractiveSession
-
-            self._session = InteractiveSession(self.runner.model, self.volume, PROMPT_MODES[self.protocol])
-        return self._session
-
-
-def click_fields(point_ras, label) -> Dict:
-    """The click columns of a result row: RAS position and label, NaN and -1 for a row without a click."""
-    if point_ras is None:
-        return {"click_r": float("nan"), "click_a": float("nan"), "click_s": float("nan"), "click_label": -1}
-    r, a, s = (float(v) for v in point_ras)
-    return {"click_r": r, "click_a": a, "click_s": s, "click_label": int(label)}
-
-
-def _run_gt_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int, clicks: int,
-                      rng: np.random.Generator, meta: Dict):
-    """The official protocol on the ground-truth-centred crop; returns (rows, final source-grid mask)."""
-    from ..geometry import extract_label, extract_model_input, paste_back, roi_centred_on_mask
-
-    runner, protocol = data.runner, data.protocol
-    roi = roi_centred_on_mask(data.volume, mask, runner.size, runner.spacing)
-    truth = extract_label(data.label_volume, roi) == value
-    if not truth.any():
-        raise CaseSkipped(ds.empty_crop_reason(data.volume, mask, runner.size, runner.spacing))
-    start = time.perf_counter()
-    embedding = runner.encode(extract_model_input(data.volume, roi))
-    encode_time = time.perf_counter() - start
-    points, labels, rows = [], [], []
-    low = up = None
-    previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
-    region = full = None
-    for index in range(clicks):
-        click = next_protocol_click(protocol, index, truth, up, rng)
-        if click is None:  # the prediction the generator sees is perfect: nothing to click, nothing changes
-            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
-                         "time_s": 0.0})
-            continue
-        point, label = click
-        points.append(point)
-        labels.append(label)
-        fed = slice(-1, None) if PROMPT_MODES[protocol] == "newest" else slice(None)
-        start = time.perf_counter()
-        low, pred_iou = runner.decode(embedding, np.stack(points[fed]), labels[fed], low)
-        up = upsample_logits(low, runner.size)
-        region, full = paste_back(data.volume, roi, up)
-        spent = time.perf_counter() - start + (encode_time if index == 0 else 0.0)
-        dice_crop, iou_crop = dice_iou(up > 0, truth)
-        dice_full, iou_full = dice_iou_in_region(region, full, mask, voxels)
-        previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
-                    "nsd_full": data.nsd(region, full, mask), "pred_iou": pred_iou}
-        rows.append({**meta, "click": index + 1, **click_fields(roi.model_to_ras_points(point), label), **previous,
-                     "encoded": int(index == 0), "time_s": spent})
-    final = np.zeros(data.volume.shape, dtype=bool)
-    if region is not None:
-        final[region] = full
-    return rows, final
-
-
-def _run_click_placement(data: _CaseData, value: int, mask: np.ndarray, voxels: int, clicks: int,
-                         rng: np.random.Generator, meta: Dict):
-    """The interactive session driven by simulated clicks; returns (rows, final source-grid mask)."""
-    from ..geometry import extract_label
-
-    runner, protocol = data.runner, data.protocol
-    grid, label_grid = data.grid()
-    truth = label_grid == value
-    if not truth.any():
-        raise CaseSkipped("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
-                    f"{runner.spacing} mm (too thin or small)")
-    session = data.session()
-    session.reset()
-    field = np.empty(grid.size, dtype=np.float32)
-    have_logits = False
-    crops: Dict = {}
-    rows, result = [], None
-    previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
-    for index in range(clicks):
-        click = next_protocol_click(protocol, index, truth, field if have_logits else None, rng)
-        if click is None:
-            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
-                         "time_s": 0.0})
-            continue
-        point, label = click
-        ras = grid.model_to_ras_points(point)
-        start = time.perf_counter()
-        result = session.add_click(ras, include=bool(label))
-        spent = time.perf_counter() - start
-        roi = session.roi
-        up = upsample_logits(_session_logits(session), runner.size)
-        _paste_into_grid(field, up, _offset_in_grid(roi, grid))
-        have_logits = True
-        if roi not in crops:
-            crops[roi] = extract_label(data.label_volume, roi) == value
-        dice_crop, iou_crop = dice_iou(up > 0, crops[roi])
-        dice_full, iou_full = dice_iou_in_region(result.region, result.mask, mask, voxels)
-        previous = {"dice_crop": dice_crop, "iou_crop": iou_crop, "dice_full": dice_full, "iou_full": iou_full,
-                    "nsd_full": data.nsd(result.region, result.mask, mask), "pred_iou": float(result.iou),
-                    "recall_full": float(np.count_nonzero(result.mask & (mask[result.region] != 0)) / voxels)}
-        rows.append({**meta, "click": index + 1, **click_fields(ras, label), **previous,
-                     "encoded": int(result.encoded), "time_s": spent})
-    final = session.full_mask(result) if result is not None else np.zeros(data.volume.shape, dtype=bool)
-    return rows, final
-
-
-def _run_grow_placement(*args):
-    """The interactive session with growth (:func:`.growing.run_grow_placement`)."""
-    from .growing import run_grow_placement
-
-    return run_grow_placement(*args)
-
-
-_RUNNERS = {"gt": _run_gt_placement, "click": _run_click_placement, "grow": _run_grow_placement}
 
 
 def unit_rng(seed: int, case: str, value: int, protocol: str, placement: str) -> np.random.Generator:
@@ -510,7 +252,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
             for case, todo in plan:
                 label, first_label = first_label, None
                 try:
-                    data = _CaseData(case, runner, protocol, nsd_tolerance_mm, label)
+                    data = CaseData(case, runner, protocol, nsd_tolerance_mm, label)
                 except (FastSAM3DError, RuntimeError, OSError) as exc:
                     label = None
                     reason = f"cannot evaluate this case: {str(exc).strip().splitlines()[-1]}"
@@ -541,7 +283,7 @@ def evaluate_dataset(pairs, model, output: Optional[Union[str, Path]] = None, *,
                             on_unit(dict(meta))
                         rng = unit_rng(seed, case.name, value, protocol, where)
                         try:
-                            rows, final = _RUNNERS[where](data, value, mask, voxels, clicks, rng, meta)
+                            rows, final = run_placement(where, data, value, mask, voxels, clicks, rng, meta)
                         except OutOfMemoryError:
                             raise  # not a property of the structure: stop; a rerun continues from here
                         except (CaseSkipped, FastSAM3DError) as exc:

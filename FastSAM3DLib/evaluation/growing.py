@@ -60,8 +60,9 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     from .. import regions
     from ..geometry import extract_label
     from .clicks import next_protocol_click
-    from .evaluate import CaseSkipped, click_fields, upsample_logits
     from .metrics import dice_iou, dice_iou_in_region
+    from .model_runner import upsample_logits
+    from .placements import CaseSkipped, click_fields
 
     runner, protocol = data.runner, data.protocol
     grid, label_grid = data.grid()
