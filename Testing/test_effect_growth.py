@@ -24,7 +24,7 @@ def _tube_scene(harness):
     volume, truth = curved_tube(length=420.0, spacing=(2.5, 2.5, 2.5))
     node = harness.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Tube")
     slicer.util.updateVolumeFromArray(node, volume.array)
-    node.SetIJKToRASMatrix(sc.nodes._vtk_matrix(volume.ijk_to_ras))
+    node.SetIJKToRASMatrix(sc.nodes.vtk_matrix_from_array(volume.ijk_to_ras))
     node.CreateDefaultDisplayNodes()
     segmentation = make_segmentation(harness.scene, node)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tube")

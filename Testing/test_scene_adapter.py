@@ -75,14 +75,14 @@ def make_volume(scene, ijk_to_ras=None, array=None, name="CT"):
         kk, jj, ii = np.indices(SHAPE)
         array = (ii * 10 + jj - kk).astype(np.int16)  # a ramp along i: distinct intensities
     slicer.util.updateVolumeFromArray(node, array)
-    node.SetIJKToRASMatrix(sc.nodes._vtk_matrix(np.eye(4) if ijk_to_ras is None else ijk_to_ras))
+    node.SetIJKToRASMatrix(sc.nodes.vtk_matrix_from_array(np.eye(4) if ijk_to_ras is None else ijk_to_ras))
     node.CreateDefaultDisplayNodes()
     return node
 
 
 def linear_transform(scene, matrix, parent=None, name="T"):
     node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    node.SetMatrixTransformToParent(sc.nodes._vtk_matrix(matrix))
+    node.SetMatrixTransformToParent(sc.nodes.vtk_matrix_from_array(matrix))
     if parent is not None:
         node.SetAndObserveTransformNodeID(parent.GetID())
     return node
@@ -100,7 +100,7 @@ def set_segment(segmentation_node, volume, name, mask_kji):
     segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
     ijk = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(ijk)
-    image = sc.oriented_images.oriented_image(mask_kji.astype(np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
+    image = sc.oriented_images.oriented_image(mask_kji.astype(np.uint8), sc.nodes.array_from_vtk_matrix(ijk),
                                [0, mask_kji.shape[2] - 1, 0, mask_kji.shape[1] - 1, 0, mask_kji.shape[0] - 1])
     L = slicer.vtkSlicerSegmentationsModuleLogic
     assert L.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, L.MODE_REPLACE, image.GetExtent())
@@ -116,10 +116,10 @@ def segment_array(segmentation_node, segment_id, volume):
     volume.GetIJKToRASMatrix(ijk)
     dims = volume.GetImageData().GetDimensions()
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
-    reference = sc.oriented_images.oriented_image(None, sc.nodes._array_from_vtk_matrix(ijk), extent)
+    reference = sc.oriented_images.oriented_image(None, sc.nodes.array_from_vtk_matrix(ijk), extent)
     seg_to_volume = np.linalg.inv(sc.node_to_world(volume)) @ sc.node_to_world(segmentation_node)
     transform = vtk.vtkTransform()
-    transform.SetMatrix(sc.nodes._vtk_matrix(seg_to_volume))
+    transform.SetMatrix(sc.nodes.vtk_matrix_from_array(seg_to_volume))
     out = slicer.vtkOrientedImageData()
     if image.GetPointData().GetScalars() is None:
         return np.zeros(dims[::-1], bool)
@@ -172,7 +172,7 @@ def fingerprint(segmentation_node):
         image.GetImageToWorldMatrix(matrix)
         scalars = image.GetPointData().GetScalars()
         data = numpy_support.vtk_to_numpy(scalars).tobytes() if scalars is not None else b""
-        layers.append((tuple(image.GetExtent()), tuple(np.round(sc.nodes._array_from_vtk_matrix(matrix), 9).ravel()),
+        layers.append((tuple(image.GetExtent()), tuple(np.round(sc.nodes.array_from_vtk_matrix(matrix), 9).ravel()),
                        image.GetScalarType(), hashlib.sha256(data).hexdigest()))
     return {"segments": segments, "layers": layers,
             "parameters": segmentation.SerializeAllConversionParameters(),
@@ -237,7 +237,7 @@ def test_volume_from_node_folds_nested_linear_transforms(app):
     volume_node.SetAndObserveTransformNodeID(inner.GetID())
 
     volume = sc.volume_from_node(volume_node)
-    expected = sc.nodes._array_from_vtk_matrix(outer.GetMatrixTransformToParent()) @ rotation(2, -9) @ local
+    expected = sc.nodes.array_from_vtk_matrix(outer.GetMatrixTransformToParent()) @ rotation(2, -9) @ local
     np.testing.assert_allclose(volume.ijk_to_ras, expected, atol=1e-9)
     assert volume.array.shape == SHAPE
     np.testing.assert_array_equal(volume.array, slicer.util.arrayFromVolume(volume_node))
@@ -394,7 +394,7 @@ def test_prompt_lists_are_found_again_after_a_scene_import_renames_node_ids(app)
     target.SetLoadFromXMLString(1)
     target.SetSceneXMLString(saved)
     target.Import()
-    imported = [n for n in sc.nodes._nodes_by_class(target, "vtkMRMLSegmentationNode") if n not in squatters]
+    imported = [n for n in sc.nodes.nodes_by_class(target, "vtkMRMLSegmentationNode") if n not in squatters]
     assert len(imported) == 1 and imported[0].GetID() != segmentation.GetID()
     found = sc.prompt_points_node(imported[0], segment_id, create=False)
     assert found is not None and found.GetID() != prompts.GetID()
@@ -433,9 +433,9 @@ def test_segmentation_on_another_transform_and_grid_shift(app):
         segmentation.GetSegmentation().GetConversionParameter(name), geometry, False)
     matrix = vtk.vtkMatrix4x4()
     geometry.GetImageToWorldMatrix(matrix)
-    shifted = sc.nodes._array_from_vtk_matrix(matrix)
+    shifted = sc.nodes.array_from_vtk_matrix(matrix)
     shifted[:3, 3] = shifted[:3, :3] @ [-3.0, 2.0, -1.0] + shifted[:3, 3]
-    geometry.SetGeometryFromImageToWorldMatrix(sc.nodes._vtk_matrix(shifted))
+    geometry.SetGeometryFromImageToWorldMatrix(sc.nodes.vtk_matrix_from_array(shifted))
     geometry.SetExtent(0, 40, 0, 30, 0, 20)
     segmentation.GetSegmentation().SetConversionParameter(
         name, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
@@ -784,7 +784,7 @@ def test_an_interrupted_write_that_grew_a_layer_gives_it_its_extent_back(app, la
         segment_id = segmentation.GetSegmentation().AddEmptySegment("", "small")
         ijk = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijk)
-        small = sc.oriented_images.oriented_image(np.ones((2, 3, 4), np.uint8), sc.nodes._array_from_vtk_matrix(ijk),
+        small = sc.oriented_images.oriented_image(np.ones((2, 3, 4), np.uint8), sc.nodes.array_from_vtk_matrix(ijk),
                                            [6, 9, 7, 9, 4, 5])
         L = slicer.vtkSlicerSegmentationsModuleLogic
         assert L.SetBinaryLabelmapToSegment(small, segmentation, segment_id, L.MODE_REPLACE, small.GetExtent())
@@ -810,7 +810,7 @@ def test_an_interrupted_write_is_undone_when_a_layer_lies_on_another_grid(app, f
     slicer.util.updateVolumeFromArray(labelmap, ((i // 3 + j // 3 + k // 3) % 2).astype(np.uint8))
     matrix = np.eye(4)
     matrix[:3, 3] = shift
-    labelmap.SetIJKToRASMatrix(sc.nodes._vtk_matrix(matrix))
+    labelmap.SetIJKToRASMatrix(sc.nodes.vtk_matrix_from_array(matrix))
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
     target = segmentation.GetSegmentation().AddEmptySegment("", "B")
     before = fingerprint(segmentation)

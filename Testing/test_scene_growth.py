@@ -36,7 +36,7 @@ def phantom():
 def _volume_node(scene, volume):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Tube")
     slicer.util.updateVolumeFromArray(node, volume.array)
-    node.SetIJKToRASMatrix(sc.nodes._vtk_matrix(volume.ijk_to_ras))
+    node.SetIJKToRASMatrix(sc.nodes.vtk_matrix_from_array(volume.ijk_to_ras))
     node.CreateDefaultDisplayNodes()
     return node
 

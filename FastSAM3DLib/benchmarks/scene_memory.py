@@ -54,7 +54,7 @@ def _scene():
     import slicer
     import vtk
 
-    from ..scene.nodes import _vtk_matrix
+    from ..scene.nodes import vtk_matrix_from_array
     from ..scene.oriented_images import oriented_image
 
     scene = slicer.vtkMRMLScene()
@@ -69,7 +69,7 @@ def _scene():
         logics.append(logic)
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     slicer.util.updateVolumeFromArray(volume, np.zeros(SHAPE, np.int16))
-    volume.SetIJKToRASMatrix(_vtk_matrix(np.diag([0.8, 0.8, 1.5, 1.0])))
+    volume.SetIJKToRASMatrix(vtk_matrix_from_array(np.diag([0.8, 0.8, 1.5, 1.0])))
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     ijk = vtk.vtkMatrix4x4()

@@ -73,11 +73,11 @@ def _tls_advice(exc: ssl.SSLError) -> str:
             "certificates (or give the client an ssl_context).")
 
 
-class _SessionLost(Exception):
+class SessionLost(Exception):
     """The server no longer knows the session (restart, expiry): open a new one."""
 
 
-class _Missing(Exception):
+class StateMissing(Exception):
     """The server lacks parts of the session's state (``missing``): send them again."""
 
     def __init__(self, missing) -> None:
@@ -176,7 +176,7 @@ class ServerClient:
         """Close a session on the server (errors ignored: it expires anyway)."""
         try:
             self.request("DELETE", f"/v1/sessions/{session_id}", session=session_id, retries=0)
-        except (ServerError, _SessionLost):
+        except (ServerError, SessionLost):
             pass
 
     def close(self) -> None:
@@ -277,9 +277,9 @@ class ServerClient:
                               "error: is this the address of a FastSAM3D server? Nothing was changed.")
         code, message = error.get("error"), str(error.get("message") or "")
         if code == "session_unknown":
-            raise _SessionLost(message)
+            raise SessionLost(message)
         if code == "missing":
-            raise _Missing(error.get("missing") or [])
+            raise StateMissing(error.get("missing") or [])
         raise _ERRORS.get(code, ServerError)(message or f"The server refused the request ({code}).")
 
     @staticmethod

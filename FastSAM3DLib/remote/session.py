@@ -14,7 +14,7 @@ from ..geometry import RegionOfInterest, Volume
 from ..server import protocol
 from ..session_common import (EXCLUDE_FIRST, MAX_CACHED_REGIONS, PROMPT_MODES, ROI_MARGIN_VOXELS, Click,  # noqa: F401
                               ClickResult, Region, click_point, crop_to, empty_region, union)
-from .client import ServerClient, ServerError, ServerUnavailableError, _Missing, _SessionLost
+from .client import ServerClient, ServerError, ServerUnavailableError, StateMissing, SessionLost
 from .cut_and_paste import library_geometry, model_input, paste_back
 
 MAX_ATTEMPTS = 4  # one click: a lean request, then at most a new session and resends
@@ -350,10 +350,10 @@ class RemoteSession:
             start = time.perf_counter()
             try:
                 reply, reply_arrays = self.client.click(self._session_id, frame, self.size)
-            except _SessionLost:
+            except SessionLost:
                 self._open()  # a new, empty session: everything is sent again
                 continue
-            except _Missing as missing:
+            except StateMissing as missing:
                 force_image = force_image or "image" in missing.missing
                 force_logits = force_logits or "previous_logits" in missing.missing
                 if "image" in missing.missing:

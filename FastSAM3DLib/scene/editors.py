@@ -9,23 +9,25 @@ import vtk
 
 from ..errors import FastSAM3DError
 
-_SEN = slicer.vtkMRMLSegmentEditorNode
-_SN = slicer.vtkMRMLSegmentationNode
+#: The MRML classes whose enums name the masking and overwrite modes.
+SegmentEditorNode = slicer.vtkMRMLSegmentEditorNode
+SegmentationNode = slicer.vtkMRMLSegmentationNode
 MASK_MODES = {
-    "everywhere": _SN.EditAllowedEverywhere,
-    "inside_all_segments": _SN.EditAllowedInsideAllSegments,
-    "inside_visible_segments": _SN.EditAllowedInsideVisibleSegments,
-    "outside_all_segments": _SN.EditAllowedOutsideAllSegments,
-    "outside_visible_segments": _SN.EditAllowedOutsideVisibleSegments,
-    "inside_segment": _SN.EditAllowedInsideSingleSegment,
+    "everywhere": SegmentationNode.EditAllowedEverywhere,
+    "inside_all_segments": SegmentationNode.EditAllowedInsideAllSegments,
+    "inside_visible_segments": SegmentationNode.EditAllowedInsideVisibleSegments,
+    "outside_all_segments": SegmentationNode.EditAllowedOutsideAllSegments,
+    "outside_visible_segments": SegmentationNode.EditAllowedOutsideVisibleSegments,
+    "inside_segment": SegmentationNode.EditAllowedInsideSingleSegment,
 }
 OVERWRITE_MODES = {
-    "all": _SEN.OverwriteAllSegments,
-    "visible": _SEN.OverwriteVisibleSegments,
-    "none": _SEN.OverwriteNone,
+    "all": SegmentEditorNode.OverwriteAllSegments,
+    "visible": SegmentEditorNode.OverwriteVisibleSegments,
+    "none": SegmentEditorNode.OverwriteNone,
 }
-_ADD = slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd
-_REMOVE = slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove
+#: The Segment Editor logic's modification modes: add the mask to the segment, or remove it.
+MODIFY_ADD = slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd
+MODIFY_REMOVE = slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove
 
 NO_MASK_SEGMENT = ("The editable area is 'inside a segment', but no segment is chosen, so nothing could change. "
                    "Choose the segment (or another editable area) in the Segment Editor's Masking section.")
@@ -100,7 +102,7 @@ class LogicEditor:
         self.logic.SetMRMLScene(scene)
         self.logic.SetVerbose(True)  # report failures as ErrorEvents (observed below), never silently
         self._observer = self.logic.AddObserver(vtk.vtkCommand.ErrorEvent, self._on_error)
-        node = _SEN()
+        node = SegmentEditorNode()
         node.SetName(scene.GenerateUniqueName("FastSAM3D editor settings"))
         node.SetHideFromEditors(True)
         node.SetSaveWithScene(False)
@@ -223,7 +225,7 @@ class EffectEditor:
         """Add or remove ``labelmap``'s voxels through the effect, as :meth:`LogicEditor.modify`."""
         effect_class = getattr(slicer, "qSlicerSegmentEditorAbstractEffect", None)
         if effect_class is not None:  # same values as the logic's enum, typed for PythonQt
-            mode = effect_class.ModificationModeAdd if mode == _ADD else effect_class.ModificationModeRemove
+            mode = effect_class.ModificationModeAdd if mode == MODIFY_ADD else effect_class.ModificationModeRemove
         self.effect.modifySegmentByLabelmap(segmentation_node, segment_id, labelmap, mode)
 
     def take_errors(self):

@@ -9,11 +9,13 @@ from ..errors import FastSAM3DError, InputImageError
 from ..geometry import Volume
 
 
-def _array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+def array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """The 4x4 float64 array of a VTK matrix."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
 
 
-def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+def vtk_matrix_from_array(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A new VTK matrix holding the 4x4 ``array``."""
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -37,7 +39,7 @@ def node_to_world(node) -> np.ndarray:
         )
     matrix = vtk.vtkMatrix4x4()
     transform_node.GetMatrixTransformToWorld(matrix)
-    return _array_from_vtk_matrix(matrix)
+    return array_from_vtk_matrix(matrix)
 
 
 def volume_from_node(volume_node, copy: bool = True) -> Volume:
@@ -67,10 +69,11 @@ def volume_from_node_matrix(volume_node) -> np.ndarray:
     """IJK -> world RAS matrix of a volume node (parent transforms hardened; non-linear refused)."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    return node_to_world(volume_node) @ _array_from_vtk_matrix(ijk_to_ras)
+    return node_to_world(volume_node) @ array_from_vtk_matrix(ijk_to_ras)
 
 
-def _nodes_by_class(scene, class_name):
+def nodes_by_class(scene, class_name):
+    """The scene's nodes of the MRML class ``class_name`` (subclasses included), as a list."""
     collection = scene.GetNodesByClass(class_name)
     nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     collection.UnRegister(None)  # the caller owns the collection (vtkMRMLScene.h), as slicer.util releases it

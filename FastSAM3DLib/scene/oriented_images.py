@@ -12,7 +12,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .nodes import _array_from_vtk_matrix, _vtk_matrix
+from .nodes import array_from_vtk_matrix, vtk_matrix_from_array
 
 SAME_AXES_TOLERANCE = 1e-4
 WHOLE_VOXEL_TOLERANCE = 1e-3
@@ -24,7 +24,7 @@ def oriented_image(array_kji: np.ndarray, image_to_world: np.ndarray, extent) ->
     """A uint8 vtkOrientedImageData with the given geometry and extent (i0, i1, j0, j1, k0, k1) holding the array."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(*[int(v) for v in extent])
-    image.SetGeometryFromImageToWorldMatrix(_vtk_matrix(image_to_world))
+    image.SetGeometryFromImageToWorldMatrix(vtk_matrix_from_array(image_to_world))
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     if array_kji is not None:
         numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = \
@@ -85,7 +85,7 @@ def layers_off(segmentation, grid: np.ndarray) -> bool:
         if image is None:
             continue
         image.GetImageToWorldMatrix(layer_to_world)
-        if not np.allclose(_array_from_vtk_matrix(layer_to_world), grid, atol=SAME_AXES_TOLERANCE):
+        if not np.allclose(array_from_vtk_matrix(layer_to_world), grid, atol=SAME_AXES_TOLERANCE):
             return True
     return False
 

@@ -8,7 +8,7 @@ import numpy as np
 import vtk
 
 from ..errors import FastSAM3DError
-from .nodes import _nodes_by_class
+from .nodes import nodes_by_class
 
 INCLUDE_COLOR = (0.20, 0.85, 0.25)  # include points: the markups "selected" colour
 EXCLUDE_COLOR = (0.95, 0.20, 0.20)  # exclude points: the markups (unselected) colour
@@ -41,7 +41,7 @@ def prompt_point_nodes(segmentation_node) -> List:
     scene = segmentation_node.GetScene()
     if scene is None:
         return []
-    return [node for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode")
+    return [node for node in nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode")
             if node.GetAttribute(PROMPTS_ATTRIBUTE) is not None
             and node.GetNodeReference(SEGMENTATION_ROLE) is segmentation_node]
 
@@ -88,7 +88,7 @@ def remove_orphan_prompt_lists(scene) -> int:
     They are hidden, so nobody else would, and a saved scene would keep them. The list of a removed segment
     stays while its segmentation does: the Segment Editor's Ctrl+Z brings the segment back under its ID."""
     removed = 0
-    for node in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode"):
+    for node in nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode"):
         if node.GetAttribute(PROMPTS_ATTRIBUTE) is None or node.GetNodeReference(SEGMENTATION_ROLE) is not None:
             continue
         for index in range(node.GetNumberOfDisplayNodes()):
@@ -104,7 +104,7 @@ def remove_orphan_prompt_lists(scene) -> int:
 def _active_place_node_kept(scene):
     """Restore every selection node's active place node (ID and class) as it was before the block."""
     selections = [(node, node.GetActivePlaceNodeID(), node.GetActivePlaceNodeClassName())
-                  for node in _nodes_by_class(scene, "vtkMRMLSelectionNode")]
+                  for node in nodes_by_class(scene, "vtkMRMLSelectionNode")]
     try:
         yield
     finally:

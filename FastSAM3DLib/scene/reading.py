@@ -6,7 +6,7 @@ import slicer
 import vtk
 
 from ..errors import FastSAM3DError
-from .nodes import _array_from_vtk_matrix, _vtk_matrix, node_to_world
+from .nodes import array_from_vtk_matrix, vtk_matrix_from_array, node_to_world
 from .oriented_images import oriented_image, values_in_extent, whole_voxel_shift
 from .target_checks import checked_segmentation, checked_source
 
@@ -32,10 +32,10 @@ def segment_mask(segmentation_node, segment_id: str, source_volume_node) -> np.n
     extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
     ijk_to_ras = vtk.vtkMatrix4x4()
     source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    reference = oriented_image(None, _array_from_vtk_matrix(ijk_to_ras), extent)
+    reference = oriented_image(None, array_from_vtk_matrix(ijk_to_ras), extent)
     segmentation_to_volume = np.linalg.inv(node_to_world(source_volume_node)) @ node_to_world(segmentation_node)
     transform = vtk.vtkTransform()
-    transform.SetMatrix(_vtk_matrix(segmentation_to_volume))
+    transform.SetMatrix(vtk_matrix_from_array(segmentation_to_volume))
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             image, reference, resampled, False, False, transform):
@@ -59,8 +59,8 @@ def segment_voxels_on_lattice(segmentation_node, segment_id: str, source_volume_
     layer_to_node, ijk_to_ras = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     layer.GetImageToWorldMatrix(layer_to_node)
     source_volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    layer_to_volume_ijk = np.linalg.inv(node_to_world(source_volume_node) @ _array_from_vtk_matrix(ijk_to_ras)) @ \
-        node_to_world(segmentation_node) @ _array_from_vtk_matrix(layer_to_node)
+    layer_to_volume_ijk = np.linalg.inv(node_to_world(source_volume_node) @ array_from_vtk_matrix(ijk_to_ras)) @ \
+        node_to_world(segmentation_node) @ array_from_vtk_matrix(layer_to_node)
     shift = whole_voxel_shift(layer_to_volume_ijk)  # layer index + shift = volume index
     if shift is None:
         return None

@@ -5,8 +5,8 @@ import slicer
 import vtk
 
 from ..errors import FastSAM3DError
-from .editors import _SEN, _SN
-from .nodes import _array_from_vtk_matrix
+from .editors import SegmentEditorNode, SegmentationNode
+from .nodes import array_from_vtk_matrix
 from .oriented_images import EMPTY_EXTENT, intersect_extent, layers_off, reallocate, union_extent, \
     values_in_extent, write_into
 
@@ -17,7 +17,7 @@ class GeometryParameter:
     def __init__(self, segmentation_node) -> None:
         self.node = segmentation_node
         self.name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-        self.role = _SN.GetReferenceImageGeometryReferenceRole()
+        self.role = SegmentationNode.GetReferenceImageGeometryReferenceRole()
         self.value = segmentation_node.GetSegmentation().GetConversionParameter(self.name)
         self.reference_id = segmentation_node.GetNodeReferenceID(self.role)
 
@@ -49,7 +49,7 @@ class Rollback:
         self.boxes = []
         self.segments = _segment_layers(self.segmentation)
         self.statuses = _statuses(self.segmentation)  # the logic marks edited segments "in progress"
-        if editor_node.GetOverwriteMode() != _SEN.OverwriteAllSegments or \
+        if editor_node.GetOverwriteMode() != SegmentEditorNode.OverwriteAllSegments or \
                 layers_off_grid(self.segmentation, [m for m in modifiers if m is not None]):
             self.history = slicer.vtkSegmentationHistory()
             self.history.SetMaximumNumberOfStates(2)
@@ -108,7 +108,7 @@ def layers_off_grid(segmentation, modifiers) -> bool:
         return False
     modifier_to_world = vtk.vtkMatrix4x4()
     modifiers[0].GetImageToWorldMatrix(modifier_to_world)
-    return layers_off(segmentation, _array_from_vtk_matrix(modifier_to_world))
+    return layers_off(segmentation, array_from_vtk_matrix(modifier_to_world))
 
 
 def _statuses(segmentation) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import slicer
 
 from ..errors import FastSAM3DError, InputImageError
-from .editors import _SN, NO_MASK_SEGMENT, EditorSettings
+from .editors import SegmentationNode, NO_MASK_SEGMENT, EditorSettings
 
 
 def check_target(segmentation_node, editor_settings=None) -> None:
@@ -47,7 +47,7 @@ def checked_representation(segmentation_node):
 
 def check_mask_segment(editor_node, segmentation) -> None:
     """Refuse an editable area 'inside segment X' whose segment is unset or not in ``segmentation``."""
-    if editor_node.GetMaskMode() == _SN.EditAllowedInsideSingleSegment:
+    if editor_node.GetMaskMode() == SegmentationNode.EditAllowedInsideSingleSegment:
         mask_segment_id = editor_node.GetMaskSegmentID() or ""
         if not mask_segment_id:
             raise FastSAM3DError(NO_MASK_SEGMENT)

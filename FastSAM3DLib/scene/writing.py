@@ -8,8 +8,8 @@ import slicer
 import vtk
 
 from ..errors import FastSAM3DError
-from .editors import _ADD, _REMOVE, EditorSettings, EffectEditor, LogicEditor
-from .nodes import _array_from_vtk_matrix, node_to_world, volume_from_node_matrix
+from .editors import MODIFY_ADD, MODIFY_REMOVE, EditorSettings, EffectEditor, LogicEditor
+from .nodes import array_from_vtk_matrix, node_to_world, volume_from_node_matrix
 from .oriented_images import SAME_AXES_TOLERANCE, array_in_extent, has_voxels, image_array, intersect_extent, \
     layers_off, oriented_image, union_extent, values_in_extent, whole_voxel_shift
 from .rollback import GeometryParameter, Rollback, layers_off_grid
@@ -88,7 +88,7 @@ def write_region(segmentation_node, segment_id: str, source_volume_node, region:
         to_add, to_remove = _modifiers(grid, *edit)
         if not _segment_has_voxels_in(segmentation, segment_id, to_remove):
             to_remove = None  # nothing of the segment to clear: skip the Erase step (65-80 ms in Slicer's logic)
-        steps = [(image, mode) for image, mode in ((to_remove, _REMOVE), (to_add, _ADD))
+        steps = [(image, mode) for image, mode in ((to_remove, MODIFY_REMOVE), (to_add, MODIFY_ADD))
                  if image is not None and has_voxels(image)]
         if not steps:
             return False  # nothing to erase or paint: no snapshot, no undo state that would change nothing
@@ -131,14 +131,14 @@ def _before_write(taken, segmentation, modifiers):
         return None
     grid = vtk.vtkMatrix4x4()
     modifiers[0].GetImageToWorldMatrix(grid)
-    return taken.before_write(segmentation, box, _array_from_vtk_matrix(grid))
+    return taken.before_write(segmentation, box, array_from_vtk_matrix(grid))
 
 
 def _reference_grid(reference, mask_to_segmentation: np.ndarray):
     """(the reference geometry's image-to-segmentation matrix, the map from source voxel indices to its indices)."""
     matrix = vtk.vtkMatrix4x4()
     reference.GetImageToWorldMatrix(matrix)
-    grid = _array_from_vtk_matrix(matrix)
+    grid = array_from_vtk_matrix(matrix)
     return grid, np.linalg.inv(grid) @ mask_to_segmentation
 
 
@@ -282,7 +282,7 @@ def _segment_has_voxels_in(segmentation, segment_id: str, modifier) -> bool:
     layer_to_world, modifier_to_world = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(layer_to_world)
     modifier.GetImageToWorldMatrix(modifier_to_world)
-    if not np.allclose(_array_from_vtk_matrix(layer_to_world), _array_from_vtk_matrix(modifier_to_world),
+    if not np.allclose(array_from_vtk_matrix(layer_to_world), array_from_vtk_matrix(modifier_to_world),
                        atol=SAME_AXES_TOLERANCE):
         return True
     label = segmentation.GetSegment(segment_id).GetLabelValue()
