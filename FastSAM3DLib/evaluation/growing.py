@@ -62,7 +62,7 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     from .clicks import next_protocol_click
     from .metrics import dice_iou, dice_iou_in_region
     from .model_runner import upsample_logits
-    from .placements import CaseSkipped, click_fields
+    from .placements import NO_PREDICTION, CaseSkipped, click_fields, unclicked_row
 
     runner, protocol = data.runner, data.protocol
     grid, label_grid = data.grid()
@@ -75,14 +75,11 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     field = None
     crops: Dict = {}
     rows, result = [], None
-    previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan"),
-                "recall_full": float("nan"), "coverage": float("nan"), "regions": 0}
+    previous = {**NO_PREDICTION, "recall_full": float("nan"), "coverage": float("nan"), "regions": 0}
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, field, rng)
         if click is None:
-            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
-                         "time_s": 0.0})
+            rows.append(unclicked_row(meta, index, previous))
             continue
         point, label = click
         ras = grid.model_to_ras_points(point)

@@ -21,6 +21,11 @@ class CaseSkipped(Exception):
     """A unit that cannot be evaluated; the message is the recorded reason."""
 
 
+#: The metric columns of a unit's rows before its first prediction (NaN: nothing predicted yet).
+NO_PREDICTION = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
+                 "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
+
+
 def _session_logits(session):
     """The session's current low-res logits."""
     if session.low_res_logits is None:
@@ -107,6 +112,12 @@ def click_fields(point_ras, label) -> Dict:
     return {"click_r": r, "click_a": a, "click_s": s, "click_label": int(label)}
 
 
+def unclicked_row(meta: Dict, index: int, previous: Dict) -> Dict:
+    """The row of click ``index`` when the protocol places none (the prediction it sees is perfect): the metrics
+    stay ``previous``, nothing is encoded, no time is spent."""
+    return {**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0, "time_s": 0.0}
+
+
 def _run_gt_placement(data: CaseData, value: int, mask: np.ndarray, voxels: int, clicks: int,
                       rng: np.random.Generator, meta: Dict):
     """The official protocol on the ground-truth-centred crop; returns (rows, final source-grid mask)."""
@@ -122,14 +133,12 @@ def _run_gt_placement(data: CaseData, value: int, mask: np.ndarray, voxels: int,
     encode_time = time.perf_counter() - start
     points, labels, rows = [], [], []
     low = up = None
-    previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
+    previous = dict(NO_PREDICTION)
     region = full = None
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, up, rng)
         if click is None:  # the prediction the generator sees is perfect: nothing to click, nothing changes
-            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
-                         "time_s": 0.0})
+            rows.append(unclicked_row(meta, index, previous))
             continue
         point, label = click
         points.append(point)
@@ -169,13 +178,11 @@ def _run_click_placement(data: CaseData, value: int, mask: np.ndarray, voxels: i
     have_logits = False
     crops: Dict = {}
     rows, result = [], None
-    previous = {"dice_crop": float("nan"), "iou_crop": float("nan"), "dice_full": float("nan"),
-                "iou_full": float("nan"), "nsd_full": float("nan"), "pred_iou": float("nan")}
+    previous = dict(NO_PREDICTION)
     for index in range(clicks):
         click = next_protocol_click(protocol, index, truth, field if have_logits else None, rng)
         if click is None:
-            rows.append({**meta, "click": index + 1, **click_fields(None, None), **previous, "encoded": 0,
-                         "time_s": 0.0})
+            rows.append(unclicked_row(meta, index, previous))
             continue
         point, label = click
         ras = grid.model_to_ras_points(point)

@@ -388,8 +388,6 @@ class ResultStore:
 
 def safe_name(text: str) -> str:
     """``text`` made safe as a file name (letters, digits, ``._+-``; anything else becomes ``_``)."""
-    import re
-
     cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")
     return cleaned or "_"
 

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..evaluation.results import check_model_checkpoint
-from ..files import append_lines, atomic_output, complete_lines, parse_json
+from ..files import append_lines, complete_lines, parse_json, write_text_atomically
 from .bank import MemoryBank, MemoryBankError, load_bank
 from .build import read_provenance
 from .plugin import attach_memory
@@ -200,9 +200,7 @@ def _journal_keys(journal: Path) -> set:
 def _drop_journal_lines(journal: Path, key: tuple) -> None:
     """Rewrite the retrieval journal without the lines of structure ``key`` (an unfinished earlier try)."""
     kept = [line for line in _journal_lines(journal) if _line_key(line) != key]
-    with atomic_output(journal) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as stream:
-            stream.write("".join(kept))
+    write_text_atomically(journal, "".join(kept))
 
 
 def _same_images(bank: MemoryBank, cases) -> Dict[str, List[str]]:
