@@ -16,18 +16,6 @@ from typing import Dict
 import numpy as np
 
 
-def grow_session(data):
-    """The case's session with growth (default settings) and the protocol's prompting mode, made once."""
-    session = getattr(data, "_grow_session", None)
-    if session is None:
-        from ..session import InteractiveSession
-        from .clicks import PROMPT_MODES
-
-        session = InteractiveSession(data.runner.model, data.volume, PROMPT_MODES[data.protocol], grow=True)
-        data._grow_session = session
-    return session
-
-
 def blended_field(session, grid_size) -> np.ndarray:
     """The session's regions blended and upsampled onto the whole model grid (x, y, z), -inf outside every region."""
     import torch
@@ -70,7 +58,7 @@ def run_grow_placement(data, value: int, mask: np.ndarray, voxels: int, clicks: 
     if not truth.any():
         raise CaseSkipped("not on the model grid: the structure has no voxel after nearest-neighbour resampling to "
                     f"{runner.spacing} mm (too thin or small)")
-    session = grow_session(data)
+    session = data.session(grow=True)
     session.reset()
     field = None
     crops: Dict = {}

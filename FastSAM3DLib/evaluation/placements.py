@@ -68,7 +68,8 @@ class CaseData:
         self.volume, self.labels, self.resampled = ds.load_case(case, label)  # label: case.label already read
         self.volume.validate()
         self.label_volume = Volume(self.labels, self.volume.ijk_to_ras)
-        self._grid = self._label_grid = self._session = None
+        self._grid = self._label_grid = None
+        self._sessions = {}  # grow (bool) -> InteractiveSession
         self._reference_surface = None  # (weak reference to a mask, its Surface): the structure scored last
 
     def grid(self):
@@ -95,13 +96,16 @@ class CaseData:
         return nsd_in_region(region, mask, reference, spacing_kji, self.nsd_tolerance_mm,
                              self._reference_surface[1])
 
-    def session(self):
-        """An interactive session on this volume with the protocol's prompting mode."""
-        if self._session is None:
+    def session(self, grow: bool = False):
+        """An interactive session on this volume with the protocol's prompting mode, made once; ``grow``: the
+        session that grows over several regions (:mod:`FastSAM3DLib.growth`, default settings), a separate one."""
+        grow = bool(grow)
+        if grow not in self._sessions:
             from ..session import InteractiveSession
 
-            self._session = InteractiveSession(self.runner.model, self.volume, PROMPT_MODES[self.protocol])
-        return self._session
+            self._sessions[grow] = InteractiveSession(self.runner.model, self.volume, PROMPT_MODES[self.protocol],
+                                                      grow=grow)
+        return self._sessions[grow]
 
 
 def click_fields(point_ras, label) -> Dict:
