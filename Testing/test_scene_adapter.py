@@ -731,6 +731,72 @@ def test_an_interrupted_write_is_undone_in_every_overwrite_mode(app, overwrite, 
     assert fingerprint(segmentation) == before
 
 
+def _status(segmentation_node, segment_id):
+    """The segment's status tag ("notstarted", "inprogress", ...), or None when it has none."""
+    value = vtk.reference("")
+    tag = slicer.vtkSlicerSegmentationsModuleLogic.GetStatusTagName()
+    return str(value) if segmentation_node.GetSegmentation().GetSegment(segment_id).GetTag(tag, value) else None
+
+
+@pytest.mark.parametrize("failing", [_FailingEditor, _FailingAfterEditor], ids=["between", "after"])
+@pytest.mark.parametrize("overwrite", ["all", "none"])
+def test_an_interrupted_write_gives_the_segments_their_status_back(app, overwrite, failing):
+    """Segments saved by Slicer carry a status ("not started", "completed", ...; the Segment Editor's status
+    column). The logic marks a "not started" segment "in progress" as it edits it; a failed write must leave
+    every status as it was, whichever rollback it takes (the edited box, or the whole segmentation)."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for name, status in {"A": logic.Completed, "C": logic.Flagged}.items():
+        logic.SetSegmentStatus(segmentation.GetSegmentation().GetSegment(ids[name]), status)
+    # SetSegmentStatus(NotStarted) removes the tag; a file can hold the tag's own word for it
+    segmentation.GetSegmentation().GetSegment(ids["B"]).SetTag(logic.GetStatusTagName(), "notstarted")
+    before = fingerprint(segmentation)
+    assert _status(segmentation, ids["B"]) == "notstarted"
+    _interrupted_write(failing(app.scene, sc.EditorSettings(overwrite=overwrite)), segmentation, ids["B"], volume, new)
+    assert fingerprint(segmentation) == before
+    assert _status(segmentation, ids["B"]) == "notstarted"
+    with sc.LogicEditor(app.scene, sc.EditorSettings(overwrite=overwrite)) as editor:  # what a write does to it
+        sc.write_region(segmentation, ids["B"], volume, REGION, new, editor=editor)
+    assert _status(segmentation, ids["B"]) == "inprogress" and _status(segmentation, ids["A"]) == "completed"
+
+
+def _surfaces(segmentation_node, ids):
+    """Each segment's closed surface as (points, polygons, rounded bounds): what Slicer's 3D view shows."""
+    name = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    out = {}
+    for key, segment_id in ids.items():
+        poly = segmentation_node.GetSegmentation().GetSegment(segment_id).GetRepresentation(name)
+        out[key] = None if poly is None else (poly.GetNumberOfPoints(), poly.GetNumberOfPolys(),
+                                              tuple(np.round(poly.GetBounds(), 4)))
+    return out
+
+
+@pytest.mark.parametrize("overwrite", ["all", "none"])
+def test_an_interrupted_write_leaves_the_3d_surfaces_as_they_were(app, overwrite):
+    """The failed write's Paint step changed B and the segments it took voxels from, and Slicer rebuilt their
+    closed surfaces; once the voxels are put back, the surfaces must follow them, or the 3D view shows a write
+    that did not happen."""
+    volume, segmentation, ids, masks, new = three_segments(app)
+    assert segmentation.CreateClosedSurfaceRepresentation()
+    before = _surfaces(segmentation, ids)
+    assert all(surface is not None and surface[0] > 0 for surface in before.values())
+    _interrupted_write(_FailingAfterShownEditor(app.scene, sc.EditorSettings(overwrite=overwrite)), segmentation,
+                       ids["B"], volume, new)
+    assert segmentation.CreateClosedSurfaceRepresentation()  # as the 3D view does for surfaces it lost
+    assert _surfaces(segmentation, ids) == before
+
+
+class _FailingAfterShownEditor(sc.LogicEditor):
+    """A real Segment Editor logic that raises right after the Paint step, once Slicer's 3D view has rebuilt the
+    closed surfaces the step dropped (the view does so on the segmentation's modified event, on the main thread)."""
+
+    def modify(self, segmentation_node, segment_id, labelmap, mode):
+        super().modify(segmentation_node, segment_id, labelmap, mode)
+        if mode == Logic.ModificationModeAdd:
+            assert segmentation_node.CreateClosedSurfaceRepresentation()
+            raise KeyboardInterrupt("interrupted after the Paint step was shown")
+
+
 def test_an_interrupted_write_is_undone_when_the_erase_step_cropped_a_layer(app):
     """Once A had taken B's voxels, the Erase step emptied B inside the region and Slicer's logic cropped B's
     layer to what was left: the rollback refused ("rearranged ... press Ctrl+Z") and left a half-done write."""
