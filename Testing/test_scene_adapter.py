@@ -748,7 +748,7 @@ def test_an_interrupted_write_gives_the_segments_their_status_back(app, overwrit
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     for name, status in {"A": logic.Completed, "C": logic.Flagged}.items():
         logic.SetSegmentStatus(segmentation.GetSegmentation().GetSegment(ids[name]), status)
-    # SetSegmentStatus(NotStarted) removes the tag; a file can hold the tag's own word for it
+    # SetSegmentStatus(NotStarted) removes the tag; a script or a file may also set the word, read as not started
     segmentation.GetSegmentation().GetSegment(ids["B"]).SetTag(logic.GetStatusTagName(), "notstarted")
     before = fingerprint(segmentation)
     assert _status(segmentation, ids["B"]) == "notstarted"
