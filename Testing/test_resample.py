@@ -262,6 +262,39 @@ def test_paste_back_without_positive_logits_and_outside_rois(monkeypatch):
         paste_back(volume, roi, torch.zeros(5, 5, 5))
 
 
+@pytest.mark.parametrize("path", ["torch", "sitk"])
+def test_paste_back_takes_the_models_batched_logits_and_refuses_a_batch_of_several(path, monkeypatch):
+    """The mask decoder answers (1, 1, 32, 32, 32) logits: the batch and channel axes of one are dropped on both
+    paths, as a NumPy array or a tensor; a batch of two masks is refused, not pasted as one."""
+    volume = volume_of("oblique")
+    roi = roi_around(volume, point_in(volume)[None], size=24)
+    monkeypatch.setenv(resample.ENV_VAR, path)
+    logits = smooth_logits((6, 6, 6), 3, 0.2)
+    region, mask = paste_back(volume, roi, logits)
+    assert mask.any() and not mask.all()
+    for batched in (logits[None, None], logits[None], logits[None, None].numpy(), logits[None].numpy()):
+        got_region, got = paste_back(volume, roi, batched)
+        assert got_region == region and np.array_equal(got, mask), tuple(batched.shape)
+    for several in (torch.stack([logits, logits]), torch.stack([logits, logits])[:, None], logits[None, None, None]):
+        if several.ndim == 6:  # three leading axes of one: still one mask
+            assert np.array_equal(paste_back(volume, roi, several)[1], mask)
+            continue
+        with pytest.raises(ValueError, match="fit neither"):
+            paste_back(volume, roi, several)
+
+
+@pytest.mark.parametrize("path", ["torch", "sitk"])
+def test_an_roi_outside_the_volume_pastes_an_empty_region(path, monkeypatch):
+    volume = volume_of("oblique")
+    inside = roi_around(volume, point_in(volume)[None], size=24)
+    moved = inside.model_to_ras.copy()
+    moved[:3, 3] += 1000.0  # e.g. the volume was moved by a transform after the click
+    roi = RegionOfInterest(moved, inside.size)
+    monkeypatch.setenv(resample.ENV_VAR, path)
+    region, mask = paste_back(volume, roi, torch.ones(6, 6, 6))
+    assert mask.dtype == np.bool_ and mask.shape == tuple(s.stop - s.start for s in region) and mask.size == 0
+
+
 def test_threshold_logits_on_a_grid_of_another_orientation(monkeypatch):
     """A ROI that is not a grid of the volume (general path): upsample, then the general resampling."""
     volume = volume_of("oblique")
