@@ -14,12 +14,12 @@ One click:
    it, the neighbour across that face is added: its dense prompt is the blended logits of the regions it
    overlaps (the known part of the object, zeros elsewhere) and its point prompt the ``points`` include points
    deepest inside the known mask in the overlap. Only the part of its mask connected to the known mask counts
-   (other blobs are made negative: growth adds the object's continuation, nothing unrelated). It is kept only when the model agrees with what
-   is known (Dice between its mask and the known mask in the overlap at least ``min_agreement``), its predicted
-   IoU is at least ``min_iou``, and its mask is neither empty nor fuller than ``max_fill`` (an object filling
-   most of a region is an over-segmentation, and regions that full are never grown from). Repeated breadth
-   first from the click until no kept region touches a face, or ``max_regions`` regions, or ``time_budget_s``
-   seconds, or the progress callback asks to stop.
+   (other blobs are made negative: growth adds the object's continuation, nothing unrelated). It is kept only when
+   the model agrees with what is known (Dice between its mask and the known mask in the overlap at least
+   ``min_agreement``), its predicted IoU is at least ``min_iou``, and its mask is neither empty nor fuller than
+   ``max_fill`` (an object filling most of a region is an over-segmentation, and regions that full are never
+   grown from). Repeated breadth first from the click until no kept region touches a face, or ``max_regions``
+   regions, or ``time_budget_s`` seconds, or the progress callback asks to stop.
 
 A click and all its growth is one state change: undo gives back exactly the regions (and logits) before it.
 """
@@ -331,7 +331,8 @@ def connected_part(logits: torch.Tensor, prior: torch.Tensor, known: torch.Tenso
 
 
 def touched_faces(logits: torch.Tensor, max_fill: float) -> List[Tuple[int, int]]:
-    """(axis, direction) of each face of a region its mask (logits > 0) reaches; none for a mask fuller than max_fill."""
+    """(axis, direction) of each face of a region its mask (logits > 0) reaches; none for a mask fuller than
+    max_fill."""
     low = logits.shape[-1]
     mask = logits.reshape(low, low, low) > 0
     if float(mask.float().mean()) > max_fill:

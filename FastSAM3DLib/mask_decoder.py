@@ -111,7 +111,8 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, multimask_output: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                dense_prompt_embeddings: torch.Tensor,
+                multimask_output: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Predict masks; ``multimask_output=False`` (every official 3D call) returns the first mask token only."""
         masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
         keep = slice(1, None) if multimask_output else slice(0, 1)

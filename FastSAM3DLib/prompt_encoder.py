@@ -84,7 +84,8 @@ class PromptEncoder3D(nn.Module):
                 masks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return sparse ``(B, N+1, C)`` and dense ``(B, C, 8, 8, 8)`` embeddings."""
         if boxes is not None:
-            raise ValueError("box prompts are not supported by the 3D models (their checkpoints have no box embeddings)")
+            raise ValueError("box prompts are not supported by the 3D models (their checkpoints have no box "
+                             "embeddings)")
         if points is not None:
             bs = points[0].shape[0]
         elif masks is not None:

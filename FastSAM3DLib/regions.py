@@ -53,7 +53,8 @@ _COPY_COST = 1 / 16
 
 @dataclass(frozen=True, eq=False)
 class Lattice:
-    """The regions one segment may use: ``size``³ boxes of the canonical ``grid`` every ``stride`` voxels from ``origin``."""
+    """The regions one segment may use: ``size``³ boxes of the canonical ``grid`` every ``stride`` voxels from
+    ``origin``."""
 
     grid: RegionOfInterest
     origin: Tuple[int, int, int]

@@ -6,8 +6,8 @@ project supports) have no MPS kernel for ``max_pool3d`` and ``avg_pool3d`` (``No
 ``PYTORCH_ENABLE_MPS_FALLBACK=1`` was set before torch was imported; 2.9 added both). Inside :func:`emulated_mps`,
 tensors made with ``device="mps"`` (a factory, ``.to("mps")``) and everything computed from them are CPU tensors
 tagged as MPS (their ``.device`` says ``mps``); a float64 result, ``.numpy()`` or one of those pooling ops on a
-tagged tensor raises as on a Mac, and ``.cpu()`` / ``.to("cpu")`` remove the tag. Not emulated: the rule that an op may not mix MPS and
-CPU tensors (the model's own weights stay on the CPU here), and MPS's speed.
+tagged tensor raises as on a Mac, and ``.cpu()`` / ``.to("cpu")`` remove the tag. Not emulated: the rule that an op
+may not mix MPS and CPU tensors (the model's own weights stay on the CPU here), and MPS's speed.
 """
 from __future__ import annotations
 

@@ -593,7 +593,8 @@ def test_skip_records_are_decided_again_without_rewriting_the_file_per_record(tm
     assert "1;2" in skipped and len(skipped) == 41
     writes = []
     real = results.write_text_atomically
-    monkeypatch.setattr(results, "write_text_atomically", lambda path, text: (writes.append(Path(path).name), real(path, text)))
+    monkeypatch.setattr(results, "write_text_atomically",
+                        lambda path, text: (writes.append(Path(path).name), real(path, text)))
     small[0:3, 0:3, 0:3], small[9:12, 10:13, 11:14] = 1, 2  # the label fixed: kid_a and kid_b are there now
     write_image(tmp_path / "data" / "ct_seg.nii.gz", small)
     assert main(args) == 0

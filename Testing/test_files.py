@@ -150,7 +150,8 @@ def test_a_failure_while_putting_the_new_file_in_place_leaves_the_old_one_whole(
     done = subprocess.run([sys.executable, "-c", code, str(target)], env=env, capture_output=True, text=True,
                           timeout=60)
     content = target.read_bytes()
-    assert content in (old, new), f"the target holds {len(content)} bytes, a mixture (exit {done.returncode}: {done.stderr[-300:]})"
+    assert content in (old, new), \
+        f"the target holds {len(content)} bytes, a mixture (exit {done.returncode}: {done.stderr[-300:]})"
     assert content == new and done.returncode == 0, done.stderr  # renaming needs no new bytes: it succeeds
 
 

@@ -7,7 +7,8 @@ from FastSAM3DLib import build_model, get_model_config, list_models
 from FastSAM3DLib.parity import fill_like_fixture, fixture_input, relative_l2, run_prompt_steps
 
 FIXTURES = {"fastsam3d": "fastsam3d_public.npz", "sam-med3d": "sammed3d_public.npz"}
-KEY_LISTS = {"fastsam3d": "keys_fastsam3d.txt", "sam-med3d": "keys_sammed3d.txt", "sam-med3d-turbo": "keys_sammed3d.txt"}
+KEY_LISTS = {"fastsam3d": "keys_fastsam3d.txt", "sam-med3d": "keys_sammed3d.txt",
+             "sam-med3d-turbo": "keys_sammed3d.txt"}
 REL_TOL = 5e-5
 
 

@@ -493,6 +493,21 @@ def test_repository_clone_fits_the_index_size_limit():
         f"{history / 2**20:.1f} MiB); the index refuses more than {INDEX_SIZE_LIMIT_MB} MiB"
 
 
+MAX_LINE = 120
+
+
+def test_python_lines_fit_the_projects_width():
+    """The project's line width is 120 characters (code, docstrings and tests alike), so every file reads in one
+    editor width and side-by-side diffs stay readable."""
+    long = []
+    for name in _git("ls-files", "-z", "*.py").decode().split("\0"):
+        if name:
+            for number, line in enumerate((ROOT / name).read_text(encoding="utf-8").splitlines(), 1):
+                if len(line) > MAX_LINE:
+                    long.append(f"{name}:{number} ({len(line)} characters)")
+    assert not long, "lines wider than 120 characters: " + ", ".join(long)
+
+
 # --- module-level imports of the files Slicer loads at start-up ---
 
 # What scripts/extension_ai_analysis.py accepts at file scope: "the Python Standard Library ... Slicer, vtk,

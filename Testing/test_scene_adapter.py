@@ -452,7 +452,8 @@ def test_oversampled_segmentation_is_resampled_nearest_neighbour(app):
     ijk = sc.volume_from_node_matrix(volume)
     fine = ijk @ np.diag([0.5, 0.5, 0.5, 1.0])
     fine[:3, 3] = ijk[:3, :3] @ [-0.25, -0.25, -0.25] + ijk[:3, 3]  # same bounds, twice the voxels per axis
-    geometry = sc.oriented_images.oriented_image(None, fine, [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
+    geometry = sc.oriented_images.oriented_image(None, fine,
+                                                 [0, 2 * SHAPE[2] - 1, 0, 2 * SHAPE[1] - 1, 0, 2 * SHAPE[0] - 1])
     segmentation.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
         slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))

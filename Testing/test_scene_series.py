@@ -6,7 +6,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without the application) is not installed")
 
 from FastSAM3DLib import scene as sc  # noqa: E402
-from test_scene_adapter import REGION, SHAPE, app, ball, placed, segment_array, set_segment, three_segments  # noqa: E402,F401
+from test_scene_adapter import (REGION, SHAPE, app, ball, placed, segment_array, set_segment,  # noqa: E402,F401
+                                three_segments)
 
 WHOLE = np.ones(tuple(s.stop - s.start for s in REGION), bool)
 SMALL = ball(WHOLE.shape, (4, 7, 8), 3)

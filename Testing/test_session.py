@@ -237,7 +237,8 @@ def test_click_at_or_just_past_the_border_moves_the_region(model, first_x, borde
     newest = inputs.calls[-1][-1]
     np.testing.assert_allclose(newest, session.roi.ras_to_model(second[None])[0], atol=1e-4)
     distance_to_border = min(newest.min() + 0.5, 127.5 - newest.max())
-    assert distance_to_border >= ROI_MARGIN_VOXELS, f"the newest click is {distance_to_border:.1f} voxels from the border"
+    assert distance_to_border >= ROI_MARGIN_VOXELS, \
+        f"the newest click is {distance_to_border:.1f} voxels from the border"
     assert result.encoded  # the image encoder ran for the new view
 
 

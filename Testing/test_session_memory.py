@@ -110,7 +110,8 @@ def test_continuing_from_the_cache_equals_a_fresh_session_fed_the_clicks_there(m
     fresh = InteractiveSession(model, volume, prompt_mode=mode)
     for point in clicks[::2]:
         expected = fresh.add_click(point)
-    np.testing.assert_array_equal(session.full_mask(result)[expected.region], fresh.full_mask(expected)[expected.region])
+    np.testing.assert_array_equal(session.full_mask(result)[expected.region],
+                                  fresh.full_mask(expected)[expected.region])
     assert result.iou == expected.iou
 
 

@@ -687,7 +687,8 @@ def test_two_sources_of_one_name_are_refused_and_a_bad_case_skipped(tmp_path):
     (["finetune", "--model", "tiny-test", "--unfreeze-blocks", "9"], "(unfreeze_blocks) must be in 0..3"),
     (["finetune", "--model", "tiny-test", "--clicks", "1"], "--clicks: must be at least 2"),
     (["finetune", "--model", "tiny-test", "--intensity-scale", "2,1"], "--intensity-scale: LOW must not exceed HIGH"),
-    (["finetune", "--model", "tiny-test", "--intensity-shift", "0.1"], "--intensity-shift: expected two numbers LOW,HIGH"),
+    (["finetune", "--model", "tiny-test", "--intensity-shift", "0.1"],
+     "--intensity-shift: expected two numbers LOW,HIGH"),
     (["finetune", "--model", "tiny-test", "--lr", "-1"], "--lr: must be above 0"),
     (["finetune", "--model", "tiny-test", "--loss-size", "0"], "--loss-size: must be at least 1"),
     (["finetune", "--model", "tiny-test", "--weight-decay", "nan"], "--weight-decay: must be at least 0"),
@@ -902,8 +903,9 @@ def test_cli_commands_end_to_end(tmp_path, capsys):
     assert main(["distill", str(cache), "--teacher", "tiny-test-teacher", "--teacher-checkpoint",
                  str(tmp_path / "teacher" / "model.pth"), "--student", "tiny-test", "--stage-epochs", "1",
                  "--output", str(tmp_path / "student"), *common]) == 0
-    assert main(["finetune", str(cache), "--model", "tiny-test", "--checkpoint", str(tmp_path / "student" / "model.pth"),
-                 "--clicks", "2", "--loss-size", "32", "--output", str(tmp_path / "final"), *common]) == 0
+    assert main(["finetune", str(cache), "--model", "tiny-test", "--checkpoint",
+                 str(tmp_path / "student" / "model.pth"), "--clicks", "2", "--loss-size", "32", "--output",
+                 str(tmp_path / "final"), *common]) == 0
     latest = tmp_path / "final" / "latest.pth"
     before = latest.read_bytes()
     os.mkfifo(tmp_path / "pipe.pth")

@@ -39,7 +39,8 @@ def test_demo_weights_are_small_official_format_and_load_strictly():
     config = get_model_config("fastsam3d-demo")
     assert config.spacing_mm == 1.5 and config.image_size == 128 and config.encoder.block_form == "fastsam3d"
     model = build_model("fastsam3d-demo", checkpoint=WEIGHTS)  # strict keys and shapes
-    assert sum(v.numel() for v in model.state_dict().values()) == sum(v.numel() for v in saved["model_state_dict"].values())
+    assert sum(v.numel() for v in model.state_dict().values()) == \
+        sum(v.numel() for v in saved["model_state_dict"].values())
 
 
 def test_demo_segments_the_right_kidney_as_the_model_card_says(tmp_path):

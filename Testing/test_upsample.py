@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from FastSAM3DLib.upsample import linear_weights, trilinear_upsample
 
 
-@pytest.mark.parametrize("size_in,size_out", [((8, 8, 8), (32, 32, 32)), ((5, 7, 6), (20, 9, 6)), ((8, 4, 6), (16, 16, 3))])
+@pytest.mark.parametrize("size_in,size_out",
+                         [((8, 8, 8), (32, 32, 32)), ((5, 7, 6), (20, 9, 6)), ((8, 4, 6), (16, 16, 3))])
 def test_equals_interpolate_values_and_gradients(size_in, size_out):
     generator = torch.Generator().manual_seed(0)
     volume = torch.randn((2, 3) + size_in, generator=generator, dtype=torch.float64, requires_grad=True)

@@ -18,9 +18,10 @@ Backends:
 **Fallback.** Triton compiles the kernel and a small C launcher at the first launch of each variant; that needs a
 C compiler and ``Python.h``, which Slicer 5.10-5.12 and many workstations lack. When a Triton launch chosen by
 ``"auto"`` raises (compile error, missing compiler or headers, unsupported GPU, out of resources; out of
-GPU memory excepted, torch's or the CUDA driver's under Triton, which the PyTorch path would not cure), the call returns the PyTorch backend's result
-and ``"auto"`` uses PyTorch for the rest of the process, after one ``WARNING`` on the ``FastSAM3DLib.attention``
-logger. An explicit ``"triton"`` (argument or environment variable) raises the error instead.
+GPU memory excepted, torch's or the CUDA driver's under Triton, which the PyTorch path would not cure), the call
+returns the PyTorch backend's result and ``"auto"`` uses PyTorch for the rest of the process, after one ``WARNING``
+on the ``FastSAM3DLib.attention`` logger. An explicit ``"triton"`` (argument or environment variable) raises the
+error instead.
 
 The environment variable ``FASTSAM3D_ATTENTION`` (``auto|torch|triton|eager``) sets the backend wherever none
 is requested explicitly (``None`` or ``"auto"``). A backend that cannot run on the given tensors (e.g.

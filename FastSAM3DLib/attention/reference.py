@@ -41,7 +41,8 @@ def bias_terms(q_grid: torch.Tensor, rel_d, rel_h, rel_w, real: Grid):
     """
     s = q_grid.shape[2]
     if q_grid.shape[2:5] != (s, s, s):
-        raise ValueError(f"the official relative position bias is defined for cubic grids, got {tuple(q_grid.shape[2:5])}")
+        raise ValueError(f"the official relative position bias is defined for cubic grids, got "
+                         f"{tuple(q_grid.shape[2:5])}")
     d, h, w = real
     # the tables in the queries' dtype (a bf16/fp16 model holds both so; the torch backend accepts the mix too)
     rd = relative_table(s, s, rel_d.to(q_grid.dtype))[:d]
@@ -81,7 +82,8 @@ def rel_pos_attention_sdpa(q, k, v, rel_d, rel_h, rel_w, grid: Grid, scale: floa
 
 
 def pad_window(t: torch.Tensor, grid: Grid, window: Grid, fill: torch.Tensor) -> torch.Tensor:
-    """``(B, heads, N, C)`` tokens of ``grid`` at the start of a ``(B, heads, *window, C)`` grid filled with ``fill``."""
+    """``(B, heads, N, C)`` tokens of ``grid`` at the start of a ``(B, heads, *window, C)`` grid filled with
+    ``fill``."""
     b, h, _, c = t.shape
     out = fill.to(t.dtype).view(1, h, 1, 1, 1, c).expand(b, h, *window, c).clone()
     out[:, :, : grid[0], : grid[1], : grid[2]] = grid_view(t, grid)

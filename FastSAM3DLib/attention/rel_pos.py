@@ -125,7 +125,8 @@ def dense_bias(factors: BiasFactors, out: Optional[torch.Tensor] = None) -> torc
 
 
 def add_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out[...] = a + b`` (broadcast), without a temporary unless autograd needs one (``out=`` is not differentiable)."""
+    """``out[...] = a + b`` (broadcast), without a temporary unless autograd needs one (``out=`` is not
+    differentiable)."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         out.copy_(a + b)
     else:

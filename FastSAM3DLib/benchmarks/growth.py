@@ -73,7 +73,8 @@ def measure(model_name: Optional[str] = None, regions: int = 20, max_embeddings:
     return {
         "model": model_name, "device": device, "threads": threads, "regions": result.regions,
         "clicks_after": clicks, "max_embeddings": settings.max_embeddings,
-        "embeddings": len(embedding_bytes), "embedding_kb": round(embedding_bytes[0] / 1e3, 1) if embedding_bytes else 0,
+        "embeddings": len(embedding_bytes),
+        "embedding_kb": round(embedding_bytes[0] / 1e3, 1) if embedding_bytes else 0,
         "logits_mb": round(sum(t.untyped_storage().nbytes() for t in logits.values()) / 1e6, 2),
         "retained_mb": round(retained_bytes(session) / 1e6, 2),
         "grow_s": round(grow_seconds, 2), "click_ms": round(1e3 * statistics.median(times), 1) if times else None,

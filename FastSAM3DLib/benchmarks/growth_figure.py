@@ -52,7 +52,8 @@ def draw(path: str = "Testing/Benchmarks/results/growth-seam.png") -> Path:
         left.plot([low, high], [bar, bar], color=colour, linewidth=3)
         for face in (low, high):
             left.axvline(face, color=colour, linestyle="--", linewidth=0.8)
-    left.set_title(f"one click, {len(indices)} regions: Dice {2 * (mask & truth).sum() / (mask.sum() + truth.sum()):.3f}")
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    left.set_title(f"one click, {len(indices)} regions: Dice {dice:.3f}")
     left.set_xlabel("R (mm)")
     left.set_ylabel("A (mm)")
 

@@ -14,7 +14,8 @@ def bench_rows(plan, device_name: str) -> List[dict]:
     from .. import int8_products
     from . import report
 
-    common = dict(model=f"one {int8_products.RACE_ROWS}x768x768 product", device=device_name, precision="int8", unit="x")
+    common = dict(model=f"one {int8_products.RACE_ROWS}x768x768 product", device=device_name, precision="int8",
+                  unit="x")
     skipped = plan.skip.get("host") or (None if plan.device == "cpu" else "int8 products are a CPU path")
     if skipped:
         return [report.measurement("int8_product_ratio", None, variant=kernel, label="int8 / float32 time",

@@ -67,7 +67,8 @@ LEGEND = (
     "image encoder run on 128 slices of 1024² (slice by slice, as in the FastSAM3D paper). bf16 and fp16 are "
     "autocast; int8 is the `fast` precision (the image encoder's matrix products in int8 on a CPU, "
     "`FastSAM3DLib.quantize`). *SimpleITK resampling* rows repeat the fp32 clicks with SimpleITK resampling both "
-    "ways (`FASTSAM3D_RESAMPLE=sitk`, the session before its PyTorch resampling). Random weights (speed does not depend on their values); medians after a warm-up run (on a CPU, "
+    "ways (`FASTSAM3D_RESAMPLE=sitk`, the session before its PyTorch resampling). Random weights (speed does not "
+    "depend on their values); medians after a warm-up run (on a CPU, "
     "medim and 2D SAM run without one).")
 
 

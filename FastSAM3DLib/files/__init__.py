@@ -28,7 +28,8 @@ from .records import APPEND_WAIT_SECONDS, WINDOWS_LOCK_OFFSET, append_lines, com
 
 __all__ = ["REPLACE_RETRY_SECONDS", "STALE_TEMP_SECONDS", "TEMP_MARKER", "atomic_output", "in_use_on_windows",
            "is_our_temporary", "open_fd", "remove_empty_folders", "remove_stale_temporaries", "replace_file",
-           "temporary_beside", "write_text_atomically", "check_complete", "check_data_files", "checked_complete", "short_data_refusal",
+           "temporary_beside", "write_text_atomically", "check_complete", "check_data_files", "checked_complete",
+           "short_data_refusal",
            "ImageHeader", "check_memory_budget", "memory_budget", "read_header", "run_bytes",
            "write_label_atomically", "itk_reason", "native_stderr_captured", "LABEL_EXTENSIONS", "NIFTI_EXTENSIONS",
            "SHEAR_TOLERANCE", "check_format_keeps_geometry", "check_output_path", "is_sheared", "label_extension",

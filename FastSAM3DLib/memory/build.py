@@ -170,7 +170,8 @@ def build_bank(source, model, *, label=None, model_label: Optional[str] = None, 
             volume, labels, _ = ds.load_case(case)
             volume.validate()
         except Exception as exc:  # noqa: BLE001 - an unreadable case is reported and skipped, as evaluate does
-            skip(f"{case.name}: skipped ({str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__})")
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            skip(f"{case.name}: skipped ({reason})")
             continue
         counts = ds.value_counts(labels)
         values_, missing = ds.select_structures(case, counts, structures)

@@ -197,8 +197,8 @@ def add_subcommands(subparsers) -> None:
                       help="also train the predicted IoU: this weight times the squared error to each click's "
                            "actual IoU (default 0: the official loss has no IoU term)")
     fine.add_argument("--iou-head-only", action="store_true",
-                      help="train only the IoU prediction head (masks stay exactly as they are; the loss is the IoU term "
-                           "alone); needs --iou-weight")
+                      help="train only the IoU prediction head (masks stay exactly as they are; the loss is the IoU "
+                           "term alone); needs --iou-weight")
     _add_loop_arguments(fine, lr=8e-4)
     fine.set_defaults(func=cmd_finetune)
 

@@ -39,7 +39,8 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def random_orientation(rng: np.random.Generator, max_tilt_deg: float = 25.0) -> np.ndarray:
-    """A direction matrix: random axis permutation and flips, tilted obliquely (half the time) up to ``max_tilt_deg``."""
+    """A direction matrix: random axis permutation and flips, tilted obliquely (half the time) up to
+    ``max_tilt_deg``."""
     perm = np.eye(3)[rng.permutation(3)] * rng.choice([-1.0, 1.0], size=3)
     if rng.random() < 0.5:
         return perm
