@@ -694,6 +694,34 @@ def test_failures_leave_the_segmentation_bit_identical(app):
         assert np.array_equal(segment_array(segmentation, ids[sid], volume), mask)
 
 
+def test_a_missing_target_or_source_and_malformed_regions_are_refused_with_what_to_do(app):
+    """What a console script may pass by mistake: no segmentation, no source volume (or one without voxels),
+    a region that is not three unit-step slices, a 0/1 mask of another integer type. Each gets its message and
+    leaves the segmentation as it was."""
+    from FastSAM3DLib.errors import InputImageError
+
+    volume, segmentation, ids, masks, new = three_segments(app)
+    before = fingerprint(segmentation)
+    with pytest.raises(FastSAM3DError, match="Select a segmentation"):
+        sc.write_region(None, ids["B"], volume, REGION, new)
+    with pytest.raises(FastSAM3DError, match="Select a segmentation"):
+        sc.write_region(volume, ids["B"], volume, REGION, new)
+    empty = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels")
+    for source in (None, empty, segmentation):
+        with pytest.raises(InputImageError, match="Select the source volume"):
+            sc.write_region(segmentation, ids["B"], source, REGION, new)
+    k, j, i = REGION
+    for region in ((k, j), (k, j, i, i), (k, j, slice(i.start, i.stop, 2)), (k, j, (i.start, i.stop)), "kji"):
+        with pytest.raises(ValueError, match="three unit-step slices"):
+            sc.write_region(segmentation, ids["B"], volume, region, new)
+    with pytest.raises(ValueError, match="boolean"):
+        sc.write_region(segmentation, ids["B"], volume, REGION, new.astype(np.int16) * 2)
+    assert fingerprint(segmentation) == before
+    stepped = (slice(k.start, k.stop, 1), j, i)  # an explicit step of 1 is a unit step
+    sc.write_region(segmentation, ids["B"], volume, stepped, new.astype(np.uint8))  # 0/1 integers are a mask
+    assert np.array_equal(segment_array(segmentation, ids["B"], volume)[REGION], new)
+
+
 def test_a_result_reaching_outside_the_segmentations_geometry_is_refused_not_cut(app):
     """A segmentation made for a smaller volume, or moved by a transform, cut the result off silently (to nothing
     when moved away), and the call reported success."""
