@@ -714,8 +714,11 @@ def test_a_missing_target_or_source_and_malformed_regions_are_refused_with_what_
     for region in ((k, j), (k, j, i, i), (k, j, slice(i.start, i.stop, 2)), (k, j, (i.start, i.stop)), "kji"):
         with pytest.raises(ValueError, match="three unit-step slices"):
             sc.write_region(segmentation, ids["B"], volume, region, new)
+    with pytest.raises(ValueError, match="outside the volume"):
+        sc.write_region(segmentation, ids["B"], volume, (slice(-1, k.stop - 1), j, i), new)
     with pytest.raises(ValueError, match="boolean"):
         sc.write_region(segmentation, ids["B"], volume, REGION, new.astype(np.int16) * 2)
+    sc.write_region(segmentation, ids["B"], volume, (slice(3, 3), j, i), new[:0])  # an empty region: no change
     assert fingerprint(segmentation) == before
     stepped = (slice(k.start, k.stop, 1), j, i)  # an explicit step of 1 is a unit step
     sc.write_region(segmentation, ids["B"], volume, stepped, new.astype(np.uint8))  # 0/1 integers are a mask
