@@ -207,6 +207,18 @@ def test_a_written_label_is_the_mask_on_the_image_grid(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_label_is_written_from_any_0_1_mask_layout(tmp_path):
+    """A bool mask is written without a copy; a strided view of one, or 0/1 integers of any width, are converted
+    (viewing an int32 array's bytes as a label would write four times the voxels, most of them zero)."""
+    volume = Volume.from_sitk(sphere_image(size=12))
+    mask = np.random.default_rng(3).random(volume.shape) > 0.5
+    wide = np.random.default_rng(4).random((volume.shape[0], volume.shape[1], 2 * volume.shape[2])) > 0.5
+    for given in (mask, mask.astype(np.int32), mask.astype(np.int64), np.asfortranarray(mask), wide[:, :, ::2]):
+        path = write_label_atomically(volume, given, tmp_path / "label.nrrd")
+        np.testing.assert_array_equal(Volume.from_file(path).array, np.asarray(given, np.uint8))
+    assert os.listdir(tmp_path) == ["label.nrrd"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # outputs refused before any work
 
