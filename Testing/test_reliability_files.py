@@ -195,6 +195,52 @@ def test_a_writer_that_fails_silently_is_caught_by_the_read_back(tmp_path, monke
     assert os.listdir(tmp_path) == []
 
 
+def _resized(image):
+    return image[:, :, 1:]
+
+
+def _moved(image):
+    image.SetOrigin(tuple(o + 0.5 for o in image.GetOrigin()))  # half a millimetre off a CT-like origin
+    return image
+
+
+def _rescaled(image):
+    image.SetSpacing(tuple(3.0 * s for s in image.GetSpacing()))
+    return image
+
+
+def _turned(image):
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    return image
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("wrong, message", [(None, "the file is empty"), (_resized, "header says size"),
+                                            (_moved, "another origin"), (_rescaled, "another spacing"),
+                                            (_turned, "another direction")],
+                         ids=["empty", "resized", "moved", "rescaled", "turned"])
+def test_a_file_whose_header_differs_from_the_label_is_refused(tmp_path, monkeypatch, extension, wrong, message):
+    """A writer that returns normally but leaves an empty file, or a complete one whose header does not describe
+    the image (another size, origin, spacing or direction: the label would not overlay the image) is refused by
+    the read-back, which says which, and no file is left."""
+    real_write = sitk.WriteImage
+
+    def wrong_write(image, name, *args):
+        if wrong is None:
+            Path(name).write_bytes(b"")
+        else:
+            real_write(wrong(sitk.Image(image)), name, *args)
+
+    monkeypatch.setattr(sitk, "WriteImage", wrong_write)
+    image = sphere_image(size=12)
+    image.SetOrigin((-180.5, 96.25, -402.0))
+    volume = Volume.from_sitk(image)
+    mask = np.random.default_rng(5).random(volume.shape) > 0.5
+    with pytest.raises(OutputFileError, match=message):
+        write_label_atomically(volume, mask, tmp_path / f"label{extension}")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_written_label_is_the_mask_on_the_image_grid(tmp_path):
     direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
     volume = Volume.from_sitk(sphere_image(size=20, spacing=(0.7, 0.8, 2.5), direction=direction))
