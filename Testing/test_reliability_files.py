@@ -793,7 +793,7 @@ def test_writing_a_label_makes_no_copy_of_the_volumes_size_in_numpy(tmp_path):
 
 
 def test_a_label_whose_last_voxel_was_written_wrong_is_refused(tmp_path, monkeypatch):
-    """The read-back is compared a slab at a time: a difference in the last slab still counts."""
+    """The read-back is compared a slab at a time: a difference in any slab counts, the last one too."""
     from FastSAM3DLib import files
 
     real_write = sitk.WriteImage
@@ -805,10 +805,13 @@ def test_a_label_whose_last_voxel_was_written_wrong_is_refused(tmp_path, monkeyp
         wrong.CopyInformation(image)
         real_write(wrong, name, *args)
 
-    assert files.label_writing._equal_in_slabs(np.zeros((9, 3, 3)), np.zeros((9, 3, 3)), voxels=7)
-    other = np.zeros((9, 3, 3))
-    other[-1, -1, -1] = 1
-    assert not files.label_writing._equal_in_slabs(np.zeros((9, 3, 3)), other, voxels=7)
+    equal = files.label_writing._equal_in_slabs
+    for voxels in (1, 7, 9, 10, 1 << 24):  # slabs of one slice (also for fewer voxels than a slice), 2, or all
+        assert equal(np.zeros((9, 3, 3)), np.zeros((9, 3, 3)), voxels=voxels)
+        for position in np.ndindex(9, 3, 3):  # a difference anywhere counts, in the first slab as in the last
+            other = np.zeros((9, 3, 3))
+            other[position] = 1
+            assert not equal(np.zeros((9, 3, 3)), other, voxels=voxels), (voxels, position)
     monkeypatch.setattr(sitk, "WriteImage", last_voxel_flipped)
     volume = Volume.from_sitk(sphere_image(size=24))
     with pytest.raises(OutputFileError, match="voxels differ from the label"):
