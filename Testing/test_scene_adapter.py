@@ -354,6 +354,7 @@ def test_creating_a_prompt_list_keeps_the_users_active_place_list(app):
     assert selection.GetActivePlaceNodeID() == landmarks.GetID()
     assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
     assert prompts.GetHideFromEditors() and prompts.GetLocked()
+    assert prompts.GetNthControlPointLabel(0) == ""  # no "F-1" names in the Markups module's list
     # the user's next landmark goes where it always went, and never becomes a click
     landmarks.AddControlPointWorld(vtk.vtkVector3d(9.0, 9.0, 9.0), "L-1")
     assert landmarks.GetNumberOfControlPoints() == 1 and prompts.GetNumberOfControlPoints() == 1
