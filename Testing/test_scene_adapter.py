@@ -360,6 +360,22 @@ def test_creating_a_prompt_list_keeps_the_users_active_place_list(app):
     assert landmarks.GetNumberOfControlPoints() == 1 and prompts.GetNumberOfControlPoints() == 1
 
 
+def test_prompt_lists_of_a_removed_segmentation_are_removed_with_their_display_nodes(app):
+    volume = make_volume(app.scene)
+    kept, gone = make_segmentation(app.scene, volume, "kept"), make_segmentation(app.scene, volume, "gone")
+    lists = [sc.prompt_points_node(node, node.GetSegmentation().AddEmptySegment("", name))
+             for node, name in ((kept, "a"), (gone, "b"), (gone, "c"))]
+    displays = [node.GetDisplayNodeID() for node in lists]
+    removed_segment = kept.GetSegmentation().AddEmptySegment("", "d")
+    sc.prompt_points_node(kept, removed_segment)
+    kept.GetSegmentation().RemoveSegment(removed_segment)  # its list stays: Ctrl+Z brings the segment back
+    assert sc.remove_orphan_prompt_lists(app.scene) == 0
+    app.scene.RemoveNode(gone)
+    assert sc.remove_orphan_prompt_lists(app.scene) == 2
+    assert [app.scene.GetNodeByID(i) is not None for i in displays] == [True, False, False]
+    assert len(sc.prompt_point_nodes(kept)) == 2 and sc.remove_orphan_prompt_lists(app.scene) == 0
+
+
 def test_select_all_does_not_change_a_clicks_polarity(app):
     volume = make_volume(app.scene)
     segmentation = make_segmentation(app.scene, volume)
