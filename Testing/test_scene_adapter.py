@@ -355,6 +355,7 @@ def test_creating_a_prompt_list_keeps_the_users_active_place_list(app):
     assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
     assert prompts.GetHideFromEditors() and prompts.GetLocked()
     assert prompts.GetNthControlPointLabel(0) == ""  # no "F-1" names in the Markups module's list
+    assert prompts.GetNthControlPointLocked(0)  # unlocking the list in the Markups module keeps clicks in place
     # the user's next landmark goes where it always went, and never becomes a click
     landmarks.AddControlPointWorld(vtk.vtkVector3d(9.0, 9.0, 9.0), "L-1")
     assert landmarks.GetNumberOfControlPoints() == 1 and prompts.GetNumberOfControlPoints() == 1
@@ -374,6 +375,20 @@ def test_prompt_lists_of_a_removed_segmentation_are_removed_with_their_display_n
     assert sc.remove_orphan_prompt_lists(app.scene) == 2
     assert [app.scene.GetNodeByID(i) is not None for i in displays] == [True, False, False]
     assert len(sc.prompt_point_nodes(kept)) == 2 and sc.remove_orphan_prompt_lists(app.scene) == 0
+
+
+def test_creating_a_prompt_list_keeps_an_active_place_list_of_another_kind(app):
+    """The user was placing a line (or a curve, an ROI): the active place node's class must come back too."""
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    selection = _selection_node(app)
+    line = app.scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "ruler")
+    selection.SetActivePlaceNodeID(line.GetID())
+    selection.SetActivePlaceNodeClassName("vtkMRMLMarkupsLineNode")
+    sc.add_prompt_point(sc.prompt_points_node(segmentation, segment_id), (1.0, 2.0, 3.0), include=True)
+    assert selection.GetActivePlaceNodeID() == line.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsLineNode"
 
 
 def test_select_all_does_not_change_a_clicks_polarity(app):
