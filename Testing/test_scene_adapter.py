@@ -396,8 +396,8 @@ def test_select_all_does_not_change_a_clicks_polarity(app):
     segmentation = make_segmentation(app.scene, volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
     prompts = sc.prompt_points_node(segmentation, segment_id)
-    sc.add_prompt_point(prompts, (1.0, 2.0, 3.0), include=True)
-    sc.add_prompt_point(prompts, (4.0, 5.0, 6.0), include=False)
+    assert sc.add_prompt_point(prompts, (1.0, 2.0, 3.0), include=True) == 0
+    assert sc.add_prompt_point(prompts, (4.0, 5.0, 6.0), include=False) == 1  # the new point's index
     for index in range(2):  # what "select all" in the Markups module does
         prompts.SetNthControlPointSelected(index, True)
     assert sc.ras_points_from_markups(prompts)[1].tolist() == [1, 0]
