@@ -391,6 +391,22 @@ def test_creating_a_prompt_list_keeps_an_active_place_list_of_another_kind(app):
     assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsLineNode"
 
 
+def test_points_without_a_written_polarity_keep_their_selected_flag(app):
+    """A point list from before the polarity was written into descriptions (or a point added by hand): its
+    *selected* flag is the polarity, and show_polarity must leave it alone."""
+    volume = make_volume(app.scene)
+    segmentation = make_segmentation(app.scene, volume)
+    prompts = sc.prompt_points_node(segmentation, segmentation.GetSegmentation().AddEmptySegment("", "liver"))
+    for index, (position, selected) in enumerate((((1.0, 2.0, 3.0), True), ((4.0, 5.0, 6.0), False))):
+        prompts.AddControlPointWorld(vtk.vtkVector3d(*position), "")
+        prompts.SetNthControlPointSelected(index, selected)
+    sc.add_prompt_point(prompts, (7.0, 8.0, 9.0), include=False)
+    prompts.SetNthControlPointSelected(2, True)  # "select all" in the Markups module
+    sc.show_polarity(prompts)
+    assert [prompts.GetNthControlPointSelected(i) for i in range(3)] == [True, False, False]
+    assert sc.ras_points_from_markups(prompts)[1].tolist() == [1, 0, 0]
+
+
 def test_select_all_does_not_change_a_clicks_polarity(app):
     volume = make_volume(app.scene)
     segmentation = make_segmentation(app.scene, volume)
