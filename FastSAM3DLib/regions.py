@@ -36,7 +36,6 @@ import torch
 from . import geometry, resample
 from .devices import supported_device
 from .geometry import RegionOfInterest, Volume
-from .session_common import crop_to, union  # noqa: F401  (regions.crop_to/union, used by growth and the session)
 
 Index = Tuple[int, int, int]
 Region = Tuple[slice, slice, slice]

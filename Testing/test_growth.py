@@ -111,7 +111,7 @@ def test_undo_restores_exactly_the_state_before_a_growing_click(tube):
     undone = session.undo()
     assert session.region_set is before_set and len(session.clicks) == 1
     np.testing.assert_array_equal(session.full_mask(undone), before_mask)
-    assert undone.region == regions.union(undone.region, second.region)  # covers every region the click touched
+    assert undone.region == union(undone.region, second.region)  # covers every region the click touched
     empty = session.undo()
     assert not session.full_mask(empty).any() and session.region_set.regions == {}
 
