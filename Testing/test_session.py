@@ -282,3 +282,15 @@ def test_click_timings_are_measured_durations(model):
         assert result.encoded == needs_encode
         assert set(result.timings) == ({"encode", "decode", "paste"} if needs_encode else {"decode", "paste"})
         assert all(t >= 0 for t in result.timings.values()) and sum(result.timings.values()) <= wall
+
+
+def test_a_growing_sessions_timings_are_measured_durations(model):
+    """The same with growth (its encoder times are summed over the regions a click encodes)."""
+    volume = blob_volume()
+    session = InteractiveSession(model, volume, grow=True)
+    for ijk, needs_encode in (((40, 35, 30), True), ((44, 35, 30), False)):
+        start = time.perf_counter()
+        result = session.add_click(ras_of(volume, ijk))
+        wall = time.perf_counter() - start
+        assert result.encoded == needs_encode and ("encode" in result.timings) == needs_encode
+        assert all(0 <= t <= wall for t in result.timings.values()), (result.timings, wall)
