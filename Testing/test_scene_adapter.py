@@ -338,10 +338,14 @@ def _selection_node(app):
     return selection
 
 
+def _liver(app):
+    """A segmentation of a new volume with one empty segment, "liver"; returns (segmentation node, segment ID)."""
+    segmentation = make_segmentation(app.scene, make_volume(app.scene))
+    return segmentation, segmentation.GetSegmentation().AddEmptySegment("", "liver")
+
+
 def test_creating_a_prompt_list_keeps_the_users_active_place_list(app):
-    volume = make_volume(app.scene)
-    segmentation = make_segmentation(app.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    segmentation, segment_id = _liver(app)
     selection = _selection_node(app)
     landmarks = app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "landmarks")
     assert selection.GetActivePlaceNodeID() == landmarks.GetID()  # the markups logic makes a new list active
@@ -379,9 +383,7 @@ def test_prompt_lists_of_a_removed_segmentation_are_removed_with_their_display_n
 
 def test_creating_a_prompt_list_keeps_an_active_place_list_of_another_kind(app):
     """The user was placing a line (or a curve, an ROI): the active place node's class must come back too."""
-    volume = make_volume(app.scene)
-    segmentation = make_segmentation(app.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    segmentation, segment_id = _liver(app)
     selection = _selection_node(app)
     line = app.scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "ruler")
     selection.SetActivePlaceNodeID(line.GetID())
@@ -394,9 +396,8 @@ def test_creating_a_prompt_list_keeps_an_active_place_list_of_another_kind(app):
 def test_points_without_a_written_polarity_keep_their_selected_flag(app):
     """A point list from before the polarity was written into descriptions (or a point added by hand): its
     *selected* flag is the polarity, and show_polarity must leave it alone."""
-    volume = make_volume(app.scene)
-    segmentation = make_segmentation(app.scene, volume)
-    prompts = sc.prompt_points_node(segmentation, segmentation.GetSegmentation().AddEmptySegment("", "liver"))
+    segmentation, segment_id = _liver(app)
+    prompts = sc.prompt_points_node(segmentation, segment_id)
     for index, (position, selected) in enumerate((((1.0, 2.0, 3.0), True), ((4.0, 5.0, 6.0), False))):
         prompts.AddControlPointWorld(vtk.vtkVector3d(*position), "")
         prompts.SetNthControlPointSelected(index, selected)
@@ -408,9 +409,7 @@ def test_points_without_a_written_polarity_keep_their_selected_flag(app):
 
 
 def test_select_all_does_not_change_a_clicks_polarity(app):
-    volume = make_volume(app.scene)
-    segmentation = make_segmentation(app.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    segmentation, segment_id = _liver(app)
     prompts = sc.prompt_points_node(segmentation, segment_id)
     assert sc.add_prompt_point(prompts, (1.0, 2.0, 3.0), include=True) == 0
     assert sc.add_prompt_point(prompts, (4.0, 5.0, 6.0), include=False) == 1  # the new point's index
@@ -422,9 +421,7 @@ def test_select_all_does_not_change_a_clicks_polarity(app):
 
 
 def test_prompt_lists_are_found_again_after_a_scene_import_renames_node_ids(app):
-    volume = make_volume(app.scene)
-    segmentation = make_segmentation(app.scene, volume)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    segmentation, segment_id = _liver(app)
     prompts = sc.prompt_points_node(segmentation, segment_id)
     app.scene.SetSaveToXMLString(1)  # the node references and attributes (the points go to the .mrk.json)
     app.scene.Commit()
