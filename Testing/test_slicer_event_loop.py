@@ -2,8 +2,11 @@
 
 Timings (a click and a download, free-running vs inside the emulated loop) are measured by ``make bench``.
 """
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,17 +63,60 @@ def test_poll_gives_the_worker_the_gil_while_the_old_callback_did_not(spinning_w
     assert worker.busy() and worker.poll(0) == []
 
 
+def test_poll_still_gives_the_worker_the_gil_after_handing_back_a_result():
+    """The signal of a finished job is reset when its result is handed back: else every later poll would return
+    at once and the next click would crawl as it did under the old callback."""
+    worker, spinner = Worker(), Spinner()
+    worker.submit("quick", lambda: 1)
+    assert [f.value for f in run_event_loop(worker, loop_seconds=0.01)] == [1]
+    worker.submit("spin", spinner)
+    assert spinner.started.wait(10)
+    try:
+        polled = progress_during(spinner, lambda: worker.poll(0.05))
+        held = progress_during(spinner, lambda: hold_gil(0.05))
+        assert polled > 4 * max(held, 1), (polled, held)
+    finally:
+        spinner.stop.set()
+        worker.stop(10)
+
+
 def test_poll_hands_back_a_finished_job_at_once_not_after_its_budget():
     worker = Worker()
     release = threading.Event()
+    start = time.perf_counter()
     worker.submit(("click", 1), lambda: release.wait(10) and "mask")
     threading.Timer(0.05, release.set).start()
-    start = time.perf_counter()
     finished = worker.poll(30.0)
-    assert time.perf_counter() - start < 10  # the 30 s budget is an upper bound, not a sleep
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10  # the 30 s budget is an upper bound, not a sleep
     assert [(f.tag, f.value, f.error) for f in finished] == [(("click", 1), "mask", None)]
+    assert 0 < finished[0].seconds <= elapsed  # the job's own run time (the effect reports it)
     assert not worker.busy()
     assert worker.stop(5)
+
+
+def test_poll_returns_at_once_when_nothing_is_pending():
+    """The GUI timer may fire once more after the last result: an idle poll must not hold the GUI for its budget."""
+    worker = Worker()
+    start = time.perf_counter()
+    assert worker.poll(30.0) == []
+    worker.submit("quick", lambda: 1)
+    assert [f.value for f in run_event_loop(worker, loop_seconds=0.01)] == [1]
+    assert worker.poll(30.0) == [] and not worker.busy()
+    assert time.perf_counter() - start < 10  # twice a 30 s budget, not waited
+    assert worker.stop(5)
+
+
+def test_a_job_still_running_does_not_keep_the_application_from_quitting():
+    """Slicer may quit without stopping the worker (its Python shuts down with the thread inside a job): the
+    thread is a daemon, so the interpreter exits instead of waiting for the job."""
+    script = ("import threading; from FastSAM3DLib.background import Worker; "
+              "worker, started = Worker(), threading.Event(); "
+              "worker.submit('stuck', lambda: started.set() or threading.Event().wait()); "
+              "assert started.wait(10); print('quitting')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "quitting", done.stderr
 
 
 def test_jobs_run_in_order_under_the_emulated_loop_and_errors_come_back_with_details():
