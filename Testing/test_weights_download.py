@@ -4,6 +4,7 @@ import os
 import random
 import re
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -25,11 +26,11 @@ DATA = random.Random(0).randbytes(300_000)
 PATH = "/files/model.pth"
 
 
-def setup(tmp_path, server, data=DATA, plan=(), sha=True, size=None, urls=None):
+def setup(tmp_path, server, data=DATA, plan=(), sha=True, size=None, urls=None, exact=True):
     """Serve ``data`` and write a manifest for it; return (manifest path, cache dir)."""
     url = server.serve(PATH, data, plan)
     manifest = write_manifest(tmp_path / "models.json", {
-        "urls": urls or [url], "size": size or len(data), "size_exact": True, "filename": "model.pth",
+        "urls": urls or [url], "size": size or len(data), "size_exact": exact, "filename": "model.pth",
         "sha256": sha256(data) if sha else None})
     return manifest, tmp_path / "cache"
 
@@ -53,6 +54,9 @@ def test_full_download_follows_redirect_reports_progress_and_records(tmp_path, s
     record = read_record(files(cache))
     assert record.sha256 == sha256(DATA) and record.checksum_source == "manifest" and record.origin == url
     assert leftovers(cache) == ["model.pth", "model.pth.verified.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~umask  # an ordinary data file, like a copied one
 
 
 def test_dropped_connection_keeps_part_and_next_call_resumes_with_range(tmp_path, server):
@@ -111,6 +115,60 @@ def test_server_error_says_what_to_do_and_leaves_nothing(tmp_path, server):
     message = str(err.value)
     assert "HTTP 500" in message and "HTTPS_PROXY" in message and "import test-model FILE" in message
     assert "Nothing was saved" in message and leftovers(cache) == []
+
+
+@pytest.mark.parametrize("status, says", [
+    (407, "the proxy wants a user name and password"), (403, "access was refused"),
+    (404, "no longer at this address"), (500, "a problem on the server"), (502, "a problem on the server")])
+def test_each_http_refusal_says_what_it_means(tmp_path, server, status, says):
+    manifest, cache = setup(tmp_path, server, plan=[f"status:{status}"])
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", cache, manifest=manifest)
+    assert f"HTTP {status}" in str(err.value) and says in str(err.value) and leftovers(cache) == []
+    assert ("HTTPS_PROXY=http://USER:PASSWORD@" in str(err.value)) == (status == 407)  # the advice for a 407
+
+
+@pytest.mark.parametrize("size", [len(DATA) - 5000, len(DATA) + 5000])  # 1.7 % off: within SIZE_TOLERANCE
+def test_a_manifest_size_marked_approximate_accepts_a_file_within_its_tolerance(tmp_path, server, size):
+    manifest, cache = setup(tmp_path, server, size=size, exact=False)
+    assert download_model("test-model", cache, manifest=manifest).read_bytes() == DATA
+
+
+def test_a_file_beyond_an_approximate_size_is_refused(tmp_path, server):
+    manifest, cache = setup(tmp_path, server, size=len(DATA) + 10_000, exact=False)  # 3.2 % off
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", cache, manifest=manifest)
+    assert "about 310000 bytes" in str(err.value) and "not the right file" in str(err.value)
+    assert leftovers(cache) == []
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_file_sent_without_content_length_is_received_whole(tmp_path, server, exact):
+    manifest, cache = setup(tmp_path, server, plan=["nolength"], exact=exact,
+                            size=len(DATA) if exact else len(DATA) - 5000)
+    assert download_model("test-model", cache, manifest=manifest).read_bytes() == DATA
+    assert leftovers(cache) == ["model.pth", "model.pth.verified.json"]
+
+
+def test_a_body_without_content_length_is_cut_off_beyond_the_expected_size(tmp_path, server):
+    manifest, cache = setup(tmp_path, server, plan=["nolength"], sha=False, size=len(DATA) - 10_000, exact=False)
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", cache, manifest=manifest)
+    assert "the server sent more than" in str(err.value) and leftovers(cache) == []
+
+
+def test_a_part_begun_at_another_address_is_not_continued_from_this_one(tmp_path, server):
+    """Without a published checksum, a mirror may serve other bytes: its partial download starts again, from
+    byte 0, even when an earlier download pinned a checksum that would catch a splice."""
+    mirror = server.serve("/mirror/model.pth", DATA)
+    manifest, cache = setup(tmp_path, server, sha=False, urls=[server.url(PATH), mirror])
+    download_model("test-model", cache, manifest=manifest)  # pins the checksum
+    files(cache).path.write_bytes(b"x" * len(DATA))  # changed since: downloaded again
+    server.plans[PATH] = ["drop:100000"]
+    assert download_model("test-model", cache, manifest=manifest, retries=0).read_bytes() == DATA
+    assert [r["headers"].get("range") for r in server.gets("/mirror/model.pth")] == [None]
+    assert read_record(files(cache)).origin == mirror
+    assert leftovers(cache) == ["model.pth", "model.pth.verified.json"]
 
 
 def test_next_url_is_tried_when_the_first_fails(tmp_path, server):
@@ -176,6 +234,18 @@ def test_first_download_pins_checksum_and_later_downloads_must_match(tmp_path, s
         download_model("test-model", cache, manifest=manifest)
     message = str(err.value)
     assert "pinned" in message and "model.pth.verified.json" in message and "report" in message
+    assert leftovers(cache) == ["model.pth.verified.json"]
+
+
+def test_a_pinned_file_sets_the_exact_size_where_the_manifest_gives_an_approximate_one(tmp_path, server):
+    manifest, cache = setup(tmp_path, server, sha=False, size=len(DATA) + 5000, exact=False)
+    download_model("test-model", cache, manifest=manifest)
+    files(cache).path.unlink()
+    server.files[PATH] = DATA + b"x"  # within the manifest's 2 %, but not the pinned file
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", cache, manifest=manifest)
+    message = str(err.value)  # refused on the size announced, before any byte was received
+    assert "the server offers 300001 bytes, but the test-model file has 300000 bytes" in message, message
     assert leftovers(cache) == ["model.pth.verified.json"]
 
 

@@ -68,3 +68,23 @@ def test_proxy_refusing_the_tunnel_gives_proxy_advice(tmp_path, proxy, monkeypat
     assert proxy.requests == [("CONNECT", "weights.test:443")]
     message = str(err.value)
     assert "cannot connect" in message and "HTTPS_PROXY" in message and "import test-model FILE" in message
+
+
+def test_an_untrusted_certificate_points_to_ssl_cert_file(tmp_path, no_proxy_env, monkeypatch):
+    """An inspecting firewall's certificate looks like this self-signed one: the message names the way out."""
+    context, _cert = self_signed_tls(tmp_path, "weights.test")
+    origin = FileServer(tls=context)
+    origin.serve("/m.pth", DATA)
+    p = ForwardProxy(tunnels={"weights.test:443": ("127.0.0.1", origin.port)})
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", p.url)
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        manifest = manifest_for(tmp_path, "https://weights.test/m.pth")
+        with pytest.raises(DownloadError) as err:
+            download_model("test-model", tmp_path / "cache", manifest=manifest, timeout=5)
+        message = str(err.value)
+        assert "secure connection failed" in message and "SSL_CERT_FILE" in message, message
+        assert "import test-model FILE" in message and not (tmp_path / "cache" / "model.pth").exists()
+    finally:
+        p.stop()
+        origin.stop()

@@ -38,7 +38,8 @@ class FileServer:
     ``serve(path, data, plan)``: ``plan`` lists what the next GETs of ``path`` do, one entry per request,
     then "ok" forever: "ok"; "status:500"; "drop:N" (send N body bytes, then cut the connection);
     "stall:S" (send the headers, then nothing for S seconds); "length:N" (announce N bytes, send them all);
-    "slow" (send in small pieces, for overlapping concurrent clients).
+    "slow" (send in small pieces, for overlapping concurrent clients); "nolength" (no Content-Length: the body
+    ends when the connection closes, as some proxies send it).
     """
 
     def __init__(self, tls: Optional[ssl.SSLContext] = None) -> None:
@@ -135,8 +136,12 @@ class _FileHandler(BaseHTTPRequestHandler):
         self.send_response(206 if ranged else 200)
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        length = int(action.split(":")[1]) if action.startswith("length:") else len(body)
-        self.send_header("Content-Length", str(length))
+        if action == "nolength":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            length = int(action.split(":")[1]) if action.startswith("length:") else len(body)
+            self.send_header("Content-Length", str(length))
         self.send_header("ETag", '"' + hashlib.sha1(data).hexdigest()[:16] + '"')
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
