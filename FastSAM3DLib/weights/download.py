@@ -368,19 +368,14 @@ def _open_part(files: ModelFiles, offset: int):
     return os.fdopen(open_fd(files.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
 
 
-def _hash_file(path: Path, progress: Optional[Progress] = None) -> str:
-    """sha256 of a plain file, opened without following a symlink; ``progress(done, total)`` if given."""
+def _hash_file(path: Path) -> str:
+    """sha256 of a plain file, opened without following a symlink."""
     import hashlib
 
     digest = hashlib.sha256()
     with os.fdopen(open_fd(path, os.O_RDONLY), "rb") as f:
-        total = os.fstat(f.fileno()).st_size
-        done = 0
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
     return digest.hexdigest()
 
 
