@@ -187,6 +187,25 @@ def test_remote_session_equals_a_local_session_bit_for_bit(server, model_name, p
     rem.close()
 
 
+def test_a_region_revisited_after_an_undo_continues_from_its_cached_state(server):
+    """Undo keeps the region's state before the undone click: coming back to it later feeds the new click alone
+    (one decoder run), not every earlier click of the region again."""
+    volume = phantom()
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    rem = remote.RemoteSession(server.url, "tiny-test", volume)
+    steps, request = [], rem._request
+    rem._request = lambda roi, run, *args, **kwargs: steps.append(len(run)) or request(roi, run, *args, **kwargs)
+    a, b, far, back = (ras(volume, ijk) for ijk in ((40, 30, 20), (45, 33, 21), (170, 28, 20), (42, 31, 19)))
+    for point in (a, b):
+        assert same(local.add_click(point), rem.add_click(point))
+    assert same(local.undo(), rem.undo())
+    for point in (far, back):
+        assert same(local.add_click(point), rem.add_click(point))
+    assert_same_state(local, rem)
+    assert steps == [1, 1, 1, 1], steps  # the undo asked nothing; the return fed one click on the cached state
+    rem.close()
+
+
 def test_a_replay_longer_than_the_servers_step_limit_is_split_and_equal():
     """A region move replays every click inside it in one request: past --max-steps (64) the server refused it,
     and past --max-points a prompt of every click was refused without a word on the client."""
@@ -800,12 +819,15 @@ def test_a_full_server_replaces_the_least_recently_used_idle_session_and_its_use
 def test_an_oversized_request_is_refused_and_the_session_unchanged():
     with Server(max_upload_bytes=2 ** 16) as s:
         rem = remote.RemoteSession(s.url, "tiny-test", phantom())
+        sent, click = [], rem.client.click
+        rem.client.click = lambda *args: sent.append(len(args[1])) or click(*args)
         for checked_here in (True, False):  # the client knows the limit; or it does not and the server refuses
             rem._max_upload = rem._max_upload if checked_here else None
             before = snapshot(rem)
             with pytest.raises(remote.ServerError, match="upload limit of 0.0625 MiB"):
                 rem.add_click(ras(rem.volume, CLICKS[0][0]))
             assert_unchanged(rem, before)
+            assert len(sent) == (0 if checked_here else 1), sent  # refused here: the upload is not even sent
         status, _, body = raw(s.url, "POST", f"/v1/sessions/{rem._session_id}/click", b"x" * (2 ** 16 + 1))
         assert status == 413 and json.loads(body)["error"] == "too_large"
 
