@@ -519,6 +519,20 @@ def test_embeddings_are_bounded_and_dropped_with_their_regions(tube):
                                          for roi in free._embeddings)
 
 
+def test_the_embedding_cache_drops_the_least_recently_used_region(tube):
+    volume, _ = tube
+    session = InteractiveSession(threshold_model(), volume, grow=GrowthSettings(max_embeddings=2))
+    first, second, third = (geometry.roi_around(volume, np.array([tube_click(x)]), session.size, session.spacing)
+                            for x in (-150.0, -50.0, 50.0))
+    assert len({first, second, third}) == 3
+    encoded, encode = [], session._encode
+    session._encode = lambda roi: encoded.append(roi) or encode(roi)
+    for roi in (first, second, first, third, first, second):
+        session.region_embedding(roi, {})
+    # third evicts second (first was used after it); second then evicts third, the least recent after first
+    assert encoded == [first, second, third, second] and list(session._embeddings) == [first, second]
+
+
 def test_segment_command_keeps_every_clicked_region_unless_no_grow(tmp_path, capsys):
     """``--grow``: two clicks 300 mm apart both stay; --no-grow keeps only the last region, and so does the demo
     model's default (it was measured not to gain from growth)."""

@@ -123,8 +123,22 @@ def test_undo_restores_the_previous_result_exactly(model):
     assert len(session.clicks) == 1
     empty = session.undo()
     assert not empty.mask.any() and empty.region == r1.region
+    assert undone.encoded is False and empty.encoded is False  # an undo runs no encoder
     with pytest.raises(PromptError, match="no click"):
         session.undo()
+
+
+def test_a_session_made_without_an_image_has_no_clicks_and_says_to_load_one(model):
+    """The console's way: make the session, then set_image; before that it refuses clicks with a message."""
+    session = InteractiveSession(model)
+    assert session.clicks == [] and session.roi is None
+    with pytest.raises(PromptError, match="set_image"):
+        session.add_click((0.0, 0.0, 0.0))
+    with pytest.raises(PromptError, match="no click"):
+        session.undo()
+    volume = blob_volume()
+    session.set_image(volume)
+    assert session.add_click(ras_of(volume, (40, 35, 30))).voxels > 0
 
 
 def test_undo_after_roi_move_restores_the_old_roi(model):
