@@ -43,21 +43,29 @@ def test_no_proxy_variable_bypasses_the_proxy(tmp_path, server, proxy, monkeypat
     assert proxy.requests == [] and len(server.gets("/m.pth")) == 1
 
 
-def test_https_proxy_variable_tunnels_to_a_tls_server(tmp_path, no_proxy_env, monkeypatch):
+@pytest.fixture
+def tls_origin(tmp_path, no_proxy_env, monkeypatch):
+    """An HTTPS origin "weights.test" serving DATA with a self-signed certificate, reachable only through a
+    forwarding proxy that HTTPS_PROXY names: (origin, proxy, certificate file)."""
     context, cert = self_signed_tls(tmp_path, "weights.test")
     origin = FileServer(tls=context)
     origin.serve("/m.pth", DATA)
     p = ForwardProxy(tunnels={"weights.test:443": ("127.0.0.1", origin.port)})
+    monkeypatch.setenv("HTTPS_PROXY", p.url)
     try:
-        monkeypatch.setenv("HTTPS_PROXY", p.url)
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-        url = "https://weights.test/m.pth"  # resolvable only by the proxy
-        path = download_model("test-model", tmp_path / "cache", manifest=manifest_for(tmp_path, url))
-        assert path.read_bytes() == DATA
-        assert p.requests == [("CONNECT", "weights.test:443")] and len(origin.gets("/m.pth")) == 1
+        yield origin, p, cert
     finally:
         p.stop()
         origin.stop()
+
+
+def test_https_proxy_variable_tunnels_to_a_tls_server(tmp_path, tls_origin, monkeypatch):
+    origin, p, cert = tls_origin
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    url = "https://weights.test/m.pth"  # resolvable only by the proxy
+    path = download_model("test-model", tmp_path / "cache", manifest=manifest_for(tmp_path, url))
+    assert path.read_bytes() == DATA
+    assert p.requests == [("CONNECT", "weights.test:443")] and len(origin.gets("/m.pth")) == 1
 
 
 def test_proxy_refusing_the_tunnel_gives_proxy_advice(tmp_path, proxy, monkeypatch):
@@ -70,21 +78,12 @@ def test_proxy_refusing_the_tunnel_gives_proxy_advice(tmp_path, proxy, monkeypat
     assert "cannot connect" in message and "HTTPS_PROXY" in message and "import test-model FILE" in message
 
 
-def test_an_untrusted_certificate_points_to_ssl_cert_file(tmp_path, no_proxy_env, monkeypatch):
+def test_an_untrusted_certificate_points_to_ssl_cert_file(tmp_path, tls_origin, monkeypatch):
     """An inspecting firewall's certificate looks like this self-signed one: the message names the way out."""
-    context, _cert = self_signed_tls(tmp_path, "weights.test")
-    origin = FileServer(tls=context)
-    origin.serve("/m.pth", DATA)
-    p = ForwardProxy(tunnels={"weights.test:443": ("127.0.0.1", origin.port)})
-    try:
-        monkeypatch.setenv("HTTPS_PROXY", p.url)
-        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-        manifest = manifest_for(tmp_path, "https://weights.test/m.pth")
-        with pytest.raises(DownloadError) as err:
-            download_model("test-model", tmp_path / "cache", manifest=manifest, timeout=5)
-        message = str(err.value)
-        assert "secure connection failed" in message and "SSL_CERT_FILE" in message, message
-        assert "import test-model FILE" in message and not (tmp_path / "cache" / "model.pth").exists()
-    finally:
-        p.stop()
-        origin.stop()
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    manifest = manifest_for(tmp_path, "https://weights.test/m.pth")
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", tmp_path / "cache", manifest=manifest, timeout=5)
+    message = str(err.value)
+    assert "secure connection failed" in message and "SSL_CERT_FILE" in message, message
+    assert "import test-model FILE" in message and not (tmp_path / "cache" / "model.pth").exists()
