@@ -162,10 +162,10 @@ class FileLock:
         self._fd, self._token, self._last_beat = fd, token, time.monotonic()
         return True
 
-    def _read(self) -> Tuple[dict, Optional[os.stat_result]]:
-        """(the lock's JSON body or {}, its stat) without following a symlink."""
+    def _read(self, path: Optional[Path] = None) -> Tuple[dict, Optional[os.stat_result]]:
+        """(the JSON body or {}, the stat) of the lock file, or of ``path``, without following a symlink."""
         try:
-            fd = open_fd(self.path, os.O_RDONLY)
+            fd = open_fd(self.path if path is None else path, os.O_RDONLY)
         except OSError:
             return {}, None
         try:
@@ -237,7 +237,6 @@ class FileLock:
         """Remove the abandoned lock judged by ``holder`` without removing one that was taken since: True when
         removed, False when another lock took its place (look again), None when Windows says that a process has
         it open (so it is held after all: wait)."""
-        judged = holder[1]
         moved = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.replace(self.path, moved)
@@ -249,9 +248,9 @@ class FileLock:
             raise LockUnavailable(exc.errno, f"cannot remove the stale lock file {self.path} ({why}): "
                                              f"{exc.strerror or exc}") from exc
         try:
-            now = os.stat(moved, follow_symlinks=False)
-            if judged is None or not os.path.samestat(now, judged):
-                try:  # we moved a fresh lock: put it back unless yet another one appeared
+            now = (self._read(moved)[0], os.stat(moved, follow_symlinks=False))  # a planted link has no body
+            if not _unchanged(holder, now):
+                try:  # we moved a fresh or refreshed lock: put it back unless yet another one appeared
                     os.link(moved, self.path)
                 except (OSError, NotImplementedError):
                     pass
@@ -262,6 +261,14 @@ class FileLock:
                 moved.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _unchanged(judged: Tuple[dict, Optional[os.stat_result]], now: Tuple[dict, Optional[os.stat_result]]) -> bool:
+    """Whether the lock file read now is the one that was judged stale: the same file (the file system may give a
+    new lock the number of one just deleted), not refreshed since, naming the same holder."""
+    (judged_body, judged_stat), (body, stat) = judged, now
+    return (judged_stat is not None and stat is not None and os.path.samestat(stat, judged_stat)
+            and stat.st_mtime_ns == judged_stat.st_mtime_ns and body.get("token") == judged_body.get("token"))
 
 
 def _flock_exclusive(fd: int) -> None:

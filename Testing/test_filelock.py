@@ -1,0 +1,285 @@
+"""The cache's lock file (FastSAM3DLib.weights.filelock) on its own: what it decides from the file's contents where
+the kernel's ``flock`` cannot tell (network file systems answer ENOLCK; emulated by a ``fcntl`` whose ``flock``
+fails so), and its races with other waiters (a lock broken, released or taken again between two of its steps).
+
+Processes named in lock files are real (``sleep`` subprocesses, one that has exited); the races are played by
+wrapping one step of the lock so that "the other program" acts exactly between two of its system calls.
+"""
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from FastSAM3DLib.weights import filelock
+from FastSAM3DLib.weights.filelock import FileLock, LockTimeout
+
+LOGGER = "FastSAM3DLib.weights.filelock"
+
+
+def lock_body(pid, created=None, token="not-yours"):
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "token": token,
+                       "created": time.time() if created is None else created})
+
+
+def make_old(path, seconds):
+    """Date the lock file ``seconds`` back (as a holder that stopped refreshing it would leave it)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A file system without ``flock`` (NFS without lockd, some SMB mounts): every ``flock`` fails with ENOLCK."""
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    fake = types.SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_SH=1, LOCK_NB=4, LOCK_UN=8)
+    monkeypatch.setattr(filelock, "fcntl", fake)
+
+
+@pytest.fixture
+def live_process():
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def exited_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ------------------------------------------------------------------------------------ no flock: the contents decide
+
+
+def test_without_flock_a_lock_of_an_exited_process_is_broken_and_says_so(tmp_path, no_flock, caplog):
+    path = tmp_path / "m.pth.lock"
+    pid = exited_pid()
+    path.write_text(lock_body(pid))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        with FileLock(path, timeout=5) as lock:
+            assert json.loads(path.read_text())["token"] == lock._token
+    assert f"its process {pid} is no longer running" in caplog.text and not path.exists()
+
+
+def test_without_flock_a_live_holder_is_waited_for_and_named(tmp_path, no_flock, live_process, caplog):
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(live_process.pid))
+    make_old(path, 5)  # older than the grace of a lock being created, younger than stale_after
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(LockTimeout) as err:
+        FileLock(path, timeout=1.5).acquire()
+    assert str(err.value) == f"{path} is held by process {live_process.pid}"
+    assert "Removed the stale lock" not in caplog.text and json.loads(path.read_text())["token"] == "not-yours"
+
+
+def test_without_flock_a_process_id_reused_since_the_lock_was_made_is_not_its_holder(tmp_path, no_flock,
+                                                                                      live_process, caplog):
+    """Linux tells when a process started: one started after the lock was made cannot have made it."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(live_process.pid, created=time.time() - 60))
+    with caplog.at_level(logging.WARNING, logger=LOGGER), FileLock(path, timeout=5):
+        pass
+    assert f"process {live_process.pid} started after the lock was made" in caplog.text
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times are read from Linux's /proc")
+def test_a_process_start_time_is_read_from_proc_to_the_second():
+    before = time.time()
+    process = subprocess.Popen(["sleep", "5"])
+    try:
+        started = filelock._process_start_time(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    # /proc gives the boot time in whole seconds and the start in clock ticks
+    assert started is not None and before - 1.5 <= started <= time.time() + 1.5
+
+
+@pytest.mark.parametrize("pid", ["1234", 3.5, None, [1]], ids=["text", "float", "null", "list"])
+def test_without_flock_a_lock_whose_process_id_is_not_a_number_is_waited_for_not_a_crash(tmp_path, no_flock, pid):
+    """Such a body was not written by this library; the process it names cannot be looked up: taken as alive, it
+    goes when it is not refreshed for ``stale_after``."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(pid))
+    make_old(path, 5)
+    with pytest.raises(LockTimeout):
+        FileLock(path, timeout=0.5).acquire()
+    make_old(path, 200)
+    with FileLock(path, timeout=5):
+        pass
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00{not json"], ids=["empty", "garbled"])
+def test_without_flock_an_empty_or_garbled_lock_is_broken_once_past_its_grace(tmp_path, no_flock, content, caplog):
+    path = tmp_path / "m.pth.lock"
+    path.write_bytes(content)
+    make_old(path, 3 * filelock.GRACE)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), FileLock(path, timeout=5):
+        pass
+    assert f"Removed the stale lock {path}: it is empty or garbled." in caplog.text
+
+
+def test_an_empty_lock_with_no_holder_is_broken_and_the_reason_given(tmp_path, caplog):
+    path = tmp_path / "m.pth.lock"
+    path.write_bytes(b"")
+    make_old(path, 3 * filelock.GRACE)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), FileLock(path, timeout=5):
+        pass
+    assert f"Removed the stale lock {path}: it is empty or garbled and no process holds it." in caplog.text
+
+
+# ------------------------------------------------------------------------------------ races with other programs
+
+
+def test_the_lock_object_is_what_with_gives_and_its_file_is_closed_on_release(tmp_path):
+    path = tmp_path / "m.pth.lock"
+    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with FileLock(path, timeout=5) as lock:
+        assert isinstance(lock, FileLock) and json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()
+    if before is not None:  # every descriptor the lock opened is closed (one per download otherwise)
+        assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("meanwhile", ["broken and retaken", "broken"])
+def test_a_lock_file_broken_before_its_creator_held_it_is_not_held(tmp_path, monkeypatch, meanwhile):
+    """The creator was paused between creating the file and taking its ``flock``, long enough for a waiter to judge
+    it stale and break it (and perhaps take a new one): the creator must not go on holding a file that is gone or
+    another's; it starts again."""
+    path = tmp_path / "m.pth.lock"
+    real_flock = filelock._flock_exclusive
+    other = []
+
+    def paused_then_flock(fd):
+        if not other:
+            path.unlink()  # the waiter's break (it moves the file, then deletes it)
+            other.append(FileLock(path, timeout=1))
+            if meanwhile == "broken and retaken":
+                other[0].acquire()
+        real_flock(fd)
+
+    monkeypatch.setattr(filelock, "_flock_exclusive", paused_then_flock)
+    lock = FileLock(path, timeout=1)
+    if meanwhile == "broken and retaken":
+        with pytest.raises(LockTimeout):  # the new holder is alive: waited for, never two holders
+            lock.acquire()
+        assert json.loads(path.read_text())["token"] == other[0]._token
+        other[0].release()
+    else:
+        lock.acquire()
+        assert json.loads(path.read_text())["token"] == lock._token
+        lock.release()
+
+
+def test_a_lock_released_between_two_looks_is_simply_taken(tmp_path, monkeypatch):
+    """Creating failed because a holder had the file; by the time the waiter reads it, the holder released it."""
+    path = tmp_path / "m.pth.lock"
+    real_try = FileLock._try_create
+    tries = []
+
+    def holder_there_once(self):
+        tries.append(True)
+        return False if len(tries) == 1 else real_try(self)
+
+    monkeypatch.setattr(FileLock, "_try_create", holder_there_once)
+    with FileLock(path, timeout=2) as lock:
+        assert json.loads(path.read_text())["token"] == lock._token
+    assert len(tries) == 2
+
+
+def test_a_stale_lock_another_waiter_broke_first_is_not_an_error(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(exited_pid()))
+    make_old(path, 3 * filelock.GRACE)
+    real_inspect = FileLock._inspect
+
+    def other_waiter_breaks_it(self):
+        holder, stale = real_inspect(self)
+        if stale and path.exists():
+            path.unlink()
+        return holder, stale
+
+    monkeypatch.setattr(FileLock, "_inspect", other_waiter_breaks_it)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), FileLock(path, timeout=2) as lock:
+        assert json.loads(path.read_text())["token"] == lock._token
+    assert "Removed the stale lock" not in caplog.text  # this waiter removed nothing
+
+
+def test_a_stale_lock_replaced_by_a_live_one_before_the_break_is_put_back(tmp_path, monkeypatch, caplog):
+    """Judged stale, then broken by another waiter who took the lock anew: the waiter's break moves the new lock,
+    sees it is not the file it judged, puts it back and waits for its holder."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(exited_pid()))
+    make_old(path, 3 * filelock.GRACE)
+    real_inspect = FileLock._inspect
+    other = FileLock(path, timeout=1)
+
+    def another_waiter_breaks_and_takes_it(self):
+        holder, stale = real_inspect(self)
+        if stale and other._token is None:
+            path.unlink()
+            other.acquire()
+        return holder, stale
+
+    monkeypatch.setattr(FileLock, "_inspect", another_waiter_breaks_and_takes_it)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(LockTimeout):
+            FileLock(path, timeout=1).acquire()
+        assert json.loads(path.read_text())["token"] == other._token  # the live holder's lock is where it was
+        assert "Removed the stale lock" not in caplog.text
+    finally:
+        other.release()
+    assert not path.exists()
+
+
+def test_without_flock_a_holder_refreshing_its_lock_just_before_the_break_keeps_it(tmp_path, monkeypatch, no_flock,
+                                                                                  live_process, caplog):
+    """A holder that went without refreshing its lock for ``stale_after`` (a long hash) refreshes it between the
+    waiter's judgement and its break: the lock is the same file, but no longer stale; it is put back."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(live_process.pid))
+    make_old(path, 200)
+    real_inspect = FileLock._inspect
+    refreshed = []
+
+    def holder_refreshes_meanwhile(self):
+        holder, stale = real_inspect(self)
+        if stale and not refreshed:
+            refreshed.append(True)
+            os.utime(path)  # FileLock.heartbeat
+        return holder, stale
+
+    monkeypatch.setattr(FileLock, "_inspect", holder_refreshes_meanwhile)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(LockTimeout):
+        FileLock(path, stale_after=100, timeout=1).acquire()
+    assert refreshed == [True] and json.loads(path.read_text())["token"] == "not-yours"
+    assert "Removed the stale lock" not in caplog.text
+
+
+def test_a_waiter_looking_at_the_new_lock_does_not_make_its_creator_fail(tmp_path, monkeypatch):
+    """A waiter holds a shared ``flock`` for the microseconds it inspects the file: the creator's exclusive
+    ``flock`` is refused (EWOULDBLOCK) and tried again."""
+    path = tmp_path / "m.pth.lock"
+    real = filelock.fcntl
+    refused = []
+
+    def flock(fd, operation):
+        if operation & real.LOCK_EX and not refused:
+            refused.append(True)
+            raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+        return real.flock(fd, operation)
+
+    monkeypatch.setattr(filelock, "fcntl", types.SimpleNamespace(
+        flock=flock, LOCK_EX=real.LOCK_EX, LOCK_SH=real.LOCK_SH, LOCK_NB=real.LOCK_NB, LOCK_UN=real.LOCK_UN))
+    with FileLock(path, timeout=2) as lock:
+        assert json.loads(path.read_text())["token"] == lock._token
+    assert refused == [True]
