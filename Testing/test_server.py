@@ -1154,6 +1154,27 @@ def test_a_session_whose_click_waits_for_its_turn_is_not_closed_as_idle():
     assert store.get(session_id) is state
 
 
+def test_a_session_keeps_its_newest_results_and_a_replaced_session_frees_its_state_at_once():
+    """Beyond ``logits_per_session`` the oldest former result goes, never the newest (the one the next click names);
+    a session replaced on a full server is closed: its embeddings and results are freed now, not when a click
+    still running in it ends."""
+    from FastSAM3DLib.server.sessions import MIN_IDLE_TO_REPLACE_S, ServiceError, SessionStore
+
+    now = [0.0]
+    store = SessionStore(ServerSettings(models=("tiny-test",), max_sessions=1, logits_per_session=2),
+                         clock=lambda: now[0])
+    old_id, old = store.create("tiny-test")
+    kept = [old.keep_logits(np.full(4, i, np.float32)) for i in range(3)]
+    assert list(old.logits) == kept[1:]
+    old.keep_embedding("region", np.zeros(4, np.float32))
+    now[0] += MIN_IDLE_TO_REPLACE_S + 1.0
+    new_id, new = store.create("tiny-test")
+    assert old.closed and not old.logits and not old.embeddings and not new.closed
+    with pytest.raises(ServiceError, match="not open"):
+        store.get(old_id)
+    assert store.get(new_id) is new
+
+
 def test_uploads_held_at_once_are_bounded_per_client_and_in_all():
     """Each upload is held in memory until it is complete: one client that stalled many uploads one byte short
     made the server hold them all for minutes (20 x 24 MiB took it from 237 to 723 MiB)."""
