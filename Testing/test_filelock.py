@@ -138,6 +138,20 @@ def test_an_empty_lock_with_no_holder_is_broken_and_the_reason_given(tmp_path, c
     assert f"Removed the stale lock {path}: it is empty or garbled and no process holds it." in caplog.text
 
 
+@pytest.mark.parametrize("target", ["a file", "nothing"])
+def test_a_link_planted_at_the_lock_name_is_removed_not_followed(tmp_path, target, caplog):
+    victim = tmp_path / "victim.txt"
+    if target == "a file":
+        victim.write_bytes(b"precious")
+    path = tmp_path / "m.pth.lock"
+    path.symlink_to(victim)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), FileLock(path, timeout=5) as lock:
+        assert not path.is_symlink() and json.loads(path.read_text())["token"] == lock._token
+    assert f"Removed the stale lock {path}: it is not a lock file" in caplog.text
+    assert (victim.read_bytes() == b"precious") if target == "a file" else not victim.exists()
+    assert sorted(os.listdir(tmp_path)) == (["victim.txt"] if target == "a file" else [])
+
+
 # ------------------------------------------------------------------------------------ races with other programs
 
 
