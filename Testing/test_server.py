@@ -868,6 +868,20 @@ def test_a_trusted_proxy_must_be_one_ip_address(address):
     assert settings.trusted_proxies == ("::1", "127.0.0.1")
 
 
+def test_the_rate_limiter_remembers_a_bounded_number_of_clients_the_least_recent_forgotten_first():
+    """Each client address costs a bucket: a flood of spoofed addresses behind a trusted proxy must not grow the
+    server's memory without bound; a client forgotten so starts again with a full allowance."""
+    from FastSAM3DLib.server.sessions import RateLimiter
+
+    limiter = RateLimiter(rate=0.001, burst=1, clock=lambda: 0.0)
+    limiter.MAX_KEYS = 2
+    assert [limiter.allow(client)[0] for client in ("a", "b", "a", "c")] == [True, True, False, True]
+    assert limiter.allow("a")[0] is False  # used just before "c": still remembered, still out of allowance
+    assert limiter.allow("b")[0] is True  # the least recently seen: forgotten, so allowed again
+    wait = limiter.allow("b")[1]
+    assert wait == pytest.approx(1000.0)  # one request per 1000 s: the next in 1000 s
+
+
 def test_wrong_tokens_are_rate_limited_too():
     """Guessing the token is throttled like any other request (the limit is checked first)."""
     with Server(rate_per_s=0.5, rate_burst=3, token_sha256=hash_token(TOKEN)) as s:
