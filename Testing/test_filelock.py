@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -298,3 +299,24 @@ def test_a_waiter_looking_at_the_new_lock_does_not_make_its_creator_fail(tmp_pat
     with FileLock(path, timeout=2) as lock:
         assert json.loads(path.read_text())["token"] == lock._token
     assert refused == [True]
+
+
+def test_a_waiter_whose_breaks_keep_finding_a_new_lock_still_gives_up_at_its_timeout(tmp_path, monkeypatch):
+    """Every stale lock it judged had been replaced by the time it broke it (other waiters racing for it): it looked
+    again at once, forever, whatever its timeout."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(exited_pid()))
+    make_old(path, 3 * filelock.GRACE)
+    monkeypatch.setattr(FileLock, "_break", lambda self, holder, why: False)  # another lock took its place
+    outcome = []
+
+    def wait():
+        try:
+            FileLock(path, timeout=0.5).acquire()
+        except LockTimeout as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(outcome) == 1

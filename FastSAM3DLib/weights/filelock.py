@@ -73,11 +73,12 @@ class FileLock:
                 broken = self._break(holder, stale)
                 if broken:
                     log.warning("Removed the stale lock %s: %s.", self.path, stale)
-                if broken is not None:
                     continue
+                if broken is False and not self._out_of_time(start):
+                    continue  # another lock took its place: look at that one now
                 # None: Windows says the file is open, so a live holder has it (a long step without heartbeat)
             waited = time.monotonic() - start
-            if self.timeout is not None and waited > self.timeout:
+            if self._out_of_time(start):
                 raise LockTimeout(f"{self.path} is held by {_describe(holder[0])}") from None
             if not reported and waited >= _REPORT_WAIT_AFTER:
                 reported = True
@@ -86,6 +87,10 @@ class FileLock:
             if on_wait is not None:
                 on_wait()
             time.sleep(self.poll)
+
+    def _out_of_time(self, start: float) -> bool:
+        """Whether the caller's ``timeout`` has passed since ``start``."""
+        return self.timeout is not None and time.monotonic() - start > self.timeout
 
     def heartbeat(self) -> None:
         """Show other processes that the holder is alive (cheap; at most one ``utime`` per 2 s)."""
