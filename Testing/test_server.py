@@ -1033,6 +1033,8 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
     shape_number = json.dumps(dict(good_header, arrays={"image": dict(spec["image"], shape=5)})).encode()
     cases = [
         (b"not a frame", 400, "malformed"),
+        (b"FS3", 400, "not a FastSAM3D frame"),  # shorter than a frame's fixed part
+        (b"FS3D" + struct.pack(">I", 1000) + json.dumps(good_header).encode(), 400, "longer than the body"),
         (frame(arrays={"image": np.zeros((64, 64, 64), np.float32)}), 400, "must be float32 of shape"),
         (frame(arrays={"image": image.astype(np.float64)}), 400, "must be float32"),
         (frame(arrays={"weights": image}), 400, "unexpected array"),
