@@ -788,6 +788,9 @@ def test_a_full_server_refuses_new_sessions_clearly_while_all_are_in_use():
         remote.RemoteSession(s.url, "tiny-test")
         with pytest.raises(remote.ServerFullError, match="server is full: 2 sessions .* used within the last 60 s"):
             remote.RemoteSession(s.url, "tiny-test")
+        status, headers, body = raw(s.url, "POST", "/v1/sessions", b'{"model": "tiny-test"}')
+        assert status == 503 and json.loads(body)["error"] == "full"  # what any HTTP client or proxy sees
+        assert 1 <= int(headers["retry-after"]) <= 60  # the seconds until the least recent session may be replaced
         first.close()
         remote.RemoteSession(s.url, "tiny-test")
 
