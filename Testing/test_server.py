@@ -480,6 +480,33 @@ def test_a_failed_replay_or_undo_leaves_a_remote_session_as_it_was(server, monke
     rem.close()
 
 
+@pytest.mark.parametrize("failure,status,code", [(MemoryError("simulated"), 503, "out_of_memory"),
+                                                 (RuntimeError("secret detail"), 500, "internal")])
+def test_a_click_failing_on_the_server_gets_its_status_and_the_server_goes_on(server, monkeypatch, failure, status,
+                                                                               code):
+    """Out of memory is worth retrying (503, Retry-After); anything else is the server's fault (500), whose details
+    stay in its log."""
+    rem = remote.RemoteSession(server.url, "tiny-test", phantom())
+    path = f"/v1/sessions/{rem._session_id}/click"
+    body = protocol.pack({"model": "tiny-test", "embedding": "e", "previous": None,
+                          "steps": [{"points": [[60.0, 60.0, 60.0]], "labels": [1]}]},
+                         {"image": np.zeros((128,) * 3, np.float32)})
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(engine, "encode_image", fails)
+    got, headers, reply = raw(server.url, "POST", path, body, {"Content-Type": protocol.FRAME_TYPE,
+                                                               protocol.SESSION_HEADER: rem._session_id})
+    message = json.loads(reply)
+    assert got == status and message["error"] == code and "secret detail" not in reply.decode()
+    assert ("retry-after" in headers) == (code == "out_of_memory")
+    monkeypatch.undo()
+    volume = rem.volume
+    local = InteractiveSession(local_model("tiny-test"), volume)
+    assert same(local.add_click(ras(volume, CLICKS[0][0])), rem.add_click(ras(volume, CLICKS[0][0])))
+
+
 def test_a_token_is_required_when_set_and_never_shown():
     with Server(token_sha256=hash_token(TOKEN)) as s:
         for token in (None, "wrong-token-0123456789"):
