@@ -153,6 +153,43 @@ def test_a_link_planted_at_the_lock_name_is_removed_not_followed(tmp_path, targe
     assert sorted(os.listdir(tmp_path)) == (["victim.txt"] if target == "a file" else [])
 
 
+def test_without_flock_a_lock_held_in_this_process_is_waited_for_not_taken_as_left_behind(tmp_path, no_flock):
+    """The file names this process; only the token of a lock held here tells a holding thread from an earlier
+    program that had the same process id."""
+    path = tmp_path / "m.pth.lock"
+    holder = FileLock(path)
+    holder.acquire()
+    try:
+        with pytest.raises(LockTimeout, match=f"held by process {os.getpid()}"):
+            FileLock(path, timeout=0.5).acquire()
+        assert json.loads(path.read_text())["token"] == holder._token
+    finally:
+        holder.release()
+
+
+def open_descriptors():
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+def test_a_lock_file_that_cannot_be_written_is_unavailable_and_nothing_is_left(tmp_path, monkeypatch):
+    """A full disk lets the file be created but not written: the lock is refused at once (the caller says where to
+    free space), the empty file is removed, its descriptor closed, and a later attempt is not taken for held."""
+    path = tmp_path / "m.pth.lock"
+    real_write = os.write
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = open_descriptors()
+    monkeypatch.setattr(filelock.os, "write", disk_full)
+    with pytest.raises(filelock.LockUnavailable, match="cannot write the lock file .*No space left"):
+        FileLock(path, timeout=1).acquire()
+    monkeypatch.setattr(filelock.os, "write", real_write)
+    assert not path.exists() and open_descriptors() == before
+    with FileLock(path, timeout=1) as lock:
+        assert json.loads(path.read_text())["token"] == lock._token
+
+
 # ------------------------------------------------------------------------------------ races with other programs
 
 
@@ -184,6 +221,7 @@ def test_a_lock_file_broken_before_its_creator_held_it_is_not_held(tmp_path, mon
         real_flock(fd)
 
     monkeypatch.setattr(filelock, "_flock_exclusive", paused_then_flock)
+    before = open_descriptors()
     lock = FileLock(path, timeout=1)
     if meanwhile == "broken and retaken":
         with pytest.raises(LockTimeout):  # the new holder is alive: waited for, never two holders
@@ -194,6 +232,7 @@ def test_a_lock_file_broken_before_its_creator_held_it_is_not_held(tmp_path, mon
         lock.acquire()
         assert json.loads(path.read_text())["token"] == lock._token
         lock.release()
+    assert open_descriptors() == before  # the descriptor of the file it lost is closed too
 
 
 def test_a_lock_released_between_two_looks_is_simply_taken(tmp_path, monkeypatch):
