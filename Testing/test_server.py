@@ -1081,6 +1081,7 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
         (frame(dict(good_header, steps=[{"points": [[int("1" * 400), 2, 3]], "labels": [1]}])), 422,
          "three finite numbers"),
         (hand_made(shape_number), 400, "must be float32 of shape"),
+        (hand_made(json.dumps(dict(good_header, arrays=[])).encode()), 400, "'arrays' must be an object"),
     ]
     for body, status, text in cases:
         got, _, reply = raw(server.url, "POST", path, body, {"Content-Type": protocol.FRAME_TYPE,
@@ -1114,6 +1115,10 @@ def test_frames_round_trip_losslessly_and_never_unpickle():
         header, out = protocol.unpack(protocol.pack({"x": [1.5, None]}, arrays, codec=codec),
                                       {"a": ("float32", (5, 6, 7))})
         assert header == {"x": [1.5, None]} and np.array_equal(out["a"], arrays["a"]) and out["a"].flags.writeable
+    for codec in protocol.CODECS:  # a big-endian volume (as some NIfTI and NRRD files give) is sent little-endian
+        big = arrays["a"].astype(">f4")
+        _, out = protocol.unpack(protocol.pack({}, {"a": big}, codec=codec), {"a": ("float32", (5, 6, 7))})
+        assert np.array_equal(out["a"], arrays["a"])
     with pytest.raises(protocol.FrameError, match="must be float32"):
         protocol.unpack(protocol.pack({}, {"a": np.zeros((2,), object)}, codec="raw"), {"a": ("float32", (2,))})
     with pytest.raises(ValueError):
