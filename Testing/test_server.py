@@ -1059,6 +1059,9 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
     def hand_made(text):  # a frame whose header is exactly ``text``
         return b"FS3D" + struct.pack(">I", len(text)) + text
 
+    def specified(image_spec):  # a frame with 64 kB of payload whose image is described by ``image_spec``
+        return hand_made(json.dumps(dict(good_header, arrays={"image": image_spec})).encode()) + zeros
+
     huge = "1" * 5000  # past Python's 4300-digit limit for int(): json.loads raises ValueError
     shape_number = json.dumps(dict(good_header, arrays={"image": dict(spec["image"], shape=5)})).encode()
     cases = [
@@ -1082,6 +1085,9 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
          "three finite numbers"),
         (hand_made(shape_number), 400, "must be float32 of shape"),
         (hand_made(json.dumps(dict(good_header, arrays=[])).encode()), 400, "'arrays' must be an object"),
+        (specified(dict(spec["image"], codec="raw", length=10)), 400, "10 bytes instead of 8388608"),
+        (specified(dict(spec["image"], offset=10 ** 9)), 400, "offset/length outside the frame"),
+        (specified(dict(spec["image"], offset=-1, length=1)), 400, "offset/length outside the frame"),
     ]
     for body, status, text in cases:
         got, _, reply = raw(server.url, "POST", path, body, {"Content-Type": protocol.FRAME_TYPE,
