@@ -1096,6 +1096,9 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
         assert got == status and text in message["message"], (text, got, message)
     assert raw(server.url, "POST", "/v1/sessions", b"[1, 2]")[0] == 400
     assert raw(server.url, "POST", "/v1/sessions", b'{"model": "nope"}')[0] == 422
+    for nameless in (b"{}", b'{"model": 5}', b'{"model": null}'):
+        status, _, reply = raw(server.url, "POST", "/v1/sessions", nameless)
+        assert status == 400 and "Give the model's name" in json.loads(reply)["message"], (nameless, reply)
     assert raw(server.url, "POST", "/v1/sessions", b'{"model": ' + huge.encode() + b"}")[0] == 400
     assert raw(server.url, "POST", "/v1/sessions/unknown/click", frame())[0] == 404
     volume = phantom()
