@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from FastSAM3DLib.weights import filelock
 from FastSAM3DLib.weights.filelock import FileLock, LockTimeout
 
 LOGGER = "FastSAM3DLib.weights.filelock"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def lock_body(pid, created=None, token="not-yours"):
@@ -57,6 +59,52 @@ def exited_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+# ------------------------------------------------------------------------------------ with flock: the kernel decides
+
+
+def test_a_holder_with_its_flock_is_never_broken_however_old_its_file(tmp_path):
+    """A holder busy for longer than ``stale_after`` without refreshing (hashing a large file) still holds the
+    ``flock``: the kernel says it is alive, whatever the file's age."""
+    path = tmp_path / "m.pth.lock"
+    code = ("import sys, time; from FastSAM3DLib.weights.filelock import FileLock; "
+            "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        make_old(path, 200)
+        with pytest.raises(LockTimeout, match=f"held by process {holder.pid}"):
+            FileLock(path, stale_after=100, timeout=1).acquire()
+        assert json.loads(path.read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_made_on_another_computer_waits_for_its_age_not_for_this_kernel(tmp_path):
+    """On a network drive this kernel's flock knows nothing of another computer's: that holder is waited for until
+    its lock goes unrefreshed for ``stale_after``."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(json.dumps({"pid": 4242, "host": "other-workstation", "token": "theirs", "created": time.time()}))
+    make_old(path, 5)
+    with pytest.raises(LockTimeout, match="held by process 4242 on other-workstation"):
+        FileLock(path, stale_after=100, timeout=0.5).acquire()
+    make_old(path, 200)
+    with FileLock(path, stale_after=100, timeout=5):
+        pass
+
+
+def test_a_lock_just_created_is_given_its_grace_before_it_is_judged(tmp_path):
+    """Between creating the file and taking its flock the creator holds nothing the kernel can see: a lock younger
+    than GRACE is left alone."""
+    path = tmp_path / "m.pth.lock"
+    path.write_text(lock_body(exited_pid()))
+    with pytest.raises(LockTimeout):
+        FileLock(path, timeout=0.5 * filelock.GRACE).acquire()
+    assert json.loads(path.read_text())["token"] == "not-yours"
+    with FileLock(path, timeout=5):  # past its grace: broken
+        pass
 
 
 # ------------------------------------------------------------------------------------ no flock: the contents decide
