@@ -458,8 +458,9 @@ class EffectHarness:
         self.editor_node.SetAndObserveSegmentationNode(segmentation_node)
         self.editor_node.SetSelectedSegmentID(segment_id)
 
-    def run_event_loop(self, loop_seconds=0.005, timeout=120.0):
-        """Slicer's loop: the GIL held in C, then the effect's timer callback, until its timer stops."""
+    def run_event_loop(self, loop_seconds=0.005, timeout=120.0, each_tick=None):
+        """Slicer's loop: the GIL held in C, then the effect's timer callback, until its timer stops.
+        ``each_tick()``, if given, runs after every timer callback, as a user acting on the panel between events."""
         import time
 
         start = time.perf_counter()
@@ -467,6 +468,8 @@ class EffectHarness:
         while timer.isActive():
             hold_gil(loop_seconds)
             timer.emit("timeout()")
+            if each_tick is not None:
+                each_tick()
             if time.perf_counter() - start > timeout:
                 raise TimeoutError("the effect was still busy")
 

@@ -4,7 +4,6 @@ panel shows, and which view events the effect takes from Slicer (only its own: e
 views, or panning, scrolling and the crosshair stop working while the effect is active)."""
 import io
 import os
-import time
 
 import pytest
 
@@ -12,7 +11,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 torch = pytest.importorskip("torch")
 import vtk  # noqa: E402
 
-from slicer_event_loop import hold_gil  # noqa: E402
 from test_effect import CENTRE, points, ready  # noqa: E402
 from test_scene_adapter import make_segmentation, make_volume  # noqa: E402
 from test_weights_support import FileServer, no_proxy_env, sha256, tiny_state_dict, write_manifest  # noqa: E402,F401
@@ -55,17 +53,6 @@ def effect_for(harness, model):
     return effect
 
 
-def run_loop(harness, effect, each_tick=lambda: None, timeout=60.0):
-    """Slicer's event loop (the GIL held between ticks) until the effect's timer stops; ``each_tick()`` runs after
-    every timer callback, as a user acting on the panel between two events would."""
-    deadline = time.monotonic() + timeout
-    while effect._timer.isActive():
-        hold_gil(0.005)
-        effect._timer.emit("timeout()")
-        each_tick()
-        assert time.monotonic() < deadline, "the effect was still busy"
-
-
 def test_download_from_the_panel_shows_its_progress_and_leaves_the_model_ready(harness, publisher):
     server, data = publisher
     effect = effect_for(harness, "tiny")
@@ -73,7 +60,7 @@ def test_download_from_the_panel_shows_its_progress_and_leaves_the_model_ready(h
     effect.downloadButton.click()
     assert effect.downloadButton.text == "Cancel download" and effect.busy()
     shown = []
-    run_loop(harness, effect, lambda: shown.append(effect.weightsLabel.text))
+    harness.run_event_loop(each_tick=lambda: shown.append(effect.weightsLabel.text))
     percents = [text for text in shown if text.startswith("downloading: ")]
     assert percents and all(text.endswith(" %") for text in percents), shown
     assert effect.statusLabel.text == "Weights ready." and effect.downloadButton.text == "Download"
@@ -92,12 +79,12 @@ def test_download_cancelled_from_the_panel_stops_and_the_next_download_resumes(h
         if effect.weightsLabel.text.startswith("downloading: ") and effect.downloadButton.text == "Cancel download":
             effect.downloadButton.click()
 
-    run_loop(harness, effect, cancel_once_under_way)
+    harness.run_event_loop(each_tick=cancel_once_under_way)
     assert "cancelled after" in effect.statusLabel.text, effect.statusLabel.text
     assert effect.downloadButton.text == "Download" and effect.downloadButton.enabled
     assert "not on this computer" in effect.weightsLabel.text
     effect.downloadButton.click()  # again: continues from what arrived before the cancel
-    run_loop(harness, effect)
+    harness.run_event_loop()
     assert effect.statusLabel.text == "Weights ready."
     second = server.gets("/tiny.pth")[1]["headers"]
     assert second.get("range", "").startswith("bytes=") and int(second["range"][6:-1]) >= 1 << 20

@@ -56,9 +56,24 @@ def live_process():
 
 
 def exited_pid():
+    """The id of a process that has exited."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def holder_process(path):
+    """Another process that has taken the lock ``path`` (with its flock) and keeps it for a minute."""
+    code = ("import sys, time; from FastSAM3DLib.weights.filelock import FileLock; "
+            "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def open_descriptors():
+    """This process's open file descriptors (None where /proc does not list them)."""
+    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
 
 
 # ------------------------------------------------------------------------------------ with flock: the kernel decides
@@ -68,11 +83,8 @@ def test_a_holder_with_its_flock_is_never_broken_however_old_its_file(tmp_path):
     """A holder busy for longer than ``stale_after`` without refreshing (hashing a large file) still holds the
     ``flock``: the kernel says it is alive, whatever the file's age."""
     path = tmp_path / "m.pth.lock"
-    code = ("import sys, time; from FastSAM3DLib.weights.filelock import FileLock; "
-            "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = holder_process(path)
     try:
-        assert holder.stdout.readline().strip() == "held"
         make_old(path, 200)
         with pytest.raises(LockTimeout, match=f"held by process {holder.pid}"):
             FileLock(path, stale_after=100, timeout=1).acquire()
@@ -215,10 +227,6 @@ def test_without_flock_a_lock_held_in_this_process_is_waited_for_not_taken_as_le
         holder.release()
 
 
-def open_descriptors():
-    return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
-
-
 def test_a_lock_file_that_cannot_be_written_is_unavailable_and_nothing_is_left(tmp_path, monkeypatch):
     """A full disk lets the file be created but not written: the lock is refused at once (the caller says where to
     free space), the empty file is removed, its descriptor closed, and a later attempt is not taken for held."""
@@ -243,12 +251,11 @@ def test_a_lock_file_that_cannot_be_written_is_unavailable_and_nothing_is_left(t
 
 def test_the_lock_object_is_what_with_gives_and_its_file_is_closed_on_release(tmp_path):
     path = tmp_path / "m.pth.lock"
-    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    before = open_descriptors()
     with FileLock(path, timeout=5) as lock:
         assert isinstance(lock, FileLock) and json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
-    if before is not None:  # every descriptor the lock opened is closed (one per download otherwise)
-        assert set(os.listdir("/proc/self/fd")) == before
+    assert open_descriptors() == before  # every descriptor the lock opened is closed (one per download otherwise)
 
 
 @pytest.mark.parametrize("meanwhile", ["broken and retaken", "broken"])

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from FastSAM3DLib.weights.manifest import load_manifest
 from FastSAM3DLib.weights.safetensors_cache import read_metadata, tensors_sha256, write_safetensors
 from FastSAM3DLib.weights.store import resolve_checkpoint, weights_status
 from FastSAM3DLib.weights.verify import read_record
+from test_filelock import exited_pid, holder_process, lock_body
 from windows_files import windows_lock_probes, windows_sharing
 from test_weights_support import (FileServer, no_proxy_env, self_signed_tls, server, sha256,  # noqa: F401
                                   tiny_state_dict, training_checkpoint_bytes, write_manifest)
@@ -372,11 +372,6 @@ def _import_in_subprocess(tmp_path, cache, timeout=30):
     return time.monotonic() - start, done
 
 
-def _lock_body(pid, created=None):
-    return json.dumps({"pid": pid, "host": socket.gethostname(), "token": "not-yours",
-                       "created": time.time() if created is None else created})
-
-
 @pytest.mark.parametrize("case", ["unrelated-live-process", "process-1", "dead-process", "killed-holder",
                                   "empty-file", "garbage"])
 def test_stale_lock_is_detected_and_reported_promptly(tmp_path, case):
@@ -388,19 +383,13 @@ def test_stale_lock_is_detected_and_reported_promptly(tmp_path, case):
     try:
         if case == "unrelated-live-process":  # a live process that has nothing to do with the cache
             helper = subprocess.Popen(["sleep", "60"])
-            lock.write_text(_lock_body(helper.pid))
+            lock.write_text(lock_body(helper.pid))
         elif case == "process-1":
-            lock.write_text(_lock_body(1, created=time.time() - 10))
+            lock.write_text(lock_body(1, created=time.time() - 10))
         elif case == "dead-process":
-            dead = subprocess.Popen([sys.executable, "-c", "pass"])
-            dead.wait()
-            lock.write_text(_lock_body(dead.pid))
+            lock.write_text(lock_body(exited_pid()))
         elif case == "killed-holder":  # a real holder, killed with SIGKILL while it held the lock
-            code = ("import sys, time; from FastSAM3DLib.weights.filelock import FileLock; "
-                    "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
-            helper = subprocess.Popen([sys.executable, "-c", code, str(lock)], cwd=REPO, stdout=subprocess.PIPE,
-                                      text=True)
-            assert helper.stdout.readline().strip() == "held"
+            helper = holder_process(lock)
             helper.send_signal(signal.SIGKILL)
             helper.wait()
             helper = None
@@ -462,7 +451,7 @@ def test_on_windows_a_lock_left_under_this_process_id_is_broken(tmp_path, monkey
     windows_sharing(monkeypatch)
     windows_lock_probes(monkeypatch)
     path = ModelFiles(tmp_path, "tiny.pth").lock
-    path.write_text(_lock_body(os.getpid()))
+    path.write_text(lock_body(os.getpid()))
     lock = FileLock(path, timeout=5)
     lock.acquire()
     assert json.loads(path.read_text())["token"] != "not-yours"
@@ -503,7 +492,7 @@ def test_on_windows_a_lock_another_process_still_has_open_is_waited_for_not_an_e
     windows_sharing(monkeypatch)
     windows_lock_probes(monkeypatch)
     path = ModelFiles(tmp_path, "tiny.pth").lock
-    path.write_text(_lock_body(os.getpid() + 1, created=time.time() - 10))  # another, live, slow process
+    path.write_text(lock_body(os.getpid() + 1, created=time.time() - 10))  # another, live, slow process
     handle = open(path, "rb")  # that process's descriptor (emulated here: this process's)
 
     def holder_finishes():
