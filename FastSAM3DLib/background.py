@@ -92,7 +92,8 @@ class Worker:
         """Ask the thread to end after its current job (pending jobs are dropped) and wait up to ``timeout``.
 
         Returns True when the thread has ended. Call it before the application quits so that no job is still
-        inside a native library while the interpreter shuts down.
+        inside a native library while the interpreter shuts down. Dropped jobs no longer count for :meth:`busy`;
+        the running one does until :meth:`poll` hands it back.
         """
         self._stopping.set()
         while True:
@@ -100,6 +101,7 @@ class Worker:
                 self._jobs.get_nowait()
             except queue.Empty:
                 break
+            self._pending -= 1
         self._jobs.put((None, None))
         self._thread.join(timeout)
         return not self._thread.is_alive()

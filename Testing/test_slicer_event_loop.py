@@ -152,6 +152,9 @@ def test_stop_drops_queued_jobs_and_tells_the_running_one_to_give_up():
     assert started.wait(10)
     assert worker.stop(10)
     assert seen_cancel.is_set() and ran == []
+    assert worker.busy()  # the download finished but was not handed back yet; the dropped click is not waited for
+    assert [job.tag for job in worker.poll(0)] == ["download"]
+    assert not worker.busy()
     with pytest.raises(RuntimeError):
         worker.submit("late", lambda: None)
 
