@@ -213,6 +213,28 @@ def test_a_link_planted_at_the_lock_name_is_removed_not_followed(tmp_path, targe
     assert sorted(os.listdir(tmp_path)) == (["victim.txt"] if target == "a file" else [])
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["a folder", "a named pipe"])
+def test_a_folder_or_pipe_at_the_lock_name_is_refused_at_once_and_left_as_it_is(tmp_path, kind, caplog):
+    """Somebody's folder (or a pipe, whose opening would wait for a writer) is neither removed nor waited for."""
+    path = tmp_path / "m.pth.lock"
+    if kind == "a folder":
+        path.mkdir()
+        (path / "notes.txt").write_bytes(b"precious")
+    else:
+        os.mkfifo(path)
+    before = open_descriptors()
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(filelock.LockUnavailable) as err:
+        FileLock(path, timeout=10).acquire()
+    assert time.monotonic() - start < 5  # at once, not after the timeout
+    assert str(path) in err.value.strerror and f"is {kind}" in err.value.strerror
+    assert "move it away or delete it" in err.value.strerror
+    assert caplog.text == "" and open_descriptors() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.pth.lock"]
+    assert (path / "notes.txt").read_bytes() == b"precious" if kind == "a folder" else path.is_fifo()
+
+
 def test_without_flock_a_lock_held_in_this_process_is_waited_for_not_taken_as_left_behind(tmp_path, no_flock):
     """The file names this process; only the token of a lock held here tells a holding thread from an earlier
     program that had the same process id."""

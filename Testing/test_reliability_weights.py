@@ -357,6 +357,21 @@ def test_download_into_a_read_only_cache_is_a_one_line_error(tmp_path, server):
         assert server.gets("/m.pth") == []
 
 
+def test_a_folder_at_the_lock_name_stops_a_download_with_what_to_do_and_keeps_it(tmp_path, server):
+    url = server.serve("/m.pth", b"x" * 1000)
+    manifest = write_manifest(tmp_path / "models.json", {"urls": [url], "size": 1000, "filename": "m.pth"})
+    cache = tmp_path / "cache"
+    folder = cache / "m.pth.lock"
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_bytes(b"precious")
+    with pytest.raises(DownloadError) as err:
+        download_model("test-model", cache, manifest=manifest)
+    message = str(err.value)
+    assert "\n" not in message and f"{folder} is a folder" in message and "move it away or delete it" in message
+    assert server.gets("/m.pth") == [] and sorted(os.listdir(cache)) == ["m.pth.lock"]
+    assert (folder / "mine.txt").read_bytes() == b"precious"
+
+
 # ---------------------------------------------------------------------------------------------- stale locks
 
 

@@ -8,8 +8,8 @@ within :data:`GRACE` seconds and reported (a warning naming the file and why). W
 (Windows, some network file systems) the file's contents decide: a process that is gone (same host), a process
 started after the lock was made (its id was reused; Linux), an empty file older than :data:`GRACE`, or a lock not
 refreshed (:meth:`FileLock.heartbeat`) for ``stale_after`` seconds. While a live holder works, the waiter says
-once whom it waits for. A folder where the lock cannot be created (read-only, full) raises
-:class:`LockUnavailable` at once.
+once whom it waits for. A folder where the lock cannot be created (read-only, full), or a folder or named pipe
+sitting at the lock's name, raises :class:`LockUnavailable` at once.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ _HEARTBEAT_EVERY = 2.0
 #: Seconds a lock file may exist without a holder (between its creation and the holder's ``flock``).
 GRACE = 1.0
 _REPORT_WAIT_AFTER = 1.0
+#: Opening a named pipe planted at the lock's name must not wait for a writer (no such flag on Windows).
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 class LockTimeout(TimeoutError):
@@ -44,7 +47,7 @@ class LockTimeout(TimeoutError):
 
 
 class LockUnavailable(OSError):
-    """The lock file cannot be created at all (read-only or full folder, permissions)."""
+    """The lock file cannot be created at all (read-only or full folder, permissions, a folder at its name)."""
 
 
 class FileLock:
@@ -170,7 +173,7 @@ class FileLock:
     def _read(self, path: Optional[Path] = None) -> Tuple[dict, Optional[os.stat_result]]:
         """(the JSON body or {}, the stat) of the lock file, or of ``path``, without following a symlink."""
         try:
-            fd = open_fd(self.path if path is None else path, os.O_RDONLY)
+            fd = open_fd(self.path if path is None else path, os.O_RDONLY | _NONBLOCK)
         except OSError:
             return {}, None
         try:
@@ -187,7 +190,7 @@ class FileLock:
     def _inspect(self) -> Tuple[Tuple[dict, Optional[os.stat_result]], Optional[str]]:
         """((body, stat) of the current lock file, why it is stale or None while a live holder may have it)."""
         try:
-            fd = open_fd(self.path, os.O_RDONLY)
+            fd = open_fd(self.path, os.O_RDONLY | _NONBLOCK)
         except FileNotFoundError:
             return ({}, None), None  # released meanwhile: just try again
         except OSError as exc:  # a symlink or another thing planted at the lock's name
@@ -195,9 +198,11 @@ class FileLock:
                 st = os.stat(self.path, follow_symlinks=False)
             except OSError:
                 return ({}, None), None
+            self._refuse_if_not_a_file(st)
             return ({}, st), f"it is not a lock file ({exc.strerror or exc})"
         try:
             st = os.fstat(fd)
+            self._refuse_if_not_a_file(st)
             try:
                 body = parse_json(os.read(fd, 4096) or b"{}")
             except ValueError:
@@ -237,6 +242,17 @@ class FileLock:
         if started is not None and isinstance(created, (int, float)) and started > created + 1.0:
             return holder, f"process {pid} started after the lock was made (it is another program)"
         return holder, None
+
+    def _refuse_if_not_a_file(self, st: os.stat_result) -> None:
+        """Raise LockUnavailable when a folder, a named pipe or a device sits at the lock's name: it is somebody's,
+        so it is neither removed nor waited for (a symlink is not refused: it is removed as stale, its target kept).
+        """
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            return
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a named pipe" if stat.S_ISFIFO(st.st_mode) else \
+            "not a file"
+        raise LockUnavailable(errno.EEXIST, f"{self.path} is {kind}, where FastSAM3D keeps the lock file of "
+                                            "its writes: move it away or delete it, then try again")
 
     def _break(self, holder: Tuple[dict, Optional[os.stat_result]], why: str) -> Optional[bool]:
         """Remove the abandoned lock judged by ``holder`` without removing one that was taken since: True when
