@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 #: Seconds after which a lock nobody refreshes is broken (where the system cannot tell that its holder died).
 STALE_AFTER_S = 300.0
+#: Seconds between two refreshes of the lock by its holder (well under :data:`STALE_AFTER_S`).
+REFRESH_EVERY_S = 30.0
 
 
 @contextlib.contextmanager
@@ -44,7 +46,7 @@ def sole_writer(folder: Optional[Path], lock_name: str, doing: str, refusal: Cal
     stop = threading.Event()
 
     def refresh():
-        while not stop.wait(30.0):
+        while not stop.wait(REFRESH_EVERY_S):
             lock.heartbeat()
 
     beat = threading.Thread(target=refresh, name=f"FastSAM3D lock of {folder.name}", daemon=True)

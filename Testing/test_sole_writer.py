@@ -1,10 +1,17 @@
 """One writer per output folder (FastSAM3DLib.sole_writer): the lock, the refusal, and where it runs unlocked."""
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from FastSAM3DLib import sole_writer as sole_writer_module
 from FastSAM3DLib.sole_writer import sole_writer
 from FastSAM3DLib.weights import filelock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Refused(Exception):
@@ -67,3 +74,33 @@ def test_a_folder_that_cannot_be_locked_runs_the_block_unlocked(tmp_path, monkey
     with sole_writer(tmp_path / "share", ".lock", "evaluating", refusal):
         ran.append(True)
     assert ran == [True] and not (tmp_path / "share" / ".lock").exists()
+
+
+@pytest.mark.parametrize("refreshing", [True, False])
+def test_without_flock_a_long_run_keeps_its_lock_by_refreshing_it(tmp_path, monkeypatch, refreshing):
+    """Where the system cannot tell whether the holder lives (Windows, a network drive without locks), only the
+    holder's refreshes keep its lock from being broken as stale once it is older than STALE_AFTER_S: the run in
+    another process holds the folder past that age, and a second run is still refused while it refreshes."""
+    stale_after, refresh_every = 3.0, (0.2 if refreshing else 3600.0)
+    folder = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from FastSAM3DLib import sole_writer; "
+            "from FastSAM3DLib.weights import filelock; filelock.fcntl = None; filelock._HEARTBEAT_EVERY = 0.1; "
+            f"sole_writer.STALE_AFTER_S = {stale_after}; sole_writer.REFRESH_EVERY_S = {refresh_every}\n"
+            "with sole_writer.sole_writer(Path(sys.argv[1]), '.lock', 'training', RuntimeError):\n"
+            "    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        time.sleep(stale_after + 1.0)  # older than STALE_AFTER_S: only a refresh makes it look alive
+        monkeypatch.setattr(filelock, "fcntl", None)
+        monkeypatch.setattr(sole_writer_module, "STALE_AFTER_S", stale_after)
+        if refreshing:
+            with pytest.raises(Refused, match=f"held by process {holder.pid}"):
+                with sole_writer(folder, ".lock", "training", refusal):
+                    pytest.fail("the second writer ran while the first refreshed its lock")
+        else:  # the control: a lock nobody refreshes is broken, so the refreshes above are what kept it
+            with sole_writer(folder, ".lock", "training", refusal):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
