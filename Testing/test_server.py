@@ -951,6 +951,24 @@ def test_a_port_in_use_is_said_in_one_line_before_the_models_load(capsys, monkey
     assert "Cannot listen on 127.0.0.1:" in err and "\n" not in err.strip() and "loading" not in out
 
 
+def test_a_model_without_weights_stops_the_server_at_start_up_with_what_to_do(tmp_path, capsys, monkeypatch):
+    """Every served model is loaded before the server says it is on: a missing weights file is one line at
+    start-up, not a failure of each user's first click."""
+    import uvicorn
+
+    from FastSAM3DLib.server.command import main
+
+    monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(True))
+    assert main(["--model", "tiny-test", "--model", "fastsam3d", "--device", "cpu", "--port", "0",
+                 "--cache-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert served == [] and "FastSAM3D server on" not in out and "\n" not in err.strip()
+    assert "No weights for model 'fastsam3d'" in err and "python -m FastSAM3DLib download fastsam3d" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _send_raw(url, data: bytes, wait_s: float = 10.0) -> bytes:
     """What the server answers to ``data`` sent as is on a new connection, within ``wait_s``."""
     host, port = url.split("//")[1].split(":")
