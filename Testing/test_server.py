@@ -912,6 +912,30 @@ def test_the_rate_limiter_remembers_a_bounded_number_of_clients_the_least_recent
     assert wait == pytest.approx(1000.0)  # one request per 1000 s: the next in 1000 s
 
 
+def test_the_upload_budget_bounds_each_client_and_all_and_forgets_a_client_whose_uploads_ended():
+    """Uploads held at once: a quarter of the budget per client address, the whole budget in all; a refused upload
+    counts nothing, and a client whose uploads all ended keeps no entry (one per address ever seen would grow the
+    server's memory without bound)."""
+    from FastSAM3DLib.server.sessions import ServiceError, UploadBudget
+
+    uploads = UploadBudget(total=400)
+    uploads.take("a", 60)
+    uploads.take("a", 40)
+    with pytest.raises(ServiceError) as err:
+        uploads.take("a", 1)  # over a's quarter
+    assert err.value.code == "rate_limited" and err.value.retry_after == 1.0 and "nothing was changed" in str(err.value)
+    for client in ("b", "c", "d"):
+        uploads.take(client, 100)
+    with pytest.raises(ServiceError):
+        uploads.take("e", 1)  # over the whole budget, though e holds nothing
+    assert uploads.receiving == 400 and uploads.per_client == {"a": 100, "b": 100, "c": 100, "d": 100}
+    uploads.give_back("a", 60)
+    uploads.take("e", 60)  # room again
+    for client, size in (("a", 40), ("b", 100), ("c", 100), ("d", 100), ("e", 60)):
+        uploads.give_back(client, size)
+    assert uploads.receiving == 0 and uploads.per_client == {}
+
+
 def test_wrong_tokens_are_rate_limited_too():
     """Guessing the token is throttled like any other request (the limit is checked first)."""
     with Server(rate_per_s=0.5, rate_burst=3, token_sha256=hash_token(TOKEN)) as s:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import engine, protocol
-from .sessions import RateLimiter, ServiceError, SessionStore
+from .sessions import RateLimiter, ServiceError, SessionStore, UploadBudget
 from .settings import ServerSettings, token_matches
 
 log = logging.getLogger("FastSAM3DLib.server")
@@ -69,8 +69,7 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
     # clicks wait for their session and model in threads of their own, so that they never take the threads
     # that opening and closing sessions need (Starlette's default pool has 40)
     click_threads = anyio.CapacityLimiter(40)
-    # bytes of request bodies being received, in all and per client address (touched on the event loop only)
-    receiving, receiving_from = [0], {}
+    uploads = UploadBudget(UPLOADS_AT_ONCE * settings.max_upload_bytes)  # touched on the event loop only
 
     def reply(response: Response) -> Response:
         response.headers[protocol.REPLICA_HEADER] = backend.replica
@@ -116,12 +115,7 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
         chunks, size = [], 0
         expected = int(declared) if declared is not None else limit
         client = client_of(request)
-        budget = UPLOADS_AT_ONCE * settings.max_upload_bytes
-        if receiving[0] + expected > budget or receiving_from.get(client, 0) + expected > budget // 4:
-            raise ServiceError("rate_limited", "The server is receiving too many uploads at once; nothing was "
-                               "changed. Click again in a moment.", retry_after=1.0)
-        receiving[0] += expected
-        receiving_from[client] = receiving_from.get(client, 0) + expected
+        uploads.take(client, expected)
         try:
             with anyio.fail_after(BODY_GRACE_S + expected / MIN_UPLOAD_RATE):
                 async for chunk in request.stream():
@@ -136,10 +130,7 @@ def create_app(settings: ServerSettings, backend=None) -> Starlette:
                                f"{BODY_GRACE_S:g} s plus {MIN_UPLOAD_RATE // 1024} KiB/s); nothing was changed. Check "
                                "the network connection, then click again.") from None
         finally:
-            receiving[0] -= expected
-            receiving_from[client] -= expected
-            if not receiving_from[client]:
-                del receiving_from[client]
+            uploads.give_back(client, expected)
         return b"".join(chunks)
 
     def endpoint(handler, checked: bool = True):

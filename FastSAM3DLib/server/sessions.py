@@ -1,5 +1,5 @@
 """Per-session state, the session store of a single server (count limit, idle expiry), the signed session ids of
-a Ray deployment, and the rate limiter.
+a Ray deployment, the rate limiter and the budget of uploads held at once.
 
 Standard library only: the tensors a session holds are opaque here (see :mod:`.engine`).
 """
@@ -201,3 +201,31 @@ class RateLimiter:
             while len(self._buckets) > self.MAX_KEYS:
                 self._buckets.popitem(last=False)
             return allowed, 0.0 if allowed else (1.0 - tokens) / self.rate
+
+
+class UploadBudget:
+    """Bytes of request bodies being received at once, in all (at most ``total``) and per client (a quarter).
+
+    Each upload is held in memory until it is complete, so stalled uploads must not fill the server's memory,
+    nor one client's stalled uploads shut out the others. A client holds an entry only while it uploads.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = int(total)
+        self.receiving = 0
+        self.per_client: Dict[str, int] = {}
+
+    def take(self, client: str, size: int) -> None:
+        """Count ``size`` bytes for ``client``; ServiceError ``rate_limited`` (nothing counted) when over budget."""
+        if self.receiving + size > self.total or self.per_client.get(client, 0) + size > self.total // 4:
+            raise ServiceError("rate_limited", "The server is receiving too many uploads at once; nothing was "
+                               "changed. Click again in a moment.", retry_after=1.0)
+        self.receiving += size
+        self.per_client[client] = self.per_client.get(client, 0) + size
+
+    def give_back(self, client: str, size: int) -> None:
+        """The upload :meth:`take` counted has been read or dropped."""
+        self.receiving -= size
+        self.per_client[client] -= size
+        if not self.per_client[client]:
+            del self.per_client[client]
