@@ -305,7 +305,7 @@ def failing_triton(clean_dispatch):
     from FastSAM3DLib.attention import triton_kernel  # imports triton
 
     fake = FailingLaunch()
-    clean_dispatch.setattr(triton_kernel, "_rel_pos_attention_fwd", fake)
+    clean_dispatch.setattr(triton_kernel, "rel_pos_attention_kernel", fake)
     clean_dispatch.setattr(attention, "_triton_unusable_reason", lambda device: None)
     clean_dispatch.setattr(attention, "_auto_allows_triton", lambda device: True)  # "auto" picks Triton ...
     clean_dispatch.setattr(attention, "_triton_failure", None)  # ... until a launch fails (restored afterwards)

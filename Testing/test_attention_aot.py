@@ -119,7 +119,7 @@ def record_launches() -> List[Launch]:
     recorder = LaunchRecorder()
     records = []
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(triton_kernel, "_rel_pos_attention_fwd", recorder)
+        mp.setattr(triton_kernel, "rel_pos_attention_kernel", recorder)
         mp.setattr(attention, "_triton_unusable_reason", lambda device: None)  # CPU tensors stand in for CUDA ones
         mp.delenv(attention.ENV_VAR, raising=False)
         for (dim, heads, grid, window), (module, models) in attention_blocks().items():
@@ -150,7 +150,7 @@ def compile_launches(launches: List[Launch], skip=()) -> List:
     """Bind each launch for every target, merge identical kernels, compile the ones not in ``skip``; prints time."""
     from FastSAM3DLib.attention import aot, triton_kernel
 
-    kernel = triton_kernel._rel_pos_attention_fwd
+    kernel = triton_kernel.rel_pos_attention_kernel
     jobs = [job for job in aot.unique_jobs(aot.bind(kernel, launch.args, launch.kwargs, arch, launch.label)
                                            for arch in aot.ARCHS for launch in launches) if job.key() not in skip]
     workers = os.cpu_count() or 1

@@ -101,13 +101,13 @@ def compile_job(job: CompileJob) -> CompileResult:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_kernel import _rel_pos_attention_fwd
+    from .triton_kernel import rel_pos_attention_kernel
 
-    names = _rel_pos_attention_fwd.arg_names
+    names = rel_pos_attention_kernel.arg_names
     result = CompileResult(job.arch, job.labels, {names[k[0]]: v for k, v in job.constexprs.items()})
     start = time.perf_counter()
     try:
-        kernel = triton_compile(ASTSource(_rel_pos_attention_fwd, job.signature, job.constexprs, job.attrs),
+        kernel = triton_compile(ASTSource(rel_pos_attention_kernel, job.signature, job.constexprs, job.attrs),
                                 target=GPUTarget("cuda", job.arch, 32), options=job.options)
     except Exception as exc:  # reported per variant by the caller
         result.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:2000]}"

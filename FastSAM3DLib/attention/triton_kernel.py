@@ -79,7 +79,7 @@ def _attend_tile(acc, l_i, m_i, q, offs_m, row_m, mask_m, offs_n, mask_n, offs_d
 # Runtime integers that are not strides are never specialised (a head count of 1 or a neighbour count that is a
 # multiple of 16 would otherwise compile a separate kernel); strides keep Triton's divisibility specialisation.
 @triton.jit(do_not_specialize=["num_heads", "max_kv_tiles", "tile_size"])
-def _rel_pos_attention_fwd(
+def rel_pos_attention_kernel(
         Q, K, V, Out, TD, TH, TW, PAD_LOGIT, PAD_V, ORDER, KV_TILES, KV_COUNT,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
@@ -232,7 +232,7 @@ def _interpreted() -> bool:
     """Whether the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_rel_pos_attention_fwd, InterpretedFunction)
+    return isinstance(rel_pos_attention_kernel, InterpretedFunction)
 
 
 def rel_pos_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, factors: BiasFactors, scale: float,
@@ -274,7 +274,7 @@ def rel_pos_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         order = kv_tiles = kv_count = t_d  # unused placeholders
         max_kv, tile_size = 0, 0
-    _rel_pos_attention_fwd[config.programs(n, b * nh)](
+    rel_pos_attention_kernel[config.programs(n, b * nh)](
         q, k, v, out, t_d, t_h, t_w, pad_logit, pad_v, order, kv_tiles, kv_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
