@@ -632,6 +632,31 @@ def test_a_refused_click_leaves_the_order_of_the_sessions_caches_as_it_was():
     assert list(state.embeddings) == ["B", "A"] and list(state.logits)[-2] == logits[0]  # used: now the newest
 
 
+def test_logits_sent_again_are_used_whatever_id_the_click_names():
+    """A client that sends the previous logits (the server had dropped them) may still name their old id: the
+    logits it sent are used, as if the server had kept them, whether or not it still holds that id."""
+    from FastSAM3DLib.server.sessions import SessionState
+
+    settings = ServerSettings(models=("tiny-test",))
+    pool = engine.ModelPool(settings, loader=served_model)
+    state = SessionState(None, settings)
+    image = {"image": np.zeros((128,) * 3, np.float32)}
+    first = [{"points": [[60.0] * 3], "labels": [1]}]
+    second = [{"points": [[70.0, 60.0, 60.0]], "labels": [0]}]
+    engine.click(pool, state, protocol.pack({"model": "tiny-test", "embedding": "e", "steps": first,
+                                             "previous": None}, image))
+    kept_id = list(state.logits)[-1]
+    kept = state.logits[kept_id].copy()
+    reply = {"logits": ("float32", kept.shape)}
+    by_id = protocol.unpack(engine.click(pool, state, protocol.pack(
+        {"model": "tiny-test", "embedding": "e", "steps": second, "previous": kept_id}, {})), reply)
+    for named in ("dropped-long-ago", kept_id):
+        sent = protocol.unpack(engine.click(pool, state, protocol.pack(
+            {"model": "tiny-test", "embedding": "e", "steps": second, "previous": named},
+            {"previous_logits": kept})), reply)
+        assert np.array_equal(sent[1]["logits"], by_id[1]["logits"]), named
+
+
 def test_a_click_with_as_many_steps_and_points_as_the_server_allows_is_read():
     """The frame header was capped at 256 KiB, less than max_steps x max_points floats need: such a click got
     "the frame header length ... is invalid"."""
@@ -1122,9 +1147,12 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_working(server
         (frame(dict(good_header, model="sam-med3d")), 422, "does not serve the model"),
         (frame(arrays={"image": np.full((128,) * 3, np.nan, np.float32)}), 422, "NaN or infinite voxels"),
         (frame(dict(good_header, previous="nope"), arrays={}), 409, "no longer holds image and previous_logits"),
+        (frame(dict(good_header, previous=5)), 400, "'previous' must be a logits id or null"),
         (hand_made(b'{"model":"tiny-test","x":' + huge.encode() + b"}"), 400, "malformed"),
         (frame(dict(good_header, steps=[{"points": [[int("1" * 400), 2, 3]], "labels": [1]}])), 422,
          "three finite numbers"),
+        *[(frame(dict(good_header, steps=[{"points": [[odd, 2, 3]], "labels": [1]}])), 422, "three finite numbers")
+          for odd in (2 ** 53, True, "1", None)],  # past a float's integers, and JSON values that are not numbers
         (hand_made(shape_number), 400, "must be float32 of shape"),
         (hand_made(json.dumps(dict(good_header, arrays=[])).encode()), 400, "'arrays' must be an object"),
         (specified(dict(spec["image"], codec="raw", length=10)), 400, "10 bytes instead of 8388608"),
