@@ -1014,7 +1014,8 @@ def test_a_model_without_weights_stops_the_server_at_start_up_with_what_to_do(tm
                  "--cache-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert served == [] and "FastSAM3D server on" not in out and "\n" not in err.strip()
-    assert "No weights for model 'fastsam3d'" in err and "python -m FastSAM3DLib download fastsam3d" in err
+    assert "No weights for model 'fastsam3d'" in err
+    assert f"python -m FastSAM3DLib download fastsam3d --cache-dir {tmp_path}" in err  # the cache it was given
     assert list(tmp_path.iterdir()) == []
 
 
