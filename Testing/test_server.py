@@ -1019,6 +1019,40 @@ def test_a_model_without_weights_stops_the_server_at_start_up_with_what_to_do(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_restarted_server_can_listen_again_on_its_port_at_once():
+    """A server stopped after it served clients leaves their connections in TIME_WAIT for a minute; without
+    SO_REUSEADDR the restart said "Cannot listen ... address already in use" until then."""
+    from FastSAM3DLib.server.command import listening_socket
+
+    first = listening_socket("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    first.listen()
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    served, _ = first.accept()
+    served.close()  # the server closes first: its side of the connection stays in TIME_WAIT
+    client.close()
+    first.close()
+    again = listening_socket("127.0.0.1", port)
+    assert again.getsockname()[1] == port
+    again.close()
+
+
+def test_a_port_that_cannot_be_bound_leaves_no_socket_open():
+    from FastSAM3DLib.errors import FastSAM3DError
+    from FastSAM3DLib.server.command import listening_socket
+    from test_filelock import open_descriptors
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        before, refused = open_descriptors(), None
+        try:
+            listening_socket("127.0.0.1", taken.getsockname()[1])
+        except FastSAM3DError as exc:
+            refused = exc  # keeps its traceback, so a socket left open is not closed by the garbage collector
+        assert "Cannot listen on 127.0.0.1" in str(refused) and open_descriptors() == before
+
+
 def _send_raw(url, data: bytes, wait_s: float = 10.0) -> bytes:
     """What the server answers to ``data`` sent as is on a new connection, within ``wait_s``."""
     host, port = url.split("//")[1].split(":")
