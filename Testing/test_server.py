@@ -1019,6 +1019,31 @@ def test_a_model_without_weights_stops_the_server_at_start_up_with_what_to_do(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_serve_command_raises_the_open_file_limit_before_it_serves(monkeypatch, capsys):
+    resource = pytest.importorskip("resource", reason="no open-file limit on this platform")
+    import uvicorn
+
+    from FastSAM3DLib.server.command import main
+
+    from test_filelock import open_descriptors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(open_descriptors() or ()) + 200  # room for what the command opens before it raises the limit
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard limit here ({hard}) leaves nothing to raise")
+    monkeypatch.delenv("FASTSAM3D_SERVER_TOKEN", raising=False)
+    serving_with = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: serving_with.append(
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        assert main(["--model", "tiny-test", "--device", "cpu", "--port", "0"]) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert serving_with == [65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)]
+    assert "FastSAM3D server on http://127.0.0.1:0" in capsys.readouterr().out
+
+
 def test_a_restarted_server_can_listen_again_on_its_port_at_once():
     """A server stopped after it served clients leaves their connections in TIME_WAIT for a minute; without
     SO_REUSEADDR the restart said "Cannot listen ... address already in use" until then."""
