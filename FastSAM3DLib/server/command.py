@@ -209,8 +209,8 @@ def _run_ray(args, settings: ServerSettings, where: str, auth: str) -> int:
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(deployment(settings, replicas=args.replicas, gpus_per_replica=gpus), name="fastsam3d",
               route_prefix="/")
-    print(f"FastSAM3D server on Ray Serve at {where} ({args.replicas} replicas, {auth}); Ctrl+C stops it",
-          flush=True)
+    replicas = f"{args.replicas} replica{'' if args.replicas == 1 else 's'}"
+    print(f"FastSAM3D server on Ray Serve at {where} ({replicas}, {auth}); Ctrl+C stops it", flush=True)
     def stop(signum, frame):
         raise KeyboardInterrupt
 
