@@ -34,8 +34,8 @@ def free_port() -> int:
 
 def test_the_ray_command_serves_clicks_and_stops_cleanly_on_sigterm(tmp_path):
     port = free_port()
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO), FASTSAM3D_SERVER_TOKEN="")
-    env.pop("RAY_ADDRESS")  # a cluster of its own, never one the machine happens to run
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # never a running cluster
+    env.update(PYTHONPATH=str(REPO), FASTSAM3D_SERVER_TOKEN="")
     server = subprocess.Popen([sys.executable, "-m", "FastSAM3DLib.server", "--ray", "--model", "tiny-test",
                                "--device", "cpu", "--port", str(port), "--threads", "1"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
