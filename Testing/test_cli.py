@@ -84,7 +84,7 @@ def test_segment_writes_label_with_input_geometry(tmp_path, sample, tiny_checkpo
     session = InteractiveSession(build_model("tiny-test", checkpoint=tiny_checkpoint), volume)
     expected = session.full_mask(session.add_click(point))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written) > 0, expected)
-    assert "voxels" in proc.stdout and str(out) in proc.stdout
+    assert "voxels" in proc.stdout and proc.stdout.splitlines()[-1] == f"wrote {out}"
 
 
 def test_dicom_folder_input(tmp_path, shared_data, tiny_checkpoint):
@@ -142,6 +142,8 @@ def test_bad_points_and_checkpoints_give_an_error_and_no_file(tmp_path, sample, 
         assert not out.exists(), name
     assert "tiny-test" in run_cli("segment", sample, "--model", "tiny-test", good, "--checkpoint", wrong,
                                   "-o", tmp_path / "x.nii.gz").stderr
+    no_output = run_cli("segment", sample, "--model", "tiny-test", good, "--checkpoint", tiny_checkpoint)
+    assert no_output.returncode == 2 and "the following arguments are required: --output/-o" in no_output.stderr
 
 
 def test_segment_finds_the_bundled_demo_weights_on_a_clean_account(tmp_path, sample):
