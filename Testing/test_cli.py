@@ -146,6 +146,15 @@ def test_bad_points_and_checkpoints_give_an_error_and_no_file(tmp_path, sample, 
     assert no_output.returncode == 2 and "the following arguments are required: --output/-o" in no_output.stderr
 
 
+@pytest.mark.parametrize("limit", ["0", "-1", "nan", "inf", "-inf", "lots"])
+def test_a_memory_limit_that_is_not_a_positive_number_is_refused_by_the_parser(tmp_path, capsys, limit):
+    with pytest.raises(SystemExit) as exited:
+        main(["segment", str(tmp_path / "ct.nii.gz"), "--point=0,0,0", f"--max-image-gb={limit}",
+              "-o", str(tmp_path / "out.nii.gz")])
+    assert exited.value.code == 2
+    assert f"argument --max-image-gb: expected a positive number, got '{limit}'" in capsys.readouterr().err
+
+
 def test_segment_finds_the_bundled_demo_weights_on_a_clean_account(tmp_path, sample):
     env, home = clean_home(tmp_path)
     point = kidney_point(sample)
