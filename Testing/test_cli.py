@@ -348,6 +348,12 @@ def test_a_shutdown_that_hangs_after_the_command_can_still_be_stopped_with_its_s
 def test_main_called_from_python_restores_the_signal_handlers(tmp_path, capsys):
     import signal
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    assert main(["models", "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    # Python's own Ctrl+C handler, as a console or a script has it: main() replaces it while it runs (an earlier
+    # call that left its own handler behind would otherwise be compared with itself)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        assert main(["models", "--cache-dir", str(tmp_path / "cache")]) == 0
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGINT, outside)
