@@ -155,6 +155,24 @@ def test_a_memory_limit_that_is_not_a_positive_number_is_refused_by_the_parser(t
     assert f"argument --max-image-gb: expected a positive number, got '{limit}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("failure, line", [
+    (MemoryError(), "error: out of memory. Close other programs, use a smaller model, or run on a GPU "
+                    "(--device cuda)."),
+    (PermissionError(13, "Permission denied", "/data/ct.nii.gz"),
+     "error: Permission denied: /data/ct.nii.gz. Check the path, free space and permissions."),
+    (OSError(5, "Input/output\nerror"), "error: Input/output error. Check the path, free space and permissions.")])
+def test_an_unforeseen_memory_or_file_system_failure_is_one_line_with_status_2(tmp_path, capsys, monkeypatch,
+                                                                             failure, line):
+    import FastSAM3DLib.cli as cli
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(cli, "segment", fails)
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "--point=0,0,0", "-o", str(tmp_path / "out.nii.gz")]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_segment_finds_the_bundled_demo_weights_on_a_clean_account(tmp_path, sample):
     env, home = clean_home(tmp_path)
     point = kidney_point(sample)
